@@ -1,0 +1,118 @@
+//! Strict loading of PyTorch weights (`.pth`/`.pt` pickles and `.safetensors`) into Burn modules.
+//!
+//! Parameter names must match the PyTorch `state_dict` keys exactly (kiln's models use
+//! torchvision's names). Linear weights are transposed from PyTorch's `[out, in]` to Burn's
+//! `[in, out]` on the way in. Loading is strict: a missing, unused or mis-shaped tensor is an
+//! error that names every offending key, never a silent partial import.
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::store::{
+    ApplyResult, ModuleSnapshot, PyTorchToBurnAdapter, PytorchStore, SafetensorsStore,
+};
+
+use crate::error::{ImportError, Result};
+
+/// The on-disk formats [`load_weights`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// A `torch.save(model.state_dict(), path)` pickle (`.pth` or `.pt`).
+    Pytorch,
+    /// A SafeTensors file as written by `safetensors.torch.save_file(state_dict, path)`.
+    Safetensors,
+}
+
+impl WeightFormat {
+    /// The format a file's extension names.
+    ///
+    /// # Errors
+    /// [`ImportError::UnknownFormat`] when the extension is neither `.pth`, `.pt` nor
+    /// `.safetensors`.
+    pub fn from_path(path: &Path) -> Result<Self> {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("pth" | "pt") => Ok(Self::Pytorch),
+            Some("safetensors") => Ok(Self::Safetensors),
+            _ => Err(ImportError::UnknownFormat {
+                path: path.to_path_buf(),
+            }),
+        }
+    }
+}
+
+/// What an import applied: every tensor of the model was found, so this lists them.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct ImportReport {
+    /// Format the weights were read from.
+    pub format: WeightFormat,
+    /// Names of the tensors that were loaded into the model.
+    pub applied: Vec<String>,
+}
+
+/// Loads the weights in `path` into `model`, strictly.
+///
+/// # Errors
+/// [`ImportError::Unreadable`] if the file cannot be read or parsed,
+/// [`ImportError::UnknownFormat`] for an unknown extension, and [`ImportError::Mismatch`] when
+/// a tensor is missing, unused or of the wrong shape; the model is then left unusable and
+/// should be dropped.
+pub fn load_weights<M: Module>(model: &mut M, path: &Path) -> Result<ImportReport> {
+    let format = WeightFormat::from_path(path)?;
+    if !path.is_file() {
+        return Err(ImportError::Unreadable {
+            path: path.to_path_buf(),
+            reason: "no such file".into(),
+        });
+    }
+    let unreadable = |reason: String| ImportError::Unreadable {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let result = match format {
+        WeightFormat::Pytorch => {
+            let mut store = PytorchStore::from_file(path).allow_partial(true);
+            model
+                .load_from(&mut store)
+                .map_err(|e| unreadable(e.to_string()))?
+        }
+        WeightFormat::Safetensors => {
+            let mut store = SafetensorsStore::from_file(path)
+                .with_from_adapter(PyTorchToBurnAdapter)
+                .allow_partial(true);
+            model
+                .load_from(&mut store)
+                .map_err(|e| unreadable(e.to_string()))?
+        }
+    };
+    check_complete(result, format, path)
+}
+
+fn check_complete(result: ApplyResult, format: WeightFormat, path: &Path) -> Result<ImportReport> {
+    let mut problems = Vec::new();
+    if !result.missing.is_empty() {
+        let names: Vec<&str> = result
+            .missing
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .collect();
+        problems.push(format!("missing from the file: {}", names.join(", ")));
+    }
+    if !result.unused.is_empty() {
+        problems.push(format!("not in the model: {}", result.unused.join(", ")));
+    }
+    for error in &result.errors {
+        problems.push(error.to_string());
+    }
+    if problems.is_empty() {
+        Ok(ImportReport {
+            format,
+            applied: result.applied,
+        })
+    } else {
+        Err(ImportError::Mismatch {
+            path: path.to_path_buf(),
+            details: problems.join("; "),
+        })
+    }
+}

@@ -1,0 +1,18 @@
+//! Kiln's models, built on Burn modules with PyTorch's parameter names so that a PyTorch
+//! `state_dict` loads without a remapping table.
+//!
+//! - [`SimpleCnn`]: the two-convolution MNIST network of PyTorch's tutorials.
+//! - [`import`]: strict loading of `.pth` / `.safetensors` weights with a report of what was
+//!   applied.
+//!
+//! This crate depends on Burn only; it knows nothing of training or of devices beyond the
+//! [`burn::tensor::Device`] a model is built on.
+
+mod error;
+pub mod import;
+mod init;
+mod simple_cnn;
+
+pub use error::{ImportError, Result};
+pub use import::{ImportReport, WeightFormat, load_weights};
+pub use simple_cnn::{SimpleCnn, SimpleCnnConfig};

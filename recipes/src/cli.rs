@@ -1,0 +1,137 @@
+//! Command-line arguments of the recipes, shared by the `kiln` CLI and the recipe binaries so
+//! that both accept exactly the same flags.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, ValueEnum};
+use kiln_trainer::checkpoint::latest_checkpoint;
+use kiln_trainer::report::Verbosity;
+
+use crate::cnn_mnist::{CnnMnistConfig, RunTarget, TrainerOverrides};
+use crate::error::Result;
+use crate::inference::{ModelKind, ModelSource};
+use crate::mnist_data::MnistSource;
+
+/// Default parent of run directories.
+const RUNS_DIR: &str = "runs";
+
+/// Flags of `kiln train cnn-mnist` and of the `cnn-mnist` binary.
+#[derive(Debug, Clone, Args)]
+pub struct CnnMnistArgs {
+    /// Total epochs to train [default: 5]. With --resume, training continues up to this epoch.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Samples per SGD step [default: 64].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// SGD learning rate (momentum 0.9) [default: 0.01].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Seed of the initialisation and of the per-epoch shuffles [default: 42].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Directory of MNIST IDX files (train-images-idx3-ubyte[.gz], ...), e.g. the full 60k/10k
+    /// set [default: the embedded 8,004/1,996 subset].
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Output directory for checkpoints and metrics.jsonl [default: runs/cnn-mnist, or
+    /// runs/cnn-mnist-N if that already holds a run].
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Continue a run: from a checkpoint file or a run directory; with no value, from the
+    /// latest checkpoint in --out. Hyper-parameters come from the checkpoint; only --epochs may
+    /// change.
+    #[arg(long, value_name = "PATH", num_args = 0..=1)]
+    pub resume: Option<Option<PathBuf>>,
+    /// Train on the first N training samples only (quick checks).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+}
+
+impl CnnMnistArgs {
+    /// The recipe configuration these flags describe.
+    ///
+    /// # Errors
+    /// Fails when the default run directory cannot be inspected.
+    pub fn to_config(&self, verbosity: Verbosity) -> Result<CnnMnistConfig> {
+        let target = match (&self.resume, &self.out) {
+            (Some(Some(path)), _) => RunTarget::Resume(path.clone()),
+            (Some(None), Some(out)) => RunTarget::Resume(out.clone()),
+            (Some(None), None) => {
+                RunTarget::Resume(Path::new(RUNS_DIR).join(crate::cnn_mnist::RECIPE))
+            }
+            (None, Some(out)) => RunTarget::Fresh(out.clone()),
+            (None, None) => RunTarget::Fresh(fresh_run_dir(crate::cnn_mnist::RECIPE)?),
+        };
+        Ok(CnnMnistConfig {
+            overrides: TrainerOverrides {
+                epochs: self.epochs,
+                batch_size: self.batch_size,
+                lr: self.lr,
+                seed: self.seed,
+            },
+            data: MnistSource::from_option(self.data.as_deref()),
+            target,
+            verbosity,
+            train_limit: self.limit,
+        })
+    }
+}
+
+/// `runs/NAME`, or the first `runs/NAME-N` that holds no run yet, so that running the same
+/// command twice never overwrites a finished run.
+fn fresh_run_dir(name: &str) -> Result<PathBuf> {
+    let base = Path::new(RUNS_DIR);
+    let mut candidate = base.join(name);
+    let mut n = 2;
+    while latest_checkpoint(&candidate)?.is_some() {
+        candidate = base.join(format!("{name}-{n}"));
+        n += 1;
+    }
+    Ok(candidate)
+}
+
+/// Model architectures on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModelArg {
+    /// SimpleCNN (conv1, conv2, fc1, fc2), as in PyTorch's MNIST tutorial.
+    SimpleCnn,
+}
+
+impl From<ModelArg> for ModelKind {
+    fn from(arg: ModelArg) -> Self {
+        match arg {
+            ModelArg::SimpleCnn => ModelKind::SimpleCnn,
+        }
+    }
+}
+
+/// Where `eval` and `predict` take the model from: a checkpoint, or PyTorch weights.
+#[derive(Debug, Clone, Args)]
+pub struct ModelSourceArgs {
+    /// Kiln checkpoint file, or a run directory (its latest checkpoint).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["model", "weights"], required_unless_present = "weights")]
+    pub checkpoint: Option<PathBuf>,
+    /// Architecture of --weights.
+    #[arg(long, value_enum, requires = "weights")]
+    pub model: Option<ModelArg>,
+    /// PyTorch state_dict as .pth/.pt or .safetensors (parameter names conv1, conv2, fc1, fc2).
+    #[arg(long, value_name = "FILE", requires = "model")]
+    pub weights: Option<PathBuf>,
+}
+
+impl ModelSourceArgs {
+    /// The model source these flags name.
+    pub fn to_source(&self) -> ModelSource {
+        match (&self.checkpoint, self.model, &self.weights) {
+            (Some(path), _, _) => ModelSource::Checkpoint(path.clone()),
+            (None, Some(model), Some(path)) => ModelSource::Weights {
+                model: model.into(),
+                path: path.clone(),
+            },
+            // clap's `required_unless_present`/`requires` make this unreachable; fall back to
+            // a checkpoint path that fails with a clear message rather than panicking.
+            _ => ModelSource::Checkpoint(PathBuf::new()),
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The cnn-mnist recipe: SimpleCNN trained on MNIST as in PyTorch's tutorials
+//! (SGD lr 0.01, momentum 0.9, batch 64, cross-entropy, 5 epochs).
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use kiln_models::{SimpleCnn, SimpleCnnConfig};
+use kiln_trainer::checkpoint::{latest_checkpoint, read_checkpoint, resolve_checkpoint};
+use kiln_trainer::data::{ImageDataset, MnistSplit};
+use kiln_trainer::report::Verbosity;
+use kiln_trainer::{RunLabels, TrainData, Trainer, TrainerConfig};
+
+use crate::error::{RecipeError, Result};
+use crate::mnist_data::MnistSource;
+use crate::report::TrainReport;
+
+/// Name of this recipe, recorded in checkpoints.
+pub const RECIPE: &str = "cnn-mnist";
+/// Name of its model, recorded in checkpoints.
+pub const MODEL: &str = "simple-cnn";
+
+/// Hyper-parameters given explicitly by the user. Unset ones come from the default recipe
+/// for a fresh run, and from the checkpoint when resuming (where only `epochs` may differ).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TrainerOverrides {
+    /// Total epochs.
+    pub epochs: Option<usize>,
+    /// Batch size.
+    pub batch_size: Option<usize>,
+    /// Learning rate.
+    pub lr: Option<f64>,
+    /// Seed.
+    pub seed: Option<u64>,
+}
+
+impl TrainerOverrides {
+    /// `base` with every set field replaced.
+    pub fn apply(&self, base: TrainerConfig) -> TrainerConfig {
+        TrainerConfig {
+            epochs: self.epochs.unwrap_or(base.epochs),
+            batch_size: self.batch_size.unwrap_or(base.batch_size),
+            lr: self.lr.unwrap_or(base.lr),
+            seed: self.seed.unwrap_or(base.seed),
+            ..base
+        }
+    }
+}
+
+/// Where a run goes and whether it continues an earlier one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunTarget {
+    /// A fresh run in this directory, which must not already hold checkpoints.
+    Fresh(PathBuf),
+    /// Continue from a checkpoint file or from the latest checkpoint of a run directory.
+    Resume(PathBuf),
+}
+
+/// Configuration of the cnn-mnist recipe.
+#[derive(Debug, Clone)]
+pub struct CnnMnistConfig {
+    /// Hyper-parameters set by the user.
+    pub overrides: TrainerOverrides,
+    /// Where the data comes from.
+    pub data: MnistSource,
+    /// Output directory, or the run to resume.
+    pub target: RunTarget,
+    /// What is printed on stderr.
+    pub verbosity: Verbosity,
+    /// Use only the first N training samples (quick checks); `None` uses all.
+    pub train_limit: Option<usize>,
+}
+
+/// Trains SimpleCNN on MNIST, evaluating and checkpointing after every epoch.
+///
+/// # Errors
+/// Data errors naming the bad file, [`RecipeError::RunExists`] for a fresh run into a used
+/// directory, checkpoint errors on `--resume`, and I/O errors when writing.
+pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
+    let (run_dir, resume) = match &config.target {
+        RunTarget::Fresh(dir) => {
+            if latest_checkpoint(dir)?.is_some() {
+                return Err(RecipeError::RunExists { path: dir.clone() });
+            }
+            (dir.clone(), None)
+        }
+        RunTarget::Resume(path) => {
+            let file = resolve_checkpoint(path)?;
+            let checkpoint = read_checkpoint(&file)?;
+            (run_dir_of(&file), Some((file, checkpoint)))
+        }
+    };
+    let base = resume
+        .as_ref()
+        .map_or_else(TrainerConfig::default, |(_, c)| c.state.config.clone());
+    let trainer_config = config.overrides.apply(base);
+    let labels = RunLabels {
+        recipe: RECIPE.into(),
+        model: MODEL.into(),
+    };
+    let trainer = Trainer::new(trainer_config, &run_dir, labels)?.with_verbosity(config.verbosity);
+
+    let mut train = config.data.load(MnistSplit::Train)?;
+    if let Some(limit) = config.train_limit {
+        train = train.take(limit);
+    }
+    let test = config.data.load(MnistSplit::Test)?;
+    check_image_shape(&train)?;
+    check_image_shape(&test)?;
+
+    let device = Device::flex().autodiff();
+    let model = SimpleCnnConfig::new().init(&device, trainer.config().seed);
+    let data = TrainData {
+        train: &train,
+        test: &test,
+    };
+    let (_model, fit) = trainer.fit(model, SimpleCnn::forward, data, resume, &device)?;
+    let last = fit.history.last();
+    Ok(TrainReport {
+        recipe: RECIPE.into(),
+        run_dir,
+        checkpoint: fit.last_checkpoint.clone(),
+        epochs: fit.history.len(),
+        test_accuracy: last.map_or(0.0, |m| m.test_accuracy),
+        test_loss: last.map_or(f64::NAN, |m| m.test_loss),
+        train_loss: last.map_or(f64::NAN, |m| m.train_loss),
+        samples_per_sec: fit.samples_per_sec(),
+        resumed_from_epoch: fit.resumed_from_epoch,
+        history: fit.history,
+    })
+}
+
+/// Fails unless the data set's images fit SimpleCNN.
+pub(crate) fn check_image_shape(data: &dyn ImageDataset) -> Result<()> {
+    let expected = SimpleCnn::input_shape();
+    let found = data.image_shape();
+    if found == expected {
+        Ok(())
+    } else {
+        Err(RecipeError::ImageShape {
+            model: MODEL,
+            found,
+            expected,
+        })
+    }
+}
+
+/// The run directory a checkpoint file belongs to (`RUN/checkpoints/epoch-N.ckpt` -> `RUN`).
+fn run_dir_of(checkpoint: &Path) -> PathBuf {
+    let parent = checkpoint.parent().unwrap_or(Path::new("."));
+    if parent
+        .file_name()
+        .is_some_and(|n| n == kiln_trainer::checkpoint::CHECKPOINT_DIR)
+    {
+        parent.parent().unwrap_or(Path::new(".")).to_path_buf()
+    } else {
+        parent.to_path_buf()
+    }
+}

@@ -1,0 +1,54 @@
+use std::path::PathBuf;
+
+/// Errors of the recipes: their own checks plus those of the trainer and the model import.
+#[derive(Debug, thiserror::Error)]
+pub enum RecipeError {
+    /// Training, data or checkpoint failure.
+    #[error(transparent)]
+    Train(#[from] kiln_trainer::TrainError),
+    /// Weights that do not load.
+    #[error(transparent)]
+    Import(#[from] kiln_models::ImportError),
+    /// An output directory that already holds a run, when not resuming.
+    #[error(
+        "output directory {path} already holds checkpoints: pass --resume to continue that run, or choose another --out"
+    )]
+    RunExists {
+        /// The output directory.
+        path: PathBuf,
+    },
+    /// An input array whose shape the model cannot take.
+    #[error("input {path} has shape {found:?}, but the model takes [N, {expected}]")]
+    InputShape {
+        /// The input file.
+        path: PathBuf,
+        /// Its shape.
+        found: Vec<usize>,
+        /// The per-sample shape the model expects, e.g. `1, 28, 28`.
+        expected: String,
+    },
+    /// A checkpoint of a model this build does not know.
+    #[error("checkpoint {path} holds a {model} model, which kiln cannot build")]
+    UnknownModel {
+        /// The checkpoint.
+        path: PathBuf,
+        /// The model name it records.
+        model: String,
+    },
+    /// A broken invariant inside kiln (a bug); the message names it.
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// Images of a size the model cannot take.
+    #[error("data set images are {found:?}, but {model} takes {expected:?}")]
+    ImageShape {
+        /// The model.
+        model: &'static str,
+        /// Image shape of the data set.
+        found: [usize; 3],
+        /// Image shape the model takes.
+        expected: [usize; 3],
+    },
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, RecipeError>;

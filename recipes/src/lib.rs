@@ -1,0 +1,18 @@
+//! `kiln-recipes`: reproducible workflows, each a config struct and a `run` function.
+//!
+//! - [`cnn_mnist`]: SimpleCNN on MNIST with SGD (lr 0.01, momentum 0.9, batch 64), 5 epochs on
+//!   the embedded subset by default;
+//! - [`inference`]: evaluation and prediction from a checkpoint or from PyTorch weights;
+//! - [`cli`]: the clap argument structs shared by the `kiln` CLI and the recipe binaries;
+//! - [`report`]: the serialisable results printed by `--json`.
+//!
+//! Recipes assemble models, data and the trainer; they contain no training loop.
+
+pub mod cli;
+pub mod cnn_mnist;
+mod error;
+pub mod inference;
+pub mod mnist_data;
+pub mod report;
+
+pub use error::{RecipeError, Result};

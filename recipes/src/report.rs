@@ -1,0 +1,65 @@
+//! Results of the recipes, serialised as the last line of stdout under `--json`.
+
+use std::path::PathBuf;
+
+use kiln_trainer::checkpoint::EpochMetrics;
+use serde::Serialize;
+
+/// Result of a training run.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    /// Recipe name.
+    pub recipe: String,
+    /// Output directory of the run.
+    pub run_dir: PathBuf,
+    /// Latest checkpoint written (or resumed from).
+    pub checkpoint: Option<PathBuf>,
+    /// Epochs completed.
+    pub epochs: usize,
+    /// Fraction of test samples classified correctly after the last epoch.
+    pub test_accuracy: f64,
+    /// Mean test loss after the last epoch.
+    pub test_loss: f64,
+    /// Mean training loss of the last epoch.
+    pub train_loss: f64,
+    /// Training samples per second over all epochs, evaluation excluded.
+    pub samples_per_sec: f64,
+    /// Epochs that were already done when this run started (resume).
+    pub resumed_from_epoch: usize,
+    /// Metrics of every epoch.
+    pub history: Vec<EpochMetrics>,
+}
+
+/// Result of an evaluation.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    /// Model architecture.
+    pub model: String,
+    /// Checkpoint or weight file evaluated.
+    pub source: PathBuf,
+    /// Fraction of samples classified correctly.
+    pub test_accuracy: f64,
+    /// Mean cross-entropy.
+    pub test_loss: f64,
+    /// Samples evaluated.
+    pub samples: usize,
+    /// Training samples per second recorded in the checkpoint (absent for raw weights).
+    pub samples_per_sec: Option<f64>,
+    /// Epochs the checkpoint was trained for (absent for raw weights).
+    pub epochs: Option<usize>,
+    /// Samples per second of this evaluation.
+    pub eval_samples_per_sec: f64,
+}
+
+/// Result of a prediction.
+#[derive(Debug, Clone, Serialize)]
+pub struct PredictReport {
+    /// Model architecture.
+    pub model: String,
+    /// Samples run through the model.
+    pub samples: usize,
+    /// The `.npy` file of logits written.
+    pub output: PathBuf,
+    /// Arg-max class of every sample.
+    pub predictions: Vec<usize>,
+}

@@ -1,0 +1,131 @@
+//! `Cli` and its subcommands. Each subcommand turns its flags into a recipe configuration,
+//! calls the recipe, and prints its report.
+
+mod output;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use kiln_recipes::cli::{CnnMnistArgs, ModelSourceArgs};
+use kiln_recipes::mnist_data::MnistSource;
+use kiln_trainer::report::Verbosity;
+
+/// Kiln: train, evaluate and run models with Burn.
+///
+/// Examples:
+///   kiln train cnn-mnist                     # 5 epochs on the embedded MNIST subset
+///   kiln train cnn-mnist --resume --out runs/cnn-mnist --epochs 8
+///   kiln eval --checkpoint runs/cnn-mnist
+///   kiln eval --model simple-cnn --weights simple_cnn.pth
+///   kiln predict --model simple-cnn --weights simple_cnn.safetensors --input x.npy --output logits.npy
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about, verbatim_doc_comment)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Print the results as one JSON object on the last line of stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Print nothing on stderr but errors (no progress bar, no per-epoch lines).
+    #[arg(long, short, global = true)]
+    quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train a recipe; progress on stderr, checkpoints and metrics.jsonl in the output directory.
+    #[command(subcommand)]
+    Train(TrainRecipe),
+    /// Evaluate a checkpoint or PyTorch weights on the MNIST test split: loss and accuracy.
+    Eval(EvalArgs),
+    /// Run a float32 NCHW .npy batch through a model (eval mode, no preprocessing) and write the
+    /// logits as .npy.
+    Predict(PredictArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum TrainRecipe {
+    /// SimpleCNN on MNIST: SGD lr 0.01, momentum 0.9, batch 64, 5 epochs.
+    CnnMnist(CnnMnistArgs),
+}
+
+#[derive(Debug, Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    source: ModelSourceArgs,
+    /// Directory of MNIST IDX files [default: the embedded subset].
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Samples per forward pass.
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+}
+
+#[derive(Debug, Args)]
+struct PredictArgs {
+    #[command(flatten)]
+    source: ModelSourceArgs,
+    /// float32 .npy array of shape [N, 1, 28, 28], already preprocessed.
+    #[arg(long, value_name = "FILE")]
+    input: PathBuf,
+    /// Where to write the float32 .npy logits of shape [N, 10].
+    #[arg(long, value_name = "FILE")]
+    output: PathBuf,
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let verbosity = if cli.quiet {
+        Verbosity::Quiet
+    } else {
+        Verbosity::Bar
+    };
+    match cli.command {
+        Command::Train(TrainRecipe::CnnMnist(args)) => {
+            let config = args.to_config(verbosity)?;
+            let report =
+                kiln_recipes::cnn_mnist::run(&config).context("training cnn-mnist failed")?;
+            output::print(cli.json, &report, || {
+                format!(
+                    "test accuracy {:.2}% (loss {:.4}) after {} epochs, {:.0} training samples/s; run in {}",
+                    100.0 * report.test_accuracy,
+                    report.test_loss,
+                    report.epochs,
+                    report.samples_per_sec,
+                    report.run_dir.display()
+                )
+            })
+        }
+        Command::Eval(args) => {
+            let data = MnistSource::from_option(args.data.as_deref());
+            let report =
+                kiln_recipes::inference::eval(&args.source.to_source(), &data, args.batch_size)
+                    .context("evaluation failed")?;
+            output::print(cli.json, &report, || {
+                format!(
+                    "test accuracy {:.2}%, test loss {:.4} on {} samples ({})",
+                    100.0 * report.test_accuracy,
+                    report.test_loss,
+                    report.samples,
+                    report.source.display()
+                )
+            })
+        }
+        Command::Predict(args) => {
+            let report = kiln_recipes::inference::predict(
+                &args.source.to_source(),
+                &args.input,
+                &args.output,
+            )
+            .context("prediction failed")?;
+            output::print(cli.json, &report, || {
+                format!(
+                    "wrote logits of {} samples to {}",
+                    report.samples,
+                    report.output.display()
+                )
+            })
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! Kiln: a Rust training framework on Burn.
+//!
+//! This facade re-exports the workspace crates under short names:
+//! - [`multi`] (`kiln-multi`): ranks, samplers, and the multi-device layer;
+//! - [`trainer`] (`kiln-trainer`): data, the training loop, checkpoints, reports;
+//! - [`models`] (`kiln-models`): SimpleCNN and PyTorch weight import;
+//! - [`recipes`] (`kiln-recipes`): reproducible workflows such as cnn-mnist.
+//!
+//! The `kiln` binary (`src/main.rs`) is the command-line front end of the recipes.
+
+pub use kiln_models as models;
+pub use kiln_multi as multi;
+pub use kiln_recipes as recipes;
+pub use kiln_trainer as trainer;

@@ -1,0 +1,83 @@
+//! Helpers shared by the integration tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use kiln::trainer::data::{ImageDataset, NpyArray, read_npy_f32};
+
+/// Path of a file in the repository.
+pub fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// A SimpleCNN parity fixture (see tests/data/simple_cnn/generate.py).
+pub fn fixture(name: &str) -> PathBuf {
+    repo("tests/data/simple_cnn").join(name)
+}
+
+/// Reads a float32 `.npy` fixture.
+pub fn npy(path: &Path) -> NpyArray {
+    read_npy_f32(path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
+}
+
+/// Largest absolute difference between two equally long slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Runs the `kiln` binary with `args`.
+pub fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .expect("the kiln binary runs")
+}
+
+/// Asserts that `output` is a clean failure: non-zero exit, no panic, and a stderr that
+/// contains every one of `needles`.
+pub fn assert_clean_failure(output: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "expected failure, stderr: {stderr}"
+    );
+    assert_eq!(output.status.code(), Some(1), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "stderr lacks {needle:?}: {stderr}");
+    }
+}
+
+/// Last line of stdout, parsed as JSON.
+pub fn last_json(output: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("last line {line:?} is not JSON: {e}"))
+}
+
+/// Preprocessed images held in memory with their labels, for feeding exact batches.
+pub struct ArrayDataset {
+    pub pixels: Vec<f32>,
+    pub labels: Vec<usize>,
+    pub shape: [usize; 3],
+}
+
+impl ImageDataset for ArrayDataset {
+    fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    fn image_shape(&self) -> [usize; 3] {
+        self.shape
+    }
+
+    fn sample(&self, index: usize, pixels: &mut [f32]) -> usize {
+        let size: usize = self.shape.iter().product();
+        pixels.copy_from_slice(&self.pixels[index * size..(index + 1) * size]);
+        self.labels[index]
+    }
+}

@@ -1,0 +1,53 @@
+use serde::{Deserialize, Serialize};
+
+use crate::config::TrainerConfig;
+
+/// Metrics of one finished epoch, as written to `metrics.jsonl` and kept in checkpoints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    /// 1-based epoch number.
+    pub epoch: usize,
+    /// Optimizer steps taken since the start of the run, after this epoch.
+    pub step: u64,
+    /// Mean training loss over the epoch's batches.
+    pub train_loss: f64,
+    /// Mean test loss.
+    pub test_loss: f64,
+    /// Fraction of test samples classified correctly.
+    pub test_accuracy: f64,
+    /// Training samples per second, evaluation excluded.
+    pub samples_per_sec: f64,
+    /// Seconds spent training in this epoch, evaluation excluded.
+    pub train_seconds: f64,
+}
+
+/// Everything about a run that is not a tensor: enough to resume it exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// The recipe that produced the run (`cnn-mnist`).
+    pub recipe: String,
+    /// The model architecture (`simple-cnn`), so that `eval` can rebuild it.
+    pub model: String,
+    /// Epochs completed.
+    pub epoch: usize,
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// The configuration the run was trained with.
+    pub config: TrainerConfig,
+    /// Metrics of every completed epoch, oldest first.
+    pub history: Vec<EpochMetrics>,
+}
+
+/// A complete checkpoint: trainer state, model parameters and optimizer state.
+///
+/// The records are burnpack bytes as produced by Burn's `ModuleRecord::into_bytes` and
+/// `OptimizerRecord::into_bytes`; parameter ids tie the optimizer state to the parameters.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// Non-tensor state.
+    pub state: TrainerState,
+    /// The model's parameters.
+    pub model: Vec<u8>,
+    /// The optimizer's per-parameter state (momentum buffers).
+    pub optimizer: Vec<u8>,
+}

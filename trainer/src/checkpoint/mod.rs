@@ -1,0 +1,11 @@
+//! Checkpoints: what they hold ([`TrainerState`] plus model and optimizer records), how they
+//! are written (atomically, with checksums) and how a run finds its latest one.
+
+mod base;
+mod file;
+mod resume;
+
+pub use base::{Checkpoint, EpochMetrics, TrainerState};
+pub(crate) use file::write_atomic as file_write_atomic;
+pub use file::{read_checkpoint, write_checkpoint_atomic};
+pub use resume::{CHECKPOINT_DIR, checkpoint_path, latest_checkpoint, resolve_checkpoint};

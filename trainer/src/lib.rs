@@ -1,0 +1,22 @@
+//! `kiln-trainer`: the training loop and everything around it.
+//!
+//! - [`data`]: MNIST IDX reader (gzip or raw, strictly validated), batching, normalisation,
+//!   `.npy` arrays;
+//! - [`train`]: [`Trainer`] (the one epoch loop: SGD with momentum, evaluation, checkpoint
+//!   after every epoch, exact resume) and [`evaluate`];
+//! - [`checkpoint`]: the checkpoint format (atomic, checksummed) and how runs find them;
+//! - [`report`]: progress on stderr and `metrics.jsonl`.
+//!
+//! Shuffling goes through [`kiln_multi::DistributedSampler`], so single-device runs use the
+//! same sampling code as data-parallel ones.
+
+pub mod checkpoint;
+mod config;
+pub mod data;
+mod error;
+pub mod report;
+pub mod train;
+
+pub use config::TrainerConfig;
+pub use error::{Result, TrainError};
+pub use train::{EvalMetrics, FitReport, RunLabels, TrainData, Trainer, evaluate};

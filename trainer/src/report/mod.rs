@@ -1,0 +1,8 @@
+//! What a run tells the user while it runs (progress on stderr) and leaves behind
+//! (`metrics.jsonl`).
+
+mod jsonl;
+mod progress;
+
+pub use jsonl::{METRICS_FILE, write_metrics_jsonl};
+pub use progress::{Progress, Verbosity};

@@ -1,0 +1,9 @@
+//! The training loop: [`Trainer::fit`] runs epochs, evaluates, checkpoints and resumes;
+//! [`evaluate`] measures a model on a data set.
+
+mod base;
+mod epoch;
+mod eval;
+
+pub use base::{FitReport, RunLabels, TrainData, Trainer};
+pub use eval::{EvalMetrics, evaluate};
