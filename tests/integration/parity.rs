@@ -128,3 +128,36 @@ fn weights_of_another_shape_or_format_are_clear_errors() {
     }
     assert!(!out.exists(), "no output is written on failure");
 }
+
+#[test]
+fn eval_of_pytorch_weights_matches_pytorch_on_the_test_split() {
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture("eval_test_split.json")).unwrap()).unwrap();
+    for weights in ["simple_cnn.pth", "simple_cnn.safetensors"] {
+        let output = kiln(&[
+            "eval",
+            "--model",
+            "simple-cnn",
+            "--weights",
+            fixture(weights).to_str().unwrap(),
+            "--json",
+        ]);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let report = last_json(&output);
+        assert_eq!(report["samples"], expected["samples"]);
+        assert_eq!(
+            report["test_accuracy"], expected["test_accuracy"],
+            "{weights}"
+        );
+        let gap =
+            (report["test_loss"].as_f64().unwrap() - expected["test_loss"].as_f64().unwrap()).abs();
+        assert!(
+            gap < 1e-4,
+            "{weights}: test loss differs from PyTorch's by {gap}"
+        );
+    }
+}

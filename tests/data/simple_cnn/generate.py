@@ -9,10 +9,13 @@ Writes, next to this script:
 - input.npy: 64 preprocessed MNIST test digits (x/255 - 0.1307)/0.3081, float32 [64, 1, 28, 28];
 - logits.npy: the model's eval-mode logits on input.npy, float32 [64, 10];
 - train_labels.npy: labels of input.npy, as float32 [64];
+- eval_test_split.json: test loss and accuracy of that model on the whole embedded test split
+  (what `kiln eval --model simple-cnn --weights simple_cnn.pth` must report);
 - logits_after_steps.npy: logits on input.npy after 3 SGD steps (lr 0.01, momentum 0.9,
   cross-entropy, the whole of input.npy as the batch), float32 [64, 10].
 """
 import gzip
+import json
 import os
 
 import numpy as np
@@ -68,6 +71,20 @@ def main():
     with torch.no_grad():
         logits = model(torch.from_numpy(x))
     np.save(os.path.join(HERE, "logits.npy"), logits.numpy().astype(np.float32))
+
+    all_images = read_idx(os.path.join(ROOT, "data/mnist/t10k-images-idx3-ubyte.gz"))
+    all_labels = read_idx(os.path.join(ROOT, "data/mnist/t10k-labels-idx1-ubyte.gz"))
+    xs = ((all_images.astype(np.float32) / 255.0 - 0.1307) / 0.3081).reshape(-1, 1, 28, 28)
+    with torch.no_grad():
+        out = model(torch.from_numpy(xs.astype(np.float32)))
+        ys = torch.from_numpy(all_labels.astype(np.int64))
+        summary = {
+            "test_loss": F.cross_entropy(out, ys).item(),
+            "test_accuracy": (out.argmax(1) == ys).double().mean().item(),
+            "samples": len(ys),
+        }
+    with open(os.path.join(HERE, "eval_test_split.json"), "w") as f:
+        json.dump(summary, f, indent=2)
 
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
