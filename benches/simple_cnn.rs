@@ -8,6 +8,7 @@
 //!
 //! Run: `cargo bench --bench simple_cnn` (options: `-- --reps N --train-samples N`).
 
+use std::num::NonZeroUsize;
 use std::process::Command;
 use std::time::Instant;
 
@@ -71,7 +72,13 @@ fn main() -> anyhow::Result<()> {
     let mut eval_rates = Vec::new();
     for rep in 0..=reps {
         let start = Instant::now();
-        let metrics = evaluate(&model, SimpleCnn::forward, &test, 256, &device);
+        let metrics = evaluate(
+            &model,
+            SimpleCnn::forward,
+            &test,
+            NonZeroUsize::new(256).expect("256 is not zero"),
+            &device,
+        );
         if rep > 0 {
             eval_rates.push(metrics.samples as f64 / start.elapsed().as_secs_f64());
         }

@@ -121,17 +121,16 @@ pub struct ModelSourceArgs {
 }
 
 impl ModelSourceArgs {
-    /// The model source these flags name.
-    pub fn to_source(&self) -> ModelSource {
+    /// The model source these flags name, or `None` when neither `--checkpoint` nor
+    /// `--model` with `--weights` was given (clap's argument rules already prevent that).
+    pub fn to_source(&self) -> Option<ModelSource> {
         match (&self.checkpoint, self.model, &self.weights) {
-            (Some(path), _, _) => ModelSource::Checkpoint(path.clone()),
-            (None, Some(model), Some(path)) => ModelSource::Weights {
+            (Some(path), _, _) => Some(ModelSource::Checkpoint(path.clone())),
+            (None, Some(model), Some(path)) => Some(ModelSource::Weights {
                 model: model.into(),
                 path: path.clone(),
-            },
-            // clap's `required_unless_present`/`requires` make this unreachable; fall back to
-            // a checkpoint path that fails with a clear message rather than panicking.
-            _ => ModelSource::Checkpoint(PathBuf::new()),
+            }),
+            _ => None,
         }
     }
 }

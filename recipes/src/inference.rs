@@ -1,5 +1,6 @@
 //! Evaluation and prediction from a kiln checkpoint or from PyTorch-exported weights.
 
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
@@ -110,6 +111,10 @@ fn load(source: &ModelSource, device: &Device) -> Result<Loaded> {
 /// # Errors
 /// Checkpoint, weight-import and data errors, each naming the bad file.
 pub fn eval(source: &ModelSource, data: &MnistSource, batch_size: usize) -> Result<EvalReport> {
+    let batch_size = NonZeroUsize::new(batch_size).ok_or(TrainError::Config {
+        field: "--batch-size",
+        reason: "must be at least 1".into(),
+    })?;
     let device = Device::flex();
     let loaded = load(source, &device)?;
     let test = data.load(MnistSplit::Test)?;
@@ -118,7 +123,7 @@ pub fn eval(source: &ModelSource, data: &MnistSource, batch_size: usize) -> Resu
         &loaded.model,
         SimpleCnn::forward,
         &test,
-        batch_size.max(1),
+        batch_size,
         &device,
     );
     Ok(EvalReport {

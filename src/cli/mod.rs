@@ -100,7 +100,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => {
             let data = MnistSource::from_option(args.data.as_deref());
             let report =
-                kiln_recipes::inference::eval(&args.source.to_source(), &data, args.batch_size)
+                kiln_recipes::inference::eval(&model_source(&args.source)?, &data, args.batch_size)
                     .context("evaluation failed")?;
             output::print(cli.json, &report, || {
                 format!(
@@ -114,7 +114,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Predict(args) => {
             let report = kiln_recipes::inference::predict(
-                &args.source.to_source(),
+                &model_source(&args.source)?,
                 &args.input,
                 &args.output,
             )
@@ -128,4 +128,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
     }
+}
+
+fn model_source(args: &ModelSourceArgs) -> anyhow::Result<kiln_recipes::inference::ModelSource> {
+    args.to_source()
+        .context("name a model: --checkpoint PATH, or --model NAME with --weights FILE")
 }

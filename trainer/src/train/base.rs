@@ -1,3 +1,4 @@
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
@@ -156,6 +157,9 @@ impl Trainer {
             },
         )?;
         let loss_fn = CrossEntropyLossConfig::new().init(device);
+        let eval_batch_size = NonZeroUsize::new(config.eval_batch_size).expect(
+            "TrainerConfig::validate, called in Trainer::new, rejects a zero eval_batch_size",
+        );
         let mut progress = Progress::new(self.verbosity);
         if resumed_from_epoch > 0 {
             progress.log(&format!(
@@ -182,7 +186,7 @@ impl Trainer {
                 train_epoch(model, &forward, &mut optimizer, inputs, &progress);
             model = trained;
             step += outcome.steps;
-            let eval = evaluate(&model, &forward, data.test, config.eval_batch_size, device);
+            let eval = evaluate(&model, &forward, data.test, eval_batch_size, device);
             let metrics = EpochMetrics {
                 epoch: epoch + 1,
                 step,

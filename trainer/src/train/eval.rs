@@ -1,3 +1,4 @@
+use std::num::NonZeroUsize;
 use std::time::Instant;
 
 use burn::module::Module;
@@ -25,7 +26,7 @@ pub fn evaluate<M, F>(
     model: &M,
     forward: F,
     data: &dyn ImageDataset,
-    batch_size: usize,
+    batch_size: NonZeroUsize,
     device: &Device,
 ) -> EvalMetrics
 where
@@ -38,7 +39,7 @@ where
     let indices: Vec<usize> = (0..data.len()).collect();
     let start = Instant::now();
     let (mut loss_sum, mut correct) = (0.0f64, 0i64);
-    for chunk in indices.chunks(batch_size.max(1)) {
+    for chunk in indices.chunks(batch_size.get()) {
         let batch = make_batch(data, chunk, &device);
         let logits = forward(&model, batch.images);
         let loss = loss_fn.forward(logits.clone(), batch.targets.clone());
