@@ -2,43 +2,24 @@
 evaluation (batch 256) throughput on the same embedded MNIST subset, 2 threads, one warm-up
 then the median of --reps repetitions. Prints one JSON object."""
 import argparse
-import gzip
 import json
 import os
 import statistics
+import sys
 import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-
-
-class SimpleCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
-        self.fc1 = nn.Linear(64 * 7 * 7, 128)
-        self.fc2 = nn.Linear(128, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+sys.path.insert(0, os.path.join(ROOT, "tests", "data", "simple_cnn"))
+from generate import SimpleCNN, read_idx  # noqa: E402  (the model definition lives with the fixtures)
 
 
 def load(split):
-    def idx(name):
-        with gzip.open(os.path.join(ROOT, "data/mnist", name), "rb") as f:
-            data = f.read()
-        ndim = data[3]
-        dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-    x = idx(f"{split}-images-idx3-ubyte.gz").astype(np.float32)
-    y = idx(f"{split}-labels-idx1-ubyte.gz").astype(np.int64)
+    x = read_idx(os.path.join(ROOT, "data/mnist", f"{split}-images-idx3-ubyte.gz")).astype(np.float32)
+    y = read_idx(os.path.join(ROOT, "data/mnist", f"{split}-labels-idx1-ubyte.gz")).astype(np.int64)
     x = ((x / 255.0 - 0.1307) / 0.3081).reshape(-1, 1, 28, 28).astype(np.float32)
     return torch.from_numpy(x), torch.from_numpy(y)
 

@@ -8,7 +8,7 @@ use burn::store::ModuleRecord;
 use burn::tensor::Bytes;
 use burn::tensor::{Device, Tensor, TensorData};
 use kiln_models::{SimpleCnn, SimpleCnnConfig, load_weights};
-use kiln_trainer::checkpoint::{read_checkpoint, resolve_checkpoint};
+use kiln_trainer::checkpoint::{EpochMetrics, read_checkpoint, resolve_checkpoint};
 use kiln_trainer::data::{MnistSplit, NpyArray, read_npy_f32, write_npy_f32};
 use kiln_trainer::{TrainError, evaluate};
 
@@ -86,17 +86,7 @@ fn load(source: &ModelSource, device: &Device) -> Result<Loaded> {
                 .init(device, 0)
                 .try_load_record(record)
                 .map_err(bad)?;
-            let history = &checkpoint.state.history;
-            let samples: f64 = history
-                .iter()
-                .map(|m| m.samples_per_sec * m.train_seconds)
-                .sum();
-            let seconds: f64 = history.iter().map(|m| m.train_seconds).sum();
-            let throughput = if seconds > 0.0 {
-                samples / seconds
-            } else {
-                0.0
-            };
+            let throughput = EpochMetrics::throughput(&checkpoint.state.history);
             Ok(Loaded {
                 model,
                 source: file,

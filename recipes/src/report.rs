@@ -63,3 +63,42 @@ pub struct PredictReport {
     /// Arg-max class of every sample.
     pub predictions: Vec<usize>,
 }
+
+impl TrainReport {
+    /// One human sentence: accuracy, loss, epochs, throughput and where the run is.
+    pub fn summary(&self) -> String {
+        format!(
+            "test accuracy {:.2}% (loss {:.4}) after {} epoch{}, {:.0} training samples/s; run in {}",
+            100.0 * self.test_accuracy,
+            self.test_loss,
+            self.epochs,
+            if self.epochs == 1 { "" } else { "s" },
+            self.samples_per_sec,
+            self.run_dir.display()
+        )
+    }
+}
+
+impl EvalReport {
+    /// One human sentence: accuracy and loss on how many samples of what.
+    pub fn summary(&self) -> String {
+        format!(
+            "test accuracy {:.2}%, test loss {:.4} on {} samples ({})",
+            100.0 * self.test_accuracy,
+            self.test_loss,
+            self.samples,
+            self.source.display()
+        )
+    }
+}
+
+impl PredictReport {
+    /// One human sentence: how many samples and where the logits went.
+    pub fn summary(&self) -> String {
+        format!(
+            "wrote logits of {} samples to {}",
+            self.samples,
+            self.output.display()
+        )
+    }
+}

@@ -86,31 +86,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let config = args.to_config(verbosity)?;
             let report =
                 kiln_recipes::cnn_mnist::run(&config).context("training cnn-mnist failed")?;
-            output::print(cli.json, &report, || {
-                format!(
-                    "test accuracy {:.2}% (loss {:.4}) after {} epochs, {:.0} training samples/s; run in {}",
-                    100.0 * report.test_accuracy,
-                    report.test_loss,
-                    report.epochs,
-                    report.samples_per_sec,
-                    report.run_dir.display()
-                )
-            })
+            output::print(cli.json, &report, || report.summary())
         }
         Command::Eval(args) => {
             let data = MnistSource::from_option(args.data.as_deref());
             let report =
                 kiln_recipes::inference::eval(&model_source(&args.source)?, &data, args.batch_size)
                     .context("evaluation failed")?;
-            output::print(cli.json, &report, || {
-                format!(
-                    "test accuracy {:.2}%, test loss {:.4} on {} samples ({})",
-                    100.0 * report.test_accuracy,
-                    report.test_loss,
-                    report.samples,
-                    report.source.display()
-                )
-            })
+            output::print(cli.json, &report, || report.summary())
         }
         Command::Predict(args) => {
             let report = kiln_recipes::inference::predict(
@@ -119,13 +102,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 &args.output,
             )
             .context("prediction failed")?;
-            output::print(cli.json, &report, || {
-                format!(
-                    "wrote logits of {} samples to {}",
-                    report.samples,
-                    report.output.display()
-                )
-            })
+            output::print(cli.json, &report, || report.summary())
         }
     }
 }

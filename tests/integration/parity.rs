@@ -161,3 +161,36 @@ fn eval_of_pytorch_weights_matches_pytorch_on_the_test_split() {
         );
     }
 }
+
+#[test]
+fn data_dir_of_raw_idx_files_evaluates_like_the_embedded_set() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"] {
+        let gz =
+            std::fs::read(crate::common::repo("data/mnist").join(format!("{name}.gz"))).unwrap();
+        let mut raw = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(gz.as_slice()), &mut raw)
+            .unwrap();
+        std::fs::write(dir.path().join(name), raw).unwrap();
+    }
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture("eval_test_split.json")).unwrap()).unwrap();
+    let output = kiln(&[
+        "eval",
+        "--model",
+        "simple-cnn",
+        "--weights",
+        fixture("simple_cnn.pth").to_str().unwrap(),
+        "--data",
+        dir.path().to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report = last_json(&output);
+    assert_eq!(report["samples"], expected["samples"]);
+    assert_eq!(report["test_accuracy"], expected["test_accuracy"]);
+}

@@ -21,13 +21,7 @@ fn main() -> anyhow::Result<()> {
     if cli.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        println!(
-            "test accuracy {:.2}% after {} epochs ({:.0} samples/s); checkpoints in {}",
-            100.0 * report.test_accuracy,
-            report.epochs,
-            report.samples_per_sec,
-            report.run_dir.display()
-        );
+        println!("{}", report.summary());
     }
     Ok(())
 }

@@ -21,6 +21,23 @@ pub struct EpochMetrics {
     pub train_seconds: f64,
 }
 
+impl EpochMetrics {
+    /// Training samples per second over all of `history`, evaluation excluded: total samples
+    /// over total training time (0 for an empty history).
+    pub fn throughput(history: &[EpochMetrics]) -> f64 {
+        let samples: f64 = history
+            .iter()
+            .map(|m| m.samples_per_sec * m.train_seconds)
+            .sum();
+        let seconds: f64 = history.iter().map(|m| m.train_seconds).sum();
+        if seconds > 0.0 {
+            samples / seconds
+        } else {
+            0.0
+        }
+    }
+}
+
 /// Everything about a run that is not a tensor: enough to resume it exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainerState {

@@ -62,6 +62,12 @@ impl Progress {
         }
     }
 
+    pub(crate) fn evaluating(&self) {
+        if let Some(bar) = &self.bar {
+            bar.set_message("evaluating on the test set");
+        }
+    }
+
     pub(crate) fn end_epoch(&mut self, epochs: usize, metrics: &EpochMetrics) {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();

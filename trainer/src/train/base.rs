@@ -52,17 +52,7 @@ pub struct FitReport {
 impl FitReport {
     /// Training samples per second over all epochs, evaluation excluded.
     pub fn samples_per_sec(&self) -> f64 {
-        let samples: f64 = self
-            .history
-            .iter()
-            .map(|m| m.samples_per_sec * m.train_seconds)
-            .sum();
-        let seconds: f64 = self.history.iter().map(|m| m.train_seconds).sum();
-        if seconds > 0.0 {
-            samples / seconds
-        } else {
-            0.0
-        }
+        EpochMetrics::throughput(&self.history)
     }
 }
 
@@ -186,6 +176,7 @@ impl Trainer {
                 train_epoch(model, &forward, &mut optimizer, inputs, &progress);
             model = trained;
             step += outcome.steps;
+            progress.evaluating();
             let eval = evaluate(&model, &forward, data.test, eval_batch_size, device);
             let metrics = EpochMetrics {
                 epoch: epoch + 1,
