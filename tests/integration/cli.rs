@@ -1,10 +1,9 @@
 //! Bad input through the `kiln` binary: a clear message naming the problem, exit code 1,
 //! never a panic, and nothing already written is lost.
 
-use std::io::Write;
 use std::path::Path;
 
-use crate::common::{assert_clean_failure, kiln, repo};
+use crate::common::{assert_clean_failure, gunzip, gzip, kiln, repo};
 
 /// Copies the embedded MNIST subset into `dir`, then lets `corrupt` damage one file.
 fn mnist_dir_with(dir: &Path, name: &str, corrupt: fn(Vec<u8>) -> Vec<u8>) {
@@ -18,21 +17,6 @@ fn mnist_dir_with(dir: &Path, name: &str, corrupt: fn(Vec<u8>) -> Vec<u8>) {
         let bytes = if file == name { corrupt(bytes) } else { bytes };
         std::fs::write(dir.join(file), bytes).unwrap();
     }
-}
-
-fn gunzip(bytes: &[u8]) -> Vec<u8> {
-    use std::io::Read;
-    let mut out = Vec::new();
-    flate2::read::GzDecoder::new(bytes)
-        .read_to_end(&mut out)
-        .unwrap();
-    out
-}
-
-fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    enc.write_all(bytes).unwrap();
-    enc.finish().unwrap()
 }
 
 #[test]

@@ -8,7 +8,7 @@ use kiln::trainer::report::Verbosity;
 use kiln::trainer::{RunLabels, TrainData, Trainer, TrainerConfig};
 
 use crate::common::{
-    ArrayDataset, assert_clean_failure, fixture, kiln, last_json, max_abs_diff, npy,
+    ArrayDataset, assert_clean_failure, fixture, gunzip, kiln, last_json, max_abs_diff, npy, repo,
 };
 
 const TOLERANCE: f32 = 1e-4;
@@ -129,62 +129,24 @@ fn weights_of_another_shape_or_format_are_clear_errors() {
     assert!(!out.exists(), "no output is written on failure");
 }
 
-#[test]
-fn eval_of_pytorch_weights_matches_pytorch_on_the_test_split() {
+/// Runs `kiln eval` on PyTorch `weights` (over `data`, or the embedded set) and checks the
+/// test loss and accuracy against what PyTorch computed for the same weights.
+fn check_eval_matches_pytorch(weights: &str, data: Option<&std::path::Path>) {
     let expected: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fixture("eval_test_split.json")).unwrap()).unwrap();
-    for weights in ["simple_cnn.pth", "simple_cnn.safetensors"] {
-        let output = kiln(&[
-            "eval",
-            "--model",
-            "simple-cnn",
-            "--weights",
-            fixture(weights).to_str().unwrap(),
-            "--json",
-        ]);
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let report = last_json(&output);
-        assert_eq!(report["samples"], expected["samples"]);
-        assert_eq!(
-            report["test_accuracy"], expected["test_accuracy"],
-            "{weights}"
-        );
-        let gap =
-            (report["test_loss"].as_f64().unwrap() - expected["test_loss"].as_f64().unwrap()).abs();
-        assert!(
-            gap < 1e-4,
-            "{weights}: test loss differs from PyTorch's by {gap}"
-        );
-    }
-}
-
-#[test]
-fn data_dir_of_raw_idx_files_evaluates_like_the_embedded_set() {
-    let dir = tempfile::tempdir().unwrap();
-    for name in ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"] {
-        let gz =
-            std::fs::read(crate::common::repo("data/mnist").join(format!("{name}.gz"))).unwrap();
-        let mut raw = Vec::new();
-        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(gz.as_slice()), &mut raw)
-            .unwrap();
-        std::fs::write(dir.path().join(name), raw).unwrap();
-    }
-    let expected: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixture("eval_test_split.json")).unwrap()).unwrap();
-    let output = kiln(&[
+    let weights_path = fixture(weights);
+    let mut args = vec![
         "eval",
         "--model",
         "simple-cnn",
         "--weights",
-        fixture("simple_cnn.pth").to_str().unwrap(),
-        "--data",
-        dir.path().to_str().unwrap(),
+        weights_path.to_str().unwrap(),
         "--json",
-    ]);
+    ];
+    if let Some(dir) = data {
+        args.extend(["--data", dir.to_str().unwrap()]);
+    }
+    let output = kiln(&args);
     assert!(
         output.status.success(),
         "{}",
@@ -192,5 +154,30 @@ fn data_dir_of_raw_idx_files_evaluates_like_the_embedded_set() {
     );
     let report = last_json(&output);
     assert_eq!(report["samples"], expected["samples"]);
-    assert_eq!(report["test_accuracy"], expected["test_accuracy"]);
+    assert_eq!(
+        report["test_accuracy"], expected["test_accuracy"],
+        "{weights}"
+    );
+    let gap =
+        (report["test_loss"].as_f64().unwrap() - expected["test_loss"].as_f64().unwrap()).abs();
+    assert!(
+        gap < 1e-4,
+        "{weights}: test loss differs from PyTorch's by {gap}"
+    );
+}
+
+#[test]
+fn eval_of_pytorch_weights_matches_pytorch_on_the_test_split() {
+    check_eval_matches_pytorch("simple_cnn.pth", None);
+    check_eval_matches_pytorch("simple_cnn.safetensors", None);
+}
+
+#[test]
+fn data_dir_of_raw_idx_files_evaluates_like_the_embedded_set() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"] {
+        let gz = std::fs::read(repo("data/mnist").join(format!("{name}.gz"))).unwrap();
+        std::fs::write(dir.path().join(name), gunzip(&gz)).unwrap();
+    }
+    check_eval_matches_pytorch("simple_cnn.pth", Some(dir.path()));
 }
