@@ -4,8 +4,6 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
-use burn::store::ModuleRecord;
-use burn::tensor::Bytes;
 use burn::tensor::{Device, Tensor, TensorData};
 use kiln_models::{SimpleCnn, SimpleCnnConfig, load_weights};
 use kiln_trainer::checkpoint::{EpochMetrics, read_checkpoint, resolve_checkpoint};
@@ -76,16 +74,7 @@ fn load(source: &ModelSource, device: &Device) -> Result<Loaded> {
                     model: checkpoint.state.model,
                 });
             }
-            let bad = |e: burn::store::RecordError| TrainError::Checkpoint {
-                path: file.clone(),
-                reason: e.to_string(),
-            };
-            let record =
-                ModuleRecord::from_bytes(Bytes::from_bytes_vec(checkpoint.model)).map_err(bad)?;
-            let model = SimpleCnnConfig::new()
-                .init(device, 0)
-                .try_load_record(record)
-                .map_err(bad)?;
+            let model = checkpoint.load_model(SimpleCnnConfig::new().init(device, 0), &file)?;
             let throughput = EpochMetrics::throughput(&checkpoint.state.history);
             Ok(Loaded {
                 model,

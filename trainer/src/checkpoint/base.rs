@@ -1,4 +1,11 @@
+use std::path::Path;
+
+use burn::module::Module;
+use burn::store::ModuleRecord;
+use burn::tensor::Bytes;
 use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
 
 use crate::config::TrainerConfig;
 
@@ -67,4 +74,19 @@ pub struct Checkpoint {
     pub model: Vec<u8>,
     /// The optimizer's per-parameter state (momentum buffers).
     pub optimizer: Vec<u8>,
+}
+
+impl Checkpoint {
+    /// Loads the checkpoint's parameters into `model`, which must have the architecture the
+    /// checkpoint was written from. `path` names the checkpoint in errors.
+    ///
+    /// # Errors
+    /// [`TrainError::Checkpoint`] when the record is unreadable or does not fit the model
+    /// (missing, unused or mis-shaped tensors).
+    pub fn load_model<M: Module>(&self, model: M, path: &Path) -> Result<M> {
+        let bad = |e: burn::store::RecordError| TrainError::checkpoint(path, e.to_string());
+        let record =
+            ModuleRecord::from_bytes(Bytes::from_bytes_vec(self.model.clone())).map_err(bad)?;
+        model.try_load_record(record).map_err(bad)
+    }
 }

@@ -5,7 +5,6 @@ use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::SgdConfig;
 use burn::optim::momentum::MomentumConfig;
-use burn::store::ModuleRecord;
 use burn::tensor::{Bytes, Device, Tensor};
 use kiln_multi::{DistributedSampler, DistributedSamplerConfig, Rank, WorldSize};
 
@@ -124,10 +123,8 @@ impl Trainer {
         let mut last_checkpoint = None;
         if let Some((path, checkpoint)) = resume {
             self.check_resumable(&path, &checkpoint.state)?;
+            model = checkpoint.load_model(model, &path)?;
             let bad = |e: burn::store::RecordError| TrainError::checkpoint(&path, e.to_string());
-            let record =
-                ModuleRecord::from_bytes(Bytes::from_bytes_vec(checkpoint.model)).map_err(bad)?;
-            model = model.try_load_record(record).map_err(bad)?;
             optimizer = optimizer
                 .from_bytes(Bytes::from_bytes_vec(checkpoint.optimizer))
                 .map_err(bad)?;
