@@ -5,6 +5,26 @@ use std::path::PathBuf;
 use kiln_trainer::checkpoint::EpochMetrics;
 use serde::Serialize;
 
+/// A result that a command prints on stdout: a human sentence, or under `--json` one JSON
+/// object (the last line of stdout).
+pub trait Report: Serialize {
+    /// One human sentence summing the result up.
+    fn summary(&self) -> String;
+
+    /// The line to print: the JSON object when `json` is set, else [`Report::summary`].
+    ///
+    /// # Errors
+    /// When the report cannot be serialised (a non-finite number is written as `null`, so
+    /// in practice never).
+    fn stdout_line(&self, json: bool) -> serde_json::Result<String> {
+        if json {
+            serde_json::to_string(self)
+        } else {
+            Ok(self.summary())
+        }
+    }
+}
+
 /// Result of a training run.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainReport {
@@ -64,9 +84,8 @@ pub struct PredictReport {
     pub predictions: Vec<usize>,
 }
 
-impl TrainReport {
-    /// One human sentence: accuracy, loss, epochs, throughput and where the run is.
-    pub fn summary(&self) -> String {
+impl Report for TrainReport {
+    fn summary(&self) -> String {
         format!(
             "test accuracy {:.2}% (loss {:.4}) after {} epoch{}, {:.0} training samples/s; run in {}",
             100.0 * self.test_accuracy,
@@ -79,9 +98,8 @@ impl TrainReport {
     }
 }
 
-impl EvalReport {
-    /// One human sentence: accuracy and loss on how many samples of what.
-    pub fn summary(&self) -> String {
+impl Report for EvalReport {
+    fn summary(&self) -> String {
         format!(
             "test accuracy {:.2}%, test loss {:.4} on {} samples ({})",
             100.0 * self.test_accuracy,
@@ -92,9 +110,8 @@ impl EvalReport {
     }
 }
 
-impl PredictReport {
-    /// One human sentence: how many samples and where the logits went.
-    pub fn summary(&self) -> String {
+impl Report for PredictReport {
+    fn summary(&self) -> String {
         format!(
             "wrote logits of {} samples to {}",
             self.samples,

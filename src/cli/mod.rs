@@ -1,14 +1,13 @@
 //! `Cli` and its subcommands. Each subcommand turns its flags into a recipe configuration,
 //! calls the recipe, and prints its report.
 
-mod output;
-
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use kiln_recipes::cli::{CnnMnistArgs, ModelSourceArgs};
 use kiln_recipes::mnist_data::MnistSource;
+use kiln_recipes::report::Report;
 use kiln_trainer::report::Verbosity;
 
 /// Kiln: train, evaluate and run models with Burn.
@@ -86,14 +85,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let config = args.to_config(verbosity)?;
             let report =
                 kiln_recipes::cnn_mnist::run(&config).context("training cnn-mnist failed")?;
-            output::print(cli.json, &report, || report.summary())
+            println!("{}", report.stdout_line(cli.json)?);
         }
         Command::Eval(args) => {
             let data = MnistSource::from_option(args.data.as_deref());
             let report =
                 kiln_recipes::inference::eval(&model_source(&args.source)?, &data, args.batch_size)
                     .context("evaluation failed")?;
-            output::print(cli.json, &report, || report.summary())
+            println!("{}", report.stdout_line(cli.json)?);
         }
         Command::Predict(args) => {
             let report = kiln_recipes::inference::predict(
@@ -102,9 +101,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 &args.output,
             )
             .context("prediction failed")?;
-            output::print(cli.json, &report, || report.summary())
+            println!("{}", report.stdout_line(cli.json)?);
         }
     }
+    Ok(())
 }
 
 fn model_source(args: &ModelSourceArgs) -> anyhow::Result<kiln_recipes::inference::ModelSource> {

@@ -2,26 +2,34 @@
 
 use clap::Parser;
 use kiln_recipes::cli::CnnMnistArgs;
+use kiln_recipes::report::Report;
 use kiln_trainer::report::Verbosity;
 
 /// Train SimpleCNN on MNIST (SGD lr 0.01, momentum 0.9, batch 64, 5 epochs).
 #[derive(Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    about = "Train SimpleCNN on MNIST (SGD lr 0.01, momentum 0.9, batch 64, 5 epochs); the same as `kiln train cnn-mnist`."
+)]
 struct Cli {
     #[command(flatten)]
     args: CnnMnistArgs,
     /// Print the results as one JSON object on the last line of stdout.
     #[arg(long)]
     json: bool,
+    /// Print nothing on stderr but errors (no progress bar, no per-epoch lines).
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let report = kiln_recipes::cnn_mnist::run(&cli.args.to_config(Verbosity::Bar)?)?;
-    if cli.json {
-        println!("{}", serde_json::to_string(&report)?);
+    let verbosity = if cli.quiet {
+        Verbosity::Quiet
     } else {
-        println!("{}", report.summary());
-    }
+        Verbosity::Bar
+    };
+    let report = kiln_recipes::cnn_mnist::run(&cli.args.to_config(verbosity)?)?;
+    println!("{}", report.stdout_line(cli.json)?);
     Ok(())
 }
