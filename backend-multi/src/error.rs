@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 /// Errors of the multi-device layer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MultiError {
@@ -21,6 +23,78 @@ pub enum MultiError {
         world_size: usize,
         /// Whether the tail that does not divide evenly is dropped.
         drop_last: bool,
+    },
+    /// Some peers did not reach a collective within the timeout.
+    #[error(
+        "rank {rank}: {op} timed out after {timeout:?} waiting for rank(s) {missing:?} \
+         (a peer is stalled, dead, or calling a different collective)"
+    )]
+    Timeout {
+        /// The rank reporting the error.
+        rank: usize,
+        /// The collective that was waiting.
+        op: &'static str,
+        /// The configured timeout.
+        timeout: Duration,
+        /// Ranks that had not arrived.
+        missing: Vec<usize>,
+    },
+    /// A peer left the group (it failed, panicked or dropped its handle) or the group already
+    /// failed, so this collective can never complete.
+    #[error("rank {rank}: {op} cannot complete: {reason}")]
+    PeerFailed {
+        /// The rank reporting the error.
+        rank: usize,
+        /// The collective that was called.
+        op: &'static str,
+        /// What happened to the group, naming the peer.
+        reason: String,
+    },
+    /// Ranks called different collectives, or the same one with incompatible buffers.
+    #[error("rank {rank}: {op}: ranks disagree: {detail}")]
+    Mismatch {
+        /// The rank reporting the error.
+        rank: usize,
+        /// The collective that was called.
+        op: &'static str,
+        /// What differs between the ranks.
+        detail: String,
+    },
+    /// A buffer has the wrong length for the call.
+    #[error("rank {rank}: {op}: buffer has {got} elements, expected {expected}")]
+    BufferLength {
+        /// The rank reporting the error.
+        rank: usize,
+        /// The collective that was called.
+        op: &'static str,
+        /// The length the call needs.
+        expected: usize,
+        /// The length that was passed.
+        got: usize,
+    },
+    /// A rank's thread panicked.
+    #[error("rank {rank} panicked: {message}")]
+    RankPanicked {
+        /// The rank that panicked.
+        rank: usize,
+        /// The panic message.
+        message: String,
+    },
+    /// A tensor could not be read back or rebuilt while synchronising parameters or gradients.
+    #[error("{context}: {detail}")]
+    Tensor {
+        /// What was being done, naming the parameter.
+        context: String,
+        /// The underlying error.
+        detail: String,
+    },
+    /// A configuration value is out of range.
+    #[error("invalid {field}: {reason}")]
+    Config {
+        /// The field, as the user names it.
+        field: &'static str,
+        /// Why it is rejected.
+        reason: String,
     },
 }
 

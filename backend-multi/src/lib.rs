@@ -1,18 +1,27 @@
 //! `kiln-multi`: the multi-device layer of kiln.
 //!
-//! Today it holds the pieces every training run needs, single-device ones included:
 //! - [`mesh`]: [`Rank`] and [`WorldSize`], validated once so no function re-checks them;
 //! - [`sampler`]: [`DistributedSampler`], PyTorch's `DistributedSampler` semantics with the
-//!   epoch passed explicitly, so no rank can forget to reshuffle.
+//!   epoch passed explicitly, so no rank can forget to reshuffle;
+//! - [`collective`]: the [`Collective`] trait (all-reduce, broadcast, all-gather,
+//!   reduce-scatter, barrier, each bounded by a timeout) and the in-process engine;
+//! - [`data_parallel`]: [`DistributedDataParallel`], which keeps the replicas of any Burn
+//!   module identical by broadcasting parameters from rank 0 and averaging gradients in
+//!   buckets.
 //!
-//! Collectives, gradient buckets, sharding and pipelines build on these (see ARCHITECTURE.md).
-//! This crate knows nothing of models, recipes or the CLI, and works on indices and buffers,
-//! never on a model type.
+//! This crate knows nothing of kiln's models, recipes or CLI: it works on buffers, indices and
+//! any Burn [`Module`](burn::module::Module).
 
+pub mod collective;
+pub mod data_parallel;
 mod error;
 pub mod mesh;
 pub mod sampler;
 
+pub use collective::{
+    Collective, CollectiveConfig, InProcessCollective, ReduceOp, run_in_process, shard_range,
+};
+pub use data_parallel::{BucketConfig, DistributedDataParallel, GradientBucket};
 pub use error::{MultiError, Result};
 pub use mesh::{Rank, WorldSize};
 pub use sampler::{DistributedSampler, DistributedSamplerConfig};

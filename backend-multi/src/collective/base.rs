@@ -1,0 +1,126 @@
+use std::ops::Range;
+use std::time::Duration;
+
+use crate::error::Result;
+use crate::mesh::{Rank, WorldSize};
+
+/// How an all-reduce or reduce-scatter combines the ranks' values, element by element.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    /// The sum over ranks.
+    Sum,
+    /// The mean over ranks (the sum divided by the world size).
+    Avg,
+    /// The largest value over ranks.
+    Max,
+}
+
+/// Settings shared by every collective of a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CollectiveConfig {
+    /// How long a rank waits for its peers to reach the same collective before it gives up
+    /// with [`MultiError::Timeout`](crate::MultiError::Timeout).
+    pub timeout: Duration,
+}
+
+impl CollectiveConfig {
+    /// The default timeout: long enough for rank 0 to evaluate and write a checkpoint while
+    /// the others wait at their next collective, short enough to notice a dead peer.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+}
+
+impl Default for CollectiveConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Self::DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+/// Collective communication between the ranks of a group.
+///
+/// Every rank calls the same collectives in the same order with compatible buffers. Every call
+/// blocks until all ranks have joined it, and is bounded by the group's timeout: a peer that
+/// never arrives, has failed, or has dropped its handle makes the call return an error on
+/// every rank instead of hanging.
+///
+/// Sharded calls ([`all_gather`](Collective::all_gather),
+/// [`reduce_scatter`](Collective::reduce_scatter)) split a buffer of `len` elements into
+/// contiguous shards given by [`shard_range`]: lengths need not divide by the world size, and
+/// empty shards are allowed.
+pub trait Collective: Send + Sync {
+    /// This handle's rank.
+    fn rank(&self) -> Rank;
+
+    /// The number of ranks in the group.
+    fn world_size(&self) -> WorldSize;
+
+    /// Combines `buf` over all ranks with `op`; every rank gets the result in `buf`.
+    /// All ranks pass buffers of the same length; every rank gets bit-identical results.
+    ///
+    /// # Errors
+    /// On timeout, a failed peer, or ranks passing different lengths.
+    fn all_reduce(&self, buf: &mut [f32], op: ReduceOp) -> Result<()>;
+
+    /// Copies `root`'s `buf` into every other rank's `buf` (all of the same length).
+    ///
+    /// # Errors
+    /// On timeout, a failed peer, or ranks passing different lengths or roots.
+    fn broadcast(&self, buf: &mut [f32], root: Rank) -> Result<()>;
+
+    /// Every rank contributes `shard`, its part [`shard_range`]`(out.len(), world, rank)` of
+    /// the result, and receives the whole concatenation in `out`.
+    ///
+    /// # Errors
+    /// On timeout, a failed peer, or a `shard` whose length is not its part of `out`.
+    fn all_gather(&self, shard: &[f32], out: &mut [f32]) -> Result<()>;
+
+    /// Combines `buf` over all ranks with `op`, and gives each rank only its part
+    /// [`shard_range`]`(buf.len(), world, rank)` of the result, in `shard`.
+    ///
+    /// # Errors
+    /// On timeout, a failed peer, or a `shard` whose length is not its part of `buf`.
+    fn reduce_scatter(&self, buf: &[f32], shard: &mut [f32], op: ReduceOp) -> Result<()>;
+
+    /// Returns once every rank has called it.
+    ///
+    /// # Errors
+    /// On timeout or a failed peer.
+    fn barrier(&self) -> Result<()>;
+}
+
+/// The part of `0..len` owned by `rank` when `len` elements are split over `world` ranks:
+/// contiguous, in rank order, the first `len % world` ranks taking one element more.
+pub fn shard_range(len: usize, world: WorldSize, rank: Rank) -> Range<usize> {
+    let (n, r) = (world.get(), rank.index());
+    let (base, extra) = (len / n, len % n);
+    let start = r * base + r.min(extra);
+    start..start + base + usize::from(r < extra)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_partition_the_range_in_order() {
+        for len in [0, 1, 2, 5, 7, 64] {
+            for n in 1..=4 {
+                let world = WorldSize::new(n).unwrap();
+                let mut next = 0;
+                for r in 0..n {
+                    let range = shard_range(len, world, Rank::new(r, world).unwrap());
+                    assert_eq!(range.start, next);
+                    assert!(range.len() == len / n || range.len() == len / n + 1);
+                    next = range.end;
+                }
+                assert_eq!(next, len);
+            }
+        }
+        let world = WorldSize::new(3).unwrap();
+        let ranges: Vec<_> = (0..3)
+            .map(|r| shard_range(7, world, Rank::new(r, world).unwrap()))
+            .collect();
+        assert_eq!(ranges, vec![0..3, 3..5, 5..7]);
+    }
+}

@@ -1,0 +1,16 @@
+//! Data parallelism: every rank holds a replica of the model, trains on its own part of each
+//! batch, and averages gradients with the others before the optimizer step.
+//!
+//! - [`DistributedDataParallel`]: broadcast from rank 0 at start, bucketed gradient averaging,
+//!   `no_sync` accumulation;
+//! - [`GradientBucket`] / [`BucketConfig`]: gradients flattened in reverse registration order,
+//!   like PyTorch's reducer (25 MiB buckets, 1 MiB first bucket);
+//! - [`flatten_params`]: a model's parameters as one buffer (to compare replicas).
+
+mod bucket;
+mod ddp;
+mod params;
+
+pub use bucket::{BucketConfig, GradientBucket};
+pub use ddp::{DistributedDataParallel, broadcast_module};
+pub use params::flatten_params;

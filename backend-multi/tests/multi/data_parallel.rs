@@ -1,0 +1,292 @@
+//! Data parallelism against the same computation on one device: N ranks x batch b must give
+//! the parameters of 1 rank x batch N*b over the same samples.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::nn::{Linear, LinearConfig, Relu};
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use kiln_multi::data_parallel::flatten_params;
+use kiln_multi::{
+    BucketConfig, Collective, CollectiveConfig, DistributedDataParallel, DistributedSampler,
+    DistributedSamplerConfig, MultiError, Rank, WorldSize, run_in_process,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const FEATURES: usize = 12;
+const CLASSES: usize = 5;
+const LR: f64 = 0.05;
+
+/// A user's own model: nothing in it knows about data parallelism.
+#[derive(Module, Debug)]
+struct Mlp {
+    hidden: Linear,
+    relu: Relu,
+    out: Linear,
+}
+
+impl Mlp {
+    fn new(device: &Device) -> Self {
+        Self {
+            hidden: LinearConfig::new(FEATURES, 32).init(device),
+            relu: Relu::new(),
+            out: LinearConfig::new(32, CLASSES).init(device),
+        }
+    }
+
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        self.out.forward(self.relu.forward(self.hidden.forward(x)))
+    }
+}
+
+struct Data {
+    x: Vec<f32>,
+    y: Vec<i64>,
+}
+
+impl Data {
+    fn new(len: usize) -> Self {
+        let mut rng = StdRng::seed_from_u64(7);
+        let x: Vec<f32> = (0..len * FEATURES).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let y = (0..len)
+            .map(|i| {
+                let row = &x[i * FEATURES..(i + 1) * FEATURES];
+                let score: f32 = row.iter().enumerate().map(|(k, v)| v * (k as f32 - 5.5)).sum();
+                ((score.abs() * 3.0) as i64).min(CLASSES as i64 - 1)
+            })
+            .collect();
+        Self { x, y }
+    }
+
+    /// Gradients of the mean cross-entropy over the samples `indices`, scaled by `scale`.
+    fn grads(&self, model: &Mlp, indices: &[usize], scale: f32, device: &Device) -> GradientsParams {
+        let x: Vec<f32> = indices
+            .iter()
+            .flat_map(|&i| self.x[i * FEATURES..(i + 1) * FEATURES].iter().copied())
+            .collect();
+        let y: Vec<i64> = indices.iter().map(|&i| self.y[i]).collect();
+        let x = Tensor::<2>::from_data(TensorData::new(x, [indices.len(), FEATURES]), device);
+        let y = Tensor::<1, Int>::from_data(TensorData::new(y, [indices.len()]), device);
+        let loss = CrossEntropyLossConfig::new()
+            .init(device)
+            .forward(model.forward(x), y)
+            .mul_scalar(scale);
+        GradientsParams::from_grads(loss.backward(), model)
+    }
+}
+
+fn sgd() -> ModuleOptimizer {
+    SgdConfig::new()
+        .with_momentum(Some(MomentumConfig {
+            momentum: 0.9,
+            dampening: 0.0,
+            nesterov: false,
+        }))
+        .init()
+}
+
+fn device() -> Device {
+    Device::flex().autodiff()
+}
+
+/// What one rank ends with.
+struct RankResult {
+    params: Vec<f32>,
+    /// Parameters after one more step with zero gradients: they move by the momentum buffers
+    /// alone, so equal probes on equal parameters mean equal optimizer states.
+    momentum_probe: Vec<f32>,
+    global_batches: Vec<Vec<usize>>,
+}
+
+/// `model` with every parameter doubled: a replica that disagrees with rank 0 until the
+/// initial broadcast.
+fn perturbed(model: &Mlp) -> Mlp {
+    struct Double;
+    impl ModuleMapper for Double {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            param.map(|t| t.mul_scalar(2.0).detach().require_grad())
+        }
+    }
+    model.clone().fork(&device()).map(&mut Double)
+}
+
+/// Trains data-parallel on `world` ranks for `steps` optimizer steps of `micro` micro-batches
+/// of `local_batch` samples per rank. Rank 0 starts from `init`; the other ranks start from
+/// different values (same parameter ids), which the initial broadcast must overwrite.
+fn train_parallel(
+    data: &Data,
+    init: &Mlp,
+    world: usize,
+    local_batch: usize,
+    micro: usize,
+    steps: usize,
+    buckets: BucketConfig,
+) -> Vec<RankResult> {
+    let world = WorldSize::new(world).unwrap();
+    let replicas: Vec<Mutex<Option<Mlp>>> = (0..world.get())
+        .map(|r| {
+            let model = if r == 0 { init.clone().fork(&device()) } else { perturbed(init) };
+            Mutex::new(Some(model))
+        })
+        .collect();
+    let sampler = DistributedSampler::new(
+        data.y.len(),
+        world,
+        DistributedSamplerConfig { shuffle: true, seed: 3, drop_last: false },
+    )
+    .unwrap();
+    let config = CollectiveConfig { timeout: Duration::from_secs(60) };
+    run_in_process(world, config, |collective: Arc<dyn Collective>| {
+        let rank = collective.rank();
+        let model = replicas[rank.index()].lock().unwrap().take().unwrap();
+        let (mut model, mut ddp) = DistributedDataParallel::new(model, collective, buckets)?;
+        let mut optimizer = sgd();
+        let mut batches = Vec::new();
+        let mut epoch = 0;
+        let mut queue: Vec<usize> = Vec::new();
+        for _ in 0..steps {
+            let mut step_samples = Vec::new();
+            for m in 0..micro {
+                if queue.len() < local_batch {
+                    queue.extend(sampler.indices(rank, epoch));
+                    epoch += 1;
+                }
+                let batch: Vec<usize> = queue.drain(..local_batch).collect();
+                let grads = data.grads(&model, &batch, 1.0 / micro as f32, &device());
+                step_samples.extend(batch);
+                if m + 1 < micro {
+                    ddp.accumulate(&model, grads)?;
+                } else {
+                    let grads = ddp.sync(&model, grads)?;
+                    model = optimizer.step(LR, model, grads);
+                }
+            }
+            batches.push(step_samples);
+        }
+        let params = flatten_params(&model)?;
+        let zero = data.grads(&model, &[0, 1], 0.0, &device());
+        let probed = optimizer.step(LR, model, zero);
+        Ok::<_, MultiError>(RankResult {
+            params,
+            momentum_probe: flatten_params(&probed)?,
+            global_batches: batches,
+        })
+    })
+    .unwrap()
+}
+
+/// Trains on one device over the union of the ranks' samples of every step.
+fn train_single(data: &Data, init: &Mlp, steps: &[Vec<usize>]) -> Vec<f32> {
+    let mut model = init.clone().fork(&device());
+    let mut optimizer = sgd();
+    for batch in steps {
+        let grads = data.grads(&model, batch, 1.0, &device());
+        model = optimizer.step(LR, model, grads);
+    }
+    flatten_params(&model).unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Checks the ranks agree bit for bit and match one device within `tol`; returns the error.
+fn check_against_single_device(data: &Data, init: &Mlp, ranks: &[RankResult], tol: f32) -> f32 {
+    for r in &ranks[1..] {
+        assert_eq!(r.params, ranks[0].params, "replicas diverged");
+        assert_eq!(r.momentum_probe, ranks[0].momentum_probe, "optimizer states diverged");
+    }
+    let probe_moved = max_abs_diff(&ranks[0].params, &ranks[0].momentum_probe);
+    assert!(probe_moved > 0.0, "the momentum probe cannot tell optimizer states apart");
+    let steps: Vec<Vec<usize>> = (0..ranks[0].global_batches.len())
+        .map(|s| ranks.iter().flat_map(|r| r.global_batches[s].iter().copied()).collect())
+        .collect();
+    let single = train_single(data, init, &steps);
+    let diff = max_abs_diff(&ranks[0].params, &single);
+    let moved = max_abs_diff(&flatten_params(init).unwrap(), &single);
+    assert!(moved > 1e-2, "training barely moved the parameters ({moved})");
+    assert!(diff <= tol, "max |delta| {diff} > {tol}");
+    diff
+}
+
+#[test]
+fn two_ranks_of_32_match_one_rank_of_64_for_20_momentum_steps() {
+    let data = Data::new(640);
+    let init = Mlp::new(&device());
+    // Small caps so that the model spans several buckets.
+    let buckets = BucketConfig { cap_bytes: 1024, first_bucket_bytes: 256 };
+    let ranks = train_parallel(&data, &init, 2, 32, 1, 20, buckets);
+    assert!(ranks[0].global_batches.iter().all(|b| b.len() == 32));
+    let diff = check_against_single_device(&data, &init, &ranks, 1e-5);
+    eprintln!("2 x 32 vs 1 x 64, 20 steps: max |delta param| = {diff:e}");
+}
+
+#[test]
+fn three_ranks_on_a_size_that_does_not_divide_match_one_device() {
+    // 100 samples over 3 ranks: the sampler pads to 102; batches of 8 leave a last one of 2.
+    let data = Data::new(100);
+    let init = Mlp::new(&device());
+    let ranks = train_parallel(&data, &init, 3, 8, 1, 20, BucketConfig::default());
+    let diff = check_against_single_device(&data, &init, &ranks, 1e-5);
+    eprintln!("3 x 8 on 100 samples vs 1 x 24, 20 steps: max |delta param| = {diff:e}");
+}
+
+#[test]
+fn no_sync_accumulation_over_two_micro_batches_matches_one_big_batch() {
+    let data = Data::new(640);
+    let init = Mlp::new(&device());
+    let ranks = train_parallel(&data, &init, 2, 16, 2, 10, BucketConfig::default());
+    assert!(ranks[0].global_batches.iter().all(|b| b.len() == 32));
+    check_against_single_device(&data, &init, &ranks, 1e-5);
+}
+
+#[test]
+fn buckets_hold_every_trainable_parameter_once_in_reverse_order() {
+    let model = Mlp::new(&device());
+    let config = CollectiveConfig::default();
+    let buckets = run_in_process(WorldSize::ONE, config, |c| {
+        let (_, ddp) = DistributedDataParallel::new(
+            model.clone(),
+            c,
+            BucketConfig { cap_bytes: 1024, first_bucket_bytes: 64 },
+        )?;
+        Ok::<_, MultiError>(ddp.buckets().to_vec())
+    })
+    .unwrap()
+    .remove(0);
+    let order: Vec<_> = buckets.iter().flat_map(|b| b.params().to_vec()).collect();
+    let registration = [
+        model.hidden.weight.id,
+        model.hidden.bias.as_ref().unwrap().id,
+        model.out.weight.id,
+        model.out.bias.as_ref().unwrap().id,
+    ];
+    let reversed: Vec<_> = registration.iter().rev().copied().collect();
+    assert_eq!(order, reversed);
+    // out.bias (20 bytes) + out.weight (640 bytes) closes the 64-byte first bucket only after
+    // out.weight; hidden.bias (128) + hidden.weight (1536) close the next.
+    assert_eq!(buckets.len(), 2);
+    let elements: usize = buckets.iter().map(|b| b.elements()).sum();
+    assert_eq!(elements, FEATURES * 32 + 32 + 32 * CLASSES + CLASSES);
+}
+
+#[test]
+fn rank_zero_parameters_reach_every_replica() {
+    let init = Mlp::new(&device());
+    let want = flatten_params(&init).unwrap();
+    let results = run_in_process(WorldSize::new(3).unwrap(), CollectiveConfig::default(), |c| {
+        let model = if c.rank() == Rank::ZERO { init.clone() } else { Mlp::new(&device()) };
+        let (model, _) = DistributedDataParallel::new(model, c, BucketConfig::default())?;
+        Ok::<_, MultiError>(flatten_params(&model)?)
+    })
+    .unwrap();
+    for params in results {
+        assert_eq!(params, want);
+    }
+}

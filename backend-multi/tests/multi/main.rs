@@ -1,0 +1,4 @@
+//! Integration tests of kiln-multi, in one binary to keep link time down.
+
+mod collectives;
+mod data_parallel;
