@@ -17,7 +17,7 @@ use kiln::models::{SimpleCnn, SimpleCnnConfig};
 use kiln::recipes::mnist_data::MnistSource;
 use kiln::trainer::data::MnistSplit;
 use kiln::trainer::report::Verbosity;
-use kiln::trainer::{RunLabels, TrainData, Trainer, TrainerConfig, evaluate};
+use kiln::trainer::{Execution, RunLabels, TrainData, Trainer, TrainerConfig, evaluate};
 use serde_json::json;
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -61,7 +61,8 @@ fn main() -> anyhow::Result<()> {
             train: &train,
             test: &test.take(256),
         };
-        let (_, report) = trainer.fit(model, SimpleCnn::forward, data, None, &device)?;
+        let execution = Execution::Single(device.clone());
+        let (_, report) = trainer.fit(model, SimpleCnn::forward, data, None, &execution)?;
         if rep > 0 {
             train_rates.push(report.samples_per_sec());
         }

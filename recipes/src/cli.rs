@@ -1,9 +1,12 @@
 //! Command-line arguments of the recipes, shared by the `kiln` CLI and the recipe binaries so
 //! that both accept exactly the same flags.
 
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+use kiln_multi::WorldSize;
 use kiln_trainer::checkpoint::latest_checkpoint;
 use kiln_trainer::report::Verbosity;
 
@@ -46,6 +49,15 @@ pub struct CnnMnistArgs {
     /// Train on the first N training samples only (quick checks).
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
+    /// Data-parallel ranks: N threads, each with a replica of the model, training on 1/N of
+    /// every batch and averaging gradients (like PyTorch DDP). --batch-size stays the global
+    /// batch and must divide by N. A run may be resumed with a different N.
+    #[arg(long, value_name = "N", default_value_t = NonZeroUsize::MIN)]
+    pub ranks: NonZeroUsize,
+    /// Seconds a rank waits for the others at a gradient exchange before the run fails
+    /// (only with --ranks above 1).
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub collective_timeout: u64,
 }
 
 impl CnnMnistArgs {
@@ -74,6 +86,8 @@ impl CnnMnistArgs {
             target,
             verbosity,
             train_limit: self.limit,
+            ranks: WorldSize::new(self.ranks.get()).map_err(kiln_trainer::TrainError::from)?,
+            collective_timeout: Duration::from_secs(self.collective_timeout),
         })
     }
 }

@@ -2,13 +2,15 @@
 //! (SGD lr 0.01, momentum 0.9, batch 64, cross-entropy, 5 epochs).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use burn::tensor::Device;
 use kiln_models::{SimpleCnn, SimpleCnnConfig};
+use kiln_multi::{BucketConfig, CollectiveConfig, WorldSize};
 use kiln_trainer::checkpoint::{latest_checkpoint, read_checkpoint, resolve_checkpoint};
 use kiln_trainer::data::{ImageDataset, MnistSplit};
 use kiln_trainer::report::Verbosity;
-use kiln_trainer::{RunLabels, TrainData, Trainer, TrainerConfig};
+use kiln_trainer::{DataParallelConfig, Execution, RunLabels, TrainData, Trainer, TrainerConfig};
 
 use crate::error::{RecipeError, Result};
 use crate::mnist_data::MnistSource;
@@ -68,6 +70,10 @@ pub struct CnnMnistConfig {
     pub verbosity: Verbosity,
     /// Use only the first N training samples (quick checks); `None` uses all.
     pub train_limit: Option<usize>,
+    /// Data-parallel ranks (threads with a replica each, on the CPU); one is plain training.
+    pub ranks: WorldSize,
+    /// How long a rank waits for the others at a collective before failing the run.
+    pub collective_timeout: Duration,
 }
 
 /// Trains SimpleCNN on MNIST, evaluating and checkpointing after every epoch.
@@ -113,7 +119,19 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
         train: &train,
         test: &test,
     };
-    let (_model, fit) = trainer.fit(model, SimpleCnn::forward, data, resume, &device)?;
+    let execution = if config.ranks == WorldSize::ONE {
+        Execution::Single(device)
+    } else {
+        Execution::DataParallel(DataParallelConfig {
+            devices: vec![device; config.ranks.get()],
+            collective: CollectiveConfig {
+                timeout: config.collective_timeout,
+            },
+            buckets: BucketConfig::default(),
+        })
+    };
+    let global_batch_size = trainer.config().batch_size;
+    let (_model, fit) = trainer.fit(model, SimpleCnn::forward, data, resume, &execution)?;
     let last = fit.history.last();
     Ok(TrainReport {
         recipe: RECIPE.into(),
@@ -124,6 +142,8 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
         test_loss: last.map_or(f64::NAN, |m| m.test_loss),
         train_loss: last.map_or(f64::NAN, |m| m.train_loss),
         samples_per_sec: fit.samples_per_sec(),
+        ranks: config.ranks.get(),
+        global_batch_size,
         resumed_from_epoch: fit.resumed_from_epoch,
         history: fit.history,
     })

@@ -42,8 +42,12 @@ pub struct TrainReport {
     pub test_loss: f64,
     /// Mean training loss of the last epoch.
     pub train_loss: f64,
-    /// Training samples per second over all epochs, evaluation excluded.
+    /// Training samples per second over all epochs and all ranks, evaluation excluded.
     pub samples_per_sec: f64,
+    /// Data-parallel ranks the run trained on.
+    pub ranks: usize,
+    /// Samples per optimizer step, over all ranks.
+    pub global_batch_size: usize,
     /// Epochs that were already done when this run started (resume).
     pub resumed_from_epoch: usize,
     /// Metrics of every epoch.
@@ -87,12 +91,17 @@ pub struct PredictReport {
 impl Report for TrainReport {
     fn summary(&self) -> String {
         format!(
-            "test accuracy {:.2}% (loss {:.4}) after {} epoch{}, {:.0} training samples/s; run in {}",
+            "test accuracy {:.2}% (loss {:.4}) after {} epoch{}, {:.0} training samples/s{}; run in {}",
             100.0 * self.test_accuracy,
             self.test_loss,
             self.epochs,
             if self.epochs == 1 { "" } else { "s" },
             self.samples_per_sec,
+            if self.ranks > 1 {
+                format!(" on {} ranks", self.ranks)
+            } else {
+                String::new()
+            },
             self.run_dir.display()
         )
     }

@@ -3,9 +3,11 @@
 //! - `parity`: SimpleCNN against PyTorch fixtures (forward through `kiln predict`, training
 //!   steps through the trainer);
 //! - `cli`: bad input gives a clear error and a non-zero exit, never a panic;
-//! - `training`: the cnn-mnist recipe learns, and `--resume` reproduces an uninterrupted run.
+//! - `training`: the cnn-mnist recipe learns, and `--resume` reproduces an uninterrupted run;
+//! - `data_parallel`: training on N ranks equals one device, through the trainer and the CLI.
 
 mod cli;
 mod common;
+mod data_parallel;
 mod parity;
 mod training;

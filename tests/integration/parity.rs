@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use kiln::models::{SimpleCnn, SimpleCnnConfig, load_weights};
 use kiln::trainer::report::Verbosity;
-use kiln::trainer::{RunLabels, TrainData, Trainer, TrainerConfig};
+use kiln::trainer::{Execution, RunLabels, TrainData, Trainer, TrainerConfig};
 
 use crate::common::{
     ArrayDataset, assert_clean_failure, fixture, gunzip, kiln, last_json, max_abs_diff, npy, repo,
@@ -79,7 +79,13 @@ fn three_sgd_momentum_steps_match_pytorch() {
         test: &data,
     };
     let (model, report) = trainer
-        .fit(model, SimpleCnn::forward, data, None, &device)
+        .fit(
+            model,
+            SimpleCnn::forward,
+            data,
+            None,
+            &Execution::Single(device.clone()),
+        )
         .unwrap();
     assert_eq!(report.history.last().unwrap().step, 3);
 

@@ -8,7 +8,8 @@
 //! - [`report`]: progress on stderr and `metrics.jsonl`.
 //!
 //! Shuffling goes through [`kiln_multi::DistributedSampler`], so single-device runs use the
-//! same sampling code as data-parallel ones.
+//! same sampling code as data-parallel ones ([`Execution::DataParallel`]), whose gradients go
+//! through [`kiln_multi::DistributedDataParallel`].
 
 pub mod checkpoint;
 mod config;
@@ -19,4 +20,6 @@ pub mod train;
 
 pub use config::TrainerConfig;
 pub use error::{Result, TrainError};
-pub use train::{EvalMetrics, FitReport, RunLabels, TrainData, Trainer, evaluate};
+pub use train::{
+    DataParallelConfig, EvalMetrics, Execution, FitReport, RunLabels, TrainData, Trainer, evaluate,
+};

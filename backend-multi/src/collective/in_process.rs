@@ -4,10 +4,10 @@
 //! Every data-moving collective is three steps separated by barriers:
 //! 1. *arrive*: each rank publishes pointers to its buffers and waits (bounded by the timeout)
 //!    until every rank has arrived with the same operation and length;
-//! 2. *work*: rank `r` reads shard `r` of every peer's buffer and writes its own result
-//!    (reduce-scatter), so every thread does `1/world` of the arithmetic;
-//! 3. for all-reduce, rank `r` then copies every other shard from the rank that reduced it
-//!    (all-gather), and a last barrier keeps each buffer alive until every peer has read it.
+//! 2. *work*: rank `r` reads shard `r` of every peer's buffer and writes the result (for
+//!    all-reduce, into shard `r` of every peer's buffer: reduce-scatter and all-gather fused
+//!    in one pass), so every thread does `1/world` of the arithmetic and of the traffic;
+//! 3. *done*: a last barrier keeps each buffer alive until every peer is finished with it.
 //!
 //! Safety rests on two rules: during a step, the regions one rank writes are disjoint from the
 //! regions any rank reads; and no rank returns (which would free or reuse its buffer) while a
@@ -84,7 +84,8 @@ struct Slot {
     kind: OpKind,
     /// The length every rank must agree on (the full buffer, not the shard).
     len: usize,
-    /// Where peers read this rank's contribution.
+    /// Where peers read this rank's contribution (and, for all-reduce, write the result:
+    /// it then comes from `as_mut_ptr`).
     src: *const f32,
 }
 
@@ -333,13 +334,15 @@ fn disagreement(slots: &[Slot]) -> Option<String> {
 /// Elements reduced per block: small enough for the accumulator to stay in L1.
 const BLOCK: usize = 2048;
 
-/// Writes the element-wise reduction of `len` elements from every source into `dst`, adding
-/// sources in rank order so that every rank computing the same shard gets the same bits.
+/// Writes the element-wise reduction of `len` elements from every source into every
+/// destination, adding sources in rank order so that the result has the same bits wherever
+/// it is computed.
 ///
 /// # Safety
-/// Every source must be valid for `len` reads and `dst` for `len` writes, and no other thread
-/// may write the sources or access `dst` meanwhile; `dst` may equal one of the sources.
-unsafe fn reduce_into(dst: *mut f32, sources: &[*const f32], len: usize, op: ReduceOp) {
+/// Every source must be valid for `len` reads and every destination for `len` writes, and no
+/// other thread may access these regions meanwhile. A destination may equal a source: each
+/// block is read from all sources before it is written.
+unsafe fn reduce_into(destinations: &[*mut f32], sources: &[*const f32], len: usize, op: ReduceOp) {
     let mut acc = [0f32; BLOCK];
     let mut start = 0;
     while start < len {
@@ -347,8 +350,23 @@ unsafe fn reduce_into(dst: *mut f32, sources: &[*const f32], len: usize, op: Red
         let acc = &mut acc[..n];
         // SAFETY: within the bounds the caller guarantees.
         let source = |k: usize| unsafe { std::slice::from_raw_parts(sources[k].add(start), n) };
-        acc.copy_from_slice(source(0));
-        for k in 1..sources.len() {
+        // Two sources are combined in one pass: the common two-rank case.
+        match (op, sources.len()) {
+            (ReduceOp::Sum | ReduceOp::Avg, 2..) => {
+                let (a, b) = (source(0), source(1));
+                acc.iter_mut()
+                    .zip(a.iter().zip(b))
+                    .for_each(|(t, (x, y))| *t = x + y);
+            }
+            (ReduceOp::Max, 2..) => {
+                let (a, b) = (source(0), source(1));
+                acc.iter_mut()
+                    .zip(a.iter().zip(b))
+                    .for_each(|(t, (x, y))| *t = x.max(*y));
+            }
+            _ => acc.copy_from_slice(source(0)),
+        }
+        for k in 2..sources.len() {
             let src = source(k);
             match op {
                 ReduceOp::Sum | ReduceOp::Avg => acc.iter_mut().zip(src).for_each(|(a, b)| *a += b),
@@ -359,9 +377,11 @@ unsafe fn reduce_into(dst: *mut f32, sources: &[*const f32], len: usize, op: Red
             let n_ranks = sources.len() as f32;
             acc.iter_mut().for_each(|a| *a /= n_ranks);
         }
-        // SAFETY: `dst` is valid for `len` writes and no reader of it remains (the source that
-        // may alias it was copied into `acc` above).
-        unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), dst.add(start), n) };
+        for dst in destinations {
+            // SAFETY: `dst` is valid for `len` writes; the block was read from every source
+            // (one of which may be this destination) before this write.
+            unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), dst.add(start), n) };
+        }
         start += n;
     }
 }
@@ -376,30 +396,25 @@ impl Collective for InProcessCollective {
     }
 
     fn all_reduce(&self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
-        let name = "all_reduce";
         let (len, me) = (buf.len(), self.rank.index());
         let ptr = buf.as_mut_ptr();
         let slots = self.enter(OpKind::AllReduce(op), len, ptr)?;
+        // Reduce-scatter and all-gather in one pass: rank r reduces shard r of every buffer
+        // and writes the result straight into shard r of every buffer.
         let mine = self.shard(len, me);
-        let sources: Vec<*const f32> = slots.iter().map(|s| s.src.wrapping_add(mine.start)).collect();
-        // SAFETY: every peer is blocked in this all_reduce with a buffer of `len` elements; in
-        // this step each rank writes only its own shard of its own buffer and reads only its
-        // own shard of the others, so the regions are disjoint.
-        unsafe { reduce_into(ptr.add(mine.start), &sources, mine.len(), op) };
-        self.step_done(name)?;
-        for (peer, slot) in slots.iter().enumerate().filter(|(r, _)| *r != me) {
-            let theirs = self.shard(len, peer);
-            // SAFETY: shard `peer` of `peer`'s buffer is final and nobody writes it in this
-            // step; this rank writes only shards other than its own in its own buffer.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    slot.src.add(theirs.start),
-                    ptr.add(theirs.start),
-                    theirs.len(),
-                )
-            };
-        }
-        self.step_done(name)
+        let sources: Vec<*const f32> = slots
+            .iter()
+            .map(|s| s.src.wrapping_add(mine.start))
+            .collect();
+        let destinations: Vec<*mut f32> = slots
+            .iter()
+            .map(|s| s.src.cast_mut().wrapping_add(mine.start))
+            .collect();
+        // SAFETY: every peer is blocked in this all_reduce until `step_done` with a buffer of
+        // `len` elements, published from a `&mut [f32]`; shard r of every buffer is read and
+        // written by rank r alone, so the ranks' regions are disjoint.
+        unsafe { reduce_into(&destinations, &sources, mine.len(), op) };
+        self.step_done("all_reduce")
     }
 
     fn broadcast(&self, buf: &mut [f32], root: Rank) -> Result<()> {
@@ -428,9 +443,7 @@ impl Collective for InProcessCollective {
         for (peer, slot) in slots.iter().enumerate() {
             let theirs = self.shard(out.len(), peer);
             // SAFETY: peers' shards are read-only; this rank writes only its own `out`.
-            unsafe {
-                std::ptr::copy_nonoverlapping(slot.src, ptr.add(theirs.start), theirs.len())
-            };
+            unsafe { std::ptr::copy_nonoverlapping(slot.src, ptr.add(theirs.start), theirs.len()) };
         }
         self.step_done(name)
     }
@@ -440,9 +453,12 @@ impl Collective for InProcessCollective {
         let mine = self.shard(buf.len(), self.rank.index());
         self.check_len(name, mine.len(), shard.len())?;
         let slots = self.enter(OpKind::ReduceScatter(op), buf.len(), buf.as_ptr())?;
-        let sources: Vec<*const f32> = slots.iter().map(|s| s.src.wrapping_add(mine.start)).collect();
+        let sources: Vec<*const f32> = slots
+            .iter()
+            .map(|s| s.src.wrapping_add(mine.start))
+            .collect();
         // SAFETY: inputs are read-only for the whole collective; `shard` is this rank's own.
-        unsafe { reduce_into(shard.as_mut_ptr(), &sources, mine.len(), op) };
+        unsafe { reduce_into(&[shard.as_mut_ptr()], &sources, mine.len(), op) };
         self.step_done(name)
     }
 
@@ -504,7 +520,10 @@ where
                             Ok(Err(e)) => (Err(e), "failed"),
                             Err(payload) => {
                                 let message = panic_message(payload.as_ref());
-                                (Err(MultiError::RankPanicked { rank, message }.into()), "panicked")
+                                (
+                                    Err(MultiError::RankPanicked { rank, message }.into()),
+                                    "panicked",
+                                )
                             }
                         };
                         handle.leave(why.to_string());
@@ -519,7 +538,10 @@ where
             .map(|(rank, t)| {
                 t.join().unwrap_or_else(|payload| {
                     let message = panic_message(payload.as_ref());
-                    (Instant::now(), Err(MultiError::RankPanicked { rank, message }.into()))
+                    (
+                        Instant::now(),
+                        Err(MultiError::RankPanicked { rank, message }.into()),
+                    )
                 })
             })
             .collect()

@@ -158,11 +158,8 @@ mod tests {
     fn buckets_follow_reverse_registration_order_and_caps() {
         let ids: Vec<ParamId> = (0..5).map(|_| ParamId::new()).collect();
         // 4-byte elements: sizes 100, 50, 300, 10, 200 elements = 400, 200, 1200, 40, 800 bytes.
-        let params: Vec<(ParamId, usize)> = ids
-            .iter()
-            .copied()
-            .zip([100, 50, 300, 10, 200])
-            .collect();
+        let params: Vec<(ParamId, usize)> =
+            ids.iter().copied().zip([100, 50, 300, 10, 200]).collect();
         let config = BucketConfig {
             cap_bytes: 1000,
             first_bucket_bytes: 500,
@@ -173,14 +170,13 @@ mod tests {
         // then the rest: [p1, p0] (600).
         assert_eq!(
             groups,
-            vec![
-                vec![ids[4]],
-                vec![ids[3], ids[2]],
-                vec![ids[1], ids[0]]
-            ]
+            vec![vec![ids[4]], vec![ids[3], ids[2]], vec![ids[1], ids[0]]]
         );
         let p2 = layout.placements[&ids[2]];
-        assert_eq!((p2.bucket, p2.offset, p2.elements, p2.flag), (1, 10, 300, 311));
+        assert_eq!(
+            (p2.bucket, p2.offset, p2.elements, p2.flag),
+            (1, 10, 300, 311)
+        );
         assert_eq!(layout.buffer_len(1), 312);
     }
 }

@@ -4,9 +4,11 @@ use burn::module::Module;
 use burn::optim::GradientsParams;
 
 use super::bucket::{BucketConfig, BucketLayout, GradientBucket};
-use super::params::{flatten_grads, flatten_params, load_params, trainable_params, unflatten_grads};
+use super::params::{
+    flatten_grads, flatten_params, load_params, trainable_params, unflatten_grads,
+};
 use crate::collective::{Collective, ReduceOp};
-use crate::error::Result;
+use crate::error::{MultiError, Result};
 use crate::mesh::Rank;
 
 /// Keeps one rank's replica of a model in step with the other ranks' replicas: PyTorch's
@@ -97,7 +99,11 @@ impl DistributedDataParallel {
     ///
     /// # Errors
     /// When a collective fails (timeout, failed peer) or a gradient cannot be read back.
-    pub fn sync<M: Module>(&mut self, model: &M, grads: GradientsParams) -> Result<GradientsParams> {
+    pub fn sync<M: Module>(
+        &mut self,
+        model: &M,
+        grads: GradientsParams,
+    ) -> Result<GradientsParams> {
         let mut grads = grads;
         flatten_grads(
             model,
@@ -107,6 +113,17 @@ impl DistributedDataParallel {
             self.pending == 0,
         )?;
         self.pending = 0;
+        if !grads.is_empty() {
+            return Err(MultiError::Tensor {
+                context: "synchronising gradients".to_string(),
+                detail: format!(
+                    "{} gradient(s) belong to parameters that were not trainable when \
+                     DistributedDataParallel::new planned the buckets; create it after the model's \
+                     final structure and trainable parameters are set",
+                    grads.len()
+                ),
+            });
+        }
         if self.collective.world_size().get() > 1 {
             for buffer in &mut self.buffers {
                 self.collective.all_reduce(buffer, ReduceOp::Avg)?;

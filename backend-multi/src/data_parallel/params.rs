@@ -147,7 +147,9 @@ pub(crate) fn flatten_grads<M: Module>(
                 }
                 return;
             };
-            match read_f32(grad, || format!("reading the gradient of parameter {}", param.id)) {
+            match read_f32(grad, || {
+                format!("reading the gradient of parameter {}", param.id)
+            }) {
                 Ok(values) if values.len() == target.len() => {
                     if self.overwrite {
                         target.copy_from_slice(&values);

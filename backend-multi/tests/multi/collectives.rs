@@ -117,7 +117,11 @@ fn broadcast_copies_the_root_buffer() {
                 })
                 .unwrap();
                 for got in results {
-                    assert_eq!(got, input(root, len), "world {world}, root {root}, len {len}");
+                    assert_eq!(
+                        got,
+                        input(root, len),
+                        "world {world}, root {root}, len {len}"
+                    );
                 }
             }
         }
@@ -134,7 +138,10 @@ fn barrier_waits_for_the_slowest_rank() {
     })
     .unwrap();
     for passed in results {
-        assert!(passed >= Duration::from_millis(200), "passed after {passed:?}");
+        assert!(
+            passed >= Duration::from_millis(200),
+            "passed after {passed:?}"
+        );
     }
 }
 
@@ -162,7 +169,8 @@ fn two_ranks<A: Send, B: Send>(
     rank0: impl FnOnce(InProcessCollective) -> A + Send,
     rank1: impl FnOnce(InProcessCollective) -> B + Send,
 ) -> (A, std::thread::Result<B>) {
-    let mut handles = InProcessCollective::group(WorldSize::new(2).unwrap(), CollectiveConfig { timeout });
+    let mut handles =
+        InProcessCollective::group(WorldSize::new(2).unwrap(), CollectiveConfig { timeout });
     let h1 = handles.pop().unwrap();
     let h0 = handles.pop().unwrap();
     std::thread::scope(|s| {
@@ -191,7 +199,11 @@ fn a_panicking_peer_fails_the_others_at_once() {
     assert!(peer.is_err(), "rank 1 should have panicked");
     let (result, waited) = result;
     match result {
-        Err(MultiError::PeerFailed { rank: 0, op: "all_reduce", reason }) => {
+        Err(MultiError::PeerFailed {
+            rank: 0,
+            op: "all_reduce",
+            reason,
+        }) => {
             assert!(reason.contains("rank 1 panicked"), "{reason}");
         }
         other => panic!("expected PeerFailed, got {other:?}"),
@@ -220,7 +232,10 @@ fn a_stalled_peer_times_out_and_then_fails_too() {
         matches!(&result, Err(MultiError::Timeout { rank: 0, missing, .. }) if missing == &vec![1]),
         "{result:?}"
     );
-    assert!(waited >= timeout && waited < timeout + Duration::from_secs(1), "{waited:?}");
+    assert!(
+        waited >= timeout && waited < timeout + Duration::from_secs(1),
+        "{waited:?}"
+    );
     // The late rank finds the group failed instead of waiting for rank 0 forever.
     let late = peer.unwrap();
     assert!(
@@ -253,10 +268,8 @@ fn a_peer_that_leaves_fails_pending_calls() {
 #[test]
 fn mismatched_calls_fail_on_every_rank() {
     let outcomes: Vec<_> = {
-        let handles = InProcessCollective::group(
-            WorldSize::new(2).unwrap(),
-            CollectiveConfig::default(),
-        );
+        let handles =
+            InProcessCollective::group(WorldSize::new(2).unwrap(), CollectiveConfig::default());
         std::thread::scope(|s| {
             let threads: Vec<_> = handles
                 .into_iter()
@@ -271,7 +284,10 @@ fn mismatched_calls_fail_on_every_rank() {
         })
     };
     for outcome in outcomes {
-        assert!(matches!(outcome, Err(MultiError::Mismatch { .. })), "{outcome:?}");
+        assert!(
+            matches!(outcome, Err(MultiError::Mismatch { .. })),
+            "{outcome:?}"
+        );
     }
 }
 
@@ -284,7 +300,15 @@ fn a_shard_of_the_wrong_length_is_an_error_for_everyone() {
     })
     .unwrap_err();
     assert!(
-        matches!(err, MultiError::BufferLength { rank: 1, expected: 2, got: 3, .. }),
+        matches!(
+            err,
+            MultiError::BufferLength {
+                rank: 1,
+                expected: 2,
+                got: 3,
+                ..
+            }
+        ),
         "{err:?}"
     );
 }

@@ -52,11 +52,17 @@ struct Data {
 impl Data {
     fn new(len: usize) -> Self {
         let mut rng = StdRng::seed_from_u64(7);
-        let x: Vec<f32> = (0..len * FEATURES).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let x: Vec<f32> = (0..len * FEATURES)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
         let y = (0..len)
             .map(|i| {
                 let row = &x[i * FEATURES..(i + 1) * FEATURES];
-                let score: f32 = row.iter().enumerate().map(|(k, v)| v * (k as f32 - 5.5)).sum();
+                let score: f32 = row
+                    .iter()
+                    .enumerate()
+                    .map(|(k, v)| v * (k as f32 - 5.5))
+                    .sum();
                 ((score.abs() * 3.0) as i64).min(CLASSES as i64 - 1)
             })
             .collect();
@@ -64,7 +70,13 @@ impl Data {
     }
 
     /// Gradients of the mean cross-entropy over the samples `indices`, scaled by `scale`.
-    fn grads(&self, model: &Mlp, indices: &[usize], scale: f32, device: &Device) -> GradientsParams {
+    fn grads(
+        &self,
+        model: &Mlp,
+        indices: &[usize],
+        scale: f32,
+        device: &Device,
+    ) -> GradientsParams {
         let x: Vec<f32> = indices
             .iter()
             .flat_map(|&i| self.x[i * FEATURES..(i + 1) * FEATURES].iter().copied())
@@ -130,17 +142,27 @@ fn train_parallel(
     let world = WorldSize::new(world).unwrap();
     let replicas: Vec<Mutex<Option<Mlp>>> = (0..world.get())
         .map(|r| {
-            let model = if r == 0 { init.clone().fork(&device()) } else { perturbed(init) };
+            let model = if r == 0 {
+                init.clone().fork(&device())
+            } else {
+                perturbed(init)
+            };
             Mutex::new(Some(model))
         })
         .collect();
     let sampler = DistributedSampler::new(
         data.y.len(),
         world,
-        DistributedSamplerConfig { shuffle: true, seed: 3, drop_last: false },
+        DistributedSamplerConfig {
+            shuffle: true,
+            seed: 3,
+            drop_last: false,
+        },
     )
     .unwrap();
-    let config = CollectiveConfig { timeout: Duration::from_secs(60) };
+    let config = CollectiveConfig {
+        timeout: Duration::from_secs(60),
+    };
     run_in_process(world, config, |collective: Arc<dyn Collective>| {
         let rank = collective.rank();
         let model = replicas[rank.index()].lock().unwrap().take().unwrap();
@@ -193,24 +215,41 @@ fn train_single(data: &Data, init: &Mlp, steps: &[Vec<usize>]) -> Vec<f32> {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Checks the ranks agree bit for bit and match one device within `tol`; returns the error.
 fn check_against_single_device(data: &Data, init: &Mlp, ranks: &[RankResult], tol: f32) -> f32 {
     for r in &ranks[1..] {
         assert_eq!(r.params, ranks[0].params, "replicas diverged");
-        assert_eq!(r.momentum_probe, ranks[0].momentum_probe, "optimizer states diverged");
+        assert_eq!(
+            r.momentum_probe, ranks[0].momentum_probe,
+            "optimizer states diverged"
+        );
     }
     let probe_moved = max_abs_diff(&ranks[0].params, &ranks[0].momentum_probe);
-    assert!(probe_moved > 0.0, "the momentum probe cannot tell optimizer states apart");
+    assert!(
+        probe_moved > 0.0,
+        "the momentum probe cannot tell optimizer states apart"
+    );
     let steps: Vec<Vec<usize>> = (0..ranks[0].global_batches.len())
-        .map(|s| ranks.iter().flat_map(|r| r.global_batches[s].iter().copied()).collect())
+        .map(|s| {
+            ranks
+                .iter()
+                .flat_map(|r| r.global_batches[s].iter().copied())
+                .collect()
+        })
         .collect();
     let single = train_single(data, init, &steps);
     let diff = max_abs_diff(&ranks[0].params, &single);
     let moved = max_abs_diff(&flatten_params(init).unwrap(), &single);
-    assert!(moved > 1e-2, "training barely moved the parameters ({moved})");
+    assert!(
+        moved > 1e-2,
+        "training barely moved the parameters ({moved})"
+    );
     assert!(diff <= tol, "max |delta| {diff} > {tol}");
     diff
 }
@@ -220,7 +259,10 @@ fn two_ranks_of_32_match_one_rank_of_64_for_20_momentum_steps() {
     let data = Data::new(640);
     let init = Mlp::new(&device());
     // Small caps so that the model spans several buckets.
-    let buckets = BucketConfig { cap_bytes: 1024, first_bucket_bytes: 256 };
+    let buckets = BucketConfig {
+        cap_bytes: 1024,
+        first_bucket_bytes: 256,
+    };
     let ranks = train_parallel(&data, &init, 2, 32, 1, 20, buckets);
     assert!(ranks[0].global_batches.iter().all(|b| b.len() == 32));
     let diff = check_against_single_device(&data, &init, &ranks, 1e-5);
@@ -254,7 +296,10 @@ fn buckets_hold_every_trainable_parameter_once_in_reverse_order() {
         let (_, ddp) = DistributedDataParallel::new(
             model.clone(),
             c,
-            BucketConfig { cap_bytes: 1024, first_bucket_bytes: 64 },
+            BucketConfig {
+                cap_bytes: 1024,
+                first_bucket_bytes: 64,
+            },
         )?;
         Ok::<_, MultiError>(ddp.buckets().to_vec())
     })
@@ -280,11 +325,19 @@ fn buckets_hold_every_trainable_parameter_once_in_reverse_order() {
 fn rank_zero_parameters_reach_every_replica() {
     let init = Mlp::new(&device());
     let want = flatten_params(&init).unwrap();
-    let results = run_in_process(WorldSize::new(3).unwrap(), CollectiveConfig::default(), |c| {
-        let model = if c.rank() == Rank::ZERO { init.clone() } else { Mlp::new(&device()) };
-        let (model, _) = DistributedDataParallel::new(model, c, BucketConfig::default())?;
-        Ok::<_, MultiError>(flatten_params(&model)?)
-    })
+    let results = run_in_process(
+        WorldSize::new(3).unwrap(),
+        CollectiveConfig::default(),
+        |c| {
+            let model = if c.rank() == Rank::ZERO {
+                init.clone()
+            } else {
+                Mlp::new(&device())
+            };
+            let (model, _) = DistributedDataParallel::new(model, c, BucketConfig::default())?;
+            flatten_params(&model)
+        },
+    )
     .unwrap();
     for params in results {
         assert_eq!(params, want);

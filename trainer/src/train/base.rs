@@ -1,15 +1,21 @@
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::SgdConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::tensor::{Bytes, Device, Tensor};
-use kiln_multi::{DistributedSampler, DistributedSamplerConfig, Rank, WorldSize};
+use kiln_multi::{
+    BucketConfig, Collective, DistributedDataParallel, DistributedSampler,
+    DistributedSamplerConfig, Rank, ReduceOp, WorldSize, run_in_process,
+};
 
 use super::epoch::{EpochInputs, train_epoch};
-use super::eval::evaluate;
+use super::eval::{EvalSums, evaluate_indices};
+use super::execution::Execution;
 use crate::checkpoint::{
     Checkpoint, EpochMetrics, TrainerState, checkpoint_path, write_checkpoint_atomic,
 };
@@ -89,29 +95,93 @@ impl Trainer {
         &self.config
     }
 
-    /// Trains `model` on an autodiff `device` up to `config.epochs` epochs and returns it.
+    /// Trains `model` up to `config.epochs` epochs as `execution` says, and returns it (rank
+    /// 0's replica, when data parallel).
     ///
     /// With `resume`, the model parameters, optimizer state, step count and metric history
     /// are restored from the checkpoint and training continues at the next epoch: the result
     /// is the same as an uninterrupted run, since shuffles depend only on (seed, epoch).
     ///
+    /// Data parallel over N ranks, each step trains on `batch_size / N` samples per rank and
+    /// averages the gradients, which is the step of one device on `batch_size` samples;
+    /// evaluation is split over the ranks too. Rank 0 alone prints and writes checkpoints.
+    ///
     /// # Errors
     /// [`TrainError::Checkpoint`] when `resume` does not belong to this recipe, model or
     /// configuration or its records do not load; [`TrainError::Io`] when a checkpoint or the
-    /// metrics log cannot be written; [`TrainError::Multi`] for an empty training set.
+    /// metrics log cannot be written; [`TrainError::Config`] when the batch does not split
+    /// evenly over the ranks; [`TrainError::Multi`] for an empty training set or a failed rank.
     pub fn fit<M, F>(
         &self,
         model: M,
         forward: F,
         data: TrainData<'_>,
         resume: Option<(PathBuf, Checkpoint)>,
-        device: &Device,
+        execution: &Execution,
+    ) -> Result<(M, FitReport)>
+    where
+        M: Module,
+        F: Fn(&M, Tensor<4>) -> Tensor<2> + Sync,
+    {
+        let world = execution.world_size()?;
+        if !self.config.batch_size.is_multiple_of(world.get()) {
+            return Err(TrainError::Config {
+                field: "--batch-size",
+                reason: format!(
+                    "{} does not split evenly over {} ranks (the batch size is the global batch)",
+                    self.config.batch_size,
+                    world.get()
+                ),
+            });
+        }
+        match execution {
+            Execution::Single(device) => {
+                self.fit_rank(model, &forward, data, resume, RankSetup::single(device))
+            }
+            Execution::DataParallel(dp) => {
+                // Forked replicas: each rank gets its own autodiff graph.
+                let replicas: Vec<Mutex<Option<M>>> = dp
+                    .devices
+                    .iter()
+                    .map(|device| Mutex::new(Some(model.clone().fork(device))))
+                    .collect();
+                let ranks = run_in_process(world, dp.collective, |collective| {
+                    let rank = collective.rank().index();
+                    let replica = replicas[rank]
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .take()
+                        .expect("each rank takes its own replica once");
+                    let setup = RankSetup {
+                        device: &dp.devices[rank],
+                        collective: Some(collective),
+                        buckets: dp.buckets,
+                    };
+                    self.fit_rank(replica, &forward, data, resume.clone(), setup)
+                })?;
+                Ok(ranks
+                    .into_iter()
+                    .next()
+                    .expect("a world has at least rank 0"))
+            }
+        }
+    }
+
+    /// The training run of one rank (the only one, on a single device).
+    fn fit_rank<M, F>(
+        &self,
+        model: M,
+        forward: &F,
+        data: TrainData<'_>,
+        resume: Option<(PathBuf, Checkpoint)>,
+        setup: RankSetup<'_>,
     ) -> Result<(M, FitReport)>
     where
         M: Module,
         F: Fn(&M, Tensor<4>) -> Tensor<2>,
     {
         let config = &self.config;
+        let device = setup.device;
         let mut optimizer = SgdConfig::new()
             .with_momentum(Some(MomentumConfig {
                 momentum: config.momentum,
@@ -133,21 +203,43 @@ impl Trainer {
             last_checkpoint = Some(path);
         }
         let resumed_from_epoch = history.len();
+        // After the checkpoint is loaded, so that the buckets see the final parameters.
+        let mut ddp = match setup.collective {
+            Some(collective) => {
+                let (synced, ddp) = DistributedDataParallel::new(model, collective, setup.buckets)?;
+                model = synced;
+                Some(ddp)
+            }
+            None => None,
+        };
+        let collective = ddp.as_ref().map(|d| Arc::clone(d.collective()));
+        let (rank, world) = collective
+            .as_ref()
+            .map_or((Rank::ZERO, WorldSize::ONE), |c| (c.rank(), c.world_size()));
+        let is_root = rank == Rank::ZERO;
 
         let sampler = DistributedSampler::new(
             data.train.len(),
-            WorldSize::ONE,
+            world,
             DistributedSamplerConfig {
                 shuffle: true,
                 seed: config.seed,
                 drop_last: false,
             },
         )?;
+        let local_batch = config.batch_size / world.get();
+        let eval_shard: Vec<usize> = (rank.index()..data.test.len())
+            .step_by(world.get())
+            .collect();
         let loss_fn = CrossEntropyLossConfig::new().init(device);
         let eval_batch_size = NonZeroUsize::new(config.eval_batch_size).expect(
             "TrainerConfig::validate, called in Trainer::new, rejects a zero eval_batch_size",
         );
-        let mut progress = Progress::new(self.verbosity);
+        let mut progress = Progress::new(if is_root {
+            self.verbosity
+        } else {
+            Verbosity::Quiet
+        });
         if resumed_from_epoch > 0 {
             progress.log(&format!(
                 "resuming {} after epoch {resumed_from_epoch} (step {step})",
@@ -155,53 +247,85 @@ impl Trainer {
             ));
         }
         for epoch in resumed_from_epoch..config.epochs {
-            let order = sampler.indices(Rank::ZERO, epoch as u64);
-            progress.start_epoch(
-                epoch + 1,
-                config.epochs,
-                order.len().div_ceil(config.batch_size),
-            );
+            let order = sampler.indices(rank, epoch as u64);
+            progress.start_epoch(epoch + 1, config.epochs, order.len().div_ceil(local_batch));
             let inputs = EpochInputs {
                 data: data.train,
                 order: &order,
-                batch_size: config.batch_size,
+                batch_size: local_batch,
                 lr: config.lr,
                 loss_fn: &loss_fn,
                 device,
             };
-            let (trained, outcome) =
-                train_epoch(model, &forward, &mut optimizer, inputs, &progress);
+            let (trained, outcome) = train_epoch(
+                model,
+                forward,
+                &mut optimizer,
+                inputs,
+                ddp.as_mut(),
+                &progress,
+            )?;
             model = trained;
             step += outcome.steps;
             progress.evaluating();
-            let eval = evaluate(&model, &forward, data.test, eval_batch_size, device);
+            let eval_start = Instant::now();
+            let mut sums = evaluate_indices(
+                &model,
+                forward,
+                data.test,
+                &eval_shard,
+                eval_batch_size,
+                device,
+            );
+            let mut train_loss = outcome.mean_loss;
+            if let Some(collective) = &collective {
+                // Every rank has the same number of equal-sized batches, so the mean of the
+                // ranks' mean losses is the mean over all samples.
+                let mut totals = [
+                    sums.loss_sum as f32,
+                    sums.correct as f32,
+                    sums.samples as f32,
+                ];
+                collective.all_reduce(&mut totals, ReduceOp::Sum)?;
+                let mut loss = [train_loss as f32];
+                collective.all_reduce(&mut loss, ReduceOp::Avg)?;
+                sums = EvalSums {
+                    loss_sum: f64::from(totals[0]),
+                    correct: f64::from(totals[1]),
+                    samples: f64::from(totals[2]),
+                };
+                train_loss = f64::from(loss[0]);
+            }
+            let eval = sums.metrics(eval_start.elapsed().as_secs_f64());
             let metrics = EpochMetrics {
                 epoch: epoch + 1,
                 step,
-                train_loss: outcome.mean_loss,
+                train_loss,
                 test_loss: eval.loss,
                 test_accuracy: eval.accuracy,
-                samples_per_sec: outcome.samples as f64 / outcome.seconds.max(1e-9),
+                samples_per_sec: (outcome.samples * world.get()) as f64 / outcome.seconds.max(1e-9),
                 train_seconds: outcome.seconds,
             };
             progress.end_epoch(config.epochs, &metrics);
             history.push(metrics);
-            let path = checkpoint_path(&self.run_dir, epoch + 1);
-            let checkpoint = Checkpoint {
-                state: TrainerState {
-                    recipe: self.labels.recipe.clone(),
-                    model: self.labels.model.clone(),
-                    epoch: epoch + 1,
-                    step,
-                    config: config.clone(),
-                    history: history.clone(),
-                },
-                model: record_bytes(&path, model.clone().into_record().into_bytes())?,
-                optimizer: record_bytes(&path, optimizer.into_bytes())?,
-            };
-            write_checkpoint_atomic(&path, &checkpoint)?;
-            write_metrics_jsonl(&self.run_dir, &history)?;
-            last_checkpoint = Some(path);
+            if is_root {
+                let path = checkpoint_path(&self.run_dir, epoch + 1);
+                let checkpoint = Checkpoint {
+                    state: TrainerState {
+                        recipe: self.labels.recipe.clone(),
+                        model: self.labels.model.clone(),
+                        epoch: epoch + 1,
+                        step,
+                        config: config.clone(),
+                        history: history.clone(),
+                    },
+                    model: record_bytes(&path, model.clone().into_record().into_bytes())?,
+                    optimizer: record_bytes(&path, optimizer.into_bytes())?,
+                };
+                write_checkpoint_atomic(&path, &checkpoint)?;
+                write_metrics_jsonl(&self.run_dir, &history)?;
+                last_checkpoint = Some(path);
+            }
         }
         let report = FitReport {
             history,
@@ -248,6 +372,24 @@ impl Trainer {
             ));
         }
         Ok(())
+    }
+}
+
+/// What one rank trains with.
+struct RankSetup<'a> {
+    device: &'a Device,
+    /// The group of a data-parallel run; `None` on a single device.
+    collective: Option<Arc<dyn Collective>>,
+    buckets: BucketConfig,
+}
+
+impl<'a> RankSetup<'a> {
+    fn single(device: &'a Device) -> Self {
+        Self {
+            device,
+            collective: None,
+            buckets: BucketConfig::default(),
+        }
     }
 }
 

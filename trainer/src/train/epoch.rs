@@ -6,14 +6,18 @@ use burn::module::Module;
 use burn::nn::loss::CrossEntropyLoss;
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
+use kiln_multi::DistributedDataParallel;
 
 use crate::data::{ImageDataset, make_batch};
+use crate::error::Result;
 use crate::report::Progress;
 
 /// What one training epoch measured.
 pub(crate) struct EpochOutcome {
+    /// Mean loss of this rank's batches.
     pub(crate) mean_loss: f64,
     pub(crate) steps: u64,
+    /// Samples this rank trained on.
     pub(crate) samples: usize,
     pub(crate) seconds: f64,
 }
@@ -22,20 +26,24 @@ pub(crate) struct EpochOutcome {
 pub(crate) struct EpochInputs<'a> {
     pub(crate) data: &'a dyn ImageDataset,
     pub(crate) order: &'a [usize],
+    /// Samples per batch on this rank.
     pub(crate) batch_size: usize,
     pub(crate) lr: f64,
     pub(crate) loss_fn: &'a CrossEntropyLoss,
     pub(crate) device: &'a Device,
 }
 
-/// Runs one pass over `inputs.order` in batches, one SGD step per batch.
+/// Runs one pass over `inputs.order` in batches, one SGD step per batch. With `sync`, every
+/// step's gradients are first averaged with the other ranks'; the progress bar shows this
+/// rank's loss and the throughput of all `world` ranks together.
 pub(crate) fn train_epoch<M, F>(
     mut model: M,
     forward: &F,
     optimizer: &mut ModuleOptimizer,
     inputs: EpochInputs<'_>,
+    mut sync: Option<&mut DistributedDataParallel>,
     progress: &Progress,
-) -> (M, EpochOutcome)
+) -> Result<(M, EpochOutcome)>
 where
     M: Module,
     F: Fn(&M, Tensor<4>) -> Tensor<2>,
@@ -47,14 +55,20 @@ where
         let logits = forward(&model, batch.images);
         let loss = inputs.loss_fn.forward(logits, batch.targets);
         let loss_value = loss.clone().into_scalar::<f64>();
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+        if let Some(ddp) = sync.as_deref_mut() {
+            grads = ddp.sync(&model, grads)?;
+        }
         model = optimizer.step(inputs.lr, model, grads);
         loss_sum += loss_value;
         steps += 1;
         samples += chunk.len();
+        let world = sync
+            .as_deref()
+            .map_or(1, |ddp| ddp.collective().world_size().get());
         progress.batch_done(
             loss_value,
-            samples as f64 / start.elapsed().as_secs_f64().max(1e-9),
+            (samples * world) as f64 / start.elapsed().as_secs_f64().max(1e-9),
         );
     }
     let outcome = EpochOutcome {
@@ -63,5 +77,5 @@ where
         samples,
         seconds: start.elapsed().as_secs_f64(),
     };
-    (model, outcome)
+    Ok((model, outcome))
 }

@@ -33,11 +33,48 @@ where
     M: Module,
     F: Fn(&M, Tensor<4>) -> Tensor<2>,
 {
+    let indices: Vec<usize> = (0..data.len()).collect();
+    let start = Instant::now();
+    let sums = evaluate_indices(model, forward, data, &indices, batch_size, device);
+    sums.metrics(start.elapsed().as_secs_f64())
+}
+
+/// Totals over some samples, which ranks evaluating disjoint shards add up.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct EvalSums {
+    pub(crate) loss_sum: f64,
+    pub(crate) correct: f64,
+    pub(crate) samples: f64,
+}
+
+impl EvalSums {
+    pub(crate) fn metrics(self, seconds: f64) -> EvalMetrics {
+        let n = self.samples.max(1.0);
+        EvalMetrics {
+            loss: self.loss_sum / n,
+            accuracy: self.correct / n,
+            samples: self.samples as usize,
+            samples_per_sec: self.samples / seconds.max(1e-9),
+        }
+    }
+}
+
+/// Loss and correct-prediction totals of `model` on the samples `indices` of `data`.
+pub(crate) fn evaluate_indices<M, F>(
+    model: &M,
+    forward: F,
+    data: &dyn ImageDataset,
+    indices: &[usize],
+    batch_size: NonZeroUsize,
+    device: &Device,
+) -> EvalSums
+where
+    M: Module,
+    F: Fn(&M, Tensor<4>) -> Tensor<2>,
+{
     let model = model.valid();
     let device = device.clone().without_autodiff();
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
-    let indices: Vec<usize> = (0..data.len()).collect();
-    let start = Instant::now();
     let (mut loss_sum, mut correct) = (0.0f64, 0i64);
     for chunk in indices.chunks(batch_size.get()) {
         let batch = make_batch(data, chunk, &device);
@@ -46,12 +83,10 @@ where
         loss_sum += loss.into_scalar::<f64>() * chunk.len() as f64;
         correct += count_correct(logits, batch.targets);
     }
-    let n = data.len().max(1);
-    EvalMetrics {
-        loss: loss_sum / n as f64,
-        accuracy: correct as f64 / n as f64,
-        samples: data.len(),
-        samples_per_sec: data.len() as f64 / start.elapsed().as_secs_f64().max(1e-9),
+    EvalSums {
+        loss_sum,
+        correct: correct as f64,
+        samples: indices.len() as f64,
     }
 }
 

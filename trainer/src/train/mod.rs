@@ -4,6 +4,8 @@
 mod base;
 mod epoch;
 mod eval;
+mod execution;
 
 pub use base::{FitReport, RunLabels, TrainData, Trainer};
 pub use eval::{EvalMetrics, evaluate};
+pub use execution::{DataParallelConfig, Execution};

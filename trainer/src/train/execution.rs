@@ -1,0 +1,57 @@
+use burn::tensor::Device;
+use kiln_multi::{BucketConfig, CollectiveConfig, WorldSize};
+
+use crate::error::{Result, TrainError};
+
+/// Where and how [`Trainer::fit`](super::Trainer::fit) runs.
+///
+/// Every mode runs the same epoch loop; they differ only in how many replicas train and how
+/// their gradients are synchronised.
+#[derive(Debug, Clone)]
+pub enum Execution {
+    /// One replica on one device.
+    Single(Device),
+    /// Data parallel inside this process: one rank per device, each a thread with its own
+    /// replica, gradients averaged through shared memory. The batch size is the global batch,
+    /// split evenly over the ranks.
+    DataParallel(DataParallelConfig),
+}
+
+/// Settings of [`Execution::DataParallel`].
+#[derive(Debug, Clone)]
+pub struct DataParallelConfig {
+    /// One autodiff device per rank; on CPU, the same Flex device repeated (ranks are logical).
+    pub devices: Vec<Device>,
+    /// Timeout of every collective.
+    pub collective: CollectiveConfig,
+    /// Gradient bucket sizes.
+    pub buckets: BucketConfig,
+}
+
+impl Execution {
+    /// Data parallel over `ranks` logical ranks on the CPU (Flex), with default timeout and
+    /// buckets.
+    pub fn cpu_data_parallel(ranks: WorldSize) -> Self {
+        Execution::DataParallel(DataParallelConfig {
+            devices: vec![Device::flex().autodiff(); ranks.get()],
+            collective: CollectiveConfig::default(),
+            buckets: BucketConfig::default(),
+        })
+    }
+
+    /// The number of ranks.
+    ///
+    /// # Errors
+    /// [`TrainError::Config`] for data parallelism over no device.
+    pub fn world_size(&self) -> Result<WorldSize> {
+        match self {
+            Execution::Single(_) => Ok(WorldSize::ONE),
+            Execution::DataParallel(dp) => {
+                WorldSize::new(dp.devices.len()).map_err(|_| TrainError::Config {
+                    field: "ranks",
+                    reason: "data parallelism needs at least one device".to_string(),
+                })
+            }
+        }
+    }
+}
