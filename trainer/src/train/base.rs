@@ -246,6 +246,14 @@ impl Trainer {
                 self.run_dir.display()
             ));
         }
+        if world.get() > 1 {
+            progress.log(&format!(
+                "data parallel on {} ranks: {} samples per rank per step, global batch {}",
+                world.get(),
+                local_batch,
+                config.batch_size
+            ));
+        }
         for epoch in resumed_from_epoch..config.epochs {
             let order = sampler.indices(rank, epoch as u64);
             progress.start_epoch(epoch + 1, config.epochs, order.len().div_ceil(local_batch));
