@@ -141,7 +141,13 @@ mod tests {
         let device = Device::flex();
         let model = SimpleCnnConfig::new().init(&device, 3);
         let bound = 1.0 / (FLAT_FEATURES as f32).sqrt();
-        let values = model.fc1.weight.val().into_data().try_to_vec::<f32>().unwrap();
+        let values = model
+            .fc1
+            .weight
+            .val()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
         let max = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         assert!(max <= bound, "max {max} exceeds bound {bound}");
         assert!(max > 0.9 * bound, "max {max} far below bound {bound}");
