@@ -11,11 +11,13 @@
 //!
 //! Run: `cargo bench --bench data_parallel` (options: `-- --reps N --train-samples N`).
 
-use std::process::Command;
+mod common;
+
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
+use common::{arg, median, run_pytorch};
 use kiln::models::{SimpleCnn, SimpleCnnConfig};
 use kiln::multi::{
     BucketConfig, CollectiveConfig, MultiError, ReduceOp, WorldSize, run_in_process,
@@ -27,20 +29,6 @@ use kiln::trainer::{DataParallelConfig, Execution, RunLabels, TrainData, Trainer
 use serde_json::{Value, json};
 
 const MIB: usize = 1024 * 1024;
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Median seconds of one all-reduce (sum) of `bytes` between 2 ranks, as rank 0 sees it.
 fn all_reduce_seconds(bytes: usize, reps: usize) -> anyhow::Result<f64> {
@@ -158,11 +146,7 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let rate_of = |k: usize| training[k]["samples_per_sec"].as_f64().unwrap_or(f64::NAN);
 
-    let pytorch = if std::env::var_os("KILN_BENCH_NO_PYTORCH").is_some() {
-        None
-    } else {
-        run_pytorch(reps, train_samples)
-    };
+    let pytorch = run_pytorch("data_parallel_pytorch.py", reps, train_samples);
     let ratios = pytorch.as_ref().map(|p| {
         let gloo = |mib: u64| {
             p["all_reduce"]
@@ -193,34 +177,4 @@ fn main() -> anyhow::Result<()> {
     });
     println!("{report}");
     Ok(())
-}
-
-/// Runs the PyTorch DDP twin of this benchmark, if PyTorch is installed.
-fn run_pytorch(reps: usize, train_samples: usize) -> Option<Value> {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/benches/data_parallel_pytorch.py"
-    );
-    let output = Command::new("python3")
-        .args([
-            script,
-            "--reps",
-            &reps.to_string(),
-            "--train-samples",
-            &train_samples.to_string(),
-        ])
-        .output()
-        .ok()?;
-    if !output.status.success() {
-        eprintln!(
-            "PyTorch comparison skipped: {}",
-            String::from_utf8_lossy(&output.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-        );
-        return None;
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    serde_json::from_str(stdout.lines().last()?).ok()
 }

@@ -8,31 +8,19 @@
 //!
 //! Run: `cargo bench --bench simple_cnn` (options: `-- --reps N --train-samples N`).
 
+mod common;
+
 use std::num::NonZeroUsize;
-use std::process::Command;
 use std::time::Instant;
 
 use burn::tensor::Device;
+use common::{arg, median, run_pytorch};
 use kiln::models::{SimpleCnn, SimpleCnnConfig};
 use kiln::recipes::mnist_data::MnistSource;
 use kiln::trainer::data::MnistSplit;
 use kiln::trainer::report::Verbosity;
 use kiln::trainer::{Execution, RunLabels, TrainData, Trainer, TrainerConfig, evaluate};
 use serde_json::json;
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn main() -> anyhow::Result<()> {
     let reps = arg("--reps", 5).max(1);
@@ -87,11 +75,7 @@ fn main() -> anyhow::Result<()> {
 
     let kiln_train = median(train_rates.clone());
     let kiln_eval = median(eval_rates.clone());
-    let pytorch = if std::env::var_os("KILN_BENCH_NO_PYTORCH").is_some() {
-        None
-    } else {
-        run_pytorch(reps, train_samples)
-    };
+    let pytorch = run_pytorch("simple_cnn_pytorch.py", reps, train_samples);
     let ratios = pytorch.as_ref().map(|p| {
         json!({
             "train": kiln_train / p["train_samples_per_sec"].as_f64().unwrap_or(f64::NAN),
@@ -117,31 +101,4 @@ fn main() -> anyhow::Result<()> {
     });
     println!("{report}");
     Ok(())
-}
-
-/// Runs the PyTorch twin of this benchmark, if PyTorch is installed.
-fn run_pytorch(reps: usize, train_samples: usize) -> Option<serde_json::Value> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/simple_cnn_pytorch.py");
-    let output = Command::new("python3")
-        .args([
-            script,
-            "--reps",
-            &reps.to_string(),
-            "--train-samples",
-            &train_samples.to_string(),
-        ])
-        .output()
-        .ok()?;
-    if !output.status.success() {
-        eprintln!(
-            "PyTorch comparison skipped: {}",
-            String::from_utf8_lossy(&output.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-        );
-        return None;
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    serde_json::from_str(stdout.lines().last()?).ok()
 }

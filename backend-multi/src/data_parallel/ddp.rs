@@ -77,15 +77,10 @@ impl DistributedDataParallel {
     /// (PyTorch's `no_sync`). The next [`sync`](Self::sync) averages the sum over ranks.
     ///
     /// # Errors
-    /// When a gradient cannot be read back from its device.
-    pub fn accumulate<M: Module>(&mut self, model: &M, mut grads: GradientsParams) -> Result<()> {
-        flatten_grads(
-            model,
-            &self.layout,
-            &mut grads,
-            &mut self.buffers,
-            self.pending == 0,
-        )?;
+    /// When a gradient cannot be read back from its device, or belongs to a parameter the
+    /// buckets do not know.
+    pub fn accumulate<M: Module>(&mut self, model: &M, grads: GradientsParams) -> Result<()> {
+        self.add_local(model, grads)?;
         self.pending += 1;
         Ok(())
     }
@@ -94,36 +89,18 @@ impl DistributedDataParallel {
     /// it for the optimizer; every rank gets bit-identical gradients.
     ///
     /// A parameter gets a gradient when any rank had one for it (a rank without one contributes
-    /// zeros, as its samples would on a single device). Gradients of parameters that do not
-    /// require one are returned untouched.
+    /// zeros, as its samples would on a single device).
     ///
     /// # Errors
-    /// When a collective fails (timeout, failed peer) or a gradient cannot be read back.
+    /// When a collective fails (timeout, failed peer), a gradient cannot be read back, or a
+    /// gradient belongs to a parameter the buckets do not know.
     pub fn sync<M: Module>(
         &mut self,
         model: &M,
         grads: GradientsParams,
     ) -> Result<GradientsParams> {
-        let mut grads = grads;
-        flatten_grads(
-            model,
-            &self.layout,
-            &mut grads,
-            &mut self.buffers,
-            self.pending == 0,
-        )?;
+        let mut grads = self.add_local(model, grads)?;
         self.pending = 0;
-        if !grads.is_empty() {
-            return Err(MultiError::Tensor {
-                context: "synchronising gradients".to_string(),
-                detail: format!(
-                    "{} gradient(s) belong to parameters that were not trainable when \
-                     DistributedDataParallel::new planned the buckets; create it after the model's \
-                     final structure and trainable parameters are set",
-                    grads.len()
-                ),
-            });
-        }
         if self.collective.world_size().get() > 1 {
             for buffer in &mut self.buffers {
                 self.collective.all_reduce(buffer, ReduceOp::Avg)?;
@@ -131,6 +108,29 @@ impl DistributedDataParallel {
         }
         unflatten_grads(model, &self.layout, &self.buffers, &mut grads);
         Ok(grads)
+    }
+
+    /// Moves `grads` into the bucket buffers (copied for the first micro-batch since the last
+    /// sync, added after), and returns the emptied container.
+    fn add_local<M: Module>(
+        &mut self,
+        model: &M,
+        mut grads: GradientsParams,
+    ) -> Result<GradientsParams> {
+        let first = self.pending == 0;
+        flatten_grads(model, &self.layout, &mut grads, &mut self.buffers, first)?;
+        if grads.is_empty() {
+            return Ok(grads);
+        }
+        Err(MultiError::Tensor {
+            context: "synchronising gradients".to_string(),
+            detail: format!(
+                "{} gradient(s) belong to parameters that were not trainable when \
+                 DistributedDataParallel::new planned the buckets; create it once the model's \
+                 structure and trainable parameters are final",
+                grads.len()
+            ),
+        })
     }
 }
 

@@ -180,22 +180,21 @@ fn two_ranks<A: Send, B: Send>(
     })
 }
 
+/// An all-reduce of 16 ones, and how long it took to return.
+fn timed_all_reduce(c: InProcessCollective) -> (Result<(), MultiError>, Duration) {
+    let start = Instant::now();
+    let mut buf = vec![1.0; 16];
+    (c.all_reduce(&mut buf, ReduceOp::Sum), start.elapsed())
+}
+
 #[test]
 fn a_panicking_peer_fails_the_others_at_once() {
     let timeout = Duration::from_secs(30);
-    let (result, peer) = two_ranks(
-        timeout,
-        |c| {
-            let start = Instant::now();
-            let mut buf = vec![1.0; 16];
-            (c.all_reduce(&mut buf, ReduceOp::Sum), start.elapsed())
-        },
-        |c| {
-            let _keep = &c;
-            std::thread::sleep(Duration::from_millis(50));
-            panic!("rank 1 exploded");
-        },
-    );
+    let (result, peer) = two_ranks(timeout, timed_all_reduce, |c| {
+        let _keep = &c;
+        std::thread::sleep(Duration::from_millis(50));
+        panic!("rank 1 exploded");
+    });
     assert!(peer.is_err(), "rank 1 should have panicked");
     let (result, waited) = result;
     match result {
@@ -214,19 +213,11 @@ fn a_panicking_peer_fails_the_others_at_once() {
 #[test]
 fn a_stalled_peer_times_out_and_then_fails_too() {
     let timeout = Duration::from_millis(300);
-    let (result, peer) = two_ranks(
-        timeout,
-        |c| {
-            let start = Instant::now();
-            let mut buf = vec![1.0; 16];
-            (c.all_reduce(&mut buf, ReduceOp::Sum), start.elapsed())
-        },
-        |c| {
-            std::thread::sleep(Duration::from_millis(1500));
-            let mut buf = vec![1.0; 16];
-            c.all_reduce(&mut buf, ReduceOp::Sum)
-        },
-    );
+    let (result, peer) = two_ranks(timeout, timed_all_reduce, |c| {
+        std::thread::sleep(Duration::from_millis(1500));
+        let mut buf = vec![1.0; 16];
+        c.all_reduce(&mut buf, ReduceOp::Sum)
+    });
     let (result, waited) = result;
     assert!(
         matches!(&result, Err(MultiError::Timeout { rank: 0, missing, .. }) if missing == &vec![1]),

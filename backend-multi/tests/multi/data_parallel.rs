@@ -343,3 +343,33 @@ fn rank_zero_parameters_reach_every_replica() {
         assert_eq!(params, want);
     }
 }
+
+#[test]
+fn frozen_parameters_stay_out_of_the_buckets_and_unfreezing_later_is_an_error() {
+    let data = Data::new(64);
+    let mut model = Mlp::new(&device());
+    model.hidden = model.hidden.freeze();
+    let outcome = run_in_process(WorldSize::ONE, CollectiveConfig::default(), |c| {
+        let (model, mut ddp) =
+            DistributedDataParallel::new(model.clone(), c, BucketConfig::default())?;
+        let elements: usize = ddp.buckets().iter().map(|b| b.elements()).sum();
+        assert_eq!(
+            elements,
+            32 * CLASSES + CLASSES,
+            "only the output layer trains"
+        );
+        let grads = data.grads(&model, &[0, 1, 2], 1.0, &device());
+        let synced = ddp.sync(&model, grads)?;
+        assert_eq!(synced.len(), 2);
+        // The user unfreezes after the buckets were planned: refused, not silently unsynced.
+        let mut unfrozen = model.clone();
+        unfrozen.hidden = unfrozen.hidden.set_require_grad(true);
+        let grads = data.grads(&unfrozen, &[0, 1, 2], 1.0, &device());
+        ddp.sync(&unfrozen, grads).map(|_| ())
+    });
+    let err = outcome.unwrap_err();
+    assert!(
+        matches!(&err, MultiError::Tensor { detail, .. } if detail.contains("not trainable")),
+        "{err:?}"
+    );
+}

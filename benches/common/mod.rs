@@ -1,0 +1,53 @@
+//! Helpers shared by the benchmarks: medians, `--flag N` options, and running a PyTorch twin.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+/// The median of `values` (the upper one for an even count).
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The value of `--name N` on the command line, or `default`.
+pub fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Runs `benches/<script>` with `--reps` and `--train-samples` and returns the JSON object on
+/// its last stdout line; `None` (with a note on stderr) when Python or PyTorch is missing or
+/// `KILN_BENCH_NO_PYTORCH` is set.
+pub fn run_pytorch(script: &str, reps: usize, train_samples: usize) -> Option<Value> {
+    if std::env::var_os("KILN_BENCH_NO_PYTORCH").is_some() {
+        return None;
+    }
+    let path = format!("{}/benches/{script}", env!("CARGO_MANIFEST_DIR"));
+    let output = Command::new("python3")
+        .args([
+            path.as_str(),
+            "--reps",
+            &reps.to_string(),
+            "--train-samples",
+            &train_samples.to_string(),
+        ])
+        .output()
+        .ok()?;
+    if !output.status.success() {
+        eprintln!(
+            "PyTorch comparison skipped: {}",
+            String::from_utf8_lossy(&output.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
+        return None;
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.lines().last()?).ok()
+}
