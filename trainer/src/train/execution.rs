@@ -29,16 +29,6 @@ pub struct DataParallelConfig {
 }
 
 impl Execution {
-    /// Data parallel over `ranks` logical ranks on the CPU (Flex), with default timeout and
-    /// buckets.
-    pub fn cpu_data_parallel(ranks: WorldSize) -> Self {
-        Execution::DataParallel(DataParallelConfig {
-            devices: vec![Device::flex().autodiff(); ranks.get()],
-            collective: CollectiveConfig::default(),
-            buckets: BucketConfig::default(),
-        })
-    }
-
     /// The number of ranks.
     ///
     /// # Errors
