@@ -293,16 +293,15 @@ impl Trainer {
                     sums.loss_sum as f32,
                     sums.correct as f32,
                     sums.samples as f32,
+                    train_loss as f32,
                 ];
                 collective.all_reduce(&mut totals, ReduceOp::Sum)?;
-                let mut loss = [train_loss as f32];
-                collective.all_reduce(&mut loss, ReduceOp::Avg)?;
                 sums = EvalSums {
                     loss_sum: f64::from(totals[0]),
                     correct: f64::from(totals[1]),
                     samples: f64::from(totals[2]),
                 };
-                train_loss = f64::from(loss[0]);
+                train_loss = f64::from(totals[3]) / world.get() as f64;
             }
             let eval = sums.metrics(eval_start.elapsed().as_secs_f64());
             let metrics = EpochMetrics {

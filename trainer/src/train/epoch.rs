@@ -48,6 +48,9 @@ where
     M: Module,
     F: Fn(&M, Tensor<4>) -> Tensor<2>,
 {
+    let world = sync
+        .as_deref()
+        .map_or(1, |ddp| ddp.collective().world_size().get());
     let start = Instant::now();
     let (mut loss_sum, mut steps, mut samples) = (0.0f64, 0u64, 0usize);
     for chunk in inputs.order.chunks(inputs.batch_size) {
@@ -63,9 +66,6 @@ where
         loss_sum += loss_value;
         steps += 1;
         samples += chunk.len();
-        let world = sync
-            .as_deref()
-            .map_or(1, |ddp| ddp.collective().world_size().get());
         progress.batch_done(
             loss_value,
             (samples * world) as f64 / start.elapsed().as_secs_f64().max(1e-9),
