@@ -88,6 +88,30 @@ pub enum MultiError {
         /// The underlying error.
         detail: String,
     },
+    /// A parameter of a pipeline stage is not on the stage's device.
+    #[error(
+        "stage {stage} ('{stage_name}'): layer {layer} is on {found} but the stage is placed on {expected}"
+    )]
+    Placement {
+        /// The stage index.
+        stage: usize,
+        /// The stage's name.
+        stage_name: String,
+        /// Path of the misplaced parameter in the stage's module.
+        layer: String,
+        /// Where the parameter is.
+        found: String,
+        /// Where the stage runs.
+        expected: String,
+    },
+    /// A pipeline stage cannot run: wrong activation rank, a neighbour failed or timed out.
+    #[error("pipeline stage {stage}: {reason}")]
+    Pipeline {
+        /// The stage reporting the error.
+        stage: usize,
+        /// What went wrong.
+        reason: String,
+    },
     /// A configuration value is out of range.
     #[error("invalid {field}: {reason}")]
     Config {

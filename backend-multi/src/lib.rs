@@ -7,7 +7,8 @@
 //!   reduce-scatter, barrier, each bounded by a timeout) and the in-process engine;
 //! - [`data_parallel`]: [`DistributedDataParallel`], which keeps the replicas of any Burn
 //!   module identical by broadcasting parameters from rank 0 and averaging gradients in
-//!   buckets.
+//!   buckets;
+//! - [`pipeline`]: stages placed on devices, trained with micro-batch schedules (GPipe, 1F1B).
 //!
 //! This crate knows nothing of kiln's models, recipes or CLI: it works on buffers, indices and
 //! any Burn [`Module`](burn::module::Module).
@@ -16,6 +17,7 @@ pub mod collective;
 pub mod data_parallel;
 mod error;
 pub mod mesh;
+pub mod pipeline;
 pub mod sampler;
 
 pub use collective::{

@@ -2,3 +2,4 @@
 
 mod collectives;
 mod data_parallel;
+mod pipeline;

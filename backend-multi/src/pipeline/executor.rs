@@ -1,0 +1,446 @@
+//! Runs a training step through the stages of a pipeline, one thread per stage.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::time::{Duration, Instant};
+
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::tensor::{Int, Tensor};
+
+use super::schedule::{PipelineOp, PipelineSchedule, peak_in_flight};
+use super::stage::{Activation, PipelineStage};
+use crate::collective::shard_range;
+use crate::error::{MultiError, Result};
+use crate::mesh::{Rank, WorldSize};
+
+/// How a [`Pipeline`] runs its steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PipelineConfig {
+    /// The order of forward and backward passes.
+    pub schedule: PipelineSchedule,
+    /// Micro-batches per batch (the naive schedule uses one).
+    pub micro_batches: NonZeroUsize,
+    /// How long a stage waits for a neighbour's activation or gradient before failing.
+    pub timeout: Duration,
+    /// Threads each stage's kernels may use, in a thread pool of its own (like one device per
+    /// stage); `None` lets all stages share the global pool.
+    pub threads_per_stage: Option<NonZeroUsize>,
+}
+
+/// What one training step measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReport {
+    /// The batch's mean loss.
+    pub loss: f64,
+    /// Micro-batches the batch was split into.
+    pub micro_batches: usize,
+    /// Wall-clock seconds of the step.
+    pub seconds: f64,
+    /// Seconds each stage spent computing (forward, backward, optimizer step).
+    pub busy_seconds: Vec<f64>,
+    /// The most micro-batch activations each stage held at once.
+    pub peak_in_flight: Vec<usize>,
+}
+
+impl StepReport {
+    /// Fraction of stage-time spent idle: `1 - sum(busy) / (stages * wall time)`.
+    pub fn bubble_fraction(&self) -> f64 {
+        let busy: f64 = self.busy_seconds.iter().sum();
+        let capacity = self.busy_seconds.len() as f64 * self.seconds;
+        if capacity > 0.0 {
+            (1.0 - busy / capacity).max(0.0)
+        } else {
+            0.0
+        }
+    }
+}
+
+/// A model split into stages, each on its own device and thread, trained with micro-batches
+/// (Burn has no pipeline parallelism of its own).
+///
+/// Each stage keeps its own autodiff graph: its input is a detached leaf that requires a
+/// gradient; backward starts from the gradient received from the next stage
+/// (`(output * grad).sum().backward()`) and sends the input's gradient to the previous one.
+/// Gradients add up over the micro-batches and each stage takes one optimizer step per batch,
+/// so a step equals one step of the whole model on the whole batch.
+pub struct Pipeline {
+    stages: Vec<Box<dyn PipelineStage>>,
+    config: PipelineConfig,
+    pools: Vec<Option<rayon::ThreadPool>>,
+}
+
+impl Pipeline {
+    /// A pipeline of `stages`, in order; checks every stage's placement first.
+    ///
+    /// # Errors
+    /// [`MultiError::Placement`] for a parameter on another device than its stage,
+    /// [`MultiError::Config`] for no stage or a thread pool that cannot start.
+    pub fn new(stages: Vec<Box<dyn PipelineStage>>, config: PipelineConfig) -> Result<Self> {
+        if stages.is_empty() {
+            return Err(MultiError::Config {
+                field: "pipeline stages",
+                reason: "a pipeline needs at least one stage".to_string(),
+            });
+        }
+        for (index, stage) in stages.iter().enumerate() {
+            stage.validate_placement(index)?;
+        }
+        let pools = stages
+            .iter()
+            .enumerate()
+            .map(|(index, _)| {
+                config
+                    .threads_per_stage
+                    .map(|threads| {
+                        rayon::ThreadPoolBuilder::new()
+                            .num_threads(threads.get())
+                            .thread_name(move |t| format!("kiln-stage-{index}-{t}"))
+                            .build()
+                            .map_err(|e| MultiError::Config {
+                                field: "threads per stage",
+                                reason: e.to_string(),
+                            })
+                    })
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            stages,
+            config,
+            pools,
+        })
+    }
+
+    /// The stages, in order.
+    pub fn stages(&self) -> &[Box<dyn PipelineStage>] {
+        &self.stages
+    }
+
+    /// The stages, giving up the pipeline.
+    pub fn into_stages(self) -> Vec<Box<dyn PipelineStage>> {
+        self.stages
+    }
+
+    /// One training step on a batch: `input` goes to the first stage, the last stage's output
+    /// (logits `[batch, classes]`) is scored against `targets` with the mean cross-entropy,
+    /// and every stage takes one optimizer step with learning rate `lr`.
+    ///
+    /// # Errors
+    /// When a stage fails (wrong activation rank, panic) or waits longer than the timeout;
+    /// the error names the stage where it started.
+    pub fn train_step(
+        &mut self,
+        input: Activation,
+        targets: Tensor<1, Int>,
+        lr: f64,
+    ) -> Result<StepReport> {
+        let batch = input.batch_len();
+        let stages = NonZeroUsize::new(self.stages.len()).expect("checked in new");
+        let requested = self
+            .config
+            .schedule
+            .micro_batches(self.config.micro_batches);
+        let micro = NonZeroUsize::new(requested.get().min(batch)).unwrap_or(NonZeroUsize::MIN);
+        let world = WorldSize::new(micro.get())?;
+        let ranges: Vec<_> = (0..micro.get())
+            .map(|i| shard_range(batch, world, Rank::new(i, world).expect("i < micro")))
+            .collect();
+        let inputs: Vec<Activation> = ranges
+            .iter()
+            .map(|r| input.clone().narrow_batch(r.start, r.len()))
+            .collect();
+        let micro_targets: Vec<(Tensor<1, Int>, f64)> = ranges
+            .iter()
+            .map(|r| {
+                let scale = r.len() as f64 / batch.max(1) as f64;
+                (targets.clone().narrow(0, r.start, r.len()), scale)
+            })
+            .collect();
+
+        let p = stages.get();
+        let (mut forward_tx, mut forward_rx) = (Vec::new(), Vec::new());
+        let (mut backward_tx, mut backward_rx) = (Vec::new(), Vec::new());
+        for _ in 1..p {
+            let (tx, rx) = channel();
+            forward_tx.push(Some(tx));
+            forward_rx.push(Some(rx));
+            let (tx, rx) = channel();
+            backward_tx.push(Some(tx));
+            backward_rx.push(Some(rx));
+        }
+        let start = Instant::now();
+        let timeout = self.config.timeout;
+        let schedule = self.config.schedule;
+        let outcomes: Vec<std::thread::Result<Result<StageOutcome>>> =
+            std::thread::scope(|scope| {
+                let mut threads = Vec::new();
+                for (index, (stage, pool)) in self.stages.iter_mut().zip(&self.pools).enumerate() {
+                    let links = Links {
+                        // Stage s receives activations on link s-1 and sends on link s.
+                        forward_in: index.checked_sub(1).and_then(|l| forward_rx[l].take()),
+                        forward_out: forward_tx.get_mut(index).and_then(Option::take),
+                        backward_in: backward_rx.get_mut(index).and_then(Option::take),
+                        backward_out: index.checked_sub(1).and_then(|l| backward_tx[l].take()),
+                    };
+                    let job = StageJob {
+                        index,
+                        last: index + 1 == p,
+                        ops: schedule.stage_ops(stages, index, micro),
+                        inputs: if index == 0 {
+                            inputs.clone()
+                        } else {
+                            Vec::new()
+                        },
+                        targets: if index + 1 == p {
+                            micro_targets.clone()
+                        } else {
+                            Vec::new()
+                        },
+                        lr,
+                        timeout,
+                    };
+                    threads.push(scope.spawn(move || match pool {
+                        Some(pool) => pool.install(|| run_stage(stage.as_mut(), job, links)),
+                        None => run_stage(stage.as_mut(), job, links),
+                    }));
+                }
+                threads.into_iter().map(|t| t.join()).collect()
+            });
+        let seconds = start.elapsed().as_secs_f64();
+
+        let mut results = Vec::new();
+        let mut errors = Vec::new();
+        for (index, outcome) in outcomes.into_iter().enumerate() {
+            match outcome {
+                Ok(Ok(result)) => results.push(result),
+                Ok(Err(e)) => errors.push(e),
+                Err(payload) => errors.push(MultiError::RankPanicked {
+                    rank: index,
+                    message: payload
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "(non-string panic payload)".to_string()),
+                }),
+            }
+        }
+        // A stage that failed makes its neighbours see a closed channel; report the cause.
+        if let Some(cause) = errors
+            .iter()
+            .position(|e| !matches!(e, MultiError::PeerFailed { .. }))
+            .or(if errors.is_empty() { None } else { Some(0) })
+        {
+            return Err(errors.swap_remove(cause));
+        }
+        Ok(StepReport {
+            loss: results.iter().map(|r| r.loss).sum(),
+            micro_batches: micro.get(),
+            seconds,
+            busy_seconds: results.iter().map(|r| r.busy).collect(),
+            peak_in_flight: results.iter().map(|r| r.peak_in_flight).collect(),
+        })
+    }
+}
+
+/// A stage's channels to its neighbours (`None` at the ends of the pipeline).
+struct Links {
+    forward_in: Option<Receiver<(usize, Activation)>>,
+    forward_out: Option<Sender<(usize, Activation)>>,
+    backward_in: Option<Receiver<(usize, Activation)>>,
+    backward_out: Option<Sender<(usize, Activation)>>,
+}
+
+struct StageJob {
+    index: usize,
+    last: bool,
+    ops: Vec<PipelineOp>,
+    /// Micro-batch inputs (first stage only).
+    inputs: Vec<Activation>,
+    /// Micro-batch targets and loss weights (last stage only).
+    targets: Vec<(Tensor<1, Int>, f64)>,
+    lr: f64,
+    timeout: Duration,
+}
+
+struct StageOutcome {
+    loss: f64,
+    busy: f64,
+    peak_in_flight: usize,
+}
+
+/// What a stage keeps of a micro-batch between its forward and backward passes.
+struct Stash {
+    input: Activation,
+    output: Produced,
+}
+
+/// The end of a stage's graph for one micro-batch, where its backward starts.
+enum Produced {
+    /// An intermediate stage's output: backward starts from the next stage's gradient.
+    Activation(Activation),
+    /// The last stage's weighted loss: backward starts here.
+    Loss(Tensor<1>),
+}
+
+fn receive(
+    rx: Option<&Receiver<(usize, Activation)>>,
+    job: &StageJob,
+    expected: usize,
+    what: &str,
+    from: usize,
+) -> Result<Activation> {
+    let rx = rx.ok_or_else(|| MultiError::Pipeline {
+        stage: job.index,
+        reason: format!("no channel for the {what} of micro-batch {expected}"),
+    })?;
+    match rx.recv_timeout(job.timeout) {
+        Ok((index, value)) if index == expected => Ok(value),
+        Ok((index, _)) => Err(MultiError::Pipeline {
+            stage: job.index,
+            reason: format!("expected the {what} of micro-batch {expected}, got {index}"),
+        }),
+        Err(RecvTimeoutError::Timeout) => Err(MultiError::Pipeline {
+            stage: job.index,
+            reason: format!(
+                "waited {:?} for the {what} of micro-batch {expected} from stage {from}",
+                job.timeout
+            ),
+        }),
+        Err(RecvTimeoutError::Disconnected) => Err(MultiError::PeerFailed {
+            rank: job.index,
+            op: "pipeline step",
+            reason: format!(
+                "stage {from} stopped before sending the {what} of micro-batch {expected}"
+            ),
+        }),
+    }
+}
+
+fn send(
+    tx: Option<&Sender<(usize, Activation)>>,
+    job: &StageJob,
+    micro: usize,
+    value: Activation,
+    to: usize,
+) -> Result<()> {
+    let Some(tx) = tx else { return Ok(()) };
+    tx.send((micro, value)).map_err(|_| MultiError::PeerFailed {
+        rank: job.index,
+        op: "pipeline step",
+        reason: format!("stage {to} stopped before receiving micro-batch {micro}"),
+    })
+}
+
+fn run_stage(stage: &mut dyn PipelineStage, job: StageJob, links: Links) -> Result<StageOutcome> {
+    let device = stage.device().clone();
+    let loss_fn = CrossEntropyLossConfig::new().init(&device);
+    let mut stash: BTreeMap<usize, Stash> = BTreeMap::new();
+    let (mut loss_total, mut busy) = (0.0f64, Duration::ZERO);
+    for &op in &job.ops {
+        match op {
+            PipelineOp::Forward(i) => {
+                let input = match job.inputs.get(i) {
+                    Some(x) => x.clone(),
+                    None => receive(
+                        links.forward_in.as_ref(),
+                        &job,
+                        i,
+                        "activation",
+                        job.index.wrapping_sub(1),
+                    )?
+                    .detach_to(&device)
+                    .require_grad(),
+                };
+                let began = Instant::now();
+                let output = stage.forward(job.index, input.clone())?;
+                let output = if job.last {
+                    let (targets, weight) =
+                        job.targets
+                            .get(i)
+                            .cloned()
+                            .ok_or_else(|| MultiError::Pipeline {
+                                stage: job.index,
+                                reason: format!("no targets for micro-batch {i}"),
+                            })?;
+                    let Activation::Rank2(logits) = output else {
+                        return Err(MultiError::Pipeline {
+                            stage: job.index,
+                            reason: format!(
+                                "the last stage must output logits [batch, classes], got rank {}",
+                                output.rank()
+                            ),
+                        });
+                    };
+                    let loss = loss_fn
+                        .forward(logits, targets.to_device(&device))
+                        .mul_scalar(weight);
+                    loss_total += loss.clone().into_scalar::<f64>();
+                    Produced::Loss(loss)
+                } else {
+                    send(
+                        links.forward_out.as_ref(),
+                        &job,
+                        i,
+                        output.clone().detach_to(&device),
+                        job.index + 1,
+                    )?;
+                    Produced::Activation(output)
+                };
+                busy += began.elapsed();
+                stash.insert(i, Stash { input, output });
+            }
+            PipelineOp::Backward(i) => {
+                let kept = stash.remove(&i).ok_or_else(|| MultiError::Pipeline {
+                    stage: job.index,
+                    reason: format!("backward of micro-batch {i} before its forward"),
+                })?;
+                let grads = match &kept.output {
+                    Produced::Loss(loss) => {
+                        let began = Instant::now();
+                        let grads = loss.backward();
+                        busy += began.elapsed();
+                        grads
+                    }
+                    Produced::Activation(output) => {
+                        let grad_out = receive(
+                            links.backward_in.as_ref(),
+                            &job,
+                            i,
+                            "gradient",
+                            job.index + 1,
+                        )?;
+                        let began = Instant::now();
+                        let grads = output.backward_with(grad_out, &device).ok_or_else(|| MultiError::Pipeline {
+                            stage: job.index,
+                            reason: format!("the gradient of micro-batch {i} has another rank than the activation"),
+                        })?;
+                        busy += began.elapsed();
+                        grads
+                    }
+                };
+                let began = Instant::now();
+                if job.index > 0 {
+                    let grad_in = kept
+                        .input
+                        .grad(&grads)
+                        .ok_or_else(|| MultiError::Pipeline {
+                            stage: job.index,
+                            reason: format!("the input of micro-batch {i} got no gradient"),
+                        })?;
+                    send(links.backward_out.as_ref(), &job, i, grad_in, job.index - 1)?;
+                }
+                stage.accumulate(grads);
+                busy += began.elapsed();
+            }
+        }
+    }
+    let began = Instant::now();
+    stage.step(job.lr);
+    busy += began.elapsed();
+    Ok(StageOutcome {
+        loss: loss_total,
+        busy: busy.as_secs_f64(),
+        peak_in_flight: peak_in_flight(&job.ops),
+    })
+}
