@@ -5,7 +5,9 @@ use std::num::NonZeroUsize;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::time::{Duration, Instant};
 
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::GradientsParams;
 use burn::tensor::{Int, Tensor};
 
 use super::schedule::{PipelineOp, PipelineSchedule, peak_in_flight};
@@ -37,7 +39,7 @@ pub struct StepReport {
     pub micro_batches: usize,
     /// Wall-clock seconds of the step.
     pub seconds: f64,
-    /// Seconds each stage spent computing (forward, backward, optimizer step).
+    /// Seconds each stage spent computing (forward and backward passes).
     pub busy_seconds: Vec<f64>,
     /// The most micro-batch activations each stage held at once.
     pub peak_in_flight: Vec<usize>,
@@ -56,87 +58,82 @@ impl StepReport {
     }
 }
 
-/// A model split into stages, each on its own device and thread, trained with micro-batches
-/// (Burn has no pipeline parallelism of its own).
+/// Runs training steps of a model split into stages, each on its own device and thread, with
+/// micro-batches (Burn has no pipeline parallelism of its own).
 ///
 /// Each stage keeps its own autodiff graph: its input is a detached leaf that requires a
 /// gradient; backward starts from the gradient received from the next stage
 /// (`(output * grad).sum().backward()`) and sends the input's gradient to the previous one.
-/// Gradients add up over the micro-batches and each stage takes one optimizer step per batch,
-/// so a step equals one step of the whole model on the whole batch.
+/// Gradients add up over the micro-batches in each stage; [`merge_grads`] then gives them to
+/// the model's optimizer, so a step equals one step of the whole model on the whole batch.
 pub struct Pipeline {
-    stages: Vec<Box<dyn PipelineStage>>,
     config: PipelineConfig,
-    pools: Vec<Option<rayon::ThreadPool>>,
+    pools: Vec<rayon::ThreadPool>,
 }
 
 impl Pipeline {
-    /// A pipeline of `stages`, in order; checks every stage's placement first.
+    /// A pipeline runner; with `threads_per_stage`, it starts one thread pool per stage of
+    /// `stages`.
     ///
     /// # Errors
-    /// [`MultiError::Placement`] for a parameter on another device than its stage,
-    /// [`MultiError::Config`] for no stage or a thread pool that cannot start.
-    pub fn new(stages: Vec<Box<dyn PipelineStage>>, config: PipelineConfig) -> Result<Self> {
-        if stages.is_empty() {
+    /// [`MultiError::Config`] when a thread pool cannot start.
+    pub fn new(stages: NonZeroUsize, config: PipelineConfig) -> Result<Self> {
+        let pools = match config.threads_per_stage {
+            None => Vec::new(),
+            Some(threads) => (0..stages.get())
+                .map(|index| {
+                    rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads.get())
+                        .thread_name(move |t| format!("kiln-stage-{index}-{t}"))
+                        .build()
+                        .map_err(|e| MultiError::Config {
+                            field: "threads per stage",
+                            reason: e.to_string(),
+                        })
+                })
+                .collect::<Result<_>>()?,
+        };
+        Ok(Self { config, pools })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &PipelineConfig {
+        &self.config
+    }
+
+    /// The forward and backward passes of one batch: `input` goes to the first stage, the last
+    /// stage's output (logits `[batch, classes]`) is scored against `targets` with the mean
+    /// cross-entropy, and every stage accumulates its parameters' gradients (collect them with
+    /// [`PipelineStage::take_grads`] or [`merge_grads`]). Placement is checked first.
+    ///
+    /// # Errors
+    /// [`MultiError::Placement`] for a parameter on another device than its stage; a stage
+    /// that fails (wrong activation rank, panic) or waits longer than the timeout; the error
+    /// names the stage where it started.
+    pub fn run(
+        &self,
+        stages: &mut [Box<dyn PipelineStage>],
+        input: Activation,
+        targets: Tensor<1, Int>,
+    ) -> Result<StepReport> {
+        let p = NonZeroUsize::new(stages.len()).ok_or_else(|| MultiError::Config {
+            field: "pipeline stages",
+            reason: "a pipeline needs at least one stage".to_string(),
+        })?;
+        if !self.pools.is_empty() && self.pools.len() != p.get() {
             return Err(MultiError::Config {
                 field: "pipeline stages",
-                reason: "a pipeline needs at least one stage".to_string(),
+                reason: format!(
+                    "the pipeline was built for {} stages, got {}",
+                    self.pools.len(),
+                    p.get()
+                ),
             });
         }
         for (index, stage) in stages.iter().enumerate() {
             stage.validate_placement(index)?;
         }
-        let pools = stages
-            .iter()
-            .enumerate()
-            .map(|(index, _)| {
-                config
-                    .threads_per_stage
-                    .map(|threads| {
-                        rayon::ThreadPoolBuilder::new()
-                            .num_threads(threads.get())
-                            .thread_name(move |t| format!("kiln-stage-{index}-{t}"))
-                            .build()
-                            .map_err(|e| MultiError::Config {
-                                field: "threads per stage",
-                                reason: e.to_string(),
-                            })
-                    })
-                    .transpose()
-            })
-            .collect::<Result<_>>()?;
-        Ok(Self {
-            stages,
-            config,
-            pools,
-        })
-    }
-
-    /// The stages, in order.
-    pub fn stages(&self) -> &[Box<dyn PipelineStage>] {
-        &self.stages
-    }
-
-    /// The stages, giving up the pipeline.
-    pub fn into_stages(self) -> Vec<Box<dyn PipelineStage>> {
-        self.stages
-    }
-
-    /// One training step on a batch: `input` goes to the first stage, the last stage's output
-    /// (logits `[batch, classes]`) is scored against `targets` with the mean cross-entropy,
-    /// and every stage takes one optimizer step with learning rate `lr`.
-    ///
-    /// # Errors
-    /// When a stage fails (wrong activation rank, panic) or waits longer than the timeout;
-    /// the error names the stage where it started.
-    pub fn train_step(
-        &mut self,
-        input: Activation,
-        targets: Tensor<1, Int>,
-        lr: f64,
-    ) -> Result<StepReport> {
         let batch = input.batch_len();
-        let stages = NonZeroUsize::new(self.stages.len()).expect("checked in new");
         let requested = self
             .config
             .schedule
@@ -158,7 +155,7 @@ impl Pipeline {
             })
             .collect();
 
-        let p = stages.get();
+        let p = p.get();
         let (mut forward_tx, mut forward_rx) = (Vec::new(), Vec::new());
         let (mut backward_tx, mut backward_rx) = (Vec::new(), Vec::new());
         for _ in 1..p {
@@ -172,10 +169,11 @@ impl Pipeline {
         let start = Instant::now();
         let timeout = self.config.timeout;
         let schedule = self.config.schedule;
+        let stage_count = NonZeroUsize::new(p).expect("checked above");
         let outcomes: Vec<std::thread::Result<Result<StageOutcome>>> =
             std::thread::scope(|scope| {
                 let mut threads = Vec::new();
-                for (index, (stage, pool)) in self.stages.iter_mut().zip(&self.pools).enumerate() {
+                for (index, stage) in stages.iter_mut().enumerate() {
                     let links = Links {
                         // Stage s receives activations on link s-1 and sends on link s.
                         forward_in: index.checked_sub(1).and_then(|l| forward_rx[l].take()),
@@ -186,7 +184,7 @@ impl Pipeline {
                     let job = StageJob {
                         index,
                         last: index + 1 == p,
-                        ops: schedule.stage_ops(stages, index, micro),
+                        ops: schedule.stage_ops(stage_count, index, micro),
                         inputs: if index == 0 {
                             inputs.clone()
                         } else {
@@ -197,9 +195,9 @@ impl Pipeline {
                         } else {
                             Vec::new()
                         },
-                        lr,
                         timeout,
                     };
+                    let pool = self.pools.get(index);
                     threads.push(scope.spawn(move || match pool {
                         Some(pool) => pool.install(|| run_stage(stage.as_mut(), job, links)),
                         None => run_stage(stage.as_mut(), job, links),
@@ -226,11 +224,11 @@ impl Pipeline {
             }
         }
         // A stage that failed makes its neighbours see a closed channel; report the cause.
-        if let Some(cause) = errors
-            .iter()
-            .position(|e| !matches!(e, MultiError::PeerFailed { .. }))
-            .or(if errors.is_empty() { None } else { Some(0) })
-        {
+        if !errors.is_empty() {
+            let cause = errors
+                .iter()
+                .position(|e| !matches!(e, MultiError::PeerFailed { .. }))
+                .unwrap_or(0);
             return Err(errors.swap_remove(cause));
         }
         Ok(StepReport {
@@ -241,6 +239,30 @@ impl Pipeline {
             peak_in_flight: results.iter().map(|r| r.peak_in_flight).collect(),
         })
     }
+}
+
+/// The gradients of every stage as one [`GradientsParams`] for `model`'s optimizer, each moved
+/// to its parameter's device. The stages must have been built from `model`'s parameters
+/// (same ids); their sums start again from zero.
+pub fn merge_grads<M: Module>(model: &M, stages: &mut [Box<dyn PipelineStage>]) -> GradientsParams {
+    struct Merge {
+        parts: Vec<GradientsParams>,
+        merged: GradientsParams,
+    }
+    impl ModuleVisitor for Merge {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(grad) = self.parts.iter_mut().find_map(|p| p.remove::<D>(param.id)) {
+                let device = param.lazy_device().without_autodiff();
+                self.merged.register(param.id, grad.to_device(&device));
+            }
+        }
+    }
+    let mut merge = Merge {
+        parts: stages.iter_mut().map(|s| s.take_grads()).collect(),
+        merged: GradientsParams::new(),
+    };
+    model.visit(&mut merge);
+    merge.merged
 }
 
 /// A stage's channels to its neighbours (`None` at the ends of the pipeline).
@@ -259,7 +281,6 @@ struct StageJob {
     inputs: Vec<Activation>,
     /// Micro-batch targets and loss weights (last stage only).
     targets: Vec<(Tensor<1, Int>, f64)>,
-    lr: f64,
     timeout: Duration,
 }
 
@@ -435,9 +456,6 @@ fn run_stage(stage: &mut dyn PipelineStage, job: StageJob, links: Links) -> Resu
             }
         }
     }
-    let began = Instant::now();
-    stage.step(job.lr);
-    busy += began.elapsed();
     Ok(StageOutcome {
         loss: loss_total,
         busy: busy.as_secs_f64(),

@@ -1,7 +1,7 @@
 //! Stages: the parts of a model that a pipeline places on devices.
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Gradients, Tensor};
 
 use crate::error::{MultiError, Result};
@@ -83,7 +83,8 @@ impl Activation {
     }
 }
 
-/// One stage of a pipeline: a module placed on a device, with its own optimizer.
+/// One stage of a pipeline: a module placed on a device, accumulating its gradients over the
+/// micro-batches of a step.
 ///
 /// [`ModuleStage`] implements it for any Burn module and forward function; the trait is
 /// object-safe so that stages of different types form one pipeline.
@@ -109,24 +110,21 @@ pub trait PipelineStage: Send {
     /// Adds the parameter gradients in `grads` to this step's sum.
     fn accumulate(&mut self, grads: Gradients);
 
-    /// One optimizer step with the summed gradients, which are then cleared.
-    fn step(&mut self, lr: f64);
-
-    /// The module's floating-point parameters, flattened in registration order (to compare
-    /// with a single-device run, or to checkpoint).
-    ///
-    /// # Errors
-    /// When a parameter cannot be read back from its device.
-    fn flatten_params(&self) -> Result<Vec<f32>>;
+    /// The gradients summed since the last call, keyed by parameter id (on the stage's
+    /// device), for the optimizer; the sum starts again from zero.
+    fn take_grads(&mut self) -> GradientsParams;
 }
 
-/// A [`PipelineStage`] made of a Burn module, its forward function from a rank-`I` to a
-/// rank-`O` tensor, and its optimizer.
+/// A [`PipelineStage`] made of a Burn module (a part of the model, e.g. its convolutions) and
+/// its forward function from a rank-`I` to a rank-`O` tensor.
+///
+/// Stages are cheap to build (a module clone shares its tensors): build them from the current
+/// model before each step, run the step, and give the gradients of all stages to the model's
+/// optimizer (see [`merge_grads`](super::merge_grads)).
 pub struct ModuleStage<M, F, const I: usize, const O: usize> {
     name: String,
-    model: Option<M>,
+    model: M,
     forward: F,
-    optimizer: ModuleOptimizer,
     accumulated: GradientsAccumulator<M>,
     device: Device,
 }
@@ -136,19 +134,12 @@ where
     M: Module,
     F: Fn(&M, Tensor<I>) -> Tensor<O> + Send,
 {
-    /// A stage named `name` running `model` with `forward` on `device`, stepping `optimizer`.
-    pub fn new(
-        name: impl Into<String>,
-        model: M,
-        forward: F,
-        optimizer: ModuleOptimizer,
-        device: Device,
-    ) -> Self {
+    /// A stage named `name` running `model` with `forward` on `device`.
+    pub fn new(name: impl Into<String>, model: M, forward: F, device: Device) -> Self {
         Self {
             name: name.into(),
-            model: Some(model),
+            model,
             forward,
-            optimizer,
             accumulated: GradientsAccumulator::new(),
             device,
         }
@@ -156,14 +147,7 @@ where
 
     /// The stage's module.
     pub fn model(&self) -> &M {
-        self.model
-            .as_ref()
-            .expect("the model is only taken during a step")
-    }
-
-    /// The stage's module, giving up the stage.
-    pub fn into_model(self) -> M {
-        self.model.expect("the model is only taken during a step")
+        &self.model
     }
 }
 
@@ -171,7 +155,6 @@ impl<M, F, const I: usize, const O: usize> PipelineStage for ModuleStage<M, F, I
 where
     M: Module,
     F: Fn(&M, Tensor<I>) -> Tensor<O> + Send,
-    ModuleOptimizer: Send,
 {
     fn name(&self) -> &str {
         &self.name
@@ -209,7 +192,7 @@ where
             path: Vec::new(),
             misplaced: None,
         };
-        self.model().visit(&mut check);
+        self.model.visit(&mut check);
         match check.misplaced {
             None => Ok(()),
             Some((layer, found)) => Err(MultiError::Placement {
@@ -256,25 +239,12 @@ where
     }
 
     fn accumulate(&mut self, mut grads: Gradients) {
-        let model = self
-            .model
-            .as_ref()
-            .expect("the model is only taken during a step");
-        let params = GradientsParams::from_module(&mut grads, model);
-        self.accumulated.accumulate(model, params);
+        let params = GradientsParams::from_module(&mut grads, &self.model);
+        self.accumulated.accumulate(&self.model, params);
     }
 
-    fn step(&mut self, lr: f64) {
-        let model = self
-            .model
-            .take()
-            .expect("the model is only taken during a step");
-        let grads = self.accumulated.grads();
-        self.model = Some(self.optimizer.step(lr, model, grads));
-    }
-
-    fn flatten_params(&self) -> Result<Vec<f32>> {
-        crate::data_parallel::flatten_params(self.model())
+    fn take_grads(&mut self) -> GradientsParams {
+        self.accumulated.grads()
     }
 }
 
@@ -284,7 +254,7 @@ where
     F: Fn(&M, Tensor<I>) -> Tensor<O> + Send,
 {
     fn run(&self, input: Tensor<I>) -> Option<Activation> {
-        let output = (self.forward)(self.model(), input);
+        let output = (self.forward)(&self.model, input);
         let dims = output.dims();
         Some(match O {
             2 => Activation::Rank2(output.reshape(to_array::<2>(&dims)?)),
