@@ -1,4 +1,6 @@
 //! Helpers shared by the benchmarks: medians, `--flag N` options, and running a PyTorch twin.
+// Each benchmark compiles this module on its own and uses only some of it.
+#![allow(dead_code)]
 
 use std::process::Command;
 

@@ -15,4 +15,6 @@ mod simple_cnn;
 
 pub use error::{ImportError, Result};
 pub use import::{ImportReport, WeightFormat, load_weights};
-pub use simple_cnn::{SimpleCnn, SimpleCnnConfig};
+pub use simple_cnn::{
+    SimpleCnn, SimpleCnnBack, SimpleCnnClassifier, SimpleCnnConfig, SimpleCnnConvBlock,
+};

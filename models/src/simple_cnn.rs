@@ -92,21 +92,95 @@ impl SimpleCnnConfig {
 impl SimpleCnn {
     /// Logits `[batch, num_classes]` for images `[batch, 1, 28, 28]`.
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        let x = self
-            .pool
-            .forward(self.activation.forward(self.conv1.forward(images)));
-        let x = self
-            .pool
-            .forward(self.activation.forward(self.conv2.forward(x)));
-        let x = x.flatten::<2>(1, 3);
-        let x = self.activation.forward(self.fc1.forward(x));
-        self.fc2.forward(x)
+        let x = conv_block(&self.conv1, &self.pool, &self.activation, images);
+        let x = conv_block(&self.conv2, &self.pool, &self.activation, x);
+        classify(&self.fc1, &self.fc2, &self.activation, x)
     }
 
     /// The input shape the model expects, without the batch dimension.
     pub fn input_shape() -> [usize; 3] {
         [1, IMAGE_SIDE, IMAGE_SIDE]
     }
+
+    /// The two convolution blocks (convolution, ReLU, max-pool) as modules of their own,
+    /// sharing this model's parameters: the first stages of a pipeline.
+    pub fn conv_blocks(&self) -> (SimpleCnnConvBlock, SimpleCnnConvBlock) {
+        let block = |conv: &Conv2d| SimpleCnnConvBlock {
+            conv: conv.clone(),
+            pool: self.pool.clone(),
+            activation: self.activation.clone(),
+        };
+        (block(&self.conv1), block(&self.conv2))
+    }
+
+    /// The classifier (flatten, fc1, ReLU, fc2) as a module of its own, sharing this model's
+    /// parameters: the last stage of a pipeline.
+    pub fn classifier(&self) -> SimpleCnnClassifier {
+        SimpleCnnClassifier {
+            fc1: self.fc1.clone(),
+            fc2: self.fc2.clone(),
+            activation: self.activation.clone(),
+        }
+    }
+}
+
+/// One convolution block of SimpleCNN: convolution, ReLU, 2x2 max-pool.
+#[derive(Module, Debug)]
+pub struct SimpleCnnConvBlock {
+    /// The convolution (`conv1` or `conv2` of the model).
+    pub conv: Conv2d,
+    pool: MaxPool2d,
+    activation: Relu,
+}
+
+impl SimpleCnnConvBlock {
+    /// Feature maps at half the resolution.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        conv_block(&self.conv, &self.pool, &self.activation, x)
+    }
+}
+
+/// SimpleCNN from its second convolution block on: the second stage of a 2-stage pipeline
+/// (the first being the conv1 block, which balances the work of the two stages best).
+#[derive(Module, Debug)]
+pub struct SimpleCnnBack {
+    /// `conv2`, ReLU, pool.
+    pub block: SimpleCnnConvBlock,
+    /// Flatten, fc1, ReLU, fc2.
+    pub classifier: SimpleCnnClassifier,
+}
+
+impl SimpleCnnBack {
+    /// Logits for feature maps `[batch, 32, 14, 14]`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        self.classifier.forward(self.block.forward(x))
+    }
+}
+
+/// SimpleCNN's classifier: flatten, fc1, ReLU, fc2.
+#[derive(Module, Debug)]
+pub struct SimpleCnnClassifier {
+    /// Hidden fully connected layer.
+    pub fc1: Linear,
+    /// Output layer.
+    pub fc2: Linear,
+    activation: Relu,
+}
+
+impl SimpleCnnClassifier {
+    /// Logits for feature maps `[batch, 64, 7, 7]`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        classify(&self.fc1, &self.fc2, &self.activation, x)
+    }
+}
+
+fn conv_block(conv: &Conv2d, pool: &MaxPool2d, activation: &Relu, x: Tensor<4>) -> Tensor<4> {
+    pool.forward(activation.forward(conv.forward(x)))
+}
+
+fn classify(fc1: &Linear, fc2: &Linear, activation: &Relu, x: Tensor<4>) -> Tensor<2> {
+    let x = x.flatten::<2>(1, 3);
+    fc2.forward(activation.forward(fc1.forward(x)))
 }
 
 #[cfg(test)]

@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use kiln_multi::WorldSize;
+use kiln_multi::pipeline::PipelineSchedule;
 use kiln_trainer::checkpoint::latest_checkpoint;
 use kiln_trainer::report::Verbosity;
 
-use crate::cnn_mnist::{CnnMnistConfig, RunTarget, TrainerOverrides};
+use crate::cnn_mnist::{CnnMnistConfig, PipelineOptions, RunTarget, TrainerOverrides};
 use crate::error::Result;
 use crate::inference::{ModelKind, ModelSource};
 use crate::mnist_data::MnistSource;
@@ -58,6 +59,40 @@ pub struct CnnMnistArgs {
     /// (only with --ranks above 1).
     #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub collective_timeout: u64,
+    /// Pipeline parallelism: split SimpleCNN into 2 stages (conv1 | conv2 + classifier) or 3
+    /// (conv1 | conv2 | classifier), each on its own thread with its share of the cores, and
+    /// stream micro-batches through them. Same updates as one device.
+    #[arg(long, value_name = "N")]
+    pub pipeline_stages: Option<NonZeroUsize>,
+    /// Micro-batches each batch is split into for the pipeline.
+    #[arg(long, value_name = "M", default_value_t = NonZeroUsize::new(4).expect("4 is not zero"), requires = "pipeline_stages")]
+    pub micro_batches: NonZeroUsize,
+    /// Pipeline schedule: naive (whole batch, stages wait for each other), gpipe (all
+    /// forwards, then all backwards) or 1f1b (one forward one backward: fewer activations held).
+    #[arg(long, value_enum, default_value_t = ScheduleArg::OneFOneB, requires = "pipeline_stages")]
+    pub schedule: ScheduleArg,
+}
+
+/// Pipeline schedules on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScheduleArg {
+    /// The whole batch through each stage in turn.
+    Naive,
+    /// All micro-batches forward, then all backward.
+    Gpipe,
+    /// One forward, one backward, after a warm-up.
+    #[value(name = "1f1b")]
+    OneFOneB,
+}
+
+impl From<ScheduleArg> for PipelineSchedule {
+    fn from(arg: ScheduleArg) -> Self {
+        match arg {
+            ScheduleArg::Naive => PipelineSchedule::Naive,
+            ScheduleArg::Gpipe => PipelineSchedule::GPipe,
+            ScheduleArg::OneFOneB => PipelineSchedule::OneFOneB,
+        }
+    }
 }
 
 impl CnnMnistArgs {
@@ -88,6 +123,11 @@ impl CnnMnistArgs {
             train_limit: self.limit,
             ranks: WorldSize::new(self.ranks.get()).map_err(kiln_trainer::TrainError::from)?,
             collective_timeout: Duration::from_secs(self.collective_timeout),
+            pipeline: self.pipeline_stages.map(|stages| PipelineOptions {
+                stages,
+                micro_batches: self.micro_batches,
+                schedule: self.schedule.into(),
+            }),
         })
     }
 }

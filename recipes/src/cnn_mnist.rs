@@ -1,20 +1,26 @@
 //! The cnn-mnist recipe: SimpleCNN trained on MNIST as in PyTorch's tutorials
 //! (SGD lr 0.01, momentum 0.9, batch 64, cross-entropy, 5 epochs).
 
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use burn::tensor::Device;
-use kiln_models::{SimpleCnn, SimpleCnnConfig};
+use kiln_models::{
+    SimpleCnn, SimpleCnnBack, SimpleCnnClassifier, SimpleCnnConfig, SimpleCnnConvBlock,
+};
+use kiln_multi::pipeline::{ModuleStage, PipelineConfig, PipelineSchedule, PipelineStage};
 use kiln_multi::{BucketConfig, CollectiveConfig, WorldSize};
 use kiln_trainer::checkpoint::{latest_checkpoint, read_checkpoint, resolve_checkpoint};
 use kiln_trainer::data::{ImageDataset, MnistSplit};
 use kiln_trainer::report::Verbosity;
-use kiln_trainer::{DataParallelConfig, Execution, RunLabels, TrainData, Trainer, TrainerConfig};
+use kiln_trainer::{
+    DataParallelConfig, Execution, PipelineSplit, RunLabels, TrainData, Trainer, TrainerConfig,
+};
 
 use crate::error::{RecipeError, Result};
 use crate::mnist_data::MnistSource;
-use crate::report::TrainReport;
+use crate::report::{PipelineReport, TrainReport};
 
 /// Name of this recipe, recorded in checkpoints.
 pub const RECIPE: &str = "cnn-mnist";
@@ -72,8 +78,70 @@ pub struct CnnMnistConfig {
     pub train_limit: Option<usize>,
     /// Data-parallel ranks (threads with a replica each, on the CPU); one is plain training.
     pub ranks: WorldSize,
-    /// How long a rank waits for the others at a collective before failing the run.
+    /// How long a rank (or pipeline stage) waits for the others before failing the run.
     pub collective_timeout: Duration,
+    /// Train through a pipeline of stages instead of on one device.
+    pub pipeline: Option<PipelineOptions>,
+}
+
+/// Pipeline settings of a cnn-mnist run: SimpleCNN split into 2 stages (conv1 block | conv2
+/// block + classifier) or 3 (conv1 block | conv2 block | classifier).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PipelineOptions {
+    /// Stages: 2 or 3.
+    pub stages: NonZeroUsize,
+    /// Micro-batches per batch.
+    pub micro_batches: NonZeroUsize,
+    /// Order of forward and backward passes.
+    pub schedule: PipelineSchedule,
+}
+
+/// SimpleCNN split into `stages` pipeline stages on `device`, sharing `model`'s parameters:
+/// conv1 block | conv2 block + classifier (the most even split of the work in two), or
+/// conv1 block | conv2 block | classifier.
+pub fn simple_cnn_stages(
+    model: &SimpleCnn,
+    stages: usize,
+    device: &Device,
+) -> Vec<Box<dyn PipelineStage>> {
+    let (block1, block2) = model.conv_blocks();
+    let first: Box<dyn PipelineStage> = Box::new(ModuleStage::new(
+        "conv1",
+        block1,
+        SimpleCnnConvBlock::forward,
+        device.clone(),
+    ));
+    if stages == 3 {
+        vec![
+            first,
+            Box::new(ModuleStage::new(
+                "conv2",
+                block2,
+                SimpleCnnConvBlock::forward,
+                device.clone(),
+            )),
+            Box::new(ModuleStage::new(
+                "classifier",
+                model.classifier(),
+                SimpleCnnClassifier::forward,
+                device.clone(),
+            )),
+        ]
+    } else {
+        let back = SimpleCnnBack {
+            block: block2,
+            classifier: model.classifier(),
+        };
+        vec![
+            first,
+            Box::new(ModuleStage::new(
+                "conv2+classifier",
+                back,
+                SimpleCnnBack::forward,
+                device.clone(),
+            )),
+        ]
+    }
 }
 
 /// Trains SimpleCNN on MNIST, evaluating and checkpointing after every epoch.
@@ -119,19 +187,66 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
         train: &train,
         test: &test,
     };
-    let execution = if config.ranks == WorldSize::ONE {
-        Execution::Single(device)
-    } else {
-        Execution::DataParallel(DataParallelConfig {
-            devices: vec![device; config.ranks.get()],
-            collective: CollectiveConfig {
-                timeout: config.collective_timeout,
-            },
-            buckets: BucketConfig::default(),
-        })
-    };
     let global_batch_size = trainer.config().batch_size;
-    let (_model, fit) = trainer.fit(model, SimpleCnn::forward, data, resume, &execution)?;
+    let (_model, fit) = match config.pipeline {
+        Some(options) => {
+            if config.ranks != WorldSize::ONE {
+                return Err(RecipeError::Options {
+                    flag: "--pipeline-stages",
+                    reason: "combining a pipeline with --ranks is not supported yet".to_string(),
+                });
+            }
+            if !(2..=3).contains(&options.stages.get()) {
+                return Err(RecipeError::Options {
+                    flag: "--pipeline-stages",
+                    reason: format!(
+                        "SimpleCNN splits into 2 stages (conv1 | conv2 + classifier) or 3 \
+                         (conv1 | conv2 | classifier), not {}",
+                        options.stages
+                    ),
+                });
+            }
+            // Like one device per stage: the machine's cores shared out between the stages.
+            let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+            let threads =
+                NonZeroUsize::new(cores / options.stages.get()).unwrap_or(NonZeroUsize::MIN);
+            let stage_device = device.clone();
+            let split =
+                move |m: &SimpleCnn| simple_cnn_stages(m, options.stages.get(), &stage_device);
+            let split = PipelineSplit {
+                device,
+                config: PipelineConfig {
+                    schedule: options.schedule,
+                    micro_batches: options.micro_batches,
+                    timeout: config.collective_timeout,
+                    threads_per_stage: Some(threads),
+                },
+                stages: options.stages,
+                split: &split,
+            };
+            trainer.fit_pipeline(model, SimpleCnn::forward, data, resume, split)?
+        }
+        None => {
+            let execution = if config.ranks == WorldSize::ONE {
+                Execution::Single(device)
+            } else {
+                Execution::DataParallel(DataParallelConfig {
+                    devices: vec![device; config.ranks.get()],
+                    collective: CollectiveConfig {
+                        timeout: config.collective_timeout,
+                    },
+                    buckets: BucketConfig::default(),
+                })
+            };
+            trainer.fit(model, SimpleCnn::forward, data, resume, &execution)?
+        }
+    };
+    let bubbles: Vec<f64> = fit
+        .history
+        .iter()
+        .skip(fit.resumed_from_epoch)
+        .filter_map(|m| m.bubble_fraction)
+        .collect();
     let last = fit.history.last();
     Ok(TrainReport {
         recipe: RECIPE.into(),
@@ -144,6 +259,13 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
         samples_per_sec: fit.samples_per_sec(),
         ranks: config.ranks.get(),
         global_batch_size,
+        pipeline: config.pipeline.map(|p| PipelineReport {
+            stages: p.stages.get(),
+            micro_batches: p.schedule.micro_batches(p.micro_batches).get(),
+            schedule: format!("{:?}", p.schedule),
+        }),
+        bubble_fraction: (!bubbles.is_empty())
+            .then(|| bubbles.iter().sum::<f64>() / bubbles.len() as f64),
         resumed_from_epoch: fit.resumed_from_epoch,
         history: fit.history,
     })

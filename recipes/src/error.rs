@@ -35,6 +35,14 @@ pub enum RecipeError {
         /// The model name it records.
         model: String,
     },
+    /// Options that cannot be used together or are out of range.
+    #[error("{flag}: {reason}")]
+    Options {
+        /// The flag at fault, e.g. `--pipeline-stages`.
+        flag: &'static str,
+        /// Why it is refused.
+        reason: String,
+    },
     /// A broken invariant inside kiln (a bug); the message names it.
     #[error("internal error: {0}")]
     Internal(String),

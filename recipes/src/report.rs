@@ -48,10 +48,28 @@ pub struct TrainReport {
     pub ranks: usize,
     /// Samples per optimizer step, over all ranks.
     pub global_batch_size: usize,
+    /// The pipeline the run trained through, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<PipelineReport>,
+    /// Pipeline runs: the mean measured fraction of stage time spent idle, over this run's
+    /// epochs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bubble_fraction: Option<f64>,
     /// Epochs that were already done when this run started (resume).
     pub resumed_from_epoch: usize,
     /// Metrics of every epoch.
     pub history: Vec<EpochMetrics>,
+}
+
+/// How a pipeline run was split.
+#[derive(Debug, Clone, Serialize)]
+pub struct PipelineReport {
+    /// Stages.
+    pub stages: usize,
+    /// Micro-batches per batch.
+    pub micro_batches: usize,
+    /// Schedule (`Naive`, `GPipe`, `OneFOneB`).
+    pub schedule: String,
 }
 
 /// Result of an evaluation.
@@ -97,10 +115,16 @@ impl Report for TrainReport {
             self.epochs,
             if self.epochs == 1 { "" } else { "s" },
             self.samples_per_sec,
-            if self.ranks > 1 {
-                format!(" on {} ranks", self.ranks)
-            } else {
-                String::new()
+            match (&self.pipeline, self.bubble_fraction) {
+                (Some(p), Some(bubble)) => format!(
+                    " through a {}-stage {} pipeline ({} micro-batches, bubble {:.0}%)",
+                    p.stages,
+                    p.schedule,
+                    p.micro_batches,
+                    100.0 * bubble
+                ),
+                _ if self.ranks > 1 => format!(" on {} ranks", self.ranks),
+                _ => String::new(),
             },
             self.run_dir.display()
         )

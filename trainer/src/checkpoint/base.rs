@@ -26,6 +26,9 @@ pub struct EpochMetrics {
     pub samples_per_sec: f64,
     /// Seconds spent training in this epoch, evaluation excluded.
     pub train_seconds: f64,
+    /// Pipeline runs: the mean measured idle fraction of the stages over the epoch's steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bubble_fraction: Option<f64>,
 }
 
 impl EpochMetrics {

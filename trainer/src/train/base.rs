@@ -5,9 +5,11 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::GradientsParams;
 use burn::optim::SgdConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::tensor::{Bytes, Device, Tensor};
+use kiln_multi::pipeline::{Activation, Pipeline, PipelineConfig, PipelineStage, merge_grads};
 use kiln_multi::{
     BucketConfig, Collective, DistributedDataParallel, DistributedSampler,
     DistributedSamplerConfig, Rank, ReduceOp, WorldSize, run_in_process,
@@ -20,7 +22,7 @@ use crate::checkpoint::{
     Checkpoint, EpochMetrics, TrainerState, checkpoint_path, write_checkpoint_atomic,
 };
 use crate::config::TrainerConfig;
-use crate::data::ImageDataset;
+use crate::data::{ImageBatch, ImageDataset};
 use crate::error::{Result, TrainError};
 use crate::report::{Progress, Verbosity, write_metrics_jsonl};
 
@@ -135,9 +137,14 @@ impl Trainer {
             });
         }
         match execution {
-            Execution::Single(device) => {
-                self.fit_rank(model, &forward, data, resume, RankSetup::single(device))
-            }
+            Execution::Single(device) => self.fit_rank(
+                model,
+                &forward,
+                data,
+                resume,
+                RankSetup::single(device),
+                None,
+            ),
             Execution::DataParallel(dp) => {
                 // Forked replicas: each rank gets its own autodiff graph.
                 let replicas: Vec<Mutex<Option<M>>> = dp
@@ -157,7 +164,7 @@ impl Trainer {
                         collective: Some(collective),
                         buckets: dp.buckets,
                     };
-                    self.fit_rank(replica, &forward, data, resume.clone(), setup)
+                    self.fit_rank(replica, &forward, data, resume.clone(), setup, None)
                 })?;
                 Ok(ranks
                     .into_iter()
@@ -165,6 +172,36 @@ impl Trainer {
                     .expect("a world has at least rank 0"))
             }
         }
+    }
+
+    /// Trains `model` as [`fit`](Self::fit) does on one device, but every step runs through
+    /// a pipeline of stages made by `split.split` from the current model: micro-batches flow
+    /// through the stages on their threads (and devices) under `split.config.schedule`, and the
+    /// stages' gradients go to the model's one optimizer. A step is the same update as on one
+    /// device; checkpoints, resume and evaluation are those of the whole model. Each epoch
+    /// records the measured bubble fraction.
+    ///
+    /// # Errors
+    /// As [`fit`](Self::fit), and [`TrainError::Multi`] when a stage is misplaced, fails or
+    /// times out.
+    pub fn fit_pipeline<M, F>(
+        &self,
+        model: M,
+        forward: F,
+        data: TrainData<'_>,
+        resume: Option<(PathBuf, Checkpoint)>,
+        split: PipelineSplit<'_, M>,
+    ) -> Result<(M, FitReport)>
+    where
+        M: Module,
+        F: Fn(&M, Tensor<4>) -> Tensor<2>,
+    {
+        let run = PipelineRun {
+            pipeline: Pipeline::new(split.stages, split.config)?,
+            split: split.split,
+        };
+        let setup = RankSetup::single(&split.device);
+        self.fit_rank(model, &forward, data, resume, setup, Some(&run))
     }
 
     /// The training run of one rank (the only one, on a single device).
@@ -175,6 +212,7 @@ impl Trainer {
         data: TrainData<'_>,
         resume: Option<(PathBuf, Checkpoint)>,
         setup: RankSetup<'_>,
+        pipeline: Option<&PipelineRun<'_, M>>,
     ) -> Result<(M, FitReport)>
     where
         M: Module,
@@ -262,17 +300,38 @@ impl Trainer {
                 order: &order,
                 batch_size: local_batch,
                 lr: config.lr,
-                loss_fn: &loss_fn,
                 device,
+            };
+            // Pipeline runs: sum and count of the steps' measured bubble fractions.
+            let mut bubbles = (0.0f64, 0usize);
+            let mut loss_and_grads = |model: &M, batch: ImageBatch| match pipeline {
+                None => {
+                    let logits = forward(model, batch.images);
+                    let loss = loss_fn.forward(logits, batch.targets);
+                    let value = loss.clone().into_scalar::<f64>();
+                    Ok((value, GradientsParams::from_grads(loss.backward(), model)))
+                }
+                Some(run) => {
+                    let mut stages = (run.split)(model);
+                    let report = run.pipeline.run(
+                        &mut stages,
+                        Activation::Rank4(batch.images),
+                        batch.targets,
+                    )?;
+                    bubbles.0 += report.bubble_fraction();
+                    bubbles.1 += 1;
+                    Ok((report.loss, merge_grads(model, &mut stages)))
+                }
             };
             let (trained, outcome) = train_epoch(
                 model,
-                forward,
+                &mut loss_and_grads,
                 &mut optimizer,
                 inputs,
                 ddp.as_mut(),
                 &progress,
             )?;
+            let bubble_fraction = (bubbles.1 > 0).then(|| bubbles.0 / bubbles.1 as f64);
             model = trained;
             step += outcome.steps;
             progress.evaluating();
@@ -312,6 +371,7 @@ impl Trainer {
                 test_accuracy: eval.accuracy,
                 samples_per_sec: (outcome.samples * world.get()) as f64 / outcome.seconds.max(1e-9),
                 train_seconds: outcome.seconds,
+                bubble_fraction,
             };
             progress.end_epoch(config.epochs, &metrics);
             history.push(metrics);
@@ -380,6 +440,24 @@ impl Trainer {
         }
         Ok(())
     }
+}
+
+/// How [`Trainer::fit_pipeline`] splits a model into pipeline stages.
+pub struct PipelineSplit<'a, M> {
+    /// The device of the whole model: evaluation and the optimizer run there.
+    pub device: Device,
+    /// Schedule, micro-batches, timeout and threads per stage.
+    pub config: PipelineConfig,
+    /// How many stages `split` makes.
+    pub stages: NonZeroUsize,
+    /// Builds the stages from the current model, sharing its parameters (module clones).
+    pub split: &'a (dyn Fn(&M) -> Vec<Box<dyn PipelineStage>> + Sync),
+}
+
+/// A pipeline runner and the split it runs.
+struct PipelineRun<'a, M> {
+    pipeline: Pipeline,
+    split: &'a (dyn Fn(&M) -> Vec<Box<dyn PipelineStage>> + Sync),
 }
 
 /// What one rank trains with.

@@ -3,12 +3,11 @@
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::nn::loss::CrossEntropyLoss;
 use burn::optim::{GradientsParams, ModuleOptimizer};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Device;
 use kiln_multi::DistributedDataParallel;
 
-use crate::data::{ImageDataset, make_batch};
+use crate::data::{ImageBatch, ImageDataset, make_batch};
 use crate::error::Result;
 use crate::report::Progress;
 
@@ -29,25 +28,25 @@ pub(crate) struct EpochInputs<'a> {
     /// Samples per batch on this rank.
     pub(crate) batch_size: usize,
     pub(crate) lr: f64,
-    pub(crate) loss_fn: &'a CrossEntropyLoss,
     pub(crate) device: &'a Device,
 }
 
-/// Runs one pass over `inputs.order` in batches, one SGD step per batch. With `sync`, every
-/// step's gradients are first averaged with the other ranks'; the progress bar shows this
-/// rank's loss and the throughput of all `world` ranks together.
-pub(crate) fn train_epoch<M, F>(
+/// How a step's loss and gradients are computed: on one device, or through a pipeline.
+pub(crate) type LossAndGrads<'a, M> =
+    dyn FnMut(&M, ImageBatch) -> Result<(f64, GradientsParams)> + 'a;
+
+/// Runs one pass over `inputs.order` in batches, one SGD step per batch, with the loss and
+/// gradients from `loss_and_grads`. With `sync`, every step's gradients are first averaged
+/// with the other ranks'; the progress bar shows this rank's loss and the throughput of all
+/// ranks together.
+pub(crate) fn train_epoch<M: Module>(
     mut model: M,
-    forward: &F,
+    loss_and_grads: &mut LossAndGrads<'_, M>,
     optimizer: &mut ModuleOptimizer,
     inputs: EpochInputs<'_>,
     mut sync: Option<&mut DistributedDataParallel>,
     progress: &Progress,
-) -> Result<(M, EpochOutcome)>
-where
-    M: Module,
-    F: Fn(&M, Tensor<4>) -> Tensor<2>,
-{
+) -> Result<(M, EpochOutcome)> {
     let world = sync
         .as_deref()
         .map_or(1, |ddp| ddp.collective().world_size().get());
@@ -55,10 +54,7 @@ where
     let (mut loss_sum, mut steps, mut samples) = (0.0f64, 0u64, 0usize);
     for chunk in inputs.order.chunks(inputs.batch_size) {
         let batch = make_batch(inputs.data, chunk, inputs.device);
-        let logits = forward(&model, batch.images);
-        let loss = inputs.loss_fn.forward(logits, batch.targets);
-        let loss_value = loss.clone().into_scalar::<f64>();
-        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+        let (loss_value, mut grads) = loss_and_grads(&model, batch)?;
         if let Some(ddp) = sync.as_deref_mut() {
             grads = ddp.sync(&model, grads)?;
         }

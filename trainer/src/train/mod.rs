@@ -6,6 +6,6 @@ mod epoch;
 mod eval;
 mod execution;
 
-pub use base::{FitReport, RunLabels, TrainData, Trainer};
+pub use base::{FitReport, PipelineSplit, RunLabels, TrainData, Trainer};
 pub use eval::{EvalMetrics, evaluate};
 pub use execution::{DataParallelConfig, Execution};
