@@ -7,8 +7,7 @@ use std::time::Duration;
 use burn::module::{Module, ModuleMapper, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig, Relu};
-use burn::optim::momentum::MomentumConfig;
-use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig};
+use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use kiln_multi::data_parallel::flatten_params;
 use kiln_multi::{
@@ -16,6 +15,8 @@ use kiln_multi::{
     DistributedSamplerConfig, MultiError, Rank, WorldSize, run_in_process,
 };
 use rand::rngs::StdRng;
+
+use crate::common::{device, max_abs_diff, sgd};
 use rand::{Rng, SeedableRng};
 
 const FEATURES: usize = 12;
@@ -90,20 +91,6 @@ impl Data {
             .mul_scalar(scale);
         GradientsParams::from_grads(loss.backward(), model)
     }
-}
-
-fn sgd() -> ModuleOptimizer {
-    SgdConfig::new()
-        .with_momentum(Some(MomentumConfig {
-            momentum: 0.9,
-            dampening: 0.0,
-            nesterov: false,
-        }))
-        .init()
-}
-
-fn device() -> Device {
-    Device::flex().autodiff()
 }
 
 /// What one rank ends with.
@@ -211,14 +198,6 @@ fn train_single(data: &Data, init: &Mlp, steps: &[Vec<usize>]) -> Vec<f32> {
         model = optimizer.step(LR, model, grads);
     }
     flatten_params(&model).unwrap()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// Checks the ranks agree bit for bit and match one device within `tol`; returns the error.

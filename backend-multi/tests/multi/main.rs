@@ -1,5 +1,6 @@
 //! Integration tests of kiln-multi, in one binary to keep link time down.
 
 mod collectives;
+mod common;
 mod data_parallel;
 mod pipeline;

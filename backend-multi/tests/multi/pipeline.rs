@@ -9,8 +9,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d, Relu};
-use burn::optim::momentum::MomentumConfig;
-use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig};
+use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use kiln_multi::MultiError;
 use kiln_multi::data_parallel::flatten_params;
@@ -18,6 +17,8 @@ use kiln_multi::pipeline::{
     Activation, ModuleStage, Pipeline, PipelineConfig, PipelineSchedule, PipelineStage, merge_grads,
 };
 use rand::rngs::StdRng;
+
+use crate::common::{device, max_abs_diff, sgd};
 use rand::{Rng, SeedableRng};
 
 const BATCH: usize = 16;
@@ -105,20 +106,6 @@ impl Whole {
     fn forward(&self, x: Tensor<4>) -> Tensor<2> {
         self.head.forward(self.hidden.forward(self.conv.forward(x)))
     }
-}
-
-fn device() -> Device {
-    Device::flex().autodiff()
-}
-
-fn sgd() -> ModuleOptimizer {
-    SgdConfig::new()
-        .with_momentum(Some(MomentumConfig {
-            momentum: 0.9,
-            dampening: 0.0,
-            nesterov: false,
-        }))
-        .init()
 }
 
 /// Batches of random 8x8 images with labels.
@@ -327,12 +314,4 @@ fn a_stage_that_panics_fails_the_step_without_hanging() {
         matches!(&err, MultiError::RankPanicked { rank: 1, message } if message.contains("bad layer")),
         "{err:?}"
     );
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
