@@ -2,7 +2,7 @@
 
 use crate::common::{assert_clean_failure, kiln, last_json};
 
-fn train(out: &std::path::Path, extra: &[&str]) -> serde_json::Value {
+fn train(out: &std::path::Path, epochs: &str, extra: &[&str]) -> serde_json::Value {
     let out = out.to_str().unwrap();
     let args = [
         &[
@@ -11,7 +11,7 @@ fn train(out: &std::path::Path, extra: &[&str]) -> serde_json::Value {
             "--limit",
             "512",
             "--epochs",
-            "1",
+            epochs,
             "--out",
             out,
             "--json",
@@ -32,7 +32,7 @@ fn train(out: &std::path::Path, extra: &[&str]) -> serde_json::Value {
 #[test]
 fn kiln_train_through_a_pipeline_matches_one_device() {
     let dir = tempfile::tempdir().unwrap();
-    let single = train(&dir.path().join("single"), &[]);
+    let single = train(&dir.path().join("single"), "1", &[]);
     assert!(single.get("bubble_fraction").is_none());
     let cases: [&[&str]; 3] = [
         &["--pipeline-stages", "2", "--schedule", "naive"],
@@ -54,7 +54,7 @@ fn kiln_train_through_a_pipeline_matches_one_device() {
         ],
     ];
     for (k, flags) in cases.into_iter().enumerate() {
-        let piped = train(&dir.path().join(format!("pipe{k}")), flags);
+        let piped = train(&dir.path().join(format!("pipe{k}")), "1", flags);
         for key in ["test_loss", "train_loss", "test_accuracy"] {
             let (a, b) = (single[key].as_f64().unwrap(), piped[key].as_f64().unwrap());
             assert!((a - b).abs() < 1e-5, "{flags:?}: {key} {a} vs {b}");
@@ -89,4 +89,18 @@ fn unsupported_pipeline_options_are_refused() {
     // --schedule without a pipeline is a usage error.
     let output = kiln(&["train", "cnn-mnist", "--schedule", "gpipe"]);
     assert_eq!(output.status.code(), Some(2));
+}
+
+#[test]
+fn a_pipeline_run_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--pipeline-stages", "2", "--micro-batches", "4"];
+    let straight = train(&dir.path().join("straight"), "2", &flags);
+    let split = dir.path().join("split");
+    train(&split, "1", &flags);
+    let resumed = train(&split, "2", &[&flags[..], &["--resume"]].concat());
+    assert_eq!(resumed["resumed_from_epoch"], 1);
+    for key in ["test_loss", "train_loss", "test_accuracy"] {
+        assert_eq!(straight[key], resumed[key], "{key}");
+    }
 }

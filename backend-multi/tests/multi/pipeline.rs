@@ -315,3 +315,40 @@ fn a_stage_that_panics_fails_the_step_without_hanging() {
         "{err:?}"
     );
 }
+
+#[test]
+fn a_stalled_stage_times_out_its_neighbour() {
+    let init = Whole::new(&device());
+    let slow = |tail: &Tail, x: Tensor<4>| -> Tensor<2> {
+        std::thread::sleep(Duration::from_millis(1500));
+        tail.forward(x)
+    };
+    let mut stages: Vec<Box<dyn PipelineStage>> = vec![
+        Box::new(ModuleStage::new(
+            "conv",
+            init.conv,
+            ConvPart::forward,
+            device(),
+        )),
+        Box::new(ModuleStage::new(
+            "tail",
+            Tail {
+                hidden: init.hidden,
+                head: init.head,
+            },
+            slow,
+            device(),
+        )),
+    ];
+    let mut config = config(PipelineSchedule::GPipe, 2);
+    config.timeout = Duration::from_millis(200);
+    let pipeline = Pipeline::new(NonZeroUsize::new(2).unwrap(), config).unwrap();
+    let (x, y) = batches(1).remove(0);
+    let err = pipeline
+        .run(&mut stages, Activation::Rank4(x), y)
+        .unwrap_err();
+    assert!(
+        matches!(&err, MultiError::Pipeline { stage: 0, reason } if reason.contains("waited") && reason.contains("gradient")),
+        "{err:?}"
+    );
+}
