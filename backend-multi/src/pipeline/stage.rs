@@ -214,6 +214,17 @@ where
                 self.name
             ),
         };
+        if !(2..=4).contains(&O) {
+            return Err(MultiError::Pipeline {
+                stage,
+                reason: format!(
+                    "stage '{}' produces rank-{O} output, which a pipeline cannot carry (ranks 2 to 4)",
+                    self.name
+                ),
+            });
+        }
+        // A const-generic rank cannot be renamed: with I == R matched here, reshaping to the
+        // tensor's own dimensions is the identity (a view), typed as `Tensor<I>`.
         let output = match (I, input) {
             (2, Activation::Rank2(x)) => {
                 let dims = x_dims(&x);
@@ -229,13 +240,7 @@ where
             }
             _ => return Err(wrong_rank()),
         };
-        output.ok_or_else(|| MultiError::Pipeline {
-            stage,
-            reason: format!(
-                "stage '{}' produces rank-{O} output, which a pipeline cannot carry (ranks 2 to 4)",
-                self.name
-            ),
-        })
+        Ok(output)
     }
 
     fn accumulate(&mut self, mut grads: Gradients) {
@@ -253,23 +258,30 @@ where
     M: Module,
     F: Fn(&M, Tensor<I>) -> Tensor<O> + Send,
 {
-    fn run(&self, input: Tensor<I>) -> Option<Activation> {
+    /// The forward pass, its output wrapped by rank (`O` is checked to be 2 to 4 first).
+    fn run(&self, input: Tensor<I>) -> Activation {
         let output = (self.forward)(&self.model, input);
-        let dims = output.dims();
-        Some(match O {
-            2 => Activation::Rank2(output.reshape(to_array::<2>(&dims)?)),
-            3 => Activation::Rank3(output.reshape(to_array::<3>(&dims)?)),
-            4 => Activation::Rank4(output.reshape(to_array::<4>(&dims)?)),
-            _ => return None,
-        })
+        match O {
+            2 => {
+                let dims = x_dims::<O, 2>(&output);
+                Activation::Rank2(output.reshape(dims))
+            }
+            3 => {
+                let dims = x_dims::<O, 3>(&output);
+                Activation::Rank3(output.reshape(dims))
+            }
+            _ => {
+                let dims = x_dims::<O, 4>(&output);
+                Activation::Rank4(output.reshape(dims))
+            }
+        }
     }
 }
 
-/// `x`'s dimensions as an array of length `I` (the caller matched the rank already).
-fn x_dims<const R: usize, const I: usize>(x: &Tensor<R>) -> [usize; I] {
-    to_array::<I>(&x.dims()).expect("ranks were matched by the caller")
-}
-
-fn to_array<const N: usize>(dims: &[usize]) -> Option<[usize; N]> {
-    dims.try_into().ok()
+/// `x`'s dimensions as an array of length `N`; the caller has matched `R == N`.
+fn x_dims<const R: usize, const N: usize>(x: &Tensor<R>) -> [usize; N] {
+    x.dims()
+        .as_slice()
+        .try_into()
+        .expect("ranks were matched by the caller")
 }
