@@ -1,9 +1,13 @@
 //! Strict loading of PyTorch weights (`.pth`/`.pt` pickles and `.safetensors`) into Burn modules.
 //!
 //! Parameter names must match the PyTorch `state_dict` keys exactly (kiln's models use
-//! torchvision's names). Linear weights are transposed from PyTorch's `[out, in]` to Burn's
-//! `[in, out]` on the way in. Loading is strict: a missing, unused or mis-shaped tensor is an
-//! error that names every offending key, never a silent partial import.
+//! torchvision's names), with two mappings torchvision needs: `downsample.0`/`downsample.1` are
+//! kiln's `downsample.conv`/`downsample.bn`, and BatchNorm's `num_batches_tracked` counters
+//! (which inference never uses) are read past. Linear weights are transposed from PyTorch's
+//! `[out, in]` to Burn's `[in, out]`, and BatchNorm's `weight`/`bias` become `gamma`/`beta`.
+//! Loading is strict: a missing, unused or mis-shaped tensor is an error that names every
+//! offending key, never a silent partial import. Pickles are read as data: no pickled code is
+//! ever run.
 
 use std::path::Path;
 
@@ -50,6 +54,14 @@ pub struct ImportReport {
     pub applied: Vec<String>,
 }
 
+/// torchvision's shortcut convolution, `downsample.0`, is kiln's `downsample.conv`.
+const DOWNSAMPLE_CONV: (&str, &str) = (r"\.downsample\.0\.", ".downsample.conv.");
+/// torchvision's shortcut batch norm, `downsample.1`, is kiln's `downsample.bn`.
+const DOWNSAMPLE_NORM: (&str, &str) = (r"\.downsample\.1\.", ".downsample.bn.");
+/// A BatchNorm counter PyTorch saves and Burn does not keep (it only matters for momentum-free
+/// running averages, which torchvision does not use).
+const BATCHES_TRACKED: &str = "num_batches_tracked";
+
 /// Loads the weights in `path` into `model`, strictly.
 ///
 /// # Errors
@@ -71,7 +83,13 @@ pub fn load_weights<M: Module>(model: &mut M, path: &Path) -> Result<ImportRepor
     };
     let result = match format {
         WeightFormat::Pytorch => {
-            let mut store = PytorchStore::from_file(path).allow_partial(true);
+            let mut store = PytorchStore::from_file(path)
+                .with_key_remapping(DOWNSAMPLE_CONV.0, DOWNSAMPLE_CONV.1)
+                .with_key_remapping(DOWNSAMPLE_NORM.0, DOWNSAMPLE_NORM.1)
+                .skip_enum_variants(true)
+                // Mismatches are collected and reported below, one message for every format.
+                .validate(false)
+                .allow_partial(true);
             model
                 .load_from(&mut store)
                 .map_err(|e| unreadable(e.to_string()))?
@@ -79,6 +97,11 @@ pub fn load_weights<M: Module>(model: &mut M, path: &Path) -> Result<ImportRepor
         WeightFormat::Safetensors => {
             let mut store = SafetensorsStore::from_file(path)
                 .with_from_adapter(PyTorchToBurnAdapter)
+                .with_key_remapping(DOWNSAMPLE_CONV.0, DOWNSAMPLE_CONV.1)
+                .with_key_remapping(DOWNSAMPLE_NORM.0, DOWNSAMPLE_NORM.1)
+                .skip_enum_variants(true)
+                // Mismatches are collected and reported below, one message for every format.
+                .validate(false)
                 .allow_partial(true);
             model
                 .load_from(&mut store)
@@ -86,6 +109,21 @@ pub fn load_weights<M: Module>(model: &mut M, path: &Path) -> Result<ImportRepor
         }
     };
     check_complete(result, format, path)
+}
+
+/// Names, all of them up to 20, else the first 20 and how many more: enough to see whether
+/// a file belongs to another model without pages of output.
+fn name_list(names: &[&str]) -> String {
+    const SHOWN: usize = 20;
+    if names.len() <= SHOWN {
+        names.join(", ")
+    } else {
+        format!(
+            "{} ... and {} more",
+            names[..SHOWN].join(", "),
+            names.len() - SHOWN
+        )
+    }
 }
 
 fn check_complete(result: ApplyResult, format: WeightFormat, path: &Path) -> Result<ImportReport> {
@@ -96,10 +134,16 @@ fn check_complete(result: ApplyResult, format: WeightFormat, path: &Path) -> Res
             .iter()
             .map(|(name, _)| name.as_str())
             .collect();
-        problems.push(format!("missing from the file: {}", names.join(", ")));
+        problems.push(format!("missing from the file: {}", name_list(&names)));
     }
-    if !result.unused.is_empty() {
-        problems.push(format!("not in the model: {}", result.unused.join(", ")));
+    let unused: Vec<&str> = result
+        .unused
+        .iter()
+        .map(String::as_str)
+        .filter(|name| !name.ends_with(BATCHES_TRACKED))
+        .collect();
+    if !unused.is_empty() {
+        problems.push(format!("not in the model: {}", name_list(&unused)));
     }
     for error in &result.errors {
         problems.push(error.to_string());

@@ -11,10 +11,12 @@
 mod error;
 pub mod import;
 mod init;
+pub mod resnet;
 mod simple_cnn;
 
 pub use error::{ImportError, Result};
 pub use import::{ImportReport, WeightFormat, load_weights};
+pub use resnet::{ResNet, ResNetDepth};
 pub use simple_cnn::{
     SimpleCnn, SimpleCnnBack, SimpleCnnClassifier, SimpleCnnConfig, SimpleCnnConvBlock,
 };

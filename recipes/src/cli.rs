@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+use kiln_models::ResNetDepth;
 use kiln_multi::WorldSize;
 use kiln_multi::pipeline::PipelineSchedule;
 use kiln_trainer::checkpoint::latest_checkpoint;
@@ -150,12 +151,23 @@ fn fresh_run_dir(name: &str) -> Result<PathBuf> {
 pub enum ModelArg {
     /// SimpleCNN (conv1, conv2, fc1, fc2), as in PyTorch's MNIST tutorial.
     SimpleCnn,
+    /// torchvision's resnet18 (state_dict names as torchvision saves them).
+    Resnet18,
+    /// torchvision's resnet34.
+    Resnet34,
+    /// torchvision's resnet50.
+    Resnet50,
 }
 
-impl From<ModelArg> for ModelKind {
-    fn from(arg: ModelArg) -> Self {
-        match arg {
+impl ModelArg {
+    /// The architecture, with `num_classes` outputs for the ResNets.
+    fn kind(self, num_classes: usize) -> ModelKind {
+        let resnet = |depth| ModelKind::ResNet { depth, num_classes };
+        match self {
             ModelArg::SimpleCnn => ModelKind::SimpleCnn,
+            ModelArg::Resnet18 => resnet(ResNetDepth::R18),
+            ModelArg::Resnet34 => resnet(ResNetDepth::R34),
+            ModelArg::Resnet50 => resnet(ResNetDepth::R50),
         }
     }
 }
@@ -169,9 +181,13 @@ pub struct ModelSourceArgs {
     /// Architecture of --weights.
     #[arg(long, value_enum, requires = "weights")]
     pub model: Option<ModelArg>,
-    /// PyTorch state_dict as .pth/.pt or .safetensors (parameter names conv1, conv2, fc1, fc2).
+    /// PyTorch state_dict as .pth/.pt or .safetensors, with the architecture's PyTorch
+    /// parameter names (SimpleCNN: conv1, conv2, fc1, fc2; ResNets: torchvision's).
     #[arg(long, value_name = "FILE", requires = "model")]
     pub weights: Option<PathBuf>,
+    /// Outputs of a ResNet's fc layer in --weights (1000 for torchvision's ImageNet weights).
+    #[arg(long, value_name = "N", default_value_t = NonZeroUsize::new(1000).expect("1000 is not zero"))]
+    pub num_classes: NonZeroUsize,
 }
 
 impl ModelSourceArgs {
@@ -181,7 +197,7 @@ impl ModelSourceArgs {
         match (&self.checkpoint, self.model, &self.weights) {
             (Some(path), _, _) => Some(ModelSource::Checkpoint(path.clone())),
             (None, Some(model), Some(path)) => Some(ModelSource::Weights {
-                model: model.into(),
+                model: model.kind(self.num_classes.get()),
                 path: path.clone(),
             }),
             _ => None,

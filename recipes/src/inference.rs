@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
-use kiln_models::{SimpleCnn, SimpleCnnConfig, load_weights};
+use kiln_models::{ResNet, ResNetDepth, SimpleCnn, SimpleCnnConfig, load_weights};
 use kiln_trainer::checkpoint::{EpochMetrics, read_checkpoint, resolve_checkpoint};
 use kiln_trainer::data::{MnistSplit, NpyArray, read_npy_f32, write_npy_f32};
 use kiln_trainer::{TrainError, evaluate};
@@ -15,11 +15,18 @@ use crate::error::{RecipeError, Result};
 use crate::mnist_data::MnistSource;
 use crate::report::{EvalReport, PredictReport};
 
-/// Model architectures that can be evaluated from raw weights.
+/// Model architectures that can be built for PyTorch weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelKind {
     /// [`SimpleCnn`].
     SimpleCnn,
+    /// A torchvision ResNet with `num_classes` outputs.
+    ResNet {
+        /// 18, 34 or 50 layers.
+        depth: ResNetDepth,
+        /// Outputs of its `fc` layer (1000 for ImageNet weights).
+        num_classes: usize,
+    },
 }
 
 impl ModelKind {
@@ -27,6 +34,45 @@ impl ModelKind {
     pub fn name(self) -> &'static str {
         match self {
             ModelKind::SimpleCnn => MODEL,
+            ModelKind::ResNet { depth, .. } => depth.name(),
+        }
+    }
+}
+
+/// A built model of any kind kiln knows.
+enum Net {
+    SimpleCnn(SimpleCnn),
+    ResNet(ResNet),
+}
+
+impl Net {
+    fn valid(&self) -> Self {
+        match self {
+            Net::SimpleCnn(m) => Net::SimpleCnn(m.valid()),
+            Net::ResNet(m) => Net::ResNet(m.valid()),
+        }
+    }
+
+    fn forward(&self, images: Tensor<4>) -> Tensor<2> {
+        match self {
+            Net::SimpleCnn(m) => m.forward(images),
+            Net::ResNet(m) => m.forward(images),
+        }
+    }
+
+    /// Whether the model takes samples of shape `[c, h, w]`, and what it takes if not.
+    fn check_sample_shape(&self, chw: [usize; 3]) -> std::result::Result<(), String> {
+        match self {
+            Net::SimpleCnn(_) => {
+                let [c, h, w] = SimpleCnn::input_shape();
+                (chw == [c, h, w])
+                    .then_some(())
+                    .ok_or(format!("{c}, {h}, {w}"))
+            }
+            // The stem and four stride-2 stages need at least 32x32 to leave a 1x1 map.
+            Net::ResNet(_) => (chw[0] == 3 && chw[1] >= 32 && chw[2] >= 32)
+                .then_some(())
+                .ok_or_else(|| "3, H, W with H and W at least 32".to_string()),
         }
     }
 }
@@ -47,24 +93,34 @@ pub enum ModelSource {
 
 /// A loaded model plus what its checkpoint said about its training.
 struct Loaded {
-    model: SimpleCnn,
+    model: Net,
+    name: &'static str,
     source: PathBuf,
     trained: Option<(f64, usize)>,
 }
 
 fn load(source: &ModelSource, device: &Device) -> Result<Loaded> {
     match source {
-        ModelSource::Weights { model, path } => match model {
-            ModelKind::SimpleCnn => {
-                let mut net = SimpleCnnConfig::new().init(device, 0);
-                let _report = load_weights(&mut net, path)?;
-                Ok(Loaded {
-                    model: net,
-                    source: path.clone(),
-                    trained: None,
-                })
-            }
-        },
+        ModelSource::Weights { model, path } => {
+            let net = match *model {
+                ModelKind::SimpleCnn => {
+                    let mut net = SimpleCnnConfig::new().init(device, 0);
+                    let _report = load_weights(&mut net, path)?;
+                    Net::SimpleCnn(net)
+                }
+                ModelKind::ResNet { depth, num_classes } => {
+                    let mut net = ResNet::new(depth, num_classes, device);
+                    let _report = load_weights(&mut net, path)?;
+                    Net::ResNet(net)
+                }
+            };
+            Ok(Loaded {
+                model: net,
+                name: model.name(),
+                source: path.clone(),
+                trained: None,
+            })
+        }
         ModelSource::Checkpoint(path) => {
             let file = resolve_checkpoint(path)?;
             let checkpoint = read_checkpoint(&file)?;
@@ -77,7 +133,8 @@ fn load(source: &ModelSource, device: &Device) -> Result<Loaded> {
             let model = checkpoint.load_model(SimpleCnnConfig::new().init(device, 0), &file)?;
             let throughput = EpochMetrics::throughput(&checkpoint.state.history);
             Ok(Loaded {
-                model,
+                model: Net::SimpleCnn(model),
+                name: MODEL,
                 source: file,
                 trained: Some((throughput, checkpoint.state.epoch)),
             })
@@ -96,17 +153,20 @@ pub fn eval(source: &ModelSource, data: &MnistSource, batch_size: usize) -> Resu
     })?;
     let device = Device::flex();
     let loaded = load(source, &device)?;
+    let Net::SimpleCnn(model) = &loaded.model else {
+        return Err(RecipeError::Options {
+            flag: "--model",
+            reason: format!(
+                "kiln eval reads MNIST, which {} cannot take; run it on your images with kiln predict",
+                loaded.name
+            ),
+        });
+    };
     let test = data.load(MnistSplit::Test)?;
     check_image_shape(&test)?;
-    let metrics = evaluate(
-        &loaded.model,
-        SimpleCnn::forward,
-        &test,
-        batch_size,
-        &device,
-    );
+    let metrics = evaluate(model, SimpleCnn::forward, &test, batch_size, &device);
     Ok(EvalReport {
-        model: MODEL.into(),
+        model: loaded.name.into(),
         source: loaded.source,
         test_accuracy: metrics.accuracy,
         test_loss: metrics.loss,
@@ -126,25 +186,21 @@ pub fn predict(source: &ModelSource, input: &Path, output: &Path) -> Result<Pred
     let device = Device::flex();
     let loaded = load(source, &device)?;
     let array = read_npy_f32(input)?;
-    let per_sample = SimpleCnn::input_shape();
-    let n = match array.shape.as_slice() {
-        [n, c, h, w] if [*c, *h, *w] == per_sample && *n > 0 => *n,
-        _ => {
-            return Err(RecipeError::InputShape {
-                path: input.to_path_buf(),
-                found: array.shape,
-                expected: format!("{}, {}, {}", per_sample[0], per_sample[1], per_sample[2]),
-            });
-        }
+    let shape_error = |expected: String| RecipeError::InputShape {
+        path: input.to_path_buf(),
+        found: array.shape.clone(),
+        expected,
     };
+    let [n, c, h, w] = match array.shape.as_slice() {
+        &[n, c, h, w] if n > 0 => [n, c, h, w],
+        _ => return Err(shape_error("C, H, W".to_string())),
+    };
+    loaded
+        .model
+        .check_sample_shape([c, h, w])
+        .map_err(shape_error)?;
     let model = loaded.model.valid();
-    let images = Tensor::<4>::from_data(
-        TensorData::new(
-            array.values,
-            [n, per_sample[0], per_sample[1], per_sample[2]],
-        ),
-        &device,
-    );
+    let images = Tensor::<4>::from_data(TensorData::new(array.values, [n, c, h, w]), &device);
     let logits = model.forward(images);
     let [_, classes] = logits.dims();
     let values = logits
@@ -160,7 +216,7 @@ pub fn predict(source: &ModelSource, input: &Path, output: &Path) -> Result<Pred
         },
     )?;
     Ok(PredictReport {
-        model: MODEL.into(),
+        model: loaded.name.into(),
         samples: n,
         output: output.to_path_buf(),
         predictions,

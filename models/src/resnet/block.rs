@@ -1,0 +1,168 @@
+//! The residual blocks of torchvision's ResNets, with torchvision's parameter names.
+
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d, Relu};
+use burn::tensor::{Device, Tensor};
+
+/// A bias-free `k x k` convolution with torchvision's padding (`k / 2`).
+pub(crate) fn conv(
+    inputs: usize,
+    outputs: usize,
+    k: usize,
+    stride: usize,
+    device: &Device,
+) -> Conv2d {
+    let pad = k / 2;
+    Conv2dConfig::new([inputs, outputs], [k, k])
+        .with_stride([stride, stride])
+        .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+        .with_bias(false)
+        .init(device)
+}
+
+pub(crate) fn norm(features: usize, device: &Device) -> BatchNorm {
+    BatchNormConfig::new(features).init(device)
+}
+
+/// The shortcut of a block that changes resolution or width: a strided 1x1 convolution and a
+/// batch norm (torchvision's `downsample.0` and `downsample.1`; the importer maps those names).
+#[derive(Module, Debug)]
+pub struct Downsample {
+    /// `downsample.0`.
+    pub conv: Conv2d,
+    /// `downsample.1`.
+    pub bn: BatchNorm,
+}
+
+impl Downsample {
+    fn new(inputs: usize, outputs: usize, stride: usize, device: &Device) -> Self {
+        Self {
+            conv: conv(inputs, outputs, 1, stride, device),
+            bn: norm(outputs, device),
+        }
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        self.bn.forward(self.conv.forward(x))
+    }
+
+    /// The shortcut a block from `inputs` to `outputs` channels at `stride` needs, if any.
+    fn needed(inputs: usize, outputs: usize, stride: usize, device: &Device) -> Option<Self> {
+        (stride != 1 || inputs != outputs).then(|| Self::new(inputs, outputs, stride, device))
+    }
+}
+
+/// ResNet-18/34's block: two 3x3 convolutions.
+#[derive(Module, Debug)]
+pub struct BasicBlock {
+    /// 3x3, carries the stride.
+    pub conv1: Conv2d,
+    /// After `conv1`.
+    pub bn1: BatchNorm,
+    /// 3x3.
+    pub conv2: Conv2d,
+    /// After `conv2`.
+    pub bn2: BatchNorm,
+    /// Shortcut projection, when the shape changes.
+    pub downsample: Option<Downsample>,
+    relu: Relu,
+}
+
+impl BasicBlock {
+    /// Output channels per `planes`.
+    pub const EXPANSION: usize = 1;
+
+    pub(crate) fn new(inputs: usize, planes: usize, stride: usize, device: &Device) -> Self {
+        Self {
+            conv1: conv(inputs, planes, 3, stride, device),
+            bn1: norm(planes, device),
+            conv2: conv(planes, planes, 3, 1, device),
+            bn2: norm(planes, device),
+            downsample: Downsample::needed(inputs, planes, stride, device),
+            relu: Relu::new(),
+        }
+    }
+
+    /// `relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let identity = match &self.downsample {
+            Some(d) => d.forward(x.clone()),
+            None => x.clone(),
+        };
+        let out = self.relu.forward(self.bn1.forward(self.conv1.forward(x)));
+        let out = self.bn2.forward(self.conv2.forward(out));
+        self.relu.forward(out + identity)
+    }
+}
+
+/// ResNet-50's block: 1x1 reduce, 3x3 (carrying the stride, as torchvision's v1.5), 1x1 expand.
+#[derive(Module, Debug)]
+pub struct Bottleneck {
+    /// 1x1 reduction.
+    pub conv1: Conv2d,
+    /// After `conv1`.
+    pub bn1: BatchNorm,
+    /// 3x3, carries the stride.
+    pub conv2: Conv2d,
+    /// After `conv2`.
+    pub bn2: BatchNorm,
+    /// 1x1 expansion to `4 * planes`.
+    pub conv3: Conv2d,
+    /// After `conv3`.
+    pub bn3: BatchNorm,
+    /// Shortcut projection, when the shape changes.
+    pub downsample: Option<Downsample>,
+    relu: Relu,
+}
+
+impl Bottleneck {
+    /// Output channels per `planes`.
+    pub const EXPANSION: usize = 4;
+
+    pub(crate) fn new(inputs: usize, planes: usize, stride: usize, device: &Device) -> Self {
+        let outputs = planes * Self::EXPANSION;
+        Self {
+            conv1: conv(inputs, planes, 1, 1, device),
+            bn1: norm(planes, device),
+            conv2: conv(planes, planes, 3, stride, device),
+            bn2: norm(planes, device),
+            conv3: conv(planes, outputs, 1, 1, device),
+            bn3: norm(outputs, device),
+            downsample: Downsample::needed(inputs, outputs, stride, device),
+            relu: Relu::new(),
+        }
+    }
+
+    /// The bottleneck residual.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let identity = match &self.downsample {
+            Some(d) => d.forward(x.clone()),
+            None => x.clone(),
+        };
+        let out = self.relu.forward(self.bn1.forward(self.conv1.forward(x)));
+        let out = self.relu.forward(self.bn2.forward(self.conv2.forward(out)));
+        let out = self.bn3.forward(self.conv3.forward(out));
+        self.relu.forward(out + identity)
+    }
+}
+
+/// One residual block of either kind. The importer ignores variant names, so parameters keep
+/// torchvision's paths (`layer1.0.conv1.weight`).
+#[derive(Module, Debug)]
+pub enum ResidualBlock {
+    /// ResNet-18/34.
+    Basic(BasicBlock),
+    /// ResNet-50 and deeper.
+    Bottleneck(Bottleneck),
+}
+
+impl ResidualBlock {
+    /// The block's forward pass.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        match self {
+            ResidualBlock::Basic(b) => b.forward(x),
+            ResidualBlock::Bottleneck(b) => b.forward(x),
+        }
+    }
+}
