@@ -149,6 +149,9 @@ impl Bottleneck {
 
 /// One residual block of either kind. The importer ignores variant names, so parameters keep
 /// torchvision's paths (`layer1.0.conv1.weight`).
+// A model holds a few dozen blocks, all of one kind: the size gap between the variants costs
+// a few KiB, and boxing them would not fit Burn's module derive.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum ResidualBlock {
     /// ResNet-18/34.
