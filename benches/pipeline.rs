@@ -1,9 +1,10 @@
-//! Pipeline benchmark on SimpleCNN (batch 64, 2 stages: conv1 | conv2 + classifier, each stage
-//! given one thread as if it had its own device):
-//! - the measured bubble fraction against theory `(p - 1) / (m + p - 1)` for GPipe and 1F1B at
-//!   m = 1, 2, 4, 8, with the peak number of micro-batch activations each stage held;
-//! - training throughput of the naive split, GPipe and 1F1B (m = 4), against one device
-//!   using both cores.
+//! Pipeline benchmark, 2 stages, each stage given one thread as if it had its own device:
+//! - SimpleCNN (batch 64, conv1 | conv2 + classifier): the measured bubble fraction against
+//!   theory `(p - 1) / (m + p - 1)` for GPipe and 1F1B at m = 1, 2, 4, 8, with the peak number
+//!   of micro-batch activations each stage held; training throughput of the naive split, GPipe
+//!   and 1F1B (m = 4) against one device using both cores;
+//! - ResNet-18 (batch 32 at 32x32, 10 classes, stem..layer2 | layer3..fc): the same throughput
+//!   comparison.
 //!
 //! Configurations are interleaved step by step so that machine noise hits them alike; medians
 //! are reported. Prints one JSON object.
@@ -15,15 +16,17 @@ mod common;
 use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
+use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Distribution, TensorData};
 use common::{arg, median};
-use kiln::models::{SimpleCnn, SimpleCnnConfig};
+use kiln::models::{ResNet, ResNetBack, ResNetDepth, ResNetFront, SimpleCnn, SimpleCnnConfig};
 use kiln::multi::pipeline::{
-    Activation, Pipeline, PipelineConfig, PipelineSchedule, StepReport, merge_grads,
-    theoretical_bubble,
+    Activation, ModuleStage, Pipeline, PipelineConfig, PipelineSchedule, PipelineStage, StepReport,
+    merge_grads, theoretical_bubble,
 };
 use kiln::recipes::cnn_mnist::simple_cnn_stages;
 use kiln::recipes::mnist_data::MnistSource;
@@ -31,6 +34,7 @@ use kiln::trainer::data::{MnistSplit, make_batch};
 use serde_json::{Value, json};
 
 const BATCH: usize = 64;
+const RESNET_BATCH: usize = 32;
 const STAGES: usize = 2;
 
 fn sgd() -> ModuleOptimizer {
@@ -43,18 +47,30 @@ fn sgd() -> ModuleOptimizer {
         .init()
 }
 
+/// How a benchmarked model runs whole and split into stages.
+struct Arch<M> {
+    forward: fn(&M, Tensor<4>) -> Tensor<2>,
+    split: fn(&M, &Device) -> Vec<Box<dyn PipelineStage>>,
+}
+
 /// A model, its optimizer, and how it takes a step.
-struct Runner {
+struct Runner<M> {
     name: String,
-    model: Option<SimpleCnn>,
+    model: Option<M>,
+    arch: Arch<M>,
     optimizer: ModuleOptimizer,
     pipeline: Option<Pipeline>,
     times: Vec<f64>,
     reports: Vec<StepReport>,
 }
 
-impl Runner {
-    fn new(name: &str, device: &Device, pipeline: Option<(PipelineSchedule, usize)>) -> Self {
+impl<M: Module> Runner<M> {
+    fn new(
+        name: &str,
+        model: M,
+        arch: Arch<M>,
+        pipeline: Option<(PipelineSchedule, usize)>,
+    ) -> Self {
         let pipeline = pipeline.map(|(schedule, m)| {
             let config = PipelineConfig {
                 schedule,
@@ -66,7 +82,8 @@ impl Runner {
         });
         Self {
             name: name.to_string(),
-            model: Some(SimpleCnnConfig::new().init(device, 0)),
+            model: Some(model),
+            arch,
             optimizer: sgd(),
             pipeline,
             times: Vec::new(),
@@ -81,11 +98,11 @@ impl Runner {
             None => {
                 let loss = CrossEntropyLossConfig::new()
                     .init(device)
-                    .forward(model.forward(images), targets);
+                    .forward((self.arch.forward)(&model, images), targets);
                 GradientsParams::from_grads(loss.backward(), &model)
             }
             Some(pipeline) => {
-                let mut stages = simple_cnn_stages(&model, STAGES, device);
+                let mut stages = (self.arch.split)(&model, device);
                 let report = pipeline
                     .run(&mut stages, Activation::Rank4(images), targets)
                     .expect("pipeline step");
@@ -101,7 +118,7 @@ impl Runner {
         }
     }
 
-    fn summary(&self) -> Value {
+    fn summary(&self, batch: usize) -> Value {
         let step = median(self.times.clone());
         let bubbles: Vec<f64> = self
             .reports
@@ -115,7 +132,7 @@ impl Runner {
         json!({
             "name": self.name,
             "median_step_ms": step * 1e3,
-            "samples_per_sec": BATCH as f64 / step,
+            "samples_per_sec": batch as f64 / step,
             "measured_bubble": (!bubbles.is_empty()).then(|| median(bubbles)),
             "peak_in_flight_per_stage": self.reports.first().map(|r| r.peak_in_flight.clone()),
             "median_busy_ms_per_stage": (stages > 0).then_some(busy_ms),
@@ -123,17 +140,74 @@ impl Runner {
     }
 }
 
+fn simple_cnn_arch() -> Arch<SimpleCnn> {
+    Arch {
+        forward: SimpleCnn::forward,
+        split: |m, device| simple_cnn_stages(m, STAGES, device),
+    }
+}
+
+fn resnet_arch() -> Arch<ResNet> {
+    Arch {
+        forward: ResNet::forward,
+        split: |m, device| {
+            let (front, back) = m.halves();
+            vec![
+                Box::new(ModuleStage::new(
+                    "stem..layer2",
+                    front,
+                    ResNetFront::forward,
+                    device.clone(),
+                )),
+                Box::new(ModuleStage::new(
+                    "layer3..fc",
+                    back,
+                    ResNetBack::forward,
+                    device.clone(),
+                )),
+            ]
+        },
+    }
+}
+
+/// Runs every runner on the same batches, interleaved, and returns each one's summary.
+fn run_all<M: Module>(
+    runners: &mut [Runner<M>],
+    batches: &[(Tensor<4>, Tensor<1, Int>)],
+    batch: usize,
+    device: &Device,
+) -> Vec<Value> {
+    for (step, (images, targets)) in batches.iter().enumerate() {
+        for runner in runners.iter_mut() {
+            runner.step(images.clone(), targets.clone(), device, step > 0);
+        }
+    }
+    runners.iter().map(|r| r.summary(batch)).collect()
+}
+
+fn rate(runs: &[Value], name: &str) -> f64 {
+    runs.iter()
+        .find(|r| r["name"] == name)
+        .and_then(|r| r["samples_per_sec"].as_f64())
+        .unwrap_or(f64::NAN)
+}
+
 fn main() -> anyhow::Result<()> {
     let steps = arg("--steps", 12).max(2);
     let device = Device::flex().autodiff();
     let train = MnistSource::Embedded.load(MnistSplit::Train)?;
 
-    let mut runners = vec![Runner::new("one device, 2 threads", &device, None)];
-    runners.push(Runner::new(
-        "naive split",
-        &device,
-        Some((PipelineSchedule::Naive, 1)),
-    ));
+    // SimpleCNN: bubble table and throughput.
+    let cnn = || SimpleCnnConfig::new().init(&device, 0);
+    let mut runners = vec![
+        Runner::new("one device, 2 threads", cnn(), simple_cnn_arch(), None),
+        Runner::new(
+            "naive split",
+            cnn(),
+            simple_cnn_arch(),
+            Some((PipelineSchedule::Naive, 1)),
+        ),
+    ];
     for m in [1, 2, 4, 8] {
         for (schedule, name) in [
             (PipelineSchedule::GPipe, "gpipe"),
@@ -141,39 +215,28 @@ fn main() -> anyhow::Result<()> {
         ] {
             runners.push(Runner::new(
                 &format!("{name} m={m}"),
-                &device,
+                cnn(),
+                simple_cnn_arch(),
                 Some((schedule, m)),
             ));
         }
     }
-    for step in 0..=steps {
-        let indices: Vec<usize> = (step * BATCH..(step + 1) * BATCH).collect();
-        let batch = make_batch(&train, &indices, &device);
-        for runner in &mut runners {
-            runner.step(
-                batch.images.clone(),
-                batch.targets.clone(),
-                &device,
-                step > 0,
-            );
-        }
-    }
-
-    let rate = |name: &str| {
-        runners
-            .iter()
-            .find(|r| r.name == name)
-            .map_or(f64::NAN, |r| BATCH as f64 / median(r.times.clone()))
-    };
+    let batches: Vec<_> = (0..=steps)
+        .map(|step| {
+            let indices: Vec<usize> = (step * BATCH..(step + 1) * BATCH).collect();
+            let batch = make_batch(&train, &indices, &device);
+            (batch.images, batch.targets)
+        })
+        .collect();
+    let runs = run_all(&mut runners, &batches, BATCH, &device);
     let p = NonZeroUsize::new(STAGES).expect("2 > 0");
     let bubble_table: Vec<Value> = [1usize, 2, 4, 8]
         .iter()
         .map(|&m| {
             let measured = |prefix: &str| {
-                runners
-                    .iter()
-                    .find(|r| r.name == format!("{prefix} m={m}"))
-                    .map(|r| r.summary())
+                runs.iter()
+                    .find(|r| r["name"] == format!("{prefix} m={m}"))
+                    .cloned()
                     .unwrap_or(Value::Null)
             };
             json!({
@@ -187,17 +250,71 @@ fn main() -> anyhow::Result<()> {
             })
         })
         .collect();
+
+    // ResNet-18, batch 32 at 32x32.
+    let resnet_steps = (steps / 2).max(2);
+    let net = || ResNet::new(ResNetDepth::R18, 10, &device);
+    let mut resnet_runners = vec![
+        Runner::new("one device, 2 threads", net(), resnet_arch(), None),
+        Runner::new(
+            "naive split",
+            net(),
+            resnet_arch(),
+            Some((PipelineSchedule::Naive, 1)),
+        ),
+        Runner::new(
+            "gpipe m=4",
+            net(),
+            resnet_arch(),
+            Some((PipelineSchedule::GPipe, 4)),
+        ),
+        Runner::new(
+            "1f1b m=4",
+            net(),
+            resnet_arch(),
+            Some((PipelineSchedule::OneFOneB, 4)),
+        ),
+    ];
+    let resnet_batches: Vec<_> = (0..=resnet_steps)
+        .map(|step| {
+            let images = Tensor::<4>::random(
+                [RESNET_BATCH, 3, 32, 32],
+                Distribution::Normal(0.0, 1.0),
+                &device,
+            );
+            let labels: Vec<i64> = (0..RESNET_BATCH)
+                .map(|i| ((i + step) % 10) as i64)
+                .collect();
+            let targets =
+                Tensor::<1, Int>::from_data(TensorData::new(labels, [RESNET_BATCH]), &device);
+            (images, targets)
+        })
+        .collect();
+    let resnet_runs = run_all(&mut resnet_runners, &resnet_batches, RESNET_BATCH, &device);
+
     let report = json!({
         "benchmark": "pipeline",
-        "model": "SimpleCNN, batch 64, stages conv1 | conv2 + classifier, 1 thread per stage",
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "steps": steps,
-        "bubble": bubble_table,
-        "runs": runners.iter().map(Runner::summary).collect::<Vec<_>>(),
-        "speedup": {
-            "1f1b_m4_over_naive": rate("1f1b m=4") / rate("naive split"),
-            "gpipe_m4_over_naive": rate("gpipe m=4") / rate("naive split"),
-            "1f1b_m4_over_one_device": rate("1f1b m=4") / rate("one device, 2 threads"),
+        "simple_cnn": {
+            "model": "SimpleCNN, batch 64, stages conv1 | conv2 + classifier, 1 thread per stage",
+            "bubble": bubble_table,
+            "runs": runs,
+            "speedup": {
+                "1f1b_m4_over_naive": rate(&runs, "1f1b m=4") / rate(&runs, "naive split"),
+                "gpipe_m4_over_naive": rate(&runs, "gpipe m=4") / rate(&runs, "naive split"),
+                "1f1b_m4_over_one_device": rate(&runs, "1f1b m=4") / rate(&runs, "one device, 2 threads"),
+            },
+        },
+        "resnet18": {
+            "model": "ResNet-18, batch 32 at 32x32, 10 classes, stages stem..layer2 | layer3..fc, 1 thread per stage",
+            "steps": resnet_steps,
+            "runs": resnet_runs,
+            "speedup": {
+                "1f1b_m4_over_naive": rate(&resnet_runs, "1f1b m=4") / rate(&resnet_runs, "naive split"),
+                "gpipe_m4_over_naive": rate(&resnet_runs, "gpipe m=4") / rate(&resnet_runs, "naive split"),
+                "1f1b_m4_over_one_device": rate(&resnet_runs, "1f1b m=4") / rate(&resnet_runs, "one device, 2 threads"),
+            },
         },
     });
     println!("{report}");

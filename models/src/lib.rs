@@ -16,7 +16,7 @@ mod simple_cnn;
 
 pub use error::{ImportError, Result};
 pub use import::{ImportReport, WeightFormat, load_weights};
-pub use resnet::{ResNet, ResNetDepth};
+pub use resnet::{ResNet, ResNetBack, ResNetDepth, ResNetFront};
 pub use simple_cnn::{
     SimpleCnn, SimpleCnnBack, SimpleCnnClassifier, SimpleCnnConfig, SimpleCnnConvBlock,
 };

@@ -136,9 +136,95 @@ impl ResNet {
     }
 }
 
+/// The first half of a ResNet for a 2-stage pipeline: stem, `layer1`, `layer2`.
+#[derive(Module, Debug)]
+pub struct ResNetFront {
+    /// Stem convolution.
+    pub conv1: Conv2d,
+    /// Stem batch norm.
+    pub bn1: BatchNorm,
+    /// First stage.
+    pub layer1: Vec<ResidualBlock>,
+    /// Second stage.
+    pub layer2: Vec<ResidualBlock>,
+    relu: Relu,
+    maxpool: MaxPool2d,
+}
+
+impl ResNetFront {
+    /// Feature maps after `layer2`.
+    pub fn forward(&self, images: Tensor<4>) -> Tensor<4> {
+        let x = self
+            .relu
+            .forward(self.bn1.forward(self.conv1.forward(images)));
+        let x = self.maxpool.forward(x);
+        self.layer1
+            .iter()
+            .chain(&self.layer2)
+            .fold(x, |x, b| b.forward(x))
+    }
+}
+
+/// The second half of a ResNet for a 2-stage pipeline: `layer3`, `layer4`, pool, `fc`.
+#[derive(Module, Debug)]
+pub struct ResNetBack {
+    /// Third stage.
+    pub layer3: Vec<ResidualBlock>,
+    /// Fourth stage.
+    pub layer4: Vec<ResidualBlock>,
+    /// The classifier.
+    pub fc: Linear,
+    avgpool: AdaptiveAvgPool2d,
+}
+
+impl ResNetBack {
+    /// Logits from the feature maps of `layer2`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let x = self
+            .layer3
+            .iter()
+            .chain(&self.layer4)
+            .fold(x, |x, b| b.forward(x));
+        self.fc.forward(self.avgpool.forward(x).flatten::<2>(1, 3))
+    }
+}
+
+impl ResNet {
+    /// The model cut after `layer2` into two modules that share its parameters (the two
+    /// halves do about the same work), for a 2-stage pipeline.
+    pub fn halves(&self) -> (ResNetFront, ResNetBack) {
+        let front = ResNetFront {
+            conv1: self.conv1.clone(),
+            bn1: self.bn1.clone(),
+            layer1: self.layer1.clone(),
+            layer2: self.layer2.clone(),
+            relu: self.relu.clone(),
+            maxpool: self.maxpool.clone(),
+        };
+        let back = ResNetBack {
+            layer3: self.layer3.clone(),
+            layer4: self.layer4.clone(),
+            fc: self.fc.clone(),
+            avgpool: self.avgpool.clone(),
+        };
+        (front, back)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn halves_compose_to_the_whole_model() {
+        let device = Device::flex();
+        let model = ResNet::new(ResNetDepth::R18, 10, &device).valid();
+        let x = Tensor::<4>::random([2, 3, 32, 32], burn::tensor::Distribution::Default, &device);
+        let (front, back) = model.halves();
+        let whole = model.forward(x.clone()).into_data();
+        let split = back.forward(front.forward(x)).into_data();
+        whole.assert_approx_eq::<f32>(&split, burn::tensor::Tolerance::absolute(1e-6));
+    }
 
     #[test]
     fn parameter_counts_match_torchvision() {
