@@ -1,7 +1,9 @@
 //! Kiln's models, built on Burn modules with PyTorch's parameter names so that a PyTorch
-//! `state_dict` loads without a remapping table.
+//! `state_dict` loads as it is (torchvision's `downsample.0/1` is the one mapping).
 //!
-//! - [`SimpleCnn`]: the two-convolution MNIST network of PyTorch's tutorials.
+//! - [`SimpleCnn`]: the two-convolution MNIST network of PyTorch's tutorials, and its parts as
+//!   modules for pipeline stages.
+//! - [`resnet`]: torchvision's ResNet-18/34/50.
 //! - [`import`]: strict loading of `.pth` / `.safetensors` weights with a report of what was
 //!   applied.
 //!
