@@ -8,7 +8,7 @@ use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
-use burn::nn::{Linear, LinearConfig, PaddingConfig2d, Relu};
+use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d, Relu};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use kiln_multi::MultiError;
@@ -351,4 +351,115 @@ fn a_stalled_stage_times_out_its_neighbour() {
         matches!(&err, MultiError::Pipeline { stage: 0, reason } if reason.contains("waited") && reason.contains("gradient")),
         "{err:?}"
     );
+}
+
+/// Convolutions with batch norm: running statistics must survive pipeline steps.
+#[derive(Module, Debug)]
+struct ConvBn {
+    conv: Conv2d,
+    bn: BatchNorm,
+    relu: Relu,
+    pool: MaxPool2d,
+}
+
+impl ConvBn {
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let x = self.bn.forward(self.conv.forward(x));
+        self.pool.forward(self.relu.forward(x))
+    }
+}
+
+#[derive(Module, Debug)]
+struct WholeBn {
+    front: ConvBn,
+    tail: Tail,
+}
+
+#[test]
+fn batch_norm_running_statistics_follow_one_device_with_one_micro_batch() {
+    let init = Whole::new(&device());
+    let model = WholeBn {
+        front: ConvBn {
+            conv: init.conv.conv.clone(),
+            bn: BatchNormConfig::new(4).init(&device()),
+            relu: Relu::new(),
+            pool: init.conv.pool.clone(),
+        },
+        tail: Tail {
+            hidden: init.hidden.clone(),
+            head: init.head.clone(),
+        },
+    };
+    let data = batches(5);
+    let loss_fn = CrossEntropyLossConfig::new().init(&device());
+
+    let mut single = model.clone().fork(&device());
+    let mut optimizer = sgd();
+    for (x, y) in &data {
+        let logits = single.tail.forward(single.front.forward(x.clone()));
+        let loss = loss_fn.forward(logits, y.clone());
+        let grads = GradientsParams::from_grads(loss.backward(), &single);
+        single = optimizer.step(LR, single, grads);
+    }
+
+    let mut piped = model.fork(&device());
+    let mut optimizer = sgd();
+    let pipeline = Pipeline::new(
+        NonZeroUsize::new(2).unwrap(),
+        config(PipelineSchedule::GPipe, 1),
+    )
+    .unwrap();
+    for (x, y) in &data {
+        let mut stages: Vec<Box<dyn PipelineStage>> = vec![
+            Box::new(ModuleStage::new(
+                "conv",
+                piped.front.clone(),
+                ConvBn::forward,
+                device(),
+            )),
+            Box::new(ModuleStage::new(
+                "tail",
+                piped.tail.clone(),
+                Tail::forward,
+                device(),
+            )),
+        ];
+        pipeline
+            .run(&mut stages, Activation::Rank4(x.clone()), y.clone())
+            .unwrap();
+        let grads = merge_grads(&piped, &mut stages);
+        piped = optimizer.step(LR, piped, grads);
+    }
+    // Running statistics are read as the model is evaluated.
+    let running = |m: &WholeBn| {
+        let bn = m.front.bn.clone().valid();
+        let mean = bn
+            .running_mean
+            .value()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let var = bn
+            .running_var
+            .value()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        [mean, var].concat()
+    };
+    let (a, b) = (running(&single), running(&piped));
+    assert!(
+        a.iter().any(|v| (v - 1.0).abs() > 1e-3 && v.abs() > 1e-3),
+        "statistics never moved: {a:?}"
+    );
+    let diff = max_abs_diff(&a, &b);
+    assert!(
+        diff < 1e-5,
+        "running statistics differ by {diff}: {a:?} vs {b:?}"
+    );
+    let params = max_abs_diff(
+        &flatten_params(&single).unwrap(),
+        &flatten_params(&piped).unwrap(),
+    );
+    assert!(params < 1e-5, "parameters differ by {params}");
 }
