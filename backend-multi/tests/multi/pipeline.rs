@@ -280,27 +280,31 @@ fn a_layer_on_the_wrong_device_is_named_before_the_first_step() {
     eprintln!("{err}");
 }
 
-#[test]
-fn a_stage_that_panics_fails_the_step_without_hanging() {
-    let init = Whole::new(&device());
-    let failing = |_: &Tail, _: Tensor<4>| -> Tensor<2> { panic!("bad layer") };
-    let mut stages: Vec<Box<dyn PipelineStage>> = vec![
+/// `init` as two stages, convolutions | the rest, with `tail_forward` for the second.
+fn conv_and_tail<F>(init: Whole, tail_forward: F) -> Vec<Box<dyn PipelineStage>>
+where
+    F: Fn(&Tail, Tensor<4>) -> Tensor<2> + Send + 'static,
+{
+    let tail = Tail {
+        hidden: init.hidden,
+        head: init.head,
+    };
+    vec![
         Box::new(ModuleStage::new(
             "conv",
             init.conv,
             ConvPart::forward,
             device(),
         )),
-        Box::new(ModuleStage::new(
-            "tail",
-            Tail {
-                hidden: init.hidden,
-                head: init.head,
-            },
-            failing,
-            device(),
-        )),
-    ];
+        Box::new(ModuleStage::new("tail", tail, tail_forward, device())),
+    ]
+}
+
+#[test]
+fn a_stage_that_panics_fails_the_step_without_hanging() {
+    let init = Whole::new(&device());
+    let failing = |_: &Tail, _: Tensor<4>| -> Tensor<2> { panic!("bad layer") };
+    let mut stages = conv_and_tail(init, failing);
     let pipeline = Pipeline::new(
         NonZeroUsize::new(2).unwrap(),
         config(PipelineSchedule::OneFOneB, 4),
@@ -323,23 +327,7 @@ fn a_stalled_stage_times_out_its_neighbour() {
         std::thread::sleep(Duration::from_millis(1500));
         tail.forward(x)
     };
-    let mut stages: Vec<Box<dyn PipelineStage>> = vec![
-        Box::new(ModuleStage::new(
-            "conv",
-            init.conv,
-            ConvPart::forward,
-            device(),
-        )),
-        Box::new(ModuleStage::new(
-            "tail",
-            Tail {
-                hidden: init.hidden,
-                head: init.head,
-            },
-            slow,
-            device(),
-        )),
-    ];
+    let mut stages = conv_and_tail(init, slow);
     let mut config = config(PipelineSchedule::GPipe, 2);
     config.timeout = Duration::from_millis(200);
     let pipeline = Pipeline::new(NonZeroUsize::new(2).unwrap(), config).unwrap();

@@ -53,6 +53,14 @@ impl Downsample {
     }
 }
 
+/// The residual branch's partner: `x` itself, or its projection when the shape changes.
+fn shortcut(downsample: Option<&Downsample>, x: Tensor<4>) -> Tensor<4> {
+    match downsample {
+        Some(d) => d.forward(x),
+        None => x,
+    }
+}
+
 /// ResNet-18/34's block: two 3x3 convolutions.
 #[derive(Module, Debug)]
 pub struct BasicBlock {
@@ -86,10 +94,7 @@ impl BasicBlock {
 
     /// `relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let identity = match &self.downsample {
-            Some(d) => d.forward(x.clone()),
-            None => x.clone(),
-        };
+        let identity = shortcut(self.downsample.as_ref(), x.clone());
         let out = self.relu.forward(self.bn1.forward(self.conv1.forward(x)));
         let out = self.bn2.forward(self.conv2.forward(out));
         self.relu.forward(out + identity)
@@ -136,10 +141,7 @@ impl Bottleneck {
 
     /// The bottleneck residual.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let identity = match &self.downsample {
-            Some(d) => d.forward(x.clone()),
-            None => x.clone(),
-        };
+        let identity = shortcut(self.downsample.as_ref(), x.clone());
         let out = self.relu.forward(self.bn1.forward(self.conv1.forward(x)));
         let out = self.relu.forward(self.bn2.forward(self.conv2.forward(out)));
         let out = self.bn3.forward(self.conv3.forward(out));
