@@ -66,6 +66,17 @@ pub fn assert_clean_failure(output: &Output, needles: &[&str]) {
     }
 }
 
+/// Runs the `kiln` binary and fails the test, showing its stderr, unless it succeeds.
+pub fn kiln_ok(args: &[&str]) -> Output {
+    let output = kiln(args);
+    assert!(
+        output.status.success(),
+        "kiln {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
 /// Last line of stdout, parsed as JSON.
 pub fn last_json(output: &Output) -> serde_json::Value {
     let stdout = String::from_utf8_lossy(&output.stdout);

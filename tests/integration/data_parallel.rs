@@ -11,7 +11,7 @@ use kiln::trainer::data::MnistSplit;
 use kiln::trainer::report::Verbosity;
 use kiln::trainer::{DataParallelConfig, Execution, RunLabels, TrainData, Trainer, TrainerConfig};
 
-use crate::common::{assert_clean_failure, kiln, last_json, max_abs_diff};
+use crate::common::{assert_clean_failure, kiln, kiln_ok, last_json, max_abs_diff};
 
 fn fit(execution: &Execution, epochs: usize) -> (Vec<f32>, Vec<f64>) {
     let train = MnistSource::Embedded
@@ -93,12 +93,7 @@ fn kiln_train_with_ranks_reports_them_and_resumes_on_one_rank() {
         "--json",
         "-q",
     ];
-    let output = kiln(&[&common[..], &["--epochs", "1", "--ranks", "2"]].concat());
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = kiln_ok(&[&common[..], &["--epochs", "1", "--ranks", "2"]].concat());
     let first = last_json(&output);
     assert_eq!(first["ranks"], 2);
     assert_eq!(first["global_batch_size"], 64);
@@ -106,12 +101,7 @@ fn kiln_train_with_ranks_reports_them_and_resumes_on_one_rank() {
     assert!(first["test_accuracy"].as_f64().unwrap() > 0.5, "{first}");
 
     // The checkpoint of a 2-rank run continues on one rank.
-    let output = kiln(&[&common[..], &["--epochs", "2", "--resume"]].concat());
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = kiln_ok(&[&common[..], &["--epochs", "2", "--resume"]].concat());
     let resumed = last_json(&output);
     assert_eq!(resumed["resumed_from_epoch"], 1);
     assert_eq!(resumed["ranks"], 1);

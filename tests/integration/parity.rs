@@ -8,7 +8,8 @@ use kiln::trainer::report::Verbosity;
 use kiln::trainer::{Execution, RunLabels, TrainData, Trainer, TrainerConfig};
 
 use crate::common::{
-    ArrayDataset, assert_clean_failure, fixture, gunzip, kiln, last_json, max_abs_diff, npy, repo,
+    ArrayDataset, assert_clean_failure, fixture, gunzip, kiln, kiln_ok, last_json, max_abs_diff,
+    npy, repo,
 };
 
 const TOLERANCE: f32 = 1e-4;
@@ -19,7 +20,7 @@ fn predict_matches_pytorch_logits_for_pth_and_safetensors() {
     let dir = tempfile::tempdir().unwrap();
     for weights in ["simple_cnn.pth", "simple_cnn.safetensors"] {
         let out = dir.path().join(format!("{weights}.npy"));
-        let output = kiln(&[
+        let output = kiln_ok(&[
             "predict",
             "--model",
             "simple-cnn",
@@ -31,11 +32,6 @@ fn predict_matches_pytorch_logits_for_pth_and_safetensors() {
             out.to_str().unwrap(),
             "--json",
         ]);
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
         assert_eq!(last_json(&output)["samples"], 64);
         let logits = npy(&out);
         assert_eq!(logits.shape, vec![64, 10]);
@@ -152,12 +148,7 @@ fn check_eval_matches_pytorch(weights: &str, data: Option<&std::path::Path>) {
     if let Some(dir) = data {
         args.extend(["--data", dir.to_str().unwrap()]);
     }
-    let output = kiln(&args);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = kiln_ok(&args);
     let report = last_json(&output);
     assert_eq!(report["samples"], expected["samples"]);
     assert_eq!(

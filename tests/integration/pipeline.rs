@@ -1,6 +1,6 @@
 //! Pipeline training through the CLI: the same run as one device, for every schedule.
 
-use crate::common::{assert_clean_failure, kiln, last_json};
+use crate::common::{assert_clean_failure, kiln, kiln_ok, last_json};
 
 fn train(out: &std::path::Path, epochs: &str, extra: &[&str]) -> serde_json::Value {
     let out = out.to_str().unwrap();
@@ -20,12 +20,7 @@ fn train(out: &std::path::Path, epochs: &str, extra: &[&str]) -> serde_json::Val
         extra,
     ]
     .concat();
-    let output = kiln(&args);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = kiln_ok(&args);
     last_json(&output)
 }
 

@@ -2,7 +2,7 @@
 //! evaluate to what training reported, and an interrupted run resumed with `--resume` ends
 //! exactly where an uninterrupted run ends.
 
-use crate::common::{assert_clean_failure, kiln, last_json};
+use crate::common::{assert_clean_failure, kiln, kiln_ok, last_json};
 
 /// Training samples used by these tests, to keep them to seconds.
 const LIMIT: &str = "1024";
@@ -23,12 +23,7 @@ fn train(out: &str, epochs: &str, resume: bool) -> serde_json::Value {
     if resume {
         args.push("--resume");
     }
-    let output = kiln(&args);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = kiln_ok(&args);
     last_json(&output)
 }
 
@@ -56,12 +51,7 @@ fn resumed_run_equals_uninterrupted_run_and_checkpoints_evaluate() {
     assert_eq!(lines.lines().count(), 2);
 
     // eval of the run directory reproduces the reported test metrics.
-    let output = kiln(&["eval", "--checkpoint", split.to_str().unwrap(), "--json"]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = kiln_ok(&["eval", "--checkpoint", split.to_str().unwrap(), "--json"]);
     let eval = last_json(&output);
     assert_eq!(eval["test_accuracy"], resumed["test_accuracy"]);
     let loss_gap =
