@@ -192,6 +192,15 @@ fn rate(runs: &[Value], name: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// The pipelined runs' throughput against the naive split and against one device.
+fn speedup(runs: &[Value]) -> Value {
+    json!({
+        "1f1b_m4_over_naive": rate(runs, "1f1b m=4") / rate(runs, "naive split"),
+        "gpipe_m4_over_naive": rate(runs, "gpipe m=4") / rate(runs, "naive split"),
+        "1f1b_m4_over_one_device": rate(runs, "1f1b m=4") / rate(runs, "one device, 2 threads"),
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let steps = arg("--steps", 12).max(2);
     let device = Device::flex().autodiff();
@@ -300,21 +309,13 @@ fn main() -> anyhow::Result<()> {
             "model": "SimpleCNN, batch 64, stages conv1 | conv2 + classifier, 1 thread per stage",
             "bubble": bubble_table,
             "runs": runs,
-            "speedup": {
-                "1f1b_m4_over_naive": rate(&runs, "1f1b m=4") / rate(&runs, "naive split"),
-                "gpipe_m4_over_naive": rate(&runs, "gpipe m=4") / rate(&runs, "naive split"),
-                "1f1b_m4_over_one_device": rate(&runs, "1f1b m=4") / rate(&runs, "one device, 2 threads"),
-            },
+            "speedup": speedup(&runs),
         },
         "resnet18": {
             "model": "ResNet-18, batch 32 at 32x32, 10 classes, stages stem..layer2 | layer3..fc, 1 thread per stage",
             "steps": resnet_steps,
             "runs": resnet_runs,
-            "speedup": {
-                "1f1b_m4_over_naive": rate(&resnet_runs, "1f1b m=4") / rate(&resnet_runs, "naive split"),
-                "gpipe_m4_over_naive": rate(&resnet_runs, "gpipe m=4") / rate(&resnet_runs, "naive split"),
-                "1f1b_m4_over_one_device": rate(&resnet_runs, "1f1b m=4") / rate(&resnet_runs, "one device, 2 threads"),
-            },
+            "speedup": speedup(&resnet_runs),
         },
     });
     println!("{report}");
