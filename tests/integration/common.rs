@@ -77,6 +77,25 @@ pub fn kiln_ok(args: &[&str]) -> Output {
     output
 }
 
+/// `kiln train cnn-mnist` on the first `limit` training samples for `epochs`, into `out`,
+/// with `extra` flags; returns its `--json` report (the run must succeed).
+pub fn train_cnn_mnist(limit: &str, out: &Path, epochs: &str, extra: &[&str]) -> serde_json::Value {
+    let out = out.to_str().expect("temporary paths are UTF-8");
+    let base = [
+        "train",
+        "cnn-mnist",
+        "--limit",
+        limit,
+        "--epochs",
+        epochs,
+        "--out",
+        out,
+        "--json",
+        "-q",
+    ];
+    last_json(&kiln_ok(&[&base[..], extra].concat()))
+}
+
 /// Last line of stdout, parsed as JSON.
 pub fn last_json(output: &Output) -> serde_json::Value {
     let stdout = String::from_utf8_lossy(&output.stdout);

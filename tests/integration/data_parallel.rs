@@ -11,7 +11,7 @@ use kiln::trainer::data::MnistSplit;
 use kiln::trainer::report::Verbosity;
 use kiln::trainer::{DataParallelConfig, Execution, RunLabels, TrainData, Trainer, TrainerConfig};
 
-use crate::common::{assert_clean_failure, kiln, kiln_ok, last_json, max_abs_diff};
+use crate::common::{assert_clean_failure, kiln, max_abs_diff, train_cnn_mnist};
 
 fn fit(execution: &Execution, epochs: usize) -> (Vec<f32>, Vec<f64>) {
     let train = MnistSource::Embedded
@@ -82,27 +82,14 @@ fn trainer_on_two_ranks_of_32_matches_one_device_with_64() {
 fn kiln_train_with_ranks_reports_them_and_resumes_on_one_rank() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let out = out.to_str().unwrap();
-    let common = [
-        "train",
-        "cnn-mnist",
-        "--limit",
-        "1024",
-        "--out",
-        out,
-        "--json",
-        "-q",
-    ];
-    let output = kiln_ok(&[&common[..], &["--epochs", "1", "--ranks", "2"]].concat());
-    let first = last_json(&output);
+    let first = train_cnn_mnist("1024", &out, "1", &["--ranks", "2"]);
     assert_eq!(first["ranks"], 2);
     assert_eq!(first["global_batch_size"], 64);
     assert!(first["samples_per_sec"].as_f64().unwrap() > 0.0);
     assert!(first["test_accuracy"].as_f64().unwrap() > 0.5, "{first}");
 
     // The checkpoint of a 2-rank run continues on one rank.
-    let output = kiln_ok(&[&common[..], &["--epochs", "2", "--resume"]].concat());
-    let resumed = last_json(&output);
+    let resumed = train_cnn_mnist("1024", &out, "2", &["--resume"]);
     assert_eq!(resumed["resumed_from_epoch"], 1);
     assert_eq!(resumed["ranks"], 1);
 }

@@ -1,27 +1,9 @@
 //! Pipeline training through the CLI: the same run as one device, for every schedule.
 
-use crate::common::{assert_clean_failure, kiln, kiln_ok, last_json};
+use crate::common::{assert_clean_failure, kiln, train_cnn_mnist};
 
 fn train(out: &std::path::Path, epochs: &str, extra: &[&str]) -> serde_json::Value {
-    let out = out.to_str().unwrap();
-    let args = [
-        &[
-            "train",
-            "cnn-mnist",
-            "--limit",
-            "512",
-            "--epochs",
-            epochs,
-            "--out",
-            out,
-            "--json",
-            "-q",
-        ][..],
-        extra,
-    ]
-    .concat();
-    let output = kiln_ok(&args);
-    last_json(&output)
+    train_cnn_mnist("512", out, epochs, extra)
 }
 
 #[test]

@@ -2,29 +2,14 @@
 //! evaluate to what training reported, and an interrupted run resumed with `--resume` ends
 //! exactly where an uninterrupted run ends.
 
-use crate::common::{assert_clean_failure, kiln, kiln_ok, last_json};
+use crate::common::{assert_clean_failure, kiln, kiln_ok, last_json, train_cnn_mnist};
 
 /// Training samples used by these tests, to keep them to seconds.
 const LIMIT: &str = "1024";
 
 fn train(out: &str, epochs: &str, resume: bool) -> serde_json::Value {
-    let mut args = vec![
-        "train",
-        "cnn-mnist",
-        "--limit",
-        LIMIT,
-        "--epochs",
-        epochs,
-        "--out",
-        out,
-        "--json",
-        "-q",
-    ];
-    if resume {
-        args.push("--resume");
-    }
-    let output = kiln_ok(&args);
-    last_json(&output)
+    let extra: &[&str] = if resume { &["--resume"] } else { &[] };
+    train_cnn_mnist(LIMIT, std::path::Path::new(out), epochs, extra)
 }
 
 #[test]
