@@ -8,6 +8,7 @@
 //! - [`data_parallel`]: [`DistributedDataParallel`], which keeps the replicas of any Burn
 //!   module identical by broadcasting parameters from rank 0 and averaging gradients in
 //!   buckets;
+//! - [`launch`]: whether this process is one rank of a job started by `mpirun` or `torchrun`;
 //! - [`pipeline`]: stages placed on devices, trained with micro-batch schedules (GPipe, 1F1B).
 //!
 //! This crate knows nothing of kiln's models, recipes or CLI: it works on buffers, indices and
@@ -16,6 +17,7 @@
 pub mod collective;
 pub mod data_parallel;
 mod error;
+pub mod launch;
 pub mod mesh;
 pub mod pipeline;
 pub mod sampler;

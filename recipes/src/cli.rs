@@ -57,7 +57,7 @@ pub struct CnnMnistArgs {
     #[arg(long, value_name = "N", default_value_t = NonZeroUsize::MIN)]
     pub ranks: NonZeroUsize,
     /// Seconds a rank waits for the others at a gradient exchange before the run fails
-    /// (only with --ranks above 1).
+    /// (with --ranks above 1, or under `kiln launch`, where the whole job is stopped).
     #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub collective_timeout: u64,
     /// Pipeline parallelism: split SimpleCNN into 2 stages (conv1 | conv2 + classifier) or 3
@@ -129,6 +129,7 @@ impl CnnMnistArgs {
                 micro_batches: self.micro_batches,
                 schedule: self.schedule.into(),
             }),
+            process_group: None,
         })
     }
 }

@@ -3,6 +3,7 @@
 
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use burn::tensor::Device;
@@ -10,12 +11,13 @@ use kiln_models::{
     SimpleCnn, SimpleCnnBack, SimpleCnnClassifier, SimpleCnnConfig, SimpleCnnConvBlock,
 };
 use kiln_multi::pipeline::{ModuleStage, PipelineConfig, PipelineSchedule, PipelineStage};
-use kiln_multi::{BucketConfig, CollectiveConfig, WorldSize};
+use kiln_multi::{BucketConfig, Collective, CollectiveConfig, WorldSize};
 use kiln_trainer::checkpoint::{latest_checkpoint, read_checkpoint, resolve_checkpoint};
 use kiln_trainer::data::{ImageDataset, MnistSplit};
 use kiln_trainer::report::Verbosity;
 use kiln_trainer::{
-    DataParallelConfig, Execution, PipelineSplit, RunLabels, TrainData, Trainer, TrainerConfig,
+    DataParallelConfig, Execution, PipelineSplit, ProcessGroupConfig, RunLabels, TrainData,
+    Trainer, TrainerConfig,
 };
 
 use crate::error::{RecipeError, Result};
@@ -82,6 +84,9 @@ pub struct CnnMnistConfig {
     pub collective_timeout: Duration,
     /// Train through a pipeline of stages instead of on one device.
     pub pipeline: Option<PipelineOptions>,
+    /// This process is one rank of a multi-process group (an MPI job): train data parallel
+    /// with it; `ranks` must then be 1.
+    pub process_group: Option<Arc<dyn Collective>>,
 }
 
 /// Pipeline settings of a cnn-mnist run: SimpleCNN split into 2 stages (conv1 block | conv2
@@ -190,10 +195,12 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
     let global_batch_size = trainer.config().batch_size;
     let (_model, fit) = match config.pipeline {
         Some(options) => {
-            if config.ranks != WorldSize::ONE {
+            if config.ranks != WorldSize::ONE || config.process_group.is_some() {
                 return Err(RecipeError::Options {
                     flag: "--pipeline-stages",
-                    reason: "combining a pipeline with --ranks is not supported yet".to_string(),
+                    reason: "combining a pipeline with data parallelism (--ranks, or a \
+                             multi-process launch) is not supported yet"
+                        .to_string(),
                 });
             }
             if !(2..=3).contains(&options.stages.get()) {
@@ -227,7 +234,24 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
             trainer.fit_pipeline(model, SimpleCnn::forward, data, resume, split)?
         }
         None => {
-            let execution = if config.ranks == WorldSize::ONE {
+            let execution = if let Some(group) = &config.process_group {
+                if config.ranks != WorldSize::ONE {
+                    return Err(RecipeError::Options {
+                        flag: "--ranks",
+                        reason: format!(
+                            "this process is rank {} of a {}-process launch, which runs one \
+                             rank per process; drop --ranks",
+                            group.rank().index(),
+                            group.world_size().get()
+                        ),
+                    });
+                }
+                Execution::Process(ProcessGroupConfig {
+                    device,
+                    collective: Arc::clone(group),
+                    buckets: BucketConfig::default(),
+                })
+            } else if config.ranks == WorldSize::ONE {
                 Execution::Single(device)
             } else {
                 Execution::DataParallel(DataParallelConfig {
@@ -257,7 +281,10 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
         test_loss: last.map_or(f64::NAN, |m| m.test_loss),
         train_loss: last.map_or(f64::NAN, |m| m.train_loss),
         samples_per_sec: fit.samples_per_sec(),
-        ranks: config.ranks.get(),
+        ranks: config
+            .process_group
+            .as_ref()
+            .map_or(config.ranks.get(), |g| g.world_size().get()),
         global_batch_size,
         pipeline: config.pipeline.map(|p| PipelineReport {
             stages: p.stages.get(),

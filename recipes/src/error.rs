@@ -43,6 +43,14 @@ pub enum RecipeError {
         /// Why it is refused.
         reason: String,
     },
+    /// A multi-process launch this process cannot join.
+    #[error("cannot join the {launcher} launch: {reason}")]
+    Launch {
+        /// The launcher that set this process's environment.
+        launcher: &'static str,
+        /// Why the process cannot take part.
+        reason: String,
+    },
     /// A broken invariant inside kiln (a bug); the message names it.
     #[error("internal error: {0}")]
     Internal(String),

@@ -3,6 +3,8 @@
 //! - [`cnn_mnist`]: SimpleCNN on MNIST with SGD (lr 0.01, momentum 0.9, batch 64), 5 epochs on
 //!   the embedded subset by default;
 //! - [`inference`]: evaluation and prediction from a checkpoint or from PyTorch weights;
+//! - [`distributed`]: running a recipe as one rank of a job started by `kiln launch`, `mpirun`
+//!   or `torchrun`;
 //! - [`cli`]: the clap argument structs shared by the `kiln` CLI and the recipe binaries;
 //! - [`report`]: the serialisable results printed by `--json`.
 //!
@@ -10,6 +12,7 @@
 
 pub mod cli;
 pub mod cnn_mnist;
+pub mod distributed;
 mod error;
 pub mod inference;
 pub mod mnist_data;

@@ -1,11 +1,17 @@
 //! `Cli` and its subcommands. Each subcommand turns its flags into a recipe configuration,
 //! calls the recipe, and prints its report.
 
+mod collectives;
+mod launch;
+
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use kiln_multi::Rank;
 use kiln_recipes::cli::{CnnMnistArgs, ModelSourceArgs};
+use kiln_recipes::distributed::run_as_launched;
 use kiln_recipes::mnist_data::MnistSource;
 use kiln_recipes::report::Report;
 use kiln_trainer::report::Verbosity;
@@ -18,6 +24,7 @@ use kiln_trainer::report::Verbosity;
 ///   kiln eval --checkpoint runs/cnn-mnist
 ///   kiln eval --model simple-cnn --weights simple_cnn.pth
 ///   kiln predict --model simple-cnn --weights simple_cnn.safetensors --input x.npy --output logits.npy
+///   kiln launch --nproc-per-node 2 -- kiln train cnn-mnist   # 2 processes over MPI (feature mpi)
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, about, verbatim_doc_comment)]
 pub struct Cli {
@@ -41,6 +48,12 @@ enum Command {
     /// Run a float32 NCHW .npy batch through a model (eval mode, no preprocessing) and write the
     /// logits as .npy.
     Predict(PredictArgs),
+    /// Start N ranks of a command with mpirun (one process each), prefix their output with
+    /// the rank, and fail when any rank fails.
+    Launch(launch::LaunchArgs),
+    /// Check every collective (all-reduce, broadcast, all-gather, reduce-scatter, barrier)
+    /// against closed-form values, and measure all-reduce bandwidth with --bench.
+    Collectives(collectives::CollectivesArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -73,8 +86,8 @@ struct PredictArgs {
     output: PathBuf,
 }
 
-/// Runs the parsed command.
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the parsed command; the exit code is non-zero when a launched job failed.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let verbosity = if cli.quiet {
         Verbosity::Quiet
     } else {
@@ -82,11 +95,23 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.command {
         Command::Train(TrainRecipe::CnnMnist(args)) => {
-            let config = args.to_config(verbosity)?;
-            let report =
-                kiln_recipes::cnn_mnist::run(&config).context("training cnn-mnist failed")?;
-            println!("{}", report.stdout_line(cli.json)?);
+            let mut config = args.to_config(verbosity)?;
+            let timeout = config.collective_timeout;
+            // Under `kiln launch` this process is one rank: it trains with the job's group and
+            // only rank 0 prints the report.
+            run_as_launched(timeout, |group| -> anyhow::Result<()> {
+                let is_root = group.as_ref().is_none_or(|g| g.rank() == Rank::ZERO);
+                config.process_group = group;
+                let report =
+                    kiln_recipes::cnn_mnist::run(&config).context("training cnn-mnist failed")?;
+                if is_root {
+                    println!("{}", report.stdout_line(cli.json)?);
+                }
+                Ok(())
+            })?;
         }
+        Command::Launch(args) => return launch::run(&args),
+        Command::Collectives(args) => collectives::run(&args, cli.json)?,
         Command::Eval(args) => {
             let data = MnistSource::from_option(args.data.as_deref());
             let report =
@@ -104,7 +129,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", report.stdout_line(cli.json)?);
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn model_source(args: &ModelSourceArgs) -> anyhow::Result<kiln_recipes::inference::ModelSource> {

@@ -5,12 +5,14 @@
 //! - `cli`: bad input gives a clear error and a non-zero exit, never a panic;
 //! - `training`: the cnn-mnist recipe learns, and `--resume` reproduces an uninterrupted run;
 //! - `data_parallel`: training on N ranks equals one device, through the trainer and the CLI;
+//! - `launch`: `kiln launch` and multi-process training over MPI (feature `mpi`);
 //! - `pipeline`: training through 2 or 3 pipeline stages equals one device, for every schedule;
 //! - `resnet`: torchvision ResNet-18 weights from PyTorch give PyTorch's logits.
 
 mod cli;
 mod common;
 mod data_parallel;
+mod launch;
 mod parity;
 mod pipeline;
 mod resnet;

@@ -21,6 +21,6 @@ pub mod train;
 pub use config::TrainerConfig;
 pub use error::{Result, TrainError};
 pub use train::{
-    DataParallelConfig, EvalMetrics, Execution, FitReport, PipelineSplit, RunLabels, TrainData,
-    Trainer, evaluate,
+    DataParallelConfig, EvalMetrics, Execution, FitReport, PipelineSplit, ProcessGroupConfig,
+    RunLabels, TrainData, Trainer, evaluate,
 };

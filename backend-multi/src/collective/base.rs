@@ -89,6 +89,15 @@ pub trait Collective: Send + Sync {
     fn barrier(&self) -> Result<()>;
 }
 
+impl std::fmt::Debug for dyn Collective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Collective")
+            .field("rank", &self.rank().index())
+            .field("world_size", &self.world_size().get())
+            .finish()
+    }
+}
+
 /// The part of `0..len` owned by `rank` when `len` elements are split over `world` ranks:
 /// contiguous, in rank order, the first `len % world` ranks taking one element more.
 pub fn shard_range(len: usize, world: WorldSize, rank: Rank) -> Range<usize> {

@@ -318,3 +318,62 @@ fn run_in_process_reports_the_first_failure_not_its_echoes() {
         "{err:?}"
     );
 }
+
+#[test]
+fn the_self_test_passes_on_the_in_process_engine() {
+    for world in 1..=4 {
+        let reports = run(world, |c| kiln_multi::collective::verify_collective(&*c)).unwrap();
+        // 6 lengths x (3 all-reduces + 3 reduce-scatters + broadcast + all-gather) + barrier.
+        assert!(reports.iter().all(|r| r.calls == 6 * 8 + 1), "{reports:?}");
+    }
+}
+
+/// An engine whose all-gather is off by one element on rank 0: the self-test must notice.
+struct OffByOne(Arc<dyn Collective>);
+
+impl Collective for OffByOne {
+    fn rank(&self) -> Rank {
+        self.0.rank()
+    }
+    fn world_size(&self) -> WorldSize {
+        self.0.world_size()
+    }
+    fn all_reduce(&self, buf: &mut [f32], op: ReduceOp) -> Result<(), MultiError> {
+        self.0.all_reduce(buf, op)
+    }
+    fn broadcast(&self, buf: &mut [f32], root: Rank) -> Result<(), MultiError> {
+        self.0.broadcast(buf, root)
+    }
+    fn all_gather(&self, shard: &[f32], out: &mut [f32]) -> Result<(), MultiError> {
+        self.0.all_gather(shard, out)?;
+        if self.rank() == Rank::ZERO && out.len() > 5 {
+            out[5] += 1.0;
+        }
+        Ok(())
+    }
+    fn reduce_scatter(
+        &self,
+        buf: &[f32],
+        shard: &mut [f32],
+        op: ReduceOp,
+    ) -> Result<(), MultiError> {
+        self.0.reduce_scatter(buf, shard, op)
+    }
+    fn barrier(&self) -> Result<(), MultiError> {
+        self.0.barrier()
+    }
+}
+
+#[test]
+fn the_self_test_catches_a_wrong_result() {
+    let err = run(2, |c| {
+        let faulty = OffByOne(c);
+        kiln_multi::collective::verify_collective(&faulty)
+    })
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("all_gather") && text.contains("element 5"),
+        "{text}"
+    );
+}

@@ -98,7 +98,8 @@ impl Trainer {
     }
 
     /// Trains `model` up to `config.epochs` epochs as `execution` says, and returns it (rank
-    /// 0's replica, when data parallel).
+    /// 0's replica when data parallel in this process; this rank's, identical to it, across
+    /// processes).
     ///
     /// With `resume`, the model parameters, optimizer state, step count and metric history
     /// are restored from the checkpoint and training continues at the next epoch: the result
@@ -170,6 +171,21 @@ impl Trainer {
                     .into_iter()
                     .next()
                     .expect("a world has at least rank 0"))
+            }
+            Execution::Process(group) => {
+                let setup = RankSetup {
+                    device: &group.device,
+                    collective: Some(Arc::clone(&group.collective)),
+                    buckets: group.buckets,
+                };
+                self.fit_rank(
+                    model.fork(&group.device),
+                    &forward,
+                    data,
+                    resume,
+                    setup,
+                    None,
+                )
             }
         }
     }

@@ -1,5 +1,7 @@
+use std::sync::Arc;
+
 use burn::tensor::Device;
-use kiln_multi::{BucketConfig, CollectiveConfig, WorldSize};
+use kiln_multi::{BucketConfig, Collective, CollectiveConfig, WorldSize};
 
 use crate::error::{Result, TrainError};
 
@@ -15,6 +17,21 @@ pub enum Execution {
     /// replica, gradients averaged through shared memory. The batch size is the global batch,
     /// split evenly over the ranks.
     DataParallel(DataParallelConfig),
+    /// Data parallel across processes: this process is one rank of a group created outside
+    /// (an MPI job started by `kiln launch` or `mpirun`), with its own replica on `device`.
+    /// The batch size is the global batch, split evenly over the group's ranks.
+    Process(ProcessGroupConfig),
+}
+
+/// Settings of [`Execution::Process`].
+#[derive(Debug, Clone)]
+pub struct ProcessGroupConfig {
+    /// This rank's autodiff device.
+    pub device: Device,
+    /// This rank's handle on the group; its timeout bounds every exchange.
+    pub collective: Arc<dyn Collective>,
+    /// Gradient bucket sizes.
+    pub buckets: BucketConfig,
 }
 
 /// Settings of [`Execution::DataParallel`].
@@ -36,6 +53,7 @@ impl Execution {
     pub fn world_size(&self) -> Result<WorldSize> {
         match self {
             Execution::Single(_) => Ok(WorldSize::ONE),
+            Execution::Process(group) => Ok(group.collective.world_size()),
             Execution::DataParallel(dp) => {
                 WorldSize::new(dp.devices.len()).map_err(|_| TrainError::Config {
                     field: "ranks",

@@ -8,4 +8,4 @@ mod execution;
 
 pub use base::{FitReport, PipelineSplit, RunLabels, TrainData, Trainer};
 pub use eval::{EvalMetrics, evaluate};
-pub use execution::{DataParallelConfig, Execution};
+pub use execution::{DataParallelConfig, Execution, ProcessGroupConfig};

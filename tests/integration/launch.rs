@@ -1,0 +1,367 @@
+//! `kiln launch` and multi-process training over MPI.
+//!
+//! Without the `mpi` feature only the launcher's command line and the refusals are tested;
+//! with it (`cargo test --features mpi`, as CI runs), real jobs of 2 and 3 processes: every
+//! collective against closed-form values, training equal to the in-process ranks, and a
+//! killed, stalled or failing rank stopping the whole job with a non-zero exit.
+
+use std::process::Command;
+
+use crate::common::{assert_clean_failure, kiln, kiln_ok};
+
+#[test]
+fn dry_run_shows_the_mpirun_command() {
+    let out = kiln_ok(&[
+        "launch",
+        "--nproc-per-node",
+        "3",
+        "--transport",
+        "tcp",
+        "--dry-run",
+        "--",
+        "kiln",
+        "train",
+        "cnn-mnist",
+    ]);
+    let line = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "mpirun -np 3 --tag-output",
+        "--mca btl self,tcp",
+        "--mca btl_tcp_if_include lo",
+        env!("CARGO_BIN_EXE_kiln"),
+        " train cnn-mnist",
+    ] {
+        assert!(line.contains(needle), "{needle:?} missing from {line}");
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(line.contains("--oversubscribe"), cores < 3, "{line}");
+
+    let out = kiln_ok(&[
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--hosts",
+        "h1,h2",
+        "--dry-run",
+        "--",
+        "./train.sh",
+    ]);
+    let line = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        line.contains("-np 4") && line.contains("--host h1:2,h2:2"),
+        "{line}"
+    );
+}
+
+#[test]
+fn bad_launches_are_clear_errors() {
+    assert_clean_failure(
+        &kiln(&[
+            "launch",
+            "--hosts",
+            "a,b",
+            "--transport",
+            "shm",
+            "--",
+            "kiln",
+        ]),
+        &["--transport shm works on one host only"],
+    );
+    assert_clean_failure(
+        &kiln(&[
+            "launch",
+            "--mpirun",
+            "/nonexistent/mpirun",
+            "--",
+            "kiln",
+            "collectives",
+        ]),
+        &["cannot start /nonexistent/mpirun", "openmpi-bin"],
+    );
+    let out = kiln(&["launch", "--nproc-per-node", "2"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("COMMAND"));
+}
+
+#[test]
+fn torchrun_variables_without_an_mpi_launcher_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "train",
+            "cnn-mnist",
+            "--limit",
+            "64",
+            "--epochs",
+            "1",
+            "--out",
+        ])
+        .arg(dir.path())
+        .env("RANK", "1")
+        .env("WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    let expected = if cfg!(feature = "mpi") {
+        "without an MPI launcher"
+    } else {
+        "built without MPI support"
+    };
+    assert_clean_failure(&out, &["rank 1 of 2", expected]);
+    assert!(
+        !dir.path().join("checkpoints").exists(),
+        "a refused rank trained"
+    );
+}
+
+#[cfg(feature = "mpi")]
+mod mpi {
+    use std::path::Path;
+    use std::process::{Child, Command, Output, Stdio};
+    use std::time::{Duration, Instant};
+
+    use crate::common::{kiln_ok, last_json, train_cnn_mnist};
+
+    /// `kiln launch --no-prefix ARGS`, which must succeed; returns rank 0's last JSON line.
+    fn launch_json(args: &[&str]) -> serde_json::Value {
+        let out = kiln_ok(&[&["launch", "--no-prefix"], args].concat());
+        last_json(&out)
+    }
+
+    #[test]
+    fn every_collective_matches_closed_form_values_across_processes() {
+        for (procs, transport) in [("2", "shm"), ("2", "tcp"), ("3", "auto")] {
+            let report = launch_json(&[
+                "--nproc-per-node",
+                procs,
+                "--transport",
+                transport,
+                "--",
+                "kiln",
+                "collectives",
+                "--json",
+            ]);
+            assert_eq!(report["engine"], "mpi", "{report}");
+            assert_eq!(
+                report["world_size"],
+                procs.parse::<u64>().unwrap(),
+                "{report}"
+            );
+            // 6 lengths x 8 checked calls + the final barrier.
+            assert_eq!(report["verified_calls"], 49, "{report}");
+        }
+    }
+
+    #[test]
+    fn launched_training_equals_in_process_ranks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("threads"), dir.path().join("processes"));
+        let threads = train_cnn_mnist("512", &a, "2", &["--ranks", "2"]);
+        let processes = launch_json(&[
+            "--nproc-per-node",
+            "2",
+            "--",
+            "kiln",
+            "train",
+            "cnn-mnist",
+            "--limit",
+            "512",
+            "--epochs",
+            "2",
+            "--out",
+            b.to_str().unwrap(),
+            "--json",
+            "-q",
+        ]);
+        assert_eq!(processes["ranks"], 2);
+        for (t, p) in threads["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(processes["history"].as_array().unwrap())
+        {
+            for key in ["train_loss", "test_loss", "test_accuracy"] {
+                let (x, y) = (t[key].as_f64().unwrap(), p[key].as_f64().unwrap());
+                assert!((x - y).abs() <= 1e-6, "{key}: threads {x}, processes {y}");
+            }
+        }
+        // Rank 0 alone wrote the checkpoints.
+        assert!(b.join("checkpoints/epoch-0002.ckpt").exists());
+    }
+
+    /// A launched training job marked with a unique environment variable, so that its rank
+    /// processes can be found in /proc.
+    struct Job {
+        launcher: Child,
+        marker: String,
+    }
+
+    impl Job {
+        fn start(out: &Path, timeout_secs: &str) -> Self {
+            let marker = format!("{}-{}", std::process::id(), out.display());
+            let launcher = Command::new(env!("CARGO_BIN_EXE_kiln"))
+                .args([
+                    "launch",
+                    "--nproc-per-node",
+                    "2",
+                    "--",
+                    "kiln",
+                    "train",
+                    "cnn-mnist",
+                ])
+                .args([
+                    "--limit",
+                    "2048",
+                    "--epochs",
+                    "50",
+                    "--collective-timeout",
+                    timeout_secs,
+                ])
+                .arg("--out")
+                .arg(out)
+                .env("KILN_TEST_JOB", &marker)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            Self { launcher, marker }
+        }
+
+        /// Waits until both ranks run and have trained a little.
+        fn wait_until_training(&self) -> (u32, u32) {
+            let start = Instant::now();
+            loop {
+                let (r0, r1) = (pids_of_rank(&self.marker, 0), pids_of_rank(&self.marker, 1));
+                if let (Some(&p0), Some(&p1)) = (r0.first(), r1.first()) {
+                    std::thread::sleep(Duration::from_secs(3));
+                    return (p0, p1);
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(60),
+                    "ranks did not start"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+
+        /// Waits for the launcher, at most `limit`; kills the job if it overruns.
+        fn wait(mut self, limit: Duration) -> (Output, Duration) {
+            let start = Instant::now();
+            while self.launcher.try_wait().unwrap().is_none() {
+                if start.elapsed() > limit {
+                    let _ = self.launcher.kill();
+                    let _ = Command::new("pkill")
+                        .args(["-9", "-f", &self.marker])
+                        .status();
+                    panic!("the launcher did not exit within {limit:?}");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let elapsed = start.elapsed();
+            (self.launcher.wait_with_output().unwrap(), elapsed)
+        }
+    }
+
+    /// Pids of rank `rank` of the job marked `marker` (normally one; none once it is gone).
+    fn pids_of_rank(marker: &str, rank: usize) -> Vec<u32> {
+        let (marked, ranked) = (
+            format!("KILN_TEST_JOB={marker}"),
+            format!("OMPI_COMM_WORLD_RANK={rank}"),
+        );
+        let mut pids = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            // Unreadable once the process has exited (zombies included).
+            let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+                continue;
+            };
+            let vars: Vec<&[u8]> = environ.split(|&b| b == 0).collect();
+            if vars.contains(&marked.as_bytes()) && vars.contains(&ranked.as_bytes()) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    fn signal(pid: u32, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
+    #[test]
+    fn a_killed_rank_stops_the_job_and_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = Job::start(dir.path(), "20");
+        let (_, victim) = job.wait_until_training();
+        signal(victim, "-9");
+        // Within twice the collective timeout.
+        let marker = job.marker.clone();
+        let (out, elapsed) = job.wait(Duration::from_secs(40));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("kiln launch: the job failed")
+                && stderr.contains("rank 1 exited on signal 9"),
+            "{stderr}"
+        );
+        assert!(
+            pids_of_rank(&marker, 0).is_empty() && pids_of_rank(&marker, 1).is_empty(),
+            "a rank is left"
+        );
+        eprintln!("killed rank: launcher exited {elapsed:?} after the kill");
+    }
+
+    #[test]
+    fn a_stalled_rank_times_out_and_stops_the_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = Job::start(dir.path(), "3");
+        let (_, victim) = job.wait_until_training();
+        signal(victim, "-STOP");
+        let marker = job.marker.clone();
+        let (out, elapsed) = job.wait(Duration::from_secs(6));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("rank 0: all_reduce timed out after 3s: rank 1 is stalled"),
+            "{stderr}"
+        );
+        assert!(
+            pids_of_rank(&marker, 0).is_empty() && pids_of_rank(&marker, 1).is_empty(),
+            "a rank is left"
+        );
+        assert!(elapsed >= Duration::from_secs(2), "{elapsed:?}");
+    }
+
+    #[test]
+    fn a_rank_that_fails_stops_the_job() {
+        let dir = tempfile::tempdir().unwrap();
+        // Rank 1 gets an unreadable data directory; rank 0 trains normally until it is stopped.
+        let script = format!(
+            "if [ \"$OMPI_COMM_WORLD_RANK\" = 1 ]; then set -- --data /nonexistent/mnist; fi; \
+             exec {} train cnn-mnist --limit 512 --epochs 50 --out {} \"$@\"",
+            env!("CARGO_BIN_EXE_kiln"),
+            dir.path().display()
+        );
+        let start = Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["launch", "--nproc-per-node", "2", "--", "sh", "-c", &script])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("[rank 1]") && stderr.contains("/nonexistent/mnist"),
+            "{stderr}"
+        );
+        assert!(stderr.contains("kiln launch: the job failed"), "{stderr}");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+}
