@@ -1,7 +1,8 @@
 """PyTorch twin of benches/data_parallel.rs: gloo all-reduce bandwidth between 2 processes
 (1, 16, 64 MiB) and SimpleCNN DistributedDataParallel training throughput (2 processes x 1
 thread, batch 64 per rank, SGD lr 0.01 m 0.9) on the embedded MNIST subset, one warm-up then the
-median of --reps repetitions. Prints one JSON object."""
+median of --reps repetitions (--all-reduce-only: the bandwidth part alone, for
+benches/collectives.rs). Prints one JSON object."""
 import argparse
 import json
 import os
@@ -36,6 +37,13 @@ def worker(rank, world, args, init_file, out_file):
                 times.append(time.perf_counter() - start)
         t = statistics.median(times)
         result["all_reduce"].append({"mib": mib, "median_ms": t * 1e3, "gb_per_sec": mib * MIB / t / 1e9})
+    if args.all_reduce_only:
+        if rank == 0:
+            result["torch"] = torch.__version__
+            with open(out_file, "w") as f:
+                json.dump(result, f)
+        dist.destroy_process_group()
+        return
 
     xtr, ytr = load("train")
     xtr, ytr = xtr[: args.train_samples], ytr[: args.train_samples]
@@ -71,6 +79,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--train-samples", type=int, default=1920)
+    parser.add_argument("--all-reduce-only", action="store_true", help="skip the DDP training part")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "out.json")

@@ -26,18 +26,26 @@ pub fn arg(name: &str, default: usize) -> usize {
 /// its last stdout line; `None` (with a note on stderr) when Python or PyTorch is missing or
 /// `KILN_BENCH_NO_PYTORCH` is set.
 pub fn run_pytorch(script: &str, reps: usize, train_samples: usize) -> Option<Value> {
+    run_pytorch_with(
+        script,
+        &[
+            "--reps",
+            &reps.to_string(),
+            "--train-samples",
+            &train_samples.to_string(),
+        ],
+    )
+}
+
+/// Runs `benches/<script>` with `args`, as [`run_pytorch`] does.
+pub fn run_pytorch_with(script: &str, args: &[&str]) -> Option<Value> {
     if std::env::var_os("KILN_BENCH_NO_PYTORCH").is_some() {
         return None;
     }
     let path = format!("{}/benches/{script}", env!("CARGO_MANIFEST_DIR"));
     let output = Command::new("python3")
-        .args([
-            path.as_str(),
-            "--reps",
-            &reps.to_string(),
-            "--train-samples",
-            &train_samples.to_string(),
-        ])
+        .arg(&path)
+        .args(args)
         .output()
         .ok()?;
     if !output.status.success() {

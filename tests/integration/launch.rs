@@ -322,7 +322,7 @@ mod mpi {
         let (_, victim) = job.wait_until_training();
         signal(victim, "-STOP");
         let marker = job.marker.clone();
-        let (out, elapsed) = job.wait(Duration::from_secs(6));
+        let (out, elapsed) = job.wait(Duration::from_secs(10));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         assert!(

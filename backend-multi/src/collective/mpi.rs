@@ -35,7 +35,7 @@ use crate::mesh::{Rank, WorldSize};
 
 /// `MPI_IN_PLACE` as Open MPI's `mpi.h` defines it (`(void *) 1`); the `mpi` crate does not
 /// export it. Used only once the library has been checked to be Open MPI.
-const OPEN_MPI_IN_PLACE: *mut c_void = 1 as *mut c_void;
+const OPEN_MPI_IN_PLACE: *mut c_void = std::ptr::without_provenance_mut(1);
 
 /// The exit code of a job aborted by kiln (a failed rank, a timeout, a panic).
 pub const ABORT_EXIT_CODE: i32 = 1;

@@ -1,7 +1,9 @@
 //! `cnn-mnist`: trains SimpleCNN on MNIST; the same as `kiln train cnn-mnist`.
 
 use clap::Parser;
+use kiln_multi::Rank;
 use kiln_recipes::cli::CnnMnistArgs;
+use kiln_recipes::distributed::run_as_launched;
 use kiln_recipes::report::Report;
 use kiln_trainer::report::Verbosity;
 
@@ -29,7 +31,15 @@ fn main() -> anyhow::Result<()> {
     } else {
         Verbosity::Bar
     };
-    let report = kiln_recipes::cnn_mnist::run(&cli.args.to_config(verbosity)?)?;
-    println!("{}", report.stdout_line(cli.json)?);
-    Ok(())
+    let mut config = cli.args.to_config(verbosity)?;
+    // Under `kiln launch` or mpirun, this process is one rank; rank 0 prints the report.
+    run_as_launched(config.collective_timeout, |group| -> anyhow::Result<()> {
+        let is_root = group.as_ref().is_none_or(|g| g.rank() == Rank::ZERO);
+        config.process_group = group;
+        let report = kiln_recipes::cnn_mnist::run(&config)?;
+        if is_root {
+            println!("{}", report.stdout_line(cli.json)?);
+        }
+        Ok(())
+    })
 }
