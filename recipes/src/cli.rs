@@ -53,7 +53,8 @@ pub struct CnnMnistArgs {
     pub limit: Option<usize>,
     /// Data-parallel ranks: N threads, each with a replica of the model, training on 1/N of
     /// every batch and averaging gradients (like PyTorch DDP). --batch-size stays the global
-    /// batch and must divide by N. A run may be resumed with a different N.
+    /// batch and must divide by N. A run may be resumed with a different N. For one process
+    /// per rank (and several hosts), see `kiln launch`.
     #[arg(long, value_name = "N", default_value_t = NonZeroUsize::MIN)]
     pub ranks: NonZeroUsize,
     /// Seconds a rank waits for the others at a gradient exchange before the run fails

@@ -39,10 +39,33 @@ where
         launcher: "this process's",
         reason: e.to_string(),
     })?;
-    match env {
-        None => job(None),
-        Some(env) => join(env, timeout, job),
-    }
+    let Some(env) = env else {
+        return job(None);
+    };
+    #[cfg(feature = "mpi")]
+    return join(env, timeout, job);
+    #[cfg(not(feature = "mpi"))]
+    #[allow(
+        clippy::needless_return,
+        reason = "the block stands in for the `return join(..)` of MPI builds"
+    )]
+    {
+        let _ = timeout;
+        if env.world.get() == 1 {
+            return job(None);
+        }
+        return Err(RecipeError::Launch {
+            launcher: env.launcher.name(),
+            reason: format!(
+                "this process is rank {} of {}, but this kiln was built without MPI support: \
+                 rebuild with `cargo build --release --features mpi` (needs Debian's \
+                 libopenmpi-dev, openmpi-bin and libclang-dev)",
+                env.rank.index(),
+                env.world.get()
+            ),
+        }
+        .into());
+    };
 }
 
 #[cfg(feature = "mpi")]
@@ -94,29 +117,4 @@ where
     session
         .run(|group| job(Some(group)))
         .map_err(|e| RecipeError::from(kiln_trainer::TrainError::from(e)).into())
-}
-
-#[cfg(not(feature = "mpi"))]
-fn join<T, E>(
-    env: LaunchEnv,
-    _timeout: Duration,
-    job: impl FnOnce(Option<Arc<dyn Collective>>) -> Result<T, E>,
-) -> Result<T, E>
-where
-    E: Display + From<RecipeError>,
-{
-    if env.world.get() == 1 {
-        return job(None);
-    }
-    Err(RecipeError::Launch {
-        launcher: env.launcher.name(),
-        reason: format!(
-            "this process is rank {} of {}, but this kiln was built without MPI support: \
-             rebuild with `cargo build --release --features mpi` (needs Debian's \
-             libopenmpi-dev, openmpi-bin and libclang-dev)",
-            env.rank.index(),
-            env.world.get()
-        ),
-    }
-    .into())
 }

@@ -121,6 +121,17 @@ mod mpi {
 
     use crate::common::{kiln_ok, last_json, train_cnn_mnist};
 
+    /// `kiln launch` of a cnn-mnist training on 2 processes, to which flags are added.
+    const TRAIN_ON_2_PROCESSES: [&str; 7] = [
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--",
+        "kiln",
+        "train",
+        "cnn-mnist",
+    ];
+
     /// `kiln launch --no-prefix ARGS`, which must succeed; returns rank 0's last JSON line.
     fn launch_json(args: &[&str]) -> serde_json::Value {
         let out = kiln_ok(&[&["launch", "--no-prefix"], args].concat());
@@ -156,22 +167,22 @@ mod mpi {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (dir.path().join("threads"), dir.path().join("processes"));
         let threads = train_cnn_mnist("512", &a, "2", &["--ranks", "2"]);
-        let processes = launch_json(&[
-            "--nproc-per-node",
-            "2",
-            "--",
-            "kiln",
-            "train",
-            "cnn-mnist",
-            "--limit",
-            "512",
-            "--epochs",
-            "2",
-            "--out",
-            b.to_str().unwrap(),
-            "--json",
-            "-q",
-        ]);
+        let processes = launch_json(
+            &[
+                &TRAIN_ON_2_PROCESSES[1..],
+                &[
+                    "--limit",
+                    "512",
+                    "--epochs",
+                    "2",
+                    "--out",
+                    b.to_str().unwrap(),
+                    "--json",
+                    "-q",
+                ],
+            ]
+            .concat(),
+        );
         assert_eq!(processes["ranks"], 2);
         for (t, p) in threads["history"]
             .as_array()
@@ -199,15 +210,7 @@ mod mpi {
         fn start(out: &Path, timeout_secs: &str) -> Self {
             let marker = format!("{}-{}", std::process::id(), out.display());
             let launcher = Command::new(env!("CARGO_BIN_EXE_kiln"))
-                .args([
-                    "launch",
-                    "--nproc-per-node",
-                    "2",
-                    "--",
-                    "kiln",
-                    "train",
-                    "cnn-mnist",
-                ])
+                .args(TRAIN_ON_2_PROCESSES)
                 .args([
                     "--limit",
                     "2048",
@@ -284,23 +287,31 @@ mod mpi {
         pids
     }
 
-    fn signal(pid: u32, signal: &str) {
+    /// Starts a job with `timeout_secs` as collective timeout, sends `signal` to rank 1 once
+    /// both ranks train, and waits at most `limit` for the launcher; checks that no rank is
+    /// left and returns the launcher's output and how long it took after the signal.
+    fn disrupt_rank_1(timeout_secs: &str, signal: &str, limit: Duration) -> (Output, Duration) {
+        let dir = tempfile::tempdir().unwrap();
+        let job = Job::start(dir.path(), timeout_secs);
+        let (_, victim) = job.wait_until_training();
         let status = Command::new("kill")
-            .args([signal, &pid.to_string()])
+            .args([signal, &victim.to_string()])
             .status()
             .unwrap();
-        assert!(status.success(), "kill {signal} {pid}");
+        assert!(status.success(), "kill {signal} {victim}");
+        let marker = job.marker.clone();
+        let (out, elapsed) = job.wait(limit);
+        assert!(
+            pids_of_rank(&marker, 0).is_empty() && pids_of_rank(&marker, 1).is_empty(),
+            "a rank is left"
+        );
+        (out, elapsed)
     }
 
     #[test]
     fn a_killed_rank_stops_the_job_and_is_named() {
-        let dir = tempfile::tempdir().unwrap();
-        let job = Job::start(dir.path(), "20");
-        let (_, victim) = job.wait_until_training();
-        signal(victim, "-9");
         // Within twice the collective timeout.
-        let marker = job.marker.clone();
-        let (out, elapsed) = job.wait(Duration::from_secs(40));
+        let (out, elapsed) = disrupt_rank_1("20", "-9", Duration::from_secs(40));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{stderr}");
         assert!(
@@ -308,30 +319,17 @@ mod mpi {
                 && stderr.contains("rank 1 exited on signal 9"),
             "{stderr}"
         );
-        assert!(
-            pids_of_rank(&marker, 0).is_empty() && pids_of_rank(&marker, 1).is_empty(),
-            "a rank is left"
-        );
         eprintln!("killed rank: launcher exited {elapsed:?} after the kill");
     }
 
     #[test]
     fn a_stalled_rank_times_out_and_stops_the_job() {
-        let dir = tempfile::tempdir().unwrap();
-        let job = Job::start(dir.path(), "3");
-        let (_, victim) = job.wait_until_training();
-        signal(victim, "-STOP");
-        let marker = job.marker.clone();
-        let (out, elapsed) = job.wait(Duration::from_secs(10));
+        let (out, elapsed) = disrupt_rank_1("3", "-STOP", Duration::from_secs(10));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         assert!(
             stderr.contains("rank 0: all_reduce timed out after 3s: rank 1 is stalled"),
             "{stderr}"
-        );
-        assert!(
-            pids_of_rank(&marker, 0).is_empty() && pids_of_rank(&marker, 1).is_empty(),
-            "a rank is left"
         );
         assert!(elapsed >= Duration::from_secs(2), "{elapsed:?}");
     }
