@@ -163,6 +163,46 @@ mod mpi {
     }
 
     #[test]
+    fn misused_collectives_fail_on_every_rank_and_the_job_goes_on() {
+        let example = Path::new(env!("CARGO_BIN_EXE_kiln"))
+            .parent()
+            .unwrap()
+            .join("examples/mpi_errors");
+        assert!(
+            example.exists(),
+            "{} is missing: build it first with `cargo build --release --features mpi --example \
+             mpi_errors` (CI does)",
+            example.display()
+        );
+        let out = kiln_ok(&[
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--",
+            example.to_str().unwrap(),
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        for rank in 0..2 {
+            for needle in [
+                format!("[rank {rank}] rank {rank}: all_gather failed"),
+                format!("[rank {rank}] rank {rank}: all_reduce failed"),
+                format!("[rank {rank}] rank {rank}: still in step"),
+            ] {
+                assert!(stdout.contains(&needle), "{needle:?} missing: {stdout}");
+            }
+        }
+        assert!(
+            stdout.contains("buffer has 3 elements, expected 4"),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains("another rank passed a buffer of the wrong length"),
+            "{stdout}"
+        );
+        assert!(stdout.contains("ranks disagree"), "{stdout}");
+    }
+
+    #[test]
     fn launched_training_equals_in_process_ranks() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (dir.path().join("threads"), dir.path().join("processes"));

@@ -14,8 +14,10 @@
 //! - a process that dies (`kill -9`) is noticed by `mpirun`, which stops the others.
 //!
 //! What can be detected before any data moves *is* returned as an error on every rank: before
-//! each call the ranks exchange a small header (operation, length, root), so a length or
-//! operation mismatch gives [`MultiError::Mismatch`] instead of silent truncation.
+//! each call the ranks exchange a small header (operation, length, root, and whether this
+//! rank's own arguments are valid), so a length or operation mismatch, or a shard of the wrong
+//! length on one rank, gives an error on every rank instead of silent truncation or a hang
+//! (`examples/mpi_errors.rs` shows it, and the job goes on).
 //! [`MpiSession::run`] ends a job cleanly: `MPI_Finalize` when the closure succeeds, a message
 //! and `MPI_Abort` when it fails (finalising with a peer still inside a collective would hang).
 
@@ -220,88 +222,106 @@ impl MpiCollective {
         &self.library
     }
 
-    /// Checks that every rank calls the same operation with the same length (and root), then
-    /// runs `body` under the watchdog.
+    /// Checks that every rank calls the same operation with the same length (and root) and
+    /// that no rank found its own arguments wrong (`local`), then runs `body` under the
+    /// watchdog. A rank with bad arguments still takes part in the check, so that its peers
+    /// fail with it instead of waiting for it.
     fn call(
         &self,
         op: &'static str,
         kind: i64,
         len: usize,
         root: usize,
+        local: Result<()>,
         body: impl FnOnce() -> c_int,
     ) -> Result<()> {
         let _serial = lock(&self.calls);
         let _armed = self.watchdog.arm(op, self.timeout);
-        let header = [kind, len as i64, root as i64];
-        let mut agreed = [
-            kind,
-            len as i64,
-            root as i64,
-            -kind,
-            -(len as i64),
-            -(root as i64),
-        ];
-        // SAFETY: `agreed` is a valid buffer of 6 i64 on every rank; in place.
+        let mine = [kind, len as i64, root as i64, i64::from(local.is_err())];
+        // The maximum of each field and of its negation: the fields agree when max == min.
+        let mut agreed = [0i64; 8];
+        for (i, &v) in mine.iter().enumerate() {
+            (agreed[i], agreed[i + 4]) = (v, -v);
+        }
+        // SAFETY: `agreed` is a valid buffer of 8 i64 on every rank; in place.
         let code = unsafe {
             ffi::MPI_Allreduce(
                 OPEN_MPI_IN_PLACE,
                 agreed.as_mut_ptr().cast(),
-                6,
+                8,
                 ffi::RSMPI_INT64_T,
                 ffi::RSMPI_MAX,
                 self.comm.0,
             )
         };
         check(code, self.rank.index(), op)?;
-        let (max, min) = (&agreed[..3], [-agreed[3], -agreed[4], -agreed[5]]);
-        if max != min {
+        let max = &agreed[..4];
+        let min: Vec<i64> = agreed[4..].iter().map(|v| -v).collect();
+        if max[..3] != min[..3] {
             return Err(MultiError::Mismatch {
                 rank: self.rank.index(),
                 op,
                 detail: format!(
                     "this rank called {} with {} elements (root {}); some rank called operation \
                      code(s) {}..={} with {}..={} elements, roots {}..={}",
-                    op, header[1], header[2], min[0], max[0], min[1], max[1], min[2], max[2]
+                    op, mine[1], mine[2], min[0], max[0], min[1], max[1], min[2], max[2]
                 ),
+            });
+        }
+        local?;
+        if max[3] != 0 {
+            return Err(MultiError::Mismatch {
+                rank: self.rank.index(),
+                op,
+                detail: "another rank passed a buffer of the wrong length".to_string(),
             });
         }
         check(body(), self.rank.index(), op)
     }
 
-    fn buffer_len(&self, op: &'static str, expected: usize, got: usize) -> Result<()> {
-        if expected == got {
-            Ok(())
-        } else {
+    /// Counts and displacements of the ranks' shards of `len` elements, as MPI's `int`s, and
+    /// whether this rank's `shard_len` and `len` itself are valid.
+    #[allow(clippy::type_complexity)]
+    fn shard_layout(
+        &self,
+        op: &'static str,
+        len: usize,
+        shard_len: usize,
+    ) -> ((Vec<c_int>, Vec<c_int>), Result<()>) {
+        let ranges: Vec<_> = (0..self.world.get())
+            .map(|r| {
+                shard_range(
+                    len,
+                    self.world,
+                    Rank::new(r, self.world).expect("r < world"),
+                )
+            })
+            .collect();
+        let expected = ranges[self.rank.index()].len();
+        let valid = if c_int::try_from(len).is_err() {
+            Err(MultiError::Config {
+                field: "buffer length",
+                reason: format!(
+                    "{op} of {len} elements exceeds MPI's int counts ({})",
+                    c_int::MAX
+                ),
+            })
+        } else if shard_len != expected {
             Err(MultiError::BufferLength {
                 rank: self.rank.index(),
                 op,
                 expected,
-                got,
+                got: shard_len,
             })
-        }
-    }
-
-    /// Counts and displacements of the ranks' shards, as MPI's `int`s.
-    fn shard_layout(&self, op: &'static str, len: usize) -> Result<(Vec<c_int>, Vec<c_int>)> {
-        let too_long = || MultiError::Config {
-            field: "buffer length",
-            reason: format!(
-                "{op} of {len} elements exceeds MPI's int counts ({})",
-                c_int::MAX
-            ),
+        } else {
+            Ok(())
         };
-        c_int::try_from(len).map_err(|_| too_long())?;
-        let ranges = (0..self.world.get()).map(|r| {
-            shard_range(
-                len,
-                self.world,
-                Rank::new(r, self.world).expect("r < world"),
-            )
-        });
-        let (counts, displs) = ranges
+        // Truncating casts only when `valid` is an error, in which case nothing is sent.
+        let layout = ranges
+            .iter()
             .map(|range| (range.len() as c_int, range.start as c_int))
             .unzip();
-        Ok((counts, displs))
+        (layout, valid)
     }
 }
 
@@ -351,26 +371,33 @@ impl Collective for MpiCollective {
 
     fn all_reduce(&self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
         let len = buf.len();
-        self.call("all_reduce", op_code(ALL_REDUCE, op), len, 0, || {
-            for chunk in buf.chunks_mut(ALL_REDUCE_CHUNK) {
-                // SAFETY: `chunk` is a valid, exclusive f32 buffer of `chunk.len()` elements
-                // (< c_int::MAX); every rank passes the same length (checked by the header).
-                let code = unsafe {
-                    ffi::MPI_Allreduce(
-                        OPEN_MPI_IN_PLACE,
-                        chunk.as_mut_ptr().cast(),
-                        chunk.len() as c_int,
-                        ffi::RSMPI_FLOAT,
-                        mpi_op(op),
-                        self.comm.0,
-                    )
-                };
-                if code != 0 {
-                    return code;
+        self.call(
+            "all_reduce",
+            op_code(ALL_REDUCE, op),
+            len,
+            0,
+            Ok(()),
+            || {
+                for chunk in buf.chunks_mut(ALL_REDUCE_CHUNK) {
+                    // SAFETY: `chunk` is a valid, exclusive f32 buffer of `chunk.len()` elements
+                    // (< c_int::MAX); every rank passes the same length (checked by the header).
+                    let code = unsafe {
+                        ffi::MPI_Allreduce(
+                            OPEN_MPI_IN_PLACE,
+                            chunk.as_mut_ptr().cast(),
+                            chunk.len() as c_int,
+                            ffi::RSMPI_FLOAT,
+                            mpi_op(op),
+                            self.comm.0,
+                        )
+                    };
+                    if code != 0 {
+                        return code;
+                    }
                 }
-            }
-            0
-        })?;
+                0
+            },
+        )?;
         if op == ReduceOp::Avg {
             let n = self.world.get() as f32;
             buf.iter_mut().for_each(|x| *x /= n);
@@ -379,31 +406,38 @@ impl Collective for MpiCollective {
     }
 
     fn broadcast(&self, buf: &mut [f32], root: Rank) -> Result<()> {
-        self.call("broadcast", BROADCAST, buf.len(), root.index(), || {
-            for chunk in buf.chunks_mut(CHUNK) {
-                // SAFETY: valid exclusive buffer; same length and root on every rank.
-                let code = unsafe {
-                    ffi::MPI_Bcast(
-                        chunk.as_mut_ptr().cast(),
-                        chunk.len() as c_int,
-                        ffi::RSMPI_FLOAT,
-                        root.index() as c_int,
-                        self.comm.0,
-                    )
-                };
-                if code != 0 {
-                    return code;
+        self.call(
+            "broadcast",
+            BROADCAST,
+            buf.len(),
+            root.index(),
+            Ok(()),
+            || {
+                for chunk in buf.chunks_mut(CHUNK) {
+                    // SAFETY: valid exclusive buffer; same length and root on every rank.
+                    let code = unsafe {
+                        ffi::MPI_Bcast(
+                            chunk.as_mut_ptr().cast(),
+                            chunk.len() as c_int,
+                            ffi::RSMPI_FLOAT,
+                            root.index() as c_int,
+                            self.comm.0,
+                        )
+                    };
+                    if code != 0 {
+                        return code;
+                    }
                 }
-            }
-            0
-        })
+                0
+            },
+        )
     }
 
     fn all_gather(&self, shard: &[f32], out: &mut [f32]) -> Result<()> {
         let op = "all_gather";
-        let (counts, displs) = self.shard_layout(op, out.len())?;
-        self.buffer_len(op, counts[self.rank.index()] as usize, shard.len())?;
-        self.call(op, ALL_GATHER, out.len(), 0, || {
+        let (layout, local) = self.shard_layout(op, out.len(), shard.len());
+        self.call(op, ALL_GATHER, out.len(), 0, local, || {
+            let (counts, displs) = &layout;
             // SAFETY: `shard` holds this rank's count; `out` holds the sum of all counts at the
             // given displacements; lengths agree on every rank (header).
             unsafe {
@@ -423,21 +457,27 @@ impl Collective for MpiCollective {
 
     fn reduce_scatter(&self, buf: &[f32], shard: &mut [f32], op: ReduceOp) -> Result<()> {
         let name = "reduce_scatter";
-        let (counts, _) = self.shard_layout(name, buf.len())?;
-        self.buffer_len(name, counts[self.rank.index()] as usize, shard.len())?;
-        self.call(name, op_code(REDUCE_SCATTER, op), buf.len(), 0, || {
-            // SAFETY: `buf` holds the sum of all counts; `shard` this rank's count.
-            unsafe {
-                ffi::MPI_Reduce_scatter(
-                    buf.as_ptr().cast(),
-                    shard.as_mut_ptr().cast(),
-                    counts.as_ptr(),
-                    ffi::RSMPI_FLOAT,
-                    mpi_op(op),
-                    self.comm.0,
-                )
-            }
-        })?;
+        let ((counts, _), local) = self.shard_layout(name, buf.len(), shard.len());
+        self.call(
+            name,
+            op_code(REDUCE_SCATTER, op),
+            buf.len(),
+            0,
+            local,
+            || {
+                // SAFETY: `buf` holds the sum of all counts; `shard` this rank's count.
+                unsafe {
+                    ffi::MPI_Reduce_scatter(
+                        buf.as_ptr().cast(),
+                        shard.as_mut_ptr().cast(),
+                        counts.as_ptr(),
+                        ffi::RSMPI_FLOAT,
+                        mpi_op(op),
+                        self.comm.0,
+                    )
+                }
+            },
+        )?;
         if op == ReduceOp::Avg {
             let n = self.world.get() as f32;
             shard.iter_mut().for_each(|x| *x /= n);
@@ -446,7 +486,7 @@ impl Collective for MpiCollective {
     }
 
     fn barrier(&self) -> Result<()> {
-        self.call("barrier", BARRIER, 0, 0, || {
+        self.call("barrier", BARRIER, 0, 0, Ok(()), || {
             // SAFETY: valid communicator.
             unsafe { ffi::MPI_Barrier(self.comm.0) }
         })
