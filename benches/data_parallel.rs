@@ -1,7 +1,8 @@
 //! Data-parallel benchmark: in-process all-reduce bandwidth between 2 ranks (1, 16, 64 MiB,
 //! with a 64 MiB memcpy as the physical reference), and SimpleCNN training throughput through
 //! `Trainer::fit` with 1 rank (batch 64), 2 ranks (global batch 64 = 2 x 32) and 2 ranks
-//! (global batch 128 = 2 x 64, the shape of PyTorch's DDP reference). Configurations are
+//! (global batch 128 = 2 x 64, the shape of PyTorch's DDP reference), and 2 ranks x 32 with
+//! the optimizer state sharded (ZeRO-1, ZeRO-2) against plain data parallelism. Configurations are
 //! interleaved repetition by repetition so that machine noise hits them alike; medians are
 //! reported. Prints one JSON object.
 //!
@@ -20,7 +21,7 @@ use burn::tensor::Device;
 use common::{arg, median, run_pytorch};
 use kiln::models::{SimpleCnn, SimpleCnnConfig};
 use kiln::multi::{
-    BucketConfig, CollectiveConfig, MultiError, ReduceOp, WorldSize, run_in_process,
+    BucketConfig, CollectiveConfig, MultiError, ReduceOp, WorldSize, ZeroStage, run_in_process,
 };
 use kiln::recipes::mnist_data::MnistSource;
 use kiln::trainer::data::{MnistDataset, MnistSplit};
@@ -66,13 +67,12 @@ fn memcpy_seconds(bytes: usize, reps: usize) -> f64 {
     median(times)
 }
 
-/// Training samples per second of one epoch over `train` with `ranks` ranks and a global
-/// batch of `batch_size`.
+/// Training samples per second of one epoch over `train` with `ranks` ranks, a global batch of
+/// `batch_size`, and the optimizer state sharded with `zero`.
 fn train_rate(
     train: &MnistDataset,
     test: &MnistDataset,
-    ranks: usize,
-    batch_size: usize,
+    (ranks, batch_size, zero): (usize, usize, Option<ZeroStage>),
     seed: u64,
 ) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir()?;
@@ -95,6 +95,7 @@ fn train_rate(
             devices: vec![device; ranks],
             collective: CollectiveConfig::default(),
             buckets: BucketConfig::default(),
+            zero,
         })
     };
     let data = TrainData { train, test };
@@ -121,11 +122,17 @@ fn main() -> anyhow::Result<()> {
         .load(MnistSplit::Train)?
         .take(train_samples);
     let test = MnistSource::Embedded.load(MnistSplit::Test)?.take(256);
-    let configs = [(1usize, 64usize), (2, 64), (2, 128)];
+    let configs = [
+        (1usize, 64usize, None),
+        (2, 64, None),
+        (2, 128, None),
+        (2, 64, Some(ZeroStage::One)),
+        (2, 64, Some(ZeroStage::Two)),
+    ];
     let rates: Vec<Mutex<Vec<f64>>> = configs.iter().map(|_| Mutex::new(Vec::new())).collect();
     for rep in 0..=reps {
-        for (k, &(ranks, batch)) in configs.iter().enumerate() {
-            let rate = train_rate(&train, &test, ranks, batch, rep as u64)?;
+        for (k, &config) in configs.iter().enumerate() {
+            let rate = train_rate(&train, &test, config, rep as u64)?;
             if rep > 0 {
                 rates[k].lock().expect("not poisoned").push(rate);
             }
@@ -134,11 +141,12 @@ fn main() -> anyhow::Result<()> {
     let training: Vec<Value> = configs
         .iter()
         .zip(&rates)
-        .map(|(&(ranks, batch), r)| {
+        .map(|(&(ranks, batch, zero), r)| {
             let all = r.lock().expect("not poisoned").clone();
             json!({
                 "ranks": ranks,
                 "global_batch_size": batch,
+                "zero_stage": zero.map(ZeroStage::number),
                 "samples_per_sec": median(all.clone()),
                 "samples_per_sec_all": all,
             })
@@ -171,6 +179,10 @@ fn main() -> anyhow::Result<()> {
         "train_2_ranks_over_1": {
             "same_global_batch_64": rate_of(1) / rate_of(0),
             "global_batch_128_over_1x64": rate_of(2) / rate_of(0),
+        },
+        "zero_over_plain_data_parallel_2x32": {
+            "zero_1": rate_of(3) / rate_of(1),
+            "zero_2": rate_of(4) / rate_of(1),
         },
         "pytorch": pytorch,
         "kiln_over_pytorch": ratios,

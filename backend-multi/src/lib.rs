@@ -9,6 +9,7 @@
 //!   module identical by broadcasting parameters from rank 0 and averaging gradients in
 //!   buckets;
 //! - [`launch`]: whether this process is one rank of a job started by `mpirun` or `torchrun`;
+//! - [`sharding`]: ZeRO stages 1 and 2: optimizer state and gradients split over the ranks;
 //! - [`pipeline`]: stages placed on devices, trained with micro-batch schedules (GPipe, 1F1B).
 //!
 //! This crate knows nothing of kiln's models, recipes or CLI: it works on buffers, indices and
@@ -21,6 +22,7 @@ pub mod launch;
 pub mod mesh;
 pub mod pipeline;
 pub mod sampler;
+pub mod sharding;
 
 pub use collective::{
     Collective, CollectiveConfig, InProcessCollective, ReduceOp, run_in_process, shard_range,
@@ -29,3 +31,6 @@ pub use data_parallel::{BucketConfig, DistributedDataParallel, GradientBucket};
 pub use error::{MultiError, Result};
 pub use mesh::{Rank, WorldSize};
 pub use sampler::{DistributedSampler, DistributedSamplerConfig};
+pub use sharding::{
+    FlatOptimizer, ShardMemory, ZERO_STATE_MAGIC, ZeroConfig, ZeroOptimizer, ZeroStage,
+};

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use kiln_models::ResNetDepth;
-use kiln_multi::WorldSize;
 use kiln_multi::pipeline::PipelineSchedule;
+use kiln_multi::{WorldSize, ZeroStage};
 use kiln_trainer::checkpoint::latest_checkpoint;
 use kiln_trainer::report::Verbosity;
 
@@ -61,6 +61,13 @@ pub struct CnnMnistArgs {
     /// (with --ranks above 1, or under `kiln launch`, where the whole job is stopped).
     #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub collective_timeout: u64,
+    /// Shard over the data-parallel ranks (like DeepSpeed ZeRO / PyTorch's
+    /// ZeroRedundancyOptimizer): 1 splits the optimizer state (momentum), 2 also the
+    /// synchronised gradients; each rank updates its shard and the parameters are all-gathered.
+    /// Same updates as plain data parallelism. Needs --ranks N or `kiln launch`; --json reports
+    /// the bytes per rank.
+    #[arg(long, value_name = "STAGE", value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub zero: Option<u8>,
     /// Pipeline parallelism: split SimpleCNN into 2 stages (conv1 | conv2 + classifier) or 3
     /// (conv1 | conv2 | classifier), each on its own thread with its share of the cores, and
     /// stream micro-batches through them. Same updates as one device.
@@ -131,6 +138,13 @@ impl CnnMnistArgs {
                 schedule: self.schedule.into(),
             }),
             process_group: None,
+            zero: self.zero.map(|stage| {
+                if stage == 1 {
+                    ZeroStage::One
+                } else {
+                    ZeroStage::Two
+                }
+            }),
         })
     }
 }

@@ -11,7 +11,7 @@ use kiln_models::{
     SimpleCnn, SimpleCnnBack, SimpleCnnClassifier, SimpleCnnConfig, SimpleCnnConvBlock,
 };
 use kiln_multi::pipeline::{ModuleStage, PipelineConfig, PipelineSchedule, PipelineStage};
-use kiln_multi::{BucketConfig, Collective, CollectiveConfig, WorldSize};
+use kiln_multi::{BucketConfig, Collective, CollectiveConfig, WorldSize, ZeroStage};
 use kiln_trainer::checkpoint::{latest_checkpoint, read_checkpoint, resolve_checkpoint};
 use kiln_trainer::data::{ImageDataset, MnistSplit};
 use kiln_trainer::report::Verbosity;
@@ -22,7 +22,7 @@ use kiln_trainer::{
 
 use crate::error::{RecipeError, Result};
 use crate::mnist_data::MnistSource;
-use crate::report::{PipelineReport, TrainReport};
+use crate::report::{PipelineReport, ShardingReport, TrainReport};
 
 /// Name of this recipe, recorded in checkpoints.
 pub const RECIPE: &str = "cnn-mnist";
@@ -87,6 +87,8 @@ pub struct CnnMnistConfig {
     /// This process is one rank of a multi-process group (an MPI job): train data parallel
     /// with it; `ranks` must then be 1.
     pub process_group: Option<Arc<dyn Collective>>,
+    /// Shard the optimizer state (ZeRO-1) or the state and gradients (ZeRO-2) over the ranks.
+    pub zero: Option<ZeroStage>,
 }
 
 /// Pipeline settings of a cnn-mnist run: SimpleCNN split into 2 stages (conv1 block | conv2
@@ -195,11 +197,14 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
     let global_batch_size = trainer.config().batch_size;
     let (_model, fit) = match config.pipeline {
         Some(options) => {
-            if config.ranks != WorldSize::ONE || config.process_group.is_some() {
+            if config.ranks != WorldSize::ONE
+                || config.process_group.is_some()
+                || config.zero.is_some()
+            {
                 return Err(RecipeError::Options {
                     flag: "--pipeline-stages",
-                    reason: "combining a pipeline with data parallelism (--ranks, or a \
-                             multi-process launch) is not supported yet"
+                    reason: "combining a pipeline with data parallelism (--ranks, --zero, or \
+                             a multi-process launch) is not supported yet"
                         .to_string(),
                 });
             }
@@ -250,8 +255,17 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
                     device,
                     collective: Arc::clone(group),
                     buckets: BucketConfig::default(),
+                    zero: config.zero,
                 })
             } else if config.ranks == WorldSize::ONE {
+                if config.zero.is_some() {
+                    return Err(RecipeError::Options {
+                        flag: "--zero",
+                        reason: "sharding splits the optimizer state over data-parallel ranks: \
+                                 add --ranks N (N >= 2) or start the run with kiln launch"
+                            .to_string(),
+                    });
+                }
                 Execution::Single(device)
             } else {
                 Execution::DataParallel(DataParallelConfig {
@@ -260,6 +274,7 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
                         timeout: config.collective_timeout,
                     },
                     buckets: BucketConfig::default(),
+                    zero: config.zero,
                 })
             };
             trainer.fit(model, SimpleCnn::forward, data, resume, &execution)?
@@ -293,6 +308,14 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
         }),
         bubble_fraction: (!bubbles.is_empty())
             .then(|| bubbles.iter().sum::<f64>() / bubbles.len() as f64),
+        sharding: fit.sharding.map(|(stage, memory)| ShardingReport {
+            zero_stage: stage.number(),
+            parameter_elements: memory.parameter_elements,
+            optimizer_state_bytes_per_rank: memory.optimizer_state_bytes,
+            gradient_bytes_per_rank: memory.gradient_bytes,
+            unsharded_optimizer_state_bytes: memory.unsharded_optimizer_state_bytes,
+            unsharded_gradient_bytes: memory.unsharded_gradient_bytes,
+        }),
         resumed_from_epoch: fit.resumed_from_epoch,
         history: fit.history,
     })

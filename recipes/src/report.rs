@@ -55,10 +55,30 @@ pub struct TrainReport {
     /// epochs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bubble_fraction: Option<f64>,
+    /// With `--zero`: what each rank kept, next to plain data parallelism.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sharding: Option<ShardingReport>,
     /// Epochs that were already done when this run started (resume).
     pub resumed_from_epoch: usize,
     /// Metrics of every epoch.
     pub history: Vec<EpochMetrics>,
+}
+
+/// Per-rank training-state bytes of a sharded (ZeRO) run, as rank 0 kept them.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShardingReport {
+    /// ZeRO stage: 1 (optimizer state sharded) or 2 (and gradients).
+    pub zero_stage: u8,
+    /// Trainable parameter elements (replicated on every rank).
+    pub parameter_elements: usize,
+    /// Optimizer-state bytes one rank keeps.
+    pub optimizer_state_bytes_per_rank: usize,
+    /// Synchronised-gradient bytes one rank keeps until its step.
+    pub gradient_bytes_per_rank: usize,
+    /// Optimizer-state bytes each rank keeps without sharding.
+    pub unsharded_optimizer_state_bytes: usize,
+    /// Gradient bytes each rank keeps without sharding.
+    pub unsharded_gradient_bytes: usize,
 }
 
 /// How a pipeline run was split.
@@ -123,8 +143,17 @@ impl Report for TrainReport {
                     p.micro_batches,
                     100.0 * bubble
                 ),
-                _ if self.ranks > 1 => format!(" on {} ranks", self.ranks),
-                _ => String::new(),
+                _ => match &self.sharding {
+                    Some(z) => format!(
+                        " on {} ranks with ZeRO-{} ({} optimizer-state bytes per rank of {})",
+                        self.ranks,
+                        z.zero_stage,
+                        z.optimizer_state_bytes_per_rank,
+                        z.unsharded_optimizer_state_bytes
+                    ),
+                    None if self.ranks > 1 => format!(" on {} ranks", self.ranks),
+                    None => String::new(),
+                },
             },
             self.run_dir.display()
         )

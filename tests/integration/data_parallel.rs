@@ -5,7 +5,7 @@ use std::time::Duration;
 use burn::tensor::Device;
 use kiln::models::{SimpleCnn, SimpleCnnConfig};
 use kiln::multi::data_parallel::flatten_params;
-use kiln::multi::{BucketConfig, CollectiveConfig};
+use kiln::multi::{BucketConfig, CollectiveConfig, ZeroStage};
 use kiln::recipes::mnist_data::MnistSource;
 use kiln::trainer::data::MnistSplit;
 use kiln::trainer::report::Verbosity;
@@ -57,25 +57,100 @@ fn fit(execution: &Execution, epochs: usize) -> (Vec<f32>, Vec<f64>) {
 fn trainer_on_two_ranks_of_32_matches_one_device_with_64() {
     let device = Device::flex().autodiff();
     let (single, single_metrics) = fit(&Execution::Single(device.clone()), 2);
-    let parallel = Execution::DataParallel(DataParallelConfig {
-        devices: vec![device; 2],
-        collective: CollectiveConfig {
-            timeout: Duration::from_secs(60),
-        },
-        buckets: BucketConfig::default(),
-    });
-    let (ranks2, ranks2_metrics) = fit(&parallel, 2);
-    // 20 SGD-momentum steps over the same samples: equal up to float summation order.
-    let diff = max_abs_diff(&single, &ranks2);
-    eprintln!("SimpleCNN 2 x 32 vs 1 x 64, 20 steps: max |delta param| = {diff:e}");
-    assert!(diff < 1e-5, "parameters differ by {diff}");
-    // Sharded evaluation and averaged training loss agree with one device's.
-    for (a, b) in single_metrics.iter().zip(&ranks2_metrics) {
-        assert!(
-            (a - b).abs() < 1e-4,
-            "{single_metrics:?} vs {ranks2_metrics:?}"
+    // Plain data parallelism, then the optimizer state (and gradients) sharded.
+    for zero in [None, Some(ZeroStage::One), Some(ZeroStage::Two)] {
+        let parallel = Execution::DataParallel(DataParallelConfig {
+            devices: vec![device.clone(); 2],
+            collective: CollectiveConfig {
+                timeout: Duration::from_secs(60),
+            },
+            buckets: BucketConfig::default(),
+            zero,
+        });
+        let (ranks2, ranks2_metrics) = fit(&parallel, 2);
+        // 20 SGD-momentum steps over the same samples: equal up to float summation order.
+        let diff = max_abs_diff(&single, &ranks2);
+        eprintln!(
+            "SimpleCNN 2 x 32 (ZeRO {:?}) vs 1 x 64, 20 steps: max |delta param| = {diff:e}",
+            zero.map(ZeroStage::number)
+        );
+        assert!(diff < 1e-5, "parameters differ by {diff}");
+        // Sharded evaluation and averaged training loss agree with one device's.
+        for (a, b) in single_metrics.iter().zip(&ranks2_metrics) {
+            assert!(
+                (a - b).abs() < 1e-4,
+                "{single_metrics:?} vs {ranks2_metrics:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn kiln_train_with_zero_reports_bytes_per_rank_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (whole, split) = (dir.path().join("whole"), dir.path().join("split"));
+    let zero2 = ["--ranks", "2", "--zero", "2"];
+    let uninterrupted = train_cnn_mnist("1024", &whole, "2", &zero2);
+    let sharding = &uninterrupted["sharding"];
+    assert_eq!(sharding["zero_stage"], 2, "{uninterrupted}");
+    let elements = sharding["parameter_elements"].as_u64().unwrap();
+    // SGD momentum: one f32 per element, half of them per rank (the split is exact to 1).
+    let per_rank = sharding["optimizer_state_bytes_per_rank"].as_u64().unwrap();
+    assert_eq!(sharding["unsharded_optimizer_state_bytes"], 4 * elements);
+    assert!(
+        (per_rank as i64 - (2 * elements) as i64).abs() <= 4,
+        "{sharding}"
+    );
+    assert_eq!(sharding["gradient_bytes_per_rank"], per_rank);
+
+    // Stopped after epoch 1 and resumed: the same second epoch, bit for bit.
+    train_cnn_mnist("1024", &split, "1", &zero2);
+    let resumed = train_cnn_mnist("1024", &split, "2", &[&zero2[..], &["--resume"]].concat());
+    assert_eq!(resumed["resumed_from_epoch"], 1);
+    for key in ["step", "train_loss", "test_loss", "test_accuracy"] {
+        assert_eq!(
+            resumed["history"][1][key], uninterrupted["history"][1][key],
+            "{key}"
         );
     }
+
+    // On 4 ranks, with stage 1: the state re-shards; same run up to summation order.
+    let other = train_cnn_mnist(
+        "1024",
+        &split,
+        "3",
+        &["--ranks", "4", "--zero", "1", "--resume"],
+    );
+    assert_eq!(other["sharding"]["zero_stage"], 1);
+    assert_eq!(other["ranks"], 4);
+
+    // A sharded state is not resumed without --zero, nor a replicated one with it.
+    let out = kiln(&[
+        "train",
+        "cnn-mnist",
+        "--limit",
+        "1024",
+        "--epochs",
+        "4",
+        "--ranks",
+        "2",
+        "--out",
+        split.to_str().unwrap(),
+        "--resume",
+    ]);
+    assert_clean_failure(&out, &["sharded", "--zero"]);
+    let fresh = dir.path().join("fresh");
+    let out = kiln(&[
+        "train",
+        "cnn-mnist",
+        "--limit",
+        "64",
+        "--zero",
+        "1",
+        "--out",
+        fresh.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, &["--zero", "--ranks"]);
 }
 
 #[test]

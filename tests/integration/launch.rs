@@ -204,39 +204,36 @@ mod mpi {
 
     #[test]
     fn launched_training_equals_in_process_ranks() {
-        let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (dir.path().join("threads"), dir.path().join("processes"));
-        let threads = train_cnn_mnist("512", &a, "2", &["--ranks", "2"]);
-        let processes = launch_json(
-            &[
-                &TRAIN_ON_2_PROCESSES[1..],
-                &[
-                    "--limit",
-                    "512",
-                    "--epochs",
-                    "2",
-                    "--out",
-                    b.to_str().unwrap(),
-                    "--json",
-                    "-q",
-                ],
-            ]
-            .concat(),
-        );
-        assert_eq!(processes["ranks"], 2);
-        for (t, p) in threads["history"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .zip(processes["history"].as_array().unwrap())
-        {
-            for key in ["train_loss", "test_loss", "test_accuracy"] {
-                let (x, y) = (t[key].as_f64().unwrap(), p[key].as_f64().unwrap());
-                assert!((x - y).abs() <= 1e-6, "{key}: threads {x}, processes {y}");
+        // Plain data parallelism, and with the optimizer state and gradients sharded (ZeRO-2)
+        // over MPI.
+        for extra in [&[][..], &["--zero", "2"][..]] {
+            let dir = tempfile::tempdir().unwrap();
+            let (a, b) = (dir.path().join("threads"), dir.path().join("processes"));
+            let threads = train_cnn_mnist("512", &a, "2", &[&["--ranks", "2"][..], extra].concat());
+            let out = b.to_str().unwrap();
+            let flags = [
+                "--limit", "512", "--epochs", "2", "--out", out, "--json", "-q",
+            ];
+            let processes = launch_json(&[&TRAIN_ON_2_PROCESSES[1..], &flags, extra].concat());
+            assert_eq!(processes["ranks"], 2);
+            assert_eq!(processes["sharding"], threads["sharding"]);
+            for (t, p) in threads["history"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(processes["history"].as_array().unwrap())
+            {
+                for key in ["train_loss", "test_loss", "test_accuracy"] {
+                    let (x, y) = (t[key].as_f64().unwrap(), p[key].as_f64().unwrap());
+                    assert!(
+                        (x - y).abs() <= 1e-6,
+                        "{extra:?} {key}: threads {x}, processes {y}"
+                    );
+                }
             }
+            // Rank 0 alone wrote the checkpoints.
+            assert!(b.join("checkpoints/epoch-0002.ckpt").exists());
         }
-        // Rank 0 alone wrote the checkpoints.
-        assert!(b.join("checkpoints/epoch-0002.ckpt").exists());
     }
 
     /// A launched training job marked with a unique environment variable, so that its rank

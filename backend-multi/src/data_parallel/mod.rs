@@ -11,6 +11,8 @@ mod bucket;
 mod ddp;
 mod params;
 
+pub(crate) use bucket::BucketLayout;
 pub use bucket::{BucketConfig, GradientBucket};
 pub use ddp::{DistributedDataParallel, broadcast_module};
 pub use params::flatten_params;
+pub(crate) use params::{flatten_grads, flatten_params_into, load_params_from, trainable_params};

@@ -78,17 +78,7 @@ pub(crate) fn load_params<M: Module>(model: M, flat: &[f32]) -> Result<M> {
                 return param;
             };
             self.offset += elements;
-            // The parameter's own setting: its tensor may be a non-leaf that reports none.
-            let require_grad = param.is_require_grad();
-            param.map(|tensor| {
-                let data = TensorData::new(values.to_vec(), tensor.shape());
-                let loaded = Tensor::from_data(data, (&tensor.device(), tensor.dtype()));
-                if require_grad {
-                    loaded.require_grad()
-                } else {
-                    loaded
-                }
-            })
+            with_values(param, values.to_vec())
         }
     }
     let mut load = Load {
@@ -232,4 +222,75 @@ fn read_f32<const D: usize>(tensor: Tensor<D>, context: impl Fn() -> String) -> 
         .convert::<f32>()
         .try_into_vec::<f32>()
         .map_err(|e| fail(format!("{e:?}")))
+}
+
+/// Copies the values of the trainable parameters into `buffer` at their places in `layout`
+/// (every parameter must be in bucket 0, as in a single-bucket layout).
+pub(crate) fn flatten_params_into<M: Module>(
+    model: &M,
+    layout: &BucketLayout,
+    buffer: &mut [f32],
+) -> Result<()> {
+    struct Flatten<'a> {
+        layout: &'a BucketLayout,
+        buffer: &'a mut [f32],
+        error: Option<MultiError>,
+    }
+    impl ModuleVisitor for Flatten<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let Some(place) = self.layout.placements.get(&param.id) else {
+                return;
+            };
+            if self.error.is_some() {
+                return;
+            }
+            match read_f32(param.val(), || format!("reading parameter {}", param.id)) {
+                Ok(values) => self.buffer[place.offset..place.offset + place.elements]
+                    .copy_from_slice(&values),
+                Err(e) => self.error = Some(e),
+            }
+        }
+    }
+    let mut flatten = Flatten {
+        layout,
+        buffer,
+        error: None,
+    };
+    model.visit(&mut flatten);
+    flatten.error.map_or(Ok(()), Err)
+}
+
+/// Replaces the trainable parameters of `model` with their values in `buffer`, laid out as
+/// [`flatten_params_into`] writes them; other parameters are left as they are.
+pub(crate) fn load_params_from<M: Module>(model: M, layout: &BucketLayout, buffer: &[f32]) -> M {
+    struct Load<'a> {
+        layout: &'a BucketLayout,
+        buffer: &'a [f32],
+    }
+    impl ModuleMapper for Load<'_> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let Some(place) = self.layout.placements.get(&param.id).copied() else {
+                return param;
+            };
+            let values = self.buffer[place.offset..place.offset + place.elements].to_vec();
+            with_values(param, values)
+        }
+    }
+    model.map(&mut Load { layout, buffer })
+}
+
+/// `param` holding `values` (of its shape), keeping its id, device, dtype and whether it
+/// requires a gradient.
+fn with_values<const D: usize>(param: Param<Tensor<D>>, values: Vec<f32>) -> Param<Tensor<D>> {
+    // The parameter's own setting: its tensor may be a non-leaf that reports none.
+    let require_grad = param.is_require_grad();
+    param.map(|tensor| {
+        let data = TensorData::new(values, tensor.shape());
+        let loaded = Tensor::from_data(data, (&tensor.device(), tensor.dtype()));
+        if require_grad {
+            loaded.require_grad()
+        } else {
+            loaded
+        }
+    })
 }

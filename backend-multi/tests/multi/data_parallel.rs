@@ -7,12 +7,13 @@ use std::time::Duration;
 use burn::module::{Module, ModuleMapper, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig, Relu};
-use burn::optim::GradientsParams;
+use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use kiln_multi::data_parallel::flatten_params;
 use kiln_multi::{
     BucketConfig, Collective, CollectiveConfig, DistributedDataParallel, DistributedSampler,
-    DistributedSamplerConfig, MultiError, Rank, WorldSize, run_in_process,
+    DistributedSamplerConfig, FlatOptimizer, MultiError, Rank, WorldSize, ZeroConfig,
+    ZeroOptimizer, ZeroStage, run_in_process,
 };
 use rand::rngs::StdRng;
 
@@ -114,6 +115,28 @@ fn perturbed(model: &Mlp) -> Mlp {
     model.clone().fork(&device()).map(&mut Double)
 }
 
+/// How the ranks keep their replicas in step.
+#[derive(Clone, Copy)]
+enum Update {
+    /// `DistributedDataParallel` with these buckets, and Burn's SGD with momentum on each rank.
+    Ddp(BucketConfig),
+    /// `ZeroOptimizer` (no micro-batch accumulation).
+    Zero(ZeroConfig),
+}
+
+impl Update {
+    /// Burn's optimizer that one device runs to give the same updates.
+    fn single_device_optimizer(self) -> ModuleOptimizer {
+        match self {
+            Update::Zero(ZeroConfig {
+                optimizer: FlatOptimizer::Adam { .. },
+                ..
+            }) => AdamConfig::new().init(),
+            _ => sgd(),
+        }
+    }
+}
+
 /// Trains data-parallel on `world` ranks for `steps` optimizer steps of `micro` micro-batches
 /// of `local_batch` samples per rank. Rank 0 starts from `init`; the other ranks start from
 /// different values (same parameter ids), which the initial broadcast must overwrite.
@@ -124,7 +147,7 @@ fn train_parallel(
     local_batch: usize,
     micro: usize,
     steps: usize,
-    buckets: BucketConfig,
+    update: Update,
 ) -> Vec<RankResult> {
     let world = WorldSize::new(world).unwrap();
     let replicas: Vec<Mutex<Option<Mlp>>> = (0..world.get())
@@ -153,8 +176,8 @@ fn train_parallel(
     run_in_process(world, config, |collective: Arc<dyn Collective>| {
         let rank = collective.rank();
         let model = replicas[rank.index()].lock().unwrap().take().unwrap();
-        let (mut model, mut ddp) = DistributedDataParallel::new(model, collective, buckets)?;
-        let mut optimizer = sgd();
+        let mut step = Stepper::new(model, collective, update)?;
+        let mut model = step.take_model();
         let mut batches = Vec::new();
         let mut epoch = 0;
         let mut queue: Vec<usize> = Vec::new();
@@ -168,18 +191,13 @@ fn train_parallel(
                 let batch: Vec<usize> = queue.drain(..local_batch).collect();
                 let grads = data.grads(&model, &batch, 1.0 / micro as f32, &device());
                 step_samples.extend(batch);
-                if m + 1 < micro {
-                    ddp.accumulate(&model, grads)?;
-                } else {
-                    let grads = ddp.sync(&model, grads)?;
-                    model = optimizer.step(LR, model, grads);
-                }
+                model = step.step(model, grads, m + 1 == micro)?;
             }
             batches.push(step_samples);
         }
         let params = flatten_params(&model)?;
         let zero = data.grads(&model, &[0, 1], 0.0, &device());
-        let probed = optimizer.step(LR, model, zero);
+        let probed = step.step(model, zero, true)?;
         Ok::<_, MultiError>(RankResult {
             params,
             momentum_probe: flatten_params(&probed)?,
@@ -189,10 +207,60 @@ fn train_parallel(
     .unwrap()
 }
 
+/// One rank's optimizer side: DDP then Burn's optimizer, or ZeRO.
+enum Stepper {
+    Ddp(DistributedDataParallel, ModuleOptimizer, Option<Mlp>),
+    Zero(ZeroOptimizer, Option<Mlp>),
+}
+
+impl Stepper {
+    fn new(
+        model: Mlp,
+        collective: Arc<dyn Collective>,
+        update: Update,
+    ) -> Result<Self, MultiError> {
+        Ok(match update {
+            Update::Ddp(buckets) => {
+                let (model, ddp) = DistributedDataParallel::new(model, collective, buckets)?;
+                Stepper::Ddp(ddp, sgd(), Some(model))
+            }
+            Update::Zero(config) => {
+                let (model, zero) = ZeroOptimizer::new(model, collective, config)?;
+                Stepper::Zero(zero, Some(model))
+            }
+        })
+    }
+
+    /// The synchronised replica, once.
+    fn take_model(&mut self) -> Mlp {
+        match self {
+            Stepper::Ddp(_, _, model) | Stepper::Zero(_, model) => model.take().unwrap(),
+        }
+    }
+
+    /// Adds a micro-batch's gradients; with `last`, synchronises and steps.
+    fn step(&mut self, model: Mlp, grads: GradientsParams, last: bool) -> Result<Mlp, MultiError> {
+        match self {
+            Stepper::Ddp(ddp, _, _) if !last => {
+                ddp.accumulate(&model, grads)?;
+                Ok(model)
+            }
+            Stepper::Ddp(ddp, optimizer, _) => {
+                let grads = ddp.sync(&model, grads)?;
+                Ok(optimizer.step(LR, model, grads))
+            }
+            Stepper::Zero(zero, _) => {
+                assert!(last, "ZeroOptimizer takes one micro-batch per step here");
+                zero.step(LR, model, grads)
+            }
+        }
+    }
+}
+
 /// Trains on one device over the union of the ranks' samples of every step.
-fn train_single(data: &Data, init: &Mlp, steps: &[Vec<usize>]) -> Vec<f32> {
+fn train_single(data: &Data, init: &Mlp, steps: &[Vec<usize>], update: Update) -> Vec<f32> {
     let mut model = init.clone().fork(&device());
-    let mut optimizer = sgd();
+    let mut optimizer = update.single_device_optimizer();
     for batch in steps {
         let grads = data.grads(&model, batch, 1.0, &device());
         model = optimizer.step(LR, model, grads);
@@ -201,7 +269,13 @@ fn train_single(data: &Data, init: &Mlp, steps: &[Vec<usize>]) -> Vec<f32> {
 }
 
 /// Checks the ranks agree bit for bit and match one device within `tol`; returns the error.
-fn check_against_single_device(data: &Data, init: &Mlp, ranks: &[RankResult], tol: f32) -> f32 {
+fn check_against_single_device(
+    data: &Data,
+    init: &Mlp,
+    ranks: &[RankResult],
+    update: Update,
+    tol: f32,
+) -> f32 {
     for r in &ranks[1..] {
         assert_eq!(r.params, ranks[0].params, "replicas diverged");
         assert_eq!(
@@ -222,7 +296,7 @@ fn check_against_single_device(data: &Data, init: &Mlp, ranks: &[RankResult], to
                 .collect()
         })
         .collect();
-    let single = train_single(data, init, &steps);
+    let single = train_single(data, init, &steps, update);
     let diff = max_abs_diff(&ranks[0].params, &single);
     let moved = max_abs_diff(&flatten_params(init).unwrap(), &single);
     assert!(
@@ -242,9 +316,10 @@ fn two_ranks_of_32_match_one_rank_of_64_for_20_momentum_steps() {
         cap_bytes: 1024,
         first_bucket_bytes: 256,
     };
-    let ranks = train_parallel(&data, &init, 2, 32, 1, 20, buckets);
+    let update = Update::Ddp(buckets);
+    let ranks = train_parallel(&data, &init, 2, 32, 1, 20, update);
     assert!(ranks[0].global_batches.iter().all(|b| b.len() == 32));
-    let diff = check_against_single_device(&data, &init, &ranks, 1e-5);
+    let diff = check_against_single_device(&data, &init, &ranks, update, 1e-5);
     eprintln!("2 x 32 vs 1 x 64, 20 steps: max |delta param| = {diff:e}");
 }
 
@@ -253,8 +328,9 @@ fn three_ranks_on_a_size_that_does_not_divide_match_one_device() {
     // 100 samples over 3 ranks: the sampler pads to 102; batches of 8 leave a last one of 2.
     let data = Data::new(100);
     let init = Mlp::new(&device());
-    let ranks = train_parallel(&data, &init, 3, 8, 1, 20, BucketConfig::default());
-    let diff = check_against_single_device(&data, &init, &ranks, 1e-5);
+    let update = Update::Ddp(BucketConfig::default());
+    let ranks = train_parallel(&data, &init, 3, 8, 1, 20, update);
+    let diff = check_against_single_device(&data, &init, &ranks, update, 1e-5);
     eprintln!("3 x 8 on 100 samples vs 1 x 24, 20 steps: max |delta param| = {diff:e}");
 }
 
@@ -262,9 +338,10 @@ fn three_ranks_on_a_size_that_does_not_divide_match_one_device() {
 fn no_sync_accumulation_over_two_micro_batches_matches_one_big_batch() {
     let data = Data::new(640);
     let init = Mlp::new(&device());
-    let ranks = train_parallel(&data, &init, 2, 16, 2, 10, BucketConfig::default());
+    let update = Update::Ddp(BucketConfig::default());
+    let ranks = train_parallel(&data, &init, 2, 16, 2, 10, update);
     assert!(ranks[0].global_batches.iter().all(|b| b.len() == 32));
-    check_against_single_device(&data, &init, &ranks, 1e-5);
+    check_against_single_device(&data, &init, &ranks, update, 1e-5);
 }
 
 #[test]
@@ -351,4 +428,108 @@ fn frozen_parameters_stay_out_of_the_buckets_and_unfreezing_later_is_an_error() 
         matches!(&err, MultiError::Tensor { detail, .. } if detail.contains("not trainable")),
         "{err:?}"
     );
+}
+
+/// SGD with momentum 0.9, as `common::sgd`.
+const SGD_MOMENTUM: FlatOptimizer = FlatOptimizer::SgdMomentum {
+    momentum: 0.9,
+    dampening: 0.0,
+};
+
+#[test]
+fn zero_stages_match_one_device_for_20_steps_with_sgd_momentum_and_adam() {
+    let data = Data::new(640);
+    let init = Mlp::new(&device());
+    for stage in [ZeroStage::One, ZeroStage::Two] {
+        for optimizer in [SGD_MOMENTUM, FlatOptimizer::ADAM] {
+            // 3 ranks: 2,117 parameters do not split evenly, and shards cut through tensors.
+            for (world, local_batch) in [(2, 32), (3, 8)] {
+                let update = Update::Zero(ZeroConfig { stage, optimizer });
+                let ranks = train_parallel(&data, &init, world, local_batch, 1, 20, update);
+                let diff = check_against_single_device(&data, &init, &ranks, update, 1e-5);
+                eprintln!(
+                    "ZeRO-{} {} {world} x {local_batch}, 20 steps: max |delta param| = {diff:e}",
+                    stage.number(),
+                    optimizer.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn zero_keeps_a_shard_of_the_state_and_its_checkpoint_resumes_on_another_world_size() {
+    let data = Data::new(640);
+    let init = Mlp::new(&device());
+    let total = FEATURES * 32 + 32 + 32 * CLASSES + CLASSES;
+    let config = ZeroConfig {
+        stage: ZeroStage::Two,
+        optimizer: FlatOptimizer::ADAM,
+    };
+    // 2 ranks train 5 steps and save; 3 ranks (and 1) resume from the bytes: the next step's
+    // parameters agree with 2 ranks going on uninterrupted.
+    let run = |world: usize, state: Option<Vec<u8>>, start: &Mlp, steps: usize| {
+        run_in_process(
+            WorldSize::new(world).unwrap(),
+            CollectiveConfig::default(),
+            |c| {
+                let rank = c.rank().index();
+                let (mut model, mut zero) = ZeroOptimizer::new(start.clone(), c, config)?;
+                let memory = zero.memory();
+                assert_eq!(memory.parameter_elements, total);
+                assert_eq!(memory.optimizer_state_bytes, 2 * 4 * memory.shard_elements);
+                assert_eq!(memory.gradient_bytes, 4 * memory.shard_elements);
+                assert_eq!(memory.unsharded_optimizer_state_bytes, 2 * 4 * total);
+                if let Some(bytes) = &state {
+                    zero.load_state_bytes(bytes)?;
+                }
+                for s in 0..steps {
+                    let batch: Vec<usize> = (0..8).map(|i| (s * 64 + rank * 8 + i) % 640).collect();
+                    let grads = data.grads(&model, &batch, 1.0, &device());
+                    model = zero.step(LR, model, grads)?;
+                }
+                Ok::<_, MultiError>((model, zero.state_bytes()?, memory.shard_elements))
+            },
+        )
+        .unwrap()
+    };
+    let first = run(2, None, &init, 5);
+    let shards: Vec<usize> = first.iter().map(|r| r.2).collect();
+    assert_eq!(shards.iter().sum::<usize>(), total);
+    assert_eq!(first[0].1, first[1].1, "ranks gathered different states");
+    let (saved_model, saved_state) = (first[0].0.clone(), first[0].1.clone());
+    // One step on 2 ranks with batches of 8 per rank from the same samples, uninterrupted.
+    let reference = run(2, Some(saved_state.clone()), &saved_model, 1);
+    // The same global batch of 16 on one rank: same update from the same restored state.
+    let one = run_in_process(WorldSize::ONE, CollectiveConfig::default(), |c| {
+        let (model, mut zero) = ZeroOptimizer::new(saved_model.clone(), c, config)?;
+        zero.load_state_bytes(&saved_state)?;
+        let batch: Vec<usize> = (0..16).collect();
+        let grads = data.grads(&model, &batch, 1.0, &device());
+        zero.step(LR, model, grads)
+    })
+    .unwrap()
+    .remove(0);
+    let diff = max_abs_diff(
+        &flatten_params(&reference[0].0).unwrap(),
+        &flatten_params(&one).unwrap(),
+    );
+    assert!(diff <= 1e-6, "resumed on 1 rank: max |delta| {diff}");
+    // A state of another optimizer or of another model is refused.
+    let sgd_config = ZeroConfig {
+        stage: ZeroStage::One,
+        optimizer: SGD_MOMENTUM,
+    };
+    let err = run_in_process(WorldSize::ONE, CollectiveConfig::default(), |c| {
+        let (_, mut zero) = ZeroOptimizer::new(init.clone(), c, sgd_config)?;
+        zero.load_state_bytes(&saved_state)
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("adam state"), "{err}");
+    let err = run_in_process(WorldSize::ONE, CollectiveConfig::default(), |c| {
+        let (_, mut zero) = ZeroOptimizer::new(init.clone(), c, config)?;
+        zero.load_state_bytes(&saved_state[..saved_state.len() - 3])
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("truncated"), "{err}");
 }

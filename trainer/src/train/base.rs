@@ -12,10 +12,11 @@ use burn::tensor::{Bytes, Device, Tensor};
 use kiln_multi::pipeline::{Activation, Pipeline, PipelineConfig, PipelineStage, merge_grads};
 use kiln_multi::{
     BucketConfig, Collective, DistributedDataParallel, DistributedSampler,
-    DistributedSamplerConfig, Rank, ReduceOp, WorldSize, run_in_process,
+    DistributedSamplerConfig, FlatOptimizer, Rank, ReduceOp, ShardMemory, WorldSize,
+    ZERO_STATE_MAGIC, ZeroConfig, ZeroOptimizer, ZeroStage, run_in_process,
 };
 
-use super::epoch::{EpochInputs, train_epoch};
+use super::epoch::{EpochInputs, Updater, train_epoch};
 use super::eval::{EvalSums, evaluate_indices};
 use super::execution::Execution;
 use crate::checkpoint::{
@@ -54,6 +55,8 @@ pub struct FitReport {
     pub resumed_from_epoch: usize,
     /// The checkpoint holding the final state.
     pub last_checkpoint: Option<PathBuf>,
+    /// With a sharded optimizer (ZeRO): its stage and what rank 0 kept.
+    pub sharding: Option<(ZeroStage, ShardMemory)>,
 }
 
 impl FitReport {
@@ -164,6 +167,7 @@ impl Trainer {
                         device: &dp.devices[rank],
                         collective: Some(collective),
                         buckets: dp.buckets,
+                        zero: dp.zero,
                     };
                     self.fit_rank(replica, &forward, data, resume.clone(), setup, None)
                 })?;
@@ -177,6 +181,7 @@ impl Trainer {
                     device: &group.device,
                     collective: Some(Arc::clone(&group.collective)),
                     buckets: group.buckets,
+                    zero: group.zero,
                 };
                 self.fit_rank(
                     model.fork(&group.device),
@@ -245,28 +250,71 @@ impl Trainer {
             .init();
         let (mut model, mut history, mut step) = (model, Vec::new(), 0u64);
         let mut last_checkpoint = None;
+        // The optimizer state of a resumed sharded run, loaded once the shards are planned.
+        let mut sharded_state = None;
         if let Some((path, checkpoint)) = resume {
             self.check_resumable(&path, &checkpoint.state)?;
             model = checkpoint.load_model(model, &path)?;
-            let bad = |e: burn::store::RecordError| TrainError::checkpoint(&path, e.to_string());
-            optimizer = optimizer
-                .from_bytes(Bytes::from_bytes_vec(checkpoint.optimizer))
-                .map_err(bad)?;
+            let sharded = checkpoint.optimizer.starts_with(ZERO_STATE_MAGIC);
+            match (sharded, setup.zero) {
+                (true, Some(_)) => sharded_state = Some((path.clone(), checkpoint.optimizer)),
+                (false, None) => {
+                    let bad =
+                        |e: burn::store::RecordError| TrainError::checkpoint(&path, e.to_string());
+                    optimizer = optimizer
+                        .from_bytes(Bytes::from_bytes_vec(checkpoint.optimizer))
+                        .map_err(bad)?;
+                }
+                (true, None) => {
+                    return Err(TrainError::checkpoint(
+                        &path,
+                        "its optimizer state is sharded (trained with --zero): resume it with \
+                         --zero 1 or 2 and data parallelism",
+                    ));
+                }
+                (false, Some(_)) => {
+                    return Err(TrainError::checkpoint(
+                        &path,
+                        "it was trained without --zero: resume it without --zero",
+                    ));
+                }
+            }
             history = checkpoint.state.history;
             step = checkpoint.state.step;
             last_checkpoint = Some(path);
         }
         let resumed_from_epoch = history.len();
         // After the checkpoint is loaded, so that the buckets see the final parameters.
-        let mut ddp = match setup.collective {
-            Some(collective) => {
-                let (synced, ddp) = DistributedDataParallel::new(model, collective, setup.buckets)?;
+        let (mut ddp, mut zero) = (None, None);
+        match (setup.collective, setup.zero) {
+            (Some(collective), None) => {
+                let (synced, d) = DistributedDataParallel::new(model, collective, setup.buckets)?;
                 model = synced;
-                Some(ddp)
+                ddp = Some(d);
             }
-            None => None,
+            (Some(collective), Some(stage)) => {
+                let zero_config = ZeroConfig {
+                    stage,
+                    optimizer: FlatOptimizer::SgdMomentum {
+                        momentum: config.momentum,
+                        dampening: 0.0,
+                    },
+                };
+                let (synced, mut z) = ZeroOptimizer::new(model, collective, zero_config)?;
+                if let Some((path, bytes)) = &sharded_state {
+                    z.load_state_bytes(bytes)
+                        .map_err(|e| TrainError::checkpoint(path, e.to_string()))?;
+                }
+                model = synced;
+                zero = Some(z);
+            }
+            (None, _) => {}
+        }
+        let collective = match (&ddp, &zero) {
+            (Some(d), _) => Some(Arc::clone(d.collective())),
+            (_, Some(z)) => Some(Arc::clone(z.collective())),
+            _ => None,
         };
-        let collective = ddp.as_ref().map(|d| Arc::clone(d.collective()));
         let (rank, world) = collective
             .as_ref()
             .map_or((Rank::ZERO, WorldSize::ONE), |c| (c.rank(), c.world_size()));
@@ -339,14 +387,15 @@ impl Trainer {
                     Ok((report.loss, merge_grads(model, &mut stages)))
                 }
             };
-            let (trained, outcome) = train_epoch(
-                model,
-                &mut loss_and_grads,
-                &mut optimizer,
-                inputs,
-                ddp.as_mut(),
-                &progress,
-            )?;
+            let updater = match zero.as_mut() {
+                Some(zero) => Updater::Sharded(zero),
+                None => Updater::Replicated {
+                    optimizer: &mut optimizer,
+                    ddp: ddp.as_mut(),
+                },
+            };
+            let (trained, outcome) =
+                train_epoch(model, &mut loss_and_grads, updater, inputs, &progress)?;
             let bubble_fraction = (bubbles.1 > 0).then(|| bubbles.0 / bubbles.1 as f64);
             model = trained;
             step += outcome.steps;
@@ -391,8 +440,14 @@ impl Trainer {
             };
             progress.end_epoch(config.epochs, &metrics);
             history.push(metrics);
+            // Every rank takes part in gathering a sharded state; rank 0 writes it.
+            let sharded_bytes = zero.as_ref().map(ZeroOptimizer::state_bytes).transpose()?;
             if is_root {
                 let path = checkpoint_path(&self.run_dir, epoch + 1);
+                let optimizer_bytes = match sharded_bytes {
+                    Some(bytes) => bytes,
+                    None => record_bytes(&path, optimizer.into_bytes())?,
+                };
                 let checkpoint = Checkpoint {
                     state: TrainerState {
                         recipe: self.labels.recipe.clone(),
@@ -403,7 +458,7 @@ impl Trainer {
                         history: history.clone(),
                     },
                     model: record_bytes(&path, model.clone().into_record().into_bytes())?,
-                    optimizer: record_bytes(&path, optimizer.into_bytes())?,
+                    optimizer: optimizer_bytes,
                 };
                 write_checkpoint_atomic(&path, &checkpoint)?;
                 write_metrics_jsonl(&self.run_dir, &history)?;
@@ -414,6 +469,7 @@ impl Trainer {
             history,
             resumed_from_epoch,
             last_checkpoint,
+            sharding: zero.as_ref().map(|z| (z.config().stage, z.memory())),
         };
         Ok((model, report))
     }
@@ -482,6 +538,8 @@ struct RankSetup<'a> {
     /// The group of a data-parallel run; `None` on a single device.
     collective: Option<Arc<dyn Collective>>,
     buckets: BucketConfig,
+    /// Shard the optimizer state (and gradients) over the group instead of replicating it.
+    zero: Option<ZeroStage>,
 }
 
 impl<'a> RankSetup<'a> {
@@ -490,6 +548,7 @@ impl<'a> RankSetup<'a> {
             device,
             collective: None,
             buckets: BucketConfig::default(),
+            zero: None,
         }
     }
 }

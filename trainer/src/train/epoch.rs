@@ -5,7 +5,7 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::Device;
-use kiln_multi::DistributedDataParallel;
+use kiln_multi::{DistributedDataParallel, ZeroOptimizer};
 
 use crate::data::{ImageBatch, ImageDataset, make_batch};
 use crate::error::Result;
@@ -35,30 +35,58 @@ pub(crate) struct EpochInputs<'a> {
 pub(crate) type LossAndGrads<'a, M> =
     dyn FnMut(&M, ImageBatch) -> Result<(f64, GradientsParams)> + 'a;
 
-/// Runs one pass over `inputs.order` in batches, one SGD step per batch, with the loss and
-/// gradients from `loss_and_grads`. With `sync`, every step's gradients are first averaged
-/// with the other ranks'; the progress bar shows this rank's loss and the throughput of all
-/// ranks together.
+/// How a rank turns its gradients into the next parameters.
+pub(crate) enum Updater<'a> {
+    /// Every rank holds the whole optimizer state; with `ddp`, gradients are first averaged
+    /// with the other ranks'.
+    Replicated {
+        optimizer: &'a mut ModuleOptimizer,
+        ddp: Option<&'a mut DistributedDataParallel>,
+    },
+    /// The optimizer state is split over the ranks (ZeRO).
+    Sharded(&'a mut ZeroOptimizer),
+}
+
+impl Updater<'_> {
+    fn world(&self) -> usize {
+        match self {
+            Updater::Replicated { ddp: None, .. } => 1,
+            Updater::Replicated { ddp: Some(ddp), .. } => ddp.collective().world_size().get(),
+            Updater::Sharded(zero) => zero.collective().world_size().get(),
+        }
+    }
+
+    fn step<M: Module>(&mut self, lr: f64, model: M, grads: GradientsParams) -> Result<M> {
+        Ok(match self {
+            Updater::Replicated { optimizer, ddp } => {
+                let grads = match ddp {
+                    Some(ddp) => ddp.sync(&model, grads)?,
+                    None => grads,
+                };
+                optimizer.step(lr, model, grads)
+            }
+            Updater::Sharded(zero) => zero.step(lr, model, grads)?,
+        })
+    }
+}
+
+/// Runs one pass over `inputs.order` in batches, one optimizer step per batch, with the loss
+/// and gradients from `loss_and_grads`, through `updater`; the progress bar shows this rank's
+/// loss and the throughput of all ranks together.
 pub(crate) fn train_epoch<M: Module>(
     mut model: M,
     loss_and_grads: &mut LossAndGrads<'_, M>,
-    optimizer: &mut ModuleOptimizer,
+    mut updater: Updater<'_>,
     inputs: EpochInputs<'_>,
-    mut sync: Option<&mut DistributedDataParallel>,
     progress: &Progress,
 ) -> Result<(M, EpochOutcome)> {
-    let world = sync
-        .as_deref()
-        .map_or(1, |ddp| ddp.collective().world_size().get());
+    let world = updater.world();
     let start = Instant::now();
     let (mut loss_sum, mut steps, mut samples) = (0.0f64, 0u64, 0usize);
     for chunk in inputs.order.chunks(inputs.batch_size) {
         let batch = make_batch(inputs.data, chunk, inputs.device);
-        let (loss_value, mut grads) = loss_and_grads(&model, batch)?;
-        if let Some(ddp) = sync.as_deref_mut() {
-            grads = ddp.sync(&model, grads)?;
-        }
-        model = optimizer.step(inputs.lr, model, grads);
+        let (loss_value, grads) = loss_and_grads(&model, batch)?;
+        model = updater.step(inputs.lr, model, grads)?;
         loss_sum += loss_value;
         steps += 1;
         samples += chunk.len();

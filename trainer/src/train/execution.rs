@@ -1,7 +1,7 @@
 use std::sync::Arc;
 
 use burn::tensor::Device;
-use kiln_multi::{BucketConfig, Collective, CollectiveConfig, WorldSize};
+use kiln_multi::{BucketConfig, Collective, CollectiveConfig, WorldSize, ZeroStage};
 
 use crate::error::{Result, TrainError};
 
@@ -32,6 +32,9 @@ pub struct ProcessGroupConfig {
     pub collective: Arc<dyn Collective>,
     /// Gradient bucket sizes.
     pub buckets: BucketConfig,
+    /// Shard the optimizer state (ZeRO-1) and the gradients (ZeRO-2) over the ranks instead
+    /// of replicating them; `None` is plain data parallelism.
+    pub zero: Option<ZeroStage>,
 }
 
 /// Settings of [`Execution::DataParallel`].
@@ -43,6 +46,9 @@ pub struct DataParallelConfig {
     pub collective: CollectiveConfig,
     /// Gradient bucket sizes.
     pub buckets: BucketConfig,
+    /// Shard the optimizer state (ZeRO-1) and the gradients (ZeRO-2) over the ranks instead
+    /// of replicating them; `None` is plain data parallelism.
+    pub zero: Option<ZeroStage>,
 }
 
 impl Execution {

@@ -1,0 +1,407 @@
+//! ZeRO stages 1 and 2 over any [`Collective`].
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use burn::module::Module;
+use burn::optim::GradientsParams;
+
+use super::flat::FlatOptimizer;
+use crate::collective::{Collective, ReduceOp, shard_range};
+use crate::data_parallel::{
+    BucketConfig, BucketLayout, broadcast_module, flatten_grads, flatten_params_into,
+    load_params_from, trainable_params,
+};
+use crate::error::{MultiError, Result};
+use crate::mesh::Rank;
+
+/// Which parts of the training state are split over the ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroStage {
+    /// The optimizer state: gradients are all-reduced, each rank updates its shard.
+    One,
+    /// The optimizer state and the synchronised gradients: gradients are reduce-scattered, so
+    /// each rank keeps only the gradient of its shard.
+    Two,
+}
+
+impl ZeroStage {
+    /// 1 or 2.
+    pub fn number(self) -> u8 {
+        match self {
+            ZeroStage::One => 1,
+            ZeroStage::Two => 2,
+        }
+    }
+}
+
+/// Settings of a [`ZeroOptimizer`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ZeroConfig {
+    /// ZeRO stage.
+    pub stage: ZeroStage,
+    /// The optimizer each rank runs on its shard.
+    pub optimizer: FlatOptimizer,
+}
+
+/// Bytes one rank keeps for training state between steps, next to what plain data
+/// parallelism keeps (every rank holding everything).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardMemory {
+    /// Trainable parameter elements of the model (replicated on every rank by ZeRO 1 and 2).
+    pub parameter_elements: usize,
+    /// Elements of this rank's shard.
+    pub shard_elements: usize,
+    /// Optimizer state kept by this rank.
+    pub optimizer_state_bytes: usize,
+    /// Synchronised gradient kept by this rank until the step (the whole gradient for stage 1,
+    /// the shard's for stage 2).
+    pub gradient_bytes: usize,
+    /// Optimizer state each rank keeps without sharding.
+    pub unsharded_optimizer_state_bytes: usize,
+    /// Synchronised gradient each rank keeps without sharding.
+    pub unsharded_gradient_bytes: usize,
+}
+
+/// One trainable parameter's place in the flat buffers.
+#[derive(Debug, Clone)]
+struct Slot {
+    offset: usize,
+    len: usize,
+    /// Index of its "had a gradient" flag after the gradients.
+    flag: usize,
+}
+
+/// An optimizer whose state is split over the ranks of a group (ZeRO stage 1 or 2), for any
+/// Burn [`Module`]; PyTorch's `ZeroRedundancyOptimizer`, DeepSpeed's ZeRO-1/2.
+///
+/// The trainable parameters are laid out flat (in reverse registration order, as the
+/// gradient buckets of [`DistributedDataParallel`](crate::DistributedDataParallel)) and split
+/// into contiguous shards by [`shard_range`]. Each [`step`](Self::step) synchronises the
+/// gradients (all-reduce for stage 1, reduce-scatter for stage 2, averaged), updates this
+/// rank's shard of the parameters with its shard of the optimizer state, and all-gathers the
+/// updated parameters into every replica. The result is the step of one device with the same
+/// optimizer on the whole batch.
+pub struct ZeroOptimizer {
+    collective: Arc<dyn Collective>,
+    config: ZeroConfig,
+    layout: BucketLayout,
+    slots: Vec<Slot>,
+    total: usize,
+    shard: Range<usize>,
+    /// Per slot: whether the parameter has had a gradient yet (its state exists).
+    started: Vec<bool>,
+    /// Per slot: steps taken (Adam's bias correction).
+    time: Vec<i32>,
+    /// This rank's optimizer state: velocity or first moment, and second moment (Adam).
+    state: (Vec<f32>, Vec<f32>),
+    /// The synchronised gradient kept until the step: whole (stage 1) or the shard (stage 2).
+    grads: Vec<f32>,
+}
+
+impl ZeroOptimizer {
+    /// Makes `model` this rank's replica (rank 0's parameters, as
+    /// [`DistributedDataParallel::new`](crate::DistributedDataParallel::new) does) and plans
+    /// the shards. Every rank calls it with a model of the same structure.
+    ///
+    /// # Errors
+    /// When the broadcast fails or the models differ in size.
+    pub fn new<M: Module>(
+        model: M,
+        collective: Arc<dyn Collective>,
+        config: ZeroConfig,
+    ) -> Result<(M, Self)> {
+        let model = broadcast_module(model, collective.as_ref(), Rank::ZERO)?;
+        let one_bucket = BucketConfig {
+            cap_bytes: usize::MAX,
+            first_bucket_bytes: usize::MAX,
+        };
+        let layout = BucketLayout::plan(&trainable_params(&model), one_bucket);
+        let (slots, total) = match layout.buckets.first() {
+            None => (Vec::new(), 0),
+            Some(bucket) => {
+                let slots = bucket
+                    .params()
+                    .iter()
+                    .map(|id| {
+                        let place = layout.placements[id];
+                        Slot {
+                            offset: place.offset,
+                            len: place.elements,
+                            flag: place.flag,
+                        }
+                    })
+                    .collect();
+                (slots, bucket.elements())
+            }
+        };
+        let shard = shard_range(total, collective.world_size(), collective.rank());
+        let per = config.optimizer.state_per_element();
+        let state = (
+            vec![0.0; shard.len()],
+            vec![0.0; if per > 1 { shard.len() } else { 0 }],
+        );
+        let grads = vec![
+            0.0;
+            match config.stage {
+                ZeroStage::One => total,
+                ZeroStage::Two => shard.len(),
+            }
+        ];
+        let zero = Self {
+            started: vec![false; slots.len()],
+            time: vec![0; slots.len()],
+            collective,
+            config,
+            layout,
+            slots,
+            total,
+            shard,
+            state,
+            grads,
+        };
+        Ok((model, zero))
+    }
+
+    /// The collective the shards are exchanged through.
+    pub fn collective(&self) -> &Arc<dyn Collective> {
+        &self.collective
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> ZeroConfig {
+        self.config
+    }
+
+    /// This rank's part of the flat parameters.
+    pub fn shard(&self) -> Range<usize> {
+        self.shard.clone()
+    }
+
+    /// What this rank keeps, next to plain data parallelism.
+    pub fn memory(&self) -> ShardMemory {
+        let per = self.config.optimizer.state_per_element();
+        let f32s = std::mem::size_of::<f32>();
+        ShardMemory {
+            parameter_elements: self.total,
+            shard_elements: self.shard.len(),
+            optimizer_state_bytes: (self.state.0.len() + self.state.1.len()) * f32s,
+            gradient_bytes: self.grads.len() * f32s,
+            unsharded_optimizer_state_bytes: self.total * per * f32s,
+            unsharded_gradient_bytes: self.total * f32s,
+        }
+    }
+
+    /// One optimizer step with learning rate `lr` on this rank's gradients `grads` (each rank
+    /// its own samples; they are averaged): returns the updated replica, identical on every
+    /// rank. A parameter no rank has a gradient for is left unchanged, as Burn's optimizers do.
+    ///
+    /// # Errors
+    /// When a collective fails, a gradient cannot be read, or a gradient belongs to a
+    /// parameter that was not trainable when [`new`](Self::new) planned the shards.
+    pub fn step<M: Module>(&mut self, lr: f64, model: M, mut grads: GradientsParams) -> Result<M> {
+        let world = self.collective.world_size().get();
+        let mut buffer = vec![0.0; self.total + self.slots.len()];
+        flatten_grads(
+            &model,
+            &self.layout,
+            &mut grads,
+            std::slice::from_mut(&mut buffer),
+            true,
+        )?;
+        if !grads.is_empty() {
+            return Err(MultiError::Tensor {
+                context: "sharded optimizer step".to_string(),
+                detail: format!(
+                    "{} gradient(s) belong to parameters that were not trainable when \
+                     ZeroOptimizer::new planned the shards",
+                    grads.len()
+                ),
+            });
+        }
+        let (flat_grads, flags) = buffer.split_at_mut(self.total);
+        if world > 1 {
+            self.collective.all_reduce(flags, ReduceOp::Max)?;
+        }
+        match self.config.stage {
+            ZeroStage::One => {
+                if world > 1 {
+                    self.collective.all_reduce(flat_grads, ReduceOp::Avg)?;
+                }
+                self.grads.copy_from_slice(flat_grads);
+            }
+            ZeroStage::Two => {
+                self.collective
+                    .reduce_scatter(flat_grads, &mut self.grads, ReduceOp::Avg)?;
+            }
+        }
+        let shard_grads = match self.config.stage {
+            ZeroStage::One => &self.grads[self.shard.clone()],
+            ZeroStage::Two => &self.grads[..],
+        };
+        let mut params = vec![0.0; self.total];
+        flatten_params_into(&model, &self.layout, &mut params)?;
+        let start = self.shard.start;
+        for (k, slot) in self.slots.iter().enumerate() {
+            if flags[slot.flag - self.total] == 0.0 {
+                continue;
+            }
+            let (first, time) = (!self.started[k], self.time[k] + 1);
+            self.started[k] = true;
+            self.time[k] = time;
+            let lo = slot.offset.max(self.shard.start);
+            let hi = (slot.offset + slot.len).min(self.shard.end);
+            if lo >= hi {
+                continue;
+            }
+            let local = lo - start..hi - start;
+            let second: &mut [f32] = if self.state.1.is_empty() {
+                &mut []
+            } else {
+                &mut self.state.1[local.clone()]
+            };
+            self.config.optimizer.step(
+                lr,
+                &mut params[lo..hi],
+                &shard_grads[local.clone()],
+                (&mut self.state.0[local], second),
+                first,
+                time,
+            );
+        }
+        if world > 1 {
+            let updated = params[self.shard.clone()].to_vec();
+            self.collective.all_gather(&updated, &mut params)?;
+        }
+        Ok(load_params_from(model, &self.layout, &params))
+    }
+
+    /// The whole optimizer state, gathered from every rank (all ranks must call this
+    /// together), as bytes for a checkpoint. It does not depend on the world size, so a run
+    /// can resume on another number of ranks.
+    ///
+    /// # Errors
+    /// When a collective fails.
+    pub fn state_bytes(&self) -> Result<Vec<u8>> {
+        let gather = |part: &[f32]| -> Result<Vec<f32>> {
+            let mut whole = vec![0.0; self.total];
+            if self.collective.world_size().get() > 1 {
+                self.collective.all_gather(part, &mut whole)?;
+            } else {
+                whole.copy_from_slice(part);
+            }
+            Ok(whole)
+        };
+        let first = gather(&self.state.0)?;
+        let second = if self.state.1.is_empty() {
+            Vec::new()
+        } else {
+            gather(&self.state.1)?
+        };
+        let mut out = Vec::with_capacity(64 + 4 * (first.len() + second.len()));
+        out.extend_from_slice(ZERO_STATE_MAGIC);
+        let name = self.config.optimizer.name().as_bytes();
+        out.extend_from_slice(&(name.len() as u64).to_le_bytes());
+        out.extend_from_slice(name);
+        out.extend_from_slice(&(self.slots.len() as u64).to_le_bytes());
+        for (k, slot) in self.slots.iter().enumerate() {
+            out.extend_from_slice(&(slot.len as u64).to_le_bytes());
+            out.push(u8::from(self.started[k]));
+            out.extend_from_slice(&self.time[k].to_le_bytes());
+        }
+        for v in first.iter().chain(&second) {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        Ok(out)
+    }
+
+    /// Restores the state written by [`state_bytes`](Self::state_bytes), on any number of
+    /// ranks: each rank keeps its own shard.
+    ///
+    /// # Errors
+    /// [`MultiError::Tensor`] when the bytes are not such a state, or belong to another
+    /// optimizer or a model of another layout.
+    pub fn load_state_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        let bad = |detail: String| MultiError::Tensor {
+            context: "loading sharded optimizer state".to_string(),
+            detail,
+        };
+        let mut reader = Reader { bytes, at: 0 };
+        if reader.take(ZERO_STATE_MAGIC.len()).ok() != Some(ZERO_STATE_MAGIC) {
+            return Err(bad("not a kiln ZeRO optimizer state".to_string()));
+        }
+        let truncated = |_| bad("truncated".to_string());
+        let name_len = reader.u64().map_err(truncated)? as usize;
+        let name = reader.take(name_len).map_err(truncated)?;
+        if name != self.config.optimizer.name().as_bytes() {
+            return Err(bad(format!(
+                "it is {} state, this run uses {}",
+                String::from_utf8_lossy(name),
+                self.config.optimizer.name()
+            )));
+        }
+        let slots = reader.u64().map_err(truncated)? as usize;
+        if slots != self.slots.len() {
+            return Err(bad(format!(
+                "it has {slots} parameters, the model {}",
+                self.slots.len()
+            )));
+        }
+        let (mut started, mut time) = (Vec::new(), Vec::new());
+        for slot in &self.slots {
+            let len = reader.u64().map_err(truncated)? as usize;
+            if len != slot.len {
+                return Err(bad(format!(
+                    "a parameter has {len} elements, the model's has {}",
+                    slot.len
+                )));
+            }
+            started.push(reader.take(1).map_err(truncated)?[0] != 0);
+            time.push(i32::from_le_bytes(
+                reader
+                    .take(4)
+                    .map_err(truncated)?
+                    .try_into()
+                    .expect("4 bytes"),
+            ));
+        }
+        let per = self.config.optimizer.state_per_element();
+        let values = reader.take(self.total * per * 4).map_err(truncated)?;
+        if reader.at != bytes.len() {
+            return Err(bad("trailing bytes".to_string()));
+        }
+        let value = |i: usize| f32::from_le_bytes(values[4 * i..4 * i + 4].try_into().expect("4"));
+        let shard = self.shard.clone();
+        self.state.0 = shard.clone().map(value).collect();
+        if per > 1 {
+            self.state.1 = shard.map(|i| value(self.total + i)).collect();
+        }
+        self.started = started;
+        self.time = time;
+        Ok(())
+    }
+}
+
+/// The first bytes of [`ZeroOptimizer::state_bytes`], by which a checkpoint's optimizer state is
+/// known to be sharded.
+pub const ZERO_STATE_MAGIC: &[u8] = b"KILNZERO1";
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], ()> {
+        let end = self.at.checked_add(n).ok_or(())?;
+        let out = self.bytes.get(self.at..end).ok_or(())?;
+        self.at = end;
+        Ok(out)
+    }
+
+    fn u64(&mut self) -> std::result::Result<u64, ()> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+}
