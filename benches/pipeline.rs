@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::momentum::MomentumConfig;
-use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig};
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor};
 use burn::tensor::{Distribution, TensorData};
 use common::{arg, median};
@@ -30,6 +29,7 @@ use kiln::multi::pipeline::{
 };
 use kiln::recipes::cnn_mnist::simple_cnn_stages;
 use kiln::recipes::mnist_data::MnistSource;
+use kiln::trainer::TrainerConfig;
 use kiln::trainer::data::{MnistSplit, make_batch};
 use serde_json::{Value, json};
 
@@ -37,14 +37,9 @@ const BATCH: usize = 64;
 const RESNET_BATCH: usize = 32;
 const STAGES: usize = 2;
 
+/// SGD with momentum 0.9, as the trainer runs it.
 fn sgd() -> ModuleOptimizer {
-    SgdConfig::new()
-        .with_momentum(Some(MomentumConfig {
-            momentum: 0.9,
-            dampening: 0.0,
-            nesterov: false,
-        }))
-        .init()
+    TrainerConfig::default().optimizer()
 }
 
 /// How a benchmarked model runs whole and split into stages.

@@ -10,6 +10,7 @@
 //!   buckets;
 //! - [`launch`]: whether this process is one rank of a job started by `mpirun` or `torchrun`;
 //! - [`sharding`]: ZeRO stages 1 and 2: optimizer state and gradients split over the ranks;
+//! - [`tensor_parallel`]: Megatron-style column- and row-parallel Linear layers;
 //! - [`pipeline`]: stages placed on devices, trained with micro-batch schedules (GPipe, 1F1B).
 //!
 //! This crate knows nothing of kiln's models, recipes or CLI: it works on buffers, indices and
@@ -23,6 +24,7 @@ pub mod mesh;
 pub mod pipeline;
 pub mod sampler;
 pub mod sharding;
+pub mod tensor_parallel;
 
 pub use collective::{
     Collective, CollectiveConfig, InProcessCollective, ReduceOp, run_in_process, shard_range,

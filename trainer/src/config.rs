@@ -1,3 +1,5 @@
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{ModuleOptimizer, SgdConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
@@ -34,6 +36,18 @@ impl Default for TrainerConfig {
 }
 
 impl TrainerConfig {
+    /// The optimizer the trainer runs: SGD with `momentum` (no dampening, not Nesterov, no
+    /// weight decay), as PyTorch's `SGD(lr, momentum)`.
+    pub fn optimizer(&self) -> ModuleOptimizer {
+        SgdConfig::new()
+            .with_momentum(Some(MomentumConfig {
+                momentum: self.momentum,
+                dampening: 0.0,
+                nesterov: false,
+            }))
+            .init()
+    }
+
     /// Checks every field, naming the flag of the first bad one.
     ///
     /// # Errors

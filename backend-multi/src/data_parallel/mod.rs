@@ -15,4 +15,7 @@ pub(crate) use bucket::BucketLayout;
 pub use bucket::{BucketConfig, GradientBucket};
 pub use ddp::{DistributedDataParallel, broadcast_module};
 pub use params::flatten_params;
-pub(crate) use params::{flatten_grads, flatten_params_into, load_params_from, trainable_params};
+pub(crate) use params::{
+    flatten_grads, flatten_params_into, load_params_from, read_f32, trainable_params,
+    unflatten_grads,
+};

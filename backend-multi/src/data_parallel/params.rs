@@ -211,7 +211,11 @@ pub(crate) fn unflatten_grads<M: Module>(
     });
 }
 
-fn read_f32<const D: usize>(tensor: Tensor<D>, context: impl Fn() -> String) -> Result<Vec<f32>> {
+/// The values of `tensor` as `f32`, or an error saying what was being read.
+pub(crate) fn read_f32<const D: usize>(
+    tensor: Tensor<D>,
+    context: impl Fn() -> String,
+) -> Result<Vec<f32>> {
     let fail = |detail: String| MultiError::Tensor {
         context: context(),
         detail,

@@ -4,3 +4,4 @@ mod collectives;
 mod common;
 mod data_parallel;
 mod pipeline;
+mod tensor_parallel;

@@ -6,8 +6,6 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::GradientsParams;
-use burn::optim::SgdConfig;
-use burn::optim::momentum::MomentumConfig;
 use burn::tensor::{Bytes, Device, Tensor};
 use kiln_multi::pipeline::{Activation, Pipeline, PipelineConfig, PipelineStage, merge_grads};
 use kiln_multi::{
@@ -241,13 +239,7 @@ impl Trainer {
     {
         let config = &self.config;
         let device = setup.device;
-        let mut optimizer = SgdConfig::new()
-            .with_momentum(Some(MomentumConfig {
-                momentum: config.momentum,
-                dampening: 0.0,
-                nesterov: false,
-            }))
-            .init();
+        let mut optimizer = config.optimizer();
         let (mut model, mut history, mut step) = (model, Vec::new(), 0u64);
         let mut last_checkpoint = None;
         // The optimizer state of a resumed sharded run, loaded once the shards are planned.
