@@ -9,7 +9,9 @@
 //! layers and checks the logits of 256 test images against SimpleCNN trained on one device
 //! from the same initialisation on the same batches.
 //!
-//! Run: `cargo run --release --example tensor_parallel`
+//! Run: `cargo run --release --example tensor_parallel` (2 threads), or over MPI, one rank per
+//! process: `cargo build --release --features mpi --example tensor_parallel`, then
+//! `kiln launch --nproc-per-node 2 -- target/release/examples/tensor_parallel`.
 
 use std::sync::Arc;
 
@@ -20,7 +22,8 @@ use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
 use kiln::models::{SimpleCnn, SimpleCnnConfig, SimpleCnnConvBlock};
 use kiln::multi::tensor_parallel::{ColumnParallelLinear, RowParallelLinear, sum_gradients};
-use kiln::multi::{Collective, CollectiveConfig, MultiError, WorldSize, run_in_process};
+use kiln::multi::{Collective, CollectiveConfig, MultiError, Rank, WorldSize, run_in_process};
+use kiln::recipes::distributed::run_as_launched;
 use kiln::recipes::mnist_data::MnistSource;
 use kiln::trainer::TrainerConfig;
 use kiln::trainer::data::{MnistDataset, MnistSplit, make_batch};
@@ -89,36 +92,47 @@ fn main() -> anyhow::Result<()> {
     }
     let expected = logits(&test, |x| Ok(single.forward(x)))?;
 
-    // Two ranks, the classifier split between them.
-    let world = WorldSize::new(2)?;
-    let results = run_in_process(
-        world,
-        CollectiveConfig::default(),
-        |c: Arc<dyn Collective>| {
-            let mut model = TensorParallelCnn::split(&init.clone().fork(&device), &*c)?;
-            let mut optimizer = sgd();
-            for step in 0..STEPS {
-                let batch = make_batch(&train, &batch_indices(step), &device);
-                let loss = loss_fn.forward(model.forward(batch.images, &*c)?, batch.targets);
-                let mut grads = GradientsParams::from_grads(loss.backward(), &model);
-                // The conv layers feed the split block: each rank holds part of their gradient.
-                let trunk = (model.conv1.clone(), model.conv2.clone());
-                sum_gradients(&trunk, &mut grads, &*c)?;
-                model = optimizer.step(LR, model, grads);
-            }
-            let weights = model.fc1.linear.weight.val().dims();
-            logits(&test, |x| model.forward(x, &*c)).map(|l| (l, weights))
-        },
-    )?;
-    let (parallel, fc1_shape) = &results[0];
+    // The classifier split between ranks: 2 threads here, or, under `kiln launch` (built with
+    // `--features mpi`), one rank per process over MPI.
+    let train_rank = |c: &dyn Collective| {
+        let mut model = TensorParallelCnn::split(&init.clone().fork(&device), c)?;
+        let mut optimizer = sgd();
+        for step in 0..STEPS {
+            let batch = make_batch(&train, &batch_indices(step), &device);
+            let loss = loss_fn.forward(model.forward(batch.images, c)?, batch.targets);
+            let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+            // The conv layers feed the split block: each rank holds part of their gradient.
+            let trunk = (model.conv1.clone(), model.conv2.clone());
+            sum_gradients(&trunk, &mut grads, c)?;
+            model = optimizer.step(LR, model, grads);
+        }
+        let weights = model.fc1.linear.weight.val().dims();
+        logits(&test, |x| model.forward(x, c)).map(|l| (l, weights, c.rank(), c.world_size()))
+    };
+    let timeout = CollectiveConfig::DEFAULT_TIMEOUT;
+    let results = run_as_launched(timeout, |group| -> anyhow::Result<_> {
+        Ok(match group {
+            Some(c) => vec![train_rank(&*c)?],
+            None => run_in_process(
+                WorldSize::new(2)?,
+                CollectiveConfig::default(),
+                |c: Arc<dyn Collective>| train_rank(&*c),
+            )?,
+        })
+    })?;
+    let (parallel, fc1_shape, rank, world) = &results[0];
+    if *rank != Rank::ZERO {
+        return Ok(());
+    }
     let diff = parallel
         .iter()
         .zip(&expected)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
     println!(
-        "tensor parallel on 2 ranks (fc1 weight per rank {fc1_shape:?} of [3136, 128]), \
-         {STEPS} steps: max |logit difference| vs one device = {diff:e}"
+        "tensor parallel on {} ranks (fc1 weight per rank {fc1_shape:?} of [3136, 128]), \
+         {STEPS} steps: max |logit difference| vs one device = {diff:e}",
+        world.get()
     );
     anyhow::ensure!(diff <= 1e-4, "tensor-parallel logits differ by {diff}");
     Ok(())

@@ -86,7 +86,23 @@ pub fn run(args: &LaunchArgs) -> anyhow::Result<ExitCode> {
             .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
             .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
     }
-    let mut child = command.spawn().with_context(|| {
+    // A session directory of its own: Open MPI 4's shared one (/tmp/ompi.HOST.UID) is removed
+    // by a job that ends while another one starts, which then fails with "A call to mkdir was
+    // unable to create the desired directory". On several hosts the path would have to exist
+    // everywhere, so they keep Open MPI's default.
+    let session_dir = args
+        .hosts
+        .is_empty()
+        .then(|| std::env::temp_dir().join(format!("kiln-launch-{}", std::process::id())));
+    if let Some(dir) = &session_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        command.env("OMPI_MCA_orte_tmpdir_base", dir);
+    }
+    let spawned = command.spawn();
+    if let (Err(_), Some(dir)) = (&spawned, &session_dir) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    let mut child = spawned.with_context(|| {
         format!(
             "cannot start {}: install Open MPI (Debian: apt-get install openmpi-bin) or pass \
              --mpirun PATH",
@@ -103,6 +119,9 @@ pub fn run(args: &LaunchArgs) -> anyhow::Result<ExitCode> {
         child.wait()
     })
     .context("waiting for mpirun")?;
+    if let Some(dir) = &session_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     if status.success() {
         return Ok(ExitCode::SUCCESS);
     }

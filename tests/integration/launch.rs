@@ -162,16 +162,18 @@ mod mpi {
         }
     }
 
-    #[test]
-    fn misused_collectives_fail_on_every_rank_and_the_job_goes_on() {
+    /// `kiln launch --nproc-per-node 2 -- target/release/examples/NAME`, which must succeed;
+    /// returns its stdout.
+    fn launch_example(name: &str) -> String {
         let example = Path::new(env!("CARGO_BIN_EXE_kiln"))
             .parent()
             .unwrap()
-            .join("examples/mpi_errors");
+            .join("examples")
+            .join(name);
         assert!(
             example.exists(),
-            "{} is missing: build it first with `cargo build --release --features mpi --example \
-             mpi_errors` (CI does)",
+            "{} is missing: build it first with `cargo build --release --features mpi \
+             --example {name}` (CI does)",
             example.display()
         );
         let out = kiln_ok(&[
@@ -181,7 +183,12 @@ mod mpi {
             "--",
             example.to_str().unwrap(),
         ]);
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[test]
+    fn misused_collectives_fail_on_every_rank_and_the_job_goes_on() {
+        let stdout = launch_example("mpi_errors");
         for rank in 0..2 {
             for needle in [
                 format!("[rank {rank}] rank {rank}: all_gather failed"),
@@ -200,6 +207,17 @@ mod mpi {
             "{stdout}"
         );
         assert!(stdout.contains("ranks disagree"), "{stdout}");
+    }
+
+    #[test]
+    fn tensor_parallel_layers_train_like_one_device_across_processes() {
+        // The example checks its logits against one device itself and fails otherwise.
+        let stdout = launch_example("tensor_parallel");
+        assert!(
+            stdout.contains("[rank 0] tensor parallel on 2 ranks")
+                && stdout.contains("max |logit difference| vs one device"),
+            "{stdout}"
+        );
     }
 
     #[test]
