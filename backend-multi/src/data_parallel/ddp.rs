@@ -5,10 +5,11 @@ use burn::optim::GradientsParams;
 
 use super::bucket::{BucketConfig, BucketLayout, GradientBucket};
 use super::params::{
-    flatten_grads, flatten_params, load_params, trainable_params, unflatten_grads,
+    ensure_all_placed, flatten_grads, flatten_params, load_params, trainable_params,
+    unflatten_grads,
 };
 use crate::collective::{Collective, ReduceOp};
-use crate::error::{MultiError, Result};
+use crate::error::Result;
 use crate::mesh::Rank;
 
 /// Keeps one rank's replica of a model in step with the other ranks' replicas: PyTorch's
@@ -119,18 +120,12 @@ impl DistributedDataParallel {
     ) -> Result<GradientsParams> {
         let first = self.pending == 0;
         flatten_grads(model, &self.layout, &mut grads, &mut self.buffers, first)?;
-        if grads.is_empty() {
-            return Ok(grads);
-        }
-        Err(MultiError::Tensor {
-            context: "synchronising gradients".to_string(),
-            detail: format!(
-                "{} gradient(s) belong to parameters that were not trainable when \
-                 DistributedDataParallel::new planned the buckets; create it once the model's \
-                 structure and trainable parameters are final",
-                grads.len()
-            ),
-        })
+        ensure_all_placed(
+            &grads,
+            "synchronising gradients",
+            "DistributedDataParallel::new",
+        )?;
+        Ok(grads)
     }
 }
 

@@ -16,6 +16,6 @@ pub use bucket::{BucketConfig, GradientBucket};
 pub use ddp::{DistributedDataParallel, broadcast_module};
 pub use params::flatten_params;
 pub(crate) use params::{
-    flatten_grads, flatten_params_into, load_params_from, read_f32, trainable_params,
-    unflatten_grads,
+    ensure_all_placed, flatten_grads, flatten_params_into, load_params_from, read_f32,
+    trainable_params, unflatten_grads,
 };

@@ -173,6 +173,27 @@ pub(crate) fn flatten_grads<M: Module>(
     flatten.error.map_or(Ok(()), Err)
 }
 
+/// Fails when `grads` still holds gradients after the planned ones were taken out: they
+/// belong to parameters that were not trainable when `planner` laid out its buffers.
+pub(crate) fn ensure_all_placed(
+    grads: &GradientsParams,
+    context: &str,
+    planner: &str,
+) -> Result<()> {
+    if grads.is_empty() {
+        return Ok(());
+    }
+    Err(MultiError::Tensor {
+        context: context.to_string(),
+        detail: format!(
+            "{} gradient(s) belong to parameters that were not trainable when {planner} \
+             planned its buffers; create it once the model's structure and trainable \
+             parameters are final",
+            grads.len()
+        ),
+    })
+}
+
 /// Registers in `grads` a gradient rebuilt from the bucket buffers for every parameter whose
 /// flag is non-zero (some rank had a gradient for it), on the parameter's device without
 /// autodiff and in its dtype.

@@ -9,8 +9,8 @@ use burn::optim::GradientsParams;
 use super::flat::FlatOptimizer;
 use crate::collective::{Collective, ReduceOp, shard_range};
 use crate::data_parallel::{
-    BucketConfig, BucketLayout, broadcast_module, flatten_grads, flatten_params_into,
-    load_params_from, trainable_params,
+    BucketConfig, BucketLayout, broadcast_module, ensure_all_placed, flatten_grads,
+    flatten_params_into, load_params_from, trainable_params,
 };
 use crate::error::{MultiError, Result};
 use crate::mesh::Rank;
@@ -209,30 +209,22 @@ impl ZeroOptimizer {
             std::slice::from_mut(&mut buffer),
             true,
         )?;
-        if !grads.is_empty() {
-            return Err(MultiError::Tensor {
-                context: "sharded optimizer step".to_string(),
-                detail: format!(
-                    "{} gradient(s) belong to parameters that were not trainable when \
-                     ZeroOptimizer::new planned the shards",
-                    grads.len()
-                ),
-            });
-        }
-        let (flat_grads, flags) = buffer.split_at_mut(self.total);
+        ensure_all_placed(&grads, "sharded optimizer step", "ZeroOptimizer::new")?;
+        // The gradients, then one "had a gradient" flag per parameter.
+        let mut flags = buffer.split_off(self.total);
         if world > 1 {
-            self.collective.all_reduce(flags, ReduceOp::Max)?;
+            self.collective.all_reduce(&mut flags, ReduceOp::Max)?;
         }
         match self.config.stage {
             ZeroStage::One => {
                 if world > 1 {
-                    self.collective.all_reduce(flat_grads, ReduceOp::Avg)?;
+                    self.collective.all_reduce(&mut buffer, ReduceOp::Avg)?;
                 }
-                self.grads.copy_from_slice(flat_grads);
+                self.grads = buffer;
             }
             ZeroStage::Two => {
                 self.collective
-                    .reduce_scatter(flat_grads, &mut self.grads, ReduceOp::Avg)?;
+                    .reduce_scatter(&buffer, &mut self.grads, ReduceOp::Avg)?;
             }
         }
         let shard_grads = match self.config.stage {
