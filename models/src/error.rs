@@ -25,6 +25,17 @@ pub enum ImportError {
         /// Which tensors are missing, unused or of the wrong shape.
         details: String,
     },
+    /// A model could not be turned into a file's bytes.
+    #[error("cannot serialize the model: {0}")]
+    Export(String),
+    /// A file could not be written.
+    #[error("cannot write {path}: {reason}")]
+    Write {
+        /// The file being written.
+        path: PathBuf,
+        /// What the operating system said.
+        reason: String,
+    },
 }
 
 /// Result type of this crate.

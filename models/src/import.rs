@@ -95,20 +95,42 @@ pub fn load_weights<M: Module>(model: &mut M, path: &Path) -> Result<ImportRepor
                 .map_err(|e| unreadable(e.to_string()))?
         }
         WeightFormat::Safetensors => {
-            let mut store = SafetensorsStore::from_file(path)
-                .with_from_adapter(PyTorchToBurnAdapter)
-                .with_key_remapping(DOWNSAMPLE_CONV.0, DOWNSAMPLE_CONV.1)
-                .with_key_remapping(DOWNSAMPLE_NORM.0, DOWNSAMPLE_NORM.1)
-                .skip_enum_variants(true)
-                // Mismatches are collected and reported below, one message for every format.
-                .validate(false)
-                .allow_partial(true);
-            model
-                .load_from(&mut store)
-                .map_err(|e| unreadable(e.to_string()))?
+            load_safetensors_store(model, SafetensorsStore::from_file(path)).map_err(unreadable)?
         }
     };
     check_complete(result, format, path)
+}
+
+/// Loads a PyTorch-style SafeTensors file held in memory into `model`, strictly; `path` names
+/// where the bytes came from in errors.
+pub(crate) fn load_safetensors_bytes<M: Module>(
+    model: &mut M,
+    bytes: Vec<u8>,
+    path: &Path,
+) -> Result<ImportReport> {
+    let result = load_safetensors_store(model, SafetensorsStore::from_bytes(Some(bytes))).map_err(
+        |reason| ImportError::Unreadable {
+            path: path.to_path_buf(),
+            reason,
+        },
+    )?;
+    check_complete(result, WeightFormat::Safetensors, path)
+}
+
+fn load_safetensors_store<M: Module>(
+    model: &mut M,
+    store: SafetensorsStore,
+) -> std::result::Result<ApplyResult, String> {
+    let mut store = store
+        .with_from_adapter(PyTorchToBurnAdapter)
+        .with_key_remapping(DOWNSAMPLE_CONV.0, DOWNSAMPLE_CONV.1)
+        .with_key_remapping(DOWNSAMPLE_NORM.0, DOWNSAMPLE_NORM.1)
+        .skip_enum_variants(true)
+        // Mismatches are collected and reported by `check_complete`, one message for every
+        // format.
+        .validate(false)
+        .allow_partial(true);
+    model.load_from(&mut store).map_err(|e| e.to_string())
 }
 
 /// Names, all of them up to 20, else the first 20 and how many more: enough to see whether

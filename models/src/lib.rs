@@ -4,6 +4,7 @@
 //! - [`SimpleCnn`]: the two-convolution MNIST network of PyTorch's tutorials, and its parts as
 //!   modules for pipeline stages.
 //! - [`resnet`]: torchvision's ResNet-18/34/50.
+//! - [`quant`]: int8/int4 weight quantization: files, fake quantization for QAT.
 //! - [`import`]: strict loading of `.pth` / `.safetensors` weights with a report of what was
 //!   applied.
 //!
@@ -13,6 +14,7 @@
 mod error;
 pub mod import;
 mod init;
+pub mod quant;
 pub mod resnet;
 mod simple_cnn;
 
