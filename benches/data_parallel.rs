@@ -84,6 +84,7 @@ fn train_rate(
     let labels = RunLabels {
         recipe: "bench".into(),
         model: "simple-cnn".into(),
+        quantization: None,
     };
     let trainer = Trainer::new(config, dir.path(), labels)?.with_verbosity(Verbosity::Quiet);
     let device = Device::flex().autodiff();

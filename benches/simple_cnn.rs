@@ -42,6 +42,7 @@ fn main() -> anyhow::Result<()> {
         let labels = RunLabels {
             recipe: "bench".into(),
             model: "simple-cnn".into(),
+            quantization: None,
         };
         let trainer = Trainer::new(config, dir.path(), labels)?.with_verbosity(Verbosity::Quiet);
         let model = SimpleCnnConfig::new().init(&device, rep as u64);

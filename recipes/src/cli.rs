@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use kiln_models::ResNetDepth;
+use kiln_models::quant::{Granularity, QuantBits, QuantScheme};
 use kiln_multi::pipeline::PipelineSchedule;
 use kiln_multi::{WorldSize, ZeroStage};
 use kiln_trainer::checkpoint::latest_checkpoint;
@@ -16,6 +17,7 @@ use crate::cnn_mnist::{CnnMnistConfig, PipelineOptions, RunTarget, TrainerOverri
 use crate::error::Result;
 use crate::inference::{ModelKind, ModelSource};
 use crate::mnist_data::MnistSource;
+use crate::quantize::QuantizeConfig;
 
 /// Default parent of run directories.
 const RUNS_DIR: &str = "runs";
@@ -80,6 +82,39 @@ pub struct CnnMnistArgs {
     /// forwards, then all backwards) or 1f1b (one forward one backward: fewer activations held).
     #[arg(long, value_enum, default_value_t = ScheduleArg::OneFOneB, requires = "pipeline_stages")]
     pub schedule: ScheduleArg,
+    /// Quantization-aware training: every forward pass uses the Linear and Conv2d weights
+    /// rounded to this integer width (gradients pass straight through to the float weights),
+    /// so the model learns to live with the rounding. Convert the result with `kiln quantize
+    /// --checkpoint RUN`. On --resume the checkpoint's setting is kept.
+    #[arg(long, value_enum, value_name = "BITS")]
+    pub qat: Option<BitsArg>,
+    /// Weights sharing one scale under --qat: tensor, channel (per output channel) or
+    /// block:N (N consecutive weights of a channel).
+    #[arg(long, value_name = "G", default_value = "tensor", requires = "qat", value_parser = parse_granularity)]
+    pub qat_granularity: Granularity,
+}
+
+/// Integer widths on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BitsArg {
+    /// 8-bit integers (scale = max|w| / 127).
+    Int8,
+    /// 4-bit integers (scale = max|w| / 7), two per byte.
+    Int4,
+}
+
+impl From<BitsArg> for QuantBits {
+    fn from(arg: BitsArg) -> Self {
+        match arg {
+            BitsArg::Int8 => QuantBits::Int8,
+            BitsArg::Int4 => QuantBits::Int4,
+        }
+    }
+}
+
+/// Parses `tensor`, `channel` or `block:N`.
+fn parse_granularity(text: &str) -> std::result::Result<Granularity, String> {
+    text.parse()
 }
 
 /// Pipeline schedules on the command line.
@@ -144,6 +179,10 @@ impl CnnMnistArgs {
                 } else {
                     ZeroStage::Two
                 }
+            }),
+            qat: self.qat.map(|bits| QuantScheme {
+                bits: bits.into(),
+                granularity: self.qat_granularity,
             }),
         })
     }
@@ -218,5 +257,56 @@ impl ModelSourceArgs {
             }),
             _ => None,
         }
+    }
+}
+
+/// Flags of `kiln quantize`.
+#[derive(Debug, Clone, Args)]
+pub struct QuantizeArgs {
+    /// The float model to quantize.
+    #[command(flatten)]
+    pub source: ModelSourceArgs,
+    /// Integer width of the weights [default: the checkpoint's --qat width, else int8].
+    #[arg(long, value_enum, value_name = "BITS")]
+    pub scheme: Option<BitsArg>,
+    /// Weights sharing one scale: tensor, channel or block:N [default: the checkpoint's
+    /// --qat-granularity, else tensor].
+    #[arg(long, value_name = "G", value_parser = parse_granularity)]
+    pub granularity: Option<Granularity>,
+    /// How scales are chosen: minmax (max |w| of each group; weights only, activations stay
+    /// float32).
+    #[arg(long, value_enum, default_value_t = CalibrationArg::Minmax)]
+    pub calibration: CalibrationArg,
+    /// Quantized SafeTensors file to write [default: RUN/simple-cnn-SCHEME.safetensors next
+    /// to the checkpoint]. An earlier quantized file is replaced; any other file is refused.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Directory of MNIST IDX files for the comparison [default: the embedded subset].
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Timed batches of 256 per model for the throughput figures.
+    #[arg(long, value_name = "N", default_value_t = NonZeroUsize::new(20).expect("20 is not zero"))]
+    pub timing_batches: NonZeroUsize,
+}
+
+/// Calibration methods on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CalibrationArg {
+    /// Symmetric scales from each group's largest |weight|.
+    Minmax,
+}
+
+impl QuantizeArgs {
+    /// The recipe configuration these flags describe, or `None` when no model was named.
+    pub fn to_config(&self) -> Option<QuantizeConfig> {
+        let mut config = QuantizeConfig::new(
+            self.source.to_source()?,
+            MnistSource::from_option(self.data.as_deref()),
+        );
+        config.bits = self.scheme.map(QuantBits::from);
+        config.granularity = self.granularity;
+        config.out = self.out.clone();
+        config.throughput_batches = self.timing_batches;
+        Some(config)
     }
 }

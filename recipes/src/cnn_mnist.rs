@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
+use kiln_models::quant::{QuantScheme, fake_quantize};
 use kiln_models::{
     SimpleCnn, SimpleCnnBack, SimpleCnnClassifier, SimpleCnnConfig, SimpleCnnConvBlock,
 };
@@ -89,6 +90,9 @@ pub struct CnnMnistConfig {
     pub process_group: Option<Arc<dyn Collective>>,
     /// Shard the optimizer state (ZeRO-1) or the state and gradients (ZeRO-2) over the ranks.
     pub zero: Option<ZeroStage>,
+    /// Quantization-aware training: the forward pass sees the weights fake-quantized under
+    /// this scheme. On resume, `None` continues with the checkpoint's scheme.
+    pub qat: Option<QuantScheme>,
 }
 
 /// Pipeline settings of a cnn-mnist run: SimpleCNN split into 2 stages (conv1 block | conv2
@@ -174,9 +178,15 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
         .as_ref()
         .map_or_else(TrainerConfig::default, |(_, c)| c.state.config.clone());
     let trainer_config = config.overrides.apply(base);
+    let qat = match (config.qat, &resume) {
+        (Some(scheme), _) => Some(scheme),
+        (None, Some((file, checkpoint))) => checkpoint_quantization(file, &checkpoint.state)?,
+        (None, None) => None,
+    };
     let labels = RunLabels {
         recipe: RECIPE.into(),
         model: MODEL.into(),
+        quantization: qat.map(|scheme| scheme.to_string()),
     };
     let trainer = Trainer::new(trainer_config, &run_dir, labels)?.with_verbosity(config.verbosity);
 
@@ -197,6 +207,14 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
     let global_batch_size = trainer.config().batch_size;
     let (_model, fit) = match config.pipeline {
         Some(options) => {
+            if qat.is_some() {
+                return Err(RecipeError::Options {
+                    flag: "--qat",
+                    reason: "quantization-aware training through a pipeline is not supported \
+                             yet; train on one device or with --ranks"
+                        .to_string(),
+                });
+            }
             if config.ranks != WorldSize::ONE
                 || config.process_group.is_some()
                 || config.zero.is_some()
@@ -277,7 +295,13 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
                     zero: config.zero,
                 })
             };
-            trainer.fit(model, SimpleCnn::forward, data, resume, &execution)?
+            // With QAT every step runs on fake-quantized weights; the gradients reach the
+            // float weights through the straight-through estimator.
+            let forward = move |m: &SimpleCnn, images: Tensor<4>| match qat {
+                Some(scheme) => fake_quantize(m.clone(), scheme).forward(images),
+                None => m.forward(images),
+            };
+            trainer.fit(model, forward, data, resume, &execution)?
         }
     };
     let bubbles: Vec<f64> = fit
@@ -316,9 +340,33 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
             unsharded_optimizer_state_bytes: memory.unsharded_optimizer_state_bytes,
             unsharded_gradient_bytes: memory.unsharded_gradient_bytes,
         }),
+        qat: qat.map(|scheme| scheme.to_string()),
         resumed_from_epoch: fit.resumed_from_epoch,
         history: fit.history,
     })
+}
+
+/// The quantization-aware training scheme a checkpoint records, if any.
+///
+/// # Errors
+/// [`RecipeError::Train`] when the recorded scheme is not one kiln knows (a corrupt or
+/// foreign checkpoint).
+pub(crate) fn checkpoint_quantization(
+    file: &Path,
+    state: &kiln_trainer::checkpoint::TrainerState,
+) -> Result<Option<QuantScheme>> {
+    state
+        .quantization
+        .as_deref()
+        .map(|text| {
+            text.parse::<QuantScheme>().map_err(|reason| {
+                RecipeError::Train(kiln_trainer::TrainError::Checkpoint {
+                    path: file.to_path_buf(),
+                    reason: format!("unknown quantization {text:?}: {reason}"),
+                })
+            })
+        })
+        .transpose()
 }
 
 /// Fails unless the data set's images fit SimpleCNN.

@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
+use kiln_models::quant::{QuantScheme, load_quantized, read_quantized_info, round_weights};
 use kiln_models::{ResNet, ResNetDepth, SimpleCnn, SimpleCnnConfig, load_weights};
 use kiln_trainer::checkpoint::{EpochMetrics, read_checkpoint, resolve_checkpoint};
 use kiln_trainer::data::{MnistSplit, NpyArray, read_npy_f32, write_npy_f32};
 use kiln_trainer::{TrainError, evaluate};
 
-use crate::cnn_mnist::{MODEL, check_image_shape};
+use crate::cnn_mnist::{MODEL, check_image_shape, checkpoint_quantization};
 use crate::error::{RecipeError, Result};
 use crate::mnist_data::MnistSource;
 use crate::report::{EvalReport, PredictReport};
@@ -40,7 +41,7 @@ impl ModelKind {
 }
 
 /// A built model of any kind kiln knows.
-enum Net {
+pub(crate) enum Net {
     SimpleCnn(SimpleCnn),
     ResNet(ResNet),
 }
@@ -50,6 +51,13 @@ impl Net {
         match self {
             Net::SimpleCnn(m) => Net::SimpleCnn(m.valid()),
             Net::ResNet(m) => Net::ResNet(m.valid()),
+        }
+    }
+
+    fn round_weights(self, scheme: QuantScheme) -> Self {
+        match self {
+            Net::SimpleCnn(m) => Net::SimpleCnn(round_weights(m, scheme)),
+            Net::ResNet(m) => Net::ResNet(round_weights(m, scheme)),
         }
     }
 
@@ -91,17 +99,82 @@ pub enum ModelSource {
     },
 }
 
-/// A loaded model plus what its checkpoint said about its training.
-struct Loaded {
-    model: Net,
-    name: &'static str,
-    source: PathBuf,
-    trained: Option<(f64, usize)>,
+/// How a loaded model's weights relate to quantization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Quantization {
+    /// Plain float weights.
+    Float,
+    /// A quantization-aware training checkpoint: float weights trained to be rounded under
+    /// this scheme; inference rounds them.
+    Aware(QuantScheme),
+    /// A quantized file: the weights were dequantized from integers.
+    Quantized(QuantScheme),
 }
 
-fn load(source: &ModelSource, device: &Device) -> Result<Loaded> {
+impl Quantization {
+    fn scheme(self) -> Option<String> {
+        match self {
+            Quantization::Float => None,
+            Quantization::Aware(s) | Quantization::Quantized(s) => Some(s.to_string()),
+        }
+    }
+}
+
+/// A loaded model plus what its checkpoint said about its training.
+pub(crate) struct Loaded {
+    /// The model with the weights as stored.
+    pub(crate) model: Net,
+    pub(crate) name: &'static str,
+    pub(crate) source: PathBuf,
+    pub(crate) trained: Option<(f64, usize)>,
+    pub(crate) quantization: Quantization,
+}
+
+impl Loaded {
+    /// The model as inference runs it: in evaluation mode, and with a quantization-aware
+    /// checkpoint's weights rounded as they were in training.
+    fn inference_model(&self) -> Net {
+        let model = self.model.valid();
+        match self.quantization {
+            Quantization::Aware(scheme) => model.round_weights(scheme),
+            Quantization::Float | Quantization::Quantized(_) => model,
+        }
+    }
+}
+
+/// Whether `path` is a kiln quantized model file (`.safetensors` with kiln's header).
+fn quantized_file(path: &Path) -> Result<Option<QuantScheme>> {
+    if path.extension().is_none_or(|e| e != "safetensors") || !path.is_file() {
+        return Ok(None);
+    }
+    Ok(read_quantized_info(path)?.map(|info| info.scheme))
+}
+
+/// Builds SimpleCNN from a kiln quantized file.
+fn load_quantized_simple_cnn(path: &Path, device: &Device) -> Result<Loaded> {
+    let mut net = SimpleCnnConfig::new().init(device, 0);
+    let info = load_quantized(&mut net, path)?;
+    if info.model != MODEL {
+        return Err(RecipeError::UnknownModel {
+            path: path.to_path_buf(),
+            model: info.model,
+        });
+    }
+    Ok(Loaded {
+        model: Net::SimpleCnn(net),
+        name: MODEL,
+        source: path.to_path_buf(),
+        trained: None,
+        quantization: Quantization::Quantized(info.scheme),
+    })
+}
+
+pub(crate) fn load(source: &ModelSource, device: &Device) -> Result<Loaded> {
     match source {
         ModelSource::Weights { model, path } => {
+            if *model == ModelKind::SimpleCnn && quantized_file(path)?.is_some() {
+                return load_quantized_simple_cnn(path, device);
+            }
             let net = match *model {
                 ModelKind::SimpleCnn => {
                     let mut net = SimpleCnnConfig::new().init(device, 0);
@@ -119,10 +192,14 @@ fn load(source: &ModelSource, device: &Device) -> Result<Loaded> {
                 name: model.name(),
                 source: path.clone(),
                 trained: None,
+                quantization: Quantization::Float,
             })
         }
         ModelSource::Checkpoint(path) => {
             let file = resolve_checkpoint(path)?;
+            if quantized_file(&file)?.is_some() {
+                return load_quantized_simple_cnn(&file, device);
+            }
             let checkpoint = read_checkpoint(&file)?;
             if checkpoint.state.model != MODEL {
                 return Err(RecipeError::UnknownModel {
@@ -132,11 +209,16 @@ fn load(source: &ModelSource, device: &Device) -> Result<Loaded> {
             }
             let model = checkpoint.load_model(SimpleCnnConfig::new().init(device, 0), &file)?;
             let throughput = EpochMetrics::throughput(&checkpoint.state.history);
+            let quantization = match checkpoint_quantization(&file, &checkpoint.state)? {
+                Some(scheme) => Quantization::Aware(scheme),
+                None => Quantization::Float,
+            };
             Ok(Loaded {
                 model: Net::SimpleCnn(model),
                 name: MODEL,
                 source: file,
                 trained: Some((throughput, checkpoint.state.epoch)),
+                quantization,
             })
         }
     }
@@ -153,7 +235,7 @@ pub fn eval(source: &ModelSource, data: &MnistSource, batch_size: usize) -> Resu
     })?;
     let device = Device::flex();
     let loaded = load(source, &device)?;
-    let Net::SimpleCnn(model) = &loaded.model else {
+    let Net::SimpleCnn(model) = &loaded.inference_model() else {
         return Err(RecipeError::Options {
             flag: "--model",
             reason: format!(
@@ -174,6 +256,7 @@ pub fn eval(source: &ModelSource, data: &MnistSource, batch_size: usize) -> Resu
         samples_per_sec: loaded.trained.map(|(t, _)| t),
         epochs: loaded.trained.map(|(_, e)| e),
         eval_samples_per_sec: metrics.samples_per_sec,
+        quantization: loaded.quantization.scheme(),
     })
 }
 
@@ -199,7 +282,7 @@ pub fn predict(source: &ModelSource, input: &Path, output: &Path) -> Result<Pred
         .model
         .check_sample_shape([c, h, w])
         .map_err(shape_error)?;
-    let model = loaded.model.valid();
+    let model = loaded.inference_model();
     let images = Tensor::<4>::from_data(TensorData::new(array.values, [n, c, h, w]), &device);
     let logits = model.forward(images);
     let [_, classes] = logits.dims();
@@ -224,7 +307,7 @@ pub fn predict(source: &ModelSource, input: &Path, output: &Path) -> Result<Pred
 }
 
 /// Index of the largest value (the first one on ties, like `torch.argmax`).
-fn argmax(row: &[f32]) -> usize {
+pub(crate) fn argmax(row: &[f32]) -> usize {
     row.iter()
         .enumerate()
         .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {

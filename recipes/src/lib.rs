@@ -3,6 +3,7 @@
 //! - [`cnn_mnist`]: SimpleCNN on MNIST with SGD (lr 0.01, momentum 0.9, batch 64), 5 epochs on
 //!   the embedded subset by default;
 //! - [`inference`]: evaluation and prediction from a checkpoint or from PyTorch weights;
+//! - [`quantize`]: post-training int8/int4 quantization of a checkpoint and its report;
 //! - [`distributed`]: running a recipe as one rank of a job started by `kiln launch`, `mpirun`
 //!   or `torchrun`;
 //! - [`cli`]: the clap argument structs shared by the `kiln` CLI and the recipe binaries;
@@ -16,6 +17,7 @@ pub mod distributed;
 mod error;
 pub mod inference;
 pub mod mnist_data;
+pub mod quantize;
 pub mod report;
 
 pub use error::{RecipeError, Result};

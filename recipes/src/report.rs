@@ -58,6 +58,9 @@ pub struct TrainReport {
     /// With `--zero`: what each rank kept, next to plain data parallelism.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sharding: Option<ShardingReport>,
+    /// Quantization-aware training: the scheme the weights were fake-quantized with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qat: Option<String>,
     /// Epochs that were already done when this run started (resume).
     pub resumed_from_epoch: usize,
     /// Metrics of every epoch.
@@ -111,6 +114,9 @@ pub struct EvalReport {
     pub epochs: Option<usize>,
     /// Samples per second of this evaluation.
     pub eval_samples_per_sec: f64,
+    /// The quantization scheme of a quantized file or quantization-aware checkpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<String>,
 }
 
 /// Result of a prediction.
@@ -129,7 +135,7 @@ pub struct PredictReport {
 impl Report for TrainReport {
     fn summary(&self) -> String {
         format!(
-            "test accuracy {:.2}% (loss {:.4}) after {} epoch{}, {:.0} training samples/s{}; run in {}",
+            "test accuracy {:.2}% (loss {:.4}) after {} epoch{}, {:.0} training samples/s{}{}; run in {}",
             100.0 * self.test_accuracy,
             self.test_loss,
             self.epochs,
@@ -155,6 +161,9 @@ impl Report for TrainReport {
                     None => String::new(),
                 },
             },
+            self.qat.as_ref().map_or(String::new(), |q| format!(
+                ", quantization-aware ({q}: the accuracy is the quantized model's)"
+            )),
             self.run_dir.display()
         )
     }
@@ -179,5 +188,106 @@ impl Report for PredictReport {
             self.samples,
             self.output.display()
         )
+    }
+}
+
+/// Result of `kiln quantize`: the quantized file next to the float model it came from, on the
+/// test split.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuantizeReport {
+    /// Model architecture.
+    pub model: String,
+    /// The float checkpoint or weights quantized.
+    pub source: PathBuf,
+    /// The quantized file written.
+    pub output: PathBuf,
+    /// Scheme, e.g. `int8:tensor`.
+    pub scheme: String,
+    /// The scheme the source was trained for, when it is a quantization-aware checkpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantization_aware: Option<String>,
+    /// Bytes of the float model as SafeTensors (PyTorch's names and layouts).
+    pub fp32_bytes: u64,
+    /// Bytes of the quantized file.
+    pub quantized_bytes: u64,
+    /// `quantized_bytes / fp32_bytes`.
+    pub size_ratio: f64,
+    /// Test samples compared.
+    pub test_samples: usize,
+    /// Test accuracy of the float model (a quantization-aware checkpoint's float weights).
+    pub fp32_accuracy: f64,
+    /// Test accuracy of the quantized file, loaded back.
+    pub quantized_accuracy: f64,
+    /// Fraction of test samples on which both models predict the same class.
+    pub argmax_agreement: f64,
+    /// Largest absolute difference between the two models' logits.
+    pub max_abs_logit_diff: f64,
+    /// Batch size of the throughput figures.
+    pub throughput_batch_size: usize,
+    /// Float inference samples per second (median).
+    pub fp32_samples_per_sec: f64,
+    /// Quantized inference samples per second (median).
+    pub quantized_samples_per_sec: f64,
+    /// Float latency of one sample, milliseconds (median).
+    pub fp32_latency_ms: f64,
+    /// Quantized latency of one sample, milliseconds (median).
+    pub quantized_latency_ms: f64,
+}
+
+impl Report for QuantizeReport {
+    fn summary(&self) -> String {
+        let rows = [
+            (
+                "size on disk (bytes)",
+                self.fp32_bytes.to_string(),
+                format!("{} ({:.3}x)", self.quantized_bytes, self.size_ratio),
+            ),
+            (
+                "test accuracy",
+                format!("{:.2}%", 100.0 * self.fp32_accuracy),
+                format!(
+                    "{:.2}% ({:+.2} points)",
+                    100.0 * self.quantized_accuracy,
+                    100.0 * (self.quantized_accuracy - self.fp32_accuracy)
+                ),
+            ),
+            (
+                "argmax agreement",
+                String::new(),
+                format!("{:.2}%", 100.0 * self.argmax_agreement),
+            ),
+            (
+                "max |logit diff|",
+                String::new(),
+                format!("{:.4}", self.max_abs_logit_diff),
+            ),
+            (
+                "samples/s at batch",
+                format!(
+                    "{:.0} ({})",
+                    self.fp32_samples_per_sec, self.throughput_batch_size
+                ),
+                format!(
+                    "{:.0} ({:.2}x)",
+                    self.quantized_samples_per_sec,
+                    self.quantized_samples_per_sec / self.fp32_samples_per_sec
+                ),
+            ),
+            (
+                "latency at batch 1 (ms)",
+                format!("{:.3}", self.fp32_latency_ms),
+                format!("{:.3}", self.quantized_latency_ms),
+            ),
+        ];
+        let mut table = format!("{:<24} {:>18} {:>24}\n", "", "fp32", self.scheme);
+        for (name, float, quantized) in rows {
+            table.push_str(&format!("{name:<24} {float:>18} {quantized:>24}\n"));
+        }
+        table.push_str(&format!(
+            "wrote {} ({} test samples compared)",
+            self.output.display(),
+            self.test_samples
+        ));
+        table
     }
 }

@@ -31,6 +31,7 @@ fn fit(execution: &Execution, epochs: usize) -> (Vec<f32>, Vec<f64>) {
     let labels = RunLabels {
         recipe: "dp-test".into(),
         model: "simple-cnn".into(),
+        quantization: None,
     };
     let trainer = Trainer::new(config, run.path(), labels)
         .unwrap()

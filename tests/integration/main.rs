@@ -7,6 +7,8 @@
 //! - `data_parallel`: training on N ranks equals one device, through the trainer and the CLI;
 //! - `launch`: `kiln launch` and multi-process training over MPI (feature `mpi`);
 //! - `pipeline`: training through 2 or 3 pipeline stages equals one device, for every schedule;
+//! - `quantize`: int8/int4 files against PyTorch's quantizers, `kiln quantize` reports,
+//!   quantization-aware training;
 //! - `resnet`: torchvision ResNet-18 weights from PyTorch give PyTorch's logits.
 
 mod cli;
@@ -15,5 +17,6 @@ mod data_parallel;
 mod launch;
 mod parity;
 mod pipeline;
+mod quantize;
 mod resnet;
 mod training;

@@ -66,6 +66,7 @@ fn three_sgd_momentum_steps_match_pytorch() {
     let labels = RunLabels {
         recipe: "parity".into(),
         model: "simple-cnn".into(),
+        quantization: None,
     };
     let trainer = Trainer::new(config, run.path(), labels)
         .unwrap()

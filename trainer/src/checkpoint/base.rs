@@ -55,6 +55,10 @@ pub struct TrainerState {
     pub recipe: String,
     /// The model architecture (`simple-cnn`), so that `eval` can rebuild it.
     pub model: String,
+    /// The fake quantization the model trained under (quantization-aware training), so that
+    /// `eval` and `quantize` apply it again; absent for float training.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<String>,
     /// Epochs completed.
     pub epoch: usize,
     /// Optimizer steps completed.

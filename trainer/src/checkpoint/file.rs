@@ -170,6 +170,7 @@ mod tests {
             state: TrainerState {
                 recipe: "r".into(),
                 model: "m".into(),
+                quantization: None,
                 epoch: 2,
                 step: 10,
                 config: TrainerConfig::default(),

@@ -32,6 +32,9 @@ pub struct RunLabels {
     pub recipe: String,
     /// Model architecture, e.g. `simple-cnn`.
     pub model: String,
+    /// Quantization the model trains under (quantization-aware training), in the recipe's
+    /// spelling (`int8:tensor`); `None` for float training. A run resumes only with the same.
+    pub quantization: Option<String>,
 }
 
 /// The data of a run.
@@ -444,6 +447,7 @@ impl Trainer {
                     state: TrainerState {
                         recipe: self.labels.recipe.clone(),
                         model: self.labels.model.clone(),
+                        quantization: self.labels.quantization.clone(),
                         epoch: epoch + 1,
                         step,
                         config: config.clone(),
@@ -478,6 +482,21 @@ impl Trainer {
         }
         if state.model != self.labels.model {
             return mismatch("model", &state.model, &self.labels.model);
+        }
+        if state.quantization != self.labels.quantization {
+            let name = |q: &Option<String>| {
+                q.as_ref().map_or("float training".to_string(), |q| {
+                    format!("quantization-aware training ({q})")
+                })
+            };
+            return Err(TrainError::checkpoint(
+                path,
+                format!(
+                    "it comes from {}, not {}",
+                    name(&state.quantization),
+                    name(&self.labels.quantization)
+                ),
+            ));
         }
         let comparable = TrainerConfig {
             epochs: self.config.epochs,
