@@ -85,6 +85,7 @@ fn train_rate(
         recipe: "bench".into(),
         model: "simple-cnn".into(),
         quantization: None,
+        options: Default::default(),
     };
     let trainer = Trainer::new(config, dir.path(), labels)?.with_verbosity(Verbosity::Quiet);
     let device = Device::flex().autodiff();

@@ -43,6 +43,7 @@ fn main() -> anyhow::Result<()> {
             recipe: "bench".into(),
             model: "simple-cnn".into(),
             quantization: None,
+            options: Default::default(),
         };
         let trainer = Trainer::new(config, dir.path(), labels)?.with_verbosity(Verbosity::Quiet);
         let model = SimpleCnnConfig::new().init(&device, rep as u64);

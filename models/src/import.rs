@@ -52,6 +52,11 @@ pub struct ImportReport {
     pub format: WeightFormat,
     /// Names of the tensors that were loaded into the model.
     pub applied: Vec<String>,
+    /// With [`LoadOptions::allow_partial`]: model tensors the file lacked (left as
+    /// initialised).
+    pub missing: Vec<String>,
+    /// With [`LoadOptions::allow_partial`]: file tensors the model has no place for.
+    pub unused: Vec<String>,
 }
 
 /// torchvision's shortcut convolution, `downsample.0`, is kiln's `downsample.conv`.
@@ -62,6 +67,20 @@ const DOWNSAMPLE_NORM: (&str, &str) = (r"\.downsample\.1\.", ".downsample.bn.");
 /// running averages, which torchvision does not use).
 const BATCHES_TRACKED: &str = "num_batches_tracked";
 
+/// How [`load_weights_with`] treats tensors that do not match.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Leave the classifier head (`fc.*`, torchvision's name) as initialised and ignore the
+    /// file's: fine-tuning with a new head for another number of classes.
+    pub new_head: bool,
+    /// Tolerate missing and unused tensors (they are listed in the report instead); shape
+    /// mismatches stay errors.
+    pub allow_partial: bool,
+}
+
+/// The classifier head torchvision's ResNets call `fc`.
+const HEAD_PREFIX: &str = "fc.";
+
 /// Loads the weights in `path` into `model`, strictly.
 ///
 /// # Errors
@@ -70,6 +89,18 @@ const BATCHES_TRACKED: &str = "num_batches_tracked";
 /// a tensor is missing, unused or of the wrong shape; the model is then left unusable and
 /// should be dropped.
 pub fn load_weights<M: Module>(model: &mut M, path: &Path) -> Result<ImportReport> {
+    load_weights_with(model, path, LoadOptions::default())
+}
+
+/// [`load_weights`] with a new head or partial loading allowed.
+///
+/// # Errors
+/// As [`load_weights`]; with `allow_partial`, only unreadable files and shape mismatches.
+pub fn load_weights_with<M: Module>(
+    model: &mut M,
+    path: &Path,
+    options: LoadOptions,
+) -> Result<ImportReport> {
     let format = WeightFormat::from_path(path)?;
     if !path.is_file() {
         return Err(ImportError::Unreadable {
@@ -81,6 +112,7 @@ pub fn load_weights<M: Module>(model: &mut M, path: &Path) -> Result<ImportRepor
         path: path.to_path_buf(),
         reason,
     };
+    let not_head: fn(&str, &str) -> bool = |path, _| !path.starts_with(HEAD_PREFIX);
     let result = match format {
         WeightFormat::Pytorch => {
             let mut store = PytorchStore::from_file(path)
@@ -90,14 +122,42 @@ pub fn load_weights<M: Module>(model: &mut M, path: &Path) -> Result<ImportRepor
                 // Mismatches are collected and reported below, one message for every format.
                 .validate(false)
                 .allow_partial(true);
+            if options.new_head {
+                store = store.with_predicate(not_head);
+            }
             model
                 .load_from(&mut store)
                 .map_err(|e| unreadable(e.to_string()))?
         }
         WeightFormat::Safetensors => {
-            load_safetensors_store(model, SafetensorsStore::from_file(path)).map_err(unreadable)?
+            let mut store = SafetensorsStore::from_file(path);
+            if options.new_head {
+                store = store.with_predicate(not_head);
+            }
+            load_safetensors_store(model, store).map_err(unreadable)?
         }
     };
+    let mut result = result;
+    if options.new_head {
+        result
+            .missing
+            .retain(|(name, _)| !name.starts_with(HEAD_PREFIX));
+        result.unused.retain(|name| !name.starts_with(HEAD_PREFIX));
+    }
+    if options.allow_partial {
+        let mut report = check_complete(
+            ApplyResult {
+                missing: Vec::new(),
+                unused: Vec::new(),
+                ..result.clone()
+            },
+            format,
+            path,
+        )?;
+        report.missing = result.missing.into_iter().map(|(name, _)| name).collect();
+        report.unused = result.unused;
+        return Ok(report);
+    }
     check_complete(result, format, path)
 }
 
@@ -174,6 +234,8 @@ fn check_complete(result: ApplyResult, format: WeightFormat, path: &Path) -> Res
         Ok(ImportReport {
             format,
             applied: result.applied,
+            missing: Vec::new(),
+            unused: Vec::new(),
         })
     } else {
         Err(ImportError::Mismatch {

@@ -19,7 +19,7 @@ pub mod resnet;
 mod simple_cnn;
 
 pub use error::{ImportError, Result};
-pub use import::{ImportReport, WeightFormat, load_weights};
+pub use import::{ImportReport, LoadOptions, WeightFormat, load_weights, load_weights_with};
 pub use resnet::{ResNet, ResNetBack, ResNetDepth, ResNetFront};
 pub use simple_cnn::{
     SimpleCnn, SimpleCnnBack, SimpleCnnClassifier, SimpleCnnConfig, SimpleCnnConvBlock,

@@ -15,6 +15,7 @@ use kiln_trainer::report::Verbosity;
 
 use crate::cnn_mnist::{CnnMnistConfig, PipelineOptions, RunTarget, TrainerOverrides};
 use crate::error::Result;
+use crate::finetune::FinetuneConfig;
 use crate::inference::{ModelKind, ModelSource};
 use crate::mnist_data::MnistSource;
 use crate::quantize::QuantizeConfig;
@@ -308,5 +309,120 @@ impl QuantizeArgs {
         config.out = self.out.clone();
         config.throughput_batches = self.timing_batches;
         Some(config)
+    }
+}
+
+/// The demo image folder shipped with kiln (data/digits: MNIST digits as PNGs).
+pub fn demo_image_folder() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/digits")
+}
+
+/// ResNet depths on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ResNetArg {
+    /// torchvision's resnet18.
+    Resnet18,
+    /// torchvision's resnet34.
+    Resnet34,
+    /// torchvision's resnet50.
+    Resnet50,
+}
+
+/// Flags of `kiln finetune`.
+#[derive(Debug, Clone, Args)]
+pub struct FinetuneArgs {
+    /// Architecture.
+    #[arg(long, value_enum, default_value_t = ResNetArg::Resnet18)]
+    pub model: ResNetArg,
+    /// Pretrained weights: a torchvision state_dict (.pth/.pt or .safetensors), e.g.
+    /// resnet18-f37072fd.pth. Its fc layer is replaced by a new head for the data's classes.
+    /// Without it the network starts from a fresh initialisation.
+    #[arg(long, value_name = "FILE")]
+    pub weights: Option<PathBuf>,
+    /// Accept weights with missing or extra tensors (listed in --json); shapes must still fit.
+    #[arg(long, requires = "weights")]
+    pub allow_partial: bool,
+    /// Image folder: DIR/train/CLASS/*.png|jpg and DIR/val/CLASS/*.png|jpg, one
+    /// sub-directory per class [default: the demo set data/digits shipped with kiln].
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Number of classes expected; an error if the data has another number.
+    #[arg(long, value_name = "N")]
+    pub num_classes: Option<usize>,
+    /// Train the new head only: the backbone gets no gradients and no optimizer state, and
+    /// its BatchNorm layers keep their running statistics.
+    #[arg(long)]
+    pub freeze_backbone: bool,
+    /// Side of the square images the network sees: training takes random resized crops,
+    /// validation resizes to SIZE*256/224 and takes the centre crop (torchvision's recipe).
+    #[arg(long, value_name = "SIZE", default_value_t = 224)]
+    pub image_size: usize,
+    /// Train on centre crops, without random crops and flips.
+    #[arg(long)]
+    pub no_augment: bool,
+    /// Total epochs [default: 3]. With --resume, training continues up to this epoch.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Samples per SGD step [default: 32].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// SGD learning rate (momentum 0.9) [default: 0.01].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Seed of the new head, the shuffles and the augmentation [default: 42].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Output directory [default: runs/finetune, or runs/finetune-N if that holds a run].
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Continue a run from a checkpoint file or run directory (with no value: --out's).
+    #[arg(long, value_name = "PATH", num_args = 0..=1)]
+    pub resume: Option<Option<PathBuf>>,
+    /// Data-parallel ranks (threads, each with a replica, averaging gradients).
+    #[arg(long, value_name = "N", default_value_t = NonZeroUsize::MIN)]
+    pub ranks: NonZeroUsize,
+    /// Seconds a rank waits for the others before the run fails.
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub collective_timeout: u64,
+}
+
+impl FinetuneArgs {
+    /// The recipe configuration these flags describe.
+    ///
+    /// # Errors
+    /// Fails when the default run directory cannot be inspected.
+    pub fn to_config(&self, verbosity: Verbosity) -> Result<FinetuneConfig> {
+        let name = crate::finetune::RECIPE;
+        let target = match (&self.resume, &self.out) {
+            (Some(Some(path)), _) => RunTarget::Resume(path.clone()),
+            (Some(None), Some(out)) => RunTarget::Resume(out.clone()),
+            (Some(None), None) => RunTarget::Resume(Path::new(RUNS_DIR).join(name)),
+            (None, Some(out)) => RunTarget::Fresh(out.clone()),
+            (None, None) => RunTarget::Fresh(fresh_run_dir(name)?),
+        };
+        Ok(FinetuneConfig {
+            depth: match self.model {
+                ResNetArg::Resnet18 => ResNetDepth::R18,
+                ResNetArg::Resnet34 => ResNetDepth::R34,
+                ResNetArg::Resnet50 => ResNetDepth::R50,
+            },
+            weights: self.weights.clone(),
+            allow_partial: self.allow_partial,
+            data: self.data.clone().unwrap_or_else(demo_image_folder),
+            num_classes: self.num_classes,
+            freeze_backbone: self.freeze_backbone,
+            image_size: self.image_size,
+            augment: !self.no_augment,
+            overrides: TrainerOverrides {
+                epochs: self.epochs,
+                batch_size: self.batch_size,
+                lr: self.lr,
+                seed: self.seed,
+            },
+            target,
+            verbosity,
+            ranks: WorldSize::new(self.ranks.get()).map_err(kiln_trainer::TrainError::from)?,
+            collective_timeout: Duration::from_secs(self.collective_timeout),
+        })
     }
 }

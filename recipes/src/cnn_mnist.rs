@@ -187,6 +187,7 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
         recipe: RECIPE.into(),
         model: MODEL.into(),
         quantization: qat.map(|scheme| scheme.to_string()),
+        options: Default::default(),
     };
     let trainer = Trainer::new(trainer_config, &run_dir, labels)?.with_verbosity(config.verbosity);
 
@@ -385,7 +386,7 @@ pub(crate) fn check_image_shape(data: &dyn ImageDataset) -> Result<()> {
 }
 
 /// The run directory a checkpoint file belongs to (`RUN/checkpoints/epoch-N.ckpt` -> `RUN`).
-fn run_dir_of(checkpoint: &Path) -> PathBuf {
+pub(crate) fn run_dir_of(checkpoint: &Path) -> PathBuf {
     let parent = checkpoint.parent().unwrap_or(Path::new("."));
     if parent
         .file_name()

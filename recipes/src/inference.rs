@@ -13,6 +13,7 @@ use kiln_trainer::{TrainError, evaluate};
 
 use crate::cnn_mnist::{MODEL, check_image_shape, checkpoint_quantization};
 use crate::error::{RecipeError, Result};
+use crate::finetune::{FinetuneOptions, open_data};
 use crate::mnist_data::MnistSource;
 use crate::report::{EvalReport, PredictReport};
 
@@ -128,6 +129,8 @@ pub(crate) struct Loaded {
     pub(crate) source: PathBuf,
     pub(crate) trained: Option<(f64, usize)>,
     pub(crate) quantization: Quantization,
+    /// A fine-tuned ResNet's classes, image size and data.
+    pub(crate) finetune: Option<FinetuneOptions>,
 }
 
 impl Loaded {
@@ -166,6 +169,7 @@ fn load_quantized_simple_cnn(path: &Path, device: &Device) -> Result<Loaded> {
         source: path.to_path_buf(),
         trained: None,
         quantization: Quantization::Quantized(info.scheme),
+        finetune: None,
     })
 }
 
@@ -193,6 +197,7 @@ pub(crate) fn load(source: &ModelSource, device: &Device) -> Result<Loaded> {
                 source: path.clone(),
                 trained: None,
                 quantization: Quantization::Float,
+                finetune: None,
             })
         }
         ModelSource::Checkpoint(path) => {
@@ -201,6 +206,22 @@ pub(crate) fn load(source: &ModelSource, device: &Device) -> Result<Loaded> {
                 return load_quantized_simple_cnn(&file, device);
             }
             let checkpoint = read_checkpoint(&file)?;
+            if let Some(depth) = ResNet::depth_from_name(&checkpoint.state.model) {
+                let options = FinetuneOptions::from_map(&checkpoint.state.options, &file)?;
+                let model = checkpoint
+                    .load_model(ResNet::new(depth, options.classes.len(), device), &file)?;
+                return Ok(Loaded {
+                    model: Net::ResNet(model),
+                    name: depth.name(),
+                    source: file,
+                    trained: Some((
+                        EpochMetrics::throughput(&checkpoint.state.history),
+                        checkpoint.state.epoch,
+                    )),
+                    quantization: Quantization::Float,
+                    finetune: Some(options),
+                });
+            }
             if checkpoint.state.model != MODEL {
                 return Err(RecipeError::UnknownModel {
                     path: file,
@@ -219,34 +240,59 @@ pub(crate) fn load(source: &ModelSource, device: &Device) -> Result<Loaded> {
                 source: file,
                 trained: Some((throughput, checkpoint.state.epoch)),
                 quantization,
+                finetune: None,
             })
         }
     }
 }
 
-/// Evaluates a model on the test split of `data`.
+/// Evaluates a model: SimpleCNN on the MNIST test split of `data` (a directory of IDX files,
+/// or the embedded subset), a fine-tuned ResNet on the `val/` folder of `data` (or of the
+/// folder it was trained on).
 ///
 /// # Errors
 /// Checkpoint, weight-import and data errors, each naming the bad file.
-pub fn eval(source: &ModelSource, data: &MnistSource, batch_size: usize) -> Result<EvalReport> {
+pub fn eval(source: &ModelSource, data: Option<&Path>, batch_size: usize) -> Result<EvalReport> {
     let batch_size = NonZeroUsize::new(batch_size).ok_or(TrainError::Config {
         field: "--batch-size",
         reason: "must be at least 1".into(),
     })?;
     let device = Device::flex();
     let loaded = load(source, &device)?;
-    let Net::SimpleCnn(model) = &loaded.inference_model() else {
-        return Err(RecipeError::Options {
-            flag: "--model",
-            reason: format!(
-                "kiln eval reads MNIST, which {} cannot take; run it on your images with kiln predict",
-                loaded.name
-            ),
-        });
+    let model = loaded.inference_model();
+    let metrics = match (&model, &loaded.finetune) {
+        (Net::SimpleCnn(model), _) => {
+            let test = MnistSource::from_option(data).load(MnistSplit::Test)?;
+            check_image_shape(&test)?;
+            evaluate(model, SimpleCnn::forward, &test, batch_size, &device)
+        }
+        (Net::ResNet(model), Some(options)) => {
+            let root = data.unwrap_or(&options.data);
+            let (_, val) = open_data(root, options.image_size, None)?;
+            if val.classes() != options.classes.as_slice() {
+                return Err(RecipeError::Options {
+                    flag: "--data",
+                    reason: format!(
+                        "{} has classes {:?}, the model was trained on {:?}",
+                        root.display(),
+                        val.classes(),
+                        options.classes
+                    ),
+                });
+            }
+            evaluate(model, ResNet::forward, &val, batch_size, &device)
+        }
+        (Net::ResNet(_), None) => {
+            return Err(RecipeError::Options {
+                flag: "--model",
+                reason: format!(
+                    "kiln eval reads MNIST, which {} cannot take; evaluate a fine-tuned \
+                     checkpoint (kiln finetune), or run the weights on your images with kiln predict",
+                    loaded.name
+                ),
+            });
+        }
     };
-    let test = data.load(MnistSplit::Test)?;
-    check_image_shape(&test)?;
-    let metrics = evaluate(model, SimpleCnn::forward, &test, batch_size, &device);
     Ok(EvalReport {
         model: loaded.name.into(),
         source: loaded.source,

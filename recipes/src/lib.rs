@@ -2,6 +2,7 @@
 //!
 //! - [`cnn_mnist`]: SimpleCNN on MNIST with SGD (lr 0.01, momentum 0.9, batch 64), 5 epochs on
 //!   the embedded subset by default;
+//! - [`finetune`]: a torchvision ResNet fine-tuned on an image folder, head replaced;
 //! - [`inference`]: evaluation and prediction from a checkpoint or from PyTorch weights;
 //! - [`quantize`]: post-training int8/int4 quantization of a checkpoint and its report;
 //! - [`distributed`]: running a recipe as one rank of a job started by `kiln launch`, `mpirun`
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod cnn_mnist;
 pub mod distributed;
 mod error;
+pub mod finetune;
 pub mod inference;
 pub mod mnist_data;
 pub mod quantize;

@@ -291,3 +291,77 @@ impl Report for QuantizeReport {
         table
     }
 }
+
+/// Result of `kiln finetune`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FinetuneReport {
+    /// Recipe name.
+    pub recipe: String,
+    /// Architecture (`resnet18`, ...).
+    pub model: String,
+    /// Output directory of the run.
+    pub run_dir: PathBuf,
+    /// Latest checkpoint written (or resumed from).
+    pub checkpoint: Option<PathBuf>,
+    /// The fine-tuned weights, SafeTensors with torchvision's names.
+    pub weights: PathBuf,
+    /// Class names in label order.
+    pub classes: Vec<String>,
+    /// Side of the square input images.
+    pub image_size: usize,
+    /// Whether only the head trained.
+    pub freeze_backbone: bool,
+    /// Parameters that received gradients.
+    pub trainable_parameters: usize,
+    /// With --allow-partial: model tensors the weight file lacked.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub missing_from_weights: Vec<String>,
+    /// With --allow-partial: weight-file tensors the model has no place for.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unused_in_weights: Vec<String>,
+    /// Validation accuracy before training (fresh runs only; the new head is random).
+    pub initial_accuracy: Option<f64>,
+    /// Epochs completed.
+    pub epochs: usize,
+    /// Validation accuracy after the last epoch.
+    pub test_accuracy: f64,
+    /// Validation loss after the last epoch.
+    pub test_loss: f64,
+    /// Mean training loss of the last epoch.
+    pub train_loss: f64,
+    /// Training samples per second, evaluation excluded.
+    pub samples_per_sec: f64,
+    /// Mean training seconds per epoch of this invocation.
+    pub seconds_per_epoch: f64,
+    /// Data-parallel ranks.
+    pub ranks: usize,
+    /// Epochs already done when this run started (resume).
+    pub resumed_from_epoch: usize,
+    /// Metrics of every epoch.
+    pub history: Vec<EpochMetrics>,
+}
+
+impl Report for FinetuneReport {
+    fn summary(&self) -> String {
+        format!(
+            "{} on {} classes: validation accuracy {}{:.2}% after {} epoch{} ({:.1} s per epoch, {}); weights in {}",
+            self.model,
+            self.classes.len(),
+            self.initial_accuracy
+                .map_or(String::new(), |a| format!("{:.2}% -> ", 100.0 * a)),
+            100.0 * self.test_accuracy,
+            self.epochs,
+            if self.epochs == 1 { "" } else { "s" },
+            self.seconds_per_epoch,
+            if self.freeze_backbone {
+                format!(
+                    "head only, {} trainable parameters",
+                    self.trainable_parameters
+                )
+            } else {
+                format!("{} trainable parameters", self.trainable_parameters)
+            },
+            self.weights.display()
+        )
+    }
+}

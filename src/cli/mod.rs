@@ -10,9 +10,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use kiln_multi::Rank;
-use kiln_recipes::cli::{CnnMnistArgs, ModelSourceArgs, QuantizeArgs};
+use kiln_recipes::cli::{CnnMnistArgs, FinetuneArgs, ModelSourceArgs, QuantizeArgs};
 use kiln_recipes::distributed::run_as_launched;
-use kiln_recipes::mnist_data::MnistSource;
 use kiln_recipes::report::Report;
 use kiln_trainer::report::Verbosity;
 
@@ -45,7 +44,18 @@ enum Command {
     /// Train a recipe; progress on stderr, checkpoints and metrics.jsonl in the output directory.
     #[command(subcommand)]
     Train(TrainRecipe),
-    /// Evaluate a checkpoint or PyTorch weights on the MNIST test split: loss and accuracy.
+    /// Fine-tune a torchvision ResNet on an image folder: the head replaced for its classes,
+    /// optionally from PyTorch weights and with the backbone frozen; checkpoints, metrics and
+    /// the fine-tuned weights (SafeTensors, torchvision's names) in the run directory.
+    ///
+    /// Examples:
+    ///   kiln finetune --image-size 32 --epochs 3          # the shipped digits demo, from scratch
+    ///   kiln finetune --weights resnet18-f37072fd.pth --data my_images --freeze-backbone
+    ///   kiln eval --checkpoint runs/finetune
+    #[command(verbatim_doc_comment)]
+    Finetune(FinetuneArgs),
+    /// Evaluate a checkpoint or PyTorch weights: loss and accuracy on the MNIST test split, or
+    /// on the val/ folder of a fine-tuned ResNet's data.
     Eval(EvalArgs),
     /// Run a float32 NCHW .npy batch through a model (eval mode, no preprocessing) and write the
     /// logits as .npy.
@@ -78,7 +88,8 @@ enum TrainRecipe {
 struct EvalArgs {
     #[command(flatten)]
     source: ModelSourceArgs,
-    /// Directory of MNIST IDX files [default: the embedded subset].
+    /// Directory of MNIST IDX files [default: the embedded subset]; for a fine-tuned ResNet,
+    /// the image folder whose val/ is evaluated [default: the one it was trained on].
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
     /// Samples per forward pass.
@@ -125,10 +136,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Launch(args) => return launch::run(&args),
         Command::Collectives(args) => collectives::run(&args, cli.json)?,
         Command::Eval(args) => {
-            let data = MnistSource::from_option(args.data.as_deref());
-            let report =
-                kiln_recipes::inference::eval(&model_source(&args.source)?, &data, args.batch_size)
-                    .context("evaluation failed")?;
+            let report = kiln_recipes::inference::eval(
+                &model_source(&args.source)?,
+                args.data.as_deref(),
+                args.batch_size,
+            )
+            .context("evaluation failed")?;
+            println!("{}", report.stdout_line(cli.json)?);
+        }
+        Command::Finetune(args) => {
+            let config = args.to_config(verbosity)?;
+            let report = kiln_recipes::finetune::run(&config).context("fine-tuning failed")?;
             println!("{}", report.stdout_line(cli.json)?);
         }
         Command::Quantize(args) => {

@@ -32,6 +32,7 @@ fn fit(execution: &Execution, epochs: usize) -> (Vec<f32>, Vec<f64>) {
         recipe: "dp-test".into(),
         model: "simple-cnn".into(),
         quantization: None,
+        options: Default::default(),
     };
     let trainer = Trainer::new(config, run.path(), labels)
         .unwrap()

@@ -5,6 +5,8 @@
 //! - `cli`: bad input gives a clear error and a non-zero exit, never a panic;
 //! - `training`: the cnn-mnist recipe learns, and `--resume` reproduces an uninterrupted run;
 //! - `data_parallel`: training on N ranks equals one device, through the trainer and the CLI;
+//! - `finetune`: ResNet-18 fine-tuned on the shipped image folder from PyTorch weights,
+//!   frozen or not, resumed exactly; bad input fails cleanly;
 //! - `launch`: `kiln launch` and multi-process training over MPI (feature `mpi`);
 //! - `pipeline`: training through 2 or 3 pipeline stages equals one device, for every schedule;
 //! - `quantize`: int8/int4 files against PyTorch's quantizers, `kiln quantize` reports,
@@ -14,6 +16,7 @@
 mod cli;
 mod common;
 mod data_parallel;
+mod finetune;
 mod launch;
 mod parity;
 mod pipeline;

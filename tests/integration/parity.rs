@@ -67,6 +67,7 @@ fn three_sgd_momentum_steps_match_pytorch() {
         recipe: "parity".into(),
         model: "simple-cnn".into(),
         quantization: None,
+        options: Default::default(),
     };
     let trainer = Trainer::new(config, run.path(), labels)
         .unwrap()

@@ -92,7 +92,10 @@ fn is_quantizable(name: &str, shape: &[usize]) -> bool {
 /// # Errors
 /// [`ImportError::Export`] when Burn cannot collect or serialize a tensor.
 pub fn float_safetensors<M: Module>(model: &M, model_name: &str) -> Result<Vec<u8>> {
-    let mut store = SafetensorsStore::from_bytes(None).with_to_adapter(BurnToPyTorchAdapter);
+    // Enum variant names (ResNet's `ResidualBlock::Basic`) are not part of torchvision's paths.
+    let mut store = SafetensorsStore::from_bytes(None)
+        .with_to_adapter(BurnToPyTorchAdapter)
+        .skip_enum_variants(true);
     model
         .save_into(&mut store)
         .map_err(|e| ImportError::Export(e.to_string()))?;

@@ -12,6 +12,8 @@ use burn::tensor::{Device, Tensor};
 pub use block::{BasicBlock, Bottleneck, Downsample, ResidualBlock};
 use block::{conv, norm};
 
+use crate::init::UniformInit;
+
 /// Which ResNet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ResNetDepth {
@@ -112,6 +114,45 @@ impl ResNet {
                 .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
                 .init(),
             avgpool: AdaptiveAvgPool2dConfig::new([1, 1]).init(),
+        }
+    }
+
+    /// The depth a name like `resnet18` stands for.
+    pub fn depth_from_name(name: &str) -> Option<ResNetDepth> {
+        [ResNetDepth::R18, ResNetDepth::R34, ResNetDepth::R50]
+            .into_iter()
+            .find(|d| d.name() == name)
+    }
+
+    /// Replaces the classifier head `fc` with a new one for `num_classes` outputs, initialised
+    /// as PyTorch's `nn.Linear` (`U(-1/sqrt(in), 1/sqrt(in))`) from `seed`: torchvision
+    /// fine-tuning's `model.fc = nn.Linear(model.fc.in_features, num_classes)`.
+    pub fn with_new_head(mut self, num_classes: usize, seed: u64) -> Self {
+        let device = self.fc.weight.val().device();
+        let [features, _] = self.fc.weight.val().dims();
+        let mut init = UniformInit::new(seed);
+        let mut fc = LinearConfig::new(features, num_classes).init(&device);
+        fc.weight = init.param([features, num_classes], features, &device);
+        fc.bias = Some(init.param([num_classes], features, &device));
+        self.fc = fc;
+        self
+    }
+
+    /// Freezes everything but the head `fc`: no gradients (so no optimizer state) for the
+    /// backbone's parameters, and its BatchNorm layers normalise with their running statistics
+    /// and stop updating them.
+    pub fn freeze_backbone(self) -> Self {
+        let freeze = |blocks: Vec<ResidualBlock>| -> Vec<ResidualBlock> {
+            blocks.into_iter().map(Module::freeze).collect()
+        };
+        Self {
+            conv1: self.conv1.freeze(),
+            bn1: self.bn1.freeze(),
+            layer1: freeze(self.layer1),
+            layer2: freeze(self.layer2),
+            layer3: freeze(self.layer3),
+            layer4: freeze(self.layer4),
+            ..self
         }
     }
 

@@ -1,3 +1,4 @@
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::module::Module;
@@ -59,6 +60,10 @@ pub struct TrainerState {
     /// `eval` and `quantize` apply it again; absent for float training.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization: Option<String>,
+    /// Recipe settings needed to rebuild the model and read its data (e.g. a fine-tuned
+    /// ResNet's `num_classes`, `classes`, `image_size`); empty for cnn-mnist.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub options: BTreeMap<String, serde_json::Value>,
     /// Epochs completed.
     pub epoch: usize,
     /// Optimizer steps completed.

@@ -171,6 +171,7 @@ mod tests {
                 recipe: "r".into(),
                 model: "m".into(),
                 quantization: None,
+                options: Default::default(),
                 epoch: 2,
                 step: 10,
                 config: TrainerConfig::default(),

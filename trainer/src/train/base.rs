@@ -1,3 +1,4 @@
+use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -35,6 +36,9 @@ pub struct RunLabels {
     /// Quantization the model trains under (quantization-aware training), in the recipe's
     /// spelling (`int8:tensor`); `None` for float training. A run resumes only with the same.
     pub quantization: Option<String>,
+    /// Recipe settings that rebuild the model and its data (a fine-tuned ResNet's classes and
+    /// image size); compared on resume.
+    pub options: BTreeMap<String, serde_json::Value>,
 }
 
 /// The data of a run.
@@ -360,6 +364,7 @@ impl Trainer {
                 batch_size: local_batch,
                 lr: config.lr,
                 device,
+                epoch,
             };
             // Pipeline runs: sum and count of the steps' measured bubble fractions.
             let mut bubbles = (0.0f64, 0usize);
@@ -448,6 +453,7 @@ impl Trainer {
                         recipe: self.labels.recipe.clone(),
                         model: self.labels.model.clone(),
                         quantization: self.labels.quantization.clone(),
+                        options: self.labels.options.clone(),
                         epoch: epoch + 1,
                         step,
                         config: config.clone(),
@@ -495,6 +501,16 @@ impl Trainer {
                     "it comes from {}, not {}",
                     name(&state.quantization),
                     name(&self.labels.quantization)
+                ),
+            ));
+        }
+        if state.options != self.labels.options {
+            return Err(TrainError::checkpoint(
+                path,
+                format!(
+                    "it was trained with {}; resuming needs the same, got {}",
+                    serde_json::to_string(&state.options).unwrap_or_default(),
+                    serde_json::to_string(&self.labels.options).unwrap_or_default()
                 ),
             ));
         }

@@ -7,7 +7,7 @@ use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::Device;
 use kiln_multi::{DistributedDataParallel, ZeroOptimizer};
 
-use crate::data::{ImageBatch, ImageDataset, make_batch};
+use crate::data::{ImageBatch, ImageDataset, make_training_batch};
 use crate::error::Result;
 use crate::report::Progress;
 
@@ -29,6 +29,8 @@ pub(crate) struct EpochInputs<'a> {
     pub(crate) batch_size: usize,
     pub(crate) lr: f64,
     pub(crate) device: &'a Device,
+    /// The epoch (from 0), which seeds the data set's augmentation.
+    pub(crate) epoch: usize,
 }
 
 /// How a step's loss and gradients are computed: on one device, or through a pipeline.
@@ -84,7 +86,7 @@ pub(crate) fn train_epoch<M: Module>(
     let start = Instant::now();
     let (mut loss_sum, mut steps, mut samples) = (0.0f64, 0u64, 0usize);
     for chunk in inputs.order.chunks(inputs.batch_size) {
-        let batch = make_batch(inputs.data, chunk, inputs.device);
+        let batch = make_training_batch(inputs.data, chunk, inputs.epoch, inputs.device);
         let (loss_value, grads) = loss_and_grads(&model, batch)?;
         model = updater.step(inputs.lr, model, grads)?;
         loss_sum += loss_value;

@@ -1,0 +1,363 @@
+//! The finetune recipe: a torchvision ResNet (18/34/50) with its head replaced for the classes
+//! of an image folder, optionally from PyTorch weights and with the backbone frozen, trained
+//! with SGD momentum by the kiln trainer (checkpoints, resume, data parallelism), then saved
+//! as SafeTensors with torchvision's names.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use burn::module::Module;
+use burn::tensor::Device;
+use kiln_models::quant::file::float_safetensors;
+use kiln_models::{LoadOptions, ResNet, ResNetDepth, load_weights_with};
+use kiln_multi::{BucketConfig, CollectiveConfig, WorldSize};
+use kiln_trainer::checkpoint::{latest_checkpoint, read_checkpoint, resolve_checkpoint};
+use kiln_trainer::data::{Augment, ImageFolder};
+use kiln_trainer::report::Verbosity;
+use kiln_trainer::{
+    DataParallelConfig, Execution, RunLabels, TrainData, Trainer, TrainerConfig, evaluate,
+};
+use serde_json::Value;
+
+use crate::cnn_mnist::{RunTarget, TrainerOverrides, run_dir_of};
+use crate::error::{RecipeError, Result};
+use crate::report::FinetuneReport;
+
+/// Name of this recipe, recorded in checkpoints.
+pub const RECIPE: &str = "finetune";
+/// File name of the fine-tuned weights written into the run directory.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// Configuration of `kiln finetune`.
+#[derive(Debug, Clone)]
+pub struct FinetuneConfig {
+    /// Architecture.
+    pub depth: ResNetDepth,
+    /// Pretrained weights (torchvision `state_dict`, `.pth` or `.safetensors`); their `fc` is
+    /// replaced. `None` starts from kiln's initialisation.
+    pub weights: Option<PathBuf>,
+    /// Load weights that lack tensors or have extra ones (listed on stderr).
+    pub allow_partial: bool,
+    /// Data directory: `DIR/train/CLASS/*.png|jpg` and `DIR/val/CLASS/*.png|jpg`.
+    pub data: PathBuf,
+    /// Expected number of classes; the data decides when `None`.
+    pub num_classes: Option<usize>,
+    /// Train the head only.
+    pub freeze_backbone: bool,
+    /// Side of the square images the network sees.
+    pub image_size: usize,
+    /// Random resized crops and flips in training.
+    pub augment: bool,
+    /// Hyper-parameters given by the user.
+    pub overrides: TrainerOverrides,
+    /// Output directory, or the run to resume.
+    pub target: RunTarget,
+    /// What is printed on stderr.
+    pub verbosity: Verbosity,
+    /// Data-parallel ranks (threads).
+    pub ranks: WorldSize,
+    /// How long a rank waits for the others.
+    pub collective_timeout: Duration,
+}
+
+/// The recipe's defaults: 3 epochs, batch 32, lr 0.01, momentum 0.9.
+pub fn default_trainer_config() -> TrainerConfig {
+    TrainerConfig {
+        epochs: 3,
+        batch_size: 32,
+        eval_batch_size: 64,
+        ..TrainerConfig::default()
+    }
+}
+
+/// Settings recorded in the checkpoint that rebuild the model and its data.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct FinetuneOptions {
+    pub(crate) classes: Vec<String>,
+    pub(crate) image_size: usize,
+    pub(crate) freeze_backbone: bool,
+    pub(crate) augment: bool,
+    pub(crate) data: PathBuf,
+}
+
+impl FinetuneOptions {
+    fn to_map(&self) -> BTreeMap<String, Value> {
+        BTreeMap::from([
+            ("classes".to_string(), Value::from(self.classes.clone())),
+            ("image_size".to_string(), Value::from(self.image_size)),
+            (
+                "freeze_backbone".to_string(),
+                Value::from(self.freeze_backbone),
+            ),
+            ("augment".to_string(), Value::from(self.augment)),
+            (
+                "data".to_string(),
+                Value::from(self.data.to_string_lossy().into_owned()),
+            ),
+        ])
+    }
+
+    /// Reads the options back from a checkpoint; `file` names it in errors.
+    pub(crate) fn from_map(map: &BTreeMap<String, Value>, file: &Path) -> Result<Self> {
+        let bad = |what: &str| {
+            RecipeError::Train(kiln_trainer::TrainError::Checkpoint {
+                path: file.to_path_buf(),
+                reason: format!("its fine-tuning settings lack {what}"),
+            })
+        };
+        Ok(Self {
+            classes: map
+                .get("classes")
+                .and_then(Value::as_array)
+                .ok_or_else(|| bad("classes"))?
+                .iter()
+                .map(|c| c.as_str().map(str::to_string).ok_or_else(|| bad("classes")))
+                .collect::<Result<_>>()?,
+            image_size: map
+                .get("image_size")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| bad("image_size"))? as usize,
+            freeze_backbone: map
+                .get("freeze_backbone")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            augment: map.get("augment").and_then(Value::as_bool).unwrap_or(true),
+            data: map
+                .get("data")
+                .and_then(Value::as_str)
+                .map(PathBuf::from)
+                .ok_or_else(|| bad("data"))?,
+        })
+    }
+}
+
+/// `DIR/NAME` when it exists, with an error explaining the layout otherwise.
+fn split_dir(data: &Path, name: &str) -> Result<PathBuf> {
+    let dir = data.join(name);
+    if dir.is_dir() {
+        Ok(dir)
+    } else {
+        Err(RecipeError::Options {
+            flag: "--data",
+            reason: format!(
+                "{} has no {name}/ directory: expected DIR/train/CLASS/*.png and \
+                 DIR/val/CLASS/*.png (one sub-directory per class, as torchvision's ImageFolder)",
+                data.display()
+            ),
+        })
+    }
+}
+
+/// Opens `DIR/train` and `DIR/val` and checks that they have the same classes.
+pub(crate) fn open_data(
+    data: &Path,
+    image_size: usize,
+    augment: Option<u64>,
+) -> Result<(ImageFolder, ImageFolder)> {
+    let augment = augment.map_or(Augment::None, |seed| Augment::Standard { seed });
+    let train = ImageFolder::open(&split_dir(data, "train")?, image_size, augment)?;
+    let val = ImageFolder::open(&split_dir(data, "val")?, image_size, Augment::None)?;
+    if train.classes() != val.classes() {
+        return Err(RecipeError::Options {
+            flag: "--data",
+            reason: format!(
+                "train/ has classes {:?} but val/ has {:?}",
+                train.classes(),
+                val.classes()
+            ),
+        });
+    }
+    Ok((train, val))
+}
+
+/// Fine-tunes the ResNet, evaluating and checkpointing after every epoch.
+///
+/// # Errors
+/// Data errors naming the file or directory; [`RecipeError::Options`] for a class count that
+/// does not match the data or an image size the network cannot take; weight errors naming the
+/// missing, unused or mis-shaped tensors (the wrong model); checkpoint errors on `--resume`.
+pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
+    if config.image_size < 32 {
+        return Err(RecipeError::Options {
+            flag: "--image-size",
+            reason: format!(
+                "{} is too small: ResNets take at least 32x32",
+                config.image_size
+            ),
+        });
+    }
+    let (run_dir, resume) = match &config.target {
+        RunTarget::Fresh(dir) => {
+            if latest_checkpoint(dir)?.is_some() {
+                return Err(RecipeError::RunExists { path: dir.clone() });
+            }
+            (dir.clone(), None)
+        }
+        RunTarget::Resume(path) => {
+            let file = resolve_checkpoint(path)?;
+            let checkpoint = read_checkpoint(&file)?;
+            (run_dir_of(&file), Some((file, checkpoint)))
+        }
+    };
+    let base = resume
+        .as_ref()
+        .map_or_else(default_trainer_config, |(_, c)| c.state.config.clone());
+    let trainer_config = config.overrides.apply(base);
+    let seed = trainer_config.seed;
+    // A resumed run keeps its own settings.
+    let (depth, options) = match &resume {
+        Some((file, checkpoint)) => {
+            let depth = ResNet::depth_from_name(&checkpoint.state.model).ok_or_else(|| {
+                RecipeError::UnknownModel {
+                    path: file.clone(),
+                    model: checkpoint.state.model.clone(),
+                }
+            })?;
+            (
+                depth,
+                FinetuneOptions::from_map(&checkpoint.state.options, file)?,
+            )
+        }
+        None => (
+            config.depth,
+            FinetuneOptions {
+                classes: Vec::new(),
+                image_size: config.image_size,
+                freeze_backbone: config.freeze_backbone,
+                augment: config.augment,
+                data: config.data.clone(),
+            },
+        ),
+    };
+    let (train, val) = open_data(
+        &options.data,
+        options.image_size,
+        options.augment.then_some(seed),
+    )?;
+    let classes = train.classes().to_vec();
+    if let Some(n) = config.num_classes
+        && n != classes.len()
+    {
+        return Err(RecipeError::Options {
+            flag: "--num-classes",
+            reason: format!(
+                "the data has {} classes ({}), not {n}",
+                classes.len(),
+                classes.join(", ")
+            ),
+        });
+    }
+    if resume.is_some() && classes != options.classes {
+        return Err(RecipeError::Options {
+            flag: "--resume",
+            reason: format!(
+                "the run was trained on classes {:?}; {} now has {:?}",
+                options.classes,
+                options.data.display(),
+                classes
+            ),
+        });
+    }
+    let options = FinetuneOptions {
+        classes: classes.clone(),
+        ..options
+    };
+
+    let device = Device::flex().autodiff();
+    // Burn initialises the backbone from the device's generator: seeded, a run repeats.
+    device.seed(seed);
+    let mut model = ResNet::new(depth, 1000, &device).with_new_head(classes.len(), seed);
+    let mut partial = None;
+    if let (Some(weights), None) = (&config.weights, &resume) {
+        let report = load_weights_with(
+            &mut model,
+            weights,
+            LoadOptions {
+                new_head: true,
+                allow_partial: config.allow_partial,
+            },
+        )?;
+        partial = Some((report.missing, report.unused));
+    }
+    if options.freeze_backbone {
+        model = model.freeze_backbone();
+    }
+    let trainable = if options.freeze_backbone {
+        model.fc.num_params()
+    } else {
+        model.num_params()
+    };
+    let initial_accuracy = resume.is_none().then(|| {
+        let inner = Device::flex();
+        evaluate(
+            &model.valid(),
+            ResNet::forward,
+            &val,
+            NonZeroUsize::new(trainer_config.eval_batch_size).unwrap_or(NonZeroUsize::MIN),
+            &inner,
+        )
+        .accuracy
+    });
+
+    let labels = RunLabels {
+        recipe: RECIPE.into(),
+        model: depth.name().into(),
+        quantization: None,
+        options: options.to_map(),
+    };
+    let trainer = Trainer::new(trainer_config, &run_dir, labels)?.with_verbosity(config.verbosity);
+    let execution = if config.ranks == WorldSize::ONE {
+        Execution::Single(device)
+    } else {
+        Execution::DataParallel(DataParallelConfig {
+            devices: vec![device; config.ranks.get()],
+            collective: CollectiveConfig {
+                timeout: config.collective_timeout,
+            },
+            buckets: BucketConfig::default(),
+            zero: None,
+        })
+    };
+    let data = TrainData {
+        train: &train,
+        test: &val,
+    };
+    let (model, fit) = trainer.fit(model, ResNet::forward, data, resume, &execution)?;
+    let weights_out = run_dir.join(WEIGHTS_FILE);
+    let bytes = float_safetensors(&model.valid(), depth.name())?;
+    std::fs::write(&weights_out, bytes).map_err(|e| kiln_models::ImportError::Write {
+        path: weights_out.clone(),
+        reason: e.to_string(),
+    })?;
+    let last = fit.history.last();
+    let new_epochs = &fit.history[fit.resumed_from_epoch..];
+    Ok(FinetuneReport {
+        recipe: RECIPE.into(),
+        model: depth.name().into(),
+        run_dir,
+        checkpoint: fit.last_checkpoint.clone(),
+        weights: weights_out,
+        classes,
+        image_size: options.image_size,
+        freeze_backbone: options.freeze_backbone,
+        trainable_parameters: trainable,
+        missing_from_weights: partial.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
+        unused_in_weights: partial.map(|p| p.1).unwrap_or_default(),
+        initial_accuracy,
+        epochs: fit.history.len(),
+        test_accuracy: last.map_or(0.0, |m| m.test_accuracy),
+        test_loss: last.map_or(f64::NAN, |m| m.test_loss),
+        train_loss: last.map_or(f64::NAN, |m| m.train_loss),
+        samples_per_sec: fit.samples_per_sec(),
+        seconds_per_epoch: if new_epochs.is_empty() {
+            0.0
+        } else {
+            new_epochs.iter().map(|m| m.train_seconds).sum::<f64>() / new_epochs.len() as f64
+        },
+        ranks: config.ranks.get(),
+        resumed_from_epoch: fit.resumed_from_epoch,
+        history: fit.history,
+    })
+}

@@ -1,0 +1,185 @@
+//! `kiln finetune` on the shipped digits folder: a torchvision ResNet-18 from PyTorch weights
+//! with a new head, frozen or not; the checkpoint evaluates and resumes; bad input fails
+//! cleanly.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::Tensor;
+use kiln::models::{ResNet, ResNetDepth, load_weights};
+
+use crate::common::{assert_clean_failure, gunzip, kiln, kiln_ok, last_json, repo};
+
+/// The PyTorch-exported ResNet-18 fixture (non-trivial BatchNorm statistics), unpacked.
+fn pytorch_weights(dir: &Path) -> PathBuf {
+    let packed = std::fs::read(repo("tests/data/resnet18/resnet18.pth.gz")).unwrap();
+    let path = dir.join("resnet18.pth");
+    std::fs::write(&path, gunzip(&packed)).unwrap();
+    path
+}
+
+fn finetune(out: &Path, extra: &[&str]) -> serde_json::Value {
+    let base = [
+        "finetune",
+        "--image-size",
+        "32",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+        "-q",
+    ];
+    last_json(&kiln_ok(&[&base[..], extra].concat()))
+}
+
+/// Collects the values of every float tensor a module visits.
+struct Collect(Vec<f32>);
+
+impl ModuleVisitor for Collect {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.0.extend(param.val().into_data().iter::<f32>());
+    }
+}
+
+/// Every backbone value (convolutions, BatchNorm affine parameters), plus bn1's running
+/// statistics, which a frozen backbone must not update either.
+fn backbone_values(model: &ResNet) -> Vec<f32> {
+    let mut c = Collect(Vec::new());
+    model.conv1.visit(&mut c);
+    model.bn1.visit(&mut c);
+    for block in model
+        .layer1
+        .iter()
+        .chain(&model.layer2)
+        .chain(&model.layer3)
+        .chain(&model.layer4)
+    {
+        block.visit(&mut c);
+    }
+    c.0.extend(model.bn1.running_mean.value().into_data().iter::<f32>());
+    c.0.extend(model.bn1.running_var.value().into_data().iter::<f32>());
+    c.0
+}
+
+#[test]
+fn frozen_backbone_trains_the_head_only_and_weights_load_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = pytorch_weights(dir.path());
+    let run = dir.path().join("frozen");
+    let report = finetune(
+        &run,
+        &[
+            "--weights",
+            weights.to_str().unwrap(),
+            "--freeze-backbone",
+            "--epochs",
+            "1",
+            "--num-classes",
+            "10",
+        ],
+    );
+    // fc: 512 x 10 + 10.
+    assert_eq!(report["trainable_parameters"], 5130);
+    assert_eq!(report["classes"].as_array().unwrap().len(), 10);
+    assert!(report["initial_accuracy"].as_f64().is_some());
+    // The written weights: backbone (convolutions and BatchNorm statistics) exactly PyTorch's,
+    // head trained.
+    let device = burn::tensor::Device::flex();
+    let mut original = ResNet::new(ResNetDepth::R18, 1000, &device);
+    let _ = load_weights(&mut original, &weights).unwrap();
+    let mut tuned = ResNet::new(ResNetDepth::R18, 10, &device);
+    let _ = load_weights(&mut tuned, &run.join("model.safetensors")).unwrap();
+    assert_eq!(backbone_values(&original), backbone_values(&tuned));
+    let head: Vec<f32> = tuned.fc.weight.val().into_data().iter::<f32>().collect();
+    assert!(head.iter().any(|v| *v != 0.0));
+    // The checkpoint evaluates to the accuracy training reported.
+    let eval = last_json(&kiln_ok(&[
+        "eval",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(eval["test_accuracy"], report["test_accuracy"]);
+    assert_eq!(eval["model"], "resnet18");
+}
+
+#[test]
+fn resumed_finetuning_continues_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = finetune(&dir.path().join("whole"), &["--epochs", "2"]);
+    let part = dir.path().join("part");
+    finetune(&part, &["--epochs", "1"]);
+    let resumed = last_json(&kiln_ok(&[
+        "finetune",
+        "--resume",
+        part.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--json",
+        "-q",
+    ]));
+    assert_eq!(resumed["resumed_from_epoch"], 1);
+    // Augmentation is drawn from (seed, epoch, index): epoch 2 sees the same crops.
+    assert_eq!(
+        resumed["history"][1]["train_loss"],
+        whole["history"][1]["train_loss"]
+    );
+    assert_eq!(
+        resumed["history"][1]["test_accuracy"],
+        whole["history"][1]["test_accuracy"]
+    );
+}
+
+#[test]
+fn bad_finetuning_input_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = pytorch_weights(dir.path());
+    let out = dir.path().join("run");
+    let out = out.to_str().unwrap();
+    // The wrong class count.
+    let output = kiln(&["finetune", "--num-classes", "5", "--out", out, "-q"]);
+    assert_clean_failure(&output, &["--num-classes", "10 classes", "not 5"]);
+    // The wrong model: ResNet-18 weights for a ResNet-50.
+    let output = kiln(&[
+        "finetune",
+        "--model",
+        "resnet50",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--out",
+        out,
+        "-q",
+    ]);
+    assert_clean_failure(
+        &output,
+        &["do not match the model", "layer1.0.conv3.weight"],
+    );
+    // A truncated weight file.
+    let bytes = std::fs::read(&weights).unwrap();
+    let truncated = dir.path().join("truncated.pth");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+    let output = kiln(&[
+        "finetune",
+        "--weights",
+        truncated.to_str().unwrap(),
+        "--out",
+        out,
+        "-q",
+    ]);
+    assert_clean_failure(&output, &["truncated.pth"]);
+    // A folder without train/ and val/.
+    let output = kiln(&[
+        "finetune",
+        "--data",
+        dir.path().to_str().unwrap(),
+        "--out",
+        out,
+        "-q",
+    ]);
+    assert_clean_failure(&output, &["no train/ directory"]);
+    let output = kiln(&["finetune", "--image-size", "16", "--out", out, "-q"]);
+    assert_clean_failure(&output, &["--image-size", "at least 32x32"]);
+    assert!(
+        !Path::new(out).join("checkpoints").exists(),
+        "nothing was trained"
+    );
+}
