@@ -343,7 +343,8 @@ pub struct FinetuneArgs {
     #[arg(long, requires = "weights")]
     pub allow_partial: bool,
     /// Image folder: DIR/train/CLASS/*.png|jpg and DIR/val/CLASS/*.png|jpg, one
-    /// sub-directory per class [default: the demo set data/digits shipped with kiln].
+    /// sub-directory per class; or CIFAR-10's binary directory (data_batch_1.bin ...
+    /// test_batch.bin, used at 32x32) [default: the demo set data/digits shipped with kiln].
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
     /// Number of classes expected; an error if the data has another number.

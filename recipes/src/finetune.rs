@@ -14,7 +14,9 @@ use kiln_models::quant::file::float_safetensors;
 use kiln_models::{LoadOptions, ResNet, ResNetDepth, load_weights_with};
 use kiln_multi::{BucketConfig, CollectiveConfig, WorldSize};
 use kiln_trainer::checkpoint::{latest_checkpoint, read_checkpoint, resolve_checkpoint};
-use kiln_trainer::data::{Augment, ImageFolder};
+use kiln_trainer::data::{
+    Augment, CIFAR10_CLASSES, Cifar10, CifarSplit, ImageDataset, ImageFolder,
+};
 use kiln_trainer::report::Verbosity;
 use kiln_trainer::{
     DataParallelConfig, Execution, RunLabels, TrainData, Trainer, TrainerConfig, evaluate,
@@ -40,7 +42,8 @@ pub struct FinetuneConfig {
     pub weights: Option<PathBuf>,
     /// Load weights that lack tensors or have extra ones (listed on stderr).
     pub allow_partial: bool,
-    /// Data directory: `DIR/train/CLASS/*.png|jpg` and `DIR/val/CLASS/*.png|jpg`.
+    /// Data directory: `DIR/train/CLASS/*.png|jpg` and `DIR/val/CLASS/*.png|jpg`, or
+    /// CIFAR-10's binary batches (`data_batch_N.bin`, `test_batch.bin`).
     pub data: PathBuf,
     /// Expected number of classes; the data decides when `None`.
     pub num_classes: Option<usize>,
@@ -150,12 +153,30 @@ fn split_dir(data: &Path, name: &str) -> Result<PathBuf> {
     }
 }
 
-/// Opens `DIR/train` and `DIR/val` and checks that they have the same classes.
+/// A fine-tuning data set: training and validation splits and their classes.
+pub(crate) struct FinetuneData {
+    pub(crate) train: Box<dyn ImageDataset>,
+    pub(crate) val: Box<dyn ImageDataset>,
+    pub(crate) classes: Vec<String>,
+    /// Side of the square images (CIFAR-10 is always 32).
+    pub(crate) image_size: usize,
+}
+
+/// Opens `DIR/train` and `DIR/val` (image folders with the same classes), or, when `DIR` holds
+/// CIFAR-10's binary batches, those (at their own 32x32).
 pub(crate) fn open_data(
     data: &Path,
     image_size: usize,
     augment: Option<u64>,
-) -> Result<(ImageFolder, ImageFolder)> {
+) -> Result<FinetuneData> {
+    if Cifar10::is_cifar_dir(data) {
+        return Ok(FinetuneData {
+            train: Box::new(Cifar10::open(data, CifarSplit::Train, augment)?),
+            val: Box::new(Cifar10::open(data, CifarSplit::Test, None)?),
+            classes: CIFAR10_CLASSES.iter().map(|c| c.to_string()).collect(),
+            image_size: 32,
+        });
+    }
     let augment = augment.map_or(Augment::None, |seed| Augment::Standard { seed });
     let train = ImageFolder::open(&split_dir(data, "train")?, image_size, augment)?;
     let val = ImageFolder::open(&split_dir(data, "val")?, image_size, Augment::None)?;
@@ -169,7 +190,12 @@ pub(crate) fn open_data(
             ),
         });
     }
-    Ok((train, val))
+    Ok(FinetuneData {
+        classes: train.classes().to_vec(),
+        train: Box::new(train),
+        val: Box::new(val),
+        image_size,
+    })
 }
 
 /// Fine-tunes the ResNet, evaluating and checkpointing after every epoch.
@@ -231,12 +257,12 @@ pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
             },
         ),
     };
-    let (train, val) = open_data(
+    let data = open_data(
         &options.data,
         options.image_size,
         options.augment.then_some(seed),
     )?;
-    let classes = train.classes().to_vec();
+    let classes = data.classes.clone();
     if let Some(n) = config.num_classes
         && n != classes.len()
     {
@@ -262,6 +288,7 @@ pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
     }
     let options = FinetuneOptions {
         classes: classes.clone(),
+        image_size: data.image_size,
         ..options
     };
 
@@ -294,7 +321,7 @@ pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
         evaluate(
             &model.valid(),
             ResNet::forward,
-            &val,
+            data.val.as_ref(),
             NonZeroUsize::new(trainer_config.eval_batch_size).unwrap_or(NonZeroUsize::MIN),
             &inner,
         )
@@ -320,11 +347,11 @@ pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
             zero: None,
         })
     };
-    let data = TrainData {
-        train: &train,
-        test: &val,
+    let splits = TrainData {
+        train: data.train.as_ref(),
+        test: data.val.as_ref(),
     };
-    let (model, fit) = trainer.fit(model, ResNet::forward, data, resume, &execution)?;
+    let (model, fit) = trainer.fit(model, ResNet::forward, splits, resume, &execution)?;
     let weights_out = run_dir.join(WEIGHTS_FILE);
     let bytes = float_safetensors(&model.valid(), depth.name())?;
     std::fs::write(&weights_out, bytes).map_err(|e| kiln_models::ImportError::Write {

@@ -8,14 +8,16 @@ use burn::tensor::{Device, Tensor, TensorData};
 use kiln_models::quant::{QuantScheme, load_quantized, read_quantized_info, round_weights};
 use kiln_models::{ResNet, ResNetDepth, SimpleCnn, SimpleCnnConfig, load_weights};
 use kiln_trainer::checkpoint::{EpochMetrics, read_checkpoint, resolve_checkpoint};
-use kiln_trainer::data::{MnistSplit, NpyArray, read_npy_f32, write_npy_f32};
+use kiln_trainer::data::{
+    MnistSplit, NpyArray, is_image_file, load_eval_image, read_npy_f32, write_npy_f32,
+};
 use kiln_trainer::{TrainError, evaluate};
 
 use crate::cnn_mnist::{MODEL, check_image_shape, checkpoint_quantization};
 use crate::error::{RecipeError, Result};
 use crate::finetune::{FinetuneOptions, open_data};
 use crate::mnist_data::MnistSource;
-use crate::report::{EvalReport, PredictReport};
+use crate::report::{ClassScore, EvalReport, ImagePrediction, ImagePredictions, PredictReport};
 
 /// Model architectures that can be built for PyTorch weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,19 +270,25 @@ pub fn eval(source: &ModelSource, data: Option<&Path>, batch_size: usize) -> Res
         }
         (Net::ResNet(model), Some(options)) => {
             let root = data.unwrap_or(&options.data);
-            let (_, val) = open_data(root, options.image_size, None)?;
-            if val.classes() != options.classes.as_slice() {
+            let data = open_data(root, options.image_size, None)?;
+            if data.classes != options.classes {
                 return Err(RecipeError::Options {
                     flag: "--data",
                     reason: format!(
                         "{} has classes {:?}, the model was trained on {:?}",
                         root.display(),
-                        val.classes(),
+                        data.classes,
                         options.classes
                     ),
                 });
             }
-            evaluate(model, ResNet::forward, &val, batch_size, &device)
+            evaluate(
+                model,
+                ResNet::forward,
+                data.val.as_ref(),
+                batch_size,
+                &device,
+            )
         }
         (Net::ResNet(_), None) => {
             return Err(RecipeError::Options {
@@ -360,4 +368,108 @@ pub(crate) fn argmax(row: &[f32]) -> usize {
             if v > best.1 { (i, v) } else { best }
         })
         .0
+}
+
+/// Images under `path`: the file itself, or the image files directly in the directory,
+/// sorted.
+fn image_files(path: &Path) -> Result<Vec<PathBuf>> {
+    if is_image_file(path) {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let no_images = || RecipeError::Options {
+        flag: "--image",
+        reason: format!(
+            "{} is not a .png/.jpg file or a directory of them",
+            path.display()
+        ),
+    };
+    let entries = std::fs::read_dir(path).map_err(|_| no_images())?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| is_image_file(p))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(no_images());
+    }
+    Ok(files)
+}
+
+/// Classifies the image file, or every image file in the directory, at `path` with a ResNet
+/// (torchvision's evaluation transform: resize, centre crop, ImageNet normalisation) and
+/// returns the `top` most probable classes of each, with class names when the model is a
+/// fine-tuned checkpoint. `image_size` defaults to the checkpoint's, else 224.
+///
+/// # Errors
+/// Model errors as [`predict`], an unreadable image (naming it), or a SimpleCNN model (which
+/// takes preprocessed `.npy` input).
+pub fn predict_images(
+    source: &ModelSource,
+    path: &Path,
+    image_size: Option<usize>,
+    top: usize,
+) -> Result<ImagePredictions> {
+    let device = Device::flex();
+    let loaded = load(source, &device)?;
+    let Net::ResNet(model) = loaded.inference_model() else {
+        return Err(RecipeError::Options {
+            flag: "--image",
+            reason: "images are classified by ResNets; give SimpleCNN a preprocessed .npy \
+                     batch with --input"
+                .to_string(),
+        });
+    };
+    let size = image_size
+        .or(loaded.finetune.as_ref().map(|o| o.image_size))
+        .unwrap_or(224);
+    if size < 32 {
+        return Err(RecipeError::Options {
+            flag: "--image-size",
+            reason: format!("{size} is too small: ResNets take at least 32x32"),
+        });
+    }
+    let names = loaded.finetune.as_ref().map(|o| o.classes.clone());
+    let files = image_files(path)?;
+    let mut images = Vec::with_capacity(files.len());
+    for chunk in files.chunks(32) {
+        let mut pixels = Vec::with_capacity(chunk.len() * 3 * size * size);
+        for file in chunk {
+            pixels.extend(load_eval_image(file, size)?);
+        }
+        let batch = Tensor::<4>::from_data(
+            TensorData::new(pixels, [chunk.len(), 3, size, size]),
+            &device,
+        );
+        let probabilities = burn::tensor::activation::softmax(model.forward(batch), 1);
+        let [_, classes] = probabilities.dims();
+        let values = probabilities
+            .into_data()
+            .try_to_vec::<f32>()
+            .map_err(|e| RecipeError::Internal(format!("logits are not float32: {e:?}")))?;
+        for (file, row) in chunk.iter().zip(values.chunks_exact(classes)) {
+            let mut order: Vec<usize> = (0..classes).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+            let top = order
+                .into_iter()
+                .take(top)
+                .map(|index| ClassScore {
+                    index,
+                    class: names
+                        .as_ref()
+                        .and_then(|n| n.get(index).cloned())
+                        .unwrap_or_else(|| index.to_string()),
+                    probability: f64::from(row[index]),
+                })
+                .collect();
+            images.push(ImagePrediction {
+                file: file.clone(),
+                top,
+            });
+        }
+    }
+    Ok(ImagePredictions {
+        model: loaded.name.into(),
+        image_size: size,
+        images,
+    })
 }

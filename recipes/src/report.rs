@@ -365,3 +365,51 @@ impl Report for FinetuneReport {
         )
     }
 }
+
+/// Result of `kiln predict --image`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImagePredictions {
+    /// Model architecture.
+    pub model: String,
+    /// Side of the square crop the model saw.
+    pub image_size: usize,
+    /// One entry per image, in file-name order.
+    pub images: Vec<ImagePrediction>,
+}
+
+/// The most probable classes of one image.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImagePrediction {
+    /// The image file.
+    pub file: PathBuf,
+    /// Classes by decreasing probability.
+    pub top: Vec<ClassScore>,
+}
+
+/// One class and its softmax probability.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassScore {
+    /// Output index.
+    pub index: usize,
+    /// Class name (the index when the model has no names).
+    pub class: String,
+    /// Softmax probability.
+    pub probability: f64,
+}
+
+impl Report for ImagePredictions {
+    fn summary(&self) -> String {
+        self.images
+            .iter()
+            .map(|image| {
+                let top: Vec<String> = image
+                    .top
+                    .iter()
+                    .map(|c| format!("{} {:.1}%", c.class, 100.0 * c.probability))
+                    .collect();
+                format!("{}: {}", image.file.display(), top.join(", "))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}

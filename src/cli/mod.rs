@@ -25,6 +25,7 @@ use kiln_trainer::report::Verbosity;
 ///   kiln quantize --checkpoint runs/cnn-mnist              # int8 weights, size/accuracy report
 ///   kiln train cnn-mnist --qat int4 --qat-granularity block:32   # quantization-aware training
 ///   kiln predict --model simple-cnn --weights simple_cnn.safetensors --input x.npy --output logits.npy
+///   kiln predict --checkpoint runs/finetune --image data/digits/val/7   # top-5 classes per image
 ///   kiln launch --nproc-per-node 2 -- kiln train cnn-mnist   # 2 processes over MPI (feature mpi)
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, about, verbatim_doc_comment)]
@@ -101,12 +102,28 @@ struct EvalArgs {
 struct PredictArgs {
     #[command(flatten)]
     source: ModelSourceArgs,
-    /// float32 .npy array of shape [N, 1, 28, 28], already preprocessed.
-    #[arg(long, value_name = "FILE")]
-    input: PathBuf,
-    /// Where to write the float32 .npy logits of shape [N, 10].
-    #[arg(long, value_name = "FILE")]
-    output: PathBuf,
+    /// float32 .npy batch, already preprocessed: [N, 1, 28, 28] for SimpleCNN,
+    /// [N, 3, H, W] for ResNets.
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "image",
+        requires = "output"
+    )]
+    input: Option<PathBuf>,
+    /// Where to write the float32 .npy logits of shape [N, classes].
+    #[arg(long, value_name = "FILE", requires = "input")]
+    output: Option<PathBuf>,
+    /// A .png/.jpg image, or a directory of them, to classify with a ResNet (resized,
+    /// centre-cropped and normalised as torchvision evaluates); prints the top classes.
+    #[arg(long, value_name = "PATH", conflicts_with = "input")]
+    image: Option<PathBuf>,
+    /// Side of the crop for --image [default: the fine-tuned checkpoint's, else 224].
+    #[arg(long, value_name = "SIZE", requires = "image")]
+    image_size: Option<usize>,
+    /// Classes printed per image with --image.
+    #[arg(long, value_name = "K", default_value_t = 5, requires = "image")]
+    top: usize,
 }
 
 /// Runs the parsed command; the exit code is non-zero when a launched job failed.
@@ -157,13 +174,24 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", report.stdout_line(cli.json)?);
         }
         Command::Predict(args) => {
-            let report = kiln_recipes::inference::predict(
-                &model_source(&args.source)?,
-                &args.input,
-                &args.output,
-            )
-            .context("prediction failed")?;
-            println!("{}", report.stdout_line(cli.json)?);
+            let source = model_source(&args.source)?;
+            let line = match (&args.image, &args.input, &args.output) {
+                (Some(image), _, _) => kiln_recipes::inference::predict_images(
+                    &source,
+                    image,
+                    args.image_size,
+                    args.top,
+                )
+                .context("prediction failed")?
+                .stdout_line(cli.json)?,
+                (None, Some(input), Some(output)) => {
+                    kiln_recipes::inference::predict(&source, input, output)
+                        .context("prediction failed")?
+                        .stdout_line(cli.json)?
+                }
+                _ => anyhow::bail!("give --input X.npy --output LOGITS.npy, or --image PATH"),
+            };
+            println!("{line}");
         }
     }
     Ok(ExitCode::SUCCESS)

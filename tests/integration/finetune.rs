@@ -100,6 +100,63 @@ fn frozen_backbone_trains_the_head_only_and_weights_load_back() {
     ]));
     assert_eq!(eval["test_accuracy"], report["test_accuracy"]);
     assert_eq!(eval["model"], "resnet18");
+    // Top-5 classes of every image of a directory, named after the folder's classes.
+    let images = repo("data/digits/val/3");
+    let predicted = last_json(&kiln_ok(&[
+        "predict",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--image",
+        images.to_str().unwrap(),
+        "--json",
+    ]));
+    let predicted = predicted["images"].as_array().unwrap();
+    assert_eq!(predicted.len(), 20);
+    for image in predicted {
+        let top = image["top"].as_array().unwrap();
+        assert_eq!(top.len(), 5);
+        let p: Vec<f64> = top
+            .iter()
+            .map(|c| c["probability"].as_f64().unwrap())
+            .collect();
+        assert!(p.windows(2).all(|w| w[0] >= w[1]) && p.iter().sum::<f64>() <= 1.0 + 1e-6);
+        let class = top[0]["class"].as_str().unwrap();
+        assert_eq!(class, top[0]["index"].as_u64().unwrap().to_string());
+    }
+}
+
+/// CIFAR-10's binary layout (synthetic records here: the real set cannot be downloaded in CI)
+/// trains on 2 data-parallel ranks and reports CIFAR's class names.
+#[test]
+fn cifar10_binary_batches_fine_tune_on_two_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = |i: usize| -> Vec<u8> {
+        let mut r = vec![(i % 10) as u8];
+        r.extend((0..3072).map(|j| ((i * 31 + j * 7) % 256) as u8));
+        r
+    };
+    let train: Vec<u8> = (0..32).flat_map(record).collect();
+    let test: Vec<u8> = (0..10).flat_map(record).collect();
+    std::fs::write(dir.path().join("data_batch_1.bin"), train).unwrap();
+    std::fs::write(dir.path().join("test_batch.bin"), test).unwrap();
+    let out = dir.path().join("run");
+    let report = finetune(
+        &out,
+        &[
+            "--data",
+            dir.path().to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--ranks",
+            "2",
+        ],
+    );
+    assert_eq!(report["ranks"], 2);
+    assert_eq!(report["image_size"], 32);
+    assert_eq!(report["classes"][0], "airplane");
+    assert_eq!(report["history"][0]["step"], 2);
 }
 
 #[test]

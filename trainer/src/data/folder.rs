@@ -171,6 +171,32 @@ impl ImageFolder {
     }
 }
 
+/// One image file as evaluation sees it: decoded to RGB, resized to a short side of
+/// `image_size * 256 / 224`, centre-cropped to `image_size` and ImageNet-normalised;
+/// `[3, image_size, image_size]` values.
+///
+/// # Errors
+/// [`TrainError::Data`] naming the file when it cannot be read or decoded.
+pub fn load_eval_image(path: &Path, image_size: usize) -> Result<Vec<f32>> {
+    let short_side = (image_size * 256).div_ceil(224) as u32;
+    let folder = ImageFolder {
+        root: path.to_path_buf(),
+        classes: Vec::new(),
+        images: vec![load_resized(path, short_side)?],
+        labels: vec![0],
+        image_size,
+        augment: Augment::None,
+    };
+    let mut pixels = vec![0.0; 3 * image_size * image_size];
+    folder.sample(0, &mut pixels);
+    Ok(pixels)
+}
+
+/// Whether `path` names a file [`ImageFolder`] reads (`.png`, `.jpg`, `.jpeg`).
+pub fn is_image_file(path: &Path) -> bool {
+    path.is_file() && is_image(path)
+}
+
 /// Decodes `path` to RGB and resizes it so that its shorter side is `short_side`.
 fn load_resized(path: &Path, short_side: u32) -> Result<RgbImage> {
     let bad = |reason: String| TrainError::data(path, reason);
