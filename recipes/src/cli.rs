@@ -285,7 +285,8 @@ pub struct QuantizeArgs {
     /// Directory of MNIST IDX files for the comparison [default: the embedded subset].
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
-    /// Timed batches of 256 per model for the throughput figures.
+    /// Timed batches of 256 per model for the throughput figures (and ten times as many
+    /// single-sample passes for the latency).
     #[arg(long, value_name = "N", default_value_t = NonZeroUsize::new(20).expect("20 is not zero"))]
     pub timing_batches: NonZeroUsize,
 }
@@ -308,6 +309,9 @@ impl QuantizeArgs {
         config.granularity = self.granularity;
         config.out = self.out.clone();
         config.throughput_batches = self.timing_batches;
+        config.latency_samples = self
+            .timing_batches
+            .saturating_mul(NonZeroUsize::new(10).expect("10 is not zero"));
         Some(config)
     }
 }

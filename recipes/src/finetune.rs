@@ -86,7 +86,7 @@ pub(crate) struct FinetuneOptions {
 }
 
 impl FinetuneOptions {
-    fn to_map(&self) -> BTreeMap<String, Value> {
+    pub(crate) fn to_map(&self) -> BTreeMap<String, Value> {
         BTreeMap::from([
             ("classes".to_string(), Value::from(self.classes.clone())),
             ("image_size".to_string(), Value::from(self.image_size)),
@@ -100,6 +100,22 @@ impl FinetuneOptions {
                 Value::from(self.data.to_string_lossy().into_owned()),
             ),
         ])
+    }
+
+    /// The options as one JSON object (stored in quantized files).
+    pub(crate) fn to_json(&self) -> String {
+        serde_json::to_string(&self.to_map()).unwrap_or_default()
+    }
+
+    /// Reads [`to_json`](Self::to_json)'s text back; `file` names its source in errors.
+    pub(crate) fn from_json(text: &str, file: &Path) -> Result<Self> {
+        let map: BTreeMap<String, Value> = serde_json::from_str(text).map_err(|e| {
+            RecipeError::Train(kiln_trainer::TrainError::Checkpoint {
+                path: file.to_path_buf(),
+                reason: format!("bad fine-tuning settings: {e}"),
+            })
+        })?;
+        Self::from_map(&map, file)
     }
 
     /// Reads the options back from a checkpoint; `file` names it in errors.

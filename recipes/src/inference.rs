@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
-use kiln_models::quant::{QuantScheme, load_quantized, read_quantized_info, round_weights};
+use kiln_models::quant::{
+    QuantScheme, QuantizedFileInfo, load_quantized, read_quantized_info, round_weights,
+};
 use kiln_models::{ResNet, ResNetDepth, SimpleCnn, SimpleCnnConfig, load_weights};
 use kiln_trainer::checkpoint::{EpochMetrics, read_checkpoint, resolve_checkpoint};
 use kiln_trainer::data::{
@@ -50,7 +52,7 @@ pub(crate) enum Net {
 }
 
 impl Net {
-    fn valid(&self) -> Self {
+    pub(crate) fn valid(&self) -> Self {
         match self {
             Net::SimpleCnn(m) => Net::SimpleCnn(m.valid()),
             Net::ResNet(m) => Net::ResNet(m.valid()),
@@ -64,7 +66,7 @@ impl Net {
         }
     }
 
-    fn forward(&self, images: Tensor<4>) -> Tensor<2> {
+    pub(crate) fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         match self {
             Net::SimpleCnn(m) => m.forward(images),
             Net::ResNet(m) => m.forward(images),
@@ -147,39 +149,49 @@ impl Loaded {
     }
 }
 
-/// Whether `path` is a kiln quantized model file (`.safetensors` with kiln's header).
-fn quantized_file(path: &Path) -> Result<Option<QuantScheme>> {
+/// The header of `path` when it is a kiln quantized model file (`.safetensors` with kiln's
+/// header).
+fn quantized_file(path: &Path) -> Result<Option<QuantizedFileInfo>> {
     if path.extension().is_none_or(|e| e != "safetensors") || !path.is_file() {
         return Ok(None);
     }
-    Ok(read_quantized_info(path)?.map(|info| info.scheme))
+    Ok(read_quantized_info(path)?)
 }
 
-/// Builds SimpleCNN from a kiln quantized file.
-fn load_quantized_simple_cnn(path: &Path, device: &Device) -> Result<Loaded> {
-    let mut net = SimpleCnnConfig::new().init(device, 0);
-    let info = load_quantized(&mut net, path)?;
-    if info.model != MODEL {
-        return Err(RecipeError::UnknownModel {
-            path: path.to_path_buf(),
-            model: info.model,
-        });
-    }
+/// Builds the model a kiln quantized file holds: SimpleCNN, or a fine-tuned ResNet (its
+/// classes and image size come from the file's header).
+fn load_quantized_model(path: &Path, info: QuantizedFileInfo, device: &Device) -> Result<Loaded> {
+    let unknown = || RecipeError::UnknownModel {
+        path: path.to_path_buf(),
+        model: info.model.clone(),
+    };
+    let (model, name, finetune) = if info.model == MODEL {
+        let mut net = SimpleCnnConfig::new().init(device, 0);
+        let _ = load_quantized(&mut net, path)?;
+        (Net::SimpleCnn(net), MODEL, None)
+    } else {
+        let depth = ResNet::depth_from_name(&info.model).ok_or_else(unknown)?;
+        let options =
+            FinetuneOptions::from_json(info.options.as_deref().ok_or_else(unknown)?, path)?;
+        let mut net = ResNet::new(depth, options.classes.len(), device);
+        let _ = load_quantized(&mut net, path)?;
+        (Net::ResNet(net), depth.name(), Some(options))
+    };
     Ok(Loaded {
-        model: Net::SimpleCnn(net),
-        name: MODEL,
+        model,
+        name,
         source: path.to_path_buf(),
         trained: None,
         quantization: Quantization::Quantized(info.scheme),
-        finetune: None,
+        finetune,
     })
 }
 
 pub(crate) fn load(source: &ModelSource, device: &Device) -> Result<Loaded> {
     match source {
         ModelSource::Weights { model, path } => {
-            if *model == ModelKind::SimpleCnn && quantized_file(path)?.is_some() {
-                return load_quantized_simple_cnn(path, device);
+            if let Some(info) = quantized_file(path)? {
+                return load_quantized_model(path, info, device);
             }
             let net = match *model {
                 ModelKind::SimpleCnn => {
@@ -204,8 +216,8 @@ pub(crate) fn load(source: &ModelSource, device: &Device) -> Result<Loaded> {
         }
         ModelSource::Checkpoint(path) => {
             let file = resolve_checkpoint(path)?;
-            if quantized_file(&file)?.is_some() {
-                return load_quantized_simple_cnn(&file, device);
+            if let Some(info) = quantized_file(&file)? {
+                return load_quantized_model(&file, info, device);
             }
             let checkpoint = read_checkpoint(&file)?;
             if let Some(depth) = ResNet::depth_from_name(&checkpoint.state.model) {

@@ -6,18 +6,18 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use kiln_models::quant::{
     Granularity, QuantBits, QuantScheme, QuantizedSizes, load_quantized, read_quantized_info,
-    save_quantized,
+    save_quantized, save_quantized_with,
 };
-use kiln_models::{SimpleCnn, SimpleCnnConfig};
+use kiln_models::{ResNet, SimpleCnnConfig};
 use kiln_trainer::TrainError;
 use kiln_trainer::data::{ImageDataset, MnistSplit, make_batch};
 
 use crate::cnn_mnist::{MODEL, check_image_shape};
 use crate::error::{RecipeError, Result};
+use crate::finetune::open_data;
 use crate::inference::{ModelSource, Net, Quantization, argmax, load};
 use crate::mnist_data::MnistSource;
 use crate::report::QuantizeReport;
@@ -81,39 +81,61 @@ pub fn run(config: &QuantizeConfig) -> Result<QuantizeReport> {
             });
         }
     };
-    let Net::SimpleCnn(float) = &loaded.model else {
-        return Err(RecipeError::Options {
-            flag: "--model",
-            reason: format!(
-                "kiln quantize evaluates on MNIST, which {} cannot take; quantizing ResNets \
-                 comes with fine-tuning",
-                loaded.name
-            ),
-        });
-    };
-    let float = float.valid();
-    let default = aware.unwrap_or(QuantScheme::INT8);
+    let scheme_default = aware.unwrap_or(QuantScheme::INT8);
     let scheme = QuantScheme {
-        bits: config.bits.unwrap_or(default.bits),
-        granularity: config.granularity.unwrap_or(default.granularity),
+        bits: config.bits.unwrap_or(scheme_default.bits),
+        granularity: config.granularity.unwrap_or(scheme_default.granularity),
     };
     let out = match &config.out {
         Some(out) => out.clone(),
-        None => default_output(&loaded.source, scheme),
+        None => default_output(&loaded.source, loaded.name, scheme),
     };
     refuse_to_clobber(&out, &loaded.source)?;
-
-    let test = config.data.load(MnistSplit::Test)?;
-    check_image_shape(&test)?;
-    let sizes: QuantizedSizes = save_quantized(&float, MODEL, scheme, &out)?;
-    // Evaluate what was written: the file, loaded back like `kiln eval` does.
-    let mut quantized = SimpleCnnConfig::new().init(&device, 0);
-    let _info = load_quantized(&mut quantized, &out)?;
-
-    let comparison = compare(&float, &quantized, &test, config.batch_size, &device);
-    let speed = time_models(&float, &quantized, &test, config, &device)?;
+    // The labelled data the model is compared on, and the quantized model read back from the
+    // file, as `kiln eval` reads it.
+    let float = loaded.model.valid();
+    let (test, quantized, sizes): (Box<dyn ImageDataset>, Net, QuantizedSizes) =
+        match (&float, &loaded.finetune) {
+            (Net::SimpleCnn(model), _) => {
+                let test = config.data.load(MnistSplit::Test)?;
+                check_image_shape(&test)?;
+                let sizes = save_quantized(model, MODEL, scheme, &out)?;
+                let mut back = SimpleCnnConfig::new().init(&device, 0);
+                let _info = load_quantized(&mut back, &out)?;
+                (Box::new(test), Net::SimpleCnn(back), sizes)
+            }
+            (Net::ResNet(model), Some(options)) => {
+                let data = open_data(&options.data, options.image_size, None)?;
+                let depth = ResNet::depth_from_name(loaded.name).ok_or_else(|| {
+                    RecipeError::Internal(format!("{} is not a ResNet name", loaded.name))
+                })?;
+                let json = options.to_json();
+                let sizes = save_quantized_with(model, loaded.name, Some(&json), scheme, &out)?;
+                let mut back = ResNet::new(depth, options.classes.len(), &device);
+                let _info = load_quantized(&mut back, &out)?;
+                (data.val, Net::ResNet(back), sizes)
+            }
+            (Net::ResNet(_), None) => {
+                return Err(RecipeError::Options {
+                    flag: "--model",
+                    reason: format!(
+                        "kiln quantize compares the models on labelled data: quantize a fine-tuned \
+                     {} checkpoint (kiln finetune), whose validation folder it uses",
+                        loaded.name
+                    ),
+                });
+            }
+        };
+    let comparison = compare(
+        &float,
+        &quantized,
+        test.as_ref(),
+        config.batch_size,
+        &device,
+    );
+    let speed = time_models(&float, &quantized, test.as_ref(), config, &device)?;
     Ok(QuantizeReport {
-        model: MODEL.into(),
+        model: loaded.name.into(),
         source: loaded.source.clone(),
         output: out,
         scheme: scheme.to_string(),
@@ -136,7 +158,7 @@ pub fn run(config: &QuantizeConfig) -> Result<QuantizeReport> {
 
 /// `RUN/model-int8-tensor.safetensors` for a checkpoint in `RUN/checkpoints/`, else next to
 /// the source file.
-fn default_output(source: &Path, scheme: QuantScheme) -> PathBuf {
+fn default_output(source: &Path, model: &str, scheme: QuantScheme) -> PathBuf {
     let parent = source.parent().unwrap_or(Path::new("."));
     let dir = if parent
         .file_name()
@@ -147,7 +169,7 @@ fn default_output(source: &Path, scheme: QuantScheme) -> PathBuf {
         parent
     };
     let scheme = scheme.to_string().replace(':', "-");
-    dir.join(format!("{MODEL}-{scheme}.safetensors"))
+    dir.join(format!("{model}-{scheme}.safetensors"))
 }
 
 /// Overwriting an earlier quantized file is fine; anything else (the checkpoint itself, a
@@ -183,7 +205,7 @@ struct Comparison {
     max_abs_logit_diff: f64,
 }
 
-fn logits(model: &SimpleCnn, images: Tensor<4>) -> Vec<f32> {
+fn logits(model: &Net, images: Tensor<4>) -> Vec<f32> {
     model
         .forward(images)
         .into_data()
@@ -192,8 +214,8 @@ fn logits(model: &SimpleCnn, images: Tensor<4>) -> Vec<f32> {
 }
 
 fn compare(
-    float: &SimpleCnn,
-    quantized: &SimpleCnn,
+    float: &Net,
+    quantized: &Net,
     test: &dyn ImageDataset,
     batch_size: NonZeroUsize,
     device: &Device,
@@ -251,8 +273,8 @@ fn median(mut values: Vec<f64>) -> f64 {
 /// Throughput at `config.batch_size` and latency at batch 1, float and quantized alternating
 /// so that both see the same machine state; one untimed pass of each warms up.
 fn time_models(
-    float: &SimpleCnn,
-    quantized: &SimpleCnn,
+    float: &Net,
+    quantized: &Net,
     test: &dyn ImageDataset,
     config: &QuantizeConfig,
     device: &Device,
@@ -267,7 +289,7 @@ fn time_models(
     let indices: Vec<usize> = (0..n).map(|i| i % test.len()).collect();
     let images = make_batch(test, &indices, device).images;
     let one = make_batch(test, &[0], device).images;
-    let time = |model: &SimpleCnn, images: &Tensor<4>| {
+    let time = |model: &Net, images: &Tensor<4>| {
         let start = Instant::now();
         let _ = logits(model, images.clone());
         start.elapsed().as_secs_f64()

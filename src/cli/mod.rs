@@ -61,14 +61,16 @@ enum Command {
     /// Run a float32 NCHW .npy batch through a model (eval mode, no preprocessing) and write the
     /// logits as .npy.
     Predict(PredictArgs),
-    /// Quantize a SimpleCNN checkpoint's Linear and Conv2d weights to int8 or int4 (like
-    /// PyTorch's quantize_dynamic), write them as SafeTensors and compare the result with the
-    /// float model on the MNIST test split: size, accuracy, argmax agreement, speed.
+    /// Quantize a checkpoint's Linear and Conv2d weights to int8 or int4 (like PyTorch's
+    /// quantize_dynamic), write them as SafeTensors and compare the result with the float
+    /// model: size, accuracy, argmax agreement, speed. SimpleCNN is compared on the MNIST test
+    /// split, a fine-tuned ResNet (kiln finetune) on its validation folder.
     ///
     /// Examples:
     ///   kiln quantize --checkpoint runs/cnn-mnist
     ///   kiln quantize --checkpoint runs/cnn-mnist --scheme int4 --granularity block:32
     ///   kiln eval --checkpoint runs/cnn-mnist/simple-cnn-int8-tensor.safetensors
+    ///   kiln quantize --checkpoint runs/finetune --granularity channel
     #[command(verbatim_doc_comment)]
     Quantize(QuantizeArgs),
     /// Start N ranks of a command with mpirun (one process each), prefix their output with

@@ -100,6 +100,30 @@ fn frozen_backbone_trains_the_head_only_and_weights_load_back() {
     ]));
     assert_eq!(eval["test_accuracy"], report["test_accuracy"]);
     assert_eq!(eval["model"], "resnet18");
+    // int8 quantization of the fine-tuned ResNet, evaluated on its validation folder; the file
+    // evaluates back to the accuracy the report measured.
+    let quantized = last_json(&kiln_ok(&[
+        "quantize",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--timing-batches",
+        "1",
+        "--json",
+    ]));
+    assert_eq!(quantized["model"], "resnet18");
+    assert!(
+        quantized["size_ratio"].as_f64().unwrap() < 0.26,
+        "{quantized}"
+    );
+    assert_eq!(quantized["fp32_accuracy"], report["test_accuracy"]);
+    let file = run.join("resnet18-int8-tensor.safetensors");
+    let eval = last_json(&kiln_ok(&[
+        "eval",
+        "--checkpoint",
+        file.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(eval["test_accuracy"], quantized["quantized_accuracy"]);
     // Top-5 classes of every image of a directory, named after the folder's classes.
     let images = repo("data/digits/val/3");
     let predicted = last_json(&kiln_ok(&[

@@ -27,6 +27,9 @@ const QUANTIZED_FORMAT: &str = "quantized-v1";
 const MODEL_KEY: &str = "kiln.model";
 /// Metadata key of the scheme, as [`QuantScheme`]'s `Display` writes it.
 const SCHEME_KEY: &str = "kiln.scheme";
+/// Metadata key of the recipe settings a model needs to be rebuilt and evaluated (JSON),
+/// e.g. a fine-tuned ResNet's classes and image size.
+const OPTIONS_KEY: &str = "kiln.options";
 /// Prefix of the metadata keys holding quantized weights' shapes.
 const SHAPE_PREFIX: &str = "kiln.shape.";
 /// Suffix of a quantized weight's integers.
@@ -43,6 +46,8 @@ pub struct QuantizedFileInfo {
     pub scheme: QuantScheme,
     /// Number of quantized weight tensors.
     pub quantized_tensors: usize,
+    /// Recipe settings stored with the model (JSON), if any.
+    pub options: Option<String>,
 }
 
 /// An owned tensor on its way into a SafeTensors file.
@@ -92,6 +97,19 @@ fn is_quantizable(name: &str, shape: &[usize]) -> bool {
 /// # Errors
 /// [`ImportError::Export`] when Burn cannot collect or serialize a tensor.
 pub fn float_safetensors<M: Module>(model: &M, model_name: &str) -> Result<Vec<u8>> {
+    float_safetensors_with(model, model_name, None)
+}
+
+/// [`float_safetensors`] with recipe settings (JSON) stored under `kiln.options`, which
+/// [`quantize_safetensors`] carries into the quantized file.
+///
+/// # Errors
+/// As [`float_safetensors`].
+pub fn float_safetensors_with<M: Module>(
+    model: &M,
+    model_name: &str,
+    options: Option<&str>,
+) -> Result<Vec<u8>> {
     // Enum variant names (ResNet's `ResidualBlock::Basic`) are not part of torchvision's paths.
     let mut store = SafetensorsStore::from_bytes(None)
         .with_to_adapter(BurnToPyTorchAdapter)
@@ -117,7 +135,10 @@ pub fn float_safetensors<M: Module>(model: &M, model_name: &str) -> Result<Vec<u
         })
         .collect();
     entries.sort_by(|a, b| a.0.cmp(&b.0));
-    let metadata = HashMap::from([(MODEL_KEY.to_string(), model_name.to_string())]);
+    let mut metadata = HashMap::from([(MODEL_KEY.to_string(), model_name.to_string())]);
+    if let Some(options) = options {
+        metadata.insert(OPTIONS_KEY.to_string(), options.to_string());
+    }
     serialize(&entries, metadata)
 }
 
@@ -129,17 +150,17 @@ pub fn float_safetensors<M: Module>(model: &M, model_name: &str) -> Result<Vec<u
 pub fn quantize_safetensors(float: &[u8], scheme: QuantScheme) -> Result<Vec<u8>> {
     let (_, header) =
         SafeTensors::read_metadata(float).map_err(|e| ImportError::Export(e.to_string()))?;
-    let model = header
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(MODEL_KEY).cloned())
-        .unwrap_or_default();
+    let source = header.metadata().clone().unwrap_or_default();
+    let model = source.get(MODEL_KEY).cloned().unwrap_or_default();
     let parsed = SafeTensors::deserialize(float).map_err(|e| ImportError::Export(e.to_string()))?;
     let mut metadata = HashMap::from([
         (FORMAT_KEY.to_string(), QUANTIZED_FORMAT.to_string()),
         (MODEL_KEY.to_string(), model),
         (SCHEME_KEY.to_string(), scheme.to_string()),
     ]);
+    if let Some(options) = source.get(OPTIONS_KEY) {
+        metadata.insert(OPTIONS_KEY.to_string(), options.clone());
+    }
     let mut entries = Vec::new();
     for (name, view) in parsed.tensors() {
         let shape = view.shape().to_vec();
@@ -204,6 +225,7 @@ pub fn quantized_info(bytes: &[u8]) -> Option<QuantizedFileInfo> {
             .keys()
             .filter(|k| k.starts_with(SHAPE_PREFIX))
             .count(),
+        options: metadata.get(OPTIONS_KEY).cloned(),
     })
 }
 

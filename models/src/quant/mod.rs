@@ -53,7 +53,22 @@ pub fn save_quantized<M: Module>(
     scheme: QuantScheme,
     path: &Path,
 ) -> Result<QuantizedSizes> {
-    let float = file::float_safetensors(model, model_name)?;
+    save_quantized_with(model, model_name, None, scheme, path)
+}
+
+/// [`save_quantized`] with recipe settings (JSON) stored in the file's header, for models that
+/// need more than their name to be rebuilt (a fine-tuned ResNet's classes).
+///
+/// # Errors
+/// As [`save_quantized`].
+pub fn save_quantized_with<M: Module>(
+    model: &M,
+    model_name: &str,
+    options: Option<&str>,
+    scheme: QuantScheme,
+    path: &Path,
+) -> Result<QuantizedSizes> {
+    let float = file::float_safetensors_with(model, model_name, options)?;
     let quantized = file::quantize_safetensors(&float, scheme)?;
     let write = |e: std::io::Error| ImportError::Write {
         path: path.to_path_buf(),
