@@ -1,0 +1,108 @@
+//! ResNet-18 on the CPU next to PyTorch: training steps (SGD momentum, cross-entropy) at batch
+//! 8 x 224x224 and batch 32 x 32x32, and inference at batch 32 x 224x224, in samples/s. When
+//! PyTorch and torchvision are installed, benches/resnet_pytorch.py (2 threads) runs after each
+//! kiln round, alternating; medians over rounds. Prints one JSON object with the ratios.
+//!
+//! `cargo bench --bench resnet -- --rounds 2 --reps 3`
+
+mod common;
+
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use kiln::models::{ResNet, ResNetDepth};
+use kiln::trainer::TrainerConfig;
+use serde_json::{Value, json};
+
+use common::{arg, median, run_pytorch_with};
+
+/// Seconds of one training step of `batch` images of `side` x `side`.
+fn train_step(model: &mut Option<ResNet>, batch: usize, side: usize, device: &Device) -> f64 {
+    let images = Tensor::<4>::random([batch, 3, side, side], Distribution::Default, device);
+    let labels: Vec<i64> = (0..batch as i64).map(|i| (i * 37) % 1000).collect();
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(labels, [batch]), device);
+    let loss_fn = CrossEntropyLossConfig::new().init(device);
+    let mut optimizer = TrainerConfig::default().optimizer();
+    let start = Instant::now();
+    let current = model.take().expect("the model is put back after every step");
+    let loss = loss_fn.forward(current.forward(images), targets);
+    let grads = GradientsParams::from_grads(loss.backward(), &current);
+    let next = optimizer.step(0.01, current, grads);
+    // Wait for the new parameters, not only for the graph.
+    let _ = next.fc.weight.val().into_data();
+    *model = Some(next);
+    start.elapsed().as_secs_f64()
+}
+
+fn infer(model: &ResNet, batch: usize, side: usize, device: &Device) -> f64 {
+    let images = Tensor::<4>::random([batch, 3, side, side], Distribution::Default, device);
+    let start = Instant::now();
+    let _ = model.forward(images).into_data();
+    start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let rounds = arg("--rounds", 2);
+    let reps = arg("--reps", 3);
+    let device = Device::flex().autodiff();
+    let mut model = Some(ResNet::new(ResNetDepth::R18, 1000, &device));
+    let inner = Device::flex();
+    let (mut t8, mut t32, mut i32_) = (Vec::new(), Vec::new(), Vec::new());
+    let mut pytorch: Vec<Value> = Vec::new();
+    // Warm-up.
+    let _ = train_step(&mut model, 8, 224, &device);
+    let _ = train_step(&mut model, 32, 32, &device);
+    for round in 0..rounds {
+        for _ in 0..reps {
+            t8.push(8.0 / train_step(&mut model, 8, 224, &device));
+            t32.push(32.0 / train_step(&mut model, 32, 32, &device));
+            let valid = model.as_ref().expect("model present").valid();
+            i32_.push(32.0 / infer(&valid, 32, 224, &inner));
+        }
+        eprintln!("round {}/{rounds}: kiln done", round + 1);
+        if let Some(p) = run_pytorch_with("resnet_pytorch.py", &["--reps", &reps.to_string()]) {
+            pytorch.push(p);
+        }
+    }
+    let kiln = json!({
+        "train_b8_224": median(t8),
+        "train_b32_32": median(t32),
+        "infer_b32_224": median(i32_),
+    });
+    let pt = |key: &str| {
+        (!pytorch.is_empty()).then(|| {
+            median(
+                pytorch
+                    .iter()
+                    .filter_map(|p| p[key].as_f64())
+                    .collect::<Vec<_>>(),
+            )
+        })
+    };
+    let keys = ["train_b8_224", "train_b32_32", "infer_b32_224"];
+    let torch: serde_json::Map<String, Value> = keys
+        .iter()
+        .filter_map(|k| pt(k).map(|v| (k.to_string(), json!(v))))
+        .collect();
+    let ratios: serde_json::Map<String, Value> = keys
+        .iter()
+        .filter_map(|k| {
+            let ours = kiln[*k].as_f64()?;
+            pt(k).map(|theirs| (k.to_string(), json!(ours / theirs)))
+        })
+        .collect();
+    println!(
+        "{}",
+        json!({
+            "unit": "samples/s",
+            "rounds": rounds,
+            "reps_per_round": reps,
+            "kiln": kiln,
+            "pytorch": (!torch.is_empty()).then_some(torch),
+            "kiln_over_pytorch": (!ratios.is_empty()).then_some(ratios),
+        })
+    );
+}
