@@ -27,7 +27,9 @@ fn train_step(model: &mut Option<ResNet>, batch: usize, side: usize, device: &De
     let loss_fn = CrossEntropyLossConfig::new().init(device);
     let mut optimizer = TrainerConfig::default().optimizer();
     let start = Instant::now();
-    let current = model.take().expect("the model is put back after every step");
+    let current = model
+        .take()
+        .expect("the model is put back after every step");
     let loss = loss_fn.forward(current.forward(images), targets);
     let grads = GradientsParams::from_grads(loss.backward(), &current);
     let next = optimizer.step(0.01, current, grads);

@@ -371,9 +371,14 @@ pub struct FinetuneArgs {
     /// Samples per SGD step [default: 32].
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// SGD learning rate (momentum 0.9) [default: 0.01].
+    /// SGD learning rate (momentum 0.9) of the new head, and of the backbone unless
+    /// --backbone-lr is given [default: 0.01].
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Learning rate of the backbone (everything but fc), e.g. a tenth of --lr so that the
+    /// pretrained features move less than the new head (PyTorch's parameter groups).
+    #[arg(long, value_name = "LR", conflicts_with = "freeze_backbone")]
+    pub backbone_lr: Option<f64>,
     /// Seed of the new head, the shuffles and the augmentation [default: 42].
     #[arg(long)]
     pub seed: Option<u64>,
@@ -424,6 +429,7 @@ impl FinetuneArgs {
                 lr: self.lr,
                 seed: self.seed,
             },
+            backbone_lr: self.backbone_lr,
             target,
             verbosity,
             ranks: WorldSize::new(self.ranks.get()).map_err(kiln_trainer::TrainError::from)?,

@@ -19,7 +19,7 @@ use kiln_trainer::data::{
 };
 use kiln_trainer::report::Verbosity;
 use kiln_trainer::{
-    DataParallelConfig, Execution, RunLabels, TrainData, Trainer, TrainerConfig, evaluate,
+    DataParallelConfig, Execution, LrGroup, RunLabels, TrainData, Trainer, TrainerConfig, evaluate,
 };
 use serde_json::Value;
 
@@ -29,6 +29,8 @@ use crate::report::FinetuneReport;
 
 /// Name of this recipe, recorded in checkpoints.
 pub const RECIPE: &str = "finetune";
+/// Path prefix of the classifier head's parameters.
+const HEAD_PREFIX: &str = "fc.";
 /// File name of the fine-tuned weights written into the run directory.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 
@@ -53,8 +55,11 @@ pub struct FinetuneConfig {
     pub image_size: usize,
     /// Random resized crops and flips in training.
     pub augment: bool,
-    /// Hyper-parameters given by the user.
+    /// Hyper-parameters given by the user; `lr` is the head's (and the backbone's, unless
+    /// `backbone_lr` is set).
     pub overrides: TrainerOverrides,
+    /// Learning rate of everything but the head.
+    pub backbone_lr: Option<f64>,
     /// Output directory, or the run to resume.
     pub target: RunTarget,
     /// What is printed on stderr.
@@ -246,7 +251,24 @@ pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
     let base = resume
         .as_ref()
         .map_or_else(default_trainer_config, |(_, c)| c.state.config.clone());
-    let trainer_config = config.overrides.apply(base);
+    if let Some(lr) = config.backbone_lr
+        && !(lr.is_finite() && lr > 0.0)
+    {
+        return Err(RecipeError::Options {
+            flag: "--backbone-lr",
+            reason: format!("must be a positive number, got {lr}"),
+        });
+    }
+    let mut trainer_config = config.overrides.apply(base);
+    if let Some(backbone_lr) = config.backbone_lr {
+        // The trainer's base rate goes to the backbone, the head gets a group of its own.
+        let head_lr = trainer_config.lr;
+        trainer_config.lr = backbone_lr;
+        trainer_config.lr_groups = vec![LrGroup {
+            prefix: HEAD_PREFIX.into(),
+            lr: head_lr,
+        }];
+    }
     let seed = trainer_config.seed;
     // A resumed run keeps its own settings.
     let (depth, options) = match &resume {

@@ -61,6 +61,7 @@ fn three_sgd_momentum_steps_match_pytorch() {
         lr: 0.01,
         momentum: 0.9,
         seed: 5,
+        lr_groups: Vec::new(),
     };
     let run = tempfile::tempdir().unwrap();
     let labels = RunLabels {

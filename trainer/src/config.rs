@@ -19,6 +19,20 @@ pub struct TrainerConfig {
     pub momentum: f64,
     /// Seed of the model initialisation and of the per-epoch shuffles.
     pub seed: u64,
+    /// Parameters whose path starts with a group's prefix train with that group's learning
+    /// rate instead of `lr` (PyTorch's parameter groups), e.g. a fine-tuned head; the first
+    /// matching group wins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lr_groups: Vec<LrGroup>,
+}
+
+/// A learning rate for the parameters under one module path.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LrGroup {
+    /// Path prefix of the parameters, in module field names (`fc.` for a ResNet's head).
+    pub prefix: String,
+    /// Their learning rate.
+    pub lr: f64,
 }
 
 impl Default for TrainerConfig {
@@ -31,6 +45,7 @@ impl Default for TrainerConfig {
             lr: 0.01,
             momentum: 0.9,
             seed: 42,
+            lr_groups: Vec::new(),
         }
     }
 }
@@ -68,6 +83,19 @@ impl TrainerConfig {
             return bad(
                 "--lr",
                 format!("must be a positive number, got {}", self.lr),
+            );
+        }
+        if let Some(group) = self
+            .lr_groups
+            .iter()
+            .find(|g| !(g.lr.is_finite() && g.lr > 0.0))
+        {
+            return bad(
+                "--lr",
+                format!(
+                    "the learning rate of {}* must be a positive number, got {}",
+                    group.prefix, group.lr
+                ),
             );
         }
         if !(0.0..1.0).contains(&self.momentum) {

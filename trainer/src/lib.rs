@@ -18,7 +18,7 @@ mod error;
 pub mod report;
 pub mod train;
 
-pub use config::TrainerConfig;
+pub use config::{LrGroup, TrainerConfig};
 pub use error::{Result, TrainError};
 pub use train::{
     DataParallelConfig, EvalMetrics, Execution, FitReport, PipelineSplit, ProcessGroupConfig,

@@ -283,6 +283,14 @@ impl Trainer {
             last_checkpoint = Some(path);
         }
         let resumed_from_epoch = history.len();
+        if setup.zero.is_some() && !config.lr_groups.is_empty() {
+            return Err(TrainError::Config {
+                field: "--zero",
+                reason: "a sharded optimizer runs one learning rate; drop the per-group rates \
+                         (e.g. --backbone-lr) or --zero"
+                    .into(),
+            });
+        }
         // After the checkpoint is loaded, so that the buckets see the final parameters.
         let (mut ddp, mut zero) = (None, None);
         match (setup.collective, setup.zero) {
@@ -363,6 +371,7 @@ impl Trainer {
                 order: &order,
                 batch_size: local_batch,
                 lr: config.lr,
+                lr_groups: &config.lr_groups,
                 device,
                 epoch,
             };

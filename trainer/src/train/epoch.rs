@@ -2,11 +2,12 @@
 
 use std::time::Instant;
 
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsParams, ModuleOptimizer};
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 use kiln_multi::{DistributedDataParallel, ZeroOptimizer};
 
+use crate::config::LrGroup;
 use crate::data::{ImageBatch, ImageDataset, make_training_batch};
 use crate::error::Result;
 use crate::report::Progress;
@@ -28,6 +29,8 @@ pub(crate) struct EpochInputs<'a> {
     /// Samples per batch on this rank.
     pub(crate) batch_size: usize,
     pub(crate) lr: f64,
+    /// Learning rates of parameter groups (replicated optimizers only).
+    pub(crate) lr_groups: &'a [LrGroup],
     pub(crate) device: &'a Device,
     /// The epoch (from 0), which seeds the data set's augmentation.
     pub(crate) epoch: usize,
@@ -58,18 +61,76 @@ impl Updater<'_> {
         }
     }
 
-    fn step<M: Module>(&mut self, lr: f64, model: M, grads: GradientsParams) -> Result<M> {
+    fn step<M: Module>(
+        &mut self,
+        lr: f64,
+        groups: &[LrGroup],
+        model: M,
+        grads: GradientsParams,
+    ) -> Result<M> {
         Ok(match self {
             Updater::Replicated { optimizer, ddp } => {
                 let grads = match ddp {
                     Some(ddp) => ddp.sync(&model, grads)?,
                     None => grads,
                 };
-                optimizer.step(lr, model, grads)
+                let mut model = model;
+                for (lr, grads) in split_by_group(&model, grads, lr, groups) {
+                    if !grads.is_empty() {
+                        model = optimizer.step(lr, model, grads);
+                    }
+                }
+                model
             }
             Updater::Sharded(zero) => zero.step(lr, model, grads)?,
         })
     }
+}
+
+/// Splits `grads` by learning-rate group: `(lr, the rest)` first, then one entry per group.
+/// One optimizer step per entry updates every parameter once, each with its own rate (the
+/// optimizer keeps its state per parameter).
+fn split_by_group<M: Module>(
+    model: &M,
+    grads: GradientsParams,
+    lr: f64,
+    groups: &[LrGroup],
+) -> Vec<(f64, GradientsParams)> {
+    if groups.is_empty() {
+        return vec![(lr, grads)];
+    }
+    struct Splitter<'a> {
+        path: Vec<String>,
+        groups: &'a [LrGroup],
+        rest: GradientsParams,
+        out: Vec<GradientsParams>,
+    }
+    impl ModuleVisitor for Splitter<'_> {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let path = self.path.join(".");
+            if let Some(i) = self.groups.iter().position(|g| path.starts_with(&g.prefix))
+                && let Some(grad) = self.rest.remove::<D>(param.id)
+            {
+                self.out[i].register::<D>(param.id, grad);
+            }
+        }
+    }
+    let mut splitter = Splitter {
+        path: Vec::new(),
+        groups,
+        rest: grads,
+        out: groups.iter().map(|_| GradientsParams::new()).collect(),
+    };
+    model.visit(&mut splitter);
+    std::iter::once((lr, splitter.rest))
+        .chain(groups.iter().map(|g| g.lr).zip(splitter.out))
+        .collect()
 }
 
 /// Runs one pass over `inputs.order` in batches, one optimizer step per batch, with the loss
@@ -88,7 +149,7 @@ pub(crate) fn train_epoch<M: Module>(
     for chunk in inputs.order.chunks(inputs.batch_size) {
         let batch = make_training_batch(inputs.data, chunk, inputs.epoch, inputs.device);
         let (loss_value, grads) = loss_and_grads(&model, batch)?;
-        model = updater.step(inputs.lr, model, grads)?;
+        model = updater.step(inputs.lr, inputs.lr_groups, model, grads)?;
         loss_sum += loss_value;
         steps += 1;
         samples += chunk.len();
@@ -104,4 +165,64 @@ pub(crate) fn train_epoch<M: Module>(
         seconds: start.elapsed().as_secs_f64(),
     };
     Ok((model, outcome))
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::nn::{Linear, LinearConfig};
+
+    use super::*;
+    use crate::config::TrainerConfig;
+
+    #[derive(Module, Debug)]
+    struct Two {
+        a: Linear,
+        b: Linear,
+    }
+
+    fn values(linear: &Linear) -> Vec<f32> {
+        linear.weight.val().into_data().iter::<f32>().collect()
+    }
+
+    #[test]
+    fn each_group_steps_with_its_own_learning_rate() {
+        let device = Device::flex().autodiff();
+        let model = Two {
+            a: LinearConfig::new(3, 2).init(&device),
+            b: LinearConfig::new(2, 1).init(&device),
+        };
+        let x = Tensor::<2>::ones([4, 3], &device);
+        let loss = model.b.forward(model.a.forward(x)).sum();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let ga: Vec<f32> = grads
+            .get::<2>(model.a.weight.id)
+            .unwrap()
+            .into_data()
+            .iter::<f32>()
+            .collect();
+        let gb: Vec<f32> = grads
+            .get::<2>(model.b.weight.id)
+            .unwrap()
+            .into_data()
+            .iter::<f32>()
+            .collect();
+        let (a0, b0) = (values(&model.a), values(&model.b));
+        let mut optimizer = TrainerConfig::default().optimizer();
+        let mut updater = Updater::Replicated {
+            optimizer: &mut optimizer,
+            ddp: None,
+        };
+        let groups = [LrGroup {
+            prefix: "b.".into(),
+            lr: 0.5,
+        }];
+        let stepped = updater.step(0.1, &groups, model, grads).unwrap();
+        // First SGD-momentum step: p -= lr * g.
+        for ((new, old), g) in values(&stepped.a).iter().zip(&a0).zip(&ga) {
+            assert!((new - (old - 0.1 * g)).abs() < 1e-6);
+        }
+        for ((new, old), g) in values(&stepped.b).iter().zip(&b0).zip(&gb) {
+            assert!((new - (old - 0.5 * g)).abs() < 1e-6);
+        }
+    }
 }
