@@ -15,7 +15,7 @@ use kiln::models::quant::{QuantScheme, load_quantized, save_quantized};
 use kiln::models::{SimpleCnn, SimpleCnnConfig, load_weights};
 use serde_json::json;
 
-use common::{arg, median, run_pytorch_with};
+use common::{arg, median, median_field, run_pytorch_with};
 
 fn timed(model: &SimpleCnn, images: &Tensor<4>) -> f64 {
     let start = Instant::now();
@@ -70,16 +70,7 @@ fn main() {
         }
     }
     let (f, q, fl, ql) = (median(f), median(q), median(fl), median(ql));
-    let pt = |key: &str| {
-        (!pytorch.is_empty()).then(|| {
-            median(
-                pytorch
-                    .iter()
-                    .filter_map(|p| p[key].as_f64())
-                    .collect::<Vec<_>>(),
-            )
-        })
-    };
+    let pt = |key: &str| median_field(&pytorch, key);
     let (pf, pq) = (pt("fp32_samples_per_sec"), pt("int8_samples_per_sec"));
     println!(
         "{}",

@@ -4,28 +4,18 @@ qint8, seed 003's recipe), 2 threads, one warm-up, medians of --reps timed passe
 float and int8 alternating. Prints one JSON object."""
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 import warnings
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-
-class SimpleCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
-        self.fc1 = nn.Linear(64 * 7 * 7, 128)
-        self.fc2 = nn.Linear(128, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = F.relu(self.fc1(x.flatten(1)))
-        return self.fc2(x)
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(ROOT, "tests", "data", "simple_cnn"))
+from generate import SimpleCNN  # noqa: E402  (the model definition lives with the fixtures)
 
 
 def timed(model, x):

@@ -17,7 +17,7 @@ use kiln::models::{ResNet, ResNetDepth};
 use kiln::trainer::TrainerConfig;
 use serde_json::{Value, json};
 
-use common::{arg, median, run_pytorch_with};
+use common::{arg, median, median_field, run_pytorch_with};
 
 /// Seconds of one training step of `batch` images of `side` x `side`.
 fn train_step(model: &mut Option<ResNet>, batch: usize, side: usize, device: &Device) -> f64 {
@@ -74,16 +74,7 @@ fn main() {
         "train_b32_32": median(t32),
         "infer_b32_224": median(i32_),
     });
-    let pt = |key: &str| {
-        (!pytorch.is_empty()).then(|| {
-            median(
-                pytorch
-                    .iter()
-                    .filter_map(|p| p[key].as_f64())
-                    .collect::<Vec<_>>(),
-            )
-        })
-    };
+    let pt = |key: &str| median_field(&pytorch, key);
     let keys = ["train_b8_224", "train_b32_32", "infer_b32_224"];
     let torch: serde_json::Map<String, Value> = keys
         .iter()

@@ -5,22 +5,17 @@ each digit, as 28x28 grayscale PNGs in data/digits/{train,val}/<digit>/<index>.p
 Run from the repository root (not run by CI; the output is committed):
     python3 scripts/make_digits_folder.py
 """
-import gzip
 import os
+import sys
 
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "simple_cnn"))
+from generate import read_idx  # noqa: E402  (the IDX reader lives with the fixtures)
+
 PER_CLASS = {"train": 60, "val": 20}
 SOURCE = {"train": "train", "val": "t10k"}
-
-
-def read_idx(path):
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    dims = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
 def main():

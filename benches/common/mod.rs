@@ -61,3 +61,9 @@ pub fn run_pytorch_with(script: &str, args: &[&str]) -> Option<Value> {
     let stdout = String::from_utf8_lossy(&output.stdout);
     serde_json::from_str(stdout.lines().last()?).ok()
 }
+
+/// The median over PyTorch twin runs of the number at `key`, or `None` when no run gave one.
+pub fn median_field(runs: &[Value], key: &str) -> Option<f64> {
+    let values: Vec<f64> = runs.iter().filter_map(|r| r[key].as_f64()).collect();
+    (!values.is_empty()).then(|| median(values))
+}

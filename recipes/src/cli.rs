@@ -146,15 +146,7 @@ impl CnnMnistArgs {
     /// # Errors
     /// Fails when the default run directory cannot be inspected.
     pub fn to_config(&self, verbosity: Verbosity) -> Result<CnnMnistConfig> {
-        let target = match (&self.resume, &self.out) {
-            (Some(Some(path)), _) => RunTarget::Resume(path.clone()),
-            (Some(None), Some(out)) => RunTarget::Resume(out.clone()),
-            (Some(None), None) => {
-                RunTarget::Resume(Path::new(RUNS_DIR).join(crate::cnn_mnist::RECIPE))
-            }
-            (None, Some(out)) => RunTarget::Fresh(out.clone()),
-            (None, None) => RunTarget::Fresh(fresh_run_dir(crate::cnn_mnist::RECIPE)?),
-        };
+        let target = run_target(&self.resume, &self.out, crate::cnn_mnist::RECIPE)?;
         Ok(CnnMnistConfig {
             overrides: TrainerOverrides {
                 epochs: self.epochs,
@@ -187,6 +179,23 @@ impl CnnMnistArgs {
             }),
         })
     }
+}
+
+/// What `--resume [PATH]` and `--out DIR` ask for, for the recipe `name`: continue the given
+/// checkpoint or run (`--out`'s, else `runs/NAME`), or start fresh in `--out` or a new
+/// `runs/NAME[-N]`.
+fn run_target(
+    resume: &Option<Option<PathBuf>>,
+    out: &Option<PathBuf>,
+    name: &str,
+) -> Result<RunTarget> {
+    Ok(match (resume, out) {
+        (Some(Some(path)), _) => RunTarget::Resume(path.clone()),
+        (Some(None), Some(out)) => RunTarget::Resume(out.clone()),
+        (Some(None), None) => RunTarget::Resume(Path::new(RUNS_DIR).join(name)),
+        (None, Some(out)) => RunTarget::Fresh(out.clone()),
+        (None, None) => RunTarget::Fresh(fresh_run_dir(name)?),
+    })
 }
 
 /// `runs/NAME`, or the first `runs/NAME-N` that holds no run yet, so that running the same
@@ -402,14 +411,7 @@ impl FinetuneArgs {
     /// # Errors
     /// Fails when the default run directory cannot be inspected.
     pub fn to_config(&self, verbosity: Verbosity) -> Result<FinetuneConfig> {
-        let name = crate::finetune::RECIPE;
-        let target = match (&self.resume, &self.out) {
-            (Some(Some(path)), _) => RunTarget::Resume(path.clone()),
-            (Some(None), Some(out)) => RunTarget::Resume(out.clone()),
-            (Some(None), None) => RunTarget::Resume(Path::new(RUNS_DIR).join(name)),
-            (None, Some(out)) => RunTarget::Fresh(out.clone()),
-            (None, None) => RunTarget::Fresh(fresh_run_dir(name)?),
-        };
+        let target = run_target(&self.resume, &self.out, crate::finetune::RECIPE)?;
         Ok(FinetuneConfig {
             depth: match self.model {
                 ResNetArg::Resnet18 => ResNetDepth::R18,

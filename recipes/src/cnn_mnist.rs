@@ -13,7 +13,9 @@ use kiln_models::{
 };
 use kiln_multi::pipeline::{ModuleStage, PipelineConfig, PipelineSchedule, PipelineStage};
 use kiln_multi::{BucketConfig, Collective, CollectiveConfig, WorldSize, ZeroStage};
-use kiln_trainer::checkpoint::{latest_checkpoint, read_checkpoint, resolve_checkpoint};
+use kiln_trainer::checkpoint::{
+    Checkpoint, latest_checkpoint, read_checkpoint, resolve_checkpoint,
+};
 use kiln_trainer::data::{ImageDataset, MnistSplit};
 use kiln_trainer::report::Verbosity;
 use kiln_trainer::{
@@ -64,6 +66,29 @@ pub enum RunTarget {
     Fresh(PathBuf),
     /// Continue from a checkpoint file or from the latest checkpoint of a run directory.
     Resume(PathBuf),
+}
+
+impl RunTarget {
+    /// The run directory, and the checkpoint (file and contents) to continue from.
+    ///
+    /// # Errors
+    /// [`RecipeError::RunExists`] for a fresh run into a directory holding checkpoints;
+    /// checkpoint errors for a resume.
+    pub(crate) fn open(&self) -> Result<(PathBuf, Option<(PathBuf, Checkpoint)>)> {
+        match self {
+            RunTarget::Fresh(dir) => {
+                if latest_checkpoint(dir)?.is_some() {
+                    return Err(RecipeError::RunExists { path: dir.clone() });
+                }
+                Ok((dir.clone(), None))
+            }
+            RunTarget::Resume(path) => {
+                let file = resolve_checkpoint(path)?;
+                let checkpoint = read_checkpoint(&file)?;
+                Ok((run_dir_of(&file), Some((file, checkpoint))))
+            }
+        }
+    }
 }
 
 /// Configuration of the cnn-mnist recipe.
@@ -161,19 +186,7 @@ pub fn simple_cnn_stages(
 /// Data errors naming the bad file, [`RecipeError::RunExists`] for a fresh run into a used
 /// directory, checkpoint errors on `--resume`, and I/O errors when writing.
 pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
-    let (run_dir, resume) = match &config.target {
-        RunTarget::Fresh(dir) => {
-            if latest_checkpoint(dir)?.is_some() {
-                return Err(RecipeError::RunExists { path: dir.clone() });
-            }
-            (dir.clone(), None)
-        }
-        RunTarget::Resume(path) => {
-            let file = resolve_checkpoint(path)?;
-            let checkpoint = read_checkpoint(&file)?;
-            (run_dir_of(&file), Some((file, checkpoint)))
-        }
-    };
+    let (run_dir, resume) = config.target.open()?;
     let base = resume
         .as_ref()
         .map_or_else(TrainerConfig::default, |(_, c)| c.state.config.clone());

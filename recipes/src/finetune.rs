@@ -13,7 +13,6 @@ use burn::tensor::Device;
 use kiln_models::quant::file::float_safetensors;
 use kiln_models::{LoadOptions, ResNet, ResNetDepth, load_weights_with};
 use kiln_multi::{BucketConfig, CollectiveConfig, WorldSize};
-use kiln_trainer::checkpoint::{latest_checkpoint, read_checkpoint, resolve_checkpoint};
 use kiln_trainer::data::{
     Augment, CIFAR10_CLASSES, Cifar10, CifarSplit, ImageDataset, ImageFolder,
 };
@@ -23,7 +22,7 @@ use kiln_trainer::{
 };
 use serde_json::Value;
 
-use crate::cnn_mnist::{RunTarget, TrainerOverrides, run_dir_of};
+use crate::cnn_mnist::{RunTarget, TrainerOverrides};
 use crate::error::{RecipeError, Result};
 use crate::report::FinetuneReport;
 
@@ -235,19 +234,7 @@ pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
             ),
         });
     }
-    let (run_dir, resume) = match &config.target {
-        RunTarget::Fresh(dir) => {
-            if latest_checkpoint(dir)?.is_some() {
-                return Err(RecipeError::RunExists { path: dir.clone() });
-            }
-            (dir.clone(), None)
-        }
-        RunTarget::Resume(path) => {
-            let file = resolve_checkpoint(path)?;
-            let checkpoint = read_checkpoint(&file)?;
-            (run_dir_of(&file), Some((file, checkpoint)))
-        }
-    };
+    let (run_dir, resume) = config.target.open()?;
     let base = resume
         .as_ref()
         .map_or_else(default_trainer_config, |(_, c)| c.state.config.clone());

@@ -15,6 +15,15 @@ pub fn fixture(name: &str) -> PathBuf {
     repo("tests/data/simple_cnn").join(name)
 }
 
+/// Unpacks the PyTorch-exported ResNet-18 fixture `tests/data/resnet18/resnet18.<ext>.gz`
+/// (`ext` is `pth` or `safetensors`) into `dir` and returns its path.
+pub fn resnet18_weights(dir: &Path, ext: &str) -> PathBuf {
+    let packed = std::fs::read(repo(&format!("tests/data/resnet18/resnet18.{ext}.gz"))).unwrap();
+    let path = dir.join(format!("resnet18.{ext}"));
+    std::fs::write(&path, gunzip(&packed)).unwrap();
+    path
+}
+
 /// Reads a float32 `.npy` fixture.
 pub fn npy(path: &Path) -> NpyArray {
     read_npy_f32(path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))

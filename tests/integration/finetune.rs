@@ -2,21 +2,13 @@
 //! with a new head, frozen or not; the checkpoint evaluates and resumes; bad input fails
 //! cleanly.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::Tensor;
 use kiln::models::{ResNet, ResNetDepth, load_weights};
 
-use crate::common::{assert_clean_failure, gunzip, kiln, kiln_ok, last_json, repo};
-
-/// The PyTorch-exported ResNet-18 fixture (non-trivial BatchNorm statistics), unpacked.
-fn pytorch_weights(dir: &Path) -> PathBuf {
-    let packed = std::fs::read(repo("tests/data/resnet18/resnet18.pth.gz")).unwrap();
-    let path = dir.join("resnet18.pth");
-    std::fs::write(&path, gunzip(&packed)).unwrap();
-    path
-}
+use crate::common::{assert_clean_failure, kiln, kiln_ok, last_json, repo, resnet18_weights};
 
 fn finetune(out: &Path, extra: &[&str]) -> serde_json::Value {
     let base = [
@@ -63,7 +55,7 @@ fn backbone_values(model: &ResNet) -> Vec<f32> {
 #[test]
 fn frozen_backbone_trains_the_head_only_and_weights_load_back() {
     let dir = tempfile::tempdir().unwrap();
-    let weights = pytorch_weights(dir.path());
+    let weights = resnet18_weights(dir.path(), "pth");
     let run = dir.path().join("frozen");
     let report = finetune(
         &run,
@@ -213,7 +205,7 @@ fn resumed_finetuning_continues_exactly() {
 #[test]
 fn bad_finetuning_input_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let weights = pytorch_weights(dir.path());
+    let weights = resnet18_weights(dir.path(), "pth");
     let out = dir.path().join("run");
     let out = out.to_str().unwrap();
     // The wrong class count.

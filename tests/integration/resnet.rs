@@ -3,18 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common::{assert_clean_failure, fixture, gunzip, kiln, max_abs_diff, npy, repo};
+use crate::common::{
+    assert_clean_failure, fixture, kiln, max_abs_diff, npy, repo, resnet18_weights,
+};
 
 fn resnet_fixture(name: &str) -> PathBuf {
     repo("tests/data/resnet18").join(name)
-}
-
-/// Unpacks `resnet18.<ext>.gz` into `dir` and returns the path.
-fn weights(dir: &Path, ext: &str) -> PathBuf {
-    let packed = std::fs::read(resnet_fixture(&format!("resnet18.{ext}.gz"))).unwrap();
-    let path = dir.join(format!("resnet18.{ext}"));
-    std::fs::write(&path, gunzip(&packed)).unwrap();
-    path
 }
 
 fn predict(weights: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
@@ -43,7 +37,7 @@ fn resnet18_logits_match_pytorch_from_pth_and_safetensors() {
     let expected = npy(&resnet_fixture("logits.npy"));
     for ext in ["pth", "safetensors"] {
         let out = dir.path().join(format!("logits-{ext}.npy"));
-        let output = predict(&weights(dir.path(), ext), &out, &[]);
+        let output = predict(&resnet18_weights(dir.path(), ext), &out, &[]);
         assert!(
             output.status.success(),
             "{}",
@@ -61,7 +55,7 @@ fn resnet18_logits_match_pytorch_from_pth_and_safetensors() {
 fn bad_resnet_inputs_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("logits.npy");
-    let good = weights(dir.path(), "safetensors");
+    let good = resnet18_weights(dir.path(), "safetensors");
 
     // The wrong class count: the fc layer's shape is named.
     let output = predict(&good, &out, &["--num-classes", "10"]);
