@@ -12,15 +12,14 @@ use kiln_models::{
     SimpleCnn, SimpleCnnBack, SimpleCnnClassifier, SimpleCnnConfig, SimpleCnnConvBlock,
 };
 use kiln_multi::pipeline::{ModuleStage, PipelineConfig, PipelineSchedule, PipelineStage};
-use kiln_multi::{BucketConfig, Collective, CollectiveConfig, WorldSize, ZeroStage};
+use kiln_multi::{BucketConfig, Collective, WorldSize, ZeroStage};
 use kiln_trainer::checkpoint::{
     Checkpoint, latest_checkpoint, read_checkpoint, resolve_checkpoint,
 };
 use kiln_trainer::data::{ImageDataset, MnistSplit};
 use kiln_trainer::report::Verbosity;
 use kiln_trainer::{
-    DataParallelConfig, Execution, PipelineSplit, ProcessGroupConfig, RunLabels, TrainData,
-    Trainer, TrainerConfig,
+    Execution, PipelineSplit, ProcessGroupConfig, RunLabels, TrainData, Trainer, TrainerConfig,
 };
 
 use crate::error::{RecipeError, Result};
@@ -289,8 +288,8 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
                     buckets: BucketConfig::default(),
                     zero: config.zero,
                 })
-            } else if config.ranks == WorldSize::ONE {
-                if config.zero.is_some() {
+            } else {
+                if config.ranks == WorldSize::ONE && config.zero.is_some() {
                     return Err(RecipeError::Options {
                         flag: "--zero",
                         reason: "sharding splits the optimizer state over data-parallel ranks: \
@@ -298,16 +297,7 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
                             .to_string(),
                     });
                 }
-                Execution::Single(device)
-            } else {
-                Execution::DataParallel(DataParallelConfig {
-                    devices: vec![device; config.ranks.get()],
-                    collective: CollectiveConfig {
-                        timeout: config.collective_timeout,
-                    },
-                    buckets: BucketConfig::default(),
-                    zero: config.zero,
-                })
+                Execution::on_ranks(device, config.ranks, config.collective_timeout, config.zero)
             };
             // With QAT every step runs on fake-quantized weights; the gradients reach the
             // float weights through the straight-through estimator.

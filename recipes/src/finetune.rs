@@ -12,14 +12,12 @@ use burn::module::Module;
 use burn::tensor::Device;
 use kiln_models::quant::file::float_safetensors;
 use kiln_models::{LoadOptions, ResNet, ResNetDepth, load_weights_with};
-use kiln_multi::{BucketConfig, CollectiveConfig, WorldSize};
+use kiln_multi::WorldSize;
 use kiln_trainer::data::{
     Augment, CIFAR10_CLASSES, Cifar10, CifarSplit, ImageDataset, ImageFolder,
 };
 use kiln_trainer::report::Verbosity;
-use kiln_trainer::{
-    DataParallelConfig, Execution, LrGroup, RunLabels, TrainData, Trainer, TrainerConfig, evaluate,
-};
+use kiln_trainer::{Execution, LrGroup, RunLabels, TrainData, Trainer, TrainerConfig, evaluate};
 use serde_json::Value;
 
 use crate::cnn_mnist::{RunTarget, TrainerOverrides};
@@ -360,18 +358,7 @@ pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
         options: options.to_map(),
     };
     let trainer = Trainer::new(trainer_config, &run_dir, labels)?.with_verbosity(config.verbosity);
-    let execution = if config.ranks == WorldSize::ONE {
-        Execution::Single(device)
-    } else {
-        Execution::DataParallel(DataParallelConfig {
-            devices: vec![device; config.ranks.get()],
-            collective: CollectiveConfig {
-                timeout: config.collective_timeout,
-            },
-            buckets: BucketConfig::default(),
-            zero: None,
-        })
-    };
+    let execution = Execution::on_ranks(device, config.ranks, config.collective_timeout, None);
     let splits = TrainData {
         train: data.train.as_ref(),
         test: data.val.as_ref(),

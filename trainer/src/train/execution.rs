@@ -52,6 +52,26 @@ pub struct DataParallelConfig {
 }
 
 impl Execution {
+    /// One device when `ranks` is one, else `ranks` data-parallel threads sharing `device`,
+    /// with the default gradient buckets and `timeout` for every exchange.
+    pub fn on_ranks(
+        device: Device,
+        ranks: WorldSize,
+        timeout: std::time::Duration,
+        zero: Option<ZeroStage>,
+    ) -> Self {
+        if ranks == WorldSize::ONE {
+            Execution::Single(device)
+        } else {
+            Execution::DataParallel(DataParallelConfig {
+                devices: vec![device; ranks.get()],
+                collective: CollectiveConfig { timeout },
+                buckets: BucketConfig::default(),
+                zero,
+            })
+        }
+    }
+
     /// The number of ranks.
     ///
     /// # Errors
