@@ -246,8 +246,12 @@ pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
     }
     let mut trainer_config = config.overrides.apply(base);
     if let Some(backbone_lr) = config.backbone_lr {
-        // The trainer's base rate goes to the backbone, the head gets a group of its own.
-        let head_lr = trainer_config.lr;
+        // The trainer's base rate goes to the backbone, the head gets a group of its own (on
+        // resume, the head keeps the checkpoint's rate, and a changed rate is refused).
+        let head_lr = trainer_config
+            .lr_groups
+            .first()
+            .map_or(trainer_config.lr, |g| g.lr);
         trainer_config.lr = backbone_lr;
         trainer_config.lr_groups = vec![LrGroup {
             prefix: HEAD_PREFIX.into(),
