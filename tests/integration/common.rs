@@ -105,6 +105,30 @@ pub fn train_cnn_mnist(limit: &str, out: &Path, epochs: &str, extra: &[&str]) ->
     last_json(&kiln_ok(&[&base[..], extra].concat()))
 }
 
+/// `kiln eval --checkpoint PATH --json`'s report (the run must succeed).
+pub fn eval_json(checkpoint: &Path) -> serde_json::Value {
+    last_json(&kiln_ok(&[
+        "eval",
+        "--checkpoint",
+        checkpoint.to_str().expect("temporary paths are UTF-8"),
+        "--json",
+    ]))
+}
+
+/// `kiln quantize --checkpoint PATH --timing-batches N --json`'s report, with `extra` flags
+/// (the run must succeed).
+pub fn quantize_json(checkpoint: &Path, timing_batches: &str, extra: &[&str]) -> serde_json::Value {
+    let base = [
+        "quantize",
+        "--checkpoint",
+        checkpoint.to_str().expect("temporary paths are UTF-8"),
+        "--timing-batches",
+        timing_batches,
+        "--json",
+    ];
+    last_json(&kiln_ok(&[&base[..], extra].concat()))
+}
+
 /// Last line of stdout, parsed as JSON.
 pub fn last_json(output: &Output) -> serde_json::Value {
     let stdout = String::from_utf8_lossy(&output.stdout);

@@ -8,7 +8,10 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::Tensor;
 use kiln::models::{ResNet, ResNetDepth, load_weights};
 
-use crate::common::{assert_clean_failure, kiln, kiln_ok, last_json, repo, resnet18_weights};
+use crate::common::{
+    assert_clean_failure, eval_json, kiln, kiln_ok, last_json, quantize_json, repo,
+    resnet18_weights,
+};
 
 fn finetune(out: &Path, extra: &[&str]) -> serde_json::Value {
     let base = [
@@ -84,24 +87,12 @@ fn frozen_backbone_trains_the_head_only_and_weights_load_back() {
     let head: Vec<f32> = tuned.fc.weight.val().into_data().iter::<f32>().collect();
     assert!(head.iter().any(|v| *v != 0.0));
     // The checkpoint evaluates to the accuracy training reported.
-    let eval = last_json(&kiln_ok(&[
-        "eval",
-        "--checkpoint",
-        run.to_str().unwrap(),
-        "--json",
-    ]));
+    let eval = eval_json(&run);
     assert_eq!(eval["test_accuracy"], report["test_accuracy"]);
     assert_eq!(eval["model"], "resnet18");
     // int8 quantization of the fine-tuned ResNet, evaluated on its validation folder; the file
     // evaluates back to the accuracy the report measured.
-    let quantized = last_json(&kiln_ok(&[
-        "quantize",
-        "--checkpoint",
-        run.to_str().unwrap(),
-        "--timing-batches",
-        "1",
-        "--json",
-    ]));
+    let quantized = quantize_json(&run, "1", &[]);
     assert_eq!(quantized["model"], "resnet18");
     assert!(
         quantized["size_ratio"].as_f64().unwrap() < 0.26,
@@ -109,12 +100,7 @@ fn frozen_backbone_trains_the_head_only_and_weights_load_back() {
     );
     assert_eq!(quantized["fp32_accuracy"], report["test_accuracy"]);
     let file = run.join("resnet18-int8-tensor.safetensors");
-    let eval = last_json(&kiln_ok(&[
-        "eval",
-        "--checkpoint",
-        file.to_str().unwrap(),
-        "--json",
-    ]));
+    let eval = eval_json(&file);
     assert_eq!(eval["test_accuracy"], quantized["quantized_accuracy"]);
     // Top-5 classes of every image of a directory, named after the folder's classes.
     let images = repo("data/digits/val/3");

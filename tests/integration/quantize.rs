@@ -2,7 +2,8 @@
 //! training (`kiln train --qat`).
 
 use crate::common::{
-    assert_clean_failure, fixture, kiln, kiln_ok, last_json, max_abs_diff, npy, train_cnn_mnist,
+    assert_clean_failure, eval_json, fixture, kiln, kiln_ok, last_json, max_abs_diff, npy,
+    quantize_json, train_cnn_mnist,
 };
 
 /// Quantizes the PyTorch fixture weights with `granularity` into `out` and returns the logits
@@ -66,14 +67,7 @@ fn quantized_checkpoint_reports_sizes_and_evaluates_the_same_after_reload() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     train_cnn_mnist("512", &run, "1", &[]);
-    let report = last_json(&kiln_ok(&[
-        "quantize",
-        "--checkpoint",
-        run.to_str().unwrap(),
-        "--timing-batches",
-        "2",
-        "--json",
-    ]));
+    let report = quantize_json(&run, "2", &[]);
     let out = run.join("simple-cnn-int8-tensor.safetensors");
     assert_eq!(report["output"], out.to_str().unwrap());
     let quantized_bytes = report["quantized_bytes"].as_u64().unwrap();
@@ -92,12 +86,7 @@ fn quantized_checkpoint_reports_sizes_and_evaluates_the_same_after_reload() {
         assert!(report[key].as_f64().unwrap() > 0.0, "{key}: {report}");
     }
     // kiln eval reads the file back with the accuracy the report measured.
-    let eval = last_json(&kiln_ok(&[
-        "eval",
-        "--checkpoint",
-        out.to_str().unwrap(),
-        "--json",
-    ]));
+    let eval = eval_json(&out);
     assert_eq!(eval["test_accuracy"], report["quantized_accuracy"]);
     assert_eq!(eval["quantization"], "int8:tensor");
 
@@ -153,23 +142,11 @@ fn quantization_aware_training_converts_to_the_model_it_evaluated() {
         &["--qat", "int4", "--qat-granularity", "block:32"],
     );
     assert_eq!(trained["qat"], "int4:block:32");
-    let report = last_json(&kiln_ok(&[
-        "quantize",
-        "--checkpoint",
-        run.to_str().unwrap(),
-        "--timing-batches",
-        "1",
-        "--json",
-    ]));
+    let report = quantize_json(&run, "1", &[]);
     assert_eq!(report["scheme"], "int4:block:32");
     assert_eq!(report["quantization_aware"], "int4:block:32");
     assert_eq!(report["quantized_accuracy"], trained["test_accuracy"]);
-    let eval = last_json(&kiln_ok(&[
-        "eval",
-        "--checkpoint",
-        run.to_str().unwrap(),
-        "--json",
-    ]));
+    let eval = eval_json(&run);
     assert_eq!(eval["test_accuracy"], trained["test_accuracy"]);
 
     // Resuming without --qat continues quantization-aware; a float run refuses --qat.

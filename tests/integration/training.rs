@@ -2,7 +2,7 @@
 //! evaluate to what training reported, and an interrupted run resumed with `--resume` ends
 //! exactly where an uninterrupted run ends.
 
-use crate::common::{assert_clean_failure, kiln, kiln_ok, last_json, train_cnn_mnist};
+use crate::common::{assert_clean_failure, eval_json, kiln, train_cnn_mnist};
 
 /// Training samples used by these tests, to keep them to seconds.
 const LIMIT: &str = "1024";
@@ -36,8 +36,7 @@ fn resumed_run_equals_uninterrupted_run_and_checkpoints_evaluate() {
     assert_eq!(lines.lines().count(), 2);
 
     // eval of the run directory reproduces the reported test metrics.
-    let output = kiln_ok(&["eval", "--checkpoint", split.to_str().unwrap(), "--json"]);
-    let eval = last_json(&output);
+    let eval = eval_json(&split);
     assert_eq!(eval["test_accuracy"], resumed["test_accuracy"]);
     let loss_gap =
         (eval["test_loss"].as_f64().unwrap() - resumed["test_loss"].as_f64().unwrap()).abs();
