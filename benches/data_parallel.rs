@@ -21,7 +21,8 @@ use burn::tensor::Device;
 use common::{arg, median, run_pytorch};
 use kiln::models::{SimpleCnn, SimpleCnnConfig};
 use kiln::multi::{
-    BucketConfig, CollectiveConfig, MultiError, ReduceOp, WorldSize, ZeroStage, run_in_process,
+    BucketConfig, CollectiveConfig, MultiError, ReduceOp, Transport, WorldSize, ZeroStage,
+    run_in_process,
 };
 use kiln::recipes::mnist_data::MnistSource;
 use kiln::trainer::data::{MnistDataset, MnistSplit};
@@ -96,6 +97,7 @@ fn train_rate(
         Execution::DataParallel(DataParallelConfig {
             devices: vec![device; ranks],
             collective: CollectiveConfig::default(),
+            transport: Transport::SharedMemory,
             buckets: BucketConfig::default(),
             zero,
         })

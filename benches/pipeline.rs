@@ -138,7 +138,7 @@ impl<M: Module> Runner<M> {
 fn simple_cnn_arch() -> Arch<SimpleCnn> {
     Arch {
         forward: SimpleCnn::forward,
-        split: |m, device| simple_cnn_stages(m, STAGES, device),
+        split: |m, device| simple_cnn_stages(m, STAGES, &[device.clone(), device.clone()]),
     }
 }
 

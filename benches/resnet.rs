@@ -3,7 +3,9 @@
 //! PyTorch and torchvision are installed, benches/resnet_pytorch.py (2 threads) runs after each
 //! kiln round, alternating; medians over rounds. Prints one JSON object with the ratios.
 //!
-//! `cargo bench --bench resnet -- --rounds 2 --reps 3`
+//! `cargo bench --bench resnet -- --rounds 2 --reps 3`; on a GPU (a build with `--features
+//! cuda`): `cargo bench --features cuda --bench resnet -- --device cuda:0`, PyTorch on the same
+//! GPU.
 
 mod common;
 
@@ -14,10 +16,11 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use kiln::models::{ResNet, ResNetDepth};
+use kiln::multi::DeviceSpec;
 use kiln::trainer::TrainerConfig;
 use serde_json::{Value, json};
 
-use common::{arg, median, median_field, run_pytorch_with};
+use common::{arg, median, median_field, run_pytorch_with, string_arg};
 
 /// Seconds of one training step of `batch` images of `side` x `side`.
 fn train_step(model: &mut Option<ResNet>, batch: usize, side: usize, device: &Device) -> f64 {
@@ -49,9 +52,14 @@ fn infer(model: &ResNet, batch: usize, side: usize, device: &Device) -> f64 {
 fn main() {
     let rounds = arg("--rounds", 2);
     let reps = arg("--reps", 3);
-    let device = Device::flex().autodiff();
+    let spec: DeviceSpec = string_arg("--device")
+        .unwrap_or_else(|| "cpu".into())
+        .parse()
+        .unwrap_or_else(|e| panic!("--device: {e}"));
+    let inner = spec.device().unwrap_or_else(|e| panic!("{e}"));
+    let device = inner.clone().autodiff();
     let mut model = Some(ResNet::new(ResNetDepth::R18, 1000, &device));
-    let inner = Device::flex();
+    let device_arg = spec.to_string();
     let (mut t8, mut t32, mut i32_) = (Vec::new(), Vec::new(), Vec::new());
     let mut pytorch: Vec<Value> = Vec::new();
     // Warm-up.
@@ -65,7 +73,10 @@ fn main() {
             i32_.push(32.0 / infer(&valid, 32, 224, &inner));
         }
         eprintln!("round {}/{rounds}: kiln done", round + 1);
-        if let Some(p) = run_pytorch_with("resnet_pytorch.py", &["--reps", &reps.to_string()]) {
+        if let Some(p) = run_pytorch_with(
+            "resnet_pytorch.py",
+            &["--reps", &reps.to_string(), "--device", &device_arg],
+        ) {
             pytorch.push(p);
         }
     }
@@ -91,6 +102,7 @@ fn main() {
         "{}",
         json!({
             "unit": "samples/s",
+            "device": device_arg,
             "rounds": rounds,
             "reps_per_round": reps,
             "kiln": kiln,

@@ -112,6 +112,24 @@ pub enum MultiError {
         /// What went wrong.
         reason: String,
     },
+    /// A device was asked for that this build or this machine does not have.
+    #[error("device {device}: {reason}")]
+    Device {
+        /// The device as the user named it (`cuda:1`).
+        device: String,
+        /// Why it cannot be used, and what to do.
+        reason: String,
+    },
+    /// The NCCL engine failed: a CUDA or NCCL call returned an error.
+    #[error("rank {rank}: {op}: {detail}")]
+    Nccl {
+        /// The rank reporting the error.
+        rank: usize,
+        /// The collective or setup step.
+        op: &'static str,
+        /// The CUDA or NCCL error.
+        detail: String,
+    },
     /// A configuration value is out of range.
     #[error("invalid {field}: {reason}")]
     Config {

@@ -8,6 +8,7 @@
 //! - [`data_parallel`]: [`DistributedDataParallel`], which keeps the replicas of any Burn
 //!   module identical by broadcasting parameters from rank 0 and averaging gradients in
 //!   buckets;
+//! - [`device`]: [`DeviceSpec`], `--device cpu|cuda:N` checked before Burn opens a device;
 //! - [`launch`]: whether this process is one rank of a job started by `mpirun` or `torchrun`;
 //! - [`sharding`]: ZeRO stages 1 and 2: optimizer state and gradients split over the ranks;
 //! - [`tensor_parallel`]: Megatron-style column- and row-parallel Linear layers;
@@ -18,6 +19,7 @@
 
 pub mod collective;
 pub mod data_parallel;
+pub mod device;
 mod error;
 pub mod launch;
 pub mod mesh;
@@ -27,9 +29,11 @@ pub mod sharding;
 pub mod tensor_parallel;
 
 pub use collective::{
-    Collective, CollectiveConfig, InProcessCollective, ReduceOp, run_in_process, shard_range,
+    Collective, CollectiveConfig, InProcessCollective, ReduceOp, Transport, run_group,
+    run_in_process, shard_range,
 };
 pub use data_parallel::{BucketConfig, DistributedDataParallel, GradientBucket};
+pub use device::DeviceSpec;
 pub use error::{MultiError, Result};
 pub use mesh::{Rank, WorldSize};
 pub use sampler::{DistributedSampler, DistributedSamplerConfig};

@@ -22,6 +22,15 @@ pub fn arg(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// The value after `name` on the command line, if any.
+pub fn string_arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
 /// Runs `benches/<script>` with `--reps` and `--train-samples` and returns the JSON object on
 /// its last stdout line; `None` (with a note on stderr) when Python or PyTorch is missing or
 /// `KILN_BENCH_NO_PYTORCH` is set.

@@ -9,7 +9,7 @@ use clap::{Args, ValueEnum};
 use kiln_models::ResNetDepth;
 use kiln_models::quant::{Granularity, QuantBits, QuantScheme};
 use kiln_multi::pipeline::PipelineSchedule;
-use kiln_multi::{WorldSize, ZeroStage};
+use kiln_multi::{DeviceSpec, WorldSize, ZeroStage};
 use kiln_trainer::checkpoint::latest_checkpoint;
 use kiln_trainer::report::Verbosity;
 
@@ -54,6 +54,12 @@ pub struct CnnMnistArgs {
     /// Train on the first N training samples only (quick checks).
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
+    /// Where to train: cpu (Burn's Flex backend, all cores) or cuda:N (GPU N; plain `cuda`
+    /// is cuda:0; needs a kiln built with `--features cuda`). With --ranks R or
+    /// --pipeline-stages P, the ranks or stages take consecutive GPUs from N (ranks exchange
+    /// gradients over NCCL); under `kiln launch`, each process takes GPU N + its local rank.
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    pub device: DeviceSpec,
     /// Data-parallel ranks: N threads, each with a replica of the model, training on 1/N of
     /// every batch and averaging gradients (like PyTorch DDP). --batch-size stays the global
     /// batch and must divide by N. A run may be resumed with a different N. For one process
@@ -166,6 +172,7 @@ impl CnnMnistArgs {
                 schedule: self.schedule.into(),
             }),
             process_group: None,
+            device: self.device,
             zero: self.zero.map(|stage| {
                 if stage == 1 {
                     ZeroStage::One
@@ -397,6 +404,10 @@ pub struct FinetuneArgs {
     /// Continue a run from a checkpoint file or run directory (with no value: --out's).
     #[arg(long, value_name = "PATH", num_args = 0..=1)]
     pub resume: Option<Option<PathBuf>>,
+    /// Where to train: cpu, or cuda:N (GPU N; needs a kiln built with `--features cuda`).
+    /// With --ranks R, the ranks take R consecutive GPUs from N and exchange over NCCL.
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    pub device: DeviceSpec,
     /// Data-parallel ranks (threads, each with a replica, averaging gradients).
     #[arg(long, value_name = "N", default_value_t = NonZeroUsize::MIN)]
     pub ranks: NonZeroUsize,
@@ -436,6 +447,7 @@ impl FinetuneArgs {
             verbosity,
             ranks: WorldSize::new(self.ranks.get()).map_err(kiln_trainer::TrainError::from)?,
             collective_timeout: Duration::from_secs(self.collective_timeout),
+            device: self.device,
         })
     }
 }

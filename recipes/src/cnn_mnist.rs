@@ -12,7 +12,7 @@ use kiln_models::{
     SimpleCnn, SimpleCnnBack, SimpleCnnClassifier, SimpleCnnConfig, SimpleCnnConvBlock,
 };
 use kiln_multi::pipeline::{ModuleStage, PipelineConfig, PipelineSchedule, PipelineStage};
-use kiln_multi::{BucketConfig, Collective, WorldSize, ZeroStage};
+use kiln_multi::{BucketConfig, Collective, DeviceSpec, WorldSize, ZeroStage};
 use kiln_trainer::checkpoint::{
     Checkpoint, latest_checkpoint, read_checkpoint, resolve_checkpoint,
 };
@@ -117,6 +117,9 @@ pub struct CnnMnistConfig {
     /// Quantization-aware training: the forward pass sees the weights fake-quantized under
     /// this scheme. On resume, `None` continues with the checkpoint's scheme.
     pub qat: Option<QuantScheme>,
+    /// The device of the run (of rank 0, or of the first pipeline stage): further ranks and
+    /// stages take the next GPUs. For a launched process, the device of local rank 0.
+    pub device: DeviceSpec,
 }
 
 /// Pipeline settings of a cnn-mnist run: SimpleCNN split into 2 stages (conv1 block | conv2
@@ -131,35 +134,40 @@ pub struct PipelineOptions {
     pub schedule: PipelineSchedule,
 }
 
-/// SimpleCNN split into `stages` pipeline stages on `device`, sharing `model`'s parameters:
-/// conv1 block | conv2 block + classifier (the most even split of the work in two), or
-/// conv1 block | conv2 block | classifier.
+/// SimpleCNN split into `stages` pipeline stages sharing `model`'s parameters, stage `i` on
+/// `devices[i]` (its parameters forked there when that is not the model's device): conv1
+/// block | conv2 block + classifier (the most even split of the work in two), or conv1 block |
+/// conv2 block | classifier.
+///
+/// # Panics
+/// When `devices` has fewer than `stages` devices.
 pub fn simple_cnn_stages(
     model: &SimpleCnn,
     stages: usize,
-    device: &Device,
+    devices: &[Device],
 ) -> Vec<Box<dyn PipelineStage>> {
+    assert!(devices.len() >= stages, "one device per pipeline stage");
     let (block1, block2) = model.conv_blocks();
     let first: Box<dyn PipelineStage> = Box::new(ModuleStage::new(
         "conv1",
-        block1,
+        place(block1, &devices[0]),
         SimpleCnnConvBlock::forward,
-        device.clone(),
+        devices[0].clone(),
     ));
     if stages == 3 {
         vec![
             first,
             Box::new(ModuleStage::new(
                 "conv2",
-                block2,
+                place(block2, &devices[1]),
                 SimpleCnnConvBlock::forward,
-                device.clone(),
+                devices[1].clone(),
             )),
             Box::new(ModuleStage::new(
                 "classifier",
-                model.classifier(),
+                place(model.classifier(), &devices[2]),
                 SimpleCnnClassifier::forward,
-                device.clone(),
+                devices[2].clone(),
             )),
         ]
     } else {
@@ -171,11 +179,21 @@ pub fn simple_cnn_stages(
             first,
             Box::new(ModuleStage::new(
                 "conv2+classifier",
-                back,
+                place(back, &devices[1]),
                 SimpleCnnBack::forward,
-                device.clone(),
+                devices[1].clone(),
             )),
         ]
+    }
+}
+
+/// `module` on `device`: itself when it is already there, else a fork (the same parameter
+/// ids, so the stage's gradients still find their parameters in the whole model).
+fn place<M: burn::module::Module>(module: M, device: &Device) -> M {
+    if module.devices().iter().all(|d| d == device) {
+        module
+    } else {
+        module.fork(device)
     }
 }
 
@@ -185,6 +203,29 @@ pub fn simple_cnn_stages(
 /// Data errors naming the bad file, [`RecipeError::RunExists`] for a fresh run into a used
 /// directory, checkpoint errors on `--resume`, and I/O errors when writing.
 pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
+    // A launched rank on CUDA takes its host's GPU of its local rank, and talks over NCCL.
+    let (device_spec, process_group) = match &config.process_group {
+        Some(group) if config.device.is_cuda() => {
+            let (device, nccl) = crate::distributed::on_gpu(
+                Arc::clone(group),
+                config.device,
+                config.collective_timeout,
+            )?;
+            (device, Some(nccl))
+        }
+        other => (config.device, other.clone()),
+    };
+    // Every device the run needs is checked before any tensor is made.
+    let device_count = match config.pipeline {
+        Some(options) => options.stages.get(),
+        None => config.ranks.get(),
+    };
+    let devices: Vec<Device> = device_spec
+        .devices(device_count)?
+        .into_iter()
+        .map(Device::autodiff)
+        .collect();
+    let device = devices[0].clone();
     let (run_dir, resume) = config.target.open()?;
     let base = resume
         .as_ref()
@@ -211,7 +252,6 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
     check_image_shape(&train)?;
     check_image_shape(&test)?;
 
-    let device = Device::flex().autodiff();
     let model = SimpleCnnConfig::new().init(&device, trainer.config().seed);
     let data = TrainData {
         train: &train,
@@ -228,10 +268,7 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
                         .to_string(),
                 });
             }
-            if config.ranks != WorldSize::ONE
-                || config.process_group.is_some()
-                || config.zero.is_some()
-            {
+            if config.ranks != WorldSize::ONE || process_group.is_some() || config.zero.is_some() {
                 return Err(RecipeError::Options {
                     flag: "--pipeline-stages",
                     reason: "combining a pipeline with data parallelism (--ranks, --zero, or \
@@ -249,20 +286,20 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
                     ),
                 });
             }
-            // Like one device per stage: the machine's cores shared out between the stages.
-            let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
-            let threads =
-                NonZeroUsize::new(cores / options.stages.get()).unwrap_or(NonZeroUsize::MIN);
-            let stage_device = device.clone();
-            let split =
-                move |m: &SimpleCnn| simple_cnn_stages(m, options.stages.get(), &stage_device);
+            // On the CPU, like one device per stage: the machine's cores shared out between the
+            // stages. On CUDA each stage has its own GPU.
+            let threads = (!device_spec.is_cuda()).then(|| {
+                let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+                NonZeroUsize::new(cores / options.stages.get()).unwrap_or(NonZeroUsize::MIN)
+            });
+            let split = move |m: &SimpleCnn| simple_cnn_stages(m, options.stages.get(), &devices);
             let split = PipelineSplit {
                 device,
                 config: PipelineConfig {
                     schedule: options.schedule,
                     micro_batches: options.micro_batches,
                     timeout: config.collective_timeout,
-                    threads_per_stage: Some(threads),
+                    threads_per_stage: threads,
                 },
                 stages: options.stages,
                 split: &split,
@@ -270,7 +307,7 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
             trainer.fit_pipeline(model, SimpleCnn::forward, data, resume, split)?
         }
         None => {
-            let execution = if let Some(group) = &config.process_group {
+            let execution = if let Some(group) = &process_group {
                 if config.ranks != WorldSize::ONE {
                     return Err(RecipeError::Options {
                         flag: "--ranks",
@@ -283,7 +320,7 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
                     });
                 }
                 Execution::Process(ProcessGroupConfig {
-                    device,
+                    device: device.clone(),
                     collective: Arc::clone(group),
                     buckets: BucketConfig::default(),
                     zero: config.zero,
@@ -297,7 +334,12 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
                             .to_string(),
                     });
                 }
-                Execution::on_ranks(device, config.ranks, config.collective_timeout, config.zero)
+                Execution::on_ranks(
+                    device_spec,
+                    config.ranks,
+                    config.collective_timeout,
+                    config.zero,
+                )?
             };
             // With QAT every step runs on fake-quantized weights; the gradients reach the
             // float weights through the straight-through estimator.

@@ -9,8 +9,8 @@ use std::fmt::Display;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kiln_multi::Collective;
 use kiln_multi::launch::LaunchEnv;
+use kiln_multi::{Collective, DeviceSpec};
 
 use crate::error::RecipeError;
 
@@ -117,4 +117,38 @@ where
     session
         .run(|group| job(Some(group)))
         .map_err(|e| RecipeError::from(kiln_trainer::TrainError::from(e)).into())
+}
+
+/// This launched rank's device and group when the run is on CUDA: GPU `first + local rank`
+/// (one GPU per process of a host, as torchrun assigns them) and an NCCL group joined over
+/// the launcher's MPI `group`, which carries NCCL's id and the per-call agreement.
+///
+/// # Errors
+/// [`RecipeError::Multi`] when the GPU does not exist or NCCL cannot start.
+pub fn on_gpu(
+    group: Arc<dyn Collective>,
+    first: DeviceSpec,
+    timeout: Duration,
+) -> Result<(DeviceSpec, Arc<dyn Collective>), RecipeError> {
+    let local_rank = LaunchEnv::detect()
+        .ok()
+        .flatten()
+        .map_or(0, |env| env.local_rank);
+    let device = first.nth(local_rank);
+    let ordinals = device.cuda_ordinals(1)?;
+    #[cfg(feature = "cuda")]
+    {
+        let nccl = kiln_multi::collective::nccl::NcclCollective::join(group, ordinals[0], timeout)?;
+        Ok((device, Arc::new(nccl)))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        // `cuda_ordinals` already failed in a build without CUDA.
+        let _ = (group, timeout, ordinals);
+        Err(kiln_multi::MultiError::Device {
+            device: device.to_string(),
+            reason: "this kiln was built without CUDA support".to_string(),
+        }
+        .into())
+    }
 }

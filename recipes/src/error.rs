@@ -6,6 +6,9 @@ pub enum RecipeError {
     /// Training, data or checkpoint failure.
     #[error(transparent)]
     Train(#[from] kiln_trainer::TrainError),
+    /// A device that cannot be used, or a failed collective outside training.
+    #[error(transparent)]
+    Multi(#[from] kiln_multi::MultiError),
     /// Weights that do not load.
     #[error(transparent)]
     Import(#[from] kiln_models::ImportError),

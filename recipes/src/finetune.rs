@@ -9,10 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use burn::module::Module;
-use burn::tensor::Device;
 use kiln_models::quant::file::float_safetensors;
 use kiln_models::{LoadOptions, ResNet, ResNetDepth, load_weights_with};
-use kiln_multi::WorldSize;
+use kiln_multi::{DeviceSpec, WorldSize};
 use kiln_trainer::data::{
     Augment, CIFAR10_CLASSES, Cifar10, CifarSplit, ImageDataset, ImageFolder,
 };
@@ -65,6 +64,8 @@ pub struct FinetuneConfig {
     pub ranks: WorldSize,
     /// How long a rank waits for the others.
     pub collective_timeout: Duration,
+    /// The device of rank 0; further ranks take the next GPUs.
+    pub device: DeviceSpec,
 }
 
 /// The recipe's defaults: 3 epochs, batch 32, lr 0.01, momentum 0.9.
@@ -232,6 +233,8 @@ pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
             ),
         });
     }
+    // Every device the run needs, checked before the data is decoded.
+    config.device.cuda_ordinals(config.ranks.get())?;
     let (run_dir, resume) = config.target.open()?;
     let base = resume
         .as_ref()
@@ -319,7 +322,7 @@ pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
         ..options
     };
 
-    let device = Device::flex().autodiff();
+    let device = config.device.device()?.autodiff();
     // Burn initialises the backbone from the device's generator: seeded, a run repeats.
     device.seed(seed);
     let mut model = ResNet::new(depth, 1000, &device).with_new_head(classes.len(), seed);
@@ -344,7 +347,7 @@ pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
         model.num_params()
     };
     let initial_accuracy = resume.is_none().then(|| {
-        let inner = Device::flex();
+        let inner = device.clone().inner();
         evaluate(
             &model.valid(),
             ResNet::forward,
@@ -362,7 +365,8 @@ pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
         options: options.to_map(),
     };
     let trainer = Trainer::new(trainer_config, &run_dir, labels)?.with_verbosity(config.verbosity);
-    let execution = Execution::on_ranks(device, config.ranks, config.collective_timeout, None);
+    let execution =
+        Execution::on_ranks(config.device, config.ranks, config.collective_timeout, None)?;
     let splits = TrainData {
         train: data.train.as_ref(),
         test: data.val.as_ref(),

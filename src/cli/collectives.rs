@@ -1,7 +1,8 @@
 //! `kiln collectives`: checks every collective of the engine this process runs on against
 //! closed-form values, and optionally measures all-reduce bandwidth. Run alone it uses the
 //! in-process engine with --ranks threads; under `kiln launch` it uses MPI, one rank per
-//! process.
+//! process. With `--device cuda:N` the data goes over NCCL between GPUs (threads: GPUs N to
+//! N + ranks - 1; launched: GPU N + local rank), set up through the same groups.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,8 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use kiln_multi::collective::verify_collective;
-use kiln_multi::{Collective, CollectiveConfig, MultiError, Rank, ReduceOp, WorldSize};
-use kiln_recipes::distributed::run_as_launched;
+use kiln_multi::{
+    Collective, CollectiveConfig, DeviceSpec, MultiError, Rank, ReduceOp, Transport, WorldSize,
+};
+use kiln_recipes::distributed::{on_gpu, run_as_launched};
 use serde_json::json;
 
 const MIB: usize = 1024 * 1024;
@@ -19,6 +22,7 @@ const MIB: usize = 1024 * 1024;
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
   kiln collectives --ranks 4                       # in-process engine, 4 threads
+  kiln collectives --ranks 2 --device cuda:0       # NCCL between cuda:0 and cuda:1
   kiln launch --nproc-per-node 2 -- kiln collectives --bench --sizes-mib 1,16,64")]
 pub struct CollectivesArgs {
     /// Ranks (threads) of the in-process engine when not started by a launcher.
@@ -30,6 +34,9 @@ pub struct CollectivesArgs {
     /// Buffer sizes of the bandwidth measurement, in MiB.
     #[arg(long, value_name = "LIST", value_delimiter = ',', default_values_t = [1, 16, 64])]
     sizes_mib: Vec<usize>,
+    /// cpu (host memory), or cuda:N: NCCL between GPUs from N (a build with --features cuda).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    device: DeviceSpec,
     /// Timed repetitions per size (after one warm-up); the median is reported.
     #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     reps: u32,
@@ -58,15 +65,26 @@ pub fn run(args: &CollectivesArgs, json_output: bool) -> anyhow::Result<()> {
                         "--ranks is for the in-process engine; under a launcher every process is one rank"
                     );
                 }
-                let outcome = on_rank(&*group, "mpi", args)?;
+                let (engine, group) = if args.device.is_cuda() {
+                    ("nccl over mpi", on_gpu(group, args.device, timeout)?.1)
+                } else {
+                    ("mpi", group)
+                };
+                let outcome = on_rank(&*group, engine, args)?;
                 Ok((group.rank() == Rank::ZERO).then_some(outcome))
             }
             None => {
                 let world = WorldSize::new(args.ranks as usize)?;
                 let config = CollectiveConfig { timeout };
+                let (engine, transport) = if args.device.is_cuda() {
+                    let ordinals = args.device.cuda_ordinals(world.get())?;
+                    ("nccl", Transport::Nccl { ordinals })
+                } else {
+                    ("in-process", Transport::SharedMemory)
+                };
                 let outcomes =
-                    kiln_multi::run_in_process(world, config, |c: Arc<dyn Collective>| {
-                        on_rank(&*c, "in-process", args).map_err(|e| MultiError::Config {
+                    kiln_multi::run_group(world, config, &transport, |c: Arc<dyn Collective>| {
+                        on_rank(&*c, engine, args).map_err(|e| MultiError::Config {
                             field: "collectives",
                             reason: format!("{e:#}"),
                         })

@@ -143,3 +143,47 @@ fn bad_flags_are_rejected_with_usage() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--checkpoint"));
 }
+
+/// Asking for a GPU that is not there (a build without `cuda`, or no NVIDIA driver, or an index
+/// past the last GPU) fails before training starts, with what to do, and writes nothing.
+#[test]
+fn missing_cuda_device_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    // No machine has 1000 GPUs: an error in every build, with or without a GPU.
+    let output = kiln(&[
+        "train",
+        "cnn-mnist",
+        "--device",
+        "cuda:1000",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&output, &["device cuda:1000: "]);
+    assert!(!out.join("checkpoints").exists());
+    if !cfg!(feature = "cuda") {
+        let output = kiln(&[
+            "train",
+            "cnn-mnist",
+            "--device",
+            "cuda:0",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_clean_failure(&output, &["device cuda:0: ", "--features cuda"]);
+        let output = kiln(&[
+            "finetune",
+            "--device",
+            "cuda",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_clean_failure(&output, &["device cuda:0: "]);
+        let output = kiln(&["collectives", "--device", "cuda:0"]);
+        assert_clean_failure(&output, &["device cuda:0: "]);
+    }
+    let output = kiln(&["train", "cnn-mnist", "--device", "tpu"]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("expected cpu, cuda or cuda:N"), "{stderr}");
+}

@@ -5,7 +5,7 @@ use std::time::Duration;
 use burn::tensor::Device;
 use kiln::models::{SimpleCnn, SimpleCnnConfig};
 use kiln::multi::data_parallel::flatten_params;
-use kiln::multi::{BucketConfig, CollectiveConfig, ZeroStage};
+use kiln::multi::{BucketConfig, CollectiveConfig, Transport, ZeroStage};
 use kiln::recipes::mnist_data::MnistSource;
 use kiln::trainer::data::MnistSplit;
 use kiln::trainer::report::Verbosity;
@@ -66,6 +66,7 @@ fn trainer_on_two_ranks_of_32_matches_one_device_with_64() {
             collective: CollectiveConfig {
                 timeout: Duration::from_secs(60),
             },
+            transport: Transport::SharedMemory,
             buckets: BucketConfig::default(),
             zero,
         });

@@ -5,14 +5,19 @@
 //! - `mpi::MpiCollective` (feature `mpi`): one rank per process, on one host or many, over
 //!   Open MPI; [`launch`](crate::launch) tells a process whether it was started as a rank.
 //!
-//! An NCCL (CUDA) engine will implement the same trait.
+//! - `nccl::NcclCollective` (feature `cuda`): CUDA GPUs over NCCL, in one process
+//!   ([`run_group`] with [`Transport::Nccl`]) or across processes (joined through an MPI group).
 
 mod base;
+mod group;
 mod in_process;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 mod verify;
 
 pub use base::{Collective, CollectiveConfig, ReduceOp, shard_range};
+pub use group::{Transport, run_group};
 pub use in_process::{InProcessCollective, run_in_process};
 pub use verify::{VERIFY_LENGTHS, VerifyReport, verify_collective};

@@ -12,7 +12,7 @@ use kiln_multi::pipeline::{Activation, Pipeline, PipelineConfig, PipelineStage, 
 use kiln_multi::{
     BucketConfig, Collective, DistributedDataParallel, DistributedSampler,
     DistributedSamplerConfig, FlatOptimizer, Rank, ReduceOp, ShardMemory, WorldSize,
-    ZERO_STATE_MAGIC, ZeroConfig, ZeroOptimizer, ZeroStage, run_in_process,
+    ZERO_STATE_MAGIC, ZeroConfig, ZeroOptimizer, ZeroStage, run_group,
 };
 
 use super::epoch::{EpochInputs, Updater, train_epoch};
@@ -161,7 +161,7 @@ impl Trainer {
                     .iter()
                     .map(|device| Mutex::new(Some(model.clone().fork(device))))
                     .collect();
-                let ranks = run_in_process(world, dp.collective, |collective| {
+                let ranks = run_group(world, dp.collective, &dp.transport, |collective| {
                     let rank = collective.rank().index();
                     let replica = replicas[rank]
                         .lock()

@@ -1,7 +1,9 @@
 use std::sync::Arc;
 
 use burn::tensor::Device;
-use kiln_multi::{BucketConfig, Collective, CollectiveConfig, WorldSize, ZeroStage};
+use kiln_multi::{
+    BucketConfig, Collective, CollectiveConfig, DeviceSpec, Transport, WorldSize, ZeroStage,
+};
 
 use crate::error::{Result, TrainError};
 
@@ -44,6 +46,8 @@ pub struct DataParallelConfig {
     pub devices: Vec<Device>,
     /// Timeout of every collective.
     pub collective: CollectiveConfig,
+    /// How the ranks exchange gradients: shared memory, or NCCL between the ranks' GPUs.
+    pub transport: Transport,
     /// Gradient bucket sizes.
     pub buckets: BucketConfig,
     /// Shard the optimizer state (ZeRO-1) and the gradients (ZeRO-2) over the ranks instead
@@ -52,24 +56,44 @@ pub struct DataParallelConfig {
 }
 
 impl Execution {
-    /// One device when `ranks` is one, else `ranks` data-parallel threads sharing `device`,
-    /// with the default gradient buckets and `timeout` for every exchange.
+    /// One device when `ranks` is one, else `ranks` data-parallel threads, with the default
+    /// gradient buckets and `timeout` for every exchange. On the CPU the ranks share the Flex
+    /// device and exchange through shared memory; on CUDA rank `r` runs on the `r`-th GPU
+    /// from `device` and the ranks exchange over NCCL.
+    ///
+    /// # Errors
+    /// [`TrainError::Multi`] when the device cannot be used (no CUDA in this build, no
+    /// driver, too few GPUs).
     pub fn on_ranks(
-        device: Device,
+        device: DeviceSpec,
         ranks: WorldSize,
         timeout: std::time::Duration,
         zero: Option<ZeroStage>,
-    ) -> Self {
+    ) -> Result<Self> {
+        let devices: Vec<Device> = device
+            .devices(ranks.get())?
+            .into_iter()
+            .map(Device::autodiff)
+            .collect();
         if ranks == WorldSize::ONE {
-            Execution::Single(device)
-        } else {
-            Execution::DataParallel(DataParallelConfig {
-                devices: vec![device; ranks.get()],
-                collective: CollectiveConfig { timeout },
-                buckets: BucketConfig::default(),
-                zero,
-            })
+            return Ok(Execution::Single(
+                devices.into_iter().next().expect("one device per rank"),
+            ));
         }
+        let transport = if device.is_cuda() {
+            Transport::Nccl {
+                ordinals: device.cuda_ordinals(ranks.get())?,
+            }
+        } else {
+            Transport::SharedMemory
+        };
+        Ok(Execution::DataParallel(DataParallelConfig {
+            devices,
+            collective: CollectiveConfig { timeout },
+            transport,
+            buckets: BucketConfig::default(),
+            zero,
+        }))
     }
 
     /// The number of ranks.
