@@ -442,3 +442,20 @@ pub(crate) fn run_dir_of(checkpoint: &Path) -> PathBuf {
         parent.to_path_buf()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::module::Module;
+
+    /// On one device the stages share the model's tensors: nothing is forked per step.
+    #[test]
+    fn stages_on_the_model_device_are_not_forked() {
+        let device = Device::flex().autodiff();
+        let model = SimpleCnnConfig::new().init(&device, 1);
+        let (block, _) = model.conv_blocks();
+        assert!(block.devices().iter().all(|d| *d == device));
+        let stages = simple_cnn_stages(&model, 2, &[device.clone(), device.clone()]);
+        assert!(stages.iter().all(|s| *s.device() == device));
+    }
+}

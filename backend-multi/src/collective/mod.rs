@@ -9,6 +9,11 @@
 //!   ([`run_group`] with [`Transport::Nccl`]) or across processes (joined through an MPI group).
 
 mod base;
+#[cfg_attr(
+    not(feature = "cuda"),
+    allow(dead_code, reason = "used by the NCCL engine; tested")
+)]
+mod blocks;
 mod group;
 mod in_process;
 #[cfg(feature = "mpi")]

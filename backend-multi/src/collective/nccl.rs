@@ -21,6 +21,7 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use cudarc::nccl::safe::{Comm, Id, ReduceOp as NcclOp};
 
 use super::base::{Collective, ReduceOp, shard_range};
+use super::blocks::{block_len, from_blocks, to_blocks};
 use crate::error::{MultiError, Result};
 use crate::mesh::{Rank, WorldSize};
 
@@ -295,11 +296,6 @@ impl NcclCollective {
             .and_then(|()| self.stream.synchronize())
             .map_err(self.driver(op))
     }
-
-    /// NCCL's equal block per rank for `len` elements split by [`shard_range`].
-    fn block(&self, len: usize) -> usize {
-        len.div_ceil(self.world.get())
-    }
 }
 
 impl Collective for NcclCollective {
@@ -355,7 +351,7 @@ impl Collective for NcclCollective {
         if out.is_empty() {
             return Ok(());
         }
-        let block = self.block(out.len());
+        let block = block_len(out.len(), self.world);
         let mut padded = vec![0.0; block];
         padded[..shard.len()].copy_from_slice(shard);
         let send = self.upload(OP, &padded)?;
@@ -363,11 +359,7 @@ impl Collective for NcclCollective {
         self.launch(OP, |comm| comm.all_gather(&send, &mut recv).map(|_| ()))?;
         let mut gathered = vec![0.0; block * self.world.get()];
         self.download(OP, &recv, &mut gathered)?;
-        for r in 0..self.world.get() {
-            let range = shard_range(out.len(), self.world, Rank::new(r, self.world)?);
-            let start = r * block;
-            out[range.clone()].copy_from_slice(&gathered[start..start + range.len()]);
-        }
+        from_blocks(&gathered, self.world, out);
         Ok(())
     }
 
@@ -387,12 +379,8 @@ impl Collective for NcclCollective {
         if buf.is_empty() {
             return Ok(());
         }
-        let block = self.block(buf.len());
-        let mut padded = vec![0.0; block * self.world.get()];
-        for r in 0..self.world.get() {
-            let range = shard_range(buf.len(), self.world, Rank::new(r, self.world)?);
-            padded[r * block..r * block + range.len()].copy_from_slice(&buf[range]);
-        }
+        let block = block_len(buf.len(), self.world);
+        let padded = to_blocks(buf, self.world);
         let send = self.upload(OP, &padded)?;
         let mut recv = self.upload(OP, &vec![0.0; block])?;
         self.launch(OP, |comm| {
