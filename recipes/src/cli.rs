@@ -260,6 +260,9 @@ pub struct ModelSourceArgs {
     /// Outputs of a ResNet's fc layer in --weights (1000 for torchvision's ImageNet weights).
     #[arg(long, value_name = "N", default_value_t = NonZeroUsize::new(1000).expect("1000 is not zero"))]
     pub num_classes: NonZeroUsize,
+    /// Where the model runs: cpu, or cuda:N (a build with `--features cuda`).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    pub device: DeviceSpec,
 }
 
 impl ModelSourceArgs {

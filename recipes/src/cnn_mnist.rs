@@ -370,6 +370,7 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
             .process_group
             .as_ref()
             .map_or(config.ranks.get(), |g| g.world_size().get()),
+        device: device_spec.to_string(),
         global_batch_size,
         pipeline: config.pipeline.map(|p| PipelineReport {
             stages: p.stages.get(),

@@ -9,6 +9,7 @@ use kiln_models::quant::{
     QuantScheme, QuantizedFileInfo, load_quantized, read_quantized_info, round_weights,
 };
 use kiln_models::{ResNet, ResNetDepth, SimpleCnn, SimpleCnnConfig, load_weights};
+use kiln_multi::DeviceSpec;
 use kiln_trainer::checkpoint::{EpochMetrics, read_checkpoint, resolve_checkpoint};
 use kiln_trainer::data::{
     MnistSplit, NpyArray, is_image_file, load_eval_image, read_npy_f32, write_npy_f32,
@@ -266,12 +267,17 @@ pub(crate) fn load(source: &ModelSource, device: &Device) -> Result<Loaded> {
 ///
 /// # Errors
 /// Checkpoint, weight-import and data errors, each naming the bad file.
-pub fn eval(source: &ModelSource, data: Option<&Path>, batch_size: usize) -> Result<EvalReport> {
+pub fn eval(
+    source: &ModelSource,
+    data: Option<&Path>,
+    batch_size: usize,
+    device: DeviceSpec,
+) -> Result<EvalReport> {
     let batch_size = NonZeroUsize::new(batch_size).ok_or(TrainError::Config {
         field: "--batch-size",
         reason: "must be at least 1".into(),
     })?;
-    let device = Device::flex();
+    let device = device.device()?;
     let loaded = load(source, &device)?;
     let model = loaded.inference_model();
     let metrics = match (&model, &loaded.finetune) {
@@ -331,8 +337,13 @@ pub fn eval(source: &ModelSource, data: Option<&Path>, batch_size: usize) -> Res
 ///
 /// # Errors
 /// Checkpoint and weight-import errors, a bad or mis-shaped `.npy` input, and write errors.
-pub fn predict(source: &ModelSource, input: &Path, output: &Path) -> Result<PredictReport> {
-    let device = Device::flex();
+pub fn predict(
+    source: &ModelSource,
+    input: &Path,
+    output: &Path,
+    device: DeviceSpec,
+) -> Result<PredictReport> {
+    let device = device.device()?;
     let loaded = load(source, &device)?;
     let array = read_npy_f32(input)?;
     let shape_error = |expected: String| RecipeError::InputShape {
@@ -420,8 +431,9 @@ pub fn predict_images(
     path: &Path,
     image_size: Option<usize>,
     top: usize,
+    device: DeviceSpec,
 ) -> Result<ImagePredictions> {
-    let device = Device::flex();
+    let device = device.device()?;
     let loaded = load(source, &device)?;
     let Net::ResNet(model) = loaded.inference_model() else {
         return Err(RecipeError::Options {

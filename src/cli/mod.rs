@@ -159,6 +159,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &model_source(&args.source)?,
                 args.data.as_deref(),
                 args.batch_size,
+                args.source.device,
             )
             .context("evaluation failed")?;
             println!("{}", report.stdout_line(cli.json)?);
@@ -183,11 +184,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     image,
                     args.image_size,
                     args.top,
+                    args.source.device,
                 )
                 .context("prediction failed")?
                 .stdout_line(cli.json)?,
                 (None, Some(input), Some(output)) => {
-                    kiln_recipes::inference::predict(&source, input, output)
+                    kiln_recipes::inference::predict(&source, input, output, args.source.device)
                         .context("prediction failed")?
                         .stdout_line(cli.json)?
                 }

@@ -161,6 +161,14 @@ fn missing_cuda_device_is_a_clear_error() {
     ]);
     assert_clean_failure(&output, &["device cuda:1000: "]);
     assert!(!out.join("checkpoints").exists());
+    let output = kiln(&[
+        "eval",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--device",
+        "cuda:1000",
+    ]);
+    assert_clean_failure(&output, &["device cuda:1000: "]);
     if !cfg!(feature = "cuda") {
         let output = kiln(&[
             "train",
