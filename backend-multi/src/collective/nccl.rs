@@ -244,6 +244,23 @@ impl NcclCollective {
         Ok(())
     }
 
+    /// [`agree`](Self::agree) for a sharded call: this rank's `shard_len` must be its part of
+    /// `len`, or the call fails on every rank (with [`MultiError::BufferLength`] on this one).
+    fn agree_shard(&self, op: &'static str, code: u32, len: usize, shard_len: usize) -> Result<()> {
+        let mine = shard_range(len, self.world, self.rank);
+        let valid = shard_len == mine.len();
+        self.agree(op, code, len, 0, valid)?;
+        if !valid {
+            return Err(MultiError::BufferLength {
+                rank: self.rank.index(),
+                op,
+                expected: mine.len(),
+                got: shard_len,
+            });
+        }
+        Ok(())
+    }
+
     fn driver(&self, op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> MultiError {
         let rank = self.rank.index();
         move |e| MultiError::Nccl {
@@ -337,17 +354,7 @@ impl Collective for NcclCollective {
 
     fn all_gather(&self, shard: &[f32], out: &mut [f32]) -> Result<()> {
         const OP: &str = "all_gather";
-        let mine = shard_range(out.len(), self.world, self.rank);
-        let valid = shard.len() == mine.len();
-        self.agree(OP, ALL_GATHER * 4, out.len(), 0, valid)?;
-        if !valid {
-            return Err(MultiError::BufferLength {
-                rank: self.rank.index(),
-                op: OP,
-                expected: mine.len(),
-                got: shard.len(),
-            });
-        }
+        self.agree_shard(OP, ALL_GATHER * 4, out.len(), shard.len())?;
         if out.is_empty() {
             return Ok(());
         }
@@ -365,17 +372,7 @@ impl Collective for NcclCollective {
 
     fn reduce_scatter(&self, buf: &[f32], shard: &mut [f32], op: ReduceOp) -> Result<()> {
         const OP: &str = "reduce_scatter";
-        let mine = shard_range(buf.len(), self.world, self.rank);
-        let valid = shard.len() == mine.len();
-        self.agree(OP, op_code(REDUCE_SCATTER, op), buf.len(), 0, valid)?;
-        if !valid {
-            return Err(MultiError::BufferLength {
-                rank: self.rank.index(),
-                op: OP,
-                expected: mine.len(),
-                got: shard.len(),
-            });
-        }
+        self.agree_shard(OP, op_code(REDUCE_SCATTER, op), buf.len(), shard.len())?;
         if buf.is_empty() {
             return Ok(());
         }
