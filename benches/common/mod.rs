@@ -51,7 +51,11 @@ pub fn run_pytorch_with(script: &str, args: &[&str]) -> Option<Value> {
     if std::env::var_os("KILN_BENCH_NO_PYTORCH").is_some() {
         return None;
     }
-    let path = format!("{}/benches/{script}", env!("CARGO_MANIFEST_DIR"));
+    // A bench binary copied to another machine (scripts/gpu-check's bundle) finds the scripts
+    // through KILN_BENCHES_DIR.
+    let dir = std::env::var("KILN_BENCHES_DIR")
+        .unwrap_or_else(|_| format!("{}/benches", env!("CARGO_MANIFEST_DIR")));
+    let path = format!("{dir}/{script}");
     let output = Command::new("python3")
         .arg(&path)
         .args(args)
