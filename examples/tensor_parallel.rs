@@ -3,7 +3,9 @@
 //! (`ColumnParallelLinear`), fc2 (128 -> 10) the matching 64 input features
 //! (`RowParallelLinear`, whose forward all-reduces the partial logits), so each rank holds half
 //! of the classifier's 402,000 weights. Both ranks see the same batches; the gradients of the
-//! replicated conv layers in front of the split block are summed with `sum_gradients`.
+//! replicated conv layers in front of the split block are summed with `sum_gradients`. The
+//! model is `kiln::recipes::cnn_mnist::TensorParallelCnn` (what `kiln train cnn-mnist
+//! --tensor-parallel 2` trains through the trainer); this example runs the steps by hand.
 //!
 //! The run trains 30 SGD-momentum steps on the embedded MNIST subset, then gathers the split
 //! layers and checks the logits of 256 test images against SimpleCNN trained on one device
@@ -16,13 +18,12 @@
 use std::sync::Arc;
 
 use burn::module::Module;
-use burn::nn::Relu;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
-use kiln::models::{SimpleCnn, SimpleCnnConfig, SimpleCnnConvBlock};
-use kiln::multi::tensor_parallel::{ColumnParallelLinear, RowParallelLinear, sum_gradients};
+use kiln::models::SimpleCnnConfig;
 use kiln::multi::{Collective, CollectiveConfig, MultiError, Rank, WorldSize, run_in_process};
+use kiln::recipes::cnn_mnist::TensorParallelCnn;
 use kiln::recipes::distributed::run_as_launched;
 use kiln::recipes::mnist_data::MnistSource;
 use kiln::trainer::TrainerConfig;
@@ -31,39 +32,6 @@ use kiln::trainer::data::{MnistDataset, MnistSplit, make_batch};
 const STEPS: usize = 30;
 const BATCH: usize = 64;
 const LR: f64 = 0.01;
-
-/// One rank's SimpleCNN: conv blocks replicated, classifier split.
-#[derive(Module, Debug)]
-struct TensorParallelCnn {
-    conv1: SimpleCnnConvBlock,
-    conv2: SimpleCnnConvBlock,
-    fc1: ColumnParallelLinear,
-    fc2: RowParallelLinear,
-    relu: Relu,
-}
-
-impl TensorParallelCnn {
-    fn split(model: &SimpleCnn, c: &dyn Collective) -> Result<Self, MultiError> {
-        let (conv1, conv2) = model.conv_blocks();
-        let classifier = model.classifier();
-        Ok(Self {
-            conv1,
-            conv2,
-            fc1: ColumnParallelLinear::from_linear(&classifier.fc1, c.world_size(), c.rank())?,
-            fc2: RowParallelLinear::from_linear(&classifier.fc2, c.world_size(), c.rank())?,
-            relu: Relu::new(),
-        })
-    }
-
-    fn forward(&self, images: Tensor<4>, c: &dyn Collective) -> Result<Tensor<2>, MultiError> {
-        let x = self
-            .conv2
-            .forward(self.conv1.forward(images))
-            .flatten::<2>(1, 3);
-        let h = self.relu.forward(self.fc1.forward(x));
-        self.fc2.forward(h, c)
-    }
-}
 
 /// SGD with momentum 0.9, as the trainer runs it.
 fn sgd() -> ModuleOptimizer {
@@ -94,30 +62,26 @@ fn main() -> anyhow::Result<()> {
 
     // The classifier split between ranks: 2 threads here, or, under `kiln launch` (built with
     // `--features mpi`), one rank per process over MPI.
-    let train_rank = |c: &dyn Collective| {
-        let mut model = TensorParallelCnn::split(&init.clone().fork(&device), c)?;
+    let train_rank = |c: Arc<dyn Collective>| {
+        let mut model = TensorParallelCnn::split(&init.clone().fork(&device), Arc::clone(&c))?;
         let mut optimizer = sgd();
         for step in 0..STEPS {
             let batch = make_batch(&train, &batch_indices(step), &device);
-            let loss = loss_fn.forward(model.forward(batch.images, c)?, batch.targets);
+            let loss = loss_fn.forward(model.try_forward(batch.images)?, batch.targets);
             let mut grads = GradientsParams::from_grads(loss.backward(), &model);
-            // The conv layers feed the split block: each rank holds part of their gradient.
-            let trunk = (model.conv1.clone(), model.conv2.clone());
-            sum_gradients(&trunk, &mut grads, c)?;
+            // The conv layers feed the split block: each rank holds part of their gradient
+            // (`sum_gradients` over the conv blocks).
+            model.sync_gradients(&mut grads, &*c)?;
             model = optimizer.step(LR, model, grads);
         }
         let weights = model.fc1.linear.weight.val().dims();
-        logits(&test, |x| model.forward(x, c)).map(|l| (l, weights, c.rank(), c.world_size()))
+        logits(&test, |x| model.try_forward(x)).map(|l| (l, weights, c.rank(), c.world_size()))
     };
     let timeout = CollectiveConfig::DEFAULT_TIMEOUT;
     let results = run_as_launched(timeout, |group| -> anyhow::Result<_> {
         Ok(match group {
-            Some(c) => vec![train_rank(&*c)?],
-            None => run_in_process(
-                WorldSize::new(2)?,
-                CollectiveConfig::default(),
-                |c: Arc<dyn Collective>| train_rank(&*c),
-            )?,
+            Some(c) => vec![train_rank(c)?],
+            None => run_in_process(WorldSize::new(2)?, CollectiveConfig::default(), train_rank)?,
         })
     })?;
     let (parallel, fc1_shape, rank, world) = &results[0];

@@ -78,14 +78,7 @@ impl SimpleCnnConfig {
         let mut fc2 = LinearConfig::new(self.hidden, self.num_classes).init(device);
         fc2.weight = init.param([self.hidden, self.num_classes], self.hidden, device);
         fc2.bias = Some(init.param([self.num_classes], self.hidden, device));
-        SimpleCnn {
-            conv1,
-            conv2,
-            fc1,
-            fc2,
-            pool: MaxPool2dConfig::new([2, 2]).init(),
-            activation: Relu::new(),
-        }
+        SimpleCnn::from_layers(conv1, conv2, fc1, fc2)
     }
 }
 
@@ -95,6 +88,19 @@ impl SimpleCnn {
         let x = conv_block(&self.conv1, &self.pool, &self.activation, images);
         let x = conv_block(&self.conv2, &self.pool, &self.activation, x);
         classify(&self.fc1, &self.fc2, &self.activation, x)
+    }
+
+    /// The model made of these layers (e.g. layers gathered back from a tensor-parallel
+    /// split), with SimpleCNN's ReLU and 2x2 max-pool.
+    pub fn from_layers(conv1: Conv2d, conv2: Conv2d, fc1: Linear, fc2: Linear) -> SimpleCnn {
+        SimpleCnn {
+            conv1,
+            conv2,
+            fc1,
+            fc2,
+            pool: MaxPool2dConfig::new([2, 2]).init(),
+            activation: Relu::new(),
+        }
     }
 
     /// The input shape the model expects, without the batch dimension.

@@ -77,6 +77,14 @@ pub struct CnnMnistArgs {
     /// the bytes per rank.
     #[arg(long, value_name = "STAGE", value_parser = clap::value_parser!(u8).range(1..=2))]
     pub zero: Option<u8>,
+    /// Tensor parallelism (Megatron-style): SimpleCNN's classifier split over N ranks
+    /// (threads, or consecutive GPUs with --device cuda:K): fc1's 128 outputs by columns, fc2's
+    /// inputs by rows, the partial logits all-reduced; every rank sees the same batches and
+    /// holds 1/N of the classifier's weights and momentum. Same updates as one device.
+    /// Checkpoints hold the whole model (eval, predict and quantize read them as usual), but a
+    /// run cannot resume as tensor-parallel (the ranks' optimizer states are not saved).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(2..=128))]
+    pub tensor_parallel: Option<u32>,
     /// Pipeline parallelism: split SimpleCNN into 2 stages (conv1 | conv2 + classifier) or 3
     /// (conv1 | conv2 | classifier), each on its own thread with its share of the cores, and
     /// stream micro-batches through them. Same updates as one device.
@@ -173,6 +181,11 @@ impl CnnMnistArgs {
             }),
             process_group: None,
             device: self.device,
+            tensor_parallel: self
+                .tensor_parallel
+                .map(|n| WorldSize::new(n as usize))
+                .transpose()
+                .map_err(kiln_trainer::TrainError::from)?,
             zero: self.zero.map(|stage| {
                 if stage == 1 {
                     ZeroStage::One

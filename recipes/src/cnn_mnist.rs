@@ -6,20 +6,25 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use burn::module::Module;
+use burn::nn::Relu;
+use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
 use kiln_models::quant::{QuantScheme, fake_quantize};
 use kiln_models::{
     SimpleCnn, SimpleCnnBack, SimpleCnnClassifier, SimpleCnnConfig, SimpleCnnConvBlock,
 };
 use kiln_multi::pipeline::{ModuleStage, PipelineConfig, PipelineSchedule, PipelineStage};
-use kiln_multi::{BucketConfig, Collective, DeviceSpec, WorldSize, ZeroStage};
+use kiln_multi::tensor_parallel::{ColumnParallelLinear, RowParallelLinear, sum_gradients};
+use kiln_multi::{BucketConfig, Collective, DeviceSpec, Transport, WorldSize, ZeroStage};
 use kiln_trainer::checkpoint::{
     Checkpoint, latest_checkpoint, read_checkpoint, resolve_checkpoint,
 };
 use kiln_trainer::data::{ImageDataset, MnistSplit};
 use kiln_trainer::report::Verbosity;
 use kiln_trainer::{
-    Execution, PipelineSplit, ProcessGroupConfig, RunLabels, TrainData, Trainer, TrainerConfig,
+    Execution, FitReport, PipelineSplit, ProcessGroupConfig, RunLabels, TensorParallelSplit,
+    TrainData, Trainer, TrainerConfig,
 };
 
 use crate::error::{RecipeError, Result};
@@ -120,6 +125,9 @@ pub struct CnnMnistConfig {
     /// The device of the run (of rank 0, or of the first pipeline stage): further ranks and
     /// stages take the next GPUs. For a launched process, the device of local rank 0.
     pub device: DeviceSpec,
+    /// Tensor parallelism: SimpleCNN's classifier split over this many ranks (threads), which
+    /// all train on the same batches ([`TensorParallelCnn`]).
+    pub tensor_parallel: Option<WorldSize>,
 }
 
 /// Pipeline settings of a cnn-mnist run: SimpleCNN split into 2 stages (conv1 block | conv2
@@ -197,6 +205,96 @@ fn place<M: burn::module::Module>(module: M, device: &Device) -> M {
     }
 }
 
+/// SimpleCNN with its classifier split over a tensor-parallel group, Megatron-style: fc1
+/// (3136 -> 128) keeps `128 / N` output features per rank ([`ColumnParallelLinear`]), fc2 the
+/// matching input features ([`RowParallelLinear`], whose forward all-reduces the partial
+/// logits); the conv blocks are replicated. Built by [`split`](Self::split) from a SimpleCNN,
+/// turned back into one by [`gather`](Self::gather).
+#[derive(Module, Debug)]
+pub struct TensorParallelCnn {
+    /// First conv block, replicated.
+    pub conv1: SimpleCnnConvBlock,
+    /// Second conv block, replicated.
+    pub conv2: SimpleCnnConvBlock,
+    /// This rank's output features of fc1.
+    pub fc1: ColumnParallelLinear,
+    /// This rank's input features of fc2.
+    pub fc2: RowParallelLinear,
+    relu: Relu,
+    /// This rank's handle on the group, for the forward's all-reduce.
+    #[module(skip)]
+    group: Arc<dyn Collective>,
+}
+
+impl TensorParallelCnn {
+    /// This rank's part of `model` in `group`.
+    ///
+    /// # Errors
+    /// When the classifier's features do not split evenly over the group.
+    pub fn split(model: &SimpleCnn, group: Arc<dyn Collective>) -> kiln_multi::Result<Self> {
+        let (conv1, conv2) = model.conv_blocks();
+        let classifier = model.classifier();
+        let (world, rank) = (group.world_size(), group.rank());
+        Ok(Self {
+            conv1,
+            conv2,
+            fc1: ColumnParallelLinear::from_linear(&classifier.fc1, world, rank)?,
+            fc2: RowParallelLinear::from_linear(&classifier.fc2, world, rank)?,
+            relu: Relu::new(),
+            group,
+        })
+    }
+
+    /// Logits, exchanged with the other ranks (which must call it with the same batch).
+    ///
+    /// # Errors
+    /// When the all-reduce of the partial logits fails (a peer failed or timed out).
+    pub fn try_forward(&self, images: Tensor<4>) -> kiln_multi::Result<Tensor<2>> {
+        let x = self
+            .conv2
+            .forward(self.conv1.forward(images))
+            .flatten::<2>(1, 3);
+        let h = self.relu.forward(self.fc1.forward(x));
+        self.fc2.forward(h, &*self.group)
+    }
+
+    /// [`try_forward`](Self::try_forward) for the trainer, whose forward cannot fail: a
+    /// failed exchange ends this rank, and the group reports it as the rank's error.
+    ///
+    /// # Panics
+    /// When the exchange fails.
+    pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
+        self.try_forward(images)
+            .unwrap_or_else(|e| panic!("tensor-parallel forward failed: {e}"))
+    }
+
+    /// Adds up over the ranks the conv blocks' gradients, each rank's covering only its share
+    /// of the split classifier they feed.
+    ///
+    /// # Errors
+    /// When the all-reduce fails.
+    pub fn sync_gradients(
+        &self,
+        grads: &mut GradientsParams,
+        group: &dyn Collective,
+    ) -> kiln_multi::Result<()> {
+        sum_gradients(&(self.conv1.clone(), self.conv2.clone()), grads, group)
+    }
+
+    /// The whole SimpleCNN from every rank's part; every rank calls it together.
+    ///
+    /// # Errors
+    /// When the all-gather fails.
+    pub fn gather(&self, group: &dyn Collective) -> kiln_multi::Result<SimpleCnn> {
+        Ok(SimpleCnn::from_layers(
+            self.conv1.conv.clone(),
+            self.conv2.conv.clone(),
+            self.fc1.gather(group)?,
+            self.fc2.gather(group)?,
+        ))
+    }
+}
+
 /// Trains SimpleCNN on MNIST, evaluating and checkpointing after every epoch.
 ///
 /// # Errors
@@ -216,9 +314,10 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
         other => (config.device, other.clone()),
     };
     // Every device the run needs is checked before any tensor is made.
-    let device_count = match config.pipeline {
-        Some(options) => options.stages.get(),
-        None => config.ranks.get(),
+    let device_count = match (config.pipeline, config.tensor_parallel) {
+        (Some(options), _) => options.stages.get(),
+        (None, Some(tp)) => tp.get(),
+        (None, None) => config.ranks.get(),
     };
     let devices: Vec<Device> = device_spec
         .devices(device_count)?
@@ -258,6 +357,53 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
         test: &test,
     };
     let global_batch_size = trainer.config().batch_size;
+    if let Some(tp) = config.tensor_parallel {
+        let refuse = |flag: &'static str| {
+            Err(RecipeError::Options {
+                flag: "--tensor-parallel",
+                reason: format!("combining it with {flag} is not supported yet"),
+            })
+        };
+        if config.pipeline.is_some() {
+            return refuse("--pipeline-stages");
+        }
+        if config.ranks != WorldSize::ONE || process_group.is_some() {
+            return refuse("data parallelism (--ranks, or a multi-process launch)");
+        }
+        if config.zero.is_some() {
+            return refuse("--zero");
+        }
+        if qat.is_some() {
+            return refuse("--qat");
+        }
+        let transport = if device_spec.is_cuda() {
+            Transport::Nccl {
+                ordinals: device_spec.cuda_ordinals(tp.get())?,
+            }
+        } else {
+            Transport::SharedMemory
+        };
+        let split = TensorParallelSplit {
+            devices: devices.clone(),
+            collective: kiln_multi::CollectiveConfig {
+                timeout: config.collective_timeout,
+            },
+            transport,
+            split: &TensorParallelCnn::split,
+            gather: &TensorParallelCnn::gather,
+            sync_gradients: &TensorParallelCnn::sync_gradients,
+        };
+        let (_model, fit) =
+            trainer.fit_tensor_parallel(model, TensorParallelCnn::forward, data, resume, split)?;
+        return Ok(train_report(
+            config,
+            run_dir,
+            device_spec,
+            global_batch_size,
+            None,
+            fit,
+        ));
+    }
     let (_model, fit) = match config.pipeline {
         Some(options) => {
             if qat.is_some() {
@@ -350,6 +496,25 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
             trainer.fit(model, forward, data, resume, &execution)?
         }
     };
+    Ok(train_report(
+        config,
+        run_dir,
+        device_spec,
+        global_batch_size,
+        qat,
+        fit,
+    ))
+}
+
+/// The report of a finished cnn-mnist run.
+fn train_report(
+    config: &CnnMnistConfig,
+    run_dir: PathBuf,
+    device_spec: DeviceSpec,
+    global_batch_size: usize,
+    qat: Option<QuantScheme>,
+    fit: FitReport,
+) -> TrainReport {
     let bubbles: Vec<f64> = fit
         .history
         .iter()
@@ -357,7 +522,7 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
         .filter_map(|m| m.bubble_fraction)
         .collect();
     let last = fit.history.last();
-    Ok(TrainReport {
+    TrainReport {
         recipe: RECIPE.into(),
         run_dir,
         checkpoint: fit.last_checkpoint.clone(),
@@ -390,7 +555,8 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
         qat: qat.map(|scheme| scheme.to_string()),
         resumed_from_epoch: fit.resumed_from_epoch,
         history: fit.history,
-    })
+        tensor_parallel: config.tensor_parallel.map(WorldSize::get),
+    }
 }
 
 /// The quantization-aware training scheme a checkpoint records, if any.

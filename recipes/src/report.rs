@@ -57,6 +57,9 @@ pub struct TrainReport {
     /// epochs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bubble_fraction: Option<f64>,
+    /// With `--tensor-parallel N`: the ranks SimpleCNN's classifier was split over.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tensor_parallel: Option<usize>,
     /// With `--zero`: what each rank kept, next to plain data parallelism.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sharding: Option<ShardingReport>,

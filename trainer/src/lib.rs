@@ -22,5 +22,5 @@ pub use config::{LrGroup, TrainerConfig};
 pub use error::{Result, TrainError};
 pub use train::{
     DataParallelConfig, EvalMetrics, Execution, FitReport, PipelineSplit, ProcessGroupConfig,
-    RunLabels, TrainData, Trainer, evaluate,
+    RunLabels, TensorParallelSplit, TrainData, Trainer, evaluate,
 };

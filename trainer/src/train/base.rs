@@ -10,8 +10,8 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Bytes, Device, Tensor};
 use kiln_multi::pipeline::{Activation, Pipeline, PipelineConfig, PipelineStage, merge_grads};
 use kiln_multi::{
-    BucketConfig, Collective, DistributedDataParallel, DistributedSampler,
-    DistributedSamplerConfig, FlatOptimizer, Rank, ReduceOp, ShardMemory, WorldSize,
+    BucketConfig, Collective, CollectiveConfig, DistributedDataParallel, DistributedSampler,
+    DistributedSamplerConfig, FlatOptimizer, Rank, ReduceOp, ShardMemory, Transport, WorldSize,
     ZERO_STATE_MAGIC, ZeroConfig, ZeroOptimizer, ZeroStage, run_group,
 };
 
@@ -152,7 +152,7 @@ impl Trainer {
                 data,
                 resume,
                 RankSetup::single(device),
-                None,
+                RankMode::Plain,
             ),
             Execution::DataParallel(dp) => {
                 // Forked replicas: each rank gets its own autodiff graph.
@@ -174,7 +174,14 @@ impl Trainer {
                         buckets: dp.buckets,
                         zero: dp.zero,
                     };
-                    self.fit_rank(replica, &forward, data, resume.clone(), setup, None)
+                    self.fit_rank(
+                        replica,
+                        &forward,
+                        data,
+                        resume.clone(),
+                        setup,
+                        RankMode::Plain,
+                    )
                 })?;
                 Ok(ranks
                     .into_iter()
@@ -194,10 +201,83 @@ impl Trainer {
                     data,
                     resume,
                     setup,
-                    None,
+                    RankMode::Plain,
                 )
             }
         }
+    }
+
+    /// Trains `model` with tensor parallelism (Megatron-style): each of `split.devices.len()`
+    /// ranks (threads) holds `split.split`'s part of the model, whose forward exchanges
+    /// activations with the other ranks; every rank sees the same batches, the replicated
+    /// layers' gradients are summed by `split.sync_gradients`, and each rank's optimizer steps
+    /// its own part. Rank 0 reports; checkpoints hold the whole model (`split.gather`), so
+    /// `eval`, `predict` and `quantize` read them like any other. Returns the whole model.
+    ///
+    /// # Errors
+    /// As [`fit`](Self::fit); [`TrainError::Checkpoint`] for `resume` (a tensor-parallel
+    /// run's optimizer state is split over the ranks and not saved, so no run resumes as one);
+    /// [`TrainError::Multi`] when a rank fails or times out.
+    pub fn fit_tensor_parallel<M, P, F>(
+        &self,
+        model: M,
+        forward: F,
+        data: TrainData<'_>,
+        resume: Option<(PathBuf, Checkpoint)>,
+        split: TensorParallelSplit<'_, M, P>,
+    ) -> Result<(M, FitReport)>
+    where
+        M: Module,
+        P: Module,
+        F: Fn(&P, Tensor<4>) -> Tensor<2> + Sync,
+    {
+        if let Some((path, _)) = resume {
+            return Err(TrainError::checkpoint(
+                &path,
+                "a run cannot continue with tensor parallelism: the ranks' optimizer states \
+                 are not saved; start a new run, or resume without --tensor-parallel",
+            ));
+        }
+        let world = WorldSize::new(split.devices.len())?;
+        let replicas: Vec<Mutex<Option<M>>> = split
+            .devices
+            .iter()
+            .map(|device| Mutex::new(Some(model.clone().fork(device))))
+            .collect();
+        let ranks = run_group(world, split.collective, &split.transport, |collective| {
+            let rank = collective.rank().index();
+            let device = &split.devices[rank];
+            let replica = replicas[rank]
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take()
+                .expect("each rank takes its own replica once");
+            let part = (split.split)(&replica, Arc::clone(&collective))?;
+            let whole_record = |part: &P| -> Result<_> {
+                Ok((split.gather)(part, &*collective)?
+                    .into_record()
+                    .into_bytes())
+            };
+            let tp = TensorParallelRank {
+                collective: Arc::clone(&collective),
+                sync_gradients: split.sync_gradients,
+                whole_record: &whole_record,
+            };
+            let setup = RankSetup::single(device);
+            let (part, report) = self.fit_rank(
+                part,
+                &forward,
+                data,
+                None,
+                setup,
+                RankMode::TensorParallel(&tp),
+            )?;
+            Ok::<_, TrainError>(((split.gather)(&part, &*collective)?, report))
+        })?;
+        Ok(ranks
+            .into_iter()
+            .next()
+            .expect("a world has at least rank 0"))
     }
 
     /// Trains `model` as [`fit`](Self::fit) does on one device, but every step runs through
@@ -227,7 +307,14 @@ impl Trainer {
             split: split.split,
         };
         let setup = RankSetup::single(&split.device);
-        self.fit_rank(model, &forward, data, resume, setup, Some(&run))
+        self.fit_rank(
+            model,
+            &forward,
+            data,
+            resume,
+            setup,
+            RankMode::Pipeline(&run),
+        )
     }
 
     /// The training run of one rank (the only one, on a single device).
@@ -238,12 +325,17 @@ impl Trainer {
         data: TrainData<'_>,
         resume: Option<(PathBuf, Checkpoint)>,
         setup: RankSetup<'_>,
-        pipeline: Option<&PipelineRun<'_, M>>,
+        mode: RankMode<'_, M>,
     ) -> Result<(M, FitReport)>
     where
         M: Module,
         F: Fn(&M, Tensor<4>) -> Tensor<2>,
     {
+        let (pipeline, tensor_parallel) = match mode {
+            RankMode::Plain => (None, None),
+            RankMode::Pipeline(run) => (Some(run), None),
+            RankMode::TensorParallel(tp) => (None, Some(tp)),
+        };
         let config = &self.config;
         let device = setup.device;
         let mut optimizer = config.optimizer();
@@ -254,6 +346,17 @@ impl Trainer {
         if let Some((path, checkpoint)) = resume {
             self.check_resumable(&path, &checkpoint.state)?;
             model = checkpoint.load_model(model, &path)?;
+            if checkpoint
+                .optimizer
+                .starts_with(TENSOR_PARALLEL_STATE_MAGIC)
+            {
+                return Err(TrainError::checkpoint(
+                    &path,
+                    "it was trained with tensor parallelism, whose optimizer state stays split \
+                     over the ranks and is not saved, so it cannot continue exactly; its model \
+                     evaluates, predicts and quantizes like any other",
+                ));
+            }
             let sharded = checkpoint.optimizer.starts_with(ZERO_STATE_MAGIC);
             match (sharded, setup.zero) {
                 (true, Some(_)) => sharded_state = Some((path.clone(), checkpoint.optimizer)),
@@ -325,7 +428,10 @@ impl Trainer {
         let (rank, world) = collective
             .as_ref()
             .map_or((Rank::ZERO, WorldSize::ONE), |c| (c.rank(), c.world_size()));
-        let is_root = rank == Rank::ZERO;
+        // In a tensor-parallel group every rank trains on the same data (the sampler's world
+        // is the data-parallel one); its rank 0 reports and writes checkpoints.
+        let is_root = rank == Rank::ZERO
+            && tensor_parallel.is_none_or(|tp| tp.collective.rank() == Rank::ZERO);
 
         let sampler = DistributedSampler::new(
             data.train.len(),
@@ -382,7 +488,11 @@ impl Trainer {
                     let logits = forward(model, batch.images);
                     let loss = loss_fn.forward(logits, batch.targets);
                     let value = loss.clone().into_scalar::<f64>();
-                    Ok((value, GradientsParams::from_grads(loss.backward(), model)))
+                    let mut grads = GradientsParams::from_grads(loss.backward(), model);
+                    if let Some(tp) = tensor_parallel {
+                        (tp.sync_gradients)(model, &mut grads, &*tp.collective)?;
+                    }
+                    Ok((value, grads))
                 }
                 Some(run) => {
                     let mut stages = (run.split)(model);
@@ -451,11 +561,21 @@ impl Trainer {
             history.push(metrics);
             // Every rank takes part in gathering a sharded state; rank 0 writes it.
             let sharded_bytes = zero.as_ref().map(ZeroOptimizer::state_bytes).transpose()?;
+            // Likewise the whole model of a tensor-parallel group.
+            let whole_model = tensor_parallel
+                .map(|tp| (tp.whole_record)(&model))
+                .transpose()?;
             if is_root {
                 let path = checkpoint_path(&self.run_dir, epoch + 1);
-                let optimizer_bytes = match sharded_bytes {
-                    Some(bytes) => bytes,
-                    None => record_bytes(&path, optimizer.into_bytes())?,
+                let optimizer_bytes = match (sharded_bytes, tensor_parallel) {
+                    (Some(bytes), _) => bytes,
+                    // Each rank's optimizer holds state for its own shards only.
+                    (None, Some(_)) => TENSOR_PARALLEL_STATE_MAGIC.to_vec(),
+                    (None, None) => record_bytes(&path, optimizer.into_bytes())?,
+                };
+                let model_bytes = match whole_model {
+                    Some(bytes) => record_bytes(&path, bytes)?,
+                    None => record_bytes(&path, model.clone().into_record().into_bytes())?,
                 };
                 let checkpoint = Checkpoint {
                     state: TrainerState {
@@ -468,7 +588,7 @@ impl Trainer {
                         config: config.clone(),
                         history: history.clone(),
                     },
-                    model: record_bytes(&path, model.clone().into_record().into_bytes())?,
+                    model: model_bytes,
                     optimizer: optimizer_bytes,
                 };
                 write_checkpoint_atomic(&path, &checkpoint)?;
@@ -560,6 +680,59 @@ pub struct PipelineSplit<'a, M> {
     pub stages: NonZeroUsize,
     /// Builds the stages from the current model, sharing its parameters (module clones).
     pub split: &'a (dyn Fn(&M) -> Vec<Box<dyn PipelineStage>> + Sync),
+}
+
+/// What a tensor-parallel checkpoint holds instead of an optimizer state.
+const TENSOR_PARALLEL_STATE_MAGIC: &[u8] = b"KILN-TP-NO-OPTIMIZER-STATE";
+
+/// Builds a rank's part `P` of a model `M` from the model and the rank's handle on its group.
+pub type SplitModel<'a, M, P> =
+    dyn Fn(&M, Arc<dyn Collective>) -> kiln_multi::Result<P> + Sync + 'a;
+/// Rebuilds the whole model `M` from the ranks' parts `P`; every rank calls it together.
+pub type GatherModel<'a, M, P> = dyn Fn(&P, &dyn Collective) -> kiln_multi::Result<M> + Sync + 'a;
+/// Completes a rank's gradients of its part `P` with the other ranks' contributions.
+pub type SyncGradients<'a, P> =
+    dyn Fn(&P, &mut GradientsParams, &dyn Collective) -> kiln_multi::Result<()> + Sync + 'a;
+
+/// How [`Trainer::fit_tensor_parallel`] splits a model `M` over the ranks of a
+/// tensor-parallel group, each rank training its part `P`.
+pub struct TensorParallelSplit<'a, M, P> {
+    /// One autodiff device per rank (on the CPU, the Flex device repeated).
+    pub devices: Vec<Device>,
+    /// Timeout of every collective.
+    pub collective: CollectiveConfig,
+    /// How the ranks exchange data.
+    pub transport: Transport,
+    /// This rank's part of the model: its shard of the split layers, the other layers
+    /// replicated, holding its handle on the group for the collectives of its forward.
+    pub split: &'a SplitModel<'a, M, P>,
+    /// The whole model again from the ranks' parts; every rank calls it together.
+    pub gather: &'a GatherModel<'a, M, P>,
+    /// Adds up over the ranks the partial gradients of the replicated layers that feed split
+    /// ones (e.g. [`kiln_multi::tensor_parallel::sum_gradients`] on the layers in front).
+    pub sync_gradients: &'a SyncGradients<'a, P>,
+}
+
+/// A rank of a tensor-parallel group, as [`Trainer::fit_rank`] sees it.
+struct TensorParallelRank<'a, P> {
+    collective: Arc<dyn Collective>,
+    sync_gradients: &'a SyncGradients<'a, P>,
+    /// The whole model's record, gathered from the ranks' parts (every rank calls it).
+    whole_record: &'a WholeRecord<'a, P>,
+}
+
+/// The record bytes of the whole model, gathered from a tensor-parallel rank's part.
+type WholeRecord<'a, P> =
+    dyn Fn(&P) -> Result<std::result::Result<Bytes, burn::store::RecordError>> + 'a;
+
+/// How one rank's steps run, besides plain data parallelism.
+enum RankMode<'a, M> {
+    /// The whole model on the rank's device.
+    Plain,
+    /// Through a pipeline of stages.
+    Pipeline(&'a PipelineRun<'a, M>),
+    /// As one rank of a tensor-parallel group.
+    TensorParallel(&'a TensorParallelRank<'a, M>),
 }
 
 /// A pipeline runner and the split it runs.

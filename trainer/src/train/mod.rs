@@ -6,6 +6,9 @@ mod epoch;
 mod eval;
 mod execution;
 
-pub use base::{FitReport, PipelineSplit, RunLabels, TrainData, Trainer};
+pub use base::{
+    FitReport, GatherModel, PipelineSplit, RunLabels, SplitModel, SyncGradients,
+    TensorParallelSplit, TrainData, Trainer,
+};
 pub use eval::{EvalMetrics, evaluate};
 pub use execution::{DataParallelConfig, Execution, ProcessGroupConfig};
