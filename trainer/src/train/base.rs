@@ -155,19 +155,10 @@ impl Trainer {
                 RankMode::Plain,
             ),
             Execution::DataParallel(dp) => {
-                // Forked replicas: each rank gets its own autodiff graph.
-                let replicas: Vec<Mutex<Option<M>>> = dp
-                    .devices
-                    .iter()
-                    .map(|device| Mutex::new(Some(model.clone().fork(device))))
-                    .collect();
+                let replicas = Replicas::fork(&model, &dp.devices);
                 let ranks = run_group(world, dp.collective, &dp.transport, |collective| {
                     let rank = collective.rank().index();
-                    let replica = replicas[rank]
-                        .lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner())
-                        .take()
-                        .expect("each rank takes its own replica once");
+                    let replica = replicas.take(rank);
                     let setup = RankSetup {
                         device: &dp.devices[rank],
                         collective: Some(collective),
@@ -239,19 +230,11 @@ impl Trainer {
             ));
         }
         let world = WorldSize::new(split.devices.len())?;
-        let replicas: Vec<Mutex<Option<M>>> = split
-            .devices
-            .iter()
-            .map(|device| Mutex::new(Some(model.clone().fork(device))))
-            .collect();
+        let replicas = Replicas::fork(&model, &split.devices);
         let ranks = run_group(world, split.collective, &split.transport, |collective| {
             let rank = collective.rank().index();
             let device = &split.devices[rank];
-            let replica = replicas[rank]
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .take()
-                .expect("each rank takes its own replica once");
+            let replica = replicas.take(rank);
             let part = (split.split)(&replica, Arc::clone(&collective))?;
             let whole_record = |part: &P| -> Result<_> {
                 Ok((split.gather)(part, &*collective)?
@@ -733,6 +716,30 @@ enum RankMode<'a, M> {
     Pipeline(&'a PipelineRun<'a, M>),
     /// As one rank of a tensor-parallel group.
     TensorParallel(&'a TensorParallelRank<'a, M>),
+}
+
+/// One copy of a model per rank, forked to the rank's device (so each rank has its own
+/// autodiff graph), for the rank threads to take.
+struct Replicas<M>(Vec<Mutex<Option<M>>>);
+
+impl<M: Module> Replicas<M> {
+    fn fork(model: &M, devices: &[Device]) -> Self {
+        Self(
+            devices
+                .iter()
+                .map(|device| Mutex::new(Some(model.clone().fork(device))))
+                .collect(),
+        )
+    }
+
+    /// Rank `rank`'s copy; each is taken once.
+    fn take(&self, rank: usize) -> M {
+        self.0[rank]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+            .expect("each rank takes its own replica once")
+    }
 }
 
 /// A pipeline runner and the split it runs.
