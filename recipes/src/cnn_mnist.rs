@@ -29,7 +29,7 @@ use kiln_trainer::{
 
 use crate::error::{RecipeError, Result};
 use crate::mnist_data::MnistSource;
-use crate::report::{PipelineReport, ShardingReport, TrainReport};
+use crate::report::{PipelineReport, ShardingReport, TensorParallelReport, TrainReport};
 
 /// Name of this recipe, recorded in checkpoints.
 pub const RECIPE: &str = "cnn-mnist";
@@ -393,16 +393,21 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
             gather: &TensorParallelCnn::gather,
             sync_gradients: &TensorParallelCnn::sync_gradients,
         };
+        let whole = model.num_params();
         let (_model, fit) =
             trainer.fit_tensor_parallel(model, TensorParallelCnn::forward, data, resume, split)?;
-        return Ok(train_report(
-            config,
-            run_dir,
-            device_spec,
-            global_batch_size,
-            None,
-            fit,
-        ));
+        let per_rank = fit.rank_parameter_elements.unwrap_or(whole);
+        let parts = TensorParallelReport {
+            ranks: tp.get(),
+            parameter_elements_per_rank: per_rank,
+            optimizer_state_bytes_per_rank: per_rank * size_of::<f32>(),
+            gradient_bytes_per_rank: per_rank * size_of::<f32>(),
+            unsharded_parameter_elements: whole,
+        };
+        return Ok(TrainReport {
+            tensor_parallel: Some(parts),
+            ..train_report(config, run_dir, device_spec, global_batch_size, None, fit)
+        });
     }
     let (_model, fit) = match config.pipeline {
         Some(options) => {
@@ -555,7 +560,7 @@ fn train_report(
         qat: qat.map(|scheme| scheme.to_string()),
         resumed_from_epoch: fit.resumed_from_epoch,
         history: fit.history,
-        tensor_parallel: config.tensor_parallel.map(WorldSize::get),
+        tensor_parallel: None,
     }
 }
 

@@ -57,9 +57,9 @@ pub struct TrainReport {
     /// epochs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bubble_fraction: Option<f64>,
-    /// With `--tensor-parallel N`: the ranks SimpleCNN's classifier was split over.
+    /// With `--tensor-parallel N`: the split, and what each rank kept.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tensor_parallel: Option<usize>,
+    pub tensor_parallel: Option<TensorParallelReport>,
     /// With `--zero`: what each rank kept, next to plain data parallelism.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sharding: Option<ShardingReport>,
@@ -87,6 +87,22 @@ pub struct ShardingReport {
     pub unsharded_optimizer_state_bytes: usize,
     /// Gradient bytes each rank keeps without sharding.
     pub unsharded_gradient_bytes: usize,
+}
+
+/// Per-rank sizes of a tensor-parallel run, as rank 0 kept them (SGD with momentum: one
+/// float32 state and one gradient per parameter).
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorParallelReport {
+    /// Ranks the model was split over.
+    pub ranks: usize,
+    /// Parameter elements one rank holds: its shards and the replicated layers.
+    pub parameter_elements_per_rank: usize,
+    /// Optimizer-state (momentum) bytes one rank keeps.
+    pub optimizer_state_bytes_per_rank: usize,
+    /// Gradient bytes one rank keeps until its step.
+    pub gradient_bytes_per_rank: usize,
+    /// Parameter elements of the whole model (what one device holds).
+    pub unsharded_parameter_elements: usize,
 }
 
 /// How a pipeline run was split.
@@ -154,16 +170,20 @@ impl Report for TrainReport {
                     p.micro_batches,
                     100.0 * bubble
                 ),
-                _ => match &self.sharding {
-                    Some(z) => format!(
+                _ => match (&self.sharding, &self.tensor_parallel) {
+                    (_, Some(tp)) => format!(
+                        " tensor-parallel on {} ranks ({} parameters per rank of {})",
+                        tp.ranks, tp.parameter_elements_per_rank, tp.unsharded_parameter_elements
+                    ),
+                    (Some(z), None) => format!(
                         " on {} ranks with ZeRO-{} ({} optimizer-state bytes per rank of {})",
                         self.ranks,
                         z.zero_stage,
                         z.optimizer_state_bytes_per_rank,
                         z.unsharded_optimizer_state_bytes
                     ),
-                    None if self.ranks > 1 => format!(" on {} ranks", self.ranks),
-                    None => String::new(),
+                    (None, None) if self.ranks > 1 => format!(" on {} ranks", self.ranks),
+                    (None, None) => String::new(),
                 },
             },
             self.qat.as_ref().map_or(String::new(), |q| format!(

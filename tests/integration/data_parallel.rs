@@ -258,7 +258,14 @@ fn kiln_train_tensor_parallel_writes_a_whole_model_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let report = train_cnn_mnist("256", &out, "1", &["--tensor-parallel", "2"]);
-    assert_eq!(report["tensor_parallel"], 2);
+    // Each rank keeps the conv blocks (18,816 parameters), half of fc1 (3136 x 64 + 64) and
+    // half of fc2's weight (64 x 10) with its whole bias (10): 220,234 of 421,642.
+    let parts = &report["tensor_parallel"];
+    assert_eq!(parts["ranks"], 2);
+    assert_eq!(parts["parameter_elements_per_rank"], 220_234);
+    assert_eq!(parts["optimizer_state_bytes_per_rank"], 4 * 220_234);
+    assert_eq!(parts["gradient_bytes_per_rank"], 4 * 220_234);
+    assert_eq!(parts["unsharded_parameter_elements"], 421_642);
     assert_eq!(report["ranks"], 1);
     let eval = eval_json(&out);
     assert_eq!(eval["test_accuracy"], report["test_accuracy"]);

@@ -62,6 +62,9 @@ pub struct FitReport {
     pub last_checkpoint: Option<PathBuf>,
     /// With a sharded optimizer (ZeRO): its stage and what rank 0 kept.
     pub sharding: Option<(ZeroStage, ShardMemory)>,
+    /// With tensor parallelism: the parameter elements of rank 0's part of the model (each
+    /// with a gradient and an optimizer state of its size).
+    pub rank_parameter_elements: Option<usize>,
 }
 
 impl FitReport {
@@ -584,6 +587,7 @@ impl Trainer {
             resumed_from_epoch,
             last_checkpoint,
             sharding: zero.as_ref().map(|z| (z.config().stage, z.memory())),
+            rank_parameter_elements: tensor_parallel.map(|_| model.num_params()),
         };
         Ok((model, report))
     }
