@@ -96,30 +96,33 @@ impl NcclCollective {
                 cudarc::nccl::sys::is_culib_present(),
             )
         };
-        let setup_error = if !driver {
-            Some("the NVIDIA driver library (libcuda.so) is not installed".to_string())
+        // The GPU is opened before the ranks agree to go on, so that a rank that cannot open
+        // it stops every rank here rather than leaving them in NCCL's initialisation, which
+        // waits for all ranks without a timeout.
+        let opened: std::result::Result<Arc<CudaStream>, String> = if !driver {
+            Err("the NVIDIA driver library (libcuda.so) is not installed".to_string())
         } else if !nccl {
-            Some(
+            Err(
                 "the NCCL library (libnccl.so.2) was not found: install it (for example \
                  `pip install nvidia-nccl-cu12`) and add its lib folder to LD_LIBRARY_PATH"
                     .to_string(),
             )
         } else {
-            None
+            CudaContext::new(ordinal)
+                .and_then(|context| context.new_stream())
+                .map_err(|e| format!("CUDA error: {e}"))
         };
-        // Every rank learns whether every other could start, so none waits for a failed one.
-        let mut ok = [if setup_error.is_none() { 1.0 } else { 0.0 }];
-        control.all_reduce(&mut ok, ReduceOp::Max)?;
-        let mut all_ok = [-ok[0]];
-        control.all_reduce(&mut all_ok, ReduceOp::Max)?;
-        if let Some(reason) = setup_error {
-            return Err(MultiError::Device { device, reason });
-        }
-        if all_ok[0] != -1.0 {
+        // Every rank learns whether every other could start: the maximum of the negated flags
+        // is minus the smallest flag.
+        let can_start = if opened.is_ok() { 1.0 } else { 0.0 };
+        let mut flags = [can_start, -can_start];
+        control.all_reduce(&mut flags, ReduceOp::Max)?;
+        let stream = opened.map_err(|reason| MultiError::Device { device, reason })?;
+        if -flags[1] != 1.0 {
             return Err(MultiError::PeerFailed {
                 rank: rank.index(),
                 op: "nccl setup",
-                reason: "another rank cannot use CUDA or NCCL (see its error)".to_string(),
+                reason: "another rank cannot use its GPU or NCCL (see its error)".to_string(),
             });
         }
         let nccl_error = |op: &'static str| {
@@ -128,10 +131,6 @@ impl NcclCollective {
                 op,
                 detail: format!("{e:?}"),
             }
-        };
-        let driver_error = |e: cudarc::driver::DriverError| MultiError::Device {
-            device: device.clone(),
-            reason: format!("CUDA error: {e}"),
         };
         let mut id_bytes = vec![0.0f32; 128];
         if rank == Rank::ZERO {
@@ -145,8 +144,6 @@ impl NcclCollective {
         for (b, v) in internal.iter_mut().zip(&id_bytes) {
             *b = *v as u8 as std::ffi::c_char;
         }
-        let context = CudaContext::new(ordinal).map_err(driver_error)?;
-        let stream = context.new_stream().map_err(driver_error)?;
         let comm = Comm::from_rank(
             Arc::clone(&stream),
             rank.index(),
