@@ -14,6 +14,7 @@ use std::str::FromStr;
 
 use burn::tensor::Device;
 
+use crate::collective::Transport;
 use crate::error::{MultiError, Result};
 
 /// The device a run starts on.
@@ -91,6 +92,20 @@ impl DeviceSpec {
                 Ok(ordinals.into_iter().map(cuda_device).collect())
             }
         }
+    }
+
+    /// How an in-process group of `count` ranks starting on this device exchanges data:
+    /// shared memory on the CPU, NCCL between consecutive GPUs on CUDA.
+    ///
+    /// # Errors
+    /// As [`cuda_ordinals`](Self::cuda_ordinals).
+    pub fn transport(self, count: usize) -> Result<Transport> {
+        Ok(match self {
+            DeviceSpec::Cpu => Transport::SharedMemory,
+            DeviceSpec::Cuda(_) => Transport::Nccl {
+                ordinals: self.cuda_ordinals(count)?,
+            },
+        })
     }
 
     /// This device alone, checked.
@@ -220,5 +235,6 @@ mod tests {
     fn cuda_index_out_of_range_is_a_clear_error() {
         let err = DeviceSpec::Cuda(1000).devices(2).unwrap_err().to_string();
         assert!(err.starts_with("device cuda:1000: "), "{err}");
+        assert!(DeviceSpec::Cuda(1000).transport(2).is_err());
     }
 }

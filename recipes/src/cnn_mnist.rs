@@ -16,7 +16,7 @@ use kiln_models::{
 };
 use kiln_multi::pipeline::{ModuleStage, PipelineConfig, PipelineSchedule, PipelineStage};
 use kiln_multi::tensor_parallel::{ColumnParallelLinear, RowParallelLinear, sum_gradients};
-use kiln_multi::{BucketConfig, Collective, DeviceSpec, Transport, WorldSize, ZeroStage};
+use kiln_multi::{BucketConfig, Collective, DeviceSpec, WorldSize, ZeroStage};
 use kiln_trainer::checkpoint::{
     Checkpoint, latest_checkpoint, read_checkpoint, resolve_checkpoint,
 };
@@ -376,19 +376,12 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
         if qat.is_some() {
             return refuse("--qat");
         }
-        let transport = if device_spec.is_cuda() {
-            Transport::Nccl {
-                ordinals: device_spec.cuda_ordinals(tp.get())?,
-            }
-        } else {
-            Transport::SharedMemory
-        };
         let split = TensorParallelSplit {
             devices: devices.clone(),
             collective: kiln_multi::CollectiveConfig {
                 timeout: config.collective_timeout,
             },
-            transport,
+            transport: device_spec.transport(tp.get())?,
             split: &TensorParallelCnn::split,
             gather: &TensorParallelCnn::gather,
             sync_gradients: &TensorParallelCnn::sync_gradients,

@@ -76,11 +76,10 @@ pub fn run(args: &CollectivesArgs, json_output: bool) -> anyhow::Result<()> {
             None => {
                 let world = WorldSize::new(args.ranks as usize)?;
                 let config = CollectiveConfig { timeout };
-                let (engine, transport) = if args.device.is_cuda() {
-                    let ordinals = args.device.cuda_ordinals(world.get())?;
-                    ("nccl", Transport::Nccl { ordinals })
-                } else {
-                    ("in-process", Transport::SharedMemory)
+                let transport = args.device.transport(world.get())?;
+                let engine = match transport {
+                    Transport::Nccl { .. } => "nccl",
+                    Transport::SharedMemory => "in-process",
                 };
                 let outcomes =
                     kiln_multi::run_group(world, config, &transport, |c: Arc<dyn Collective>| {

@@ -80,17 +80,10 @@ impl Execution {
                 devices.into_iter().next().expect("one device per rank"),
             ));
         }
-        let transport = if device.is_cuda() {
-            Transport::Nccl {
-                ordinals: device.cuda_ordinals(ranks.get())?,
-            }
-        } else {
-            Transport::SharedMemory
-        };
         Ok(Execution::DataParallel(DataParallelConfig {
             devices,
             collective: CollectiveConfig { timeout },
-            transport,
+            transport: device.transport(ranks.get())?,
             buckets: BucketConfig::default(),
             zero,
         }))
