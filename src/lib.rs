@@ -4,10 +4,12 @@
 //! - [`multi`] (`kiln-multi`): ranks, samplers, and the multi-device layer;
 //! - [`trainer`] (`kiln-trainer`): data, the training loop, checkpoints, reports;
 //! - [`models`] (`kiln-models`): SimpleCNN and PyTorch weight import;
+//! - [`kernels`] (`kiln-kernels`): CPU convolution and max-pool kernels the models run on Flex;
 //! - [`recipes`] (`kiln-recipes`): reproducible workflows such as cnn-mnist.
 //!
 //! The `kiln` binary (`src/main.rs`) is the command-line front end of the recipes.
 
+pub use kiln_kernels as kernels;
 pub use kiln_models as models;
 pub use kiln_multi as multi;
 pub use kiln_recipes as recipes;

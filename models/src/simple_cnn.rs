@@ -180,8 +180,15 @@ impl SimpleCnnClassifier {
     }
 }
 
+/// Convolution, ReLU, max-pool. ReLU runs after the pool: max-pool and ReLU commute (both are
+/// monotone, and ReLU's gradient is zero wherever the two orders pick different inputs), so the
+/// result and its gradients are those of PyTorch's `pool(relu(conv(x)))` at a quarter of the
+/// ReLU work. The convolution and pool go through kiln's CPU kernels where they apply.
 fn conv_block(conv: &Conv2d, pool: &MaxPool2d, activation: &Relu, x: Tensor<4>) -> Tensor<4> {
-    pool.forward(activation.forward(conv.forward(x)))
+    activation.forward(kiln_kernels::max_pool2d(
+        pool,
+        kiln_kernels::conv2d(conv, x),
+    ))
 }
 
 fn classify(fc1: &Linear, fc2: &Linear, activation: &Relu, x: Tensor<4>) -> Tensor<2> {

@@ -7,6 +7,8 @@
 //! - `data_parallel`: training on N ranks equals one device, through the trainer and the CLI;
 //! - `finetune`: ResNet-18 fine-tuned on the shipped image folder from PyTorch weights,
 //!   frozen or not, resumed exactly; bad input fails cleanly;
+//! - `kernels`: kiln's CPU convolution and max-pool kernels against Burn's ops, forward and
+//!   gradients;
 //! - `launch`: `kiln launch` and multi-process training over MPI (feature `mpi`);
 //! - `pipeline`: training through 2 or 3 pipeline stages equals one device, for every schedule;
 //! - `quantize`: int8/int4 files against PyTorch's quantizers, `kiln quantize` reports,
@@ -17,6 +19,7 @@ mod cli;
 mod common;
 mod data_parallel;
 mod finetune;
+mod kernels;
 mod launch;
 mod parity;
 mod pipeline;

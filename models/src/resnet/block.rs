@@ -44,7 +44,7 @@ impl Downsample {
     }
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.bn.forward(self.conv.forward(x))
+        self.bn.forward(kiln_kernels::conv2d(&self.conv, x))
     }
 
     /// The shortcut a block from `inputs` to `outputs` channels at `stride` needs, if any.
@@ -95,8 +95,10 @@ impl BasicBlock {
     /// `relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let identity = shortcut(self.downsample.as_ref(), x.clone());
-        let out = self.relu.forward(self.bn1.forward(self.conv1.forward(x)));
-        let out = self.bn2.forward(self.conv2.forward(out));
+        let out = self
+            .relu
+            .forward(self.bn1.forward(kiln_kernels::conv2d(&self.conv1, x)));
+        let out = self.bn2.forward(kiln_kernels::conv2d(&self.conv2, out));
         self.relu.forward(out + identity)
     }
 }
@@ -142,9 +144,13 @@ impl Bottleneck {
     /// The bottleneck residual.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let identity = shortcut(self.downsample.as_ref(), x.clone());
-        let out = self.relu.forward(self.bn1.forward(self.conv1.forward(x)));
-        let out = self.relu.forward(self.bn2.forward(self.conv2.forward(out)));
-        let out = self.bn3.forward(self.conv3.forward(out));
+        let out = self
+            .relu
+            .forward(self.bn1.forward(kiln_kernels::conv2d(&self.conv1, x)));
+        let out = self
+            .relu
+            .forward(self.bn2.forward(kiln_kernels::conv2d(&self.conv2, out)));
+        let out = self.bn3.forward(kiln_kernels::conv2d(&self.conv3, out));
         self.relu.forward(out + identity)
     }
 }

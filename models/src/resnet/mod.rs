@@ -161,8 +161,8 @@ impl ResNet {
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         let x = self
             .relu
-            .forward(self.bn1.forward(self.conv1.forward(images)));
-        let mut x = self.maxpool.forward(x);
+            .forward(self.bn1.forward(kiln_kernels::conv2d(&self.conv1, images)));
+        let mut x = kiln_kernels::max_pool2d(&self.maxpool, x);
         for block in self
             .layer1
             .iter()
@@ -197,8 +197,8 @@ impl ResNetFront {
     pub fn forward(&self, images: Tensor<4>) -> Tensor<4> {
         let x = self
             .relu
-            .forward(self.bn1.forward(self.conv1.forward(images)));
-        let x = self.maxpool.forward(x);
+            .forward(self.bn1.forward(kiln_kernels::conv2d(&self.conv1, images)));
+        let x = kiln_kernels::max_pool2d(&self.maxpool, x);
         self.layer1
             .iter()
             .chain(&self.layer2)

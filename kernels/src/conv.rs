@@ -1,0 +1,605 @@
+//! 2-D convolution (groups 1, dilation 1, symmetric zero padding, any stride) on contiguous
+//! `f32` NCHW slices, forward and backward, as im2col + packed GEMM (the `gemm` crate).
+//!
+//! Per sample `b`, with `K = C_in * KH * KW` and `N = OH * OW`:
+//! - forward: `y_b (C_out x N) = W (C_out x K) @ cols_b (K x N) + bias`;
+//! - input gradient: `dcols_b = W^T @ dy_b`, scattered back by col2im;
+//! - weight gradient: `dW = sum_b dy_b @ cols_b^T`, bias gradient `sum_b rowsum(dy_b)`.
+//!
+//! Burn's generic backward (what Flex runs) computes the weight gradient as a convolution of
+//! the batch-transposed input with the batch-transposed output gradient as kernel, and the input
+//! gradient as a transposed convolution; both copy whole tensors to swap dimensions and run
+//! kernels far larger than the layer's own. The functions here are plain slice code with no
+//! kiln or Burn types, so they could move into Flex as its `conv2d_x_backward` /
+//! `conv2d_weight_backward`.
+
+use gemm::{Parallelism, gemm};
+use rayon::prelude::*;
+
+/// The geometry of one 2-D convolution over a batch, NCHW.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dShape {
+    /// Samples in the batch.
+    pub batch: usize,
+    /// Input channels.
+    pub channels_in: usize,
+    /// Input height.
+    pub height: usize,
+    /// Input width.
+    pub width: usize,
+    /// Output channels.
+    pub channels_out: usize,
+    /// Kernel height and width.
+    pub kernel: [usize; 2],
+    /// Stride along height and width.
+    pub stride: [usize; 2],
+    /// Zero padding on each side, along height and width.
+    pub padding: [usize; 2],
+}
+
+impl Conv2dShape {
+    /// Whether the geometry describes a convolution with at least one output element.
+    pub fn is_valid(&self) -> bool {
+        let positive = [
+            self.batch,
+            self.channels_in,
+            self.height,
+            self.width,
+            self.channels_out,
+            self.kernel[0],
+            self.kernel[1],
+            self.stride[0],
+            self.stride[1],
+        ];
+        positive.iter().all(|&n| n > 0)
+            && self.height + 2 * self.padding[0] >= self.kernel[0]
+            && self.width + 2 * self.padding[1] >= self.kernel[1]
+    }
+
+    /// Output height.
+    pub fn out_height(&self) -> usize {
+        (self.height + 2 * self.padding[0] - self.kernel[0]) / self.stride[0] + 1
+    }
+
+    /// Output width.
+    pub fn out_width(&self) -> usize {
+        (self.width + 2 * self.padding[1] - self.kernel[1]) / self.stride[1] + 1
+    }
+
+    /// Output elements per channel (`N`).
+    fn out_plane(&self) -> usize {
+        self.out_height() * self.out_width()
+    }
+
+    /// Rows of a sample's column matrix (`K`).
+    fn patch_len(&self) -> usize {
+        self.channels_in * self.kernel[0] * self.kernel[1]
+    }
+
+    /// Input elements per sample.
+    pub fn input_sample(&self) -> usize {
+        self.channels_in * self.height * self.width
+    }
+
+    /// Output elements per sample.
+    pub fn output_sample(&self) -> usize {
+        self.channels_out * self.out_plane()
+    }
+
+    /// Elements of the weight tensor.
+    pub fn weight_len(&self) -> usize {
+        self.channels_out * self.patch_len()
+    }
+
+    /// A 1x1 convolution with stride 1 and no padding reads the input as its column matrix.
+    fn is_pointwise(&self) -> bool {
+        self.kernel == [1, 1] && self.stride == [1, 1] && self.padding == [0, 0]
+    }
+}
+
+/// The output positions `o` in `0..out` whose input position `o * stride + k - pad` lies in
+/// `0..input`, as a range (empty when there are none).
+fn valid_outputs(
+    out: usize,
+    stride: usize,
+    k: usize,
+    pad: usize,
+    input: usize,
+) -> std::ops::Range<usize> {
+    // o * stride + k >= pad
+    let lo = if pad > k {
+        (pad - k).div_ceil(stride)
+    } else {
+        0
+    };
+    // o * stride + k - pad <= input - 1
+    let hi = if input + pad > k {
+        ((input - 1 + pad - k) / stride + 1).min(out)
+    } else {
+        0
+    };
+    lo.min(hi)..hi
+}
+
+/// Writes sample `x` (`C_in x H x W`) as its `K x N` column matrix.
+fn im2col(s: &Conv2dShape, x: &[f32], cols: &mut [f32]) {
+    let (oh, ow) = (s.out_height(), s.out_width());
+    let n = oh * ow;
+    let [kh, kw] = s.kernel;
+    let [sh, sw] = s.stride;
+    let [ph, pw] = s.padding;
+    let plane = s.height * s.width;
+    for c in 0..s.channels_in {
+        let x_plane = &x[c * plane..(c + 1) * plane];
+        for ki in 0..kh {
+            let rows_ok = valid_outputs(oh, sh, ki, ph, s.height);
+            for kj in 0..kw {
+                let row = &mut cols[((c * kh + ki) * kw + kj) * n..][..n];
+                let cols_ok = valid_outputs(ow, sw, kj, pw, s.width);
+                for oy in 0..oh {
+                    let dst = &mut row[oy * ow..(oy + 1) * ow];
+                    if !rows_ok.contains(&oy) || cols_ok.is_empty() {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let iy = oy * sh + ki - ph;
+                    let src = &x_plane[iy * s.width..(iy + 1) * s.width];
+                    dst[..cols_ok.start].fill(0.0);
+                    dst[cols_ok.end..].fill(0.0);
+                    let first = cols_ok.start * sw + kj - pw;
+                    if sw == 1 {
+                        dst[cols_ok.clone()].copy_from_slice(&src[first..first + cols_ok.len()]);
+                    } else {
+                        for (d, ox) in dst[cols_ok.clone()].iter_mut().zip(0..) {
+                            *d = src[first + ox * sw];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds the `K x N` column matrix `cols` back onto sample `dx` (`C_in x H x W`): the adjoint
+/// of [`im2col`].
+fn col2im(s: &Conv2dShape, cols: &[f32], dx: &mut [f32]) {
+    let (oh, ow) = (s.out_height(), s.out_width());
+    let n = oh * ow;
+    let [kh, kw] = s.kernel;
+    let [sh, sw] = s.stride;
+    let [ph, pw] = s.padding;
+    let plane = s.height * s.width;
+    for c in 0..s.channels_in {
+        let dx_plane = &mut dx[c * plane..(c + 1) * plane];
+        for ki in 0..kh {
+            let rows_ok = valid_outputs(oh, sh, ki, ph, s.height);
+            for kj in 0..kw {
+                let row = &cols[((c * kh + ki) * kw + kj) * n..][..n];
+                let cols_ok = valid_outputs(ow, sw, kj, pw, s.width);
+                if cols_ok.is_empty() {
+                    continue;
+                }
+                for oy in rows_ok.clone() {
+                    let src = &row[oy * ow..(oy + 1) * ow][cols_ok.clone()];
+                    let iy = oy * sh + ki - ph;
+                    let dst = &mut dx_plane[iy * s.width..(iy + 1) * s.width];
+                    let first = cols_ok.start * sw + kj - pw;
+                    if sw == 1 {
+                        for (d, v) in dst[first..first + src.len()].iter_mut().zip(src) {
+                            *d += v;
+                        }
+                    } else {
+                        for (i, v) in src.iter().enumerate() {
+                            dst[first + i * sw] += v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst (m x n) = [dst +] lhs (m x k) @ rhs (k x n)`, each matrix given by its row and column
+/// strides in elements.
+///
+/// # Safety-relevant contract
+/// The strides and sizes must address elements inside the three slices; every caller passes
+/// slices whose lengths are checked against the shape first.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    (dst_rs, dst_cs): (usize, usize),
+    accumulate: bool,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+    parallelism: Parallelism,
+) {
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * rs + (cols - 1) * cs + 1
+        }
+    };
+    assert!(
+        last(m, n, dst_rs, dst_cs) <= dst.len(),
+        "matmul: dst too short"
+    );
+    assert!(
+        last(m, k, lhs_rs, lhs_cs) <= lhs.len(),
+        "matmul: lhs too short"
+    );
+    assert!(
+        last(k, n, rhs_rs, rhs_cs) <= rhs.len(),
+        "matmul: rhs too short"
+    );
+    // SAFETY: the asserts above keep every addressed element inside its slice; `dst` is borrowed
+    // mutably and does not alias `lhs` or `rhs`.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_cs as isize,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// How to spread `batch` samples over the thread pool: in parallel across samples when there are
+/// at least as many samples as threads, else sample by sample with a parallel GEMM.
+fn inner_parallelism(batch: usize) -> Option<Parallelism> {
+    let threads = rayon::current_num_threads();
+    if batch >= threads || threads == 1 {
+        None
+    } else {
+        Some(Parallelism::Rayon(threads))
+    }
+}
+
+fn check_lengths(s: &Conv2dShape, x: usize, weight: usize, out: usize) {
+    assert!(s.is_valid(), "invalid convolution geometry {s:?}");
+    assert_eq!(x, s.batch * s.input_sample(), "input length");
+    assert_eq!(weight, s.weight_len(), "weight length");
+    assert_eq!(out, s.batch * s.output_sample(), "output length");
+}
+
+/// Forward convolution: `out` (`B x C_out x OH x OW`) from `x` (`B x C_in x H x W`), `weight`
+/// (`C_out x C_in x KH x KW`) and an optional `bias` (`C_out`).
+pub fn conv2d_forward(
+    s: &Conv2dShape,
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    check_lengths(s, x.len(), weight.len(), out.len());
+    if let Some(bias) = bias {
+        assert_eq!(bias.len(), s.channels_out, "bias length");
+    }
+    let (k, n) = (s.patch_len(), s.out_plane());
+    let sample = |cols: &mut Vec<f32>, xb: &[f32], ob: &mut [f32], par: Parallelism| {
+        match bias {
+            Some(bias) => {
+                for (row, &b) in ob.chunks_exact_mut(n).zip(bias) {
+                    row.fill(b);
+                }
+            }
+            None => ob.fill(0.0),
+        }
+        let cols: &[f32] = if s.is_pointwise() {
+            xb
+        } else {
+            cols.resize(k * n, 0.0);
+            im2col(s, xb, cols);
+            cols
+        };
+        let dims = (s.channels_out, n, k);
+        matmul(dims, ob, (n, 1), true, weight, (k, 1), cols, (n, 1), par);
+    };
+    let in_len = s.input_sample();
+    let out_len = s.output_sample();
+    match inner_parallelism(s.batch) {
+        None => out
+            .par_chunks_mut(out_len)
+            .zip(x.par_chunks(in_len))
+            .for_each_init(Vec::new, |cols, (ob, xb)| {
+                sample(cols, xb, ob, Parallelism::None)
+            }),
+        Some(par) => {
+            let mut cols = Vec::new();
+            for (ob, xb) in out.chunks_mut(out_len).zip(x.chunks(in_len)) {
+                sample(&mut cols, xb, ob, par);
+            }
+        }
+    }
+}
+
+/// Gradient of the convolution with respect to its input: `grad_x` (`B x C_in x H x W`) from
+/// `weight` and `grad_out` (`B x C_out x OH x OW`). Overwrites `grad_x`.
+pub fn conv2d_backward_input(
+    s: &Conv2dShape,
+    weight: &[f32],
+    grad_out: &[f32],
+    grad_x: &mut [f32],
+) {
+    check_lengths(s, grad_x.len(), weight.len(), grad_out.len());
+    let (k, n) = (s.patch_len(), s.out_plane());
+    let dims = (k, n, s.channels_out);
+    // W^T is K x C_out: row stride 1, column stride K.
+    let sample = |dcols: &mut Vec<f32>, gb: &[f32], dxb: &mut [f32], par: Parallelism| {
+        if s.is_pointwise() {
+            matmul(dims, dxb, (n, 1), false, weight, (1, k), gb, (n, 1), par);
+        } else {
+            dcols.resize(k * n, 0.0);
+            matmul(dims, dcols, (n, 1), false, weight, (1, k), gb, (n, 1), par);
+            dxb.fill(0.0);
+            col2im(s, dcols, dxb);
+        }
+    };
+    let in_len = s.input_sample();
+    let out_len = s.output_sample();
+    match inner_parallelism(s.batch) {
+        None => grad_x
+            .par_chunks_mut(in_len)
+            .zip(grad_out.par_chunks(out_len))
+            .for_each_init(Vec::new, |dcols, (dxb, gb)| {
+                sample(dcols, gb, dxb, Parallelism::None)
+            }),
+        Some(par) => {
+            let mut dcols = Vec::new();
+            for (dxb, gb) in grad_x.chunks_mut(in_len).zip(grad_out.chunks(out_len)) {
+                sample(&mut dcols, gb, dxb, par);
+            }
+        }
+    }
+}
+
+/// Gradients of the convolution with respect to its weight (`C_out x C_in x KH x KW`) and bias
+/// (`C_out`), from the input `x` and `grad_out`. Overwrites `grad_weight` and `grad_bias`.
+pub fn conv2d_backward_weight(
+    s: &Conv2dShape,
+    x: &[f32],
+    grad_out: &[f32],
+    grad_weight: &mut [f32],
+    grad_bias: Option<&mut [f32]>,
+) {
+    check_lengths(s, x.len(), grad_weight.len(), grad_out.len());
+    let (k, n) = (s.patch_len(), s.out_plane());
+    let (in_len, out_len) = (s.input_sample(), s.output_sample());
+    let w_len = s.weight_len();
+    // dW (C_out x K) += dy_b (C_out x N) @ cols_b^T (N x K); cols_b^T has row stride 1 and
+    // column stride N.
+    let accumulate = |samples: std::ops::Range<usize>, dw: &mut [f32], par: Parallelism| {
+        let mut cols = Vec::new();
+        for (i, b) in samples.enumerate() {
+            let xb = &x[b * in_len..(b + 1) * in_len];
+            let gb = &grad_out[b * out_len..(b + 1) * out_len];
+            let cols: &[f32] = if s.is_pointwise() {
+                xb
+            } else {
+                cols.resize(k * n, 0.0);
+                im2col(s, xb, &mut cols);
+                &cols
+            };
+            let dims = (s.channels_out, k, n);
+            matmul(dims, dw, (k, 1), i > 0, gb, (n, 1), cols, (1, n), par);
+        }
+    };
+    match inner_parallelism(s.batch) {
+        None => {
+            // Contiguous runs of samples per thread, each into its own partial sum.
+            let threads = rayon::current_num_threads().min(s.batch);
+            let per = s.batch.div_ceil(threads);
+            let mut partials = vec![0.0f32; threads * w_len];
+            partials
+                .par_chunks_mut(w_len)
+                .enumerate()
+                .for_each(|(t, dw)| {
+                    let samples = t * per..((t + 1) * per).min(s.batch);
+                    if samples.is_empty() {
+                        dw.fill(0.0);
+                    } else {
+                        accumulate(samples, dw, Parallelism::None);
+                    }
+                });
+            grad_weight.copy_from_slice(&partials[..w_len]);
+            for partial in partials[w_len..].chunks_exact(w_len) {
+                for (g, p) in grad_weight.iter_mut().zip(partial) {
+                    *g += p;
+                }
+            }
+        }
+        Some(par) => accumulate(0..s.batch, grad_weight, par),
+    }
+    if let Some(grad_bias) = grad_bias {
+        assert_eq!(grad_bias.len(), s.channels_out, "bias length");
+        grad_bias.fill(0.0);
+        for gb in grad_out.chunks_exact(out_len) {
+            for (g, row) in grad_bias.iter_mut().zip(gb.chunks_exact(n)) {
+                *g += row.iter().sum::<f32>();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct definition of the convolution, the independent reference for the GEMM paths.
+    fn naive_forward(s: &Conv2dShape, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f32> {
+        let (oh, ow) = (s.out_height(), s.out_width());
+        let mut out = vec![0.0; s.batch * s.output_sample()];
+        for b in 0..s.batch {
+            for co in 0..s.channels_out {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut acc = bias[co] as f64;
+                        for ci in 0..s.channels_in {
+                            for ki in 0..s.kernel[0] {
+                                for kj in 0..s.kernel[1] {
+                                    let iy =
+                                        (oy * s.stride[0] + ki) as isize - s.padding[0] as isize;
+                                    let ix =
+                                        (ox * s.stride[1] + kj) as isize - s.padding[1] as isize;
+                                    if iy < 0
+                                        || ix < 0
+                                        || iy >= s.height as isize
+                                        || ix >= s.width as isize
+                                    {
+                                        continue;
+                                    }
+                                    let xv = x[((b * s.channels_in + ci) * s.height + iy as usize)
+                                        * s.width
+                                        + ix as usize];
+                                    let wv = w[((co * s.channels_in + ci) * s.kernel[0] + ki)
+                                        * s.kernel[1]
+                                        + kj];
+                                    acc += (xv * wv) as f64;
+                                }
+                            }
+                        }
+                        out[((b * s.channels_out + co) * oh + oy) * ow + ox] = acc as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn shapes() -> Vec<Conv2dShape> {
+        let mut all = Vec::new();
+        for (batch, cin, h, w, cout, k, stride, pad) in [
+            (1, 1, 5, 5, 1, [3, 3], [1, 1], [1, 1]),
+            (2, 3, 7, 6, 4, [3, 3], [2, 2], [1, 1]),
+            (3, 2, 9, 9, 5, [3, 2], [1, 2], [0, 1]),
+            (5, 4, 4, 4, 3, [1, 1], [1, 1], [0, 0]),
+            (2, 4, 7, 7, 6, [1, 1], [2, 2], [0, 0]),
+            (4, 3, 11, 10, 2, [7, 7], [2, 2], [3, 3]),
+            (1, 2, 2, 3, 2, [5, 5], [1, 1], [2, 2]),
+        ] {
+            all.push(Conv2dShape {
+                batch,
+                channels_in: cin,
+                height: h,
+                width: w,
+                channels_out: cout,
+                kernel: k,
+                stride,
+                padding: pad,
+            });
+        }
+        all
+    }
+
+    #[test]
+    fn valid_outputs_matches_a_scan() {
+        for out in 1..6 {
+            for stride in 1..4 {
+                for k in 0..4 {
+                    for pad in 0..4 {
+                        for input in 1..7 {
+                            let scan: Vec<usize> = (0..out)
+                                .filter(|&o| {
+                                    let i = (o * stride + k) as isize - pad as isize;
+                                    i >= 0 && i < input as isize
+                                })
+                                .collect();
+                            let range: Vec<usize> =
+                                valid_outputs(out, stride, k, pad, input).collect();
+                            assert_eq!(range, scan, "{out} {stride} {k} {pad} {input}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn forward_matches_the_definition() {
+        for (i, s) in shapes().into_iter().enumerate() {
+            let x = values(s.batch * s.input_sample(), i as u32);
+            let w = values(s.weight_len(), 100 + i as u32);
+            let bias = values(s.channels_out, 200 + i as u32);
+            let mut out = vec![0.0; s.batch * s.output_sample()];
+            conv2d_forward(&s, &x, &w, Some(&bias), &mut out);
+            let expected = naive_forward(&s, &x, &w, &bias);
+            for (a, b) in out.iter().zip(&expected) {
+                assert!((a - b).abs() < 1e-4, "{s:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// The backward functions are the adjoints of the forward: for any `x`, `w`, `g`,
+    /// `<conv(x, w), g> = <x, dX(w, g)> = <w, dW(x, g)>`, and the bias gradient is `g`'s sum
+    /// per channel.
+    #[test]
+    fn backward_is_the_adjoint_of_forward() {
+        for (i, s) in shapes().into_iter().enumerate() {
+            let x = values(s.batch * s.input_sample(), i as u32);
+            let w = values(s.weight_len(), 100 + i as u32);
+            let g = values(s.batch * s.output_sample(), 300 + i as u32);
+            let zero_bias = vec![0.0; s.channels_out];
+            let y = naive_forward(&s, &x, &w, &zero_bias);
+            let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| (a * b) as f64).sum();
+            let yg: f64 = dot(&y, &g);
+
+            let mut dx = vec![f32::NAN; x.len()];
+            conv2d_backward_input(&s, &w, &g, &mut dx);
+            let xdx: f64 = dot(&x, &dx);
+            assert!(
+                (yg - xdx).abs() < 1e-3 * yg.abs().max(1.0),
+                "{s:?}: {yg} vs {xdx}"
+            );
+
+            let mut dw = vec![f32::NAN; w.len()];
+            let mut db = vec![f32::NAN; s.channels_out];
+            conv2d_backward_weight(&s, &x, &g, &mut dw, Some(&mut db));
+            let wdw: f64 = dot(&w, &dw);
+            assert!(
+                (yg - wdw).abs() < 1e-3 * yg.abs().max(1.0),
+                "{s:?}: {yg} vs {wdw}"
+            );
+            let n = s.out_plane();
+            for (co, &got) in db.iter().enumerate() {
+                let want: f32 = (0..s.batch)
+                    .flat_map(|b| {
+                        let start = (b * s.channels_out + co) * n;
+                        g[start..start + n].iter().copied()
+                    })
+                    .sum();
+                assert!((got - want).abs() < 1e-4, "{s:?} bias {co}");
+            }
+        }
+    }
+}

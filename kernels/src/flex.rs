@@ -1,0 +1,286 @@
+//! The kernels as a Burn backend extension: [`CpuKernels`] is implemented for Flex (forward
+//! only) and for `Autodiff<Flex, C>` (forward plus a handwritten backward that calls
+//! [`crate::conv`] and [`crate::pool`]). Burn's `Dispatch` routes a call to the tensor's backend.
+
+use std::sync::Arc;
+
+use burn::backend::autodiff::NodeId;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::{FlexTensor, Layout};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Bytes, DType, Flex, Shape, backend_extension};
+
+use crate::conv::{self, Conv2dShape};
+use crate::pool::{self, Pool2dShape};
+
+/// Convolution and max-pool with kiln's CPU kernels (`f32`, NCHW).
+#[backend_extension(Flex, Autodiff)]
+pub trait CpuKernels: Backend {
+    /// 2-D convolution, groups 1, dilation 1; `bias` has one value per output channel.
+    fn kiln_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FloatTensor<Self>;
+
+    /// 2-D max-pool, dilation 1, floor mode.
+    fn kiln_max_pool2d(
+        x: FloatTensor<Self>,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FloatTensor<Self>;
+}
+
+fn dims4(t: &FlexTensor) -> [usize; 4] {
+    let shape = t.layout().shape();
+    [shape[0], shape[1], shape[2], shape[3]]
+}
+
+fn new_f32(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::new(
+        Bytes::from_elems(values),
+        Layout::contiguous(Shape::from(shape)),
+        DType::F32,
+    )
+}
+
+fn conv_shape(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    stride: [usize; 2],
+    padding: [usize; 2],
+) -> Conv2dShape {
+    let [batch, channels_in, height, width] = dims4(x);
+    let [channels_out, _, kh, kw] = dims4(weight);
+    Conv2dShape {
+        batch,
+        channels_in,
+        height,
+        width,
+        channels_out,
+        kernel: [kh, kw],
+        stride,
+        padding,
+    }
+}
+
+fn conv_forward(
+    x: FlexTensor,
+    weight: FlexTensor,
+    bias: FlexTensor,
+    stride: [usize; 2],
+    padding: [usize; 2],
+) -> FlexTensor {
+    let s = conv_shape(&x, &weight, stride, padding);
+    let (x, weight, bias) = (
+        x.to_contiguous(),
+        weight.to_contiguous(),
+        bias.to_contiguous(),
+    );
+    let mut out = vec![0.0f32; s.batch * s.output_sample()];
+    conv::conv2d_forward(
+        &s,
+        x.storage::<f32>(),
+        weight.storage::<f32>(),
+        Some(bias.storage::<f32>()),
+        &mut out,
+    );
+    new_f32(
+        out,
+        vec![s.batch, s.channels_out, s.out_height(), s.out_width()],
+    )
+}
+
+fn pool_shape(
+    x: &FlexTensor,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 2],
+) -> Pool2dShape {
+    let [batch, channels, height, width] = dims4(x);
+    Pool2dShape {
+        batch,
+        channels,
+        height,
+        width,
+        kernel,
+        stride,
+        padding,
+    }
+}
+
+fn pool_forward(x: FlexTensor, s: &Pool2dShape) -> (FlexTensor, Vec<u32>) {
+    let x = x.to_contiguous();
+    let mut out = vec![0.0f32; s.output_len()];
+    let mut indices = vec![0u32; s.output_len()];
+    pool::max_pool2d_forward(s, x.storage::<f32>(), &mut out, &mut indices);
+    let shape = vec![s.batch, s.channels, s.out_height(), s.out_width()];
+    (new_f32(out, shape), indices)
+}
+
+impl CpuKernels for Flex {
+    fn kiln_conv2d(
+        x: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FlexTensor {
+        conv_forward(x, weight, bias, stride, padding)
+    }
+
+    fn kiln_max_pool2d(
+        x: FlexTensor,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FlexTensor {
+        let s = pool_shape(&x, kernel, stride, padding);
+        pool_forward(x, &s).0
+    }
+}
+
+/// Backward step of [`CpuKernels::kiln_conv2d`]: parents are the input, weight and bias.
+#[derive(Debug)]
+struct Conv2dBackward;
+
+impl Backward<Flex, 3> for Conv2dBackward {
+    type State = (NodeId, NodeId, [usize; 2], [usize; 2]);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x, node_weight, node_bias] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let (x_state, weight_state, stride, padding) = ops.state;
+        let x = checkpointer
+            .retrieve_node_output::<FlexTensor>(x_state)
+            .to_contiguous();
+        let weight = checkpointer
+            .retrieve_node_output::<FlexTensor>(weight_state)
+            .to_contiguous();
+        let s = conv_shape(&x, &weight, stride, padding);
+        let grad_out = grad.storage::<f32>();
+
+        if let Some(node) = node_x {
+            let mut grad_x = vec![0.0f32; s.batch * s.input_sample()];
+            conv::conv2d_backward_input(&s, weight.storage::<f32>(), grad_out, &mut grad_x);
+            let shape = vec![s.batch, s.channels_in, s.height, s.width];
+            grads.register::<Flex>(node.id, new_f32(grad_x, shape));
+        }
+        if node_weight.is_some() || node_bias.is_some() {
+            let mut grad_weight = vec![0.0f32; s.weight_len()];
+            let mut grad_bias = vec![0.0f32; s.channels_out];
+            conv::conv2d_backward_weight(
+                &s,
+                x.storage::<f32>(),
+                grad_out,
+                &mut grad_weight,
+                Some(&mut grad_bias),
+            );
+            if let Some(node) = node_weight {
+                let shape = weight.layout().shape().to_vec();
+                grads.register::<Flex>(node.id, new_f32(grad_weight, shape));
+            }
+            if let Some(node) = node_bias {
+                grads.register::<Flex>(node.id, new_f32(grad_bias, vec![s.channels_out]));
+            }
+        }
+    }
+}
+
+/// What the max-pool backward step needs: the geometry and the forward's winning positions.
+#[derive(Debug, Clone)]
+struct PoolState {
+    shape: Pool2dShape,
+    indices: Arc<Vec<u32>>,
+}
+
+/// Backward step of [`CpuKernels::kiln_max_pool2d`].
+#[derive(Debug)]
+struct MaxPool2dBackward;
+
+impl Backward<Flex, 1> for MaxPool2dBackward {
+    type State = PoolState;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        if let Some(node) = node_x {
+            let s = ops.state.shape;
+            let mut grad_x = vec![0.0f32; s.input_len()];
+            pool::max_pool2d_backward(&s, grad.storage::<f32>(), &ops.state.indices, &mut grad_x);
+            let shape = vec![s.batch, s.channels, s.height, s.width];
+            grads.register::<Flex>(node.id, new_f32(grad_x, shape));
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
+    fn kiln_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FloatTensor<Self> {
+        match Conv2dBackward
+            .prepare::<C>([x.node(), weight.node(), bias.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let x_state = prep.checkpoint(&x);
+                let weight_state = prep.checkpoint(&weight);
+                let out = conv_forward(
+                    x.into_primitive(),
+                    weight.into_primitive(),
+                    bias.into_primitive(),
+                    stride,
+                    padding,
+                );
+                prep.finish((x_state, weight_state, stride, padding), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(conv_forward(
+                x.into_primitive(),
+                weight.into_primitive(),
+                bias.into_primitive(),
+                stride,
+                padding,
+            )),
+        }
+    }
+
+    fn kiln_max_pool2d(
+        x: FloatTensor<Self>,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FloatTensor<Self> {
+        let s = pool_shape(x.primitive(), kernel, stride, padding);
+        match MaxPool2dBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (out, indices) = pool_forward(x.into_primitive(), &s);
+                let state = PoolState {
+                    shape: s,
+                    indices: Arc::new(indices),
+                };
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(pool_forward(x.into_primitive(), &s).0),
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! Kiln's CPU kernels for Burn's Flex backend.
+//!
+//! Burn's `Conv2d` and `MaxPool2d` modules run, on Flex, a convolution backward that transposes
+//! whole tensors and convolves with kernels the size of the feature map, and a max-pool that
+//! goes through a 3-D pool with `i64` indices. [`conv2d`] and [`max_pool2d`] take the same
+//! modules (same parameters, same records) and, when the input is an `f32` tensor on Flex (with
+//! or without autodiff) and the layer is of the common kind (groups 1, dilation 1, symmetric
+//! padding, floor mode), run kiln's kernels instead: im2col + packed GEMM forward and backward
+//! ([`conv`]) and a direct 2-D max-pool with `u32` winner offsets ([`pool`]). Anything else, and
+//! every other backend (CUDA included), goes through the module's own `forward`, so callers
+//! never need to check.
+//!
+//! The fast path is on by default; [`set_enabled`] (or `KILN_CPU_KERNELS=burn` in the
+//! environment) switches every call back to Burn's ops, which is how the benchmarks compare the
+//! two in one run and how the tests compare them against each other.
+//!
+//! The slice kernels in [`conv`] and [`pool`] use no Burn types, so they could move into Flex as
+//! its `conv2d_x_backward` / `conv2d_weight_backward` / `max_pool2d` implementations.
+
+pub mod conv;
+mod flex;
+pub mod pool;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use burn::backend::{DType, DispatchDevice};
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::Conv2d;
+use burn::nn::pool::MaxPool2d;
+use burn::tensor::Tensor;
+
+pub use flex::CpuKernels;
+
+/// 0: not decided yet (read the environment), 1: kiln's kernels, 2: Burn's ops.
+static MODE: AtomicU8 = AtomicU8::new(0);
+
+/// Whether [`conv2d`] and [`max_pool2d`] use kiln's kernels where they apply (the default,
+/// unless the environment sets `KILN_CPU_KERNELS=burn`).
+pub fn enabled() -> bool {
+    match MODE.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = std::env::var("KILN_CPU_KERNELS").map_or(true, |v| v != "burn");
+            MODE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Switches kiln's kernels on or off for the whole process (off: Burn's own ops everywhere).
+pub fn set_enabled(on: bool) {
+    MODE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Whether `x` is an `f32` tensor on Flex, with or without autodiff.
+fn on_flex_f32(x: &Tensor<4>) -> bool {
+    x.dtype() == DType::F32
+        && matches!(
+            x.device().as_dispatch().clone().inner(),
+            DispatchDevice::Flex(_)
+        )
+}
+
+/// Symmetric padding `[height, width]` of a padding configuration, when it has one that does not
+/// depend on the input size.
+fn symmetric_padding(padding: &PaddingConfig2d) -> Option<[usize; 2]> {
+    match *padding {
+        PaddingConfig2d::Valid => Some([0, 0]),
+        PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => {
+            Some([top, left])
+        }
+        _ => None,
+    }
+}
+
+/// The padding `[height, width]` kiln's convolution kernel would run `conv` on `x` with, or
+/// `None` when the layer or the tensor is not of the kind it handles.
+fn conv2d_padding(conv: &Conv2d, x: &Tensor<4>) -> Option<[usize; 2]> {
+    let [ph, pw] = symmetric_padding(&conv.padding)?;
+    let [_, _, h, w] = x.dims();
+    let [kh, kw] = conv.kernel_size;
+    let fits = enabled()
+        && conv.groups == 1
+        && conv.dilation == [1, 1]
+        && h + 2 * ph >= kh
+        && w + 2 * pw >= kw
+        && on_flex_f32(x);
+    fits.then_some([ph, pw])
+}
+
+/// Whether [`conv2d`] runs kiln's kernel for this layer and input (else Burn's).
+pub fn conv2d_uses_kernels(conv: &Conv2d, x: &Tensor<4>) -> bool {
+    conv2d_padding(conv, x).is_some()
+}
+
+/// `conv.forward(x)`, through kiln's kernels when they apply (see the crate documentation).
+pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let Some(padding) = conv2d_padding(conv, &x) else {
+        return conv.forward(x);
+    };
+    let weight = conv.weight.val();
+    let bias = match &conv.bias {
+        Some(bias) => bias.val(),
+        None => Tensor::zeros([weight.dims()[0]], &x.device()),
+    };
+    let out = <burn::backend::Dispatch as CpuKernels>::kiln_conv2d(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        conv.stride,
+        padding,
+    );
+    Tensor::from_dispatch(out)
+}
+
+/// The padding `[height, width]` kiln's max-pool kernel would run `pool` on `x` with, or `None`
+/// when the layer or the tensor is not of the kind it handles.
+fn max_pool2d_padding(pool: &MaxPool2d, x: &Tensor<4>) -> Option<[usize; 2]> {
+    let [ph, pw] = symmetric_padding(&pool.padding)?;
+    let [_, _, h, w] = x.dims();
+    let [kh, kw] = pool.kernel_size;
+    let fits = enabled()
+        && !pool.ceil_mode
+        && pool.dilation == [1, 1]
+        && 2 * ph <= kh
+        && 2 * pw <= kw
+        && h + 2 * ph >= kh
+        && w + 2 * pw >= kw
+        && on_flex_f32(x);
+    fits.then_some([ph, pw])
+}
+
+/// Whether [`max_pool2d`] runs kiln's kernel for this layer and input (else Burn's).
+pub fn max_pool2d_uses_kernels(pool: &MaxPool2d, x: &Tensor<4>) -> bool {
+    max_pool2d_padding(pool, x).is_some()
+}
+
+/// `pool.forward(x)`, through kiln's kernels when they apply (see the crate documentation).
+pub fn max_pool2d(pool: &MaxPool2d, x: Tensor<4>) -> Tensor<4> {
+    let Some(padding) = max_pool2d_padding(pool, &x) else {
+        return pool.forward(x);
+    };
+    let out = <burn::backend::Dispatch as CpuKernels>::kiln_max_pool2d(
+        x.into_dispatch(),
+        pool.kernel_size,
+        pool.stride,
+        padding,
+    );
+    Tensor::from_dispatch(out)
+}

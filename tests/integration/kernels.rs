@@ -1,0 +1,173 @@
+//! Kiln's CPU kernels against Burn's own ops (the reference): forward values and the gradients
+//! of input, weight and bias, within 1e-4, on random shapes with odd sizes, stride 1 and 2,
+//! padding 0 and 1 (and the ResNet stem's 7x7 / 3), 1x1 convolutions and batch 1.
+
+use burn::module::Param;
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
+use burn::tensor::{Device, Distribution, Tensor};
+use kiln::kernels;
+
+const TOLERANCE: f32 = 1e-4;
+
+fn device() -> Device {
+    Device::flex().autodiff()
+}
+
+fn random<const D: usize>(shape: [usize; D]) -> Tensor<D> {
+    Tensor::random(shape, Distribution::Normal(0.0, 1.0), &device())
+}
+
+fn assert_close<const D: usize>(what: &str, got: Tensor<D>, want: Tensor<D>) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let got = got.into_data().try_to_vec::<f32>().unwrap();
+    let want = want.into_data().try_to_vec::<f32>().unwrap();
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| (g - w).abs() / w.abs().max(1.0))
+        .fold(0.0f32, f32::max);
+    assert!(worst <= TOLERANCE, "{what}: worst difference {worst}");
+}
+
+/// One case: `[batch, channels_in, height, width]`, `channels_out`, kernel, stride, padding,
+/// bias.
+type ConvCase = ([usize; 4], usize, [usize; 2], [usize; 2], [usize; 2], bool);
+
+fn conv_layer(&(shape, c_out, kernel, stride, padding, bias): &ConvCase) -> Conv2d {
+    let mut conv = Conv2dConfig::new([shape[1], c_out], kernel)
+        .with_stride(stride)
+        .with_padding(PaddingConfig2d::Explicit(
+            padding[0], padding[1], padding[0], padding[1],
+        ))
+        .with_bias(bias)
+        .init(&device());
+    // Normal weights (not Kaiming-small) so differences are not hidden by tiny values.
+    conv.weight = Param::from_tensor(random([c_out, shape[1], kernel[0], kernel[1]]));
+    if bias {
+        conv.bias = Some(Param::from_tensor(random([c_out])));
+    }
+    conv
+}
+
+#[test]
+fn conv2d_matches_burn_forward_and_gradients() {
+    let cases: [ConvCase; 9] = [
+        ([1, 1, 28, 28], 32, [3, 3], [1, 1], [1, 1], true),
+        ([3, 32, 14, 14], 64, [3, 3], [1, 1], [1, 1], true),
+        ([2, 3, 13, 11], 5, [3, 3], [2, 2], [1, 1], false),
+        ([1, 4, 9, 7], 3, [3, 3], [2, 2], [0, 0], true),
+        ([2, 3, 17, 15], 8, [7, 7], [2, 2], [3, 3], false),
+        ([3, 6, 5, 5], 7, [1, 1], [1, 1], [0, 0], true),
+        ([2, 6, 7, 9], 4, [1, 1], [2, 2], [0, 0], false),
+        ([1, 2, 6, 5], 3, [3, 2], [1, 2], [1, 0], true),
+        ([5, 3, 3, 3], 2, [3, 3], [1, 1], [0, 0], true),
+    ];
+    for case in &cases {
+        let conv = conv_layer(case);
+        let x = random(case.0).require_grad();
+        let r = random::<4>({
+            let y = conv.forward(x.clone());
+            y.dims()
+        });
+        assert!(
+            kernels::conv2d_uses_kernels(&conv, &x),
+            "{case:?} not on the fast path"
+        );
+
+        let run = |fast: bool| {
+            let x = x.clone().detach().require_grad();
+            let y = if fast {
+                kernels::conv2d(&conv, x.clone())
+            } else {
+                conv.forward(x.clone())
+            };
+            let grads = (y.clone() * r.clone()).sum().backward();
+            let dx = x.grad(&grads).expect("input gradient");
+            let dw = conv.weight.grad(&grads).expect("weight gradient");
+            let db = conv
+                .bias
+                .as_ref()
+                .map(|b| b.grad(&grads).expect("bias gradient"));
+            (y, dx, dw, db)
+        };
+        let (y, dx, dw, db) = run(true);
+        let (y_ref, dx_ref, dw_ref, db_ref) = run(false);
+        let name = format!("{case:?}");
+        assert_close(&format!("{name} output"), y.detach(), y_ref.detach());
+        assert_close(&format!("{name} input gradient"), dx, dx_ref);
+        assert_close(&format!("{name} weight gradient"), dw, dw_ref);
+        if let (Some(db), Some(db_ref)) = (db, db_ref) {
+            assert_close(&format!("{name} bias gradient"), db, db_ref);
+        }
+    }
+}
+
+#[test]
+fn max_pool2d_matches_burn_forward_and_gradients() {
+    // `[batch, channels, height, width]`, kernel, stride, padding.
+    let cases: [([usize; 4], [usize; 2], [usize; 2], [usize; 2]); 6] = [
+        ([64, 32, 28, 28], [2, 2], [2, 2], [0, 0]),
+        ([1, 3, 7, 9], [2, 2], [2, 2], [0, 0]),
+        ([2, 4, 15, 13], [3, 3], [2, 2], [1, 1]),
+        ([1, 2, 8, 8], [3, 3], [1, 1], [1, 1]),
+        ([3, 2, 5, 6], [2, 3], [1, 2], [1, 0]),
+        ([2, 5, 4, 4], [4, 4], [4, 4], [0, 0]),
+    ];
+    for (shape, kernel, stride, padding) in cases {
+        let pool: MaxPool2d = MaxPool2dConfig::new(kernel)
+            .with_strides(stride)
+            .with_padding(PaddingConfig2d::Explicit(
+                padding[0], padding[1], padding[0], padding[1],
+            ))
+            .init();
+        // Distinct values (a permutation) so that the winner of every window is unique and
+        // both implementations must route each gradient to the same input.
+        let len: usize = shape.iter().product();
+        let x = Tensor::<1>::random([len], Distribution::Normal(0.0, 1.0), &device());
+        let x = x.argsort(0).float().reshape(shape) / (len as f32);
+        assert!(
+            kernels::max_pool2d_uses_kernels(&pool, &x),
+            "{shape:?} not on the fast path"
+        );
+        let r = random::<4>(pool.forward(x.clone()).dims());
+        let run = |fast: bool| {
+            let x = x.clone().detach().require_grad();
+            let y = if fast {
+                kernels::max_pool2d(&pool, x.clone())
+            } else {
+                pool.forward(x.clone())
+            };
+            let grads = (y.clone() * r.clone()).sum().backward();
+            (y, x.grad(&grads).expect("input gradient"))
+        };
+        let (y, dx) = run(true);
+        let (y_ref, dx_ref) = run(false);
+        let name = format!("{shape:?} k{kernel:?} s{stride:?} p{padding:?}");
+        assert_close(&format!("{name} output"), y.detach(), y_ref.detach());
+        assert_close(&format!("{name} input gradient"), dx, dx_ref);
+    }
+}
+
+#[test]
+fn unsupported_layers_and_devices_fall_back_to_burn() {
+    let grouped = Conv2dConfig::new([4, 4], [3, 3])
+        .with_groups(2)
+        .init(&device());
+    let x = random([1, 4, 6, 6]);
+    assert!(!kernels::conv2d_uses_kernels(&grouped, &x));
+    assert_close(
+        "grouped",
+        kernels::conv2d(&grouped, x.clone()),
+        grouped.forward(x.clone()),
+    );
+    let same = Conv2dConfig::new([4, 2], [2, 2])
+        .with_padding(PaddingConfig2d::Same)
+        .init(&device());
+    assert!(!kernels::conv2d_uses_kernels(&same, &x));
+    let ceil = MaxPool2dConfig::new([2, 2]).with_ceil_mode(true).init();
+    let odd = random([1, 1, 5, 5]);
+    assert!(!kernels::max_pool2d_uses_kernels(&ceil, &odd));
+    assert_eq!(kernels::max_pool2d(&ceil, odd).dims(), [1, 1, 3, 3]);
+}
