@@ -1,5 +1,6 @@
 //! ResNet-18 on the CPU next to PyTorch: training steps (SGD momentum, cross-entropy) at batch
-//! 8 x 224x224 and batch 32 x 32x32, and inference at batch 32 x 224x224, in samples/s. When
+//! 8 x 224x224 and batch 32 x 32x32, and inference at batch 32 x 224x224, in samples/s, with
+//! kiln's CPU kernels and (`burn_ops`) with Burn's own ops, A/B in each round. When
 //! PyTorch and torchvision are installed, benches/resnet_pytorch.py (2 threads) runs after each
 //! kiln round, alternating; medians over rounds. Prints one JSON object with the ratios.
 //!
@@ -60,18 +61,28 @@ fn main() {
     let device = inner.clone().autodiff();
     let mut model = Some(ResNet::new(ResNetDepth::R18, 1000, &device));
     let device_arg = spec.to_string();
-    let (mut t8, mut t32, mut i32_) = (Vec::new(), Vec::new(), Vec::new());
+    // kiln's CPU kernels (the default) and Burn's own ops, A/B in each round; on a GPU both
+    // run Burn's ops (the kernels are for Flex), so only the first is measured there.
+    let modes: &[bool] = if !spec.is_cuda() { &[true, false] } else { &[true] };
+    let mut runs: Vec<[Vec<f64>; 3]> = modes.iter().map(|_| Default::default()).collect();
     let mut pytorch: Vec<Value> = Vec::new();
-    // Warm-up.
-    let _ = train_step(&mut model, 8, 224, &device);
-    let _ = train_step(&mut model, 32, 32, &device);
+    for &kernels in modes {
+        kiln::kernels::set_enabled(kernels);
+        // Warm-up.
+        let _ = train_step(&mut model, 8, 224, &device);
+        let _ = train_step(&mut model, 32, 32, &device);
+    }
     for round in 0..rounds {
-        for _ in 0..reps {
-            t8.push(8.0 / train_step(&mut model, 8, 224, &device));
-            t32.push(32.0 / train_step(&mut model, 32, 32, &device));
-            let valid = model.as_ref().expect("model present").valid();
-            i32_.push(32.0 / infer(&valid, 32, 224, &inner));
+        for (&kernels, [t8, t32, i32_]) in modes.iter().zip(&mut runs) {
+            kiln::kernels::set_enabled(kernels);
+            for _ in 0..reps {
+                t8.push(8.0 / train_step(&mut model, 8, 224, &device));
+                t32.push(32.0 / train_step(&mut model, 32, 32, &device));
+                let valid = model.as_ref().expect("model present").valid();
+                i32_.push(32.0 / infer(&valid, 32, 224, &inner));
+            }
         }
+        kiln::kernels::set_enabled(true);
         eprintln!("round {}/{rounds}: kiln done", round + 1);
         if let Some(p) = run_pytorch_with(
             "resnet_pytorch.py",
@@ -80,11 +91,16 @@ fn main() {
             pytorch.push(p);
         }
     }
-    let kiln = json!({
-        "train_b8_224": median(t8),
-        "train_b32_32": median(t32),
-        "infer_b32_224": median(i32_),
-    });
+    let summary = |[t8, t32, i32_]: [Vec<f64>; 3]| {
+        json!({
+            "train_b8_224": median(t8),
+            "train_b32_32": median(t32),
+            "infer_b32_224": median(i32_),
+        })
+    };
+    let mut runs = runs.into_iter().map(summary);
+    let kiln = runs.next().expect("the kernels' run");
+    let burn_ops = runs.next();
     let pt = |key: &str| median_field(&pytorch, key);
     let keys = ["train_b8_224", "train_b32_32", "infer_b32_224"];
     let torch: serde_json::Map<String, Value> = keys
@@ -106,6 +122,7 @@ fn main() {
             "rounds": rounds,
             "reps_per_round": reps,
             "kiln": kiln,
+            "burn_ops": burn_ops,
             "pytorch": (!torch.is_empty()).then_some(torch),
             "kiln_over_pytorch": (!ratios.is_empty()).then_some(ratios),
         })
