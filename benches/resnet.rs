@@ -63,7 +63,11 @@ fn main() {
     let device_arg = spec.to_string();
     // kiln's CPU kernels (the default) and Burn's own ops, A/B in each round; on a GPU both
     // run Burn's ops (the kernels are for Flex), so only the first is measured there.
-    let modes: &[bool] = if !spec.is_cuda() { &[true, false] } else { &[true] };
+    let modes: &[bool] = if !spec.is_cuda() {
+        &[true, false]
+    } else {
+        &[true]
+    };
     let mut runs: Vec<[Vec<f64>; 3]> = modes.iter().map(|_| Default::default()).collect();
     let mut pytorch: Vec<Value> = Vec::new();
     for &kernels in modes {

@@ -121,8 +121,8 @@ fn valid_outputs(
     lo.min(hi)..hi
 }
 
-/// Writes sample `x` (`C_in x H x W`) as its `K x N` column matrix.
-fn im2col(s: &Conv2dShape, x: &[f32], cols: &mut [f32]) {
+/// Writes sample `x` (`C_in x H x W`) as its `K x N` column matrix, row `k` at `cols[k * ld..]`.
+fn im2col(s: &Conv2dShape, x: &[f32], cols: &mut [f32], ld: usize) {
     let (oh, ow) = (s.out_height(), s.out_width());
     let n = oh * ow;
     let [kh, kw] = s.kernel;
@@ -134,7 +134,7 @@ fn im2col(s: &Conv2dShape, x: &[f32], cols: &mut [f32]) {
         for ki in 0..kh {
             let rows_ok = valid_outputs(oh, sh, ki, ph, s.height);
             for kj in 0..kw {
-                let row = &mut cols[((c * kh + ki) * kw + kj) * n..][..n];
+                let row = &mut cols[((c * kh + ki) * kw + kj) * ld..][..n];
                 let cols_ok = valid_outputs(ow, sw, kj, pw, s.width);
                 for oy in 0..oh {
                     let dst = &mut row[oy * ow..(oy + 1) * ow];
@@ -160,9 +160,9 @@ fn im2col(s: &Conv2dShape, x: &[f32], cols: &mut [f32]) {
     }
 }
 
-/// Adds the `K x N` column matrix `cols` back onto sample `dx` (`C_in x H x W`): the adjoint
-/// of [`im2col`].
-fn col2im(s: &Conv2dShape, cols: &[f32], dx: &mut [f32]) {
+/// Adds the `K x N` column matrix `cols` (row `k` at `cols[k * ld..]`) back onto sample `dx`
+/// (`C_in x H x W`): the adjoint of [`im2col`].
+fn col2im(s: &Conv2dShape, cols: &[f32], ld: usize, dx: &mut [f32]) {
     let (oh, ow) = (s.out_height(), s.out_width());
     let n = oh * ow;
     let [kh, kw] = s.kernel;
@@ -174,7 +174,7 @@ fn col2im(s: &Conv2dShape, cols: &[f32], dx: &mut [f32]) {
         for ki in 0..kh {
             let rows_ok = valid_outputs(oh, sh, ki, ph, s.height);
             for kj in 0..kw {
-                let row = &cols[((c * kh + ki) * kw + kj) * n..][..n];
+                let row = &cols[((c * kh + ki) * kw + kj) * ld..][..n];
                 let cols_ok = valid_outputs(ow, sw, kj, pw, s.width);
                 if cols_ok.is_empty() {
                     continue;
@@ -263,15 +263,103 @@ fn matmul(
     }
 }
 
-/// How to spread `batch` samples over the thread pool: in parallel across samples when there are
-/// at least as many samples as threads, else sample by sample with a parallel GEMM.
-fn inner_parallelism(batch: usize) -> Option<Parallelism> {
-    let threads = rayon::current_num_threads();
-    if batch >= threads || threads == 1 {
-        None
-    } else {
-        Some(Parallelism::Rayon(threads))
+/// Columns per GEMM the kernels aim for: samples are grouped until a group's `samples * N`
+/// reaches this, so deep layers with small feature maps (ResNet's 7x7, or 1x1 at 32x32 input)
+/// still run GEMMs wide enough to keep the micro-kernel busy.
+const TARGET_COLUMNS: usize = 256;
+
+/// How a batch is cut into groups of consecutive samples, and how the groups use the threads.
+#[derive(Clone, Copy, Debug)]
+struct Grouping {
+    /// Samples per group (the last group may have fewer).
+    per_group: usize,
+    /// Run groups in parallel, one GEMM each on one thread (`None`), or one after the other
+    /// with each GEMM spread over the threads.
+    gemm_threads: Option<Parallelism>,
+}
+
+impl Grouping {
+    fn new(s: &Conv2dShape) -> Self {
+        let groups = (s.batch * s.out_plane() / TARGET_COLUMNS).clamp(1, s.batch);
+        let per_group = s.batch.div_ceil(groups);
+        let groups = s.batch.div_ceil(per_group);
+        let threads = rayon::current_num_threads();
+        let gemm_threads = (groups < threads && threads > 1).then_some(Parallelism::Rayon(threads));
+        Grouping {
+            per_group,
+            gemm_threads,
+        }
     }
+
+    fn parallelism(&self) -> Parallelism {
+        self.gemm_threads.unwrap_or(Parallelism::None)
+    }
+}
+
+/// Copies the per-sample `C_out x N` blocks of `samples` (`[samples, C_out, N]`) side by side
+/// into `wide` (`C_out x samples*N`).
+fn gather_channels(samples: &[f32], channels: usize, n: usize, wide: &mut [f32]) {
+    let count = samples.len() / (channels * n);
+    let width = count * n;
+    for (j, sample) in samples.chunks_exact(channels * n).enumerate() {
+        for (c, row) in sample.chunks_exact(n).enumerate() {
+            wide[c * width + j * n..][..n].copy_from_slice(row);
+        }
+    }
+}
+
+/// The inverse of [`gather_channels`], adding `bias[c]` to channel `c` on the way.
+fn scatter_channels(
+    wide: &[f32],
+    channels: usize,
+    n: usize,
+    bias: Option<&[f32]>,
+    samples: &mut [f32],
+) {
+    let count = samples.len() / (channels * n);
+    let width = count * n;
+    for (j, sample) in samples.chunks_exact_mut(channels * n).enumerate() {
+        for (c, row) in sample.chunks_exact_mut(n).enumerate() {
+            let src = &wide[c * width + j * n..][..n];
+            match bias {
+                Some(bias) => {
+                    for (d, v) in row.iter_mut().zip(src) {
+                        *d = v + bias[c];
+                    }
+                }
+                None => row.copy_from_slice(src),
+            }
+        }
+    }
+}
+
+/// The column matrix (`K x samples*N`) of a group of samples `x` (`[samples, C_in, H, W]`): the
+/// input itself for one sample of a pointwise convolution, else built in `cols`.
+fn group_columns<'a>(s: &Conv2dShape, x: &'a [f32], cols: &'a mut Vec<f32>) -> &'a [f32] {
+    let count = x.len() / s.input_sample();
+    if count == 1 && s.is_pointwise() {
+        return x;
+    }
+    let (k, n) = (s.patch_len(), s.out_plane());
+    let width = count * n;
+    cols.resize(k * width, 0.0);
+    for (j, xb) in x.chunks_exact(s.input_sample()).enumerate() {
+        im2col(s, xb, &mut cols[j * n..], width);
+    }
+    cols
+}
+
+/// The output gradient of a group of samples as one `C_out x samples*N` matrix: the samples'
+/// own block for one sample, else gathered into `wide`.
+fn group_grad<'a>(s: &Conv2dShape, grad: &'a [f32], wide: &'a mut Vec<f32>) -> &'a [f32] {
+    let count = grad.len() / s.output_sample();
+    if count == 1 {
+        return grad;
+    }
+    let n = s.out_plane();
+    wide.resize(s.channels_out * count * n, 0.0);
+    gather_channels(grad, s.channels_out, n, wide);
+    wide
 }
 
 fn check_lengths(s: &Conv2dShape, x: usize, weight: usize, out: usize) {
@@ -279,6 +367,13 @@ fn check_lengths(s: &Conv2dShape, x: usize, weight: usize, out: usize) {
     assert_eq!(x, s.batch * s.input_sample(), "input length");
     assert_eq!(weight, s.weight_len(), "weight length");
     assert_eq!(out, s.batch * s.output_sample(), "output length");
+}
+
+/// Scratch buffers of one thread.
+#[derive(Default)]
+struct Scratch {
+    cols: Vec<f32>,
+    wide: Vec<f32>,
 }
 
 /// Forward convolution: `out` (`B x C_out x OH x OW`) from `x` (`B x C_in x H x W`), `weight`
@@ -295,38 +390,51 @@ pub fn conv2d_forward(
         assert_eq!(bias.len(), s.channels_out, "bias length");
     }
     let (k, n) = (s.patch_len(), s.out_plane());
-    let sample = |cols: &mut Vec<f32>, xb: &[f32], ob: &mut [f32], par: Parallelism| {
-        match bias {
-            Some(bias) => {
-                for (row, &b) in ob.chunks_exact_mut(n).zip(bias) {
-                    row.fill(b);
+    let grouping = Grouping::new(s);
+    let group = |scratch: &mut Scratch, xg: &[f32], og: &mut [f32]| {
+        let count = xg.len() / s.input_sample();
+        let width = count * n;
+        let cols = group_columns(s, xg, &mut scratch.cols);
+        let dims = (s.channels_out, width, k);
+        let par = grouping.parallelism();
+        if count == 1 {
+            match bias {
+                Some(bias) => {
+                    for (row, &b) in og.chunks_exact_mut(n).zip(bias) {
+                        row.fill(b);
+                    }
                 }
+                None => og.fill(0.0),
             }
-            None => ob.fill(0.0),
-        }
-        let cols: &[f32] = if s.is_pointwise() {
-            xb
+            matmul(dims, og, (n, 1), true, weight, (k, 1), cols, (n, 1), par);
         } else {
-            cols.resize(k * n, 0.0);
-            im2col(s, xb, cols);
-            cols
-        };
-        let dims = (s.channels_out, n, k);
-        matmul(dims, ob, (n, 1), true, weight, (k, 1), cols, (n, 1), par);
+            scratch.wide.resize(s.channels_out * width, 0.0);
+            let wide = &mut scratch.wide;
+            matmul(
+                dims,
+                wide,
+                (width, 1),
+                false,
+                weight,
+                (k, 1),
+                cols,
+                (width, 1),
+                par,
+            );
+            scatter_channels(wide, s.channels_out, n, bias, og);
+        }
     };
-    let in_len = s.input_sample();
-    let out_len = s.output_sample();
-    match inner_parallelism(s.batch) {
+    let per_in = grouping.per_group * s.input_sample();
+    let per_out = grouping.per_group * s.output_sample();
+    match grouping.gemm_threads {
         None => out
-            .par_chunks_mut(out_len)
-            .zip(x.par_chunks(in_len))
-            .for_each_init(Vec::new, |cols, (ob, xb)| {
-                sample(cols, xb, ob, Parallelism::None)
-            }),
-        Some(par) => {
-            let mut cols = Vec::new();
-            for (ob, xb) in out.chunks_mut(out_len).zip(x.chunks(in_len)) {
-                sample(&mut cols, xb, ob, par);
+            .par_chunks_mut(per_out)
+            .zip(x.par_chunks(per_in))
+            .for_each_init(Scratch::default, |scratch, (og, xg)| group(scratch, xg, og)),
+        Some(_) => {
+            let mut scratch = Scratch::default();
+            for (og, xg) in out.chunks_mut(per_out).zip(x.chunks(per_in)) {
+                group(&mut scratch, xg, og);
             }
         }
     }
@@ -342,31 +450,49 @@ pub fn conv2d_backward_input(
 ) {
     check_lengths(s, grad_x.len(), weight.len(), grad_out.len());
     let (k, n) = (s.patch_len(), s.out_plane());
-    let dims = (k, n, s.channels_out);
+    let grouping = Grouping::new(s);
     // W^T is K x C_out: row stride 1, column stride K.
-    let sample = |dcols: &mut Vec<f32>, gb: &[f32], dxb: &mut [f32], par: Parallelism| {
-        if s.is_pointwise() {
-            matmul(dims, dxb, (n, 1), false, weight, (1, k), gb, (n, 1), par);
-        } else {
-            dcols.resize(k * n, 0.0);
-            matmul(dims, dcols, (n, 1), false, weight, (1, k), gb, (n, 1), par);
-            dxb.fill(0.0);
-            col2im(s, dcols, dxb);
+    let group = |scratch: &mut Scratch, gg: &[f32], dxg: &mut [f32]| {
+        let count = gg.len() / s.output_sample();
+        let width = count * n;
+        let grad = group_grad(s, gg, &mut scratch.wide);
+        let dims = (k, width, s.channels_out);
+        let par = grouping.parallelism();
+        if count == 1 && s.is_pointwise() {
+            matmul(dims, dxg, (n, 1), false, weight, (1, k), grad, (n, 1), par);
+            return;
+        }
+        scratch.cols.resize(k * width, 0.0);
+        let dcols = &mut scratch.cols;
+        matmul(
+            dims,
+            dcols,
+            (width, 1),
+            false,
+            weight,
+            (1, k),
+            grad,
+            (width, 1),
+            par,
+        );
+        dxg.fill(0.0);
+        for (j, dxb) in dxg.chunks_exact_mut(s.input_sample()).enumerate() {
+            col2im(s, &dcols[j * n..], width, dxb);
         }
     };
-    let in_len = s.input_sample();
-    let out_len = s.output_sample();
-    match inner_parallelism(s.batch) {
+    let per_in = grouping.per_group * s.input_sample();
+    let per_out = grouping.per_group * s.output_sample();
+    match grouping.gemm_threads {
         None => grad_x
-            .par_chunks_mut(in_len)
-            .zip(grad_out.par_chunks(out_len))
-            .for_each_init(Vec::new, |dcols, (dxb, gb)| {
-                sample(dcols, gb, dxb, Parallelism::None)
+            .par_chunks_mut(per_in)
+            .zip(grad_out.par_chunks(per_out))
+            .for_each_init(Scratch::default, |scratch, (dxg, gg)| {
+                group(scratch, gg, dxg)
             }),
-        Some(par) => {
-            let mut dcols = Vec::new();
-            for (dxb, gb) in grad_x.chunks_mut(in_len).zip(grad_out.chunks(out_len)) {
-                sample(&mut dcols, gb, dxb, par);
+        Some(_) => {
+            let mut scratch = Scratch::default();
+            for (dxg, gg) in grad_x.chunks_mut(per_in).zip(grad_out.chunks(per_out)) {
+                group(&mut scratch, gg, dxg);
             }
         }
     }
@@ -383,41 +509,51 @@ pub fn conv2d_backward_weight(
 ) {
     check_lengths(s, x.len(), grad_weight.len(), grad_out.len());
     let (k, n) = (s.patch_len(), s.out_plane());
-    let (in_len, out_len) = (s.input_sample(), s.output_sample());
     let w_len = s.weight_len();
-    // dW (C_out x K) += dy_b (C_out x N) @ cols_b^T (N x K); cols_b^T has row stride 1 and
-    // column stride N.
-    let accumulate = |samples: std::ops::Range<usize>, dw: &mut [f32], par: Parallelism| {
-        let mut cols = Vec::new();
-        for (i, b) in samples.enumerate() {
-            let xb = &x[b * in_len..(b + 1) * in_len];
-            let gb = &grad_out[b * out_len..(b + 1) * out_len];
-            let cols: &[f32] = if s.is_pointwise() {
-                xb
-            } else {
-                cols.resize(k * n, 0.0);
-                im2col(s, xb, &mut cols);
-                &cols
-            };
-            let dims = (s.channels_out, k, n);
-            matmul(dims, dw, (k, 1), i > 0, gb, (n, 1), cols, (1, n), par);
+    let grouping = Grouping::new(s);
+    let per_in = grouping.per_group * s.input_sample();
+    let per_out = grouping.per_group * s.output_sample();
+    // dW (C_out x K) += dy_g (C_out x width) @ cols_g^T (width x K); cols_g^T has row stride 1
+    // and column stride width.
+    let accumulate = |groups: std::ops::Range<usize>, dw: &mut [f32]| {
+        let mut scratch = Scratch::default();
+        for (i, g) in groups.enumerate() {
+            let xg = &x[g * per_in..((g + 1) * per_in).min(x.len())];
+            let gg = &grad_out[g * per_out..((g + 1) * per_out).min(grad_out.len())];
+            let width = gg.len() / s.output_sample() * n;
+            let grad = group_grad(s, gg, &mut scratch.wide);
+            let cols = group_columns(s, xg, &mut scratch.cols);
+            let dims = (s.channels_out, k, width);
+            let par = grouping.parallelism();
+            matmul(
+                dims,
+                dw,
+                (k, 1),
+                i > 0,
+                grad,
+                (width, 1),
+                cols,
+                (1, width),
+                par,
+            );
         }
     };
-    match inner_parallelism(s.batch) {
+    let groups = s.batch.div_ceil(grouping.per_group);
+    match grouping.gemm_threads {
         None => {
-            // Contiguous runs of samples per thread, each into its own partial sum.
-            let threads = rayon::current_num_threads().min(s.batch);
-            let per = s.batch.div_ceil(threads);
+            // Contiguous runs of groups per thread, each into its own partial sum.
+            let threads = rayon::current_num_threads().min(groups);
+            let per = groups.div_ceil(threads);
             let mut partials = vec![0.0f32; threads * w_len];
             partials
                 .par_chunks_mut(w_len)
                 .enumerate()
                 .for_each(|(t, dw)| {
-                    let samples = t * per..((t + 1) * per).min(s.batch);
-                    if samples.is_empty() {
+                    let mine = t * per..((t + 1) * per).min(groups);
+                    if mine.is_empty() {
                         dw.fill(0.0);
                     } else {
-                        accumulate(samples, dw, Parallelism::None);
+                        accumulate(mine, dw);
                     }
                 });
             grad_weight.copy_from_slice(&partials[..w_len]);
@@ -427,12 +563,12 @@ pub fn conv2d_backward_weight(
                 }
             }
         }
-        Some(par) => accumulate(0..s.batch, grad_weight, par),
+        Some(_) => accumulate(0..groups, grad_weight),
     }
     if let Some(grad_bias) = grad_bias {
         assert_eq!(grad_bias.len(), s.channels_out, "bias length");
         grad_bias.fill(0.0);
-        for gb in grad_out.chunks_exact(out_len) {
+        for gb in grad_out.chunks_exact(s.output_sample()) {
             for (g, row) in grad_bias.iter_mut().zip(gb.chunks_exact(n)) {
                 *g += row.iter().sum::<f32>();
             }
@@ -507,6 +643,11 @@ mod tests {
             (2, 4, 7, 7, 6, [1, 1], [2, 2], [0, 0]),
             (4, 3, 11, 10, 2, [7, 7], [2, 2], [3, 3]),
             (1, 2, 2, 3, 2, [5, 5], [1, 1], [2, 2]),
+            // Planes of 400: one sample per group, groups in parallel.
+            (4, 2, 20, 20, 3, [3, 3], [1, 1], [1, 1]),
+            (3, 3, 20, 20, 2, [1, 1], [1, 1], [0, 0]),
+            // 1x1 planes (ResNet's layer4 at 32x32 input): the whole batch in one GEMM.
+            (6, 4, 1, 1, 5, [3, 3], [1, 1], [1, 1]),
         ] {
             all.push(Conv2dShape {
                 batch,
