@@ -4,7 +4,7 @@
 //! PyTorch and torchvision are installed, benches/resnet_pytorch.py (2 threads) runs after each
 //! kiln round, alternating; medians over rounds. Prints one JSON object with the ratios.
 //!
-//! `cargo bench --bench resnet -- --rounds 2 --reps 3`; on a GPU (a build with `--features
+//! `cargo bench --bench resnet -- --rounds 2 --reps 3` (`--kiln-only`: no Burn-ops runs); on a GPU (a build with `--features
 //! cuda`): `cargo bench --features cuda --bench resnet -- --device cuda:0`, PyTorch on the same
 //! GPU.
 
@@ -63,10 +63,12 @@ fn main() {
     let device_arg = spec.to_string();
     // kiln's CPU kernels (the default) and Burn's own ops, A/B in each round; on a GPU both
     // run Burn's ops (the kernels are for Flex), so only the first is measured there.
-    let modes: &[bool] = if !spec.is_cuda() {
-        &[true, false]
-    } else {
+    // `--kiln-only` skips the Burn-ops runs (for profiling the kernels' run alone).
+    let kiln_only = std::env::args().any(|a| a == "--kiln-only");
+    let modes: &[bool] = if spec.is_cuda() || kiln_only {
         &[true]
+    } else {
+        &[true, false]
     };
     let mut runs: Vec<[Vec<f64>; 3]> = modes.iter().map(|_| Default::default()).collect();
     let mut pytorch: Vec<Value> = Vec::new();

@@ -8,7 +8,8 @@
 //! medians over all rounds give the ratios. Set `KILN_BENCH_NO_PYTORCH=1` to skip PyTorch.
 //! Prints one JSON object.
 //!
-//! Run: `cargo bench --bench simple_cnn` (options: `-- --rounds N --reps N --train-samples N`).
+//! Run: `cargo bench --bench simple_cnn` (options: `-- --rounds N --reps N --train-samples N
+//! --kiln-only`).
 
 mod common;
 
@@ -83,6 +84,8 @@ fn measure_kiln(
 
 fn main() -> anyhow::Result<()> {
     let rounds = arg("--rounds", 3).max(1);
+    // `--kiln-only` skips the Burn-ops runs (for profiling the kernels' run alone).
+    let kiln_only = std::env::args().any(|a| a == "--kiln-only");
     let reps = arg("--reps", 2).max(1);
     let train_samples = arg("--train-samples", 1920);
     let train = MnistSource::Embedded
@@ -97,16 +100,22 @@ fn main() -> anyhow::Result<()> {
         let (t, e) = measure_kiln(true, reps, &train, &test)?;
         kiln_train.extend(t);
         kiln_eval.extend(e);
-        let (t, e) = measure_kiln(false, reps, &train, &test)?;
-        burn_train.extend(t);
-        burn_eval.extend(e);
+        if !kiln_only {
+            let (t, e) = measure_kiln(false, reps, &train, &test)?;
+            burn_train.extend(t);
+            burn_eval.extend(e);
+        }
         pytorch_runs.extend(run_pytorch("simple_cnn_pytorch.py", reps, train_samples));
         eprintln!("round {}/{rounds} done", round + 1);
     }
     kiln::kernels::set_enabled(true);
 
     let kiln = (median(kiln_train.clone()), median(kiln_eval.clone()));
-    let burn = (median(burn_train.clone()), median(burn_eval.clone()));
+    let burn = if kiln_only {
+        (f64::NAN, f64::NAN)
+    } else {
+        (median(burn_train.clone()), median(burn_eval.clone()))
+    };
     let pytorch = (
         median_field(&pytorch_runs, "train_samples_per_sec"),
         median_field(&pytorch_runs, "eval_samples_per_sec"),

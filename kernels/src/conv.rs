@@ -376,6 +376,21 @@ struct Scratch {
     wide: Vec<f32>,
 }
 
+thread_local! {
+    /// Each thread's scratch, kept between calls: the column matrices are megabytes, and
+    /// allocating (and zero-filling) them per call cost more than the copies that fill them.
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+/// Runs `f` with this thread's scratch buffers.
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut scratch) => f(&mut scratch),
+        // Re-entered on this thread (a GEMM's worker running another group): fresh buffers.
+        Err(_) => f(&mut Scratch::default()),
+    })
+}
+
 /// Forward convolution: `out` (`B x C_out x OH x OW`) from `x` (`B x C_in x H x W`), `weight`
 /// (`C_out x C_in x KH x KW`) and an optional `bias` (`C_out`).
 pub fn conv2d_forward(
@@ -430,18 +445,20 @@ pub fn conv2d_forward(
         None => out
             .par_chunks_mut(per_out)
             .zip(x.par_chunks(per_in))
-            .for_each_init(Scratch::default, |scratch, (og, xg)| group(scratch, xg, og)),
+            .for_each(|(og, xg)| with_scratch(|scratch| group(scratch, xg, og))),
         Some(_) => {
-            let mut scratch = Scratch::default();
-            for (og, xg) in out.chunks_mut(per_out).zip(x.chunks(per_in)) {
-                group(&mut scratch, xg, og);
-            }
+            with_scratch(|scratch| {
+                for (og, xg) in out.chunks_mut(per_out).zip(x.chunks(per_in)) {
+                    group(scratch, xg, og);
+                }
+            });
         }
     }
 }
 
-/// Gradient of the convolution with respect to its input: `grad_x` (`B x C_in x H x W`) from
-/// `weight` and `grad_out` (`B x C_out x OH x OW`). Overwrites `grad_x`.
+/// Gradient of the convolution with respect to its input (`B x C_in x H x W`) from `weight` and
+/// `grad_out` (`B x C_out x OH x OW`), added to `grad_x` (pass zeros, e.g. a fresh
+/// `vec![0.0; n]`, for the gradient itself: a fresh zeroed allocation costs no extra pass).
 pub fn conv2d_backward_input(
     s: &Conv2dShape,
     weight: &[f32],
@@ -459,7 +476,7 @@ pub fn conv2d_backward_input(
         let dims = (k, width, s.channels_out);
         let par = grouping.parallelism();
         if count == 1 && s.is_pointwise() {
-            matmul(dims, dxg, (n, 1), false, weight, (1, k), grad, (n, 1), par);
+            matmul(dims, dxg, (n, 1), true, weight, (1, k), grad, (n, 1), par);
             return;
         }
         scratch.cols.resize(k * width, 0.0);
@@ -475,7 +492,6 @@ pub fn conv2d_backward_input(
             (width, 1),
             par,
         );
-        dxg.fill(0.0);
         for (j, dxb) in dxg.chunks_exact_mut(s.input_sample()).enumerate() {
             col2im(s, &dcols[j * n..], width, dxb);
         }
@@ -486,15 +502,12 @@ pub fn conv2d_backward_input(
         None => grad_x
             .par_chunks_mut(per_in)
             .zip(grad_out.par_chunks(per_out))
-            .for_each_init(Scratch::default, |scratch, (dxg, gg)| {
-                group(scratch, gg, dxg)
-            }),
-        Some(_) => {
-            let mut scratch = Scratch::default();
+            .for_each(|(dxg, gg)| with_scratch(|scratch| group(scratch, gg, dxg))),
+        Some(_) => with_scratch(|scratch| {
             for (dxg, gg) in grad_x.chunks_mut(per_in).zip(grad_out.chunks(per_out)) {
-                group(&mut scratch, gg, dxg);
+                group(scratch, gg, dxg);
             }
-        }
+        }),
     }
 }
 
@@ -516,27 +529,28 @@ pub fn conv2d_backward_weight(
     // dW (C_out x K) += dy_g (C_out x width) @ cols_g^T (width x K); cols_g^T has row stride 1
     // and column stride width.
     let accumulate = |groups: std::ops::Range<usize>, dw: &mut [f32]| {
-        let mut scratch = Scratch::default();
-        for (i, g) in groups.enumerate() {
-            let xg = &x[g * per_in..((g + 1) * per_in).min(x.len())];
-            let gg = &grad_out[g * per_out..((g + 1) * per_out).min(grad_out.len())];
-            let width = gg.len() / s.output_sample() * n;
-            let grad = group_grad(s, gg, &mut scratch.wide);
-            let cols = group_columns(s, xg, &mut scratch.cols);
-            let dims = (s.channels_out, k, width);
-            let par = grouping.parallelism();
-            matmul(
-                dims,
-                dw,
-                (k, 1),
-                i > 0,
-                grad,
-                (width, 1),
-                cols,
-                (1, width),
-                par,
-            );
-        }
+        with_scratch(|scratch| {
+            for (i, g) in groups.enumerate() {
+                let xg = &x[g * per_in..((g + 1) * per_in).min(x.len())];
+                let gg = &grad_out[g * per_out..((g + 1) * per_out).min(grad_out.len())];
+                let width = gg.len() / s.output_sample() * n;
+                let grad = group_grad(s, gg, &mut scratch.wide);
+                let cols = group_columns(s, xg, &mut scratch.cols);
+                let dims = (s.channels_out, k, width);
+                let par = grouping.parallelism();
+                matmul(
+                    dims,
+                    dw,
+                    (k, 1),
+                    i > 0,
+                    grad,
+                    (width, 1),
+                    cols,
+                    (1, width),
+                    par,
+                );
+            }
+        })
     };
     let groups = s.batch.div_ceil(grouping.per_group);
     match grouping.gemm_threads {
@@ -715,7 +729,7 @@ mod tests {
             let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| (a * b) as f64).sum();
             let yg: f64 = dot(&y, &g);
 
-            let mut dx = vec![f32::NAN; x.len()];
+            let mut dx = vec![0.0; x.len()];
             conv2d_backward_input(&s, &w, &g, &mut dx);
             let xdx: f64 = dot(&x, &dx);
             assert!(
