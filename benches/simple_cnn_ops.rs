@@ -1,9 +1,12 @@
 //! Where SimpleCNN's training step spends its time on Flex: each layer's forward and
 //! forward+backward at the shapes of a batch of 64, timed alone (median of repetitions, after
-//! a warm-up). Prints one JSON object; the PyTorch profile to compare with (DESIGN.md, issue 9)
-//! puts convolution backward at 33 %, max-pool 25 %, convolution forward 17 %, matmul 8 %.
+//! a warm-up), with kiln's CPU kernels (`kiln`) and with Burn's own ops (`burn`). The
+//! forward+backward figure includes the `sum` loss and its backward, and the input gradient even
+//! for conv1 (training skips it there). Prints one JSON object; the PyTorch profile to compare
+//! with (DESIGN.md, issue 9) puts convolution backward at 33 %, max-pool 25 %, convolution
+//! forward 17 %, matmul 8 %.
 //!
-//! Run: `cargo bench --bench simple_cnn_ops`.
+//! Run: `cargo bench --bench simple_cnn_ops` (`RAYON_NUM_THREADS=1` for one thread).
 
 use std::time::Instant;
 
@@ -47,6 +50,14 @@ fn measure<M: Module>(
     (fwd, both)
 }
 
+/// The threads Burn's and kiln's kernels run on (rayon's pool: `RAYON_NUM_THREADS` or the cores).
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 fn main() {
     let device = Device::flex().autodiff();
     let batch = 64;
@@ -64,39 +75,39 @@ fn main() {
     let fc1 = LinearConfig::new(3136, 128).init(&device);
 
     let mut ops = Map::new();
-    let mut record = |name: &str, (fwd, both): (f64, f64)| {
-        ops.insert(
-            name.into(),
-            json!({ "forward_ms": fwd, "forward_backward_ms": both }),
-        );
+    let mut record = |name: &str, measure: &dyn Fn() -> (f64, f64)| {
+        let mut modes = Map::new();
+        for (mode, on) in [("kiln", true), ("burn", false)] {
+            kiln::kernels::set_enabled(on);
+            let (fwd, both) = measure();
+            modes.insert(
+                mode.into(),
+                json!({ "forward_ms": fwd, "forward_backward_ms": both }),
+            );
+        }
+        kiln::kernels::set_enabled(true);
+        ops.insert(name.into(), Value::Object(modes));
     };
-    record(
-        "conv1 [64,1,28,28]->[64,32,28,28]",
-        measure(&conv1, |m, x| m.forward(x), &random([batch, 1, 28, 28])),
-    );
-    record(
-        "relu [64,32,28,28]",
-        measure(&relu, |m, x| m.forward(x), &random([batch, 32, 28, 28])),
-    );
-    record(
-        "maxpool [64,32,28,28]",
-        measure(&pool, |m, x| m.forward(x), &random([batch, 32, 28, 28])),
-    );
-    record(
-        "conv2 [64,32,14,14]->[64,64,14,14]",
-        measure(&conv2, |m, x| m.forward(x), &random([batch, 32, 14, 14])),
-    );
-    record(
-        "relu [64,64,14,14]",
-        measure(&relu, |m, x| m.forward(x), &random([batch, 64, 14, 14])),
-    );
-    record(
-        "maxpool [64,64,14,14]",
-        measure(&pool, |m, x| m.forward(x), &random([batch, 64, 14, 14])),
-    );
+    let x = random([batch, 1, 28, 28]);
+    record("conv1 [64,1,28,28]->[64,32,28,28]", &|| {
+        measure(&conv1, |m, x| kiln::kernels::conv2d(m, x), &x)
+    });
+    let x = random([batch, 32, 28, 28]);
+    record("relu [64,32,28,28]", &|| measure(&relu, |m, x| m.forward(x), &x));
+    record("maxpool [64,32,28,28]", &|| {
+        measure(&pool, |m, x| kiln::kernels::max_pool2d(m, x), &x)
+    });
+    let x = random([batch, 32, 14, 14]);
+    record("conv2 [64,32,14,14]->[64,64,14,14]", &|| {
+        measure(&conv2, |m, x| kiln::kernels::conv2d(m, x), &x)
+    });
+    let x = random([batch, 64, 14, 14]);
+    record("relu [64,64,14,14]", &|| measure(&relu, |m, x| m.forward(x), &x));
+    record("maxpool [64,64,14,14]", &|| {
+        measure(&pool, |m, x| kiln::kernels::max_pool2d(m, x), &x)
+    });
     let fc_input = random([batch, 1, 1, 3136]);
-    record(
-        "fc1 [64,3136]->[64,128]",
+    record("fc1 [64,3136]->[64,128]", &|| {
         measure(
             &fc1,
             |m, x| {
@@ -104,17 +115,19 @@ fn main() {
                     .reshape([batch, 1, 1, 128])
             },
             &fc_input,
-        ),
-    );
-    let total: f64 = ops
-        .values()
-        .filter_map(|v| v["forward_backward_ms"].as_f64())
-        .sum();
+        )
+    });
+    let total = |mode: &str| -> f64 {
+        ops.values()
+            .filter_map(|v| v[mode]["forward_backward_ms"].as_f64())
+            .sum()
+    };
+    let total = json!({ "kiln": total("kiln"), "burn": total("burn") });
     let report: Value = json!({
         "benchmark": "simple_cnn_ops",
         "batch": batch,
         "reps": REPS,
-        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "threads": rayon_threads(),
         "ops": ops,
         "sum_forward_backward_ms": total,
     });
