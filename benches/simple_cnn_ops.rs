@@ -90,21 +90,25 @@ fn main() {
     };
     let x = random([batch, 1, 28, 28]);
     record("conv1 [64,1,28,28]->[64,32,28,28]", &|| {
-        measure(&conv1, |m, x| kiln::kernels::conv2d(m, x), &x)
+        measure(&conv1, kiln::kernels::conv2d, &x)
     });
     let x = random([batch, 32, 28, 28]);
-    record("relu [64,32,28,28]", &|| measure(&relu, |m, x| m.forward(x), &x));
+    record("relu [64,32,28,28]", &|| {
+        measure(&relu, |m, x| m.forward(x), &x)
+    });
     record("maxpool [64,32,28,28]", &|| {
-        measure(&pool, |m, x| kiln::kernels::max_pool2d(m, x), &x)
+        measure(&pool, kiln::kernels::max_pool2d, &x)
     });
     let x = random([batch, 32, 14, 14]);
     record("conv2 [64,32,14,14]->[64,64,14,14]", &|| {
-        measure(&conv2, |m, x| kiln::kernels::conv2d(m, x), &x)
+        measure(&conv2, kiln::kernels::conv2d, &x)
     });
     let x = random([batch, 64, 14, 14]);
-    record("relu [64,64,14,14]", &|| measure(&relu, |m, x| m.forward(x), &x));
+    record("relu [64,64,14,14]", &|| {
+        measure(&relu, |m, x| m.forward(x), &x)
+    });
     record("maxpool [64,64,14,14]", &|| {
-        measure(&pool, |m, x| kiln::kernels::max_pool2d(m, x), &x)
+        measure(&pool, kiln::kernels::max_pool2d, &x)
     });
     let fc_input = random([batch, 1, 1, 3136]);
     record("fc1 [64,3136]->[64,128]", &|| {

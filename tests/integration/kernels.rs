@@ -104,10 +104,12 @@ fn conv2d_matches_burn_forward_and_gradients() {
     }
 }
 
+/// One case: `[batch, channels, height, width]`, kernel, stride, padding.
+type PoolCase = ([usize; 4], [usize; 2], [usize; 2], [usize; 2]);
+
 #[test]
 fn max_pool2d_matches_burn_forward_and_gradients() {
-    // `[batch, channels, height, width]`, kernel, stride, padding.
-    let cases: [([usize; 4], [usize; 2], [usize; 2], [usize; 2]); 6] = [
+    let cases: [PoolCase; 6] = [
         ([64, 32, 28, 28], [2, 2], [2, 2], [0, 0]),
         ([1, 3, 7, 9], [2, 2], [2, 2], [0, 0]),
         ([2, 4, 15, 13], [3, 3], [2, 2], [1, 1]),
