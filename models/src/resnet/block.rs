@@ -1,6 +1,6 @@
 //! The residual blocks of torchvision's ResNets, with torchvision's parameter names.
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d, Relu};
 use burn::tensor::{Device, Tensor};
@@ -25,6 +25,34 @@ pub(crate) fn norm(features: usize, device: &Device) -> BatchNorm {
     BatchNormConfig::new(features).init(device)
 }
 
+/// `bn(conv(x))`, the convolution through kiln's CPU kernels. Without autodiff (inference), the
+/// batch norm uses its running statistics and is folded into the convolution: weights times
+/// `s = gamma / sqrt(running_var + eps)` and bias `beta - running_mean * s`, so the
+/// activations are written once instead of once more per batch-norm step. On an autodiff
+/// device the two layers run as they are (batch statistics in training; running statistics
+/// when the layer is frozen, with gradients through the convolution untouched).
+pub(crate) fn conv_bn(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    let device = x.device();
+    if device.is_autodiff() {
+        return bn.forward(kiln_kernels::conv2d(conv, x));
+    }
+    let [c_out, ..] = conv.weight.dims();
+    let mean = bn.running_mean.value().to_device(&device);
+    let var = bn.running_var.value().to_device(&device);
+    let scale = bn.gamma.val().to_device(&device) / (var + bn.epsilon).sqrt();
+    let mut shift = bn.beta.val().to_device(&device) - mean * scale.clone();
+    if let Some(bias) = &conv.bias {
+        shift = shift + bias.val().to_device(&device) * scale.clone();
+    }
+    let weight = conv.weight.val().to_device(&device) * scale.reshape([c_out, 1, 1, 1]);
+    let folded = Conv2d {
+        weight: Param::from_tensor(weight),
+        bias: Some(Param::from_tensor(shift)),
+        ..conv.clone()
+    };
+    kiln_kernels::conv2d(&folded, x)
+}
+
 /// The shortcut of a block that changes resolution or width: a strided 1x1 convolution and a
 /// batch norm (torchvision's `downsample.0` and `downsample.1`; the importer maps those names).
 #[derive(Module, Debug)]
@@ -44,7 +72,7 @@ impl Downsample {
     }
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.bn.forward(kiln_kernels::conv2d(&self.conv, x))
+        conv_bn(&self.conv, &self.bn, x)
     }
 
     /// The shortcut a block from `inputs` to `outputs` channels at `stride` needs, if any.
@@ -95,10 +123,8 @@ impl BasicBlock {
     /// `relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let identity = shortcut(self.downsample.as_ref(), x.clone());
-        let out = self
-            .relu
-            .forward(self.bn1.forward(kiln_kernels::conv2d(&self.conv1, x)));
-        let out = self.bn2.forward(kiln_kernels::conv2d(&self.conv2, out));
+        let out = self.relu.forward(conv_bn(&self.conv1, &self.bn1, x));
+        let out = conv_bn(&self.conv2, &self.bn2, out);
         self.relu.forward(out + identity)
     }
 }
@@ -144,13 +170,9 @@ impl Bottleneck {
     /// The bottleneck residual.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let identity = shortcut(self.downsample.as_ref(), x.clone());
-        let out = self
-            .relu
-            .forward(self.bn1.forward(kiln_kernels::conv2d(&self.conv1, x)));
-        let out = self
-            .relu
-            .forward(self.bn2.forward(kiln_kernels::conv2d(&self.conv2, out)));
-        let out = self.bn3.forward(kiln_kernels::conv2d(&self.conv3, out));
+        let out = self.relu.forward(conv_bn(&self.conv1, &self.bn1, x));
+        let out = self.relu.forward(conv_bn(&self.conv2, &self.bn2, out));
+        let out = conv_bn(&self.conv3, &self.bn3, out);
         self.relu.forward(out + identity)
     }
 }

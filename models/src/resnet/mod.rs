@@ -159,10 +159,7 @@ impl ResNet {
     /// Logits `[batch, num_classes]` for images `[batch, 3, height, width]` (normalised as
     /// torchvision's models expect; any size from 32x32 up).
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        let x = self
-            .relu
-            .forward(self.bn1.forward(kiln_kernels::conv2d(&self.conv1, images)));
-        let mut x = kiln_kernels::max_pool2d(&self.maxpool, x);
+        let mut x = stem(&self.conv1, &self.bn1, &self.maxpool, &self.relu, images);
         for block in self
             .layer1
             .iter()
@@ -175,6 +172,20 @@ impl ResNet {
         let x = self.avgpool.forward(x).flatten::<2>(1, 3);
         self.fc.forward(x)
     }
+}
+
+/// The stem: `maxpool(relu(bn1(conv1(x))))`, computed as `relu(maxpool(...))`: max-pool and
+/// ReLU commute (gradients included: ReLU's is zero wherever the two orders pick different
+/// inputs), and the pooled map is a quarter of the size.
+fn stem(
+    conv1: &Conv2d,
+    bn1: &BatchNorm,
+    maxpool: &MaxPool2d,
+    relu: &Relu,
+    x: Tensor<4>,
+) -> Tensor<4> {
+    let x = block::conv_bn(conv1, bn1, x);
+    relu.forward(kiln_kernels::max_pool2d(maxpool, x))
 }
 
 /// The first half of a ResNet for a 2-stage pipeline: stem, `layer1`, `layer2`.
@@ -195,10 +206,7 @@ pub struct ResNetFront {
 impl ResNetFront {
     /// Feature maps after `layer2`.
     pub fn forward(&self, images: Tensor<4>) -> Tensor<4> {
-        let x = self
-            .relu
-            .forward(self.bn1.forward(kiln_kernels::conv2d(&self.conv1, images)));
-        let x = kiln_kernels::max_pool2d(&self.maxpool, x);
+        let x = stem(&self.conv1, &self.bn1, &self.maxpool, &self.relu, images);
         self.layer1
             .iter()
             .chain(&self.layer2)
