@@ -294,6 +294,28 @@ impl Grouping {
     fn parallelism(&self) -> Parallelism {
         self.gemm_threads.unwrap_or(Parallelism::None)
     }
+
+    /// Runs `group(scratch, src_group, dst_group)` over the matching groups of `dst` and `src`
+    /// (`(slice, elements per group)`): in parallel across groups, or one group after the other
+    /// (each GEMM then spread over the threads), with the running thread's scratch.
+    fn for_each(
+        &self,
+        (dst, per_dst): (&mut [f32], usize),
+        (src, per_src): (&[f32], usize),
+        group: impl Fn(&mut Scratch, &[f32], &mut [f32]) + Sync,
+    ) {
+        match self.gemm_threads {
+            None => dst
+                .par_chunks_mut(per_dst)
+                .zip(src.par_chunks(per_src))
+                .for_each(|(d, s)| with_scratch(|scratch| group(scratch, s, d))),
+            Some(_) => with_scratch(|scratch| {
+                for (d, s) in dst.chunks_mut(per_dst).zip(src.chunks(per_src)) {
+                    group(scratch, s, d);
+                }
+            }),
+        }
+    }
 }
 
 /// Copies the per-sample `C_out x N` blocks of `samples` (`[samples, C_out, N]`) side by side
@@ -441,19 +463,7 @@ pub fn conv2d_forward(
     };
     let per_in = grouping.per_group * s.input_sample();
     let per_out = grouping.per_group * s.output_sample();
-    match grouping.gemm_threads {
-        None => out
-            .par_chunks_mut(per_out)
-            .zip(x.par_chunks(per_in))
-            .for_each(|(og, xg)| with_scratch(|scratch| group(scratch, xg, og))),
-        Some(_) => {
-            with_scratch(|scratch| {
-                for (og, xg) in out.chunks_mut(per_out).zip(x.chunks(per_in)) {
-                    group(scratch, xg, og);
-                }
-            });
-        }
-    }
+    grouping.for_each((out, per_out), (x, per_in), group);
 }
 
 /// Gradient of the convolution with respect to its input (`B x C_in x H x W`) from `weight` and
@@ -498,17 +508,7 @@ pub fn conv2d_backward_input(
     };
     let per_in = grouping.per_group * s.input_sample();
     let per_out = grouping.per_group * s.output_sample();
-    match grouping.gemm_threads {
-        None => grad_x
-            .par_chunks_mut(per_in)
-            .zip(grad_out.par_chunks(per_out))
-            .for_each(|(dxg, gg)| with_scratch(|scratch| group(scratch, gg, dxg))),
-        Some(_) => with_scratch(|scratch| {
-            for (dxg, gg) in grad_x.chunks_mut(per_in).zip(grad_out.chunks(per_out)) {
-                group(scratch, gg, dxg);
-            }
-        }),
-    }
+    grouping.for_each((grad_x, per_in), (grad_out, per_out), group);
 }
 
 /// Gradients of the convolution with respect to its weight (`C_out x C_in x KH x KW`) and bias
