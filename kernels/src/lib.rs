@@ -78,9 +78,13 @@ fn symmetric_padding(padding: &PaddingConfig2d) -> Option<[usize; 2]> {
 /// `None` when the layer or the tensor is not of the kind it handles.
 fn conv2d_padding(conv: &Conv2d, x: &Tensor<4>) -> Option<[usize; 2]> {
     let [ph, pw] = symmetric_padding(&conv.padding)?;
-    let [_, _, h, w] = x.dims();
+    let [_, c_in, h, w] = x.dims();
     let [kh, kw] = conv.kernel_size;
+    // Empty tensors, zero strides and channel mismatches go to Burn, which reports them.
     let fits = enabled()
+        && x.dims().iter().all(|&d| d > 0)
+        && conv.stride.iter().all(|&s| s > 0)
+        && conv.weight.dims()[1] == c_in
         && conv.groups == 1
         && conv.dilation == [1, 1]
         && h + 2 * ph >= kh
@@ -121,6 +125,9 @@ fn max_pool2d_padding(pool: &MaxPool2d, x: &Tensor<4>) -> Option<[usize; 2]> {
     let [_, _, h, w] = x.dims();
     let [kh, kw] = pool.kernel_size;
     let fits = enabled()
+        && x.dims().iter().all(|&d| d > 0)
+        && pool.stride.iter().all(|&s| s > 0)
+        && pool.kernel_size.iter().all(|&k| k > 0)
         && !pool.ceil_mode
         && pool.dilation == [1, 1]
         && 2 * ph <= kh

@@ -168,8 +168,20 @@ fn unsupported_layers_and_devices_fall_back_to_burn() {
         .with_padding(PaddingConfig2d::Same)
         .init(&device());
     assert!(!kernels::conv2d_uses_kernels(&same, &x));
+    // A plain layer that would take the fast path on a right input: a channel mismatch and an
+    // empty batch go to Burn, which reports them.
+    let plain_conv = Conv2dConfig::new([4, 2], [3, 3]).init(&device());
+    assert!(kernels::conv2d_uses_kernels(&plain_conv, &x));
+    assert!(!kernels::conv2d_uses_kernels(
+        &plain_conv,
+        &random([1, 3, 6, 6])
+    ));
+    let empty = Tensor::<4>::zeros([0, 4, 6, 6], &device());
+    assert!(!kernels::conv2d_uses_kernels(&plain_conv, &empty));
     let ceil = MaxPool2dConfig::new([2, 2]).with_ceil_mode(true).init();
     let odd = random([1, 1, 5, 5]);
     assert!(!kernels::max_pool2d_uses_kernels(&ceil, &odd));
+    let plain = MaxPool2dConfig::new([2, 2]).init();
+    assert!(!kernels::max_pool2d_uses_kernels(&plain, &empty));
     assert_eq!(kernels::max_pool2d(&ceil, odd).dims(), [1, 1, 3, 3]);
 }
