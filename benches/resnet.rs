@@ -4,7 +4,7 @@
 //! PyTorch and torchvision are installed, benches/resnet_pytorch.py (2 threads) runs after each
 //! kiln round, alternating; medians over rounds. Prints one JSON object with the ratios.
 //!
-//! `cargo bench --bench resnet -- --rounds 2 --reps 3` (`--kiln-only`: no Burn-ops runs); on a GPU (a build with `--features
+//! `cargo bench --bench resnet -- --rounds 2 --reps 3` (`--kiln-only`: kiln's default kernels only, `--no-burn-ops`: no Burn-ops runs); on a GPU (a build with `--features
 //! cuda`): `cargo bench --features cuda --bench resnet -- --device cuda:0`, PyTorch on the same
 //! GPU.
 
@@ -61,26 +61,41 @@ fn main() {
     let device = inner.clone().autodiff();
     let mut model = Some(ResNet::new(ResNetDepth::R18, 1000, &device));
     let device_arg = spec.to_string();
-    // kiln's CPU kernels (the default) and Burn's own ops, A/B in each round; on a GPU both
-    // run Burn's ops (the kernels are for Flex), so only the first is measured there.
-    // `--kiln-only` skips the Burn-ops runs (for profiling the kernels' run alone).
+    // kiln's CPU kernels (the default: Winograd for stride-1 3x3 convolutions), the same with
+    // im2col for every convolution, and Burn's own ops, A/B in each round; on a GPU all run
+    // Burn's ops (the kernels are for Flex), so only the first is measured there.
+    // `--kiln-only` skips the other two (for profiling the kernels' run alone), `--no-burn-ops`
+    // the last.
     let kiln_only = std::env::args().any(|a| a == "--kiln-only");
-    let modes: &[bool] = if spec.is_cuda() || kiln_only {
-        &[true]
+    let no_burn_ops = std::env::args().any(|a| a == "--no-burn-ops");
+    // (name, kiln's kernels, Winograd)
+    let all_modes = [
+        ("kiln", true, true),
+        ("kiln_im2col", true, false),
+        ("burn_ops", false, false),
+    ];
+    let modes: &[(&str, bool, bool)] = if spec.is_cuda() || kiln_only {
+        &all_modes[..1]
+    } else if no_burn_ops {
+        &all_modes[..2]
     } else {
-        &[true, false]
+        &all_modes
+    };
+    let set_mode = |&(_, kernels, winograd): &(&str, bool, bool)| {
+        kiln::kernels::set_enabled(kernels);
+        kiln::kernels::winograd::set_enabled(winograd);
     };
     let mut runs: Vec<[Vec<f64>; 3]> = modes.iter().map(|_| Default::default()).collect();
     let mut pytorch: Vec<Value> = Vec::new();
-    for &kernels in modes {
-        kiln::kernels::set_enabled(kernels);
+    for mode in modes {
+        set_mode(mode);
         // Warm-up.
         let _ = train_step(&mut model, 8, 224, &device);
         let _ = train_step(&mut model, 32, 32, &device);
     }
     for round in 0..rounds {
-        for (&kernels, [t8, t32, i32_]) in modes.iter().zip(&mut runs) {
-            kiln::kernels::set_enabled(kernels);
+        for (mode, [t8, t32, i32_]) in modes.iter().zip(&mut runs) {
+            set_mode(mode);
             for _ in 0..reps {
                 t8.push(8.0 / train_step(&mut model, 8, 224, &device));
                 t32.push(32.0 / train_step(&mut model, 32, 32, &device));
@@ -88,7 +103,7 @@ fn main() {
                 i32_.push(32.0 / infer(&valid, 32, 224, &inner));
             }
         }
-        kiln::kernels::set_enabled(true);
+        set_mode(&modes[0]);
         eprintln!("round {}/{rounds}: kiln done", round + 1);
         if let Some(p) = run_pytorch_with(
             "resnet_pytorch.py",
@@ -104,9 +119,12 @@ fn main() {
             "infer_b32_224": median(i32_),
         })
     };
-    let mut runs = runs.into_iter().map(summary);
-    let kiln = runs.next().expect("the kernels' run");
-    let burn_ops = runs.next();
+    let mut runs = modes
+        .iter()
+        .zip(runs)
+        .map(|(&(name, _, _), times)| (name, summary(times)));
+    let kiln = runs.next().expect("the kernels' run").1;
+    let others: serde_json::Map<String, Value> = runs.map(|(n, v)| (n.to_string(), v)).collect();
     let pt = |key: &str| median_field(&pytorch, key);
     let keys = ["train_b8_224", "train_b32_32", "infer_b32_224"];
     let torch: serde_json::Map<String, Value> = keys
@@ -128,7 +146,8 @@ fn main() {
             "rounds": rounds,
             "reps_per_round": reps,
             "kiln": kiln,
-            "burn_ops": burn_ops,
+            "kiln_im2col": others.get("kiln_im2col"),
+            "burn_ops": others.get("burn_ops"),
             "pytorch": (!torch.is_empty()).then_some(torch),
             "kiln_over_pytorch": (!ratios.is_empty()).then_some(ratios),
         })

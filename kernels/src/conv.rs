@@ -16,6 +16,8 @@
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
+use crate::winograd;
+
 /// The geometry of one 2-D convolution over a batch, NCHW.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Conv2dShape {
@@ -206,7 +208,7 @@ fn col2im(s: &Conv2dShape, cols: &[f32], ld: usize, dx: &mut [f32]) {
 /// The strides and sizes must address elements inside the three slices; every caller passes
 /// slices whose lengths are checked against the shape first.
 #[allow(clippy::too_many_arguments)]
-fn matmul(
+pub(crate) fn matmul(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     (dst_rs, dst_cs): (usize, usize),
@@ -393,9 +395,13 @@ fn check_lengths(s: &Conv2dShape, x: usize, weight: usize, out: usize) {
 
 /// Scratch buffers of one thread.
 #[derive(Default)]
-struct Scratch {
-    cols: Vec<f32>,
-    wide: Vec<f32>,
+pub(crate) struct Scratch {
+    /// Column matrices (im2col), or transformed inputs (Winograd).
+    pub(crate) cols: Vec<f32>,
+    /// Gathered output gradients (im2col), or products (Winograd).
+    pub(crate) wide: Vec<f32>,
+    /// Padded input rows and partial transforms (Winograd).
+    pub(crate) band: Vec<f32>,
 }
 
 thread_local! {
@@ -405,7 +411,7 @@ thread_local! {
 }
 
 /// Runs `f` with this thread's scratch buffers.
-fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
         Ok(mut scratch) => f(&mut scratch),
         // Re-entered on this thread (a GEMM's worker running another group): fresh buffers.
@@ -426,6 +432,21 @@ pub fn conv2d_forward(
     if let Some(bias) = bias {
         assert_eq!(bias.len(), s.channels_out, "bias length");
     }
+    if winograd::applies(s) {
+        winograd::forward(s, x, weight, bias, out);
+    } else {
+        im2col_forward(s, x, weight, bias, out);
+    }
+}
+
+/// [`conv2d_forward`] as im2col + GEMM, for any shape.
+pub(crate) fn im2col_forward(
+    s: &Conv2dShape,
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
     let (k, n) = (s.patch_len(), s.out_plane());
     let grouping = Grouping::new(s);
     let group = |scratch: &mut Scratch, xg: &[f32], og: &mut [f32]| {
@@ -476,6 +497,20 @@ pub fn conv2d_backward_input(
     grad_x: &mut [f32],
 ) {
     check_lengths(s, grad_x.len(), weight.len(), grad_out.len());
+    if winograd::applies(s) {
+        winograd::backward_input(s, weight, grad_out, grad_x);
+    } else {
+        im2col_backward_input(s, weight, grad_out, grad_x);
+    }
+}
+
+/// [`conv2d_backward_input`] as GEMM + col2im, for any shape.
+pub(crate) fn im2col_backward_input(
+    s: &Conv2dShape,
+    weight: &[f32],
+    grad_out: &[f32],
+    grad_x: &mut [f32],
+) {
     let (k, n) = (s.patch_len(), s.out_plane());
     let grouping = Grouping::new(s);
     // W^T is K x C_out: row stride 1, column stride K.
@@ -662,6 +697,13 @@ mod tests {
             (3, 3, 20, 20, 2, [1, 1], [1, 1], [0, 0]),
             // 1x1 planes (ResNet's layer4 at 32x32 input): the whole batch in one GEMM.
             (6, 4, 1, 1, 5, [3, 3], [1, 1], [1, 1]),
+            // Winograd: stride-1 3x3 with at least 16 channels each side; odd sizes, padding
+            // 0, 1 and 2, 1x1 planes, and enough tiles for chunks in parallel.
+            (2, 16, 9, 7, 17, [3, 3], [1, 1], [1, 1]),
+            (1, 16, 5, 6, 16, [3, 3], [1, 1], [0, 0]),
+            (3, 17, 4, 3, 16, [3, 3], [1, 1], [2, 2]),
+            (2, 16, 1, 1, 18, [3, 3], [1, 1], [1, 1]),
+            (4, 16, 20, 21, 16, [3, 3], [1, 1], [1, 1]),
         ] {
             all.push(Conv2dShape {
                 batch,
@@ -675,6 +717,45 @@ mod tests {
             });
         }
         all
+    }
+
+    /// The shapes above exercise both convolution paths through the dispatch.
+    #[test]
+    fn shapes_cover_winograd_and_im2col() {
+        let winograd = shapes().iter().filter(|s| winograd::applies(s)).count();
+        assert_eq!(winograd, 1);
+        assert_eq!(shapes().iter().filter(|s| winograd::supports(s)).count(), 8);
+    }
+
+    /// Winograd and im2col give the same forward and input gradient on every shape Winograd
+    /// can compute, including those where it is not worth it.
+    #[test]
+    fn winograd_matches_im2col() {
+        for (i, s) in shapes().into_iter().enumerate() {
+            if !winograd::supports(&s) {
+                continue;
+            }
+            let x = values(s.batch * s.input_sample(), i as u32);
+            let w = values(s.weight_len(), 100 + i as u32);
+            let bias = values(s.channels_out, 200 + i as u32);
+            let g = values(s.batch * s.output_sample(), 300 + i as u32);
+            let mut want = vec![0.0; g.len()];
+            im2col_forward(&s, &x, &w, Some(&bias), &mut want);
+            let mut got = vec![0.0; g.len()];
+            winograd::forward(&s, &x, &w, Some(&bias), &mut got);
+            let close = |a: &[f32], b: &[f32]| {
+                a.iter()
+                    .zip(b)
+                    .all(|(a, b)| (a - b).abs() <= 1e-4 * b.abs().max(1.0))
+            };
+            assert!(close(&got, &want), "forward {s:?}");
+            // The input gradient is added to what the buffer holds.
+            let mut want = vec![0.5; x.len()];
+            im2col_backward_input(&s, &w, &g, &mut want);
+            let mut got = vec![0.5; x.len()];
+            winograd::backward_input(&s, &w, &g, &mut got);
+            assert!(close(&got, &want), "input gradient {s:?}");
+        }
     }
 
     #[test]

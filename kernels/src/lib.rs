@@ -20,6 +20,7 @@
 pub mod conv;
 mod flex;
 pub mod pool;
+pub mod winograd;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 

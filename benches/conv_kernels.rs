@@ -1,0 +1,98 @@
+//! kiln's convolution kernels alone, on slices, at ResNet-18's stride-1 3x3 shapes (batch 8 at
+//! 224x224 and batch 32 at 32x32 input): forward, input gradient and weight gradient, with the
+//! Winograd path and with im2col + GEMM, interleaved rep by rep; medians in milliseconds. Prints
+//! one JSON object.
+//!
+//! Run: `cargo bench --bench conv_kernels` (options: `-- --reps N`; `RAYON_NUM_THREADS=1` for
+//! one thread).
+
+mod common;
+
+use std::time::Instant;
+
+use common::{arg, median};
+use kiln::kernels::conv::{
+    Conv2dShape, conv2d_backward_input, conv2d_backward_weight, conv2d_forward,
+};
+use kiln::kernels::winograd;
+use serde_json::{Value, json};
+
+fn values(len: usize, seed: u32) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            (state % 2001) as f32 / 1000.0 - 1.0
+        })
+        .collect()
+}
+
+fn time(f: impl FnOnce()) -> f64 {
+    let start = Instant::now();
+    f();
+    start.elapsed().as_secs_f64() * 1e3
+}
+
+fn main() {
+    let reps = arg("--reps", 5);
+    let mut rows: Vec<Value> = Vec::new();
+    for (batch, size, channels) in [
+        (8, 56, 64),
+        (8, 28, 128),
+        (8, 14, 256),
+        (8, 7, 512),
+        (32, 8, 64),
+        (32, 4, 128),
+        (32, 2, 256),
+        (32, 1, 512),
+    ] {
+        let s = Conv2dShape {
+            batch,
+            channels_in: channels,
+            height: size,
+            width: size,
+            channels_out: channels,
+            kernel: [3, 3],
+            stride: [1, 1],
+            padding: [1, 1],
+        };
+        let x = values(batch * s.input_sample(), 1);
+        let w = values(s.weight_len(), 2);
+        let g = values(batch * s.output_sample(), 3);
+        // [winograd, im2col] x [forward, input gradient]; weight gradient once.
+        let mut times = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
+        let mut weight = Vec::new();
+        for rep in 0..=reps {
+            for (mode, on) in [true, false].into_iter().enumerate() {
+                winograd::set_enabled(on);
+                let mut out = vec![0.0; g.len()];
+                let f = time(|| conv2d_forward(&s, &x, &w, None, &mut out));
+                let mut dx = vec![0.0; x.len()];
+                let b = time(|| conv2d_backward_input(&s, &w, &g, &mut dx));
+                if rep > 0 {
+                    times[mode][0].push(f);
+                    times[mode][1].push(b);
+                }
+            }
+            let mut dw = vec![0.0; w.len()];
+            let t = time(|| conv2d_backward_weight(&s, &x, &g, &mut dw, None));
+            if rep > 0 {
+                weight.push(t);
+            }
+        }
+        let [[wf, wb], [f, b]] = times.map(|m| m.map(median));
+        rows.push(json!({
+            "batch": batch, "size": size, "channels": channels,
+            "forward_ms": { "winograd": wf, "im2col": f, "speedup": f / wf },
+            "input_grad_ms": { "winograd": wb, "im2col": b, "speedup": b / wb },
+            "weight_grad_ms": median(weight),
+        }));
+    }
+    winograd::set_enabled(true);
+    println!(
+        "{}",
+        json!({ "benchmark": "conv_kernels", "reps": reps, "shapes": rows })
+    );
+}

@@ -1,0 +1,487 @@
+//! Winograd F(2x2, 3x3) convolution for 3x3 kernels with stride 1 (Lavin & Gray, "Fast
+//! Algorithms for Convolutional Neural Networks", 2016): every 2x2 block of outputs is computed
+//! from a 4x4 block of inputs with 16 multiplications per input and output channel pair instead
+//! of 36, so the GEMMs do 2.25x less work than im2col's.
+//!
+//! With `U = G g G^T` (each 3x3 kernel as a 4x4 matrix), `V = B^T d B` (each 4x4 input tile) and
+//! `Y = A^T [U . V] A`, the sum over input channels of the element-wise product is, for each of
+//! the 16 positions `xi` of the 4x4 matrices, a matrix product
+//! `M_xi (C_out x tiles) = U_xi (C_out x C_in) @ V_xi (C_in x tiles)`.
+//!
+//! The tiles are cut into chunks of whole tile rows; each chunk transforms its inputs, runs the
+//! 16 GEMMs and writes its outputs, on one thread (chunks in parallel) or, with fewer tiles than
+//! make it worth it, one chunk after the other with each GEMM spread over the threads.
+//!
+//! The input gradient of such a convolution is itself a stride-1 3x3 convolution of the output
+//! gradient (kernels flipped, input and output channels swapped, padding `2 - p`), so it takes
+//! the same path ([`backward_input`]). The weight gradient stays im2col + GEMM.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::conv::{Conv2dShape, Scratch, matmul, with_scratch};
+
+/// Fewer channels than this (SimpleCNN's first layer has one) make the 16 GEMMs too thin to pay
+/// for the transforms; im2col handles those.
+const MIN_CHANNELS: usize = 16;
+
+/// Floats of transformed inputs and products one chunk may hold (4 MiB), so that a chunk's
+/// working set stays near the caches.
+const CHUNK_BUDGET: usize = 1 << 20;
+
+/// Below this many tiles per thread, one chunk after the other with the GEMMs spread over the
+/// threads beats one chunk per thread.
+const MIN_TILES_PER_THREAD: usize = 64;
+
+/// Positions of the 4x4 transformed tile.
+const POSITIONS: usize = 16;
+
+/// 0: not decided yet (read the environment), 1: on, 2: off.
+static MODE: AtomicU8 = AtomicU8::new(0);
+
+/// Whether stride-1 3x3 convolutions take the Winograd path (the default, unless the
+/// environment sets `KILN_WINOGRAD=off`); off sends them through im2col + GEMM like every other
+/// convolution, for A/B measurements.
+pub fn enabled() -> bool {
+    match MODE.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = std::env::var("KILN_WINOGRAD").map_or(true, |v| v != "off");
+            MODE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Switches the Winograd path on or off for the whole process.
+pub fn set_enabled(on: bool) {
+    MODE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Whether the forward pass and the input gradient of `s` take the Winograd path: stride-1 3x3
+/// kernels with padding at most 2 (the input gradient's padding is `2 - p`), at least
+/// [`MIN_CHANNELS`] channels each side, and a layer where the tiles pay for their transforms.
+pub(crate) fn applies(s: &Conv2dShape) -> bool {
+    supports(s)
+        && s.channels_in >= MIN_CHANNELS
+        && s.channels_out >= MIN_CHANNELS
+        && Tiles::new(s).pays_off(s.batch)
+        && enabled()
+}
+
+/// Whether [`forward`] and [`backward_input`] compute `s` at all (whether they are worth it is
+/// [`applies`]' question).
+pub(crate) fn supports(s: &Conv2dShape) -> bool {
+    s.kernel == [3, 3] && s.stride == [1, 1] && s.padding[0] <= 2 && s.padding[1] <= 2
+}
+
+/// Output rows narrower than this leave too few tiles per tile row to amortise the per-row work
+/// of the transforms (measured: `cargo bench --bench conv_kernels`).
+const MIN_OUTPUT_WIDTH: usize = 12;
+
+/// Fewer tiles than this in a whole batch do not amortise the weights' transform.
+const MIN_TILES: usize = 256;
+
+/// Tile geometry of a stride-1 3x3 convolution.
+#[derive(Clone, Copy, Debug)]
+struct Tiles {
+    /// Tile rows per sample (`ceil(OH / 2)`).
+    rows: usize,
+    /// Tiles per tile row (`ceil(OW / 2)`).
+    cols: usize,
+    /// Output height and width.
+    out: [usize; 2],
+}
+
+impl Tiles {
+    fn new(s: &Conv2dShape) -> Self {
+        let out = [s.out_height(), s.out_width()];
+        Tiles {
+            rows: out[0].div_ceil(2),
+            cols: out[1].div_ceil(2),
+            out,
+        }
+    }
+
+    /// Whether Winograd beats im2col for `batch` samples: wide enough rows, enough tiles, and at
+    /// least 1.5x fewer multiplications (2x2 tiles padded past the edge of odd-sized outputs
+    /// waste some: 7x7 outputs need 16 tiles, 1.72x fewer; 1x1 outputs would need more).
+    fn pays_off(&self, batch: usize) -> bool {
+        let [oh, ow] = self.out;
+        let tiles = self.rows * self.cols;
+        ow >= MIN_OUTPUT_WIDTH && batch * tiles >= MIN_TILES && 2 * 9 * oh * ow >= 3 * 16 * tiles
+    }
+
+    /// Width of a padded input band: the columns the tiles of one tile row read.
+    fn band_width(&self) -> usize {
+        2 * self.cols + 2
+    }
+}
+
+/// `U` for every output/input channel pair of a layer's weights (`[C_out][C_in][3][3]`), as
+/// `[16][C_out][C_in]`; with `flip`, of the kernels rotated by 180 degrees (the input
+/// gradient's).
+fn transform_weights(c_out: usize, c_in: usize, weight: &[f32], flip: bool, u: &mut Vec<f32>) {
+    let plane = c_out * c_in;
+    u.resize(POSITIONS * plane, 0.0);
+    for (oi, kernel) in weight.chunks_exact(9).enumerate() {
+        let w: [f32; 9] = std::array::from_fn(|e| kernel[if flip { 8 - e } else { e }]);
+        // G g: 4x3.
+        let mut t = [[0.0f32; 3]; 4];
+        for j in 0..3 {
+            let (g0, g1, g2) = (w[j], w[3 + j], w[6 + j]);
+            t[0][j] = g0;
+            t[1][j] = 0.5 * (g0 + g1 + g2);
+            t[2][j] = 0.5 * (g0 - g1 + g2);
+            t[3][j] = g2;
+        }
+        // (G g) G^T: 4x4.
+        for (r, row) in t.iter().enumerate() {
+            let [a, b, c] = *row;
+            let out = [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
+            for (j, v) in out.into_iter().enumerate() {
+                u[(r * 4 + j) * plane + oi] = v;
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// The transformed weights of the call running on this thread, kept between calls (they
+    /// are megabytes: 16 floats per kernel).
+    static WEIGHTS: std::cell::RefCell<Vec<f32>> = std::cell::RefCell::default();
+}
+
+/// Runs `f` with the transformed weights of the layer `s` (see [`transform_weights`]).
+fn with_weights<R>(weight: &[f32], s: &Conv2dShape, flip: bool, f: impl FnOnce(&[f32]) -> R) -> R {
+    let (c_out, c_in) = (s.channels_out, s.channels_in);
+    WEIGHTS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut u) => {
+            transform_weights(c_out, c_in, weight, flip, &mut u);
+            f(&u)
+        }
+        Err(_) => {
+            let mut u = Vec::new();
+            transform_weights(c_out, c_in, weight, flip, &mut u);
+            f(&u)
+        }
+    })
+}
+
+/// Writes `V` (`[16][C_in][tiles]`) for the tile rows `rows` (global, `sample * rows + row`).
+fn transform_input(
+    s: &Conv2dShape,
+    t: &Tiles,
+    x: &[f32],
+    rows: Range<usize>,
+    v: &mut [f32],
+    band: &mut Vec<f32>,
+) {
+    let (h, w) = (s.height, s.width);
+    let [ph, pw] = s.padding;
+    let wp = t.band_width();
+    let tiles = rows.len() * t.cols;
+    let plane = s.channels_in * tiles;
+    band.resize(8 * wp, 0.0);
+    let (d, a) = band.split_at_mut(4 * wp);
+    for c in 0..s.channels_in {
+        for (local, r) in rows.clone().enumerate() {
+            let (n, row) = (r / t.rows, r % t.rows);
+            let channel = &x[(n * s.channels_in + c) * h * w..][..h * w];
+            // The 4 input rows of this tile row, zero-padded to the band.
+            for (i, dst) in d.chunks_exact_mut(wp).enumerate() {
+                let y = (2 * row + i) as isize - ph as isize;
+                if y < 0 || y >= h as isize {
+                    dst.fill(0.0);
+                    continue;
+                }
+                let src = &channel[y as usize * w..][..w];
+                let lo = pw.min(wp);
+                let hi = (w + pw).min(wp);
+                dst[..lo].fill(0.0);
+                dst[lo..hi].copy_from_slice(&src[..hi - lo]);
+                dst[hi..].fill(0.0);
+            }
+            // B^T d: combinations of rows.
+            let (d0, rest) = d.split_at(wp);
+            let (d1, rest) = rest.split_at(wp);
+            let (d2, d3) = rest.split_at(wp);
+            let (a0, rest) = a.split_at_mut(wp);
+            let (a1, rest) = rest.split_at_mut(wp);
+            let (a2, a3) = rest.split_at_mut(wp);
+            for x in 0..wp {
+                a0[x] = d0[x] - d2[x];
+                a1[x] = d1[x] + d2[x];
+                a2[x] = d2[x] - d1[x];
+                a3[x] = d1[x] - d3[x];
+            }
+            // (B^T d) B: combinations of columns, one tile at a time.
+            let base = c * tiles + local * t.cols;
+            for (i, ai) in [&*a0, &*a1, &*a2, &*a3].into_iter().enumerate() {
+                let [v0, v1, v2, v3] = position_rows(v, i, plane, base, t.cols);
+                for tw in 0..t.cols {
+                    let x0 = 2 * tw;
+                    let (e0, e1, e2, e3) = (ai[x0], ai[x0 + 1], ai[x0 + 2], ai[x0 + 3]);
+                    v0[tw] = e0 - e2;
+                    v1[tw] = e1 + e2;
+                    v2[tw] = e2 - e1;
+                    v3[tw] = e1 - e3;
+                }
+            }
+        }
+    }
+}
+
+/// The four rows `V[4i + j][.][base..base + len]`, `j = 0..4`, of a `[16][.][.]` buffer whose
+/// positions are `plane` apart.
+fn position_rows(
+    v: &mut [f32],
+    i: usize,
+    plane: usize,
+    base: usize,
+    len: usize,
+) -> [&mut [f32]; 4] {
+    let block = &mut v[4 * i * plane..(4 * i + 4) * plane];
+    let (p0, rest) = block.split_at_mut(plane);
+    let (p1, rest) = rest.split_at_mut(plane);
+    let (p2, p3) = rest.split_at_mut(plane);
+    [
+        &mut p0[base..base + len],
+        &mut p1[base..base + len],
+        &mut p2[base..base + len],
+        &mut p3[base..base + len],
+    ]
+}
+
+/// The output tensor, written by several chunks at once at disjoint places.
+#[derive(Clone, Copy)]
+struct Output {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: chunks write disjoint output rows (each output row belongs to exactly one tile row,
+// and each tile row to exactly one chunk), and the owning `&mut [f32]` outlives the writes.
+unsafe impl Send for Output {}
+unsafe impl Sync for Output {}
+
+impl Output {
+    /// `len` elements from `offset`.
+    ///
+    /// # Safety
+    /// No two live slices returned by this may overlap.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, offset: usize, len: usize) -> &mut [f32] {
+        assert!(offset + len <= self.len, "output row out of bounds");
+        // SAFETY: in bounds (asserted); disjointness is the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset), len) }
+    }
+}
+
+/// `Y = A^T M A` (+ bias) from `M` (`[16][C_out][tiles]`) into the output rows of `rows`.
+#[allow(clippy::too_many_arguments)]
+fn transform_output(
+    s: &Conv2dShape,
+    t: &Tiles,
+    m: &[f32],
+    rows: Range<usize>,
+    bias: Option<&[f32]>,
+    accumulate: bool,
+    out: Output,
+    band: &mut Vec<f32>,
+) {
+    let [oh, ow] = t.out;
+    let tiles = rows.len() * t.cols;
+    let plane = s.channels_out * tiles;
+    let wide = 2 * t.cols;
+    band.resize(2 * wide + 8 * t.cols, 0.0);
+    let (y, u) = band.split_at_mut(2 * wide);
+    let (y0, y1) = y.split_at_mut(wide);
+    for k in 0..s.channels_out {
+        let b = bias.map_or(0.0, |b| b[k]);
+        for (local, r) in rows.clone().enumerate() {
+            let (n, row) = (r / t.rows, r % t.rows);
+            let base = k * tiles + local * t.cols;
+            let at = |p: usize| &m[p * plane + base..][..t.cols];
+            // A^T M: u[r][j] for r = 0, 1 and j = 0..4, each over the tiles of the row.
+            for j in 0..4 {
+                let (m0, m1, m2, m3) = (at(j), at(4 + j), at(8 + j), at(12 + j));
+                let (u0, u1) = u[2 * j * t.cols..(2 * j + 2) * t.cols].split_at_mut(t.cols);
+                for tw in 0..t.cols {
+                    u0[tw] = m0[tw] + m1[tw] + m2[tw];
+                    u1[tw] = m1[tw] - m2[tw] - m3[tw];
+                }
+            }
+            // (A^T M) A, then the 2x2 outputs of each tile side by side in two rows.
+            let ur = |r: usize, j: usize| &u[(2 * j + r) * t.cols..][..t.cols];
+            for (r, yr) in [&mut *y0, &mut *y1].into_iter().enumerate() {
+                let (q0, q1, q2, q3) = (ur(r, 0), ur(r, 1), ur(r, 2), ur(r, 3));
+                for tw in 0..t.cols {
+                    yr[2 * tw] = q0[tw] + q1[tw] + q2[tw] + b;
+                    yr[2 * tw + 1] = q1[tw] - q2[tw] - q3[tw] + b;
+                }
+            }
+            for (i, yr) in [&*y0, &*y1].into_iter().enumerate() {
+                let oy = 2 * row + i;
+                if oy >= oh {
+                    continue;
+                }
+                // SAFETY: output row (n, k, oy) belongs to this tile row only.
+                let dst = unsafe { out.slice(((n * s.channels_out + k) * oh + oy) * ow, ow) };
+                if accumulate {
+                    for (d, v) in dst.iter_mut().zip(&yr[..ow]) {
+                        *d += v;
+                    }
+                } else {
+                    dst.copy_from_slice(&yr[..ow]);
+                }
+            }
+        }
+    }
+}
+
+/// One chunk: transform its inputs, 16 GEMMs, transform its outputs.
+#[allow(clippy::too_many_arguments)]
+fn run_chunk(
+    s: &Conv2dShape,
+    t: &Tiles,
+    x: &[f32],
+    (u, u_strides): (&[f32], (usize, usize)),
+    rows: Range<usize>,
+    bias: Option<&[f32]>,
+    accumulate: bool,
+    out: Output,
+    par: Parallelism,
+    scratch: &mut Scratch,
+) {
+    let tiles = rows.len() * t.cols;
+    let (c_in, c_out) = (s.channels_in, s.channels_out);
+    scratch.cols.resize(POSITIONS * c_in * tiles, 0.0);
+    scratch.wide.resize(POSITIONS * c_out * tiles, 0.0);
+    let Scratch { cols, wide, band } = scratch;
+    transform_input(s, t, x, rows.clone(), cols, band);
+    for p in 0..POSITIONS {
+        matmul(
+            (c_out, tiles, c_in),
+            &mut wide[p * c_out * tiles..][..c_out * tiles],
+            (tiles, 1),
+            false,
+            &u[p * c_out * c_in..][..c_out * c_in],
+            u_strides,
+            &cols[p * c_in * tiles..][..c_in * tiles],
+            (tiles, 1),
+            par,
+        );
+    }
+    transform_output(s, t, wide, rows, bias, accumulate, out, band);
+}
+
+/// The convolution of `x` with the transformed kernels `u` (`[16]` matrices `C_out x C_in` with
+/// row and column strides `u_strides`), written to `out` or, with `accumulate`, added to it.
+fn convolve(
+    s: &Conv2dShape,
+    x: &[f32],
+    u: (&[f32], (usize, usize)),
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    let t = Tiles::new(s);
+    let (c_in, c_out) = (s.channels_in, s.channels_out);
+    let tile_rows = s.batch * t.rows;
+    let per_row = POSITIONS * (c_in + c_out) * t.cols;
+    let max_rows = (CHUNK_BUDGET / per_row).max(1);
+    let threads = rayon::current_num_threads();
+    let parallel_chunks = threads > 1 && tile_rows * t.cols >= threads * MIN_TILES_PER_THREAD;
+    let rows_per_chunk = if parallel_chunks {
+        max_rows.min(tile_rows.div_ceil(threads))
+    } else {
+        max_rows
+    };
+    let chunks: Vec<Range<usize>> = (0..tile_rows)
+        .step_by(rows_per_chunk)
+        .map(|r| r..(r + rows_per_chunk).min(tile_rows))
+        .collect();
+    let output = Output {
+        ptr: out.as_mut_ptr(),
+        len: out.len(),
+    };
+    if parallel_chunks {
+        chunks.into_par_iter().for_each(|rows| {
+            with_scratch(|scratch| {
+                run_chunk(
+                    s,
+                    &t,
+                    x,
+                    u,
+                    rows,
+                    bias,
+                    accumulate,
+                    output,
+                    Parallelism::None,
+                    scratch,
+                )
+            })
+        });
+    } else {
+        let par = if threads > 1 {
+            Parallelism::Rayon(threads)
+        } else {
+            Parallelism::None
+        };
+        with_scratch(|scratch| {
+            for rows in chunks {
+                run_chunk(s, &t, x, u, rows, bias, accumulate, output, par, scratch);
+            }
+        });
+    }
+}
+
+/// Forward convolution (see [`crate::conv::conv2d_forward`]) of a shape [`applies`] accepts.
+pub(crate) fn forward(
+    s: &Conv2dShape,
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    with_weights(weight, s, false, |u| {
+        convolve(s, x, (u, (s.channels_in, 1)), bias, out, false)
+    });
+}
+
+/// Input gradient (see [`crate::conv::conv2d_backward_input`], added to `grad_x`) of a shape
+/// [`applies`] accepts: the stride-1 3x3 convolution of `grad_out` with the flipped kernels,
+/// channels swapped, padding `2 - p`.
+pub(crate) fn backward_input(
+    s: &Conv2dShape,
+    weight: &[f32],
+    grad_out: &[f32],
+    grad_x: &mut [f32],
+) {
+    let adjoint = Conv2dShape {
+        batch: s.batch,
+        channels_in: s.channels_out,
+        height: s.out_height(),
+        width: s.out_width(),
+        channels_out: s.channels_in,
+        kernel: [3, 3],
+        stride: [1, 1],
+        padding: [2 - s.padding[0], 2 - s.padding[1]],
+    };
+    // The adjoint's matrix `(i, o)` is the layer's `(o, i)`: read the layer's transposed.
+    with_weights(weight, s, true, |u| {
+        convolve(
+            &adjoint,
+            grad_out,
+            (u, (1, s.channels_in)),
+            None,
+            grad_x,
+            true,
+        )
+    });
+}
