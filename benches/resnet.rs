@@ -4,7 +4,8 @@
 //! PyTorch and torchvision are installed, benches/resnet_pytorch.py (2 threads) runs after each
 //! kiln round, alternating; medians over rounds. Prints one JSON object with the ratios.
 //!
-//! `cargo bench --bench resnet -- --rounds 2 --reps 3` (`--kiln-only`: kiln's default kernels only, `--no-burn-ops`: no Burn-ops runs); on a GPU (a build with `--features
+//! `cargo bench --bench resnet -- --rounds 2 --reps 3` (`--kiln-only`: kiln's default kernels only, `--no-burn-ops`: no Burn-ops runs, `--only
+//! train_b8_224`: one workload); on a GPU (a build with `--features
 //! cuda`): `cargo bench --features cuda --bench resnet -- --device cuda:0`, PyTorch on the same
 //! GPU.
 
@@ -67,23 +68,28 @@ fn main() {
     // `--kiln-only` skips the other two (for profiling the kernels' run alone), `--no-burn-ops`
     // the last.
     let kiln_only = std::env::args().any(|a| a == "--kiln-only");
+    // `--only train_b8_224|train_b32_32|infer_b32_224`: one workload (for profiling).
+    let only = string_arg("--only");
+    let wanted = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let no_burn_ops = std::env::args().any(|a| a == "--no-burn-ops");
-    // (name, kiln's kernels, Winograd)
+    // (name, kiln's kernels, Winograd, large buffers kept by malloc)
     let all_modes = [
-        ("kiln", true, true),
-        ("kiln_im2col", true, false),
-        ("burn_ops", false, false),
+        ("kiln", true, true, true),
+        ("kiln_im2col", true, false, true),
+        ("kiln_default_malloc", true, true, false),
+        ("burn_ops", false, false, true),
     ];
-    let modes: &[(&str, bool, bool)] = if spec.is_cuda() || kiln_only {
+    let modes: &[(&str, bool, bool, bool)] = if spec.is_cuda() || kiln_only {
         &all_modes[..1]
     } else if no_burn_ops {
-        &all_modes[..2]
+        &all_modes[..3]
     } else {
         &all_modes
     };
-    let set_mode = |&(_, kernels, winograd): &(&str, bool, bool)| {
+    let set_mode = |&(_, kernels, winograd, keep): &(&str, bool, bool, bool)| {
         kiln::kernels::set_enabled(kernels);
         kiln::kernels::winograd::set_enabled(winograd);
+        kiln::kernels::malloc::keep_large_buffers(keep);
     };
     let mut runs: Vec<[Vec<f64>; 3]> = modes.iter().map(|_| Default::default()).collect();
     let mut pytorch: Vec<Value> = Vec::new();
@@ -97,10 +103,16 @@ fn main() {
         for (mode, [t8, t32, i32_]) in modes.iter().zip(&mut runs) {
             set_mode(mode);
             for _ in 0..reps {
-                t8.push(8.0 / train_step(&mut model, 8, 224, &device));
-                t32.push(32.0 / train_step(&mut model, 32, 32, &device));
-                let valid = model.as_ref().expect("model present").valid();
-                i32_.push(32.0 / infer(&valid, 32, 224, &inner));
+                if wanted("train_b8_224") {
+                    t8.push(8.0 / train_step(&mut model, 8, 224, &device));
+                }
+                if wanted("train_b32_32") {
+                    t32.push(32.0 / train_step(&mut model, 32, 32, &device));
+                }
+                if wanted("infer_b32_224") {
+                    let valid = model.as_ref().expect("model present").valid();
+                    i32_.push(32.0 / infer(&valid, 32, 224, &inner));
+                }
             }
         }
         set_mode(&modes[0]);
@@ -112,17 +124,18 @@ fn main() {
             pytorch.push(p);
         }
     }
+    let med = |v: Vec<f64>| (!v.is_empty()).then(|| median(v));
     let summary = |[t8, t32, i32_]: [Vec<f64>; 3]| {
         json!({
-            "train_b8_224": median(t8),
-            "train_b32_32": median(t32),
-            "infer_b32_224": median(i32_),
+            "train_b8_224": med(t8),
+            "train_b32_32": med(t32),
+            "infer_b32_224": med(i32_),
         })
     };
     let mut runs = modes
         .iter()
         .zip(runs)
-        .map(|(&(name, _, _), times)| (name, summary(times)));
+        .map(|(&(name, ..), times)| (name, summary(times)));
     let kiln = runs.next().expect("the kernels' run").1;
     let others: serde_json::Map<String, Value> = runs.map(|(n, v)| (n.to_string(), v)).collect();
     let pt = |key: &str| median_field(&pytorch, key);
@@ -147,6 +160,7 @@ fn main() {
             "reps_per_round": reps,
             "kiln": kiln,
             "kiln_im2col": others.get("kiln_im2col"),
+            "kiln_default_malloc": others.get("kiln_default_malloc"),
             "burn_ops": others.get("burn_ops"),
             "pytorch": (!torch.is_empty()).then_some(torch),
             "kiln_over_pytorch": (!ratios.is_empty()).then_some(ratios),

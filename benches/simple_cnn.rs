@@ -83,6 +83,8 @@ fn measure_kiln(
 }
 
 fn main() -> anyhow::Result<()> {
+    // As the `kiln` command line runs (both kiln runs alike).
+    kiln::kernels::malloc::keep_large_buffers(true);
     let rounds = arg("--rounds", 3).max(1);
     // `--kiln-only` skips the Burn-ops runs (for profiling the kernels' run alone).
     let kiln_only = std::env::args().any(|a| a == "--kiln-only");

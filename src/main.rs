@@ -14,6 +14,9 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // Burn's CPU backend allocates every op's output afresh; keep large buffers in the heap for
+    // reuse instead of paying page faults on fresh mappings each time (kiln_kernels::malloc).
+    kiln::kernels::malloc::keep_large_buffers(true);
     let cli = cli::Cli::parse();
     match cli::run(cli) {
         Ok(code) => code,

@@ -14,6 +14,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Bytes, DType, Flex, Shape, backend_extension};
 
 use crate::conv::{self, Conv2dShape};
+use crate::norm::{self, NormShape};
 use crate::pool::{self, Pool2dShape};
 
 /// Convolution and max-pool with kiln's CPU kernels (`f32`, NCHW).
@@ -34,6 +35,23 @@ pub trait CpuKernels: Backend {
         kernel: [usize; 2],
         stride: [usize; 2],
         padding: [usize; 2],
+    ) -> FloatTensor<Self>;
+
+    /// Batch statistics of `x` (`[batch, channels, height, width]`) as a `[2, channels]` tensor:
+    /// the per-channel mean, then the biased variance. Not differentiable (no gradient flows
+    /// back from it); [`CpuKernels::kiln_batch_norm_train`] accounts for the statistics'
+    /// dependence on `x`.
+    fn kiln_batch_norm_stats(x: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// Training-mode batch norm of `x` with its own batch statistics `stats` (from
+    /// [`CpuKernels::kiln_batch_norm_stats`] of the same `x`): differentiable in `x`, `gamma` and
+    /// `beta`, the gradient of `x` including the path through the statistics.
+    fn kiln_batch_norm_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        epsilon: f64,
     ) -> FloatTensor<Self>;
 }
 
@@ -124,6 +142,54 @@ fn pool_forward(x: FlexTensor, s: &Pool2dShape) -> (FlexTensor, Vec<u32>) {
     (new_f32(out, shape), indices)
 }
 
+fn norm_shape(x: &FlexTensor) -> NormShape {
+    let [batch, channels, height, width] = dims4(x);
+    NormShape {
+        batch,
+        channels,
+        plane: height * width,
+    }
+}
+
+fn norm_stats(x: &FlexTensor) -> FlexTensor {
+    let s = norm_shape(x);
+    let x = x.clone().to_contiguous();
+    let mut stats = vec![0.0f32; 2 * s.channels];
+    let (mean, var) = stats.split_at_mut(s.channels);
+    norm::batch_norm_stats(&s, x.storage::<f32>(), mean, var);
+    new_f32(stats, vec![2, s.channels])
+}
+
+fn norm_forward(
+    x: FlexTensor,
+    gamma: FlexTensor,
+    beta: FlexTensor,
+    stats: &FlexTensor,
+    epsilon: f64,
+) -> FlexTensor {
+    let s = norm_shape(&x);
+    let shape = x.layout().shape().to_vec();
+    let (x, gamma, beta, stats) = (
+        x.to_contiguous(),
+        gamma.to_contiguous(),
+        beta.to_contiguous(),
+        stats.clone().to_contiguous(),
+    );
+    let (mean, var) = stats.storage::<f32>().split_at(s.channels);
+    let mut out = vec![0.0f32; s.len()];
+    norm::batch_norm_forward(
+        &s,
+        x.storage::<f32>(),
+        mean,
+        var,
+        gamma.storage::<f32>(),
+        beta.storage::<f32>(),
+        epsilon,
+        &mut out,
+    );
+    new_f32(out, shape)
+}
+
 impl CpuKernels for Flex {
     fn kiln_conv2d(
         x: FlexTensor,
@@ -143,6 +209,20 @@ impl CpuKernels for Flex {
     ) -> FlexTensor {
         let s = pool_shape(&x, kernel, stride, padding);
         pool_forward(x, &s).0
+    }
+
+    fn kiln_batch_norm_stats(x: FlexTensor) -> FlexTensor {
+        norm_stats(&x)
+    }
+
+    fn kiln_batch_norm_train(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        stats: FlexTensor,
+        epsilon: f64,
+    ) -> FlexTensor {
+        norm_forward(x, gamma, beta, &stats, epsilon)
     }
 }
 
@@ -225,7 +305,99 @@ impl Backward<Flex, 1> for MaxPool2dBackward {
     }
 }
 
+/// Backward step of [`CpuKernels::kiln_batch_norm_train`]: parents are the input, gamma and
+/// beta; the state holds the input and gamma (checkpointed), the statistics and epsilon.
+#[derive(Debug)]
+struct BatchNormBackward;
+
+impl Backward<Flex, 3> for BatchNormBackward {
+    type State = (NodeId, NodeId, FlexTensor, f64);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x, node_gamma, node_beta] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let (x_state, gamma_state, stats, epsilon) = ops.state;
+        let x = checkpointer
+            .retrieve_node_output::<FlexTensor>(x_state)
+            .to_contiguous();
+        let gamma = checkpointer
+            .retrieve_node_output::<FlexTensor>(gamma_state)
+            .to_contiguous();
+        let stats = stats.to_contiguous();
+        let s = norm_shape(&x);
+        let (mean, var) = stats.storage::<f32>().split_at(s.channels);
+        let mut grad_x = vec![0.0f32; s.len()];
+        let mut grad_gamma = vec![0.0f32; s.channels];
+        let mut grad_beta = vec![0.0f32; s.channels];
+        norm::batch_norm_backward(
+            &s,
+            x.storage::<f32>(),
+            mean,
+            var,
+            gamma.storage::<f32>(),
+            epsilon,
+            grad.storage::<f32>(),
+            &mut grad_x,
+            &mut grad_gamma,
+            &mut grad_beta,
+        );
+        if let Some(node) = node_x {
+            grads.register::<Flex>(node.id, new_f32(grad_x, x.layout().shape().to_vec()));
+        }
+        if let Some(node) = node_gamma {
+            grads.register::<Flex>(node.id, new_f32(grad_gamma, vec![s.channels]));
+        }
+        if let Some(node) = node_beta {
+            grads.register::<Flex>(node.id, new_f32(grad_beta, vec![s.channels]));
+        }
+    }
+}
+
 impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
+    fn kiln_batch_norm_stats(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        <FloatTensor<Self>>::new(norm_stats(x.primitive()))
+    }
+
+    fn kiln_batch_norm_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        let stats = stats.into_primitive();
+        match BatchNormBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let x_state = prep.checkpoint(&x);
+                let gamma_state = prep.checkpoint(&gamma);
+                let out = norm_forward(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    &stats,
+                    epsilon,
+                );
+                prep.finish((x_state, gamma_state, stats, epsilon), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(norm_forward(
+                x.into_primitive(),
+                gamma.into_primitive(),
+                beta.into_primitive(),
+                &stats,
+                epsilon,
+            )),
+        }
+    }
+
     fn kiln_conv2d(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,

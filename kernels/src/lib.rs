@@ -19,15 +19,17 @@
 
 pub mod conv;
 mod flex;
+pub mod malloc;
+pub mod norm;
 pub mod pool;
 pub mod winograd;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use burn::backend::{DType, DispatchDevice};
-use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
 use burn::nn::pool::MaxPool2d;
+use burn::nn::{BatchNorm, PaddingConfig2d};
 use burn::tensor::Tensor;
 
 pub use flex::CpuKernels;
@@ -156,4 +158,52 @@ pub fn max_pool2d(pool: &MaxPool2d, x: Tensor<4>) -> Tensor<4> {
         padding,
     );
     Tensor::from_dispatch(out)
+}
+
+/// Whether [`batch_norm`] runs kiln's kernels for this layer and input: training mode (an
+/// autodiff device and a layer that is not frozen) on Flex with `f32` values.
+pub fn batch_norm_uses_kernels(bn: &BatchNorm, x: &Tensor<4>) -> bool {
+    let [_, channels, ..] = x.dims();
+    enabled()
+        && x.dims().iter().all(|&d| d > 0)
+        && bn.gamma.dims() == [channels]
+        && x.device().is_autodiff()
+        && bn.training.is_enabled()
+        && on_flex_f32(x)
+}
+
+/// `bn.forward(x)`, through kiln's kernels in training mode (see [`batch_norm_uses_kernels`]):
+/// batch statistics, normalisation and its backward in a few passes instead of Burn's dozen
+/// tensor ops. The running statistics are updated as Burn's `BatchNorm` updates them
+/// (momentum-weighted, biased variance). Inference and frozen layers go to `bn.forward`.
+pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    if !batch_norm_uses_kernels(bn, &x) {
+        return bn.forward(x);
+    }
+    let device = x.device();
+    let [_, channels, ..] = x.dims();
+    type Kernels = burn::backend::Dispatch;
+    let stats: Tensor<2> = Tensor::from_dispatch(<Kernels as CpuKernels>::kiln_batch_norm_stats(
+        x.clone().into_dispatch(),
+    ));
+    let out = Tensor::from_dispatch(<Kernels as CpuKernels>::kiln_batch_norm_train(
+        x.into_dispatch(),
+        bn.gamma.val().into_dispatch(),
+        bn.beta.val().into_dispatch(),
+        stats.clone().into_dispatch(),
+        bn.epsilon,
+    ));
+    let mean = stats.clone().narrow(0, 0, 1).reshape([channels]);
+    let var = stats.narrow(0, 1, 1).reshape([channels]);
+    let update = |state: &burn::module::RunningState<Tensor<1>>, batch: Tensor<1>| {
+        let running = state
+            .value_sync()
+            .to_device(&device)
+            .mul_scalar(1.0 - bn.momentum)
+            .add(batch.detach().mul_scalar(bn.momentum));
+        state.update(running.detach());
+    };
+    update(&bn.running_mean, mean);
+    update(&bn.running_var, var);
+    out
 }

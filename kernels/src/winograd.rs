@@ -65,7 +65,7 @@ pub fn set_enabled(on: bool) {
 /// Whether the forward pass and the input gradient of `s` take the Winograd path: stride-1 3x3
 /// kernels with padding at most 2 (the input gradient's padding is `2 - p`), at least
 /// [`MIN_CHANNELS`] channels each side, and a layer where the tiles pay for their transforms.
-pub(crate) fn applies(s: &Conv2dShape) -> bool {
+pub fn applies(s: &Conv2dShape) -> bool {
     supports(s)
         && s.channels_in >= MIN_CHANNELS
         && s.channels_out >= MIN_CHANNELS

@@ -3,9 +3,9 @@
 //! padding 0 and 1 (and the ResNet stem's 7x7 / 3), 1x1 convolutions and batch 1.
 
 use burn::module::Param;
-use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use burn::tensor::{Device, Distribution, Tensor};
 use kiln::kernels;
 
@@ -53,7 +53,7 @@ fn conv_layer(&(shape, c_out, kernel, stride, padding, bias): &ConvCase) -> Conv
 
 #[test]
 fn conv2d_matches_burn_forward_and_gradients() {
-    let cases: [ConvCase; 9] = [
+    let cases: [ConvCase; 11] = [
         ([1, 1, 28, 28], 32, [3, 3], [1, 1], [1, 1], true),
         ([3, 32, 14, 14], 64, [3, 3], [1, 1], [1, 1], true),
         ([2, 3, 13, 11], 5, [3, 3], [2, 2], [1, 1], false),
@@ -63,6 +63,9 @@ fn conv2d_matches_burn_forward_and_gradients() {
         ([2, 6, 7, 9], 4, [1, 1], [2, 2], [0, 0], false),
         ([1, 2, 6, 5], 3, [3, 2], [1, 2], [1, 0], true),
         ([5, 3, 3, 3], 2, [3, 3], [1, 1], [0, 0], true),
+        // Winograd (stride-1 3x3, enough channels and tiles), padding 1 and 0, odd sizes.
+        ([2, 16, 24, 25], 20, [3, 3], [1, 1], [1, 1], true),
+        ([3, 17, 26, 30], 16, [3, 3], [1, 1], [0, 0], false),
     ];
     for case in &cases {
         let conv = conv_layer(case);
@@ -74,6 +77,24 @@ fn conv2d_matches_burn_forward_and_gradients() {
         assert!(
             kernels::conv2d_uses_kernels(&conv, &x),
             "{case:?} not on the fast path"
+        );
+        let (shape, c_out, kernel, stride, padding, _) = *case;
+        let geometry = kernels::conv::Conv2dShape {
+            batch: shape[0],
+            channels_in: shape[1],
+            height: shape[2],
+            width: shape[3],
+            channels_out: c_out,
+            kernel,
+            stride,
+            padding,
+        };
+        // The two cases at the end are the Winograd ones (SimpleCNN's conv2 at batch 3 has
+        // too few tiles).
+        assert_eq!(
+            kernels::winograd::applies(&geometry),
+            shape[1] >= 16 && shape[3] >= 24,
+            "{case:?}: Winograd or not"
         );
 
         let run = |fast: bool| {
@@ -184,4 +205,73 @@ fn unsupported_layers_and_devices_fall_back_to_burn() {
     let plain = MaxPool2dConfig::new([2, 2]).init();
     assert!(!kernels::max_pool2d_uses_kernels(&plain, &empty));
     assert_eq!(kernels::max_pool2d(&ceil, odd).dims(), [1, 1, 3, 3]);
+}
+
+/// A training-mode batch norm with the given affine parameters and fresh running statistics.
+fn batch_norm(gamma: &Tensor<1>, beta: &Tensor<1>) -> BatchNorm {
+    let mut bn = BatchNormConfig::new(gamma.dims()[0]).init(&device());
+    bn.gamma = Param::from_tensor(gamma.clone());
+    bn.beta = Param::from_tensor(beta.clone());
+    bn
+}
+
+#[test]
+fn batch_norm_matches_burn_forward_gradients_and_running_statistics() {
+    for shape in [[2, 3, 5, 7], [1, 4, 3, 3], [8, 16, 6, 6], [3, 2, 1, 1]] {
+        let channels = shape[1];
+        let x = (random(shape) * 3.0 + 1.0).detach();
+        let gamma = random([channels]);
+        let beta = random([channels]);
+        let r = random(shape);
+        let run = |fast: bool| {
+            let bn = batch_norm(&gamma, &beta);
+            let x = x.clone().require_grad();
+            assert!(kernels::batch_norm_uses_kernels(&bn, &x));
+            // Two steps, so the running statistics are updated from non-initial values.
+            let mut outputs = Vec::new();
+            let mut grads = Vec::new();
+            for step in 0..2 {
+                let xs = x.clone() + step as f32;
+                let y = if fast {
+                    kernels::batch_norm(&bn, xs)
+                } else {
+                    bn.forward(xs)
+                };
+                let g = (y.clone() * r.clone()).sum().backward();
+                grads.push((
+                    x.grad(&g).expect("input gradient"),
+                    bn.gamma.grad(&g).expect("gamma gradient"),
+                    bn.beta.grad(&g).expect("beta gradient"),
+                ));
+                outputs.push(y.detach());
+            }
+            let running = (bn.running_mean.value(), bn.running_var.value());
+            (outputs, grads, running)
+        };
+        let (y, grads, (mean, var)) = run(true);
+        let (y_ref, grads_ref, (mean_ref, var_ref)) = run(false);
+        let name = format!("{shape:?}");
+        for (a, b) in y.into_iter().zip(y_ref) {
+            assert_close(&format!("{name} output"), a, b);
+        }
+        for ((dx, dg, db), (dx_ref, dg_ref, db_ref)) in grads.into_iter().zip(grads_ref) {
+            assert_close(&format!("{name} input gradient"), dx, dx_ref);
+            assert_close(&format!("{name} gamma gradient"), dg, dg_ref);
+            assert_close(&format!("{name} beta gradient"), db, db_ref);
+        }
+        assert_close(&format!("{name} running mean"), mean, mean_ref);
+        assert_close(&format!("{name} running variance"), var, var_ref);
+    }
+    // Frozen layers and inference devices go to Burn.
+    let bn = batch_norm(&random([3]), &random([3]));
+    let x = random([2, 3, 4, 4]);
+    assert!(kernels::batch_norm_uses_kernels(&bn, &x));
+    let plain = Tensor::<4>::random(
+        [2, 3, 4, 4],
+        Distribution::Normal(0.0, 1.0),
+        &Device::flex(),
+    );
+    assert!(!kernels::batch_norm_uses_kernels(&bn, &plain));
+    let frozen = burn::module::Module::freeze(bn);
+    assert!(!kernels::batch_norm_uses_kernels(&frozen, &x));
 }

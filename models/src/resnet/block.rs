@@ -29,12 +29,13 @@ pub(crate) fn norm(features: usize, device: &Device) -> BatchNorm {
 /// batch norm uses its running statistics and is folded into the convolution: weights times
 /// `s = gamma / sqrt(running_var + eps)` and bias `beta - running_mean * s`, so the
 /// activations are written once instead of once more per batch-norm step. On an autodiff
-/// device the two layers run as they are (batch statistics in training; running statistics
-/// when the layer is frozen, with gradients through the convolution untouched).
+/// device the two layers run as they are (batch statistics in training, through kiln's batch-norm
+/// kernels; running statistics when the layer is frozen, with gradients through the convolution
+/// untouched).
 pub(crate) fn conv_bn(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
     let device = x.device();
     if device.is_autodiff() {
-        return bn.forward(kiln_kernels::conv2d(conv, x));
+        return kiln_kernels::batch_norm(bn, kiln_kernels::conv2d(conv, x));
     }
     let [c_out, ..] = conv.weight.dims();
     let mean = bn.running_mean.value().to_device(&device);

@@ -1,0 +1,36 @@
+//! The C allocator's handling of large buffers, which Burn's Flex backend allocates for every
+//! op's output.
+//!
+//! glibc's `malloc` serves requests above 128 KiB with a fresh `mmap` and returns them to the
+//! system on `free`; every page of such a buffer is then zero-filled by the kernel on first
+//! touch, once per op. ResNet-18's activations at 224x224 are tens of megabytes per op, and the
+//! page faults showed up as a fifth of a training step's time in `perf`.
+//! [`keep_large_buffers`] raises the thresholds so that such buffers come from the heap and are
+//! reused, as PyTorch's caching CPU allocator (or the jemalloc/tcmalloc it recommends) does.
+//! The `kiln` command line turns it on at start; a library user calls it from `main`.
+
+/// Serve buffers up to 256 MiB from the heap and keep up to 1 GiB of freed heap memory instead
+/// of returning it to the system (`on`), or go back to glibc's defaults (128 KiB for both).
+/// Returns whether the allocator took the setting: `false` off glibc (musl, macOS, Windows),
+/// where this does nothing.
+pub fn keep_large_buffers(on: bool) -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let (mmap, trim) = if on {
+            (256 << 20, 1 << 30)
+        } else {
+            (128 << 10, 128 << 10)
+        };
+        // SAFETY: `mallopt` only changes allocator parameters; glibc documents calling it at any
+        // time, from any thread.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, mmap) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, trim) == 1
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        let _ = on;
+        false
+    }
+}
