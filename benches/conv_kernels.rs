@@ -1,7 +1,7 @@
 //! kiln's convolution kernels alone, on slices, at ResNet-18's stride-1 3x3 shapes (batch 8 at
-//! 224x224 and batch 32 at 32x32 input): forward, input gradient and weight gradient, with the
-//! Winograd path and with im2col + GEMM, interleaved rep by rep; medians in milliseconds. Prints
-//! one JSON object.
+//! 224x224 and batch 32 at 32x32 input) and SimpleCNN's second convolution (batch 64): forward, input gradient and weight gradient as kiln
+//! runs them (Winograd where `winograd` is true) and with im2col + GEMM, interleaved rep by rep;
+//! medians in milliseconds. Prints one JSON object.
 //!
 //! Run: `cargo bench --bench conv_kernels` (options: `-- --reps N`; `RAYON_NUM_THREADS=1` for
 //! one thread).
@@ -38,19 +38,21 @@ fn time(f: impl FnOnce()) -> f64 {
 fn main() {
     let reps = arg("--reps", 5);
     let mut rows: Vec<Value> = Vec::new();
-    for (batch, size, channels) in [
-        (8, 56, 64),
-        (8, 28, 128),
-        (8, 14, 256),
-        (8, 7, 512),
-        (32, 8, 64),
-        (32, 4, 128),
-        (32, 2, 256),
-        (32, 1, 512),
+    for (batch, size, channels_in, channels) in [
+        (8, 56, 64, 64),
+        (8, 28, 128, 128),
+        (8, 14, 256, 256),
+        (8, 7, 512, 512),
+        (32, 8, 64, 64),
+        (32, 4, 128, 128),
+        (32, 2, 256, 256),
+        (32, 1, 512, 512),
+        // SimpleCNN's conv2 at batch 64.
+        (64, 14, 32, 64),
     ] {
         let s = Conv2dShape {
             batch,
-            channels_in: channels,
+            channels_in,
             height: size,
             width: size,
             channels_out: channels,
@@ -61,9 +63,8 @@ fn main() {
         let x = values(batch * s.input_sample(), 1);
         let w = values(s.weight_len(), 2);
         let g = values(batch * s.output_sample(), 3);
-        // [winograd, im2col] x [forward, input gradient]; weight gradient once.
-        let mut times = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
-        let mut weight = Vec::new();
+        // [Winograd where it applies, im2col] x [forward, input gradient, weight gradient].
+        let mut times: [[Vec<f64>; 3]; 2] = Default::default();
         for rep in 0..=reps {
             for (mode, on) in [true, false].into_iter().enumerate() {
                 winograd::set_enabled(on);
@@ -71,26 +72,27 @@ fn main() {
                 let f = time(|| conv2d_forward(&s, &x, &w, None, &mut out));
                 let mut dx = vec![0.0; x.len()];
                 let b = time(|| conv2d_backward_input(&s, &w, &g, &mut dx));
+                let mut dw = vec![0.0; w.len()];
+                let d = time(|| conv2d_backward_weight(&s, &x, &g, &mut dw, None));
                 if rep > 0 {
-                    times[mode][0].push(f);
-                    times[mode][1].push(b);
+                    for (list, t) in times[mode].iter_mut().zip([f, b, d]) {
+                        list.push(t);
+                    }
                 }
             }
-            let mut dw = vec![0.0; w.len()];
-            let t = time(|| conv2d_backward_weight(&s, &x, &g, &mut dw, None));
-            if rep > 0 {
-                weight.push(t);
-            }
         }
-        let [[wf, wb], [f, b]] = times.map(|m| m.map(median));
+        winograd::set_enabled(true);
+        let applies = winograd::applies(&s);
+        let [[wf, wb, wd], [f, b, d]] = times.map(|m| m.map(median));
+        let pass = |w: f64, i: f64| json!({ "kiln": w, "im2col": i, "speedup": i / w });
         rows.push(json!({
-            "batch": batch, "size": size, "channels": channels,
-            "forward_ms": { "winograd": wf, "im2col": f, "speedup": f / wf },
-            "input_grad_ms": { "winograd": wb, "im2col": b, "speedup": b / wb },
-            "weight_grad_ms": median(weight),
+            "batch": batch, "size": size, "channels_in": channels_in, "channels": channels,
+            "winograd": applies,
+            "forward_ms": pass(wf, f),
+            "input_grad_ms": pass(wb, b),
+            "weight_grad_ms": pass(wd, d),
         }));
     }
-    winograd::set_enabled(true);
     println!(
         "{}",
         json!({ "benchmark": "conv_kernels", "reps": reps, "shapes": rows })

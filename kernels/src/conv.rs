@@ -556,6 +556,30 @@ pub fn conv2d_backward_weight(
     grad_bias: Option<&mut [f32]>,
 ) {
     check_lengths(s, x.len(), grad_weight.len(), grad_out.len());
+    if winograd::applies(s) {
+        winograd::backward_weight(s, x, grad_out, grad_weight);
+    } else {
+        im2col_backward_weight(s, x, grad_out, grad_weight);
+    }
+    if let Some(grad_bias) = grad_bias {
+        assert_eq!(grad_bias.len(), s.channels_out, "bias length");
+        let n = s.out_plane();
+        grad_bias.fill(0.0);
+        for gb in grad_out.chunks_exact(s.output_sample()) {
+            for (g, row) in grad_bias.iter_mut().zip(gb.chunks_exact(n)) {
+                *g += row.iter().sum::<f32>();
+            }
+        }
+    }
+}
+
+/// The weight gradient of [`conv2d_backward_weight`] as im2col + GEMM, for any shape.
+pub(crate) fn im2col_backward_weight(
+    s: &Conv2dShape,
+    x: &[f32],
+    grad_out: &[f32],
+    grad_weight: &mut [f32],
+) {
     let (k, n) = (s.patch_len(), s.out_plane());
     let w_len = s.weight_len();
     let grouping = Grouping::new(s);
@@ -613,15 +637,6 @@ pub fn conv2d_backward_weight(
             }
         }
         Some(_) => accumulate(0..groups, grad_weight),
-    }
-    if let Some(grad_bias) = grad_bias {
-        assert_eq!(grad_bias.len(), s.channels_out, "bias length");
-        grad_bias.fill(0.0);
-        for gb in grad_out.chunks_exact(s.output_sample()) {
-            for (g, row) in grad_bias.iter_mut().zip(gb.chunks_exact(n)) {
-                *g += row.iter().sum::<f32>();
-            }
-        }
     }
 }
 
@@ -697,13 +712,14 @@ mod tests {
             (3, 3, 20, 20, 2, [1, 1], [1, 1], [0, 0]),
             // 1x1 planes (ResNet's layer4 at 32x32 input): the whole batch in one GEMM.
             (6, 4, 1, 1, 5, [3, 3], [1, 1], [1, 1]),
-            // Winograd: stride-1 3x3 with at least 16 channels each side; odd sizes, padding
-            // 0, 1 and 2, 1x1 planes, and enough tiles for chunks in parallel.
+            // Winograd's shapes: stride-1 3x3; odd sizes, padding 0, 1 and 2, 1x1 planes, and
+            // (the last) enough channels and tiles to take the Winograd path in the dispatch,
+            // in chunks in parallel.
             (2, 16, 9, 7, 17, [3, 3], [1, 1], [1, 1]),
             (1, 16, 5, 6, 16, [3, 3], [1, 1], [0, 0]),
             (3, 17, 4, 3, 16, [3, 3], [1, 1], [2, 2]),
             (2, 16, 1, 1, 18, [3, 3], [1, 1], [1, 1]),
-            (4, 16, 20, 21, 16, [3, 3], [1, 1], [1, 1]),
+            (5, 64, 16, 13, 64, [3, 3], [1, 1], [1, 1]),
         ] {
             all.push(Conv2dShape {
                 batch,
@@ -727,7 +743,7 @@ mod tests {
         assert_eq!(shapes().iter().filter(|s| winograd::supports(s)).count(), 8);
     }
 
-    /// Winograd and im2col give the same forward and input gradient on every shape Winograd
+    /// Winograd and im2col give the same forward, input and weight gradients on every shape Winograd
     /// can compute, including those where it is not worth it.
     #[test]
     fn winograd_matches_im2col() {
@@ -755,6 +771,11 @@ mod tests {
             let mut got = vec![0.5; x.len()];
             winograd::backward_input(&s, &w, &g, &mut got);
             assert!(close(&got, &want), "input gradient {s:?}");
+            let mut want = vec![f32::NAN; w.len()];
+            im2col_backward_weight(&s, &x, &g, &mut want);
+            let mut got = vec![f32::NAN; w.len()];
+            winograd::backward_weight(&s, &x, &g, &mut got);
+            assert!(close(&got, &want), "weight gradient {s:?}");
         }
     }
 

@@ -24,9 +24,11 @@ use rayon::prelude::*;
 
 use crate::conv::{Conv2dShape, Scratch, matmul, with_scratch};
 
-/// Fewer channels than this (SimpleCNN's first layer has one) make the 16 GEMMs too thin to pay
-/// for the transforms; im2col handles those.
-const MIN_CHANNELS: usize = 16;
+/// Fewer channels than this make the 16 GEMMs too thin to pay for the transforms; im2col handles
+/// those. Measured (`cargo bench --bench conv_kernels`): SimpleCNN's 32 -> 64 convolution at
+/// 14x14 ran its input and weight gradients 0.75x and 0.88x as fast with Winograd; ResNet's
+/// 64-channel layers at 56x56 1.5-2.2x faster.
+const MIN_CHANNELS: usize = 64;
 
 /// Floats of transformed inputs and products one chunk may hold (4 MiB), so that a chunk's
 /// working set stays near the caches.
@@ -380,6 +382,34 @@ fn run_chunk(
     transform_output(s, t, wide, rows, bias, accumulate, out, band);
 }
 
+/// The chunks (ranges of tile rows) a batch is cut into, and whether they run in parallel (one
+/// per thread, GEMMs on one thread) or one after the other (GEMMs over all threads).
+fn plan(s: &Conv2dShape, t: &Tiles) -> (Vec<Range<usize>>, bool) {
+    let tile_rows = s.batch * t.rows;
+    let per_row = POSITIONS * (s.channels_in + s.channels_out) * t.cols;
+    let max_rows = (CHUNK_BUDGET / per_row).max(1);
+    let threads = rayon::current_num_threads();
+    let parallel = threads > 1 && tile_rows * t.cols >= threads * MIN_TILES_PER_THREAD;
+    let rows_per_chunk = if parallel {
+        max_rows.min(tile_rows.div_ceil(threads))
+    } else {
+        max_rows
+    };
+    let chunks = (0..tile_rows)
+        .step_by(rows_per_chunk)
+        .map(|r| r..(r + rows_per_chunk).min(tile_rows))
+        .collect();
+    (chunks, parallel)
+}
+
+/// The GEMMs' parallelism when chunks run one after the other.
+fn sequential_parallelism() -> Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => Parallelism::None,
+        threads => Parallelism::Rayon(threads),
+    }
+}
+
 /// The convolution of `x` with the transformed kernels `u` (`[16]` matrices `C_out x C_in` with
 /// row and column strides `u_strides`), written to `out` or, with `accumulate`, added to it.
 fn convolve(
@@ -391,21 +421,7 @@ fn convolve(
     accumulate: bool,
 ) {
     let t = Tiles::new(s);
-    let (c_in, c_out) = (s.channels_in, s.channels_out);
-    let tile_rows = s.batch * t.rows;
-    let per_row = POSITIONS * (c_in + c_out) * t.cols;
-    let max_rows = (CHUNK_BUDGET / per_row).max(1);
-    let threads = rayon::current_num_threads();
-    let parallel_chunks = threads > 1 && tile_rows * t.cols >= threads * MIN_TILES_PER_THREAD;
-    let rows_per_chunk = if parallel_chunks {
-        max_rows.min(tile_rows.div_ceil(threads))
-    } else {
-        max_rows
-    };
-    let chunks: Vec<Range<usize>> = (0..tile_rows)
-        .step_by(rows_per_chunk)
-        .map(|r| r..(r + rows_per_chunk).min(tile_rows))
-        .collect();
+    let (chunks, parallel_chunks) = plan(s, &t);
     let output = Output {
         ptr: out.as_mut_ptr(),
         len: out.len(),
@@ -428,11 +444,7 @@ fn convolve(
             })
         });
     } else {
-        let par = if threads > 1 {
-            Parallelism::Rayon(threads)
-        } else {
-            Parallelism::None
-        };
+        let par = sequential_parallelism();
         with_scratch(|scratch| {
             for rows in chunks {
                 run_chunk(s, &t, x, u, rows, bias, accumulate, output, par, scratch);
@@ -484,4 +496,167 @@ pub(crate) fn backward_input(
             true,
         )
     });
+}
+
+/// `dM = A dY A^T` (`[16][C_out][tiles]`) for the tile rows `rows`, from the output gradient:
+/// each 2x2 block of `dY` (zero past the output's edge) as a 4x4 matrix.
+fn transform_grad(
+    s: &Conv2dShape,
+    t: &Tiles,
+    grad_out: &[f32],
+    rows: Range<usize>,
+    dm: &mut [f32],
+    band: &mut Vec<f32>,
+) {
+    let [oh, ow] = t.out;
+    let tiles = rows.len() * t.cols;
+    let plane = s.channels_out * tiles;
+    let wide = 2 * t.cols;
+    band.resize(6 * wide, 0.0);
+    let (d, r) = band.split_at_mut(2 * wide);
+    for k in 0..s.channels_out {
+        for (local, row) in rows.clone().enumerate() {
+            let (n, th) = (row / t.rows, row % t.rows);
+            let channel = &grad_out[(n * s.channels_out + k) * oh * ow..][..oh * ow];
+            for (i, dst) in d.chunks_exact_mut(wide).enumerate() {
+                let y = 2 * th + i;
+                if y >= oh {
+                    dst.fill(0.0);
+                    continue;
+                }
+                dst[..ow].copy_from_slice(&channel[y * ow..][..ow]);
+                dst[ow..].fill(0.0);
+            }
+            // A dY: rows dY0, dY0 + dY1, dY0 - dY1, -dY1.
+            let (d0, d1) = d.split_at(wide);
+            let (r0, rest) = r.split_at_mut(wide);
+            let (r1, rest) = rest.split_at_mut(wide);
+            let (r2, r3) = rest.split_at_mut(wide);
+            for x in 0..wide {
+                r0[x] = d0[x];
+                r1[x] = d0[x] + d1[x];
+                r2[x] = d0[x] - d1[x];
+                r3[x] = -d1[x];
+            }
+            // (A dY) A^T: the same combinations of each tile's two columns.
+            let base = k * tiles + local * t.cols;
+            for (i, ri) in [&*r0, &*r1, &*r2, &*r3].into_iter().enumerate() {
+                let [m0, m1, m2, m3] = position_rows(dm, i, plane, base, t.cols);
+                for tw in 0..t.cols {
+                    let (a, b) = (ri[2 * tw], ri[2 * tw + 1]);
+                    m0[tw] = a;
+                    m1[tw] = a + b;
+                    m2[tw] = a - b;
+                    m3[tw] = -b;
+                }
+            }
+        }
+    }
+}
+
+/// One chunk's share of the weight gradient in the transformed domain:
+/// `dU_p (C_out x C_in) [+]= dM_p (C_out x tiles) @ V_p^T (tiles x C_in)` for the 16 positions.
+#[allow(clippy::too_many_arguments)]
+fn weight_chunk(
+    s: &Conv2dShape,
+    t: &Tiles,
+    x: &[f32],
+    grad_out: &[f32],
+    rows: Range<usize>,
+    du: &mut [f32],
+    accumulate: bool,
+    par: Parallelism,
+    scratch: &mut Scratch,
+) {
+    let tiles = rows.len() * t.cols;
+    let (c_in, c_out) = (s.channels_in, s.channels_out);
+    scratch.cols.resize(POSITIONS * c_in * tiles, 0.0);
+    scratch.wide.resize(POSITIONS * c_out * tiles, 0.0);
+    let Scratch { cols, wide, band } = scratch;
+    transform_input(s, t, x, rows.clone(), cols, band);
+    transform_grad(s, t, grad_out, rows, wide, band);
+    for p in 0..POSITIONS {
+        matmul(
+            (c_out, c_in, tiles),
+            &mut du[p * c_out * c_in..][..c_out * c_in],
+            (c_in, 1),
+            accumulate,
+            &wide[p * c_out * tiles..][..c_out * tiles],
+            (tiles, 1),
+            &cols[p * c_in * tiles..][..c_in * tiles],
+            (1, tiles),
+            par,
+        );
+    }
+}
+
+/// `dW = G^T dU G` for every kernel: `du` is `[16][C_out][C_in]`, `grad_weight`
+/// `[C_out][C_in][3][3]`.
+fn untransform_weights(du: &[f32], plane: usize, grad_weight: &mut [f32]) {
+    for (oi, dw) in grad_weight.chunks_exact_mut(9).enumerate() {
+        let m: [f32; 16] = std::array::from_fn(|p| du[p * plane + oi]);
+        // G^T dU: 3x4, rows dU0 + (dU1 + dU2) / 2, (dU1 - dU2) / 2, (dU1 + dU2) / 2 + dU3.
+        let mut z = [[0.0f32; 4]; 3];
+        for j in 0..4 {
+            let (a, b, c, d) = (m[j], m[4 + j], m[8 + j], m[12 + j]);
+            z[0][j] = a + 0.5 * (b + c);
+            z[1][j] = 0.5 * (b - c);
+            z[2][j] = 0.5 * (b + c) + d;
+        }
+        // (G^T dU) G: the same combinations of columns.
+        for (r, zr) in z.iter().enumerate() {
+            let [a, b, c, d] = *zr;
+            dw[3 * r] = a + 0.5 * (b + c);
+            dw[3 * r + 1] = 0.5 * (b - c);
+            dw[3 * r + 2] = 0.5 * (b + c) + d;
+        }
+    }
+}
+
+/// Weight gradient (see [`crate::conv::conv2d_backward_weight`]; overwrites `grad_weight`) of
+/// a shape [`applies`] accepts, computed in the transformed domain: 16 GEMMs per chunk whose
+/// inner dimension is the chunk's tiles, then one transform back per kernel.
+pub(crate) fn backward_weight(
+    s: &Conv2dShape,
+    x: &[f32],
+    grad_out: &[f32],
+    grad_weight: &mut [f32],
+) {
+    let t = Tiles::new(s);
+    let plane = s.channels_out * s.channels_in;
+    let len = POSITIONS * plane;
+    let (chunks, parallel_chunks) = plan(s, &t);
+    if parallel_chunks {
+        // Contiguous runs of chunks per thread, each into its own partial dU.
+        let threads = rayon::current_num_threads().min(chunks.len());
+        let per = chunks.len().div_ceil(threads);
+        let mut partials = vec![0.0f32; threads * len];
+        partials
+            .par_chunks_mut(len)
+            .zip(chunks.par_chunks(per))
+            .for_each(|(du, mine)| {
+                with_scratch(|scratch| {
+                    for (i, rows) in mine.iter().enumerate() {
+                        let par = Parallelism::None;
+                        weight_chunk(s, &t, x, grad_out, rows.clone(), du, i > 0, par, scratch);
+                    }
+                })
+            });
+        let (first, rest) = partials.split_at_mut(len);
+        for partial in rest.chunks_exact(len) {
+            for (a, b) in first.iter_mut().zip(partial) {
+                *a += b;
+            }
+        }
+        untransform_weights(first, plane, grad_weight);
+    } else {
+        let mut du = vec![0.0f32; len];
+        let par = sequential_parallelism();
+        with_scratch(|scratch| {
+            for (i, rows) in chunks.into_iter().enumerate() {
+                weight_chunk(s, &t, x, grad_out, rows, &mut du, i > 0, par, scratch);
+            }
+        });
+        untransform_weights(&du, plane, grad_weight);
+    }
 }

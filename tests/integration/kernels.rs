@@ -64,8 +64,8 @@ fn conv2d_matches_burn_forward_and_gradients() {
         ([1, 2, 6, 5], 3, [3, 2], [1, 2], [1, 0], true),
         ([5, 3, 3, 3], 2, [3, 3], [1, 1], [0, 0], true),
         // Winograd (stride-1 3x3, enough channels and tiles), padding 1 and 0, odd sizes.
-        ([2, 16, 24, 25], 20, [3, 3], [1, 1], [1, 1], true),
-        ([3, 17, 26, 30], 16, [3, 3], [1, 1], [0, 0], false),
+        ([2, 64, 24, 25], 64, [3, 3], [1, 1], [1, 1], true),
+        ([3, 65, 26, 30], 64, [3, 3], [1, 1], [0, 0], false),
     ];
     for case in &cases {
         let conv = conv_layer(case);
@@ -93,7 +93,7 @@ fn conv2d_matches_burn_forward_and_gradients() {
         // too few tiles).
         assert_eq!(
             kernels::winograd::applies(&geometry),
-            shape[1] >= 16 && shape[3] >= 24,
+            shape[1] >= 64 && shape[3] >= 24,
             "{case:?}: Winograd or not"
         );
 
