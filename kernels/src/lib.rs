@@ -1,21 +1,27 @@
 //! Kiln's CPU kernels for Burn's Flex backend.
 //!
-//! Burn's `Conv2d` and `MaxPool2d` modules run, on Flex, a convolution backward that transposes
-//! whole tensors and convolves with kernels the size of the feature map, and a max-pool that
-//! goes through a 3-D pool with `i64` indices. [`conv2d`] and [`max_pool2d`] take the same
-//! modules (same parameters, same records) and, when the input is an `f32` tensor on Flex (with
-//! or without autodiff) and the layer is of the common kind (groups 1, dilation 1, symmetric
-//! padding, floor mode), run kiln's kernels instead: im2col + packed GEMM forward and backward
-//! ([`conv`]) and a direct 2-D max-pool with `u32` winner offsets ([`pool`]). Anything else, and
-//! every other backend (CUDA included), goes through the module's own `forward`, so callers
-//! never need to check.
+//! Burn's `Conv2d`, `MaxPool2d` and `BatchNorm` modules run, on Flex, a convolution backward
+//! that transposes whole tensors and convolves with kernels the size of the feature map, a
+//! max-pool that goes through a 3-D pool with `i64` indices, and a training batch norm built
+//! from a dozen tensor ops. [`conv2d`], [`max_pool2d`] and [`batch_norm`] take the same modules
+//! (same parameters, same records) and, when the input is an `f32` tensor on Flex and the layer
+//! is of the common kind (groups 1, dilation 1, symmetric padding, floor mode; batch norm in
+//! training mode), run kiln's kernels instead: im2col + packed GEMM forward and backward
+//! ([`conv`]), Winograd F(2x2, 3x3) for the stride-1 3x3 layers where it pays ([`winograd`]), a
+//! direct 2-D max-pool with `u32` winner offsets ([`pool`]) and a few-pass batch norm
+//! ([`norm`]). Anything else, and every other backend (CUDA included), goes through the module's
+//! own `forward`, so callers never need to check.
 //!
 //! The fast path is on by default; [`set_enabled`] (or `KILN_CPU_KERNELS=burn` in the
 //! environment) switches every call back to Burn's ops, which is how the benchmarks compare the
-//! two in one run and how the tests compare them against each other.
+//! two in one run and how the tests compare them against each other
+//! ([`winograd::set_enabled`] / `KILN_WINOGRAD=off` keeps the kernels but uses im2col for every
+//! convolution). [`malloc::keep_large_buffers`] is the allocator setting the `kiln` binary runs
+//! with.
 //!
-//! The slice kernels in [`conv`] and [`pool`] use no Burn types, so they could move into Flex as
-//! its `conv2d_x_backward` / `conv2d_weight_backward` / `max_pool2d` implementations.
+//! The slice kernels in [`conv`], [`winograd`], [`pool`] and [`norm`] use no Burn types, so they
+//! could move into Flex as its `conv2d_x_backward` / `conv2d_weight_backward` / `max_pool2d` /
+//! `batch_norm_train` implementations.
 
 pub mod conv;
 mod flex;
