@@ -643,6 +643,7 @@ pub(crate) fn im2col_backward_weight(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_values::values;
 
     /// Direct definition of the convolution, the independent reference for the GEMM paths.
     fn naive_forward(s: &Conv2dShape, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f32> {
@@ -683,18 +684,6 @@ mod tests {
             }
         }
         out
-    }
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 17;
-                state ^= state << 5;
-                (state % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
     }
 
     fn shapes() -> Vec<Conv2dShape> {

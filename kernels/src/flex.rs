@@ -226,6 +226,13 @@ impl CpuKernels for Flex {
     }
 }
 
+/// A forward input a backward step checkpointed, contiguous.
+fn checkpointed(checkpointer: &mut Checkpointer, id: NodeId) -> FlexTensor {
+    checkpointer
+        .retrieve_node_output::<FlexTensor>(id)
+        .to_contiguous()
+}
+
 /// Backward step of [`CpuKernels::kiln_conv2d`]: parents are the input, weight and bias.
 #[derive(Debug)]
 struct Conv2dBackward;
@@ -242,12 +249,8 @@ impl Backward<Flex, 3> for Conv2dBackward {
         let [node_x, node_weight, node_bias] = ops.parents;
         let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
         let (x_state, weight_state, stride, padding) = ops.state;
-        let x = checkpointer
-            .retrieve_node_output::<FlexTensor>(x_state)
-            .to_contiguous();
-        let weight = checkpointer
-            .retrieve_node_output::<FlexTensor>(weight_state)
-            .to_contiguous();
+        let x = checkpointed(checkpointer, x_state);
+        let weight = checkpointed(checkpointer, weight_state);
         let s = conv_shape(&x, &weight, stride, padding);
         let grad_out = grad.storage::<f32>();
 
@@ -322,12 +325,8 @@ impl Backward<Flex, 3> for BatchNormBackward {
         let [node_x, node_gamma, node_beta] = ops.parents;
         let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
         let (x_state, gamma_state, stats, epsilon) = ops.state;
-        let x = checkpointer
-            .retrieve_node_output::<FlexTensor>(x_state)
-            .to_contiguous();
-        let gamma = checkpointer
-            .retrieve_node_output::<FlexTensor>(gamma_state)
-            .to_contiguous();
+        let x = checkpointed(checkpointer, x_state);
+        let gamma = checkpointed(checkpointer, gamma_state);
         let stats = stats.to_contiguous();
         let s = norm_shape(&x);
         let (mean, var) = stats.storage::<f32>().split_at(s.channels);

@@ -40,26 +40,52 @@ use burn::tensor::Tensor;
 
 pub use flex::CpuKernels;
 
-/// 0: not decided yet (read the environment), 1: kiln's kernels, 2: Burn's ops.
-static MODE: AtomicU8 = AtomicU8::new(0);
+/// A process-wide on/off switch, on unless its environment variable holds the `off` value when
+/// it is first read; [`Switch::set`] overrides it from then on.
+pub(crate) struct Switch {
+    /// 0: not decided yet (read the environment), 1: on, 2: off.
+    mode: AtomicU8,
+    var: &'static str,
+    off: &'static str,
+}
 
-/// Whether [`conv2d`] and [`max_pool2d`] use kiln's kernels where they apply (the default,
-/// unless the environment sets `KILN_CPU_KERNELS=burn`).
-pub fn enabled() -> bool {
-    match MODE.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let on = std::env::var("KILN_CPU_KERNELS").map_or(true, |v| v != "burn");
-            MODE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-            on
+impl Switch {
+    pub(crate) const fn new(var: &'static str, off: &'static str) -> Self {
+        Switch {
+            mode: AtomicU8::new(0),
+            var,
+            off,
         }
     }
+
+    pub(crate) fn get(&self) -> bool {
+        match self.mode.load(Ordering::Relaxed) {
+            1 => true,
+            2 => false,
+            _ => {
+                let on = std::env::var(self.var).map_or(true, |v| v != self.off);
+                self.set(on);
+                on
+            }
+        }
+    }
+
+    pub(crate) fn set(&self, on: bool) {
+        self.mode.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    }
+}
+
+static KERNELS: Switch = Switch::new("KILN_CPU_KERNELS", "burn");
+
+/// Whether [`conv2d`], [`max_pool2d`] and [`batch_norm`] use kiln's kernels where they apply
+/// (the default, unless the environment sets `KILN_CPU_KERNELS=burn`).
+pub fn enabled() -> bool {
+    KERNELS.get()
 }
 
 /// Switches kiln's kernels on or off for the whole process (off: Burn's own ops everywhere).
 pub fn set_enabled(on: bool) {
-    MODE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    KERNELS.set(on);
 }
 
 /// Whether `x` is an `f32` tensor on Flex, with or without autodiff.
@@ -212,4 +238,21 @@ pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
     update(&bn.running_mean, mean);
     update(&bn.running_var, var);
     out
+}
+
+/// Deterministic test data shared by the kernels' unit tests.
+#[cfg(test)]
+pub(crate) mod test_values {
+    /// `len` values in [-1, 1] from a xorshift generator seeded with `seed`.
+    pub(crate) fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
 }

@@ -200,18 +200,7 @@ pub fn batch_norm_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 17;
-                state ^= state << 5;
-                (state % 2001) as f32 / 500.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::test_values::values;
 
     /// The loss `L = sum(out * w)` for fixed weights `w`, in `f64` from the definition.
     fn loss(s: &NormShape, x: &[f64], gamma: &[f64], beta: &[f64], w: &[f32], eps: f64) -> f64 {

@@ -21,11 +21,11 @@
 //! 1.2e-4 into sums of 576 products of values in [-1, 1], past the 1e-4 kiln's kernels promise.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU8, Ordering};
 
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::Switch;
 use crate::conv::{Conv2dShape, Scratch, matmul, with_scratch};
 
 /// Fewer channels than this make the 16 GEMMs too thin to pay for the transforms; im2col handles
@@ -45,27 +45,18 @@ const MIN_TILES_PER_THREAD: usize = 64;
 /// Positions of the 4x4 transformed tile.
 const POSITIONS: usize = 16;
 
-/// 0: not decided yet (read the environment), 1: on, 2: off.
-static MODE: AtomicU8 = AtomicU8::new(0);
+static WINOGRAD: Switch = Switch::new("KILN_WINOGRAD", "off");
 
-/// Whether stride-1 3x3 convolutions take the Winograd path (the default, unless the
-/// environment sets `KILN_WINOGRAD=off`); off sends them through im2col + GEMM like every other
-/// convolution, for A/B measurements.
+/// Whether stride-1 3x3 convolutions take the Winograd path where it pays (the default, unless
+/// the environment sets `KILN_WINOGRAD=off`); off sends them through im2col + GEMM like every
+/// other convolution, for A/B measurements.
 pub fn enabled() -> bool {
-    match MODE.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let on = std::env::var("KILN_WINOGRAD").map_or(true, |v| v != "off");
-            MODE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-            on
-        }
-    }
+    WINOGRAD.get()
 }
 
 /// Switches the Winograd path on or off for the whole process.
 pub fn set_enabled(on: bool) {
-    MODE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    WINOGRAD.set(on);
 }
 
 /// Whether the forward pass and the gradients of `s` take the Winograd path: stride-1 3x3
@@ -351,6 +342,20 @@ fn transform_output(
     }
 }
 
+/// A chunk of `tiles` tiles' buffers from `scratch`: the transformed inputs
+/// (`[16][C_in][tiles]`), the products or output-gradient transforms (`[16][C_out][tiles]`), and
+/// the band for the transforms' rows.
+fn chunk_buffers<'a>(
+    s: &Conv2dShape,
+    tiles: usize,
+    scratch: &'a mut Scratch,
+) -> (&'a mut [f32], &'a mut [f32], &'a mut Vec<f32>) {
+    scratch.cols.resize(POSITIONS * s.channels_in * tiles, 0.0);
+    scratch.wide.resize(POSITIONS * s.channels_out * tiles, 0.0);
+    let Scratch { cols, wide, band } = scratch;
+    (cols, wide, band)
+}
+
 /// One chunk: transform its inputs, 16 GEMMs, transform its outputs.
 #[allow(clippy::too_many_arguments)]
 fn run_chunk(
@@ -367,9 +372,7 @@ fn run_chunk(
 ) {
     let tiles = rows.len() * t.cols;
     let (c_in, c_out) = (s.channels_in, s.channels_out);
-    scratch.cols.resize(POSITIONS * c_in * tiles, 0.0);
-    scratch.wide.resize(POSITIONS * c_out * tiles, 0.0);
-    let Scratch { cols, wide, band } = scratch;
+    let (cols, wide, band) = chunk_buffers(s, tiles, scratch);
     transform_input(s, t, x, rows.clone(), cols, band);
     for p in 0..POSITIONS {
         matmul(
@@ -575,9 +578,7 @@ fn weight_chunk(
 ) {
     let tiles = rows.len() * t.cols;
     let (c_in, c_out) = (s.channels_in, s.channels_out);
-    scratch.cols.resize(POSITIONS * c_in * tiles, 0.0);
-    scratch.wide.resize(POSITIONS * c_out * tiles, 0.0);
-    let Scratch { cols, wide, band } = scratch;
+    let (cols, wide, band) = chunk_buffers(s, tiles, scratch);
     transform_input(s, t, x, rows.clone(), cols, band);
     transform_grad(s, t, grad_out, rows, wide, band);
     for p in 0..POSITIONS {
