@@ -1,55 +1,23 @@
 //! ResNet-18 on the CPU next to PyTorch: training steps (SGD momentum, cross-entropy) at batch
 //! 8 x 224x224 and batch 32 x 32x32, and inference at batch 32 x 224x224, in samples/s, with
-//! kiln's CPU kernels and (`burn_ops`) with Burn's own ops, A/B in each round. When
-//! PyTorch and torchvision are installed, benches/resnet_pytorch.py (2 threads) runs after each
-//! kiln round, alternating; medians over rounds. Prints one JSON object with the ratios.
+//! kiln's CPU kernels, with im2col in place of Winograd, with glibc's default malloc settings,
+//! and (`burn_ops`) with Burn's own ops, A/B in each round. When PyTorch and torchvision are
+//! installed, benches/resnet_pytorch.py (2 threads) runs after each kiln round, alternating;
+//! medians over rounds. Prints one JSON object with the ratios. The workloads are
+//! `kiln_recipes::bench`'s, which `kiln bench resnet18` runs too (on GPUs as well).
 //!
-//! `cargo bench --bench resnet -- --rounds 2 --reps 3` (`--kiln-only`: kiln's default kernels only, `--no-burn-ops`: no Burn-ops runs, `--only
-//! train_b8_224`: one workload); on a GPU (a build with `--features
-//! cuda`): `cargo bench --features cuda --bench resnet -- --device cuda:0`, PyTorch on the same
+//! `cargo bench --bench resnet -- --rounds 2 --reps 3`; `--kiln-only`: kiln's default kernels
+//! only, `--no-burn-ops`: no Burn-ops runs, `--only train_b8_224`: one workload,
+//! `--device cuda:0` (a build with `--features cuda`): kiln's default only, PyTorch on the same
 //! GPU.
 
 mod common;
 
-use std::time::Instant;
-
-use burn::module::Module;
-use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::GradientsParams;
-use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
-use kiln::models::{ResNet, ResNetDepth};
 use kiln::multi::DeviceSpec;
-use kiln::trainer::TrainerConfig;
+use kiln::recipes::bench::{RESNET_WORKLOADS, ResNetBench};
 use serde_json::{Value, json};
 
 use common::{arg, median, median_field, run_pytorch_with, string_arg};
-
-/// Seconds of one training step of `batch` images of `side` x `side`.
-fn train_step(model: &mut Option<ResNet>, batch: usize, side: usize, device: &Device) -> f64 {
-    let images = Tensor::<4>::random([batch, 3, side, side], Distribution::Default, device);
-    let labels: Vec<i64> = (0..batch as i64).map(|i| (i * 37) % 1000).collect();
-    let targets = Tensor::<1, Int>::from_data(TensorData::new(labels, [batch]), device);
-    let loss_fn = CrossEntropyLossConfig::new().init(device);
-    let mut optimizer = TrainerConfig::default().optimizer();
-    let start = Instant::now();
-    let current = model
-        .take()
-        .expect("the model is put back after every step");
-    let loss = loss_fn.forward(current.forward(images), targets);
-    let grads = GradientsParams::from_grads(loss.backward(), &current);
-    let next = optimizer.step(0.01, current, grads);
-    // Wait for the new parameters, not only for the graph.
-    let _ = next.fc.weight.val().into_data();
-    *model = Some(next);
-    start.elapsed().as_secs_f64()
-}
-
-fn infer(model: &ResNet, batch: usize, side: usize, device: &Device) -> f64 {
-    let images = Tensor::<4>::random([batch, 3, side, side], Distribution::Default, device);
-    let start = Instant::now();
-    let _ = model.forward(images).into_data();
-    start.elapsed().as_secs_f64()
-}
 
 fn main() {
     let rounds = arg("--rounds", 2);
@@ -58,9 +26,8 @@ fn main() {
         .unwrap_or_else(|| "cpu".into())
         .parse()
         .unwrap_or_else(|e| panic!("--device: {e}"));
-    let inner = spec.device().unwrap_or_else(|e| panic!("{e}"));
-    let device = inner.clone().autodiff();
-    let mut model = Some(ResNet::new(ResNetDepth::R18, 1000, &device));
+    let device = spec.device().unwrap_or_else(|e| panic!("{e}"));
+    let mut bench = ResNetBench::new(&device);
     let device_arg = spec.to_string();
     // kiln's CPU kernels (the default: Winograd for stride-1 3x3 convolutions), the same with
     // im2col for every convolution, and Burn's own ops, A/B in each round; on a GPU all run
@@ -96,22 +63,18 @@ fn main() {
     for mode in modes {
         set_mode(mode);
         // Warm-up.
-        let _ = train_step(&mut model, 8, 224, &device);
-        let _ = train_step(&mut model, 32, 32, &device);
+        for workload in RESNET_WORKLOADS.iter().filter(|w| w.train) {
+            let _ = bench.run(workload);
+        }
     }
     for round in 0..rounds {
-        for (mode, [t8, t32, i32_]) in modes.iter().zip(&mut runs) {
+        for (mode, times) in modes.iter().zip(&mut runs) {
             set_mode(mode);
             for _ in 0..reps {
-                if wanted("train_b8_224") {
-                    t8.push(8.0 / train_step(&mut model, 8, 224, &device));
-                }
-                if wanted("train_b32_32") {
-                    t32.push(32.0 / train_step(&mut model, 32, 32, &device));
-                }
-                if wanted("infer_b32_224") {
-                    let valid = model.as_ref().expect("model present").valid();
-                    i32_.push(32.0 / infer(&valid, 32, 224, &inner));
+                for (workload, figures) in RESNET_WORKLOADS.iter().zip(times.iter_mut()) {
+                    if wanted(workload.name) {
+                        figures.push(bench.run(workload));
+                    }
                 }
             }
         }

@@ -2,15 +2,11 @@
 // Each benchmark compiles this module on its own and uses only some of it.
 #![allow(dead_code)]
 
-use std::process::Command;
+use std::path::Path;
 
 use serde_json::Value;
 
-/// The median of `values` (the upper one for an even count).
-pub fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
+pub use kiln::recipes::bench::median;
 
 /// The value of `--name N` on the command line, or `default`.
 pub fn arg(name: &str, default: usize) -> usize {
@@ -51,28 +47,10 @@ pub fn run_pytorch_with(script: &str, args: &[&str]) -> Option<Value> {
     if std::env::var_os("KILN_BENCH_NO_PYTORCH").is_some() {
         return None;
     }
-    // A bench binary copied to another machine (scripts/gpu-check's bundle) finds the scripts
-    // through KILN_BENCHES_DIR.
-    let dir = std::env::var("KILN_BENCHES_DIR")
-        .unwrap_or_else(|_| format!("{}/benches", env!("CARGO_MANIFEST_DIR")));
-    let path = format!("{dir}/{script}");
-    let output = Command::new("python3")
-        .arg(&path)
-        .args(args)
-        .output()
-        .ok()?;
-    if !output.status.success() {
-        eprintln!(
-            "PyTorch comparison skipped: {}",
-            String::from_utf8_lossy(&output.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-        );
-        return None;
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    serde_json::from_str(stdout.lines().last()?).ok()
+    let path = format!("{}/benches/{script}", env!("CARGO_MANIFEST_DIR"));
+    kiln::recipes::bench::run_python_twin(Path::new(&path), args)
+        .map_err(|e| eprintln!("PyTorch comparison skipped: {e}"))
+        .ok()
 }
 
 /// The median over PyTorch twin runs of the number at `key`, or `None` when no run gave one.

@@ -8,10 +8,13 @@
 //! - [`distributed`]: running a recipe as one rank of a job started by `kiln launch`, `mpirun`
 //!   or `torchrun`;
 //! - [`cli`]: the clap argument structs shared by the `kiln` CLI and the recipe binaries;
-//! - [`report`]: the serialisable results printed by `--json`.
+//! - [`report`]: the serialisable results printed by `--json`;
+//! - [`bench`]: the ResNet-18 throughput workloads of `kiln bench` and `benches/`, and the
+//!   PyTorch twin runner.
 //!
 //! Recipes assemble models, data and the trainer; they contain no training loop.
 
+pub mod bench;
 pub mod cli;
 pub mod cnn_mnist;
 pub mod distributed;

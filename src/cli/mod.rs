@@ -1,6 +1,8 @@
 //! `Cli` and its subcommands. Each subcommand turns its flags into a recipe configuration,
 //! calls the recipe, and prints its report.
 
+mod bench;
+mod check_device;
 mod collectives;
 mod launch;
 
@@ -27,6 +29,8 @@ use kiln_trainer::report::Verbosity;
 ///   kiln predict --model simple-cnn --weights simple_cnn.safetensors --input x.npy --output logits.npy
 ///   kiln predict --checkpoint runs/finetune --image data/digits/val/7   # top-5 classes per image
 ///   kiln launch --nproc-per-node 2 -- kiln train cnn-mnist   # 2 processes over MPI (feature mpi)
+///   kiln check-device --device cuda:0        # the GPU against the CPU (feature cuda)
+///   kiln bench resnet18 --device cuda:0      # ResNet-18 samples/s on this machine
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, about, verbatim_doc_comment)]
 pub struct Cli {
@@ -79,6 +83,13 @@ enum Command {
     /// Check every collective (all-reduce, broadcast, all-gather, reduce-scatter, barrier)
     /// against closed-form values, and measure all-reduce bandwidth with --bench.
     Collectives(collectives::CollectivesArgs),
+    /// Check a device against a reference with the same weights and inputs: the GPU against
+    /// the CPU, or on the CPU kiln's kernels against Burn's ops (logits and every gradient of
+    /// SimpleCNN and ResNet-18).
+    CheckDevice(check_device::CheckDeviceArgs),
+    /// Measure training and inference throughput (samples/s) on a device, optionally next to
+    /// PyTorch's twin script in the same run.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -154,6 +165,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Launch(args) => return launch::run(&args),
         Command::Collectives(args) => collectives::run(&args, cli.json)?,
+        Command::CheckDevice(args) => check_device::run(&args, cli.json)?,
+        Command::Bench(args) => bench::run(&args, cli.json, cli.quiet)?,
         Command::Eval(args) => {
             let report = kiln_recipes::inference::eval(
                 &model_source(&args.source)?,

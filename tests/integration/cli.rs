@@ -169,6 +169,12 @@ fn missing_cuda_device_is_a_clear_error() {
         "cuda:1000",
     ]);
     assert_clean_failure(&output, &["device cuda:1000: "]);
+    for args in [
+        &["check-device", "--device", "cuda:1000"][..],
+        &["bench", "resnet18", "--device", "cuda:1000"],
+    ] {
+        assert_clean_failure(&kiln(args), &["device cuda:1000: "]);
+    }
     if !cfg!(feature = "cuda") {
         let output = kiln(&[
             "train",

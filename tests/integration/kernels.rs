@@ -1,6 +1,7 @@
 //! Kiln's CPU kernels against Burn's own ops (the reference): forward values and the gradients
 //! of input, weight and bias, within 1e-4, on random shapes with odd sizes, stride 1 and 2,
-//! padding 0 and 1 (and the ResNet stem's 7x7 / 3), 1x1 convolutions and batch 1.
+//! padding 0 and 1 (and the ResNet stem's 7x7 / 3), 1x1 convolutions and batch 1; and
+//! `kiln check-device`, which compares whole models' logits and gradients the same way.
 
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -281,4 +282,37 @@ fn batch_norm_matches_burn_forward_gradients_and_running_statistics() {
     assert!(!kernels::batch_norm_uses_kernels(&bn, &plain));
     let frozen = burn::module::Module::freeze(bn);
     assert!(!kernels::batch_norm_uses_kernels(&frozen, &x));
+}
+
+#[test]
+fn check_device_compares_the_kernels_with_burns_ops_and_can_fail() {
+    let output = crate::common::kiln_ok(&["check-device", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["passed"], true, "{report}");
+    assert_eq!(report["reference"], "the CPU with Burn's ops");
+    // Logits plus one gradient per parameter tensor: SimpleCNN has 8, ResNet-18 62.
+    for (check, tensors) in [
+        ("simple_cnn_train", 9),
+        ("resnet18_train", 63),
+        ("resnet18_eval", 1),
+    ] {
+        let c = &report["checks"][check];
+        assert_eq!(c["tensors"], tensors, "{check}: {c}");
+        assert!(c["max_diff"].as_f64().unwrap() <= 1e-4, "{check}: {c}");
+    }
+    // The kernels sum in another order than Burn's ops: a tolerance below that is a failure.
+    let output = crate::common::kiln(&["check-device", "--tolerance", "1e-12"]);
+    crate::common::assert_clean_failure(
+        &output,
+        &[
+            "differs from the CPU with Burn's ops",
+            "above the tolerance",
+        ],
+    );
 }

@@ -1,10 +1,11 @@
 //! torchvision ResNet-18 weights exported by PyTorch, run through `kiln predict`: the logits
-//! match PyTorch's, and bad files, the wrong model and the wrong class count are clear errors.
+//! match PyTorch's, and bad files, the wrong model and the wrong class count are clear errors;
+//! `kiln bench resnet18` reports its throughput.
 
 use std::path::{Path, PathBuf};
 
 use crate::common::{
-    assert_clean_failure, fixture, kiln, max_abs_diff, npy, repo, resnet18_weights,
+    assert_clean_failure, fixture, kiln, kiln_ok, max_abs_diff, npy, repo, resnet18_weights,
 };
 
 fn resnet_fixture(name: &str) -> PathBuf {
@@ -94,4 +95,34 @@ fn bad_resnet_inputs_are_clear_errors() {
     ]);
     assert_clean_failure(&output, &["3, H, W"]);
     assert!(!out.exists(), "no output is written on failure");
+}
+
+#[test]
+fn bench_reports_samples_per_second_as_json() {
+    let output = kiln_ok(&[
+        "bench",
+        "resnet18",
+        "--only",
+        "train_b32_32",
+        "--rounds",
+        "1",
+        "--reps",
+        "1",
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        report["kiln"]["train_b32_32"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    assert!(report["kiln"].get("train_b8_224").is_none(), "{report}");
+    assert!(report["pytorch"].is_null(), "{report}");
+    let output = kiln(&["bench", "resnet18", "--pytorch", "/nonexistent/twin.py"]);
+    assert_clean_failure(&output, &["--pytorch /nonexistent/twin.py: no such file"]);
 }
