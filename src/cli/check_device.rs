@@ -7,7 +7,10 @@
 //!
 //! Each tensor's difference is measured at its scale: the largest |device - reference| over
 //! max(1, rms(reference)), absolute for tensors of values up to about 1 (the kernels' tests use
-//! the same measure).
+//! the same measure). Weights and inputs come from a fixed seed: two implementations that sum in
+//! different orders can break a max-pool near-tie differently and send a gradient to another
+//! input (with random draws, 1 run in 6 did so here, by 0.05), so each run checks the same
+//! case.
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -36,6 +39,9 @@ pub struct CheckDeviceArgs {
     tolerance: f32,
 }
 
+/// The seed of the checks' random weights and inputs.
+const SEED: u64 = 2024;
+
 /// Logits and gradients of one run, each tensor with its name.
 type Tensors = Vec<(String, Vec<f32>)>;
 
@@ -63,6 +69,10 @@ pub fn run(args: &CheckDeviceArgs, json_output: bool) -> anyhow::Result<()> {
         Ok::<_, anyhow::Error>((reference?, f(&device)?))
     };
 
+    // The same weights and inputs on every run: the differences come from summation order,
+    // and through max-pool a near-tie can send a gradient to another input, so a run that
+    // passes keeps passing.
+    cpu.seed(SEED);
     let images = Tensor::<4>::random([64, 1, 28, 28], Distribution::Default, &cpu).into_data();
     let labels: Vec<i64> = (0..64).map(|i| (i * 7) % 10).collect();
     let simple = SimpleCnnConfig::new().init(&cpu.clone().autodiff(), 7);
