@@ -357,6 +357,16 @@ fn scatter_channels(
     }
 }
 
+/// The first `len` elements of a scratch buffer. A shorter buffer is grown (zero-filled); a
+/// longer one is not shrunk, so that a larger call after a smaller one does not zero-fill it
+/// again: every caller writes the elements before it reads them.
+pub(crate) fn scratch_slice(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
+    &mut buffer[..len]
+}
+
 /// The column matrix (`K x samples*N`) of a group of samples `x` (`[samples, C_in, H, W]`): the
 /// input itself for one sample of a pointwise convolution, else built in `cols`.
 fn group_columns<'a>(s: &Conv2dShape, x: &'a [f32], cols: &'a mut Vec<f32>) -> &'a [f32] {
@@ -366,7 +376,7 @@ fn group_columns<'a>(s: &Conv2dShape, x: &'a [f32], cols: &'a mut Vec<f32>) -> &
     }
     let (k, n) = (s.patch_len(), s.out_plane());
     let width = count * n;
-    cols.resize(k * width, 0.0);
+    let cols = scratch_slice(cols, k * width);
     for (j, xb) in x.chunks_exact(s.input_sample()).enumerate() {
         im2col(s, xb, &mut cols[j * n..], width);
     }
@@ -381,7 +391,7 @@ fn group_grad<'a>(s: &Conv2dShape, grad: &'a [f32], wide: &'a mut Vec<f32>) -> &
         return grad;
     }
     let n = s.out_plane();
-    wide.resize(s.channels_out * count * n, 0.0);
+    let wide = scratch_slice(wide, s.channels_out * count * n);
     gather_channels(grad, s.channels_out, n, wide);
     wide
 }
@@ -466,8 +476,7 @@ pub(crate) fn im2col_forward(
             }
             matmul(dims, og, (n, 1), true, weight, (k, 1), cols, (n, 1), par);
         } else {
-            scratch.wide.resize(s.channels_out * width, 0.0);
-            let wide = &mut scratch.wide;
+            let wide = scratch_slice(&mut scratch.wide, s.channels_out * width);
             matmul(
                 dims,
                 wide,
@@ -524,8 +533,7 @@ pub(crate) fn im2col_backward_input(
             matmul(dims, dxg, (n, 1), true, weight, (1, k), grad, (n, 1), par);
             return;
         }
-        scratch.cols.resize(k * width, 0.0);
-        let dcols = &mut scratch.cols;
+        let dcols = scratch_slice(&mut scratch.cols, k * width);
         matmul(
             dims,
             dcols,

@@ -15,6 +15,7 @@ use burn::backend::{Autodiff, Backend, Bytes, DType, Flex, Shape, backend_extens
 
 use crate::conv::{self, Conv2dShape};
 use crate::norm::{self, NormShape};
+use crate::optim;
 use crate::pool::{self, Pool2dShape};
 
 /// Convolution and max-pool with kiln's CPU kernels (`f32`, NCHW).
@@ -44,13 +45,41 @@ pub trait CpuKernels: Backend {
     fn kiln_batch_norm_stats(x: FloatTensor<Self>) -> FloatTensor<Self>;
 
     /// Training-mode batch norm of `x` with its own batch statistics `stats` (from
-    /// [`CpuKernels::kiln_batch_norm_stats`] of the same `x`): differentiable in `x`, `gamma` and
-    /// `beta`, the gradient of `x` including the path through the statistics.
+    /// [`CpuKernels::kiln_batch_norm_stats`] of the same `x`), then a ReLU when `relu`, in one
+    /// pass: differentiable in `x`, `gamma` and `beta`, the gradient of `x` including the path
+    /// through the statistics.
     fn kiln_batch_norm_train(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         stats: FloatTensor<Self>,
+        relu: bool,
+        epsilon: f64,
+    ) -> FloatTensor<Self>;
+
+    /// One SGD-with-momentum step ([`crate::optim::sgd_momentum`]): the new parameter and
+    /// velocity, written into `param`'s and `velocity`'s buffers when nothing else holds them
+    /// (else into copies). `velocity` is not read on the `first` step. Not differentiable.
+    fn kiln_sgd_momentum(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        velocity: FloatTensor<Self>,
+        lr: f64,
+        momentum: f64,
+        dampening: f64,
+        first: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// [`CpuKernels::kiln_batch_norm_train`] with `residual` (the shape of `x`) added before the
+    /// ReLU, in the same pass: ResNet's `relu(bn(conv(x)) + shortcut)`; differentiable in
+    /// `residual` too.
+    fn kiln_batch_norm_add_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        relu: bool,
         epsilon: f64,
     ) -> FloatTensor<Self>;
 }
@@ -165,6 +194,8 @@ fn norm_forward(
     gamma: FlexTensor,
     beta: FlexTensor,
     stats: &FlexTensor,
+    residual: Option<FlexTensor>,
+    relu: bool,
     epsilon: f64,
 ) -> FlexTensor {
     let s = norm_shape(&x);
@@ -175,6 +206,7 @@ fn norm_forward(
         beta.to_contiguous(),
         stats.clone().to_contiguous(),
     );
+    let residual = residual.map(|r| r.to_contiguous());
     let (mean, var) = stats.storage::<f32>().split_at(s.channels);
     let mut out = vec![0.0f32; s.len()];
     norm::batch_norm_forward(
@@ -185,9 +217,45 @@ fn norm_forward(
         gamma.storage::<f32>(),
         beta.storage::<f32>(),
         epsilon,
+        residual.as_ref().map(|r| r.storage::<f32>()),
+        relu,
         &mut out,
     );
     new_f32(out, shape)
+}
+
+/// `t` contiguous, owning its buffer alone unless something else holds it too.
+fn owned_contiguous(t: FlexTensor) -> FlexTensor {
+    let contiguous = t.to_contiguous();
+    drop(t);
+    contiguous
+}
+
+fn sgd_step(
+    param: FlexTensor,
+    grad: FlexTensor,
+    velocity: FlexTensor,
+    [lr, momentum, dampening]: [f64; 3],
+    first: bool,
+) -> (FlexTensor, FlexTensor) {
+    let mut param = owned_contiguous(param);
+    let grad = owned_contiguous(grad);
+    let mut velocity = if first {
+        let n = param.layout().num_elements();
+        new_f32(vec![0.0; n], param.layout().shape().to_vec())
+    } else {
+        owned_contiguous(velocity)
+    };
+    optim::sgd_momentum(
+        param.storage_mut::<f32>(),
+        grad.storage::<f32>(),
+        velocity.storage_mut::<f32>(),
+        lr as f32,
+        momentum as f32,
+        dampening as f32,
+        first,
+    );
+    (param, velocity)
 }
 
 impl CpuKernels for Flex {
@@ -215,14 +283,39 @@ impl CpuKernels for Flex {
         norm_stats(&x)
     }
 
+    fn kiln_sgd_momentum(
+        param: FlexTensor,
+        grad: FlexTensor,
+        velocity: FlexTensor,
+        lr: f64,
+        momentum: f64,
+        dampening: f64,
+        first: bool,
+    ) -> (FlexTensor, FlexTensor) {
+        sgd_step(param, grad, velocity, [lr, momentum, dampening], first)
+    }
+
     fn kiln_batch_norm_train(
         x: FlexTensor,
         gamma: FlexTensor,
         beta: FlexTensor,
         stats: FlexTensor,
+        relu: bool,
         epsilon: f64,
     ) -> FlexTensor {
-        norm_forward(x, gamma, beta, &stats, epsilon)
+        norm_forward(x, gamma, beta, &stats, None, relu, epsilon)
+    }
+
+    fn kiln_batch_norm_add_train(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        stats: FlexTensor,
+        residual: FlexTensor,
+        relu: bool,
+        epsilon: f64,
+    ) -> FlexTensor {
+        norm_forward(x, gamma, beta, &stats, Some(residual), relu, epsilon)
     }
 }
 
@@ -308,13 +401,78 @@ impl Backward<Flex, 1> for MaxPool2dBackward {
     }
 }
 
-/// Backward step of [`CpuKernels::kiln_batch_norm_train`]: parents are the input, gamma and
-/// beta; the state holds the input and gamma (checkpointed), the statistics and epsilon.
+/// What a batch norm's backward step keeps: the input and gamma (checkpointed), the batch
+/// statistics, epsilon, and with a ReLU the forward's output (its mask).
+#[derive(Debug, Clone)]
+struct NormState {
+    x: NodeId,
+    gamma: NodeId,
+    stats: FlexTensor,
+    epsilon: f64,
+    relu_out: Option<FlexTensor>,
+}
+
+/// The batch norm's backward: gradients of `x`, gamma and beta (parents 0 to 2), and of the
+/// residual (parent 3, when there is one): the ReLU-masked output gradient.
+fn norm_backward<const N: usize>(
+    ops: Ops<NormState, N>,
+    grads: &mut Gradients,
+    checkpointer: &mut Checkpointer,
+) {
+    let [node_x, node_gamma, node_beta] = [0, 1, 2].map(|i| ops.parents[i].clone());
+    let node_residual = ops.parents.get(3).cloned().flatten();
+    let state = ops.state;
+    // Masked in place when it is not shared (else copied first).
+    let mut grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+    let x = checkpointed(checkpointer, state.x);
+    let gamma = checkpointed(checkpointer, state.gamma);
+    let stats = state.stats.to_contiguous();
+    let relu_out = state.relu_out.map(|y| y.to_contiguous());
+    let s = norm_shape(&x);
+    let (mean, var) = stats.storage::<f32>().split_at(s.channels);
+    // Without a residual, the input gradient goes over the output gradient's buffer.
+    let mut grad_x = node_residual.is_some().then(|| vec![0.0f32; s.len()]);
+    let mut grad_gamma = vec![0.0f32; s.channels];
+    let mut grad_beta = vec![0.0f32; s.channels];
+    norm::batch_norm_backward(
+        &s,
+        x.storage::<f32>(),
+        mean,
+        var,
+        gamma.storage::<f32>(),
+        state.epsilon,
+        grad.storage_mut::<f32>(),
+        relu_out.as_ref().map(|y| y.storage::<f32>()),
+        grad_x.as_deref_mut(),
+        &mut grad_gamma,
+        &mut grad_beta,
+    );
+    let shape = x.layout().shape().to_vec();
+    let (grad_x, grad_residual) = match grad_x {
+        Some(dx) => (new_f32(dx, shape), Some(grad)),
+        None => (grad, None),
+    };
+    if let Some(node) = node_x {
+        grads.register::<Flex>(node.id, grad_x);
+    }
+    if let Some(node) = node_gamma {
+        grads.register::<Flex>(node.id, new_f32(grad_gamma, vec![s.channels]));
+    }
+    if let Some(node) = node_beta {
+        grads.register::<Flex>(node.id, new_f32(grad_beta, vec![s.channels]));
+    }
+    if let (Some(node), Some(grad)) = (node_residual, grad_residual) {
+        grads.register::<Flex>(node.id, grad);
+    }
+}
+
+/// Backward step of [`CpuKernels::kiln_batch_norm_train`] without a residual: parents are the
+/// input, gamma and beta.
 #[derive(Debug)]
 struct BatchNormBackward;
 
 impl Backward<Flex, 3> for BatchNormBackward {
-    type State = (NodeId, NodeId, FlexTensor, f64);
+    type State = NormState;
 
     fn backward(
         self,
@@ -322,39 +480,55 @@ impl Backward<Flex, 3> for BatchNormBackward {
         grads: &mut Gradients,
         checkpointer: &mut Checkpointer,
     ) {
-        let [node_x, node_gamma, node_beta] = ops.parents;
-        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
-        let (x_state, gamma_state, stats, epsilon) = ops.state;
-        let x = checkpointed(checkpointer, x_state);
-        let gamma = checkpointed(checkpointer, gamma_state);
-        let stats = stats.to_contiguous();
-        let s = norm_shape(&x);
-        let (mean, var) = stats.storage::<f32>().split_at(s.channels);
-        let mut grad_x = vec![0.0f32; s.len()];
-        let mut grad_gamma = vec![0.0f32; s.channels];
-        let mut grad_beta = vec![0.0f32; s.channels];
-        norm::batch_norm_backward(
-            &s,
-            x.storage::<f32>(),
-            mean,
-            var,
-            gamma.storage::<f32>(),
-            epsilon,
-            grad.storage::<f32>(),
-            &mut grad_x,
-            &mut grad_gamma,
-            &mut grad_beta,
-        );
-        if let Some(node) = node_x {
-            grads.register::<Flex>(node.id, new_f32(grad_x, x.layout().shape().to_vec()));
-        }
-        if let Some(node) = node_gamma {
-            grads.register::<Flex>(node.id, new_f32(grad_gamma, vec![s.channels]));
-        }
-        if let Some(node) = node_beta {
-            grads.register::<Flex>(node.id, new_f32(grad_beta, vec![s.channels]));
-        }
+        norm_backward(ops, grads, checkpointer);
     }
+}
+
+/// Backward step of [`CpuKernels::kiln_batch_norm_train`] with a residual: parents are the
+/// input, gamma, beta and the residual.
+#[derive(Debug)]
+struct BatchNormAddBackward;
+
+impl Backward<Flex, 4> for BatchNormAddBackward {
+    type State = NormState;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 4>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        norm_backward(ops, grads, checkpointer);
+    }
+}
+
+/// The batch norm's forward when tracked: its output and its backward's state (the
+/// checkpointed ids of `x` and gamma given).
+fn norm_forward_tracked(
+    [x, gamma, beta]: [FloatTensor<Autodiff<Flex>>; 3],
+    residual: Option<FloatTensor<Autodiff<Flex>>>,
+    stats: FlexTensor,
+    relu: bool,
+    epsilon: f64,
+    (x_id, gamma_id): (NodeId, NodeId),
+) -> (FlexTensor, NormState) {
+    let out = norm_forward(
+        x.into_primitive(),
+        gamma.into_primitive(),
+        beta.into_primitive(),
+        &stats,
+        residual.map(|r| r.into_primitive()),
+        relu,
+        epsilon,
+    );
+    let state = NormState {
+        x: x_id,
+        gamma: gamma_id,
+        stats,
+        epsilon,
+        relu_out: relu.then(|| out.clone()),
+    };
+    (out, state)
 }
 
 impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
@@ -362,11 +536,34 @@ impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
         <FloatTensor<Self>>::new(norm_stats(x.primitive()))
     }
 
+    fn kiln_sgd_momentum(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        velocity: FloatTensor<Self>,
+        lr: f64,
+        momentum: f64,
+        dampening: f64,
+        first: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (param, velocity) = sgd_step(
+            param.into_primitive(),
+            grad.into_primitive(),
+            velocity.into_primitive(),
+            [lr, momentum, dampening],
+            first,
+        );
+        (
+            <FloatTensor<Self>>::new(param),
+            <FloatTensor<Self>>::new(velocity),
+        )
+    }
+
     fn kiln_batch_norm_train(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         stats: FloatTensor<Self>,
+        relu: bool,
         epsilon: f64,
     ) -> FloatTensor<Self> {
         let stats = stats.into_primitive();
@@ -376,24 +573,58 @@ impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
             .stateful()
         {
             OpsKind::Tracked(mut prep) => {
-                let x_state = prep.checkpoint(&x);
-                let gamma_state = prep.checkpoint(&gamma);
-                let out = norm_forward(
-                    x.into_primitive(),
-                    gamma.into_primitive(),
-                    beta.into_primitive(),
-                    &stats,
+                let (x_id, gamma_id) = (prep.checkpoint(&x), prep.checkpoint(&gamma));
+                let (out, state) = norm_forward_tracked(
+                    [x, gamma, beta],
+                    None,
+                    stats,
+                    relu,
                     epsilon,
+                    (x_id, gamma_id),
                 );
-                prep.finish((x_state, gamma_state, stats, epsilon), out)
+                prep.finish(state, out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(norm_forward(
-                x.into_primitive(),
-                gamma.into_primitive(),
-                beta.into_primitive(),
-                &stats,
-                epsilon,
-            )),
+            OpsKind::UnTracked(prep) => {
+                let [x, gamma, beta] = [x, gamma, beta].map(|t| t.into_primitive());
+                prep.finish(norm_forward(x, gamma, beta, &stats, None, relu, epsilon))
+            }
+        }
+    }
+
+    fn kiln_batch_norm_add_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        relu: bool,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        let stats = stats.into_primitive();
+        match BatchNormAddBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node(), residual.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let (x_id, gamma_id) = (prep.checkpoint(&x), prep.checkpoint(&gamma));
+                let (out, state) = norm_forward_tracked(
+                    [x, gamma, beta],
+                    Some(residual),
+                    stats,
+                    relu,
+                    epsilon,
+                    (x_id, gamma_id),
+                );
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => {
+                let [x, gamma, beta] = [x, gamma, beta].map(|t| t.into_primitive());
+                let residual = Some(residual.into_primitive());
+                prep.finish(norm_forward(
+                    x, gamma, beta, &stats, residual, relu, epsilon,
+                ))
+            }
         }
     }
 

@@ -27,6 +27,7 @@ pub mod conv;
 mod flex;
 pub mod malloc;
 pub mod norm;
+pub mod optim;
 pub mod pool;
 pub mod winograd;
 
@@ -89,7 +90,7 @@ pub fn set_enabled(on: bool) {
 }
 
 /// Whether `x` is an `f32` tensor on Flex, with or without autodiff.
-fn on_flex_f32(x: &Tensor<4>) -> bool {
+fn on_flex_f32<const D: usize>(x: &Tensor<D>) -> bool {
     x.dtype() == DType::F32
         && matches!(
             x.device().as_dispatch().clone().inner(),
@@ -209,8 +210,34 @@ pub fn batch_norm_uses_kernels(bn: &BatchNorm, x: &Tensor<4>) -> bool {
 /// tensor ops. The running statistics are updated as Burn's `BatchNorm` updates them
 /// (momentum-weighted, biased variance). Inference and frozen layers go to `bn.forward`.
 pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
-    if !batch_norm_uses_kernels(bn, &x) {
-        return bn.forward(x);
+    batch_norm_act(bn, x, None, false)
+}
+
+/// `bn.forward(x)`, then `+ residual` when given, then a ReLU when `relu`: ResNet's
+/// `relu(bn(conv(x)))` and `relu(bn(conv(x)) + shortcut)`. In training mode on Flex (see
+/// [`batch_norm_uses_kernels`]) the three are one pass forward and the ReLU's mask and the add
+/// cost nothing extra backward (the residual's gradient is the masked output gradient);
+/// otherwise Burn's ops run them one after the other, with the same values.
+pub fn batch_norm_act(
+    bn: &BatchNorm,
+    x: Tensor<4>,
+    residual: Option<Tensor<4>>,
+    relu: bool,
+) -> Tensor<4> {
+    let fused = batch_norm_uses_kernels(bn, &x)
+        && residual
+            .as_ref()
+            .is_none_or(|r| r.dims() == x.dims() && on_flex_f32(r) && r.device() == x.device());
+    if !fused {
+        let mut out = bn.forward(x);
+        if let Some(r) = residual {
+            out = out + r;
+        }
+        return if relu {
+            burn::tensor::activation::relu(out)
+        } else {
+            out
+        };
     }
     let device = x.device();
     let [_, channels, ..] = x.dims();
@@ -218,13 +245,27 @@ pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
     let stats: Tensor<2> = Tensor::from_dispatch(<Kernels as CpuKernels>::kiln_batch_norm_stats(
         x.clone().into_dispatch(),
     ));
-    let out = Tensor::from_dispatch(<Kernels as CpuKernels>::kiln_batch_norm_train(
+    let (x, gamma, beta, batch_stats) = (
         x.into_dispatch(),
         bn.gamma.val().into_dispatch(),
         bn.beta.val().into_dispatch(),
         stats.clone().into_dispatch(),
-        bn.epsilon,
-    ));
+    );
+    let eps = bn.epsilon;
+    let out = Tensor::from_dispatch(match residual {
+        None => {
+            <Kernels as CpuKernels>::kiln_batch_norm_train(x, gamma, beta, batch_stats, relu, eps)
+        }
+        Some(r) => <Kernels as CpuKernels>::kiln_batch_norm_add_train(
+            x,
+            gamma,
+            beta,
+            batch_stats,
+            r.into_dispatch(),
+            relu,
+            eps,
+        ),
+    });
     let mean = stats.clone().narrow(0, 0, 1).reshape([channels]);
     let var = stats.narrow(0, 1, 1).reshape([channels]);
     let update = |state: &burn::module::RunningState<Tensor<1>>, batch: Tensor<1>| {
@@ -238,6 +279,52 @@ pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
     update(&bn.running_mean, mean);
     update(&bn.running_var, var);
     out
+}
+
+/// One SGD-with-momentum step on a parameter tensor (PyTorch's `SGD(lr, momentum, dampening)`
+/// without weight decay or Nesterov, and Burn's `Sgd` with the same settings): returns the new
+/// parameter and velocity; `velocity` is `None` on the first step (the velocity starts as the
+/// gradient). On Flex with `f32` values it is one parallel pass that updates both in place
+/// ([`optim::sgd_momentum`]); otherwise Burn's tensor ops compute the same formula in the same
+/// order, so both give the same values to the bit.
+pub fn sgd_momentum<const D: usize>(
+    param: Tensor<D>,
+    grad: Tensor<D>,
+    velocity: Option<Tensor<D>>,
+    lr: f64,
+    momentum: f64,
+    dampening: f64,
+) -> (Tensor<D>, Tensor<D>) {
+    let fits = enabled()
+        && on_flex_f32(&param)
+        && on_flex_f32(&grad)
+        && grad.dims() == param.dims()
+        && velocity
+            .as_ref()
+            .is_none_or(|v| on_flex_f32(v) && v.dims() == param.dims())
+        && !param.device().is_autodiff();
+    if !fits {
+        let velocity = match velocity {
+            Some(v) => grad.mul_scalar(1.0 - dampening).add(v.mul_scalar(momentum)),
+            None => grad,
+        };
+        return (param - velocity.clone().mul_scalar(lr), velocity);
+    }
+    let first = velocity.is_none();
+    let velocity = velocity.unwrap_or_else(|| grad.clone());
+    let (param, velocity) = <burn::backend::Dispatch as CpuKernels>::kiln_sgd_momentum(
+        param.into_dispatch(),
+        grad.into_dispatch(),
+        velocity.into_dispatch(),
+        lr,
+        momentum,
+        dampening,
+        first,
+    );
+    (
+        Tensor::from_dispatch(param),
+        Tensor::from_dispatch(velocity),
+    )
 }
 
 /// Deterministic test data shared by the kernels' unit tests.

@@ -26,7 +26,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::Switch;
-use crate::conv::{Conv2dShape, Scratch, matmul, with_scratch};
+use crate::conv::{Conv2dShape, Scratch, matmul, scratch_slice, with_scratch};
 
 /// Fewer channels than this make the 16 GEMMs too thin to pay for the transforms; im2col handles
 /// those. Measured (`cargo bench --bench conv_kernels`): SimpleCNN's 32 -> 64 convolution at
@@ -123,9 +123,9 @@ impl Tiles {
 /// `U` for every output/input channel pair of a layer's weights (`[C_out][C_in][3][3]`), as
 /// `[16][C_out][C_in]`; with `flip`, of the kernels rotated by 180 degrees (the input
 /// gradient's).
-fn transform_weights(c_out: usize, c_in: usize, weight: &[f32], flip: bool, u: &mut Vec<f32>) {
+fn transform_weights(c_out: usize, c_in: usize, weight: &[f32], flip: bool, u: &mut [f32]) {
     let plane = c_out * c_in;
-    u.resize(POSITIONS * plane, 0.0);
+    assert_eq!(u.len(), POSITIONS * plane, "transformed weights length");
     for (oi, kernel) in weight.chunks_exact(9).enumerate() {
         let w: [f32; 9] = std::array::from_fn(|e| kernel[if flip { 8 - e } else { e }]);
         // G g: 4x3.
@@ -158,12 +158,13 @@ thread_local! {
 fn with_weights<R>(weight: &[f32], s: &Conv2dShape, flip: bool, f: impl FnOnce(&[f32]) -> R) -> R {
     let (c_out, c_in) = (s.channels_out, s.channels_in);
     WEIGHTS.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut u) => {
-            transform_weights(c_out, c_in, weight, flip, &mut u);
-            f(&u)
+        Ok(mut buffer) => {
+            let u = scratch_slice(&mut buffer, POSITIONS * c_out * c_in);
+            transform_weights(c_out, c_in, weight, flip, u);
+            f(u)
         }
         Err(_) => {
-            let mut u = Vec::new();
+            let mut u = vec![0.0; POSITIONS * c_out * c_in];
             transform_weights(c_out, c_in, weight, flip, &mut u);
             f(&u)
         }
@@ -350,9 +351,9 @@ fn chunk_buffers<'a>(
     tiles: usize,
     scratch: &'a mut Scratch,
 ) -> (&'a mut [f32], &'a mut [f32], &'a mut Vec<f32>) {
-    scratch.cols.resize(POSITIONS * s.channels_in * tiles, 0.0);
-    scratch.wide.resize(POSITIONS * s.channels_out * tiles, 0.0);
     let Scratch { cols, wide, band } = scratch;
+    let cols = scratch_slice(cols, POSITIONS * s.channels_in * tiles);
+    let wide = scratch_slice(wide, POSITIONS * s.channels_out * tiles);
     (cols, wide, band)
 }
 

@@ -225,50 +225,72 @@ fn batch_norm(gamma: &Tensor<1>, beta: &Tensor<1>) -> BatchNorm {
 
 #[test]
 fn batch_norm_matches_burn_forward_gradients_and_running_statistics() {
+    // (residual added, ReLU after): the plain batch norm, and ResNet's fused
+    // relu(bn(x)) and relu(bn(x) + shortcut).
+    let variants = [(false, false), (false, true), (true, true)];
     for shape in [[2, 3, 5, 7], [1, 4, 3, 3], [8, 16, 6, 6], [3, 2, 1, 1]] {
-        let channels = shape[1];
-        let x = (random(shape) * 3.0 + 1.0).detach();
-        let gamma = random([channels]);
-        let beta = random([channels]);
-        let r = random(shape);
-        let run = |fast: bool| {
-            let bn = batch_norm(&gamma, &beta);
-            let x = x.clone().require_grad();
-            assert!(kernels::batch_norm_uses_kernels(&bn, &x));
-            // Two steps, so the running statistics are updated from non-initial values.
-            let mut outputs = Vec::new();
-            let mut grads = Vec::new();
-            for step in 0..2 {
-                let xs = x.clone() + step as f32;
-                let y = if fast {
-                    kernels::batch_norm(&bn, xs)
-                } else {
-                    bn.forward(xs)
-                };
-                let g = (y.clone() * r.clone()).sum().backward();
-                grads.push((
-                    x.grad(&g).expect("input gradient"),
-                    bn.gamma.grad(&g).expect("gamma gradient"),
-                    bn.beta.grad(&g).expect("beta gradient"),
-                ));
-                outputs.push(y.detach());
+        for (with_residual, relu) in variants {
+            let channels = shape[1];
+            let x = (random(shape) * 3.0 + 1.0).detach();
+            let shortcut = random(shape).detach();
+            let gamma = random([channels]);
+            let beta = random([channels]);
+            let r = random(shape);
+            let run = |fast: bool| {
+                let bn = batch_norm(&gamma, &beta);
+                let x = x.clone().require_grad();
+                let shortcut = shortcut.clone().require_grad();
+                assert!(kernels::batch_norm_uses_kernels(&bn, &x));
+                // Two steps, so the running statistics are updated from non-initial values.
+                let mut outputs = Vec::new();
+                let mut grads = Vec::new();
+                for step in 0..2 {
+                    let xs = x.clone() + step as f32;
+                    let residual = with_residual.then(|| shortcut.clone());
+                    let y = if fast {
+                        kernels::batch_norm_act(&bn, xs, residual, relu)
+                    } else {
+                        let mut y = bn.forward(xs);
+                        if let Some(residual) = residual {
+                            y = y + residual;
+                        }
+                        if relu {
+                            y = burn::tensor::activation::relu(y);
+                        }
+                        y
+                    };
+                    let g = (y.clone() * r.clone()).sum().backward();
+                    grads.push((
+                        x.grad(&g).expect("input gradient"),
+                        bn.gamma.grad(&g).expect("gamma gradient"),
+                        bn.beta.grad(&g).expect("beta gradient"),
+                        shortcut.grad(&g),
+                    ));
+                    outputs.push(y.detach());
+                }
+                let running = (bn.running_mean.value(), bn.running_var.value());
+                (outputs, grads, running)
+            };
+            let (y, grads, (mean, var)) = run(true);
+            let (y_ref, grads_ref, (mean_ref, var_ref)) = run(false);
+            let name = format!("{shape:?}, residual {with_residual}, relu {relu}");
+            for (a, b) in y.into_iter().zip(y_ref) {
+                assert_close(&format!("{name} output"), a, b);
             }
-            let running = (bn.running_mean.value(), bn.running_var.value());
-            (outputs, grads, running)
-        };
-        let (y, grads, (mean, var)) = run(true);
-        let (y_ref, grads_ref, (mean_ref, var_ref)) = run(false);
-        let name = format!("{shape:?}");
-        for (a, b) in y.into_iter().zip(y_ref) {
-            assert_close(&format!("{name} output"), a, b);
+            for ((dx, dg, db, ds), (dx_ref, dg_ref, db_ref, ds_ref)) in
+                grads.into_iter().zip(grads_ref)
+            {
+                assert_close(&format!("{name} input gradient"), dx, dx_ref);
+                assert_close(&format!("{name} gamma gradient"), dg, dg_ref);
+                assert_close(&format!("{name} beta gradient"), db, db_ref);
+                assert_eq!(ds.is_some(), with_residual, "{name}: residual gradient");
+                if let (Some(ds), Some(ds_ref)) = (ds, ds_ref) {
+                    assert_close(&format!("{name} residual gradient"), ds, ds_ref);
+                }
+            }
+            assert_close(&format!("{name} running mean"), mean, mean_ref);
+            assert_close(&format!("{name} running variance"), var, var_ref);
         }
-        for ((dx, dg, db), (dx_ref, dg_ref, db_ref)) in grads.into_iter().zip(grads_ref) {
-            assert_close(&format!("{name} input gradient"), dx, dx_ref);
-            assert_close(&format!("{name} gamma gradient"), dg, dg_ref);
-            assert_close(&format!("{name} beta gradient"), db, db_ref);
-        }
-        assert_close(&format!("{name} running mean"), mean, mean_ref);
-        assert_close(&format!("{name} running variance"), var, var_ref);
     }
     // Frozen layers and inference devices go to Burn.
     let bn = batch_norm(&random([3]), &random([3]));

@@ -25,17 +25,31 @@ pub(crate) fn norm(features: usize, device: &Device) -> BatchNorm {
     BatchNormConfig::new(features).init(device)
 }
 
-/// `bn(conv(x))`, the convolution through kiln's CPU kernels. Without autodiff (inference), the
-/// batch norm uses its running statistics and is folded into the convolution: weights times
-/// `s = gamma / sqrt(running_var + eps)` and bias `beta - running_mean * s`, so the
-/// activations are written once instead of once more per batch-norm step. On an autodiff
-/// device the two layers run as they are (batch statistics in training, through kiln's batch-norm
-/// kernels; running statistics when the layer is frozen, with gradients through the convolution
-/// untouched).
+/// `bn(conv(x))`, the convolution through kiln's CPU kernels; see [`conv_bn_act`].
 pub(crate) fn conv_bn(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    conv_bn_act(conv, bn, x, None, None)
+}
+
+/// `relu(bn(conv(x)) + residual)`, the add and the ReLU each when given, the convolution
+/// through kiln's CPU kernels.
+///
+/// On an autodiff device (training) the batch norm runs through `kiln_kernels::batch_norm_act`:
+/// batch statistics in training mode, and on Flex the add and the ReLU inside the batch norm's
+/// own pass, forward and backward. Without autodiff (inference), the batch norm uses its
+/// running statistics and is folded into the convolution: weights times
+/// `s = gamma / sqrt(running_var + eps)` and bias `beta - running_mean * s`, so the activations
+/// are written once instead of once more per batch-norm step; the add and the ReLU follow.
+pub(crate) fn conv_bn_act(
+    conv: &Conv2d,
+    bn: &BatchNorm,
+    x: Tensor<4>,
+    residual: Option<Tensor<4>>,
+    relu: Option<&Relu>,
+) -> Tensor<4> {
     let device = x.device();
     if device.is_autodiff() {
-        return kiln_kernels::batch_norm(bn, kiln_kernels::conv2d(conv, x));
+        let y = kiln_kernels::conv2d(conv, x);
+        return kiln_kernels::batch_norm_act(bn, y, residual, relu.is_some());
     }
     let [c_out, ..] = conv.weight.dims();
     let mean = bn.running_mean.value().to_device(&device);
@@ -51,7 +65,14 @@ pub(crate) fn conv_bn(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> 
         bias: Some(Param::from_tensor(shift)),
         ..conv.clone()
     };
-    kiln_kernels::conv2d(&folded, x)
+    let mut out = kiln_kernels::conv2d(&folded, x);
+    if let Some(r) = residual {
+        out = out + r;
+    }
+    match relu {
+        Some(relu) => relu.forward(out),
+        None => out,
+    }
 }
 
 /// The shortcut of a block that changes resolution or width: a strided 1x1 convolution and a
@@ -124,9 +145,9 @@ impl BasicBlock {
     /// `relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let identity = shortcut(self.downsample.as_ref(), x.clone());
-        let out = self.relu.forward(conv_bn(&self.conv1, &self.bn1, x));
-        let out = conv_bn(&self.conv2, &self.bn2, out);
-        self.relu.forward(out + identity)
+        let relu = Some(&self.relu);
+        let out = conv_bn_act(&self.conv1, &self.bn1, x, None, relu);
+        conv_bn_act(&self.conv2, &self.bn2, out, Some(identity), relu)
     }
 }
 
@@ -171,10 +192,10 @@ impl Bottleneck {
     /// The bottleneck residual.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let identity = shortcut(self.downsample.as_ref(), x.clone());
-        let out = self.relu.forward(conv_bn(&self.conv1, &self.bn1, x));
-        let out = self.relu.forward(conv_bn(&self.conv2, &self.bn2, out));
-        let out = conv_bn(&self.conv3, &self.bn3, out);
-        self.relu.forward(out + identity)
+        let relu = Some(&self.relu);
+        let out = conv_bn_act(&self.conv1, &self.bn1, x, None, relu);
+        let out = conv_bn_act(&self.conv2, &self.bn2, out, None, relu);
+        conv_bn_act(&self.conv3, &self.bn3, out, Some(identity), relu)
     }
 }
 

@@ -174,9 +174,10 @@ impl ResNet {
     }
 }
 
-/// The stem: `maxpool(relu(bn1(conv1(x))))`, computed as `relu(maxpool(...))`: max-pool and
-/// ReLU commute (gradients included: ReLU's is zero wherever the two orders pick different
-/// inputs), and the pooled map is a quarter of the size.
+/// The stem: `maxpool(relu(bn1(conv1(x))))`. In training on Flex the ReLU runs inside the batch
+/// norm's pass (kiln's kernels: no pass of its own); otherwise it is computed as
+/// `relu(maxpool(...))`: max-pool and ReLU commute (gradients included: ReLU's is zero wherever
+/// the two orders pick different inputs), and the pooled map is a quarter of the size.
 fn stem(
     conv1: &Conv2d,
     bn1: &BatchNorm,
@@ -184,6 +185,15 @@ fn stem(
     relu: &Relu,
     x: Tensor<4>,
 ) -> Tensor<4> {
+    if x.device().is_autodiff() {
+        let y = kiln_kernels::conv2d(conv1, x);
+        if kiln_kernels::batch_norm_uses_kernels(bn1, &y) {
+            let y = kiln_kernels::batch_norm_act(bn1, y, None, true);
+            return kiln_kernels::max_pool2d(maxpool, y);
+        }
+        let y = kiln_kernels::batch_norm(bn1, y);
+        return relu.forward(kiln_kernels::max_pool2d(maxpool, y));
+    }
     let x = block::conv_bn(conv1, bn1, x);
     relu.forward(kiln_kernels::max_pool2d(maxpool, x))
 }
