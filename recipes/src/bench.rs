@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::GradientsParams;
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use kiln_models::{ResNet, ResNetDepth};
 use kiln_trainer::TrainerConfig;
@@ -51,9 +51,12 @@ pub struct ResNetWorkload {
     pub side: usize,
 }
 
-/// A ResNet-18 (1,000 classes, random weights) that runs [`ResNetWorkload`]s on one device.
+/// A ResNet-18 (1,000 classes, random weights) that runs [`ResNetWorkload`]s on one device,
+/// training with one SGD-with-momentum optimizer throughout (its velocities kept from step to
+/// step, as PyTorch's twin keeps them).
 pub struct ResNetBench {
     model: Option<ResNet>,
+    optimizer: ModuleOptimizer,
     device: Device,
 }
 
@@ -63,6 +66,7 @@ impl ResNetBench {
         let device = device.clone().autodiff();
         Self {
             model: Some(ResNet::new(ResNetDepth::R18, 1000, &device)),
+            optimizer: TrainerConfig::default().optimizer(),
             device,
         }
     }
@@ -84,7 +88,6 @@ impl ResNetBench {
         let labels: Vec<i64> = (0..batch as i64).map(|i| (i * 37) % 1000).collect();
         let targets = Tensor::<1, Int>::from_data(TensorData::new(labels, [batch]), device);
         let loss_fn = CrossEntropyLossConfig::new().init(device);
-        let mut optimizer = TrainerConfig::default().optimizer();
         let start = Instant::now();
         let current = self
             .model
@@ -92,7 +95,7 @@ impl ResNetBench {
             .expect("the model is put back after every step");
         let loss = loss_fn.forward(current.forward(images), targets);
         let grads = GradientsParams::from_grads(loss.backward(), &current);
-        let next = optimizer.step(0.01, current, grads);
+        let next = self.optimizer.step(0.01, current, grads);
         // Wait for the new parameters, not only for the graph (GPUs run asynchronously).
         let _ = next.fc.weight.val().into_data();
         self.model = Some(next);

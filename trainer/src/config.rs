@@ -1,5 +1,4 @@
-use burn::optim::momentum::MomentumConfig;
-use burn::optim::{ModuleOptimizer, SgdConfig};
+use burn::optim::ModuleOptimizer;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
@@ -52,15 +51,13 @@ impl Default for TrainerConfig {
 
 impl TrainerConfig {
     /// The optimizer the trainer runs: SGD with `momentum` (no dampening, not Nesterov, no
-    /// weight decay), as PyTorch's `SGD(lr, momentum)`.
+    /// weight decay), as PyTorch's `SGD(lr, momentum)`; kiln's [`Sgd`](crate::optim::Sgd), which
+    /// computes what Burn's `Sgd` does, in one in-place pass per parameter on the CPU.
     pub fn optimizer(&self) -> ModuleOptimizer {
-        SgdConfig::new()
-            .with_momentum(Some(MomentumConfig {
-                momentum: self.momentum,
-                dampening: 0.0,
-                nesterov: false,
-            }))
-            .init()
+        ModuleOptimizer::from(crate::optim::Sgd {
+            momentum: self.momentum,
+            dampening: 0.0,
+        })
     }
 
     /// Checks every field, naming the flag of the first bad one.

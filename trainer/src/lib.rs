@@ -5,6 +5,8 @@
 //! - [`train`]: [`Trainer`] (the one epoch loop: SGD with momentum, evaluation, checkpoint
 //!   after every epoch, exact resume) and [`evaluate`];
 //! - [`checkpoint`]: the checkpoint format (atomic, checksummed) and how runs find them;
+//! - [`optim`]: the SGD-with-momentum optimizer the trainer runs (Burn's, through kiln's CPU
+//!   kernel);
 //! - [`report`]: progress on stderr and `metrics.jsonl`.
 //!
 //! Shuffling goes through [`kiln_multi::DistributedSampler`], so single-device runs use the
@@ -15,6 +17,7 @@ pub mod checkpoint;
 mod config;
 pub mod data;
 mod error;
+pub mod optim;
 pub mod report;
 pub mod train;
 
