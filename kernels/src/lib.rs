@@ -9,8 +9,11 @@
 //! training mode), run kiln's kernels instead: im2col + packed GEMM forward and backward
 //! ([`conv`]), Winograd F(2x2, 3x3) for the stride-1 3x3 layers where it pays ([`winograd`]), a
 //! direct 2-D max-pool with `u32` winner offsets ([`pool`]) and a few-pass batch norm
-//! ([`norm`]). Anything else, and every other backend (CUDA included), goes through the module's
-//! own `forward`, so callers never need to check.
+//! ([`norm`]; [`batch_norm_act`] also adds a residual and applies a ReLU in the same pass).
+//! Anything else, and every other backend (CUDA included), goes through the module's own
+//! `forward`, so callers never need to check. [`sgd_momentum`] is the optimizer step the trainer
+//! runs: one in-place parallel pass per parameter on Flex ([`optim`]), Burn's tensor ops
+//! elsewhere, the same values either way.
 //!
 //! The fast path is on by default; [`set_enabled`] (or `KILN_CPU_KERNELS=burn` in the
 //! environment) switches every call back to Burn's ops, which is how the benchmarks compare the
