@@ -466,35 +466,17 @@ fn norm_backward<const N: usize>(
     }
 }
 
-/// Backward step of [`CpuKernels::kiln_batch_norm_train`] without a residual: parents are the
-/// input, gamma and beta.
+/// Backward step of [`CpuKernels::kiln_batch_norm_train`] (parents: the input, gamma and
+/// beta) and [`CpuKernels::kiln_batch_norm_add_train`] (the residual too).
 #[derive(Debug)]
 struct BatchNormBackward;
 
-impl Backward<Flex, 3> for BatchNormBackward {
+impl<const N: usize> Backward<Flex, N> for BatchNormBackward {
     type State = NormState;
 
     fn backward(
         self,
-        ops: Ops<Self::State, 3>,
-        grads: &mut Gradients,
-        checkpointer: &mut Checkpointer,
-    ) {
-        norm_backward(ops, grads, checkpointer);
-    }
-}
-
-/// Backward step of [`CpuKernels::kiln_batch_norm_train`] with a residual: parents are the
-/// input, gamma, beta and the residual.
-#[derive(Debug)]
-struct BatchNormAddBackward;
-
-impl Backward<Flex, 4> for BatchNormAddBackward {
-    type State = NormState;
-
-    fn backward(
-        self,
-        ops: Ops<Self::State, 4>,
+        ops: Ops<Self::State, N>,
         grads: &mut Gradients,
         checkpointer: &mut Checkpointer,
     ) {
@@ -601,7 +583,7 @@ impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
         epsilon: f64,
     ) -> FloatTensor<Self> {
         let stats = stats.into_primitive();
-        match BatchNormAddBackward
+        match BatchNormBackward
             .prepare::<C>([x.node(), gamma.node(), beta.node(), residual.node()])
             .compute_bound()
             .stateful()

@@ -309,13 +309,7 @@ fn batch_norm_matches_burn_forward_gradients_and_running_statistics() {
 #[test]
 fn check_device_compares_the_kernels_with_burns_ops_and_can_fail() {
     let output = crate::common::kiln_ok(&["check-device", "--json"]);
-    let report: serde_json::Value = serde_json::from_str(
-        String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .last()
-            .unwrap(),
-    )
-    .unwrap();
+    let report = crate::common::last_json(&output);
     assert_eq!(report["passed"], true, "{report}");
     assert_eq!(report["reference"], "the CPU with Burn's ops");
     // Logits plus one gradient per parameter tensor: SimpleCNN has 8, ResNet-18 62.

@@ -110,13 +110,7 @@ fn bench_reports_samples_per_second_as_json() {
         "1",
         "--json",
     ]);
-    let report: serde_json::Value = serde_json::from_str(
-        String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .last()
-            .unwrap(),
-    )
-    .unwrap();
+    let report = crate::common::last_json(&output);
     assert!(
         report["kiln"]["train_b32_32"].as_f64().unwrap() > 0.0,
         "{report}"
