@@ -1,7 +1,8 @@
 //! ResNet-18 on the CPU next to PyTorch: training steps (SGD momentum, cross-entropy) at batch
 //! 8 x 224x224 and batch 32 x 32x32, and inference at batch 32 x 224x224, in samples/s, with
 //! kiln's CPU kernels, with im2col in place of Winograd, with glibc's default malloc settings,
-//! and (`burn_ops`) with Burn's own ops, A/B in each round. When PyTorch and torchvision are
+//! and (`burn_ops`) with Burn's own ops, A/B in each round (in turn: each mode runs first in
+//! some rounds). When PyTorch and torchvision are
 //! installed, benches/resnet_pytorch.py (2 threads) runs after each kiln round, alternating;
 //! medians over rounds. Prints one JSON object with the ratios. The workloads are
 //! `kiln_recipes::bench`'s, which `kiln bench resnet18` runs too (on GPUs as well).
@@ -68,7 +69,12 @@ fn main() {
         }
     }
     for round in 0..rounds {
-        for (mode, times) in modes.iter().zip(&mut runs) {
+        // The modes take turns at running first after PyTorch's round: the first one measured
+        // fastest in every run while the order was fixed.
+        let mut order: Vec<usize> = (0..modes.len()).collect();
+        order.rotate_left(round % modes.len());
+        for i in order {
+            let (mode, times) = (&modes[i], &mut runs[i]);
             set_mode(mode);
             for _ in 0..reps {
                 for (workload, figures) in RESNET_WORKLOADS.iter().zip(times.iter_mut()) {
