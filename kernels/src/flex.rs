@@ -484,33 +484,38 @@ impl<const N: usize> Backward<Flex, N> for BatchNormBackward {
     }
 }
 
-/// The batch norm's forward when tracked: its output and its backward's state (the
-/// checkpointed ids of `x` and gamma given).
-fn norm_forward_tracked(
-    [x, gamma, beta]: [FloatTensor<Autodiff<Flex>>; 3],
-    residual: Option<FloatTensor<Autodiff<Flex>>>,
+/// Runs a batch norm prepared with its parents (`x`, gamma, beta, and the residual when there is
+/// one): when tracked, checkpoints `x` and gamma and keeps the statistics, epsilon and (with a
+/// ReLU) the output for [`BatchNormBackward`].
+fn batch_norm_op<C: CheckpointStrategy, const N: usize>(
+    kind: OpsKind<BatchNormBackward, Flex, NormState, C, N>,
+    [x, gamma, beta]: [FloatTensor<Autodiff<Flex, C>>; 3],
+    residual: Option<FloatTensor<Autodiff<Flex, C>>>,
     stats: FlexTensor,
     relu: bool,
     epsilon: f64,
-    (x_id, gamma_id): (NodeId, NodeId),
-) -> (FlexTensor, NormState) {
-    let out = norm_forward(
-        x.into_primitive(),
-        gamma.into_primitive(),
-        beta.into_primitive(),
-        &stats,
-        residual.map(|r| r.into_primitive()),
-        relu,
-        epsilon,
-    );
-    let state = NormState {
-        x: x_id,
-        gamma: gamma_id,
-        stats,
-        epsilon,
-        relu_out: relu.then(|| out.clone()),
+) -> FloatTensor<Autodiff<Flex, C>> {
+    type Input<C> = FloatTensor<Autodiff<Flex, C>>;
+    let forward = |tensors: [Input<C>; 3], residual: Option<Input<C>>| {
+        let [x, gamma, beta] = tensors.map(|t| t.into_primitive());
+        let residual = residual.map(|r| r.into_primitive());
+        norm_forward(x, gamma, beta, &stats, residual, relu, epsilon)
     };
-    (out, state)
+    match kind {
+        OpsKind::Tracked(mut prep) => {
+            let (x_id, gamma_id) = (prep.checkpoint(&x), prep.checkpoint(&gamma));
+            let out = forward([x, gamma, beta], residual);
+            let state = NormState {
+                x: x_id,
+                gamma: gamma_id,
+                relu_out: relu.then(|| out.clone()),
+                stats: stats.clone(),
+                epsilon,
+            };
+            prep.finish(state, out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward([x, gamma, beta], residual)),
+    }
 }
 
 impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
@@ -548,29 +553,12 @@ impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
         relu: bool,
         epsilon: f64,
     ) -> FloatTensor<Self> {
-        let stats = stats.into_primitive();
-        match BatchNormBackward
+        let kind = BatchNormBackward
             .prepare::<C>([x.node(), gamma.node(), beta.node()])
             .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let (x_id, gamma_id) = (prep.checkpoint(&x), prep.checkpoint(&gamma));
-                let (out, state) = norm_forward_tracked(
-                    [x, gamma, beta],
-                    None,
-                    stats,
-                    relu,
-                    epsilon,
-                    (x_id, gamma_id),
-                );
-                prep.finish(state, out)
-            }
-            OpsKind::UnTracked(prep) => {
-                let [x, gamma, beta] = [x, gamma, beta].map(|t| t.into_primitive());
-                prep.finish(norm_forward(x, gamma, beta, &stats, None, relu, epsilon))
-            }
-        }
+            .stateful();
+        let stats = stats.into_primitive();
+        batch_norm_op(kind, [x, gamma, beta], None, stats, relu, epsilon)
     }
 
     fn kiln_batch_norm_add_train(
@@ -582,32 +570,12 @@ impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
         relu: bool,
         epsilon: f64,
     ) -> FloatTensor<Self> {
-        let stats = stats.into_primitive();
-        match BatchNormBackward
+        let kind = BatchNormBackward
             .prepare::<C>([x.node(), gamma.node(), beta.node(), residual.node()])
             .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let (x_id, gamma_id) = (prep.checkpoint(&x), prep.checkpoint(&gamma));
-                let (out, state) = norm_forward_tracked(
-                    [x, gamma, beta],
-                    Some(residual),
-                    stats,
-                    relu,
-                    epsilon,
-                    (x_id, gamma_id),
-                );
-                prep.finish(state, out)
-            }
-            OpsKind::UnTracked(prep) => {
-                let [x, gamma, beta] = [x, gamma, beta].map(|t| t.into_primitive());
-                let residual = Some(residual.into_primitive());
-                prep.finish(norm_forward(
-                    x, gamma, beta, &stats, residual, relu, epsilon,
-                ))
-            }
-        }
+            .stateful();
+        let stats = stats.into_primitive();
+        batch_norm_op(kind, [x, gamma, beta], Some(residual), stats, relu, epsilon)
     }
 
     fn kiln_conv2d(
