@@ -6,6 +6,10 @@
 //! - input gradient: `dcols_b = W^T @ dy_b`, scattered back by col2im;
 //! - weight gradient: `dW = sum_b dy_b @ cols_b^T`, bias gradient `sum_b rowsum(dy_b)`.
 //!
+//! Kernel taps that never reach the input (a 3x3 kernel with padding 1 over a 1x1 plane uses
+//! its centre only) are cut before any of these (`TapCrop`): the products they would add are all
+//! with zero padding.
+//!
 //! Burn's generic backward (what Flex runs) computes the weight gradient as a convolution of
 //! the batch-transposed input with the batch-transposed output gradient as kernel, and the input
 //! gradient as a transposed convolution; both copy whole tensors to swap dimensions and run
@@ -429,6 +433,102 @@ pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     })
 }
 
+/// The taps of a kernel that touch the input for at least one output position, when they are
+/// fewer than the whole kernel: a 3x3 kernel with padding 1 over a 1x1 plane (ResNet's layer4 at
+/// 32x32 input) reads the input with its centre tap only, so im2col would multiply 8 rows of
+/// zeros for every row of data. The convolution is then the same as one with the kernel cut to
+/// those taps and the padding reduced to match, which computes no product that is not already in
+/// the full one (the skipped taps only ever multiply zero padding).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct TapCrop {
+    /// The convolution with the cut kernel; same input and output sizes.
+    shape: Conv2dShape,
+    /// The kept taps along height and width, in the full kernel.
+    taps: [std::ops::Range<usize>; 2],
+}
+
+impl TapCrop {
+    /// The crop of `s`, or `None` when every tap reads the input somewhere.
+    fn of(s: &Conv2dShape) -> Option<Self> {
+        let (outs, inputs) = ([s.out_height(), s.out_width()], [s.height, s.width]);
+        let taps: [std::ops::Range<usize>; 2] = std::array::from_fn(|d| {
+            let used = |t: &usize| {
+                !valid_outputs(outs[d], s.stride[d], *t, s.padding[d], inputs[d]).is_empty()
+            };
+            let first = (0..s.kernel[d]).find(used).unwrap_or(0);
+            let last = (0..s.kernel[d]).rev().find(used).unwrap_or(0);
+            first..last + 1
+        });
+        if taps[0].len() == s.kernel[0] && taps[1].len() == s.kernel[1] {
+            return None;
+        }
+        // Tap `t` of the cut kernel is tap `t + first` of the full one: the input position
+        // `o * stride + t + first - pad` is unchanged with the padding reduced by `first`.
+        if taps[0].start > s.padding[0] || taps[1].start > s.padding[1] {
+            return None;
+        }
+        let shape = Conv2dShape {
+            kernel: [taps[0].len(), taps[1].len()],
+            padding: [s.padding[0] - taps[0].start, s.padding[1] - taps[1].start],
+            ..*s
+        };
+        let same_outputs = shape.is_valid()
+            && shape.out_height() == s.out_height()
+            && shape.out_width() == s.out_width();
+        same_outputs.then_some(TapCrop { shape, taps })
+    }
+
+    /// The kept taps of `weight` (`C_out x C_in x KH x KW` in the full shape `s`).
+    fn cut(&self, s: &Conv2dShape, weight: &[f32]) -> Vec<f32> {
+        let [kh, kw] = s.kernel;
+        let [rows, cols] = self.taps.clone();
+        let kept = rows.len() * cols.len();
+        let mut cut = vec![0.0; self.shape.weight_len()];
+        // One output channel's filters per task: a 512-channel layer reads 9 MB here.
+        cut.par_chunks_mut(s.channels_in * kept)
+            .zip(weight.par_chunks(s.channels_in * kh * kw))
+            .for_each(|(dst, src)| {
+                for (d, filter) in dst.chunks_exact_mut(kept).zip(src.chunks_exact(kh * kw)) {
+                    let mut d = d.iter_mut();
+                    for ki in rows.clone() {
+                        for kj in cols.clone() {
+                            if let Some(d) = d.next() {
+                                *d = filter[ki * kw + kj];
+                            }
+                        }
+                    }
+                }
+            });
+        cut
+    }
+
+    /// Writes the cut kernel's `grad` into the full shape's `grad_weight`, zeros at the skipped
+    /// taps (they never meet the input, so their gradient is exactly zero).
+    fn uncut(&self, s: &Conv2dShape, grad: &[f32], grad_weight: &mut [f32]) {
+        let [kh, kw] = s.kernel;
+        let [rows, cols] = self.taps.clone();
+        let kept = rows.len() * cols.len();
+        // Where each tap of the full kernel is in the cut one.
+        let source: Vec<Option<usize>> = (0..kh * kw)
+            .map(|tap| {
+                let (ki, kj) = (tap / kw, tap % kw);
+                (rows.contains(&ki) && cols.contains(&kj))
+                    .then(|| (ki - rows.start) * cols.len() + kj - cols.start)
+            })
+            .collect();
+        grad_weight
+            .par_chunks_mut(s.channels_in * kh * kw)
+            .zip(grad.par_chunks(s.channels_in * kept))
+            .for_each(|(dst, src)| {
+                for (full, cut) in dst.chunks_exact_mut(kh * kw).zip(src.chunks_exact(kept)) {
+                    for (d, from) in full.iter_mut().zip(&source) {
+                        *d = from.map_or(0.0, |i| cut[i]);
+                    }
+                }
+            });
+    }
+}
+
 /// Forward convolution: `out` (`B x C_out x OH x OW`) from `x` (`B x C_in x H x W`), `weight`
 /// (`C_out x C_in x KH x KW`) and an optional `bias` (`C_out`).
 pub fn conv2d_forward(
@@ -442,7 +542,9 @@ pub fn conv2d_forward(
     if let Some(bias) = bias {
         assert_eq!(bias.len(), s.channels_out, "bias length");
     }
-    if winograd::applies(s) {
+    if let Some(crop) = TapCrop::of(s) {
+        conv2d_forward(&crop.shape, x, &crop.cut(s, weight), bias, out);
+    } else if winograd::applies(s) {
         winograd::forward(s, x, weight, bias, out);
     } else {
         im2col_forward(s, x, weight, bias, out);
@@ -506,7 +608,9 @@ pub fn conv2d_backward_input(
     grad_x: &mut [f32],
 ) {
     check_lengths(s, grad_x.len(), weight.len(), grad_out.len());
-    if winograd::applies(s) {
+    if let Some(crop) = TapCrop::of(s) {
+        conv2d_backward_input(&crop.shape, &crop.cut(s, weight), grad_out, grad_x);
+    } else if winograd::applies(s) {
         winograd::backward_input(s, weight, grad_out, grad_x);
     } else {
         im2col_backward_input(s, weight, grad_out, grad_x);
@@ -564,7 +668,11 @@ pub fn conv2d_backward_weight(
     grad_bias: Option<&mut [f32]>,
 ) {
     check_lengths(s, x.len(), grad_weight.len(), grad_out.len());
-    if winograd::applies(s) {
+    if let Some(crop) = TapCrop::of(s) {
+        let mut cut = vec![0.0; crop.shape.weight_len()];
+        conv2d_backward_weight(&crop.shape, x, grad_out, &mut cut, None);
+        crop.uncut(s, &cut, grad_weight);
+    } else if winograd::applies(s) {
         winograd::backward_weight(s, x, grad_out, grad_weight);
     } else {
         im2col_backward_weight(s, x, grad_out, grad_weight);
@@ -707,8 +815,12 @@ mod tests {
             // Planes of 400: one sample per group, groups in parallel.
             (4, 2, 20, 20, 3, [3, 3], [1, 1], [1, 1]),
             (3, 3, 20, 20, 2, [1, 1], [1, 1], [0, 0]),
-            // 1x1 planes (ResNet's layer4 at 32x32 input): the whole batch in one GEMM.
+            // 1x1 planes (ResNet's layer4 at 32x32 input): the whole batch in one GEMM, the
+            // kernel cut to its centre tap; a stride-2 3x3 from 2x2 to 1x1 (layer4's first
+            // convolution there) keeps 2x2 taps; a 3x3 over a 1x4 plane cuts rows only.
             (6, 4, 1, 1, 5, [3, 3], [1, 1], [1, 1]),
+            (3, 5, 2, 2, 4, [3, 3], [2, 2], [1, 1]),
+            (2, 3, 1, 4, 2, [3, 3], [1, 1], [1, 1]),
             // Winograd's shapes: stride-1 3x3; odd sizes, padding 0, 1 and 2, 1x1 planes, and
             // (the last) enough channels and tiles to take the Winograd path in the dispatch,
             // in chunks in parallel.
@@ -737,7 +849,7 @@ mod tests {
     fn shapes_cover_winograd_and_im2col() {
         let winograd = shapes().iter().filter(|s| winograd::applies(s)).count();
         assert_eq!(winograd, 1);
-        assert_eq!(shapes().iter().filter(|s| winograd::supports(s)).count(), 8);
+        assert_eq!(shapes().iter().filter(|s| winograd::supports(s)).count(), 9);
     }
 
     /// Winograd and im2col give the same forward, input and weight gradients on every shape Winograd
@@ -772,6 +884,50 @@ mod tests {
             im2col_backward_weight(&s, &x, &g, &mut want);
             let mut got = vec![f32::NAN; w.len()];
             winograd::backward_weight(&s, &x, &g, &mut got);
+            assert!(close(&got, &want), "weight gradient {s:?}");
+        }
+    }
+
+    /// The cut kernel computes what the full one does, and leaves zero gradient at the taps it
+    /// skips; the cuts are the expected ones.
+    #[test]
+    fn tap_crop_matches_the_full_kernel() {
+        let cropped: Vec<(Conv2dShape, TapCrop)> = shapes()
+            .into_iter()
+            .filter_map(|s| TapCrop::of(&s).map(|c| (s, c)))
+            .collect();
+        let taps: Vec<_> = cropped.iter().map(|(_, c)| c.taps.clone()).collect();
+        assert_eq!(
+            taps,
+            vec![
+                [1..4, 0..5],
+                [1..2, 1..2],
+                [1..3, 1..3],
+                [1..2, 0..3],
+                [1..2, 1..2]
+            ]
+        );
+        for (i, (s, crop)) in cropped.iter().enumerate() {
+            assert_eq!(crop.shape.out_height(), s.out_height());
+            let x = values(s.batch * s.input_sample(), i as u32);
+            let w = values(s.weight_len(), 100 + i as u32);
+            let bias = values(s.channels_out, 200 + i as u32);
+            let g = values(s.batch * s.output_sample(), 300 + i as u32);
+            let close = |a: &[f32], b: &[f32]| {
+                a.len() == b.len() && a.iter().zip(b).all(|(a, b)| (a - b).abs() <= 1e-5)
+            };
+            let (mut want, mut got) = (vec![0.0; g.len()], vec![0.0; g.len()]);
+            im2col_forward(s, &x, &w, Some(&bias), &mut want);
+            conv2d_forward(s, &x, &w, Some(&bias), &mut got);
+            assert!(close(&got, &want), "forward {s:?}");
+            let (mut want, mut got) = (vec![0.5; x.len()], vec![0.5; x.len()]);
+            im2col_backward_input(s, &w, &g, &mut want);
+            conv2d_backward_input(s, &w, &g, &mut got);
+            assert!(close(&got, &want), "input gradient {s:?}");
+            let (mut want, mut got) = (vec![f32::NAN; w.len()], vec![f32::NAN; w.len()]);
+            im2col_backward_weight(s, &x, &g, &mut want);
+            conv2d_backward_weight(s, &x, &g, &mut got, None);
+            // im2col's gradient at a skipped tap is a sum of products with zeros: exactly 0.
             assert!(close(&got, &want), "weight gradient {s:?}");
         }
     }
