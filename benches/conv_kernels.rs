@@ -14,7 +14,7 @@ use common::{arg, median};
 use kiln::kernels::conv::{
     Conv2dShape, conv2d_backward_input, conv2d_backward_weight, conv2d_forward,
 };
-use kiln::kernels::winograd;
+use kiln::kernels::winograd::{self, Pass};
 use serde_json::{Value, json};
 
 fn values(len: usize, seed: u32) -> Vec<f32> {
@@ -82,7 +82,8 @@ fn main() {
             }
         }
         winograd::set_enabled(true);
-        let applies = winograd::applies(&s);
+        let applies = [Pass::Forward, Pass::InputGradient, Pass::WeightGradient]
+            .map(|pass| winograd::applies(&s, pass));
         let [[wf, wb, wd], [f, b, d]] = times.map(|m| m.map(median));
         let pass = |w: f64, i: f64| json!({ "kiln": w, "im2col": i, "speedup": i / w });
         rows.push(json!({

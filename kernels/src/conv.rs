@@ -20,7 +20,7 @@
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
-use crate::winograd;
+use crate::winograd::{self, Pass};
 
 /// The geometry of one 2-D convolution over a batch, NCHW.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -544,7 +544,7 @@ pub fn conv2d_forward(
     }
     if let Some(crop) = TapCrop::of(s) {
         conv2d_forward(&crop.shape, x, &crop.cut(s, weight), bias, out);
-    } else if winograd::applies(s) {
+    } else if winograd::applies(s, Pass::Forward) {
         winograd::forward(s, x, weight, bias, out);
     } else {
         im2col_forward(s, x, weight, bias, out);
@@ -610,7 +610,7 @@ pub fn conv2d_backward_input(
     check_lengths(s, grad_x.len(), weight.len(), grad_out.len());
     if let Some(crop) = TapCrop::of(s) {
         conv2d_backward_input(&crop.shape, &crop.cut(s, weight), grad_out, grad_x);
-    } else if winograd::applies(s) {
+    } else if winograd::applies(s, Pass::InputGradient) {
         winograd::backward_input(s, weight, grad_out, grad_x);
     } else {
         im2col_backward_input(s, weight, grad_out, grad_x);
@@ -672,7 +672,7 @@ pub fn conv2d_backward_weight(
         let mut cut = vec![0.0; crop.shape.weight_len()];
         conv2d_backward_weight(&crop.shape, x, grad_out, &mut cut, None);
         crop.uncut(s, &cut, grad_weight);
-    } else if winograd::applies(s) {
+    } else if winograd::applies(s, Pass::WeightGradient) {
         winograd::backward_weight(s, x, grad_out, grad_weight);
     } else {
         im2col_backward_weight(s, x, grad_out, grad_weight);
@@ -822,13 +822,16 @@ mod tests {
             (3, 5, 2, 2, 4, [3, 3], [2, 2], [1, 1]),
             (2, 3, 1, 4, 2, [3, 3], [1, 1], [1, 1]),
             // Winograd's shapes: stride-1 3x3; odd sizes, padding 0, 1 and 2, 1x1 planes, and
-            // (the last) enough channels and tiles to take the Winograd path in the dispatch,
-            // in chunks in parallel.
+            // (the last two) enough channels and tiles to take the Winograd path in the
+            // dispatch, in chunks in parallel.
             (2, 16, 9, 7, 17, [3, 3], [1, 1], [1, 1]),
             (1, 16, 5, 6, 16, [3, 3], [1, 1], [0, 0]),
             (3, 17, 4, 3, 16, [3, 3], [1, 1], [2, 2]),
             (2, 16, 1, 1, 18, [3, 3], [1, 1], [1, 1]),
             (5, 64, 16, 13, 64, [3, 3], [1, 1], [1, 1]),
+            // Winograd for the forward pass and the input gradient, im2col for the weight
+            // gradient (ResNet's layer4 at 7x7).
+            (8, 64, 7, 7, 64, [3, 3], [1, 1], [1, 1]),
         ] {
             all.push(Conv2dShape {
                 batch,
@@ -847,9 +850,19 @@ mod tests {
     /// The shapes above exercise both convolution paths through the dispatch.
     #[test]
     fn shapes_cover_winograd_and_im2col() {
-        let winograd = shapes().iter().filter(|s| winograd::applies(s)).count();
-        assert_eq!(winograd, 1);
-        assert_eq!(shapes().iter().filter(|s| winograd::supports(s)).count(), 9);
+        let winograd = |pass| {
+            shapes()
+                .iter()
+                .filter(|s| winograd::applies(s, pass))
+                .count()
+        };
+        assert_eq!(winograd(Pass::Forward), 2);
+        assert_eq!(winograd(Pass::InputGradient), 2);
+        assert_eq!(winograd(Pass::WeightGradient), 1);
+        assert_eq!(
+            shapes().iter().filter(|s| winograd::supports(s)).count(),
+            10
+        );
     }
 
     /// Winograd and im2col give the same forward, input and weight gradients on every shape Winograd

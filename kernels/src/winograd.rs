@@ -59,15 +59,29 @@ pub fn set_enabled(on: bool) {
     WINOGRAD.set(on);
 }
 
-/// Whether the forward pass and the gradients of `s` take the Winograd path: stride-1 3x3
-/// kernels with padding at most 2 (the input gradient's padding is `2 - p`), at least 64
-/// channels each side, and a layer where the tiles pay for their transforms (outputs at least 12
-/// wide, at least 256 tiles in the batch).
-pub fn applies(s: &Conv2dShape) -> bool {
+/// One of a convolution's three computations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// The output from the input.
+    Forward,
+    /// The input's gradient (a stride-1 3x3 convolution of the output gradient).
+    InputGradient,
+    /// The weight's gradient.
+    WeightGradient,
+}
+
+/// Whether `pass` of `s` takes the Winograd path: stride-1 3x3 kernels with padding at most 2
+/// (the input gradient's padding is `2 - p`), at least 64 channels each side, and a layer where
+/// the tiles pay for their transforms. The forward pass and the input gradient need outputs at
+/// least 7 wide and 128 tiles in the batch; the weight gradient, whose GEMMs sum over the tiles
+/// and write all 16 transformed `C_out x C_in` matrices, 12 wide and 256 tiles (measured with
+/// `cargo bench --bench conv_kernels`: ResNet's layer4 at 7x7, batch 8, ran its forward 1.37x
+/// and input gradient 1.28x as fast with Winograd, its weight gradient 2x slower).
+pub fn applies(s: &Conv2dShape, pass: Pass) -> bool {
     supports(s)
         && s.channels_in >= MIN_CHANNELS
         && s.channels_out >= MIN_CHANNELS
-        && Tiles::new(s).pays_off(s.batch)
+        && Tiles::new(s).pays_off(s.batch, pass)
         && enabled()
 }
 
@@ -78,11 +92,13 @@ pub(crate) fn supports(s: &Conv2dShape) -> bool {
 }
 
 /// Output rows narrower than this leave too few tiles per tile row to amortise the per-row work
-/// of the transforms (measured: `cargo bench --bench conv_kernels`).
-const MIN_OUTPUT_WIDTH: usize = 12;
+/// of the transforms (measured: `cargo bench --bench conv_kernels`), for the forward pass and
+/// the input gradient, and for the weight gradient.
+const MIN_OUTPUT_WIDTH: [usize; 2] = [7, 12];
 
-/// Fewer tiles than this in a whole batch do not amortise the weights' transform.
-const MIN_TILES: usize = 256;
+/// Fewer tiles than this in a whole batch do not amortise the weights' transform (forward and
+/// input gradient), or the transformed weight gradient's 16 matrices (weight gradient).
+const MIN_TILES: [usize; 2] = [128, 256];
 
 /// Tile geometry of a stride-1 3x3 convolution.
 #[derive(Clone, Copy, Debug)]
@@ -105,13 +121,17 @@ impl Tiles {
         }
     }
 
-    /// Whether Winograd beats im2col for `batch` samples: wide enough rows, enough tiles, and at
-    /// least 1.5x fewer multiplications (2x2 tiles padded past the edge of odd-sized outputs
-    /// waste some: 7x7 outputs need 16 tiles, 1.72x fewer; 1x1 outputs would need more).
-    fn pays_off(&self, batch: usize) -> bool {
+    /// Whether Winograd beats im2col for `pass` over `batch` samples: wide enough rows, enough
+    /// tiles, and at least 1.5x fewer multiplications (2x2 tiles padded past the edge of
+    /// odd-sized outputs waste some: 7x7 outputs need 16 tiles, 1.72x fewer; 1x1 outputs would
+    /// need more).
+    fn pays_off(&self, batch: usize, pass: Pass) -> bool {
         let [oh, ow] = self.out;
         let tiles = self.rows * self.cols;
-        ow >= MIN_OUTPUT_WIDTH && batch * tiles >= MIN_TILES && 2 * 9 * oh * ow >= 3 * 16 * tiles
+        let at = usize::from(pass == Pass::WeightGradient);
+        ow >= MIN_OUTPUT_WIDTH[at]
+            && batch * tiles >= MIN_TILES[at]
+            && 2 * 9 * oh * ow >= 3 * 16 * tiles
     }
 
     /// Width of a padded input band: the columns the tiles of one tile row read.

@@ -9,6 +9,7 @@ use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use burn::tensor::{Device, Distribution, Tensor};
 use kiln::kernels;
+use kiln::kernels::winograd::Pass;
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -61,7 +62,7 @@ fn conv_layer(&(shape, c_out, kernel, stride, padding, bias): &ConvCase) -> Conv
 
 #[test]
 fn conv2d_matches_burn_forward_and_gradients() {
-    let cases: [ConvCase; 11] = [
+    let cases: [ConvCase; 14] = [
         ([1, 1, 28, 28], 32, [3, 3], [1, 1], [1, 1], true),
         ([3, 32, 14, 14], 64, [3, 3], [1, 1], [1, 1], true),
         ([2, 3, 13, 11], 5, [3, 3], [2, 2], [1, 1], false),
@@ -71,9 +72,13 @@ fn conv2d_matches_burn_forward_and_gradients() {
         ([2, 6, 7, 9], 4, [1, 1], [2, 2], [0, 0], false),
         ([1, 2, 6, 5], 3, [3, 2], [1, 2], [1, 0], true),
         ([5, 3, 3, 3], 2, [3, 3], [1, 1], [0, 0], true),
+        // Kernels cut to the taps that reach the input: 1x1 planes, and 2x2 to 1x1 at stride 2.
+        ([3, 8, 1, 1], 6, [3, 3], [1, 1], [1, 1], true),
+        ([2, 5, 2, 2], 4, [3, 3], [2, 2], [1, 1], false),
         // Winograd (stride-1 3x3, enough channels and tiles), padding 1 and 0, odd sizes.
         ([2, 64, 24, 25], 64, [3, 3], [1, 1], [1, 1], true),
         ([3, 65, 26, 30], 64, [3, 3], [1, 1], [0, 0], false),
+        ([8, 64, 7, 7], 64, [3, 3], [1, 1], [1, 1], true),
     ];
     for case in &cases {
         let conv = conv_layer(case);
@@ -97,11 +102,17 @@ fn conv2d_matches_burn_forward_and_gradients() {
             stride,
             padding,
         };
-        // The two cases at the end are the Winograd ones (SimpleCNN's conv2 at batch 3 has
-        // too few tiles).
+        // The three cases at the end are the Winograd ones (SimpleCNN's conv2 at batch 3 has
+        // too few tiles), the last one for its forward pass and input gradient only.
+        let winograd = |pass| kernels::winograd::applies(&geometry, pass);
+        let expected = match (shape[1] >= 64, shape[3]) {
+            (true, 7) => [true, true, false],
+            (true, _) => [true; 3],
+            (false, _) => [false; 3],
+        };
         assert_eq!(
-            kernels::winograd::applies(&geometry),
-            shape[1] >= 64 && shape[3] >= 24,
+            [Pass::Forward, Pass::InputGradient, Pass::WeightGradient].map(winograd),
+            expected,
             "{case:?}: Winograd or not"
         );
 
