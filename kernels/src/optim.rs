@@ -31,12 +31,25 @@ pub fn sgd_momentum(
         .par_chunks_mut(CHUNK)
         .zip(velocity.par_chunks_mut(CHUNK))
         .zip(grad.par_chunks(CHUNK))
-        .for_each(|((p, v), g)| {
-            for ((p, v), &g) in p.iter_mut().zip(v.iter_mut()).zip(g) {
-                *v = if first { g } else { g * keep + *v * momentum };
-                *p -= *v * lr;
-            }
-        });
+        .for_each(|((p, v), g)| sgd_chunk(p, g, v, [lr, momentum, keep], first));
+}
+
+/// [`sgd_momentum`] on one chunk; `[lr, momentum, 1 - dampening]`. The first-step choice is
+/// made once per chunk, outside the loops: inside, it kept the loop from vectorizing (one
+/// element at a time, 9 % of a SimpleCNN training step in `perf`).
+fn sgd_chunk(p: &mut [f32], g: &[f32], v: &mut [f32], rates: [f32; 3], first: bool) {
+    let [lr, momentum, keep] = rates;
+    if first {
+        for ((p, v), &g) in p.iter_mut().zip(v.iter_mut()).zip(g) {
+            *v = g;
+            *p -= g * lr;
+        }
+    } else {
+        for ((p, v), &g) in p.iter_mut().zip(v.iter_mut()).zip(g) {
+            *v = g * keep + *v * momentum;
+            *p -= *v * lr;
+        }
+    }
 }
 
 #[cfg(test)]
