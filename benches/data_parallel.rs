@@ -108,6 +108,8 @@ fn train_rate(
 }
 
 fn main() -> anyhow::Result<()> {
+    // The allocator setting `kiln train` runs with (large buffers reused, not re-faulted).
+    kiln::kernels::malloc::keep_large_buffers(true);
     let reps = arg("--reps", 5).max(1);
     let train_samples = arg("--train-samples", 1920);
 

@@ -197,6 +197,8 @@ fn speedup(runs: &[Value]) -> Value {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The allocator setting `kiln train` runs with (large buffers reused, not re-faulted).
+    kiln::kernels::malloc::keep_large_buffers(true);
     let steps = arg("--steps", 12).max(2);
     let device = Device::flex().autodiff();
     let train = MnistSource::Embedded.load(MnistSplit::Train)?;
