@@ -238,8 +238,9 @@ fn im2col_rows(
                     if sw == 1 {
                         dst[cols_ok.clone()].copy_from_slice(&src[first..first + cols_ok.len()]);
                     } else {
-                        for (d, ox) in dst[cols_ok.clone()].iter_mut().zip(0..) {
-                            *d = src[first + ox * sw];
+                        let strided = src[first..].iter().step_by(sw);
+                        for (d, &v) in dst[cols_ok.clone()].iter_mut().zip(strided) {
+                            *d = v;
                         }
                     }
                 }
