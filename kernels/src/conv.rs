@@ -136,10 +136,11 @@ fn valid_outputs(
     lo.min(hi)..hi
 }
 
-/// For a convolution whose output rows are its input rows shifted ([`Conv2dShape::shifts_whole_rows`]),
-/// where one kernel tap's column-matrix row meets the input, as one contiguous block: the valid
-/// output rows of a band are a shifted copy of consecutive input rows, apart from the padded
-/// columns, where the copy wraps around the row ends.
+/// For a convolution whose output rows are its input rows shifted
+/// ([`Conv2dShape::shifts_whole_rows`]), where one kernel tap's column-matrix row meets the
+/// input, as one contiguous block: the valid output rows of a band are a shifted copy of
+/// consecutive input rows, apart from the padded columns, where the copy wraps around the row
+/// ends.
 struct Band {
     /// The valid rows' elements in the band's column-matrix row.
     dst: std::ops::Range<usize>,
@@ -765,40 +766,11 @@ pub(crate) fn im2col_backward_input(
 ) {
     let (k, n) = (s.patch_len(), s.out_plane());
     let grouping = Grouping::new(s);
-    // W^T is K x C_out: row stride 1, column stride K.
-    let group = |scratch: &mut Scratch, gg: &[f32], dxg: &mut [f32]| {
-        let count = gg.len() / s.output_sample();
-        let width = count * n;
-        let grad = group_grad(s, gg, &mut scratch.wide);
+    let par = grouping.parallelism();
+    // dcols (K x width) = W^T (K x C_out: row stride 1, column stride K) @ a C_out x width
+    // gradient block whose rows are `ld` apart.
+    let transposed = |dcols: &mut [f32], grad: &[f32], ld: usize, width: usize| {
         let dims = (k, width, s.channels_out);
-        let par = grouping.parallelism();
-        if count == 1 && s.is_pointwise() {
-            matmul(dims, dxg, (n, 1), true, weight, (1, k), grad, (n, 1), par);
-            return;
-        }
-        if count == 1 {
-            // One band of output rows at a time (see `row_bands`), added back as it is made.
-            for rows in row_bands(s) {
-                let width = rows.len() * s.out_width();
-                let dcols = scratch_slice(&mut scratch.cols, k * width);
-                let grad = &gg[rows.start * s.out_width()..];
-                let dims = (k, width, s.channels_out);
-                matmul(
-                    dims,
-                    dcols,
-                    (width, 1),
-                    false,
-                    weight,
-                    (1, k),
-                    grad,
-                    (n, 1),
-                    par,
-                );
-                col2im_rows(s, dcols, rows, width, dxg);
-            }
-            return;
-        }
-        let dcols = scratch_slice(&mut scratch.cols, k * width);
         matmul(
             dims,
             dcols,
@@ -807,11 +779,31 @@ pub(crate) fn im2col_backward_input(
             weight,
             (1, k),
             grad,
-            (width, 1),
+            (ld, 1),
             par,
         );
-        for (j, dxb) in dxg.chunks_exact_mut(s.input_sample()).enumerate() {
-            col2im(s, &dcols[j * n..], width, dxb);
+    };
+    let group = |scratch: &mut Scratch, gg: &[f32], dxg: &mut [f32]| {
+        let count = gg.len() / s.output_sample();
+        if count == 1 && s.is_pointwise() {
+            let dims = (k, n, s.channels_out);
+            matmul(dims, dxg, (n, 1), true, weight, (1, k), gg, (n, 1), par);
+        } else if count == 1 {
+            // One band of output rows at a time (see `row_bands`), added back as it is made.
+            for rows in row_bands(s) {
+                let width = rows.len() * s.out_width();
+                let dcols = scratch_slice(&mut scratch.cols, k * width);
+                transposed(dcols, &gg[rows.start * s.out_width()..], n, width);
+                col2im_rows(s, dcols, rows, width, dxg);
+            }
+        } else {
+            let width = count * n;
+            let grad = group_grad(s, gg, &mut scratch.wide);
+            let dcols = scratch_slice(&mut scratch.cols, k * width);
+            transposed(dcols, grad, width, width);
+            for (j, dxb) in dxg.chunks_exact_mut(s.input_sample()).enumerate() {
+                col2im(s, &dcols[j * n..], width, dxb);
+            }
         }
     };
     let per_in = grouping.per_group * s.input_sample();
