@@ -4,7 +4,7 @@
 //!   of micro-batch activations each stage held; training throughput of the naive split, GPipe
 //!   and 1F1B (m = 4) against one device using both cores;
 //! - ResNet-18 (batch 32 at 32x32, 10 classes, stem..layer2 | layer3..fc): the same throughput
-//!   comparison.
+//!   comparison, 1F1B also at m = 2 (fewer, larger micro-batches).
 //!
 //! Configurations are interleaved step by step so that machine noise hits them alike; medians
 //! are reported. Prints one JSON object.
@@ -190,6 +190,7 @@ fn rate(runs: &[Value], name: &str) -> f64 {
 /// The pipelined runs' throughput against the naive split and against one device.
 fn speedup(runs: &[Value]) -> Value {
     json!({
+        "1f1b_m2_over_naive": rate(runs, "1f1b m=2") / rate(runs, "naive split"),
         "1f1b_m4_over_naive": rate(runs, "1f1b m=4") / rate(runs, "naive split"),
         "gpipe_m4_over_naive": rate(runs, "gpipe m=4") / rate(runs, "naive split"),
         "1f1b_m4_over_one_device": rate(runs, "1f1b m=4") / rate(runs, "one device, 2 threads"),
@@ -267,6 +268,12 @@ fn main() -> anyhow::Result<()> {
             net(),
             resnet_arch(),
             Some((PipelineSchedule::Naive, 1)),
+        ),
+        Runner::new(
+            "1f1b m=2",
+            net(),
+            resnet_arch(),
+            Some((PipelineSchedule::OneFOneB, 2)),
         ),
         Runner::new(
             "gpipe m=4",
