@@ -91,14 +91,16 @@ pub(crate) fn supports(s: &Conv2dShape) -> bool {
     s.kernel == [3, 3] && s.stride == [1, 1] && s.padding[0] <= 2 && s.padding[1] <= 2
 }
 
-/// Output rows narrower than this leave too few tiles per tile row to amortise the per-row work
-/// of the transforms (measured: `cargo bench --bench conv_kernels`), for the forward pass and
-/// the input gradient, and for the weight gradient.
-const MIN_OUTPUT_WIDTH: [usize; 2] = [7, 12];
-
-/// Fewer tiles than this in a whole batch do not amortise the weights' transform (forward and
-/// input gradient), or the transformed weight gradient's 16 matrices (weight gradient).
-const MIN_TILES: [usize; 2] = [128, 256];
+/// The narrowest output rows and the fewest tiles in a batch that amortise the transforms'
+/// per-row work and the weights' transform (forward pass and input gradient), or the transformed
+/// weight gradient's 16 matrices (weight gradient); measured with `cargo bench --bench
+/// conv_kernels`.
+fn minimum_width_and_tiles(pass: Pass) -> (usize, usize) {
+    match pass {
+        Pass::Forward | Pass::InputGradient => (7, 128),
+        Pass::WeightGradient => (12, 256),
+    }
+}
 
 /// Tile geometry of a stride-1 3x3 convolution.
 #[derive(Clone, Copy, Debug)]
@@ -128,10 +130,8 @@ impl Tiles {
     fn pays_off(&self, batch: usize, pass: Pass) -> bool {
         let [oh, ow] = self.out;
         let tiles = self.rows * self.cols;
-        let at = usize::from(pass == Pass::WeightGradient);
-        ow >= MIN_OUTPUT_WIDTH[at]
-            && batch * tiles >= MIN_TILES[at]
-            && 2 * 9 * oh * ow >= 3 * 16 * tiles
+        let (min_width, min_tiles) = minimum_width_and_tiles(pass);
+        ow >= min_width && batch * tiles >= min_tiles && 2 * 9 * oh * ow >= 3 * 16 * tiles
     }
 
     /// Width of a padded input band: the columns the tiles of one tile row read.
