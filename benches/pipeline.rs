@@ -64,14 +64,15 @@ impl<M: Module> Runner<M> {
         name: &str,
         model: M,
         arch: Arch<M>,
-        pipeline: Option<(PipelineSchedule, usize)>,
+        pipeline: Option<(PipelineSchedule, usize, bool)>,
     ) -> Self {
-        let pipeline = pipeline.map(|(schedule, m)| {
+        let pipeline = pipeline.map(|(schedule, m, defer)| {
             let config = PipelineConfig {
                 schedule,
                 micro_batches: NonZeroUsize::new(m).expect("m > 0"),
                 timeout: Duration::from_secs(60),
                 threads_per_stage: Some(NonZeroUsize::MIN),
+                defer_weight_gradients: defer,
             };
             Pipeline::new(NonZeroUsize::new(STAGES).expect("2 > 0"), config).expect("pools start")
         });
@@ -131,6 +132,7 @@ impl<M: Module> Runner<M> {
             "measured_bubble": (!bubbles.is_empty()).then(|| median(bubbles)),
             "peak_in_flight_per_stage": self.reports.first().map(|r| r.peak_in_flight.clone()),
             "median_busy_ms_per_stage": (stages > 0).then_some(busy_ms),
+            "deferred_gradients_per_stage": self.reports.first().map(|r| r.deferred_gradients.clone()),
         })
     }
 }
@@ -192,6 +194,7 @@ fn speedup(runs: &[Value]) -> Value {
     json!({
         "1f1b_m2_over_naive": rate(runs, "1f1b m=2") / rate(runs, "naive split"),
         "1f1b_m4_over_naive": rate(runs, "1f1b m=4") / rate(runs, "naive split"),
+        "1f1b_m4_per_micro_batch_weight_gradients_over_naive": rate(runs, "1f1b m=4, weight gradients per micro-batch") / rate(runs, "naive split"),
         "gpipe_m4_over_naive": rate(runs, "gpipe m=4") / rate(runs, "naive split"),
         "1f1b_m4_over_one_device": rate(runs, "1f1b m=4") / rate(runs, "one device, 2 threads"),
     })
@@ -212,7 +215,7 @@ fn main() -> anyhow::Result<()> {
             "naive split",
             cnn(),
             simple_cnn_arch(),
-            Some((PipelineSchedule::Naive, 1)),
+            Some((PipelineSchedule::Naive, 1, true)),
         ),
     ];
     for m in [1, 2, 4, 8] {
@@ -224,7 +227,7 @@ fn main() -> anyhow::Result<()> {
                 &format!("{name} m={m}"),
                 cnn(),
                 simple_cnn_arch(),
-                Some((schedule, m)),
+                Some((schedule, m, true)),
             ));
         }
     }
@@ -267,25 +270,31 @@ fn main() -> anyhow::Result<()> {
             "naive split",
             net(),
             resnet_arch(),
-            Some((PipelineSchedule::Naive, 1)),
+            Some((PipelineSchedule::Naive, 1, true)),
         ),
         Runner::new(
             "1f1b m=2",
             net(),
             resnet_arch(),
-            Some((PipelineSchedule::OneFOneB, 2)),
+            Some((PipelineSchedule::OneFOneB, 2, true)),
         ),
         Runner::new(
             "gpipe m=4",
             net(),
             resnet_arch(),
-            Some((PipelineSchedule::GPipe, 4)),
+            Some((PipelineSchedule::GPipe, 4, true)),
         ),
         Runner::new(
             "1f1b m=4",
             net(),
             resnet_arch(),
-            Some((PipelineSchedule::OneFOneB, 4)),
+            Some((PipelineSchedule::OneFOneB, 4, true)),
+        ),
+        Runner::new(
+            "1f1b m=4, weight gradients per micro-batch",
+            net(),
+            resnet_arch(),
+            Some((PipelineSchedule::OneFOneB, 4, false)),
         ),
     ];
     let resnet_batches: Vec<_> = (0..=resnet_steps)

@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use crate::winograd::{self, Pass};
 
 /// The geometry of one 2-D convolution over a batch, NCHW.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Conv2dShape {
     /// Samples in the batch.
     pub batch: usize,
@@ -654,12 +654,53 @@ pub fn conv2d_forward(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
+    conv2d_forward_cut(s, x, weight, None, bias, out);
+}
+
+/// The kernel [`conv2d_forward`] and [`conv2d_backward_input`] run a convolution of shape `s`
+/// with when some of its taps never reach the input (a 3x3 kernel over a 1x1 plane keeps its
+/// centre tap): `weight` cut to the taps that do, or `None` when every tap is used. A caller
+/// that runs the same weight on many batches can cut it once and pass it to
+/// [`conv2d_forward_cut`] / [`conv2d_backward_input_cut`].
+pub fn cut_kernel(s: &Conv2dShape, weight: &[f32]) -> Option<Vec<f32>> {
+    assert_eq!(weight.len(), s.weight_len(), "weight length");
+    TapCrop::of(s).map(|crop| crop.cut(s, weight))
+}
+
+/// The cut kernel `cut` if given (from [`cut_kernel`] of the same shape and weight), else
+/// `crop`'s cut of `weight` made now.
+fn cut_or_make<'a>(
+    crop: &TapCrop,
+    s: &Conv2dShape,
+    weight: &[f32],
+    cut: Option<&'a [f32]>,
+) -> std::borrow::Cow<'a, [f32]> {
+    match cut {
+        Some(cut) => {
+            assert_eq!(cut.len(), crop.shape.weight_len(), "cut kernel length");
+            std::borrow::Cow::Borrowed(cut)
+        }
+        None => std::borrow::Cow::Owned(crop.cut(s, weight)),
+    }
+}
+
+/// [`conv2d_forward`] with `cut`, the weight's [`cut_kernel`] for `s` made beforehand (ignored
+/// when `s` cuts no taps; made here when `None`).
+pub fn conv2d_forward_cut(
+    s: &Conv2dShape,
+    x: &[f32],
+    weight: &[f32],
+    cut: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
     check_lengths(s, x.len(), weight.len(), out.len());
     if let Some(bias) = bias {
         assert_eq!(bias.len(), s.channels_out, "bias length");
     }
     if let Some(crop) = TapCrop::of(s) {
-        conv2d_forward(&crop.shape, x, &crop.cut(s, weight), bias, out);
+        let cut = cut_or_make(&crop, s, weight, cut);
+        conv2d_forward(&crop.shape, x, &cut, bias, out);
     } else if winograd::applies(s, Pass::Forward) {
         winograd::forward(s, x, weight, bias, out);
     } else {
@@ -747,9 +788,22 @@ pub fn conv2d_backward_input(
     grad_out: &[f32],
     grad_x: &mut [f32],
 ) {
+    conv2d_backward_input_cut(s, weight, None, grad_out, grad_x);
+}
+
+/// [`conv2d_backward_input`] with `cut`, the weight's [`cut_kernel`] for `s` made beforehand
+/// (ignored when `s` cuts no taps; made here when `None`).
+pub fn conv2d_backward_input_cut(
+    s: &Conv2dShape,
+    weight: &[f32],
+    cut: Option<&[f32]>,
+    grad_out: &[f32],
+    grad_x: &mut [f32],
+) {
     check_lengths(s, grad_x.len(), weight.len(), grad_out.len());
     if let Some(crop) = TapCrop::of(s) {
-        conv2d_backward_input(&crop.shape, &crop.cut(s, weight), grad_out, grad_x);
+        let cut = cut_or_make(&crop, s, weight, cut);
+        conv2d_backward_input(&crop.shape, &cut, grad_out, grad_x);
     } else if winograd::applies(s, Pass::InputGradient) {
         winograd::backward_input(s, weight, grad_out, grad_x);
     } else {
@@ -831,13 +885,19 @@ pub fn conv2d_backward_weight(
         im2col_backward_weight(s, x, grad_out, grad_weight);
     }
     if let Some(grad_bias) = grad_bias {
-        assert_eq!(grad_bias.len(), s.channels_out, "bias length");
-        let n = s.out_plane();
-        grad_bias.fill(0.0);
-        for gb in grad_out.chunks_exact(s.output_sample()) {
-            for (g, row) in grad_bias.iter_mut().zip(gb.chunks_exact(n)) {
-                *g += row.iter().sum::<f32>();
-            }
+        conv2d_backward_bias(s, grad_out, grad_bias);
+    }
+}
+
+/// The bias gradient of a convolution: `grad_out` summed over samples and positions, one value
+/// per output channel (overwrites `grad_bias`).
+pub fn conv2d_backward_bias(s: &Conv2dShape, grad_out: &[f32], grad_bias: &mut [f32]) {
+    assert_eq!(grad_bias.len(), s.channels_out, "bias length");
+    let n = s.out_plane();
+    grad_bias.fill(0.0);
+    for gb in grad_out.chunks_exact(s.output_sample()) {
+        for (g, row) in grad_bias.iter_mut().zip(gb.chunks_exact(n)) {
+            *g += row.iter().sum::<f32>();
         }
     }
 }

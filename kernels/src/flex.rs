@@ -17,6 +17,7 @@ use crate::conv::{self, Conv2dShape};
 use crate::norm::{self, NormShape};
 use crate::optim;
 use crate::pool::{self, Pool2dShape};
+use crate::step;
 
 /// Convolution and max-pool with kiln's CPU kernels (`f32`, NCHW).
 #[backend_extension(Flex, Autodiff)]
@@ -124,6 +125,19 @@ fn conv_forward(
     stride: [usize; 2],
     padding: [usize; 2],
 ) -> FlexTensor {
+    conv_forward_with(x, weight, bias, stride, padding, None)
+}
+
+/// [`conv_forward`] of the autodiff node `weight_node`'s values: a pipeline step reuses the
+/// weight's cut kernel ([`step::cut_kernel`]).
+fn conv_forward_with(
+    x: FlexTensor,
+    weight: FlexTensor,
+    bias: FlexTensor,
+    stride: [usize; 2],
+    padding: [usize; 2],
+    weight_node: Option<NodeId>,
+) -> FlexTensor {
     let s = conv_shape(&x, &weight, stride, padding);
     let (x, weight, bias) = (
         x.to_contiguous(),
@@ -131,10 +145,13 @@ fn conv_forward(
         bias.to_contiguous(),
     );
     let mut out = vec![0.0f32; s.batch * s.output_sample()];
-    conv::conv2d_forward(
+    let values = weight.storage::<f32>();
+    let cut = weight_node.and_then(|node| step::cut_kernel(node, &s, values));
+    conv::conv2d_forward_cut(
         &s,
         x.storage::<f32>(),
-        weight.storage::<f32>(),
+        values,
+        cut.as_deref().map(Vec::as_slice),
         Some(bias.storage::<f32>()),
         &mut out,
     );
@@ -349,11 +366,30 @@ impl Backward<Flex, 3> for Conv2dBackward {
 
         if let Some(node) = node_x {
             let mut grad_x = vec![0.0f32; s.batch * s.input_sample()];
-            conv::conv2d_backward_input(&s, weight.storage::<f32>(), grad_out, &mut grad_x);
+            let values = weight.storage::<f32>();
+            let cut = node_weight
+                .as_ref()
+                .and_then(|node| step::cut_kernel(node.id, &s, values));
+            conv::conv2d_backward_input_cut(
+                &s,
+                values,
+                cut.as_deref().map(Vec::as_slice),
+                grad_out,
+                &mut grad_x,
+            );
             let shape = vec![s.batch, s.channels_in, s.height, s.width];
             grads.register::<Flex>(node.id, new_f32(grad_x, shape));
         }
-        if node_weight.is_some() || node_bias.is_some() {
+        let deferred = node_weight
+            .as_ref()
+            .is_some_and(|node| step::defer(node.id, &s, &x, &grad));
+        if deferred {
+            if let Some(node) = node_bias {
+                let mut grad_bias = vec![0.0f32; s.channels_out];
+                conv::conv2d_backward_bias(&s, grad_out, &mut grad_bias);
+                grads.register::<Flex>(node.id, new_f32(grad_bias, vec![s.channels_out]));
+            }
+        } else if node_weight.is_some() || node_bias.is_some() {
             let mut grad_weight = vec![0.0f32; s.weight_len()];
             let mut grad_bias = vec![0.0f32; s.channels_out];
             conv::conv2d_backward_weight(
@@ -593,12 +629,14 @@ impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
             OpsKind::Tracked(mut prep) => {
                 let x_state = prep.checkpoint(&x);
                 let weight_state = prep.checkpoint(&weight);
-                let out = conv_forward(
+                let weight_node = weight.id();
+                let out = conv_forward_with(
                     x.into_primitive(),
                     weight.into_primitive(),
                     bias.into_primitive(),
                     stride,
                     padding,
+                    Some(weight_node),
                 );
                 prep.finish((x_state, weight_state, stride, padding), out)
             }

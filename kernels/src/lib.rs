@@ -32,6 +32,7 @@ pub mod malloc;
 pub mod norm;
 pub mod optim;
 pub mod pool;
+pub mod step;
 pub mod winograd;
 
 use std::sync::atomic::{AtomicU8, Ordering};

@@ -444,6 +444,7 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
                     micro_batches: options.micro_batches,
                     timeout: config.collective_timeout,
                     threads_per_stage: threads,
+                    defer_weight_gradients: true,
                 },
                 stages: options.stages,
                 split: &split,

@@ -28,6 +28,13 @@ pub struct PipelineConfig {
     /// Threads each stage's kernels may use, in a thread pool of its own (like one device per
     /// stage); `None` lets all stages share the global pool.
     pub threads_per_stage: Option<NonZeroUsize>,
+    /// With more than one micro-batch, let stages defer the weight gradients of layers whose
+    /// weights outweigh their activations to the end of the step, computed once over the whole
+    /// batch instead of per micro-batch and summed ([`PipelineStage::begin_step`]; for
+    /// [`ModuleStage`](super::ModuleStage), kiln's CPU convolutions, see
+    /// `kiln_kernels::step`). The same gradients up to float rounding; `true` is the
+    /// faster choice, `false` runs every micro-batch's backward pass in full.
+    pub defer_weight_gradients: bool,
 }
 
 /// What one training step measured.
@@ -43,6 +50,9 @@ pub struct StepReport {
     pub busy_seconds: Vec<f64>,
     /// The most micro-batch activations each stage held at once.
     pub peak_in_flight: Vec<usize>,
+    /// Parameters per stage whose gradient was deferred to the end of the step
+    /// ([`PipelineConfig::defer_weight_gradients`]).
+    pub deferred_gradients: Vec<usize>,
 }
 
 impl StepReport {
@@ -196,6 +206,7 @@ impl Pipeline {
                             Vec::new()
                         },
                         timeout,
+                        defer: self.config.defer_weight_gradients && micro.get() > 1,
                     };
                     let pool = self.pools.get(index);
                     threads.push(scope.spawn(move || match pool {
@@ -237,6 +248,7 @@ impl Pipeline {
             seconds,
             busy_seconds: results.iter().map(|r| r.busy).collect(),
             peak_in_flight: results.iter().map(|r| r.peak_in_flight).collect(),
+            deferred_gradients: results.iter().map(|r| r.deferred).collect(),
         })
     }
 }
@@ -282,12 +294,15 @@ struct StageJob {
     /// Micro-batch targets and loss weights (last stage only).
     targets: Vec<(Tensor<1, Int>, f64)>,
     timeout: Duration,
+    /// Whether the stage may defer work to the end of the step.
+    defer: bool,
 }
 
 struct StageOutcome {
     loss: f64,
     busy: f64,
     peak_in_flight: usize,
+    deferred: usize,
 }
 
 /// What a stage keeps of a micro-batch between its forward and backward passes.
@@ -353,7 +368,34 @@ fn send(
     })
 }
 
+/// One stage's part of a step, on the stage's thread: [`run_ops`] between
+/// [`PipelineStage::begin_step`] and [`PipelineStage::end_step`] (whose work counts as busy).
 fn run_stage(stage: &mut dyn PipelineStage, job: StageJob, links: Links) -> Result<StageOutcome> {
+    if !job.defer {
+        return run_ops(stage, &job, links);
+    }
+    let forwards = job
+        .ops
+        .iter()
+        .filter(|op| matches!(op, PipelineOp::Forward(_)))
+        .count();
+    stage.begin_step(forwards);
+    match run_ops(stage, &job, links) {
+        Ok(mut outcome) => {
+            let began = Instant::now();
+            outcome.deferred = stage.end_step();
+            outcome.busy += began.elapsed().as_secs_f64();
+            Ok(outcome)
+        }
+        Err(e) => {
+            stage.abort_step();
+            Err(e)
+        }
+    }
+}
+
+/// The forward and backward passes `job.ops` of one stage.
+fn run_ops(stage: &mut dyn PipelineStage, job: &StageJob, links: Links) -> Result<StageOutcome> {
     let device = stage.device().clone();
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
     let mut stash: BTreeMap<usize, Stash> = BTreeMap::new();
@@ -365,7 +407,7 @@ fn run_stage(stage: &mut dyn PipelineStage, job: StageJob, links: Links) -> Resu
                     Some(x) => x.clone(),
                     None => receive(
                         links.forward_in.as_ref(),
-                        &job,
+                        job,
                         i,
                         "activation",
                         job.index.wrapping_sub(1),
@@ -401,7 +443,7 @@ fn run_stage(stage: &mut dyn PipelineStage, job: StageJob, links: Links) -> Resu
                 } else {
                     send(
                         links.forward_out.as_ref(),
-                        &job,
+                        job,
                         i,
                         output.clone().detach_to(&device),
                         job.index + 1,
@@ -426,7 +468,7 @@ fn run_stage(stage: &mut dyn PipelineStage, job: StageJob, links: Links) -> Resu
                     Produced::Activation(output) => {
                         let grad_out = receive(
                             links.backward_in.as_ref(),
-                            &job,
+                            job,
                             i,
                             "gradient",
                             job.index + 1,
@@ -449,7 +491,7 @@ fn run_stage(stage: &mut dyn PipelineStage, job: StageJob, links: Links) -> Resu
                             stage: job.index,
                             reason: format!("the input of micro-batch {i} got no gradient"),
                         })?;
-                    send(links.backward_out.as_ref(), &job, i, grad_in, job.index - 1)?;
+                    send(links.backward_out.as_ref(), job, i, grad_in, job.index - 1)?;
                 }
                 stage.accumulate(grads);
                 busy += began.elapsed();
@@ -460,5 +502,6 @@ fn run_stage(stage: &mut dyn PipelineStage, job: StageJob, links: Links) -> Resu
         loss: loss_total,
         busy: busy.as_secs_f64(),
         peak_in_flight: peak_in_flight(&job.ops),
+        deferred: 0,
     })
 }

@@ -14,6 +14,7 @@
 //!     micro_batches: NonZeroUsize::new(4).unwrap(),
 //!     timeout: Duration::from_secs(60),
 //!     threads_per_stage: None,
+//!     defer_weight_gradients: true,
 //! })?;
 //! for (images, targets) in batches {
 //!     // Stages share the model's parameters; a wrong device is reported before running.

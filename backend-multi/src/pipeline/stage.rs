@@ -1,8 +1,11 @@
 //! Stages: the parts of a model that a pipeline places on devices.
 
-use burn::module::{Module, ModuleVisitor, Param};
+use std::collections::HashMap;
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::{Device, Gradients, Tensor};
+use burn::tensor::{Device, Gradients, Tensor, TensorData};
+use kiln_kernels::step::{self, NodeKey};
 
 use crate::error::{MultiError, Result};
 
@@ -110,6 +113,26 @@ pub trait PipelineStage: Send {
     /// Adds the parameter gradients in `grads` to this step's sum.
     fn accumulate(&mut self, grads: Gradients);
 
+    /// Called on the stage's thread before the first pass of a step of `micro_batches`
+    /// micro-batches, when the pipeline lets stages defer work
+    /// ([`PipelineConfig::defer_weight_gradients`](super::PipelineConfig)): work that does not
+    /// feed the backward pass (weight gradients) may then wait for [`end_step`](Self::end_step).
+    /// The default defers nothing.
+    fn begin_step(&mut self, micro_batches: usize) {
+        let _ = micro_batches;
+    }
+
+    /// Called on the stage's thread after the last backward pass of a step begun with
+    /// [`begin_step`](Self::begin_step): finishes the deferred work, so that
+    /// [`take_grads`](Self::take_grads) includes it. Returns how many parameters' gradients
+    /// were deferred.
+    fn end_step(&mut self) -> usize {
+        0
+    }
+
+    /// Drops the deferred work of a step that failed.
+    fn abort_step(&mut self) {}
+
     /// The gradients summed since the last call, keyed by parameter id (on the stage's
     /// device), for the optimizer; the sum starts again from zero.
     fn take_grads(&mut self) -> GradientsParams;
@@ -127,6 +150,10 @@ pub struct ModuleStage<M, F, const I: usize, const O: usize> {
     forward: F,
     accumulated: GradientsAccumulator<M>,
     device: Device,
+    /// This step's deferrable weights (their autodiff nodes) and their parameters.
+    deferrable: HashMap<NodeKey, ParamId>,
+    /// Weight gradients computed by [`PipelineStage::end_step`], not yet taken.
+    deferred: HashMap<ParamId, Vec<f32>>,
 }
 
 impl<M, F, const I: usize, const O: usize> ModuleStage<M, F, I, O>
@@ -142,6 +169,8 @@ where
             forward,
             accumulated: GradientsAccumulator::new(),
             device,
+            deferrable: HashMap::new(),
+            deferred: HashMap::new(),
         }
     }
 
@@ -248,8 +277,75 @@ where
         self.accumulated.accumulate(&self.model, params);
     }
 
+    fn begin_step(&mut self, micro_batches: usize) {
+        /// The rank-4 (convolution weight) parameters tracked on Flex.
+        struct Weights(HashMap<NodeKey, ParamId>);
+        impl ModuleVisitor for Weights {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                if D == 4
+                    && let Some(key) = step::node_key(&param.val())
+                {
+                    self.0.insert(key, param.id);
+                }
+            }
+        }
+        let mut weights = Weights(HashMap::new());
+        self.model.visit(&mut weights);
+        step::start(weights.0.keys().copied(), micro_batches);
+        self.deferrable = weights.0;
+    }
+
+    fn end_step(&mut self) -> usize {
+        let finished = step::finish();
+        let count = finished.len();
+        for (key, values) in finished {
+            if let Some(&id) = self.deferrable.get(&key) {
+                self.deferred.insert(id, values);
+            }
+        }
+        self.deferrable.clear();
+        count
+    }
+
+    fn abort_step(&mut self) {
+        step::discard();
+        self.deferrable.clear();
+        self.deferred.clear();
+    }
+
     fn take_grads(&mut self) -> GradientsParams {
-        self.accumulated.grads()
+        /// Adds the deferred weight gradients to the summed ones.
+        struct AddDeferred<'a> {
+            deferred: &'a mut HashMap<ParamId, Vec<f32>>,
+            grads: GradientsParams,
+        }
+        impl ModuleVisitor for AddDeferred<'_> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                let Some(values) = self.deferred.remove(&param.id) else {
+                    return;
+                };
+                let device = param.lazy_device().without_autodiff();
+                let data = TensorData::new(values, param.lazy_shape());
+                let deferred = Tensor::<D>::from_data(data, &device);
+                let sum = match self.grads.remove::<D>(param.id) {
+                    Some(grad) => grad + deferred,
+                    None => deferred,
+                };
+                self.grads.register(param.id, sum);
+            }
+        }
+        let grads = self.accumulated.grads();
+        if self.deferred.is_empty() {
+            return grads;
+        }
+        let mut add = AddDeferred {
+            deferred: &mut self.deferred,
+            grads,
+        };
+        self.model.visit(&mut add);
+        let grads = add.grads;
+        self.deferred.clear();
+        grads
     }
 }
 

@@ -182,6 +182,7 @@ fn config(schedule: PipelineSchedule, micro: usize) -> PipelineConfig {
         micro_batches: NonZeroUsize::new(micro).unwrap(),
         timeout: Duration::from_secs(30),
         threads_per_stage: None,
+        defer_weight_gradients: true,
     }
 }
 
@@ -450,4 +451,147 @@ fn batch_norm_running_statistics_follow_one_device_with_one_micro_batch() {
         &flatten_params(&piped).unwrap(),
     );
     assert!(params < 1e-5, "parameters differ by {params}");
+}
+
+/// A stage of 3x3 convolutions on 2x2 and 1x1 maps with kiln's kernels, like ResNet's
+/// `layer3`/`layer4` at a 32x32 input: weights much larger than the activations (the pipeline
+/// defers their gradients to the end of the step) and kernels with taps that never meet the
+/// input (cut once per step).
+#[derive(Module, Debug)]
+struct SmallMaps {
+    down: Conv2d,
+    same: Conv2d,
+    to_one: Conv2d,
+    one: Conv2d,
+    fc: Linear,
+    relu: Relu,
+}
+
+impl SmallMaps {
+    fn new(device: &Device) -> Self {
+        let conv = |c_in, stride| {
+            Conv2dConfig::new([c_in, 48], [3, 3])
+                .with_stride([stride, stride])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(device)
+        };
+        Self {
+            down: conv(4, 2),
+            same: conv(48, 1),
+            to_one: conv(48, 2),
+            one: conv(48, 1),
+            fc: LinearConfig::new(48, CLASSES).init(device),
+            relu: Relu::new(),
+        }
+    }
+
+    /// `[batch, 4, 4, 4]` -> 2x2 -> 2x2 -> 1x1 -> 1x1 -> logits.
+    fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let mut x = x;
+        for conv in [&self.down, &self.same, &self.to_one, &self.one] {
+            x = self.relu.forward(kiln_kernels::conv2d(conv, x));
+        }
+        let [b, c, ..] = x.dims();
+        self.fc.forward(x.reshape([b, c]))
+    }
+}
+
+/// The first stage in front of [`SmallMaps`]: a convolution on the 8x8 input, then 2x2 pooling.
+#[derive(Module, Debug)]
+struct Stem {
+    conv: Conv2d,
+    pool: MaxPool2d,
+}
+
+impl Stem {
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        self.pool.forward(kiln_kernels::conv2d(&self.conv, x))
+    }
+}
+
+#[derive(Module, Debug)]
+struct StemAndSmallMaps {
+    stem: Stem,
+    rest: SmallMaps,
+}
+
+impl StemAndSmallMaps {
+    fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        self.rest.forward(self.stem.forward(x))
+    }
+}
+
+#[test]
+fn deferred_weight_gradients_match_one_device_for_10_steps() {
+    let device = device();
+    let init = StemAndSmallMaps {
+        stem: Stem {
+            conv: Conv2dConfig::new([1, 4], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(&device),
+            pool: MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init(),
+        },
+        rest: SmallMaps::new(&device),
+    };
+    let data = batches(10);
+    let single = {
+        let mut model = init.clone().fork(&device);
+        let mut optimizer = sgd();
+        let loss_fn = CrossEntropyLossConfig::new().init(&device);
+        for (x, y) in &data {
+            let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optimizer.step(LR, model, grads);
+        }
+        flatten_params(&model).unwrap()
+    };
+    for (schedule, m, defer) in [
+        (PipelineSchedule::GPipe, 4, true),
+        (PipelineSchedule::OneFOneB, 4, true),
+        (PipelineSchedule::OneFOneB, 8, true),
+        (PipelineSchedule::OneFOneB, 4, false),
+        (PipelineSchedule::Naive, 1, true),
+    ] {
+        let config = PipelineConfig {
+            defer_weight_gradients: defer,
+            ..config(schedule, m)
+        };
+        let pipeline = Pipeline::new(NonZeroUsize::new(2).unwrap(), config).unwrap();
+        let mut model = init.clone().fork(&device);
+        let mut optimizer = sgd();
+        for (x, y) in &data {
+            let mut parts: Vec<Box<dyn PipelineStage>> = vec![
+                Box::new(ModuleStage::new(
+                    "stem",
+                    model.stem.clone(),
+                    Stem::forward,
+                    device.clone(),
+                )),
+                Box::new(ModuleStage::new(
+                    "small maps",
+                    model.rest.clone(),
+                    SmallMaps::forward,
+                    device.clone(),
+                )),
+            ];
+            let report = pipeline
+                .run(&mut parts, Activation::Rank4(x.clone()), y.clone())
+                .unwrap();
+            // Deferred: the three 48 -> 48 convolutions (weights of 20,736 values; at most
+            // 4 x 4 x 48 x 4 input and output values per micro-batch). Not deferred: the stem
+            // and `down` (4 input channels), whose weights are smaller than the activations
+            // they would keep; nothing with one micro-batch or with deferral off.
+            let expected = if defer && m > 1 {
+                vec![0, 3]
+            } else {
+                vec![0, 0]
+            };
+            assert_eq!(report.deferred_gradients, expected, "{schedule:?} m={m}");
+            let grads = merge_grads(&model, &mut parts);
+            model = optimizer.step(LR, model, grads);
+        }
+        let diff = max_abs_diff(&flatten_params(&model).unwrap(), &single);
+        eprintln!("{schedule:?} m={m} defer={defer}: max |delta param| after 10 steps = {diff:e}");
+        assert!(diff <= 1e-5, "{schedule:?} m={m} defer={defer}: {diff}");
+    }
 }
