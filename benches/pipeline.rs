@@ -4,7 +4,10 @@
 //!   of micro-batch activations each stage held; training throughput of the naive split, GPipe
 //!   and 1F1B (m = 4) against one device using both cores;
 //! - ResNet-18 (batch 32 at 32x32, 10 classes, stem..layer2 | layer3..fc): the same throughput
-//!   comparison, 1F1B also at m = 2 (fewer, larger micro-batches).
+//!   comparison for GPipe at m = 2, 4 and 1F1B at m = 2, 4, 8, and 1F1B m = 4 once more with
+//!   every micro-batch's weight gradients computed and summed as they come
+//!   (`defer_weight_gradients: false`, the A/B of the deferral); `deferred_gradients_per_stage`
+//!   says how many weights each stage deferred.
 //!
 //! Configurations are interleaved step by step so that machine noise hits them alike; medians
 //! are reported. Prints one JSON object.
@@ -279,6 +282,12 @@ fn main() -> anyhow::Result<()> {
             Some((PipelineSchedule::OneFOneB, 2, true)),
         ),
         Runner::new(
+            "gpipe m=2",
+            net(),
+            resnet_arch(),
+            Some((PipelineSchedule::GPipe, 2, true)),
+        ),
+        Runner::new(
             "gpipe m=4",
             net(),
             resnet_arch(),
@@ -289,6 +298,12 @@ fn main() -> anyhow::Result<()> {
             net(),
             resnet_arch(),
             Some((PipelineSchedule::OneFOneB, 4, true)),
+        ),
+        Runner::new(
+            "1f1b m=8",
+            net(),
+            resnet_arch(),
+            Some((PipelineSchedule::OneFOneB, 8, true)),
         ),
         Runner::new(
             "1f1b m=4, weight gradients per micro-batch",
