@@ -254,8 +254,9 @@ impl Pipeline {
 }
 
 /// The gradients of every stage as one [`GradientsParams`] for `model`'s optimizer, each moved
-/// to its parameter's device. The stages must have been built from `model`'s parameters
-/// (same ids); their sums start again from zero.
+/// to its parameter's device (summed over the stages that share a parameter, e.g. tied
+/// weights). The stages must have been built from `model`'s parameters (same ids); their sums
+/// start again from zero.
 pub fn merge_grads<M: Module>(model: &M, stages: &mut [Box<dyn PipelineStage>]) -> GradientsParams {
     struct Merge {
         parts: Vec<GradientsParams>,
@@ -263,9 +264,16 @@ pub fn merge_grads<M: Module>(model: &M, stages: &mut [Box<dyn PipelineStage>]) 
     }
     impl ModuleVisitor for Merge {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if let Some(grad) = self.parts.iter_mut().find_map(|p| p.remove::<D>(param.id)) {
-                let device = param.lazy_device().without_autodiff();
-                self.merged.register(param.id, grad.to_device(&device));
+            // A parameter shared by several stages (tied weights) gets the sum of their parts.
+            let device = param.lazy_device().without_autodiff();
+            let sum = self
+                .parts
+                .iter_mut()
+                .filter_map(|p| p.remove::<D>(param.id))
+                .map(|grad| grad.to_device(&device))
+                .reduce(|sum, grad| sum + grad);
+            if let Some(sum) = sum {
+                self.merged.register(param.id, sum);
             }
         }
     }

@@ -595,3 +595,107 @@ fn deferred_weight_gradients_match_one_device_for_10_steps() {
         assert!(diff <= 1e-5, "{schedule:?} m={m} defer={defer}: {diff}");
     }
 }
+
+/// A layer applied in both stages (tied weights): its gradient is the sum of both stages'.
+#[derive(Module, Debug)]
+struct Tied {
+    shared: Linear,
+    head: Linear,
+    relu: Relu,
+}
+
+#[derive(Module, Debug)]
+struct TiedFirst {
+    shared: Linear,
+    relu: Relu,
+}
+
+impl TiedFirst {
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        self.relu.forward(self.shared.forward(x))
+    }
+}
+
+impl Tied {
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let first = TiedFirst {
+            shared: self.shared.clone(),
+            relu: self.relu.clone(),
+        };
+        self.head.forward(first.forward(first.forward(x)))
+    }
+}
+
+#[test]
+fn a_layer_shared_by_two_stages_gets_both_gradients() {
+    let device = device();
+    let init = Tied {
+        shared: LinearConfig::new(12, 12).init(&device),
+        head: LinearConfig::new(12, CLASSES).init(&device),
+        relu: Relu::new(),
+    };
+    let mut rng = StdRng::seed_from_u64(5);
+    let data: Vec<(Tensor<2>, Tensor<1, Int>)> = (0..10)
+        .map(|_| {
+            let x: Vec<f32> = (0..BATCH * 12)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let y: Vec<i64> = (0..BATCH)
+                .map(|_| rng.random_range(0..CLASSES as i64))
+                .collect();
+            (
+                Tensor::<2>::from_data(TensorData::new(x, [BATCH, 12]), &device),
+                Tensor::<1, Int>::from_data(TensorData::new(y, [BATCH]), &device),
+            )
+        })
+        .collect();
+    let single = {
+        let mut model = init.clone().fork(&device);
+        let mut optimizer = sgd();
+        let loss_fn = CrossEntropyLossConfig::new().init(&device);
+        for (x, y) in &data {
+            let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optimizer.step(LR, model, grads);
+        }
+        flatten_params(&model).unwrap()
+    };
+    let pipeline = Pipeline::new(
+        NonZeroUsize::new(2).unwrap(),
+        config(PipelineSchedule::OneFOneB, 4),
+    )
+    .unwrap();
+    let mut model = init.fork(&device);
+    let mut optimizer = sgd();
+    for (x, y) in &data {
+        let first = TiedFirst {
+            shared: model.shared.clone(),
+            relu: model.relu.clone(),
+        };
+        let mut parts: Vec<Box<dyn PipelineStage>> = vec![
+            Box::new(ModuleStage::new(
+                "first",
+                first.clone(),
+                TiedFirst::forward,
+                device.clone(),
+            )),
+            Box::new(ModuleStage::new(
+                "second",
+                Tied {
+                    shared: model.shared.clone(),
+                    head: model.head.clone(),
+                    relu: model.relu.clone(),
+                },
+                |m: &Tied, x: Tensor<2>| m.head.forward(m.relu.forward(m.shared.forward(x))),
+                device.clone(),
+            )),
+        ];
+        pipeline
+            .run(&mut parts, Activation::Rank2(x.clone()), y.clone())
+            .unwrap();
+        let grads = merge_grads(&model, &mut parts);
+        model = optimizer.step(LR, model, grads);
+    }
+    let diff = max_abs_diff(&flatten_params(&model).unwrap(), &single);
+    assert!(diff <= 1e-5, "tied weights: {diff}");
+}
