@@ -267,51 +267,33 @@ fn main() -> anyhow::Result<()> {
     // ResNet-18, batch 32 at 32x32.
     let resnet_steps = (steps / 2).max(2);
     let net = || ResNet::new(ResNetDepth::R18, 10, &device);
-    let mut resnet_runners = vec![
-        Runner::new("one device, 2 threads", net(), resnet_arch(), None),
-        Runner::new(
-            "naive split",
-            net(),
-            resnet_arch(),
-            Some((PipelineSchedule::Naive, 1, true)),
-        ),
-        Runner::new(
-            "1f1b m=2",
-            net(),
-            resnet_arch(),
-            Some((PipelineSchedule::OneFOneB, 2, true)),
-        ),
-        Runner::new(
-            "gpipe m=2",
-            net(),
-            resnet_arch(),
-            Some((PipelineSchedule::GPipe, 2, true)),
-        ),
-        Runner::new(
-            "gpipe m=4",
-            net(),
-            resnet_arch(),
-            Some((PipelineSchedule::GPipe, 4, true)),
-        ),
-        Runner::new(
-            "1f1b m=4",
-            net(),
-            resnet_arch(),
-            Some((PipelineSchedule::OneFOneB, 4, true)),
-        ),
-        Runner::new(
-            "1f1b m=8",
-            net(),
-            resnet_arch(),
-            Some((PipelineSchedule::OneFOneB, 8, true)),
-        ),
-        Runner::new(
+    let mut resnet_runners = vec![Runner::new(
+        "one device, 2 threads",
+        net(),
+        resnet_arch(),
+        None,
+    )];
+    for (name, schedule, m, defer) in [
+        ("naive split", PipelineSchedule::Naive, 1, true),
+        ("1f1b m=2", PipelineSchedule::OneFOneB, 2, true),
+        ("gpipe m=2", PipelineSchedule::GPipe, 2, true),
+        ("gpipe m=4", PipelineSchedule::GPipe, 4, true),
+        ("1f1b m=4", PipelineSchedule::OneFOneB, 4, true),
+        ("1f1b m=8", PipelineSchedule::OneFOneB, 8, true),
+        (
             "1f1b m=4, weight gradients per micro-batch",
+            PipelineSchedule::OneFOneB,
+            4,
+            false,
+        ),
+    ] {
+        resnet_runners.push(Runner::new(
+            name,
             net(),
             resnet_arch(),
-            Some((PipelineSchedule::OneFOneB, 4, false)),
-        ),
-    ];
+            Some((schedule, m, defer)),
+        ));
+    }
     let resnet_batches: Vec<_> = (0..=resnet_steps)
         .map(|step| {
             let images = Tensor::<4>::random(

@@ -118,19 +118,9 @@ fn conv_shape(
     }
 }
 
+/// The convolution of `x`; with `weight_node`, the autodiff node whose values `weight` holds, a
+/// pipeline step reuses the weight's cut kernel ([`step::cut_kernel`]).
 fn conv_forward(
-    x: FlexTensor,
-    weight: FlexTensor,
-    bias: FlexTensor,
-    stride: [usize; 2],
-    padding: [usize; 2],
-) -> FlexTensor {
-    conv_forward_with(x, weight, bias, stride, padding, None)
-}
-
-/// [`conv_forward`] of the autodiff node `weight_node`'s values: a pipeline step reuses the
-/// weight's cut kernel ([`step::cut_kernel`]).
-fn conv_forward_with(
     x: FlexTensor,
     weight: FlexTensor,
     bias: FlexTensor,
@@ -283,7 +273,7 @@ impl CpuKernels for Flex {
         stride: [usize; 2],
         padding: [usize; 2],
     ) -> FlexTensor {
-        conv_forward(x, weight, bias, stride, padding)
+        conv_forward(x, weight, bias, stride, padding, None)
     }
 
     fn kiln_max_pool2d(
@@ -630,7 +620,7 @@ impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
                 let x_state = prep.checkpoint(&x);
                 let weight_state = prep.checkpoint(&weight);
                 let weight_node = weight.id();
-                let out = conv_forward_with(
+                let out = conv_forward(
                     x.into_primitive(),
                     weight.into_primitive(),
                     bias.into_primitive(),
@@ -646,6 +636,7 @@ impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
                 bias.into_primitive(),
                 stride,
                 padding,
+                None,
             )),
         }
     }

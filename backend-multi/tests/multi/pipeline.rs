@@ -128,11 +128,20 @@ fn batches(steps: usize) -> Vec<(Tensor<4>, Tensor<1, Int>)> {
 }
 
 fn train_single(init: &Whole, data: &[(Tensor<4>, Tensor<1, Int>)]) -> Vec<f32> {
+    train_one_device(init, Whole::forward, data)
+}
+
+/// The parameters of `init` after one plain SGD step per batch of `data` on one device.
+fn train_one_device<M: Module, const D: usize>(
+    init: &M,
+    forward: fn(&M, Tensor<D>) -> Tensor<2>,
+    data: &[(Tensor<D>, Tensor<1, Int>)],
+) -> Vec<f32> {
     let mut model = init.clone().fork(&device());
     let mut optimizer = sgd();
     let loss_fn = CrossEntropyLossConfig::new().init(&device());
     for (x, y) in data {
-        let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
+        let loss = loss_fn.forward(forward(&model, x.clone()), y.clone());
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optimizer.step(LR, model, grads);
     }
@@ -534,17 +543,7 @@ fn deferred_weight_gradients_match_one_device_for_10_steps() {
         rest: SmallMaps::new(&device),
     };
     let data = batches(10);
-    let single = {
-        let mut model = init.clone().fork(&device);
-        let mut optimizer = sgd();
-        let loss_fn = CrossEntropyLossConfig::new().init(&device);
-        for (x, y) in &data {
-            let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optimizer.step(LR, model, grads);
-        }
-        flatten_params(&model).unwrap()
-    };
+    let single = train_one_device(&init, StemAndSmallMaps::forward, &data);
     for (schedule, m, defer) in [
         (PipelineSchedule::GPipe, 4, true),
         (PipelineSchedule::OneFOneB, 4, true),
@@ -649,17 +648,7 @@ fn a_layer_shared_by_two_stages_gets_both_gradients() {
             )
         })
         .collect();
-    let single = {
-        let mut model = init.clone().fork(&device);
-        let mut optimizer = sgd();
-        let loss_fn = CrossEntropyLossConfig::new().init(&device);
-        for (x, y) in &data {
-            let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optimizer.step(LR, model, grads);
-        }
-        flatten_params(&model).unwrap()
-    };
+    let single = train_one_device(&init, Tied::forward, &data);
     let pipeline = Pipeline::new(
         NonZeroUsize::new(2).unwrap(),
         config(PipelineSchedule::OneFOneB, 4),
