@@ -141,7 +141,7 @@ fn conv_forward(
         &s,
         x.storage::<f32>(),
         values,
-        cut.as_deref().map(Vec::as_slice),
+        cut.as_deref(),
         Some(bias.storage::<f32>()),
         &mut out,
     );
@@ -360,13 +360,7 @@ impl Backward<Flex, 3> for Conv2dBackward {
             let cut = node_weight
                 .as_ref()
                 .and_then(|node| step::cut_kernel(node.id, &s, values));
-            conv::conv2d_backward_input_cut(
-                &s,
-                values,
-                cut.as_deref().map(Vec::as_slice),
-                grad_out,
-                &mut grad_x,
-            );
+            conv::conv2d_backward_input_cut(&s, values, cut.as_deref(), grad_out, &mut grad_x);
             let shape = vec![s.batch, s.channels_in, s.height, s.width];
             grads.register::<Flex>(node.id, new_f32(grad_x, shape));
         }

@@ -60,53 +60,54 @@ struct Kept {
     grad_out: FlexTensor,
 }
 
-struct Deferral {
+/// A step open on one thread: its weights, the micro-batches kept for their gradients, their
+/// cut kernels.
+struct OpenStep {
     weights: HashSet<NodeKey>,
     micro_batches: usize,
     kept: HashMap<NodeKey, Vec<Kept>>,
     /// Cut kernels ([`conv::cut_kernel`]) of the listed weights, by weight and geometry
     /// (batch size 0): made by the first micro-batch, reused by the others.
-    cuts: HashMap<(NodeKey, Conv2dShape), Arc<Vec<f32>>>,
+    cuts: HashMap<(NodeKey, Conv2dShape), Arc<[f32]>>,
 }
 
 thread_local! {
-    static DEFERRAL: RefCell<Option<Deferral>> = const { RefCell::new(None) };
+    static STEP: RefCell<Option<OpenStep>> = const { RefCell::new(None) };
 }
 
-/// Starts deferring, on this thread, the weight gradients of the convolution weights `weights`
-/// over a step of `micro_batches` micro-batches (see the module docs). Anything kept by an
-/// earlier [`start`] that was not [`finish`]ed is dropped.
+/// Opens a step of `micro_batches` micro-batches on this thread for the convolution weights
+/// `weights` (see the module docs): their gradients may be deferred, their cut kernels are
+/// kept. Anything kept by an earlier [`start`] that was not [`finish`]ed is dropped.
 pub fn start(weights: impl IntoIterator<Item = NodeKey>, micro_batches: usize) {
-    let deferral = Deferral {
+    let step = OpenStep {
         weights: weights.into_iter().collect(),
         micro_batches: micro_batches.max(1),
         kept: HashMap::new(),
         cuts: HashMap::new(),
     };
-    DEFERRAL.with(|d| *d.borrow_mut() = Some(deferral));
+    STEP.with(|d| *d.borrow_mut() = Some(step));
 }
 
-/// Stops deferring on this thread and drops what was kept (a step that failed).
+/// Closes the step on this thread and drops what it kept (a step that failed).
 pub fn discard() {
-    DEFERRAL.with(|d| d.borrow_mut().take());
+    STEP.with(|d| d.borrow_mut().take());
 }
 
 /// Whether a step is open on this thread.
 #[cfg(test)]
 fn is_active() -> bool {
-    DEFERRAL.with(|d| d.borrow().is_some())
+    STEP.with(|d| d.borrow().is_some())
 }
 
-/// Stops deferring on this thread and returns the weight gradient of every weight that had
+/// Closes the step on this thread and returns the weight gradient of every weight that had
 /// micro-batches kept, summed over them: `(key, values)` with the weight's own length and
 /// layout (`[C_out, C_in, kh, kw]`). Weights listed in [`start`] but never deferred are absent:
 /// their gradients went through Burn's graph as usual.
 pub fn finish() -> Vec<(NodeKey, Vec<f32>)> {
-    let Some(deferral) = DEFERRAL.with(|d| d.borrow_mut().take()) else {
+    let Some(step) = STEP.with(|d| d.borrow_mut().take()) else {
         return Vec::new();
     };
-    deferral
-        .kept
+    step.kept
         .into_iter()
         .map(|(key, kept)| (key, weight_gradient(&kept)))
         .collect()
@@ -156,28 +157,28 @@ fn weight_gradient(kept: &[Kept]) -> Vec<f32> {
 }
 
 /// The cut kernel of `weight` (`values`) for a convolution of shape `s`, kept for the rest of
-/// the step: `Some` when deferral is on for this thread, lists `weight`, and `s` cuts taps
+/// the step: `Some` when a step is open on this thread, lists `weight`, and `s` cuts taps
 /// ([`conv::cut_kernel`]); the listed weights do not change during a step.
-pub(crate) fn cut_kernel(weight: NodeId, s: &Conv2dShape, values: &[f32]) -> Option<Arc<Vec<f32>>> {
-    DEFERRAL.with(|d| {
+pub(crate) fn cut_kernel(weight: NodeId, s: &Conv2dShape, values: &[f32]) -> Option<Arc<[f32]>> {
+    STEP.with(|d| {
         let mut d = d.borrow_mut();
-        let deferral = d.as_mut()?;
+        let step = d.as_mut()?;
         let key = NodeKey(weight.value);
-        if !deferral.weights.contains(&key) {
+        if !step.weights.contains(&key) {
             return None;
         }
         let geometry = Conv2dShape { batch: 0, ..*s };
-        if let Some(cut) = deferral.cuts.get(&(key, geometry)) {
+        if let Some(cut) = step.cuts.get(&(key, geometry)) {
             return Some(cut.clone());
         }
-        let cut = Arc::new(conv::cut_kernel(s, values)?);
-        deferral.cuts.insert((key, geometry), cut.clone());
+        let cut: Arc<[f32]> = conv::cut_kernel(s, values)?.into();
+        step.cuts.insert((key, geometry), cut.clone());
         Some(cut)
     })
 }
 
 /// Called by the convolution backward for a weight node: keeps `x` and `grad_out` (contiguous)
-/// and returns `true` when deferral is on for this thread, lists `weight`, and the kept data
+/// and returns `true` when a step is open on this thread, lists `weight`, and the kept data
 /// stays within the weight's size; else `false` (the caller computes the gradient now).
 pub(crate) fn defer(
     weight: NodeId,
@@ -185,19 +186,17 @@ pub(crate) fn defer(
     x: &FlexTensor,
     grad_out: &FlexTensor,
 ) -> bool {
-    DEFERRAL.with(|d| {
+    STEP.with(|d| {
         let mut d = d.borrow_mut();
-        let Some(deferral) = d.as_mut() else {
+        let Some(step) = d.as_mut() else {
             return false;
         };
         let key = NodeKey(weight.value);
         let kept_len = shape.batch * (shape.input_sample() + shape.output_sample());
-        if !deferral.weights.contains(&key)
-            || deferral.micro_batches * kept_len > shape.weight_len()
-        {
+        if !step.weights.contains(&key) || step.micro_batches * kept_len > shape.weight_len() {
             return false;
         }
-        deferral.kept.entry(key).or_default().push(Kept {
+        step.kept.entry(key).or_default().push(Kept {
             shape: *shape,
             x: x.clone(),
             grad_out: grad_out.clone(),
@@ -309,7 +308,7 @@ mod tests {
         let first = cut_kernel(listed, &s, &weight).expect("a 1x1 map cuts taps");
         let again = cut_kernel(listed, &s, &weight).expect("kept");
         assert!(Arc::ptr_eq(&first, &again));
-        assert_eq!(Some(first.as_ref().clone()), conv::cut_kernel(&s, &weight));
+        assert_eq!(Some(first.to_vec()), conv::cut_kernel(&s, &weight));
         assert!(
             cut_kernel(listed, &wide, &weight).is_none(),
             "no taps cut at 8x8"
