@@ -42,7 +42,7 @@ const STAGES: usize = 2;
 
 /// SGD with momentum 0.9, as the trainer runs it.
 fn sgd() -> ModuleOptimizer {
-    TrainerConfig::default().optimizer()
+    TrainerConfig::default().build_optimizer()
 }
 
 /// How a benchmarked model runs whole and split into stages.

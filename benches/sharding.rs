@@ -20,10 +20,7 @@ use serde_json::{Value, json};
 fn main() -> anyhow::Result<()> {
     let device = Device::flex().autodiff();
     let model = ResNet::new(ResNetDepth::R18, 1000, &device);
-    let sgd = FlatOptimizer::SgdMomentum {
-        momentum: 0.9,
-        dampening: 0.0,
-    };
+    let sgd = FlatOptimizer::sgd_momentum(0.9);
     let mut rows: Vec<Value> = Vec::new();
     for optimizer in [sgd, FlatOptimizer::ADAM] {
         for stage in [ZeroStage::One, ZeroStage::Two] {

@@ -35,7 +35,7 @@ const LR: f64 = 0.01;
 
 /// SGD with momentum 0.9, as the trainer runs it.
 fn sgd() -> ModuleOptimizer {
-    TrainerConfig::default().optimizer()
+    TrainerConfig::default().build_optimizer()
 }
 
 fn batch_indices(step: usize) -> Vec<usize> {

@@ -66,7 +66,7 @@ impl ResNetBench {
         let device = device.clone().autodiff();
         Self {
             model: Some(ResNet::new(ResNetDepth::R18, 1000, &device)),
-            optimizer: TrainerConfig::default().optimizer(),
+            optimizer: TrainerConfig::default().build_optimizer(),
             device,
         }
     }

@@ -526,7 +526,7 @@ fn train_report(
         run_dir,
         checkpoint: fit.last_checkpoint.clone(),
         epochs: fit.history.len(),
-        test_accuracy: last.map_or(0.0, |m| m.test_accuracy),
+        test_accuracy: last.and_then(|m| m.test_accuracy).unwrap_or(0.0),
         test_loss: last.map_or(f64::NAN, |m| m.test_loss),
         train_loss: last.map_or(f64::NAN, |m| m.train_loss),
         samples_per_sec: fit.samples_per_sec(),

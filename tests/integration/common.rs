@@ -29,13 +29,21 @@ pub fn npy(path: &Path) -> NpyArray {
     read_npy_f32(path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
 }
 
-/// Largest absolute difference between two equally long slices.
+/// Largest absolute difference between two equally long slices. NaN when either holds a NaN at
+/// the same place or the difference is one (`f32::max` would drop it), so a `< tolerance`
+/// check fails on NaN.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "lengths differ");
     a.iter()
         .zip(b)
         .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+        .fold(0.0, |max, d| {
+            if max.is_nan() || d.is_nan() {
+                f32::NAN
+            } else {
+                max.max(d)
+            }
+        })
 }
 
 /// Decompresses a gzip stream.
@@ -157,4 +165,13 @@ impl ImageDataset for ArrayDataset {
         pixels.copy_from_slice(&self.pixels[index * size..(index + 1) * size]);
         self.labels[index]
     }
+}
+
+#[test]
+fn max_abs_diff_reports_nan_so_tolerance_checks_fail() {
+    let diff = max_abs_diff(&[1.0, f32::NAN, 2.0], &[1.0, 0.0, 2.0]);
+    assert!(diff.is_nan(), "{diff}");
+    let all_nan = max_abs_diff(&[f32::NAN; 3], &[f32::NAN; 3]);
+    assert!(all_nan.is_nan() && all_nan.partial_cmp(&1e-5).is_none());
+    assert_eq!(max_abs_diff(&[1.0, -2.0], &[1.5, -2.0]), 0.5);
 }

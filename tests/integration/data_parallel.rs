@@ -68,7 +68,11 @@ fn fit_with(
     let params = flatten_params(&model).unwrap();
     (
         params,
-        vec![metrics.test_loss, metrics.test_accuracy, metrics.train_loss],
+        vec![
+            metrics.test_loss,
+            metrics.test_accuracy.unwrap_or(f64::NAN),
+            metrics.train_loss,
+        ],
     )
 }
 

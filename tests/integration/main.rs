@@ -19,6 +19,7 @@ mod cli;
 mod common;
 mod data_parallel;
 mod finetune;
+mod general;
 mod kernels;
 mod launch;
 mod parity;

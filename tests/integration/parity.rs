@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use kiln::models::{SimpleCnn, SimpleCnnConfig, load_weights};
 use kiln::trainer::report::Verbosity;
-use kiln::trainer::{Execution, RunLabels, TrainData, Trainer, TrainerConfig};
+use kiln::trainer::{Execution, OptimizerConfig, RunLabels, TrainData, Trainer, TrainerConfig};
 
 use crate::common::{
     ArrayDataset, assert_clean_failure, fixture, gunzip, kiln, kiln_ok, last_json, max_abs_diff,
@@ -59,9 +59,9 @@ fn three_sgd_momentum_steps_match_pytorch() {
         batch_size: 64,
         eval_batch_size: 64,
         lr: 0.01,
-        momentum: 0.9,
+        optimizer: OptimizerConfig::sgd(0.9),
         seed: 5,
-        lr_groups: Vec::new(),
+        ..TrainerConfig::default()
     };
     let run = tempfile::tempdir().unwrap();
     let labels = RunLabels {

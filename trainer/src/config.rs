@@ -1,9 +1,13 @@
+use std::num::NonZeroUsize;
+
 use burn::optim::ModuleOptimizer;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
+use crate::optim::{LrSchedule, OptimizerConfig};
 
-/// Hyper-parameters of a training run: SGD with momentum over a shuffled data set.
+/// Hyper-parameters of a training run: an optimizer, its learning-rate schedule, clipping and
+/// accumulation, over a shuffled data set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainerConfig {
     /// Total epochs to train (a resumed run continues up to this number).
@@ -12,10 +16,22 @@ pub struct TrainerConfig {
     pub batch_size: usize,
     /// Samples per forward pass during evaluation.
     pub eval_batch_size: usize,
-    /// SGD learning rate.
+    /// Base learning rate (the schedule's peak).
     pub lr: f64,
-    /// SGD momentum (PyTorch's `momentum`, no dampening, no Nesterov).
-    pub momentum: f64,
+    /// The optimizer (default: SGD with momentum 0.9). Checkpoints from before this field
+    /// held `momentum` alone, always 0.9: they read as the default.
+    #[serde(default)]
+    pub optimizer: OptimizerConfig,
+    /// How the learning rate changes over the optimizer steps.
+    #[serde(default)]
+    pub schedule: LrSchedule,
+    /// Clip the (synchronised) gradient to this global L2 norm before each step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_grad_norm: Option<f64>,
+    /// Batches whose gradients are averaged into one optimizer step (gradient accumulation);
+    /// the effective batch is `batch_size * accumulation_steps`.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub accumulation_steps: NonZeroUsize,
     /// Seed of the model initialisation and of the per-epoch shuffles.
     pub seed: u64,
     /// Parameters whose path starts with a group's prefix train with that group's learning
@@ -42,7 +58,10 @@ impl Default for TrainerConfig {
             batch_size: 64,
             eval_batch_size: 256,
             lr: 0.01,
-            momentum: 0.9,
+            optimizer: OptimizerConfig::default(),
+            schedule: LrSchedule::Constant,
+            clip_grad_norm: None,
+            accumulation_steps: NonZeroUsize::MIN,
             seed: 42,
             lr_groups: Vec::new(),
         }
@@ -50,21 +69,17 @@ impl Default for TrainerConfig {
 }
 
 impl TrainerConfig {
-    /// The optimizer the trainer runs: SGD with `momentum` (no dampening, not Nesterov, no
-    /// weight decay), as PyTorch's `SGD(lr, momentum)`; kiln's [`Sgd`](crate::optim::Sgd), which
-    /// computes what Burn's `Sgd` does, in one in-place pass per parameter on the CPU.
-    pub fn optimizer(&self) -> ModuleOptimizer {
-        ModuleOptimizer::from(crate::optim::Sgd {
-            momentum: self.momentum,
-            dampening: 0.0,
-        })
+    /// The optimizer the trainer runs when replicated: [`OptimizerConfig::build`].
+    pub fn build_optimizer(&self) -> ModuleOptimizer {
+        self.optimizer.build()
     }
 
     /// Checks every field, naming the flag of the first bad one.
     ///
     /// # Errors
     /// [`TrainError::Config`] for a zero epoch count or batch size, a learning rate that is
-    /// not a positive finite number, or a momentum outside `[0, 1)`.
+    /// not a positive finite number, a bad optimizer hyper-parameter or schedule, or a
+    /// clipping norm that is not positive.
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &'static str, reason: String| Err(TrainError::Config { field, reason });
         if self.epochs == 0 {
@@ -95,13 +110,28 @@ impl TrainerConfig {
                 ),
             );
         }
-        if !(0.0..1.0).contains(&self.momentum) {
-            return bad(
-                "--momentum",
-                format!("must be in [0, 1), got {}", self.momentum),
-            );
+        if let Some(norm) = self.clip_grad_norm
+            && !(norm.is_finite() && norm > 0.0)
+        {
+            return bad("--clip-grad-norm", format!("must be positive, got {norm}"));
         }
-        Ok(())
+        self.optimizer.validate()?;
+        self.schedule.validate(self.lr)
+    }
+}
+
+fn one() -> NonZeroUsize {
+    NonZeroUsize::MIN
+}
+
+fn is_one(n: &NonZeroUsize) -> bool {
+    n.get() == 1
+}
+
+impl TrainerConfig {
+    /// Samples per optimizer step (over all ranks): `batch_size * accumulation_steps`.
+    pub fn effective_batch(&self) -> usize {
+        self.batch_size * self.accumulation_steps.get()
     }
 }
 
@@ -143,10 +173,24 @@ mod tests {
             ),
             (
                 TrainerConfig {
-                    momentum: 1.0,
+                    optimizer: OptimizerConfig::sgd(1.0),
                     ..Default::default()
                 },
                 "--momentum",
+            ),
+            (
+                TrainerConfig {
+                    clip_grad_norm: Some(0.0),
+                    ..Default::default()
+                },
+                "--clip-grad-norm",
+            ),
+            (
+                TrainerConfig {
+                    optimizer: OptimizerConfig::adamw(-1.0),
+                    ..Default::default()
+                },
+                "--weight-decay",
             ),
         ];
         for (config, field) in cases {

@@ -40,6 +40,22 @@ pub enum TrainError {
     /// The sampler could not split the data set.
     #[error(transparent)]
     Multi(#[from] kiln_multi::MultiError),
+    /// The user's training or evaluation step failed.
+    #[error("the {phase} step failed: {source}")]
+    Step {
+        /// `training` or `evaluation`.
+        phase: &'static str,
+        /// The step's own error.
+        source: crate::step::StepError,
+    },
+    /// A Burn data set could not give an item.
+    #[error("cannot read item of the {split} set: {reason}")]
+    Dataset {
+        /// `training` or `evaluation`.
+        split: &'static str,
+        /// The data set's error.
+        reason: String,
+    },
 }
 
 impl TrainError {

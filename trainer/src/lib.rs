@@ -2,11 +2,14 @@
 //!
 //! - [`data`]: MNIST IDX reader (gzip or raw, strictly validated), batching, normalisation,
 //!   `.npy` arrays;
-//! - [`train`]: [`Trainer`] (the one epoch loop: SGD with momentum, evaluation, checkpoint
-//!   after every epoch, exact resume) and [`evaluate`];
+//! - [`train`]: [`Trainer`] (the one epoch loop: any model through its [`Steps`] on any Burn
+//!   data set, or an image classifier; evaluation, checkpoint after every epoch, exact resume,
+//!   in every execution mode) and [`evaluate`];
+//! - [`step`]: what a step returns ([`StepOutput`]: loss and [`Metric`]s) and the ready-made
+//!   classification step;
 //! - [`checkpoint`]: the checkpoint format (atomic, checksummed) and how runs find them;
-//! - [`optim`]: the SGD-with-momentum optimizer the trainer runs (Burn's, through kiln's CPU
-//!   kernel);
+//! - [`optim`]: optimizers (SGD, Adam, AdamW; kiln's in-place SGD kernel where it applies),
+//!   learning-rate schedules, gradient accumulation and clipping;
 //! - [`report`]: progress on stderr and `metrics.jsonl`.
 //!
 //! Shuffling goes through [`kiln_multi::DistributedSampler`], so single-device runs use the
@@ -19,11 +22,14 @@ pub mod data;
 mod error;
 pub mod optim;
 pub mod report;
+pub mod step;
 pub mod train;
 
 pub use config::{LrGroup, TrainerConfig};
 pub use error::{Result, TrainError};
+pub use optim::{LrSchedule, OptimizerConfig};
+pub use step::{Metric, StepOutput, StepResult, classification_output};
 pub use train::{
-    DataParallelConfig, EvalMetrics, Execution, FitReport, PipelineSplit, ProcessGroupConfig,
-    RunLabels, TensorParallelSplit, TrainData, Trainer, evaluate,
+    Data, DataParallelConfig, EvalMetrics, Execution, FitReport, PipelineSplit, ProcessGroupConfig,
+    RunLabels, Steps, TensorParallelSplit, TrainData, Trainer, evaluate,
 };

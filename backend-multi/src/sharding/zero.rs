@@ -199,11 +199,66 @@ impl ZeroOptimizer {
     /// # Errors
     /// When a collective fails, a gradient cannot be read, or a gradient belongs to a
     /// parameter that was not trainable when [`new`](Self::new) planned the shards.
-    pub fn step<M: Module>(&mut self, lr: f64, model: M, mut grads: GradientsParams) -> Result<M> {
+    pub fn step<M: Module>(&mut self, lr: f64, model: M, grads: GradientsParams) -> Result<M> {
+        Ok(self.step_clipped(lr, model, grads, None)?.0)
+    }
+
+    /// [`step`](Self::step), with the averaged gradient first clipped to a global L2 norm of
+    /// at most `max_norm` (PyTorch's `clip_grad_norm_`: scaled by `max_norm / (norm + 1e-6)`
+    /// when that is below 1). The norm is taken across the shards (each rank's part, summed
+    /// over the group), so the update is the one device's. Returns the replica and, when
+    /// clipping, the norm before clipping.
+    ///
+    /// # Errors
+    /// As [`step`](Self::step).
+    pub fn step_clipped<M: Module>(
+        &mut self,
+        lr: f64,
+        model: M,
+        grads: GradientsParams,
+        max_norm: Option<f64>,
+    ) -> Result<(M, Option<f64>)> {
+        let flags = self.synchronise(&model, grads)?;
+        let shard_grads = match self.config.stage {
+            ZeroStage::One => &self.grads[self.shard.clone()],
+            ZeroStage::Two => &self.grads[..],
+        };
+        let (scale, norm) = match max_norm {
+            Some(max_norm) => {
+                let local: f64 = shard_grads
+                    .iter()
+                    .map(|&g| f64::from(g) * f64::from(g))
+                    .sum();
+                let norm = self.sum_over_group(local)?.sqrt();
+                let coefficient = max_norm / (norm + 1e-6);
+                (
+                    (coefficient < 1.0).then_some(coefficient as f32),
+                    Some(norm),
+                )
+            }
+            None => (None, None),
+        };
+        let mut params = vec![0.0; self.total];
+        flatten_params_into(&model, &self.layout, &mut params)?;
+        self.update_shard(lr, &mut params, &flags, scale);
+        if self.collective.world_size().get() > 1 {
+            let updated = params[self.shard.clone()].to_vec();
+            self.collective.all_gather(&updated, &mut params)?;
+        }
+        Ok((load_params_from(model, &self.layout, &params), norm))
+    }
+
+    /// Averages the ranks' gradients into `self.grads` (whole or this rank's shard) and
+    /// returns the per-parameter "some rank had a gradient" flags.
+    fn synchronise<M: Module>(
+        &mut self,
+        model: &M,
+        mut grads: GradientsParams,
+    ) -> Result<Vec<f32>> {
         let world = self.collective.world_size().get();
         let mut buffer = vec![0.0; self.total + self.slots.len()];
         flatten_grads(
-            &model,
+            model,
             &self.layout,
             &mut grads,
             std::slice::from_mut(&mut buffer),
@@ -227,12 +282,28 @@ impl ZeroOptimizer {
                     .reduce_scatter(&buffer, &mut self.grads, ReduceOp::Avg)?;
             }
         }
+        Ok(flags)
+    }
+
+    /// `value` summed over the group, carried as two `f32`s (high and low part) so that the
+    /// sum keeps about 48 bits of the `f64`.
+    fn sum_over_group(&self, value: f64) -> Result<f64> {
+        if self.collective.world_size().get() == 1 {
+            return Ok(value);
+        }
+        let high = value as f32;
+        let mut parts = [high, (value - f64::from(high)) as f32];
+        self.collective.all_reduce(&mut parts, ReduceOp::Sum)?;
+        Ok(f64::from(parts[0]) + f64::from(parts[1]))
+    }
+
+    /// Runs the optimizer on this rank's shard of `params`, for every parameter some rank had
+    /// a gradient for.
+    fn update_shard(&mut self, lr: f64, params: &mut [f32], flags: &[f32], scale: Option<f32>) {
         let shard_grads = match self.config.stage {
             ZeroStage::One => &self.grads[self.shard.clone()],
             ZeroStage::Two => &self.grads[..],
         };
-        let mut params = vec![0.0; self.total];
-        flatten_params_into(&model, &self.layout, &mut params)?;
         let start = self.shard.start;
         for (k, slot) in self.slots.iter().enumerate() {
             if flags[slot.flag - self.total] == 0.0 {
@@ -259,13 +330,9 @@ impl ZeroOptimizer {
                 (&mut self.state.0[local], second),
                 first,
                 time,
+                scale,
             );
         }
-        if world > 1 {
-            let updated = params[self.shard.clone()].to_vec();
-            self.collective.all_gather(&updated, &mut params)?;
-        }
-        Ok(load_params_from(model, &self.layout, &params))
     }
 
     /// The whole optimizer state, gathered from every rank (all ranks must call this

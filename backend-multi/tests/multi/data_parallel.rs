@@ -431,10 +431,7 @@ fn frozen_parameters_stay_out_of_the_buckets_and_unfreezing_later_is_an_error() 
 }
 
 /// SGD with momentum 0.9, as `common::sgd`.
-const SGD_MOMENTUM: FlatOptimizer = FlatOptimizer::SgdMomentum {
-    momentum: 0.9,
-    dampening: 0.0,
-};
+const SGD_MOMENTUM: FlatOptimizer = FlatOptimizer::sgd_momentum(0.9);
 
 #[test]
 fn zero_stages_match_one_device_for_20_steps_with_sgd_momentum_and_adam() {

@@ -21,8 +21,16 @@ pub struct EpochMetrics {
     pub train_loss: f64,
     /// Mean test loss.
     pub test_loss: f64,
-    /// Fraction of test samples classified correctly.
-    pub test_accuracy: f64,
+    /// Fraction of test samples classified correctly: the evaluation step's `accuracy`
+    /// metric, where it reports one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_accuracy: Option<f64>,
+    /// The training step's other metrics over the epoch, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub train_metrics: BTreeMap<String, f64>,
+    /// The evaluation step's other metrics, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub test_metrics: BTreeMap<String, f64>,
     /// Training samples per second, evaluation excluded.
     pub samples_per_sec: f64,
     /// Seconds spent training in this epoch, evaluation excluded.

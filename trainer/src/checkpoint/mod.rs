@@ -8,4 +8,6 @@ mod resume;
 pub use base::{Checkpoint, EpochMetrics, TrainerState};
 pub(crate) use file::write_atomic as file_write_atomic;
 pub use file::{read_checkpoint, write_checkpoint_atomic};
-pub use resume::{CHECKPOINT_DIR, checkpoint_path, latest_checkpoint, resolve_checkpoint};
+pub use resume::{
+    CHECKPOINT_DIR, checkpoint_path, latest_checkpoint, load_latest, resolve_checkpoint,
+};

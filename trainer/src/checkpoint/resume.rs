@@ -63,6 +63,18 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
     Err(TrainError::checkpoint(path, "no such file or directory"))
 }
 
+/// The latest checkpoint of the run in `run_dir`, read, with its path; `None` when the run
+/// has none yet.
+///
+/// # Errors
+/// [`TrainError::Io`] when the checkpoint directory cannot be listed or a checkpoint read;
+/// [`TrainError::Checkpoint`] when the latest checkpoint is corrupt.
+pub fn load_latest(run_dir: &Path) -> Result<Option<(PathBuf, super::Checkpoint)>> {
+    latest_checkpoint(run_dir)?
+        .map(|path| super::read_checkpoint(&path).map(|checkpoint| (path, checkpoint)))
+        .transpose()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -72,13 +72,17 @@ impl Progress {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
-        self.log(&format!(
-            "epoch {}/{epochs}: train loss {:.4} | test loss {:.4} | test accuracy {:.2}% | {:.0} samples/s",
-            metrics.epoch,
-            metrics.train_loss,
-            metrics.test_loss,
-            100.0 * metrics.test_accuracy,
-            metrics.samples_per_sec,
-        ));
+        let mut line = format!(
+            "epoch {}/{epochs}: train loss {:.4} | test loss {:.4}",
+            metrics.epoch, metrics.train_loss, metrics.test_loss,
+        );
+        if let Some(accuracy) = metrics.test_accuracy {
+            line += &format!(" | test accuracy {:.2}%", 100.0 * accuracy);
+        }
+        for (name, value) in &metrics.test_metrics {
+            line += &format!(" | test {name} {value:.4}");
+        }
+        line += &format!(" | {:.0} samples/s", metrics.samples_per_sec);
+        self.log(&line);
     }
 }

@@ -1,44 +1,65 @@
 //! The one epoch loop of the workspace.
 
+use std::num::NonZeroUsize;
 use std::time::Instant;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsParams, ModuleOptimizer};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 use kiln_multi::{DistributedDataParallel, ZeroOptimizer};
 
 use crate::config::LrGroup;
-use crate::data::{ImageBatch, ImageDataset, make_training_batch};
 use crate::error::Result;
+use crate::optim::LrSchedule;
+use crate::optim::grads::{accumulate, clip_global_norm, scale};
 use crate::report::Progress;
+use crate::step::{Metric, MetricSums};
+
+/// One micro-batch's loss, metrics and gradients.
+pub(crate) struct StepGrads {
+    /// The loss value (the mean over `items`).
+    pub(crate) loss: f64,
+    /// Items the loss averages over.
+    pub(crate) items: usize,
+    pub(crate) metrics: Vec<Metric>,
+    pub(crate) grads: GradientsParams,
+    /// Through a pipeline: the step's measured bubble fraction.
+    pub(crate) bubble: Option<f64>,
+}
+
+/// How a rank computes a micro-batch's loss and gradients: its model's step and backward on
+/// one device, or a pipeline of stages.
+pub(crate) type GradSource<'a, M, B> = dyn Fn(&M, B) -> Result<StepGrads> + Sync + 'a;
+
+/// Builds the batch of the samples at some indices (this epoch's augmentation included).
+pub(crate) type MakeBatch<'a, B> = dyn Fn(&[usize]) -> Result<B> + 'a;
+
+/// What turns a micro-batch sequence into optimizer steps.
+#[derive(Clone, Copy)]
+pub(crate) struct StepPolicy<'a> {
+    /// The base learning rate.
+    pub(crate) lr: f64,
+    pub(crate) schedule: LrSchedule,
+    /// Learning rates of parameter groups (replicated optimizers only), scaled by the
+    /// schedule as the base rate is.
+    pub(crate) lr_groups: &'a [LrGroup],
+    /// Clip the synchronised gradient to this global L2 norm.
+    pub(crate) clip_grad_norm: Option<f64>,
+    /// Micro-batches per optimizer step; their gradients are averaged.
+    pub(crate) accumulation: NonZeroUsize,
+}
 
 /// What one training epoch measured.
 pub(crate) struct EpochOutcome {
-    /// Mean loss of this rank's batches.
-    pub(crate) mean_loss: f64,
+    /// This rank's loss and metrics over its micro-batches.
+    pub(crate) sums: MetricSums,
     pub(crate) steps: u64,
     /// Samples this rank trained on.
     pub(crate) samples: usize,
     pub(crate) seconds: f64,
+    /// Through a pipeline: the mean bubble fraction of the steps.
+    pub(crate) bubble: Option<f64>,
 }
-
-/// Everything one epoch needs besides the model and optimizer it updates.
-pub(crate) struct EpochInputs<'a> {
-    pub(crate) data: &'a dyn ImageDataset,
-    pub(crate) order: &'a [usize],
-    /// Samples per batch on this rank.
-    pub(crate) batch_size: usize,
-    pub(crate) lr: f64,
-    /// Learning rates of parameter groups (replicated optimizers only).
-    pub(crate) lr_groups: &'a [LrGroup],
-    pub(crate) device: &'a Device,
-    /// The epoch (from 0), which seeds the data set's augmentation.
-    pub(crate) epoch: usize,
-}
-
-/// How a step's loss and gradients are computed: on one device, or through a pipeline.
-pub(crate) type LossAndGrads<'a, M> =
-    dyn FnMut(&M, ImageBatch) -> Result<(f64, GradientsParams)> + 'a;
 
 /// How a rank turns its gradients into the next parameters.
 pub(crate) enum Updater<'a> {
@@ -61,10 +82,12 @@ impl Updater<'_> {
         }
     }
 
+    /// One optimizer step at learning rate `lr` (groups at theirs times `factor`), the
+    /// synchronised gradient clipped to `clip` first.
     fn step<M: Module>(
         &mut self,
-        lr: f64,
-        groups: &[LrGroup],
+        (lr, factor): (f64, f64),
+        policy: &StepPolicy<'_>,
         model: M,
         grads: GradientsParams,
     ) -> Result<M> {
@@ -74,26 +97,34 @@ impl Updater<'_> {
                     Some(ddp) => ddp.sync(&model, grads)?,
                     None => grads,
                 };
+                let grads = match policy.clip_grad_norm {
+                    Some(max) => clip_global_norm(&model, grads, max).0,
+                    None => grads,
+                };
                 let mut model = model;
-                for (lr, grads) in split_by_group(&model, grads, lr, groups) {
+                for (lr, grads) in split_by_group(&model, grads, lr, factor, policy.lr_groups) {
                     if !grads.is_empty() {
                         model = optimizer.step(lr, model, grads);
                     }
                 }
                 model
             }
-            Updater::Sharded(zero) => zero.step(lr, model, grads)?,
+            Updater::Sharded(zero) => {
+                zero.step_clipped(lr, model, grads, policy.clip_grad_norm)?
+                    .0
+            }
         })
     }
 }
 
-/// Splits `grads` by learning-rate group: `(lr, the rest)` first, then one entry per group.
-/// One optimizer step per entry updates every parameter once, each with its own rate (the
-/// optimizer keeps its state per parameter).
+/// Splits `grads` by learning-rate group: `(lr, the rest)` first, then one entry per group
+/// at the group's rate times `factor`. One optimizer step per entry updates every parameter
+/// once, each with its own rate (the optimizer keeps its state per parameter).
 fn split_by_group<M: Module>(
     model: &M,
     grads: GradientsParams,
     lr: f64,
+    factor: f64,
     groups: &[LrGroup],
 ) -> Vec<(f64, GradientsParams)> {
     if groups.is_empty() {
@@ -129,40 +160,65 @@ fn split_by_group<M: Module>(
     };
     model.visit(&mut splitter);
     std::iter::once((lr, splitter.rest))
-        .chain(groups.iter().map(|g| g.lr).zip(splitter.out))
+        .chain(groups.iter().map(|g| g.lr * factor).zip(splitter.out))
         .collect()
 }
 
-/// Runs one pass over `inputs.order` in batches, one optimizer step per batch, with the loss
-/// and gradients from `loss_and_grads`, through `updater`; the progress bar shows this rank's
-/// loss and the throughput of all ranks together.
-pub(crate) fn train_epoch<M: Module>(
+/// Runs one pass over `order` in micro-batches of `batch_size`: every `accumulation` of them
+/// (fewer at the end of the epoch) make one optimizer step on their averaged gradients,
+/// through `updater`, at the scheduled rate of step `first_step + k`. The progress bar shows
+/// this rank's loss and the throughput of all ranks together.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn train_epoch<M: Module, B>(
     mut model: M,
-    loss_and_grads: &mut LossAndGrads<'_, M>,
+    make_batch: &MakeBatch<'_, B>,
+    source: &GradSource<'_, M, B>,
     mut updater: Updater<'_>,
-    inputs: EpochInputs<'_>,
+    (order, batch_size): (&[usize], usize),
+    policy: &StepPolicy<'_>,
+    first_step: u64,
     progress: &Progress,
 ) -> Result<(M, EpochOutcome)> {
     let world = updater.world();
     let start = Instant::now();
-    let (mut loss_sum, mut steps, mut samples) = (0.0f64, 0u64, 0usize);
-    for chunk in inputs.order.chunks(inputs.batch_size) {
-        let batch = make_training_batch(inputs.data, chunk, inputs.epoch, inputs.device);
-        let (loss_value, grads) = loss_and_grads(&model, batch)?;
-        model = updater.step(inputs.lr, inputs.lr_groups, model, grads)?;
-        loss_sum += loss_value;
+    let mut sums = MetricSums::default();
+    let (mut steps, mut samples, mut bubbles) = (0u64, 0usize, (0.0f64, 0usize));
+    for group in order.chunks(batch_size * policy.accumulation.get()) {
+        let mut summed: Option<GradientsParams> = None;
+        let mut micro = 0usize;
+        for chunk in group.chunks(batch_size) {
+            let out = source(&model, make_batch(chunk)?)?;
+            sums.add(out.loss, out.items, &out.metrics);
+            if let Some(bubble) = out.bubble {
+                bubbles = (bubbles.0 + bubble, bubbles.1 + 1);
+            }
+            summed = Some(match summed {
+                None => out.grads,
+                Some(sum) => accumulate(&model, sum, out.grads),
+            });
+            micro += 1;
+            samples += chunk.len();
+            progress.batch_done(
+                out.loss,
+                (samples * world) as f64 / start.elapsed().as_secs_f64().max(1e-9),
+            );
+        }
+        let Some(grads) = summed else { continue };
+        let grads = if micro > 1 {
+            scale(&model, grads, 1.0 / micro as f64)
+        } else {
+            grads
+        };
+        let lr = policy.schedule.lr(policy.lr, first_step + steps);
+        model = updater.step((lr, lr / policy.lr), policy, model, grads)?;
         steps += 1;
-        samples += chunk.len();
-        progress.batch_done(
-            loss_value,
-            (samples * world) as f64 / start.elapsed().as_secs_f64().max(1e-9),
-        );
     }
     let outcome = EpochOutcome {
-        mean_loss: loss_sum / steps.max(1) as f64,
+        sums,
         steps,
         samples,
         seconds: start.elapsed().as_secs_f64(),
+        bubble: (bubbles.1 > 0).then(|| bubbles.0 / bubbles.1 as f64),
     };
     Ok((model, outcome))
 }
@@ -170,9 +226,10 @@ pub(crate) fn train_epoch<M: Module>(
 #[cfg(test)]
 mod tests {
     use burn::nn::{Linear, LinearConfig};
+    use burn::tensor::Device;
 
     use super::*;
-    use crate::config::TrainerConfig;
+    use crate::optim::OptimizerConfig;
 
     #[derive(Module, Debug)]
     struct Two {
@@ -194,20 +251,17 @@ mod tests {
         let x = Tensor::<2>::ones([4, 3], &device);
         let loss = model.b.forward(model.a.forward(x)).sum();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
-        let ga: Vec<f32> = grads
-            .get::<2>(model.a.weight.id)
-            .unwrap()
-            .into_data()
-            .iter::<f32>()
-            .collect();
-        let gb: Vec<f32> = grads
-            .get::<2>(model.b.weight.id)
-            .unwrap()
-            .into_data()
-            .iter::<f32>()
-            .collect();
+        let grad = |id| -> Vec<f32> {
+            grads
+                .get::<2>(id)
+                .unwrap()
+                .into_data()
+                .iter::<f32>()
+                .collect()
+        };
+        let (ga, gb) = (grad(model.a.weight.id), grad(model.b.weight.id));
         let (a0, b0) = (values(&model.a), values(&model.b));
-        let mut optimizer = TrainerConfig::default().optimizer();
+        let mut optimizer = OptimizerConfig::default().build();
         let mut updater = Updater::Replicated {
             optimizer: &mut optimizer,
             ddp: None,
@@ -216,13 +270,21 @@ mod tests {
             prefix: "b.".into(),
             lr: 0.5,
         }];
-        let stepped = updater.step(0.1, &groups, model, grads).unwrap();
+        let policy = StepPolicy {
+            lr: 0.1,
+            schedule: LrSchedule::Constant,
+            lr_groups: &groups,
+            clip_grad_norm: None,
+            accumulation: NonZeroUsize::MIN,
+        };
+        // The schedule halved both rates for this step.
+        let stepped = updater.step((0.05, 0.5), &policy, model, grads).unwrap();
         // First SGD-momentum step: p -= lr * g.
         for ((new, old), g) in values(&stepped.a).iter().zip(&a0).zip(&ga) {
-            assert!((new - (old - 0.1 * g)).abs() < 1e-6);
+            assert!((new - (old - 0.05 * g)).abs() < 1e-6);
         }
         for ((new, old), g) in values(&stepped.b).iter().zip(&b0).zip(&gb) {
-            assert!((new - (old - 0.5 * g)).abs() < 1e-6);
+            assert!((new - (old - 0.25 * g)).abs() < 1e-6);
         }
     }
 }

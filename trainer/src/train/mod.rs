@@ -1,14 +1,20 @@
-//! The training loop: [`Trainer::fit`] runs epochs, evaluates, checkpoints and resumes;
-//! [`evaluate`] measures a model on a data set.
+//! The training loop: [`Trainer::fit_model`] trains any model through its steps on any
+//! Burn data set, [`Trainer::fit`] an image classifier; both run epochs, evaluate,
+//! checkpoint and resume in every execution mode. [`evaluate`] measures a classifier on a
+//! data set.
 
 mod base;
+mod data;
 mod epoch;
 mod eval;
 mod execution;
+mod labels;
+mod rank;
 
 pub use base::{
-    FitReport, GatherModel, PipelineSplit, RunLabels, SplitModel, SyncGradients,
-    TensorParallelSplit, TrainData, Trainer,
+    FitReport, GatherModel, PipelineSplit, RunLabels, SplitModel, StepFn, Steps, SyncGradients,
+    TensorParallelSplit, Trainer,
 };
+pub use data::{Data, TrainData};
 pub use eval::{EvalMetrics, evaluate};
 pub use execution::{DataParallelConfig, Execution, ProcessGroupConfig};

@@ -1,0 +1,156 @@
+//! Arithmetic on a model's gradients (Burn's [`GradientsParams`]): accumulation over
+//! micro-steps, scaling, and clipping by the global L2 norm.
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::Tensor;
+
+/// Adds `more` into `sum`, parameter by parameter (a parameter with a gradient in only one of
+/// them keeps that one).
+pub fn accumulate<M: Module>(
+    model: &M,
+    sum: GradientsParams,
+    more: GradientsParams,
+) -> GradientsParams {
+    struct Add {
+        sum: GradientsParams,
+        more: GradientsParams,
+    }
+    impl ModuleVisitor for Add {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.more.remove::<D>(param.id) {
+                let total = match self.sum.remove::<D>(param.id) {
+                    Some(s) => s + g,
+                    None => g,
+                };
+                self.sum.register::<D>(param.id, total);
+            }
+        }
+    }
+    let mut add = Add { sum, more };
+    model.visit(&mut add);
+    add.sum
+}
+
+/// Multiplies every gradient by `factor`.
+pub fn scale<M: Module>(model: &M, grads: GradientsParams, factor: f64) -> GradientsParams {
+    struct Scale {
+        grads: GradientsParams,
+        factor: f64,
+    }
+    impl ModuleVisitor for Scale {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.remove::<D>(param.id) {
+                self.grads
+                    .register::<D>(param.id, g.mul_scalar(self.factor));
+            }
+        }
+    }
+    let mut visitor = Scale { grads, factor };
+    model.visit(&mut visitor);
+    visitor.grads
+}
+
+/// The L2 norm of all gradients together (each tensor's sum of squares in `f32`, added up
+/// in `f64`).
+pub fn global_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {
+    struct Squares<'a> {
+        grads: &'a GradientsParams,
+        sum: f64,
+    }
+    impl ModuleVisitor for Squares<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                self.sum += g.clone().mul(g).sum().into_scalar::<f64>();
+            }
+        }
+    }
+    let mut visitor = Squares { grads, sum: 0.0 };
+    model.visit(&mut visitor);
+    visitor.sum.sqrt()
+}
+
+/// Scales the gradients so that their global L2 norm is at most `max_norm`, as PyTorch's
+/// `clip_grad_norm_` does (by `max_norm / (norm + 1e-6)` when that is below 1); returns them
+/// with the norm before clipping.
+pub fn clip_global_norm<M: Module>(
+    model: &M,
+    grads: GradientsParams,
+    max_norm: f64,
+) -> (GradientsParams, f64) {
+    let norm = global_norm(model, &grads);
+    let coefficient = max_norm / (norm + 1e-6);
+    if coefficient < 1.0 {
+        // The factor in f32, as the sharded optimizer applies it.
+        (scale(model, grads, f64::from(coefficient as f32)), norm)
+    } else {
+        (grads, norm)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::nn::{Linear, LinearConfig};
+    use burn::tensor::Device;
+
+    use super::*;
+
+    #[derive(Module, Debug)]
+    struct Net {
+        a: Linear,
+        b: Linear,
+    }
+
+    fn grads_of(net: &Net, x: f32) -> GradientsParams {
+        let device = Device::flex().autodiff();
+        let input = Tensor::<2>::full([2, 3], x, &device);
+        let loss = net.b.forward(net.a.forward(input)).sum();
+        GradientsParams::from_grads(loss.backward(), net)
+    }
+
+    fn flat(net: &Net, grads: &GradientsParams) -> Vec<f32> {
+        let mut out = Vec::new();
+        for id in [net.a.weight.id, net.b.weight.id] {
+            out.extend(grads.get::<2>(id).unwrap().into_data().iter::<f32>());
+        }
+        for bias in [&net.a.bias, &net.b.bias] {
+            let id = bias.as_ref().unwrap().id;
+            out.extend(grads.get::<1>(id).unwrap().into_data().iter::<f32>());
+        }
+        out
+    }
+
+    #[test]
+    fn accumulate_scale_and_clip_match_the_element_wise_definitions() {
+        let device = Device::flex().autodiff();
+        let net = Net {
+            a: LinearConfig::new(3, 4).init(&device),
+            b: LinearConfig::new(4, 2).init(&device),
+        };
+        let (g1, g2) = (grads_of(&net, 0.5), grads_of(&net, -2.0));
+        let (f1, f2) = (flat(&net, &g1), flat(&net, &g2));
+        let sum = accumulate(&net, g1, g2);
+        let fs = flat(&net, &sum);
+        for ((s, a), b) in fs.iter().zip(&f1).zip(&f2) {
+            assert!((s - (a + b)).abs() <= 1e-6, "{s} vs {a} + {b}");
+        }
+        let norm = global_norm(&net, &sum);
+        let expected: f64 = fs
+            .iter()
+            .map(|&g| f64::from(g) * f64::from(g))
+            .sum::<f64>()
+            .sqrt();
+        assert!(
+            (norm - expected).abs() <= 1e-5 * expected,
+            "{norm} vs {expected}"
+        );
+        let (clipped, before) = clip_global_norm(&net, sum, expected / 4.0);
+        assert_eq!(before, norm);
+        let after = global_norm(&net, &clipped);
+        assert!((after - expected / 4.0).abs() <= 1e-5 * expected, "{after}");
+        let halved = scale(&net, grads_of(&net, 0.5), 0.5);
+        for (h, a) in flat(&net, &halved).iter().zip(&f1) {
+            assert!((h - a * 0.5).abs() <= 1e-7, "{h} vs {a}");
+        }
+    }
+}

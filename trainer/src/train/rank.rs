@@ -1,0 +1,522 @@
+//! The training run of one rank: restore, synchronisation, epochs, metric reduction and
+//! checkpoints, each its own function.
+
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use burn::module::Module;
+use burn::optim::ModuleOptimizer;
+use burn::tensor::{Bytes, Device};
+use kiln_multi::{
+    BucketConfig, Collective, DistributedDataParallel, DistributedSampler,
+    DistributedSamplerConfig, Rank, ReduceOp, WorldSize, ZERO_STATE_MAGIC, ZeroConfig,
+    ZeroOptimizer, ZeroStage,
+};
+
+use super::base::{StepFn, Trainer, record_bytes, scalar_loss};
+use super::data::Batches;
+use super::epoch::{EpochOutcome, GradSource, StepPolicy, Updater, train_epoch};
+use crate::checkpoint::{
+    Checkpoint, EpochMetrics, TrainerState, checkpoint_path, write_checkpoint_atomic,
+};
+use crate::config::TrainerConfig;
+use crate::error::{Result, TrainError};
+use crate::report::{Progress, Verbosity, write_metrics_jsonl};
+use crate::step::MetricSums;
+
+/// What one rank trains with.
+pub(super) struct RankSetup<'a> {
+    pub(super) device: &'a Device,
+    /// The group of a data-parallel run; `None` on a single device.
+    pub(super) collective: Option<Arc<dyn Collective>>,
+    pub(super) buckets: BucketConfig,
+    /// Shard the optimizer state (and gradients) over the group instead of replicating it.
+    pub(super) zero: Option<ZeroStage>,
+}
+
+impl<'a> RankSetup<'a> {
+    pub(super) fn single(device: &'a Device) -> Self {
+        Self {
+            device,
+            collective: None,
+            buckets: BucketConfig::default(),
+            zero: None,
+        }
+    }
+}
+
+/// A rank of a tensor-parallel group, as [`Trainer::fit_rank`] sees it.
+pub(super) struct TensorParallelRank<'a, P> {
+    pub(super) collective: Arc<dyn Collective>,
+    /// The whole model's record, gathered from the ranks' parts (every rank calls it).
+    pub(super) whole_record: &'a WholeRecord<'a, P>,
+}
+
+/// The record bytes of the whole model, gathered from a tensor-parallel rank's part.
+pub(super) type WholeRecord<'a, P> =
+    dyn Fn(&P) -> Result<std::result::Result<Bytes, burn::store::RecordError>> + 'a;
+
+/// What a tensor-parallel checkpoint holds instead of an optimizer state.
+const TENSOR_PARALLEL_STATE_MAGIC: &[u8] = b"KILN-TP-NO-OPTIMIZER-STATE";
+
+/// A run's state as restored from a checkpoint (or fresh).
+struct Restored<M> {
+    model: M,
+    optimizer: ModuleOptimizer,
+    /// A sharded run's optimizer state, loaded once the shards are planned.
+    sharded_state: Option<(PathBuf, Vec<u8>)>,
+    history: Vec<EpochMetrics>,
+    step: u64,
+    last_checkpoint: Option<PathBuf>,
+}
+
+/// How this rank's gradients are synchronised and applied.
+enum RankSync {
+    /// One device, or a tensor-parallel rank: Burn's optimizer on the rank's own gradients.
+    Local,
+    /// Data parallel: gradients averaged by DDP, then Burn's optimizer.
+    Ddp(DistributedDataParallel),
+    /// Data parallel with the optimizer state sharded (ZeRO).
+    Zero(ZeroOptimizer),
+}
+
+impl RankSync {
+    fn collective(&self) -> Option<Arc<dyn Collective>> {
+        match self {
+            RankSync::Local => None,
+            RankSync::Ddp(d) => Some(Arc::clone(d.collective())),
+            RankSync::Zero(z) => Some(Arc::clone(z.collective())),
+        }
+    }
+
+    fn updater<'a>(&'a mut self, optimizer: &'a mut ModuleOptimizer) -> Updater<'a> {
+        match self {
+            RankSync::Local => Updater::Replicated {
+                optimizer,
+                ddp: None,
+            },
+            RankSync::Ddp(ddp) => Updater::Replicated {
+                optimizer,
+                ddp: Some(ddp),
+            },
+            RankSync::Zero(zero) => Updater::Sharded(zero),
+        }
+    }
+}
+
+impl Trainer {
+    /// The training run of one rank (the only one, on a single device).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn fit_rank<M: Module, B>(
+        &self,
+        model: M,
+        source: &GradSource<'_, M, B>,
+        eval: &StepFn<'_, M, B>,
+        data: &dyn Batches<B>,
+        resume: Option<(PathBuf, Checkpoint)>,
+        setup: RankSetup<'_>,
+        tensor_parallel: Option<&TensorParallelRank<'_, M>>,
+    ) -> Result<(M, super::FitReport)> {
+        let config = &self.config;
+        let device = setup.device;
+        let mut restored = self.restore(model, resume, setup.zero)?;
+        let resumed_from_epoch = restored.history.len();
+        if setup.zero.is_some() && !config.lr_groups.is_empty() {
+            return Err(TrainError::Config {
+                field: "--zero",
+                reason: "a sharded optimizer runs one learning rate; drop the per-group rates \
+                         (e.g. --backbone-lr) or --zero"
+                    .into(),
+            });
+        }
+        let (mut model, mut sync) =
+            self.synchronise(restored.model, &setup, restored.sharded_state.take())?;
+        let collective = sync.collective();
+        let (rank, world) = collective
+            .as_ref()
+            .map_or((Rank::ZERO, WorldSize::ONE), |c| (c.rank(), c.world_size()));
+        // In a tensor-parallel group every rank trains on the same data (the sampler's world
+        // is the data-parallel one); its rank 0 reports and writes checkpoints.
+        let is_root = rank == Rank::ZERO
+            && tensor_parallel.is_none_or(|tp| tp.collective.rank() == Rank::ZERO);
+        let sampler = DistributedSampler::new(
+            data.train_len(),
+            world,
+            DistributedSamplerConfig {
+                shuffle: true,
+                seed: config.seed,
+                drop_last: false,
+            },
+        )?;
+        let local_batch = config.batch_size / world.get();
+        let eval_shard: Vec<usize> = (rank.index()..data.eval_len())
+            .step_by(world.get())
+            .collect();
+        let mut progress = Progress::new(if is_root {
+            self.verbosity
+        } else {
+            Verbosity::Quiet
+        });
+        self.log_start(&progress, resumed_from_epoch, restored.step, world);
+        let policy = StepPolicy {
+            lr: config.lr,
+            schedule: config.schedule,
+            lr_groups: &config.lr_groups,
+            clip_grad_norm: config.clip_grad_norm,
+            accumulation: config.accumulation_steps,
+        };
+        let (mut history, mut step) = (restored.history, restored.step);
+        let mut optimizer = restored.optimizer;
+        let mut last_checkpoint = restored.last_checkpoint;
+        for epoch in resumed_from_epoch..config.epochs {
+            let order = sampler.indices(rank, epoch as u64);
+            progress.start_epoch(epoch + 1, config.epochs, order.len().div_ceil(local_batch));
+            let make_batch = |indices: &[usize]| data.train_batch(indices, epoch, device);
+            let updater = sync.updater(&mut optimizer);
+            let (trained, outcome) = train_epoch(
+                model,
+                &make_batch,
+                source,
+                updater,
+                (&order, local_batch),
+                &policy,
+                step,
+                &progress,
+            )?;
+            model = trained;
+            step += outcome.steps;
+            progress.evaluating();
+            let eval_sums = evaluate_shard(&model, eval, data, &eval_shard, device, config)?;
+            let (train_sums, eval_sums) =
+                reduce_metrics(collective.as_deref(), outcome.sums.clone(), eval_sums)?;
+            let metrics = epoch_metrics(epoch + 1, step, &outcome, world, (train_sums, eval_sums));
+            progress.end_epoch(config.epochs, &metrics);
+            history.push(metrics);
+            let saved = self.save_checkpoint(
+                &model,
+                &sync,
+                &optimizer,
+                tensor_parallel,
+                is_root,
+                &history,
+                step,
+            )?;
+            last_checkpoint = saved.or(last_checkpoint);
+        }
+        let report = super::FitReport {
+            history,
+            resumed_from_epoch,
+            last_checkpoint,
+            sharding: match &sync {
+                RankSync::Zero(z) => Some((z.config().stage, z.memory())),
+                _ => None,
+            },
+            rank_parameter_elements: tensor_parallel.map(|_| model.num_params()),
+        };
+        Ok((model, report))
+    }
+
+    fn log_start(
+        &self,
+        progress: &Progress,
+        resumed_from_epoch: usize,
+        step: u64,
+        world: WorldSize,
+    ) {
+        if resumed_from_epoch > 0 {
+            progress.log(&format!(
+                "resuming {} after epoch {resumed_from_epoch} (step {step})",
+                self.run_dir.display()
+            ));
+        }
+        if world.get() > 1 {
+            progress.log(&format!(
+                "data parallel on {} ranks: {} samples per rank per step, global batch {}",
+                world.get(),
+                self.config.batch_size / world.get(),
+                self.config.effective_batch()
+            ));
+        }
+    }
+
+    /// The model, optimizer, history and step of `resume`, or a fresh run's.
+    fn restore<M: Module>(
+        &self,
+        model: M,
+        resume: Option<(PathBuf, Checkpoint)>,
+        zero: Option<ZeroStage>,
+    ) -> Result<Restored<M>> {
+        let optimizer = self.config.build_optimizer();
+        let Some((path, checkpoint)) = resume else {
+            return Ok(Restored {
+                model,
+                optimizer,
+                sharded_state: None,
+                history: Vec::new(),
+                step: 0,
+                last_checkpoint: None,
+            });
+        };
+        self.check_resumable(&path, &checkpoint.state)?;
+        let model = checkpoint.load_model(model, &path)?;
+        if checkpoint
+            .optimizer
+            .starts_with(TENSOR_PARALLEL_STATE_MAGIC)
+        {
+            return Err(TrainError::checkpoint(
+                &path,
+                "it was trained with tensor parallelism, whose optimizer state stays split \
+                 over the ranks and is not saved, so it cannot continue exactly; its model \
+                 evaluates, predicts and quantizes like any other",
+            ));
+        }
+        let sharded = checkpoint.optimizer.starts_with(ZERO_STATE_MAGIC);
+        let (optimizer, sharded_state) = match (sharded, zero) {
+            (true, Some(_)) => (optimizer, Some((path.clone(), checkpoint.optimizer))),
+            (false, None) => {
+                let bad =
+                    |e: burn::store::RecordError| TrainError::checkpoint(&path, e.to_string());
+                let loaded = optimizer
+                    .from_bytes(Bytes::from_bytes_vec(checkpoint.optimizer))
+                    .map_err(bad)?;
+                (loaded, None)
+            }
+            (true, None) => {
+                return Err(TrainError::checkpoint(
+                    &path,
+                    "its optimizer state is sharded (trained with --zero): resume it with \
+                     --zero 1 or 2 and data parallelism",
+                ));
+            }
+            (false, Some(_)) => {
+                return Err(TrainError::checkpoint(
+                    &path,
+                    "it was trained without --zero: resume it without --zero",
+                ));
+            }
+        };
+        Ok(Restored {
+            model,
+            optimizer,
+            sharded_state,
+            history: checkpoint.state.history,
+            step: checkpoint.state.step,
+            last_checkpoint: Some(path),
+        })
+    }
+
+    /// Joins the rank's group (after the checkpoint is loaded, so that the buckets and
+    /// shards see the final parameters): rank 0's parameters everywhere, then DDP or ZeRO.
+    fn synchronise<M: Module>(
+        &self,
+        model: M,
+        setup: &RankSetup<'_>,
+        sharded_state: Option<(PathBuf, Vec<u8>)>,
+    ) -> Result<(M, RankSync)> {
+        let Some(collective) = setup.collective.clone() else {
+            return Ok((model, RankSync::Local));
+        };
+        let Some(stage) = setup.zero else {
+            let (model, ddp) = DistributedDataParallel::new(model, collective, setup.buckets)?;
+            return Ok((model, RankSync::Ddp(ddp)));
+        };
+        let zero_config = ZeroConfig {
+            stage,
+            optimizer: self.config.optimizer.flat(),
+        };
+        let (model, mut zero) = ZeroOptimizer::new(model, collective, zero_config)?;
+        if let Some((path, bytes)) = &sharded_state {
+            zero.load_state_bytes(bytes)
+                .map_err(|e| TrainError::checkpoint(path, e.to_string()))?;
+        }
+        Ok((model, RankSync::Zero(zero)))
+    }
+
+    /// Writes the checkpoint of the epoch just finished (rank 0; every rank takes part in
+    /// gathering a sharded optimizer state or a tensor-parallel model) and the metrics log.
+    #[allow(clippy::too_many_arguments)]
+    fn save_checkpoint<M: Module>(
+        &self,
+        model: &M,
+        sync: &RankSync,
+        optimizer: &ModuleOptimizer,
+        tensor_parallel: Option<&TensorParallelRank<'_, M>>,
+        is_root: bool,
+        history: &[EpochMetrics],
+        step: u64,
+    ) -> Result<Option<PathBuf>> {
+        let sharded_bytes = match sync {
+            RankSync::Zero(zero) => Some(zero.state_bytes()?),
+            _ => None,
+        };
+        let whole_model = tensor_parallel
+            .map(|tp| (tp.whole_record)(model))
+            .transpose()?;
+        if !is_root {
+            return Ok(None);
+        }
+        let epoch = history.len();
+        let path = checkpoint_path(&self.run_dir, epoch);
+        let optimizer_bytes = match (sharded_bytes, tensor_parallel) {
+            (Some(bytes), _) => bytes,
+            // Each rank's optimizer holds state for its own shards only.
+            (None, Some(_)) => TENSOR_PARALLEL_STATE_MAGIC.to_vec(),
+            (None, None) => record_bytes(&path, optimizer.into_bytes())?,
+        };
+        let model_bytes = match whole_model {
+            Some(bytes) => record_bytes(&path, bytes)?,
+            None => record_bytes(&path, model.clone().into_record().into_bytes())?,
+        };
+        let checkpoint = Checkpoint {
+            state: TrainerState {
+                recipe: self.labels.recipe.clone(),
+                model: self.labels.model.clone(),
+                quantization: self.labels.quantization.clone(),
+                options: self.labels.options.clone(),
+                epoch,
+                step,
+                config: self.config.clone(),
+                history: history.to_vec(),
+            },
+            model: model_bytes,
+            optimizer: optimizer_bytes,
+        };
+        write_checkpoint_atomic(&path, &checkpoint)?;
+        write_metrics_jsonl(&self.run_dir, history)?;
+        Ok(Some(path))
+    }
+
+    pub(super) fn check_resumable(&self, path: &Path, state: &TrainerState) -> Result<()> {
+        let mismatch = |what: &str, found: &str, expected: &str| {
+            Err(TrainError::checkpoint(
+                path,
+                format!("it was written by {what} {found}, not {expected}"),
+            ))
+        };
+        if state.recipe != self.labels.recipe {
+            return mismatch("recipe", &state.recipe, &self.labels.recipe);
+        }
+        if state.model != self.labels.model {
+            return mismatch("model", &state.model, &self.labels.model);
+        }
+        if state.quantization != self.labels.quantization {
+            let name = |q: &Option<String>| {
+                q.as_ref().map_or("float training".to_string(), |q| {
+                    format!("quantization-aware training ({q})")
+                })
+            };
+            return Err(TrainError::checkpoint(
+                path,
+                format!(
+                    "it comes from {}, not {}",
+                    name(&state.quantization),
+                    name(&self.labels.quantization)
+                ),
+            ));
+        }
+        if state.options != self.labels.options {
+            return Err(TrainError::checkpoint(
+                path,
+                format!(
+                    "it was trained with {}; resuming needs the same, got {}",
+                    serde_json::to_string(&state.options).unwrap_or_default(),
+                    serde_json::to_string(&self.labels.options).unwrap_or_default()
+                ),
+            ));
+        }
+        let comparable = TrainerConfig {
+            epochs: self.config.epochs,
+            ..state.config.clone()
+        };
+        if comparable != self.config {
+            return Err(TrainError::checkpoint(
+                path,
+                format!(
+                    "it was trained with {:?}; resuming needs the same settings (only epochs may change), got {:?}",
+                    state.config, self.config
+                ),
+            ));
+        }
+        if state.history.len() != state.epoch {
+            return Err(TrainError::checkpoint(
+                path,
+                format!(
+                    "state is inconsistent: epoch {} with {} history entries",
+                    state.epoch,
+                    state.history.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Loss and metric sums of `eval` over this rank's evaluation samples `shard`, the model in
+/// evaluation mode on the device without autodiff.
+fn evaluate_shard<M: Module, B>(
+    model: &M,
+    eval: &StepFn<'_, M, B>,
+    data: &dyn Batches<B>,
+    shard: &[usize],
+    device: &Device,
+    config: &TrainerConfig,
+) -> Result<MetricSums> {
+    let model = model.valid();
+    let device = device.clone().without_autodiff();
+    let batch_size = NonZeroUsize::new(config.eval_batch_size)
+        .expect("TrainerConfig::validate, called in Trainer::new, rejects a zero eval_batch_size");
+    let mut sums = MetricSums::default();
+    for chunk in shard.chunks(batch_size.get()) {
+        let out =
+            eval(&model, data.eval_batch(chunk, &device)?).map_err(|source| TrainError::Step {
+                phase: "evaluation",
+                source,
+            })?;
+        sums.add(scalar_loss(&out)?, out.items, &out.metrics);
+    }
+    Ok(sums)
+}
+
+/// The training and evaluation sums of all ranks.
+fn reduce_metrics(
+    collective: Option<&dyn Collective>,
+    mut train: MetricSums,
+    mut eval: MetricSums,
+) -> Result<(MetricSums, MetricSums)> {
+    let Some(collective) = collective else {
+        return Ok((train, eval));
+    };
+    let train_parts = train.to_parts();
+    let mut parts = train_parts.clone();
+    parts.extend(eval.to_parts());
+    collective.all_reduce(&mut parts, ReduceOp::Sum)?;
+    let (train_back, eval_back) = parts.split_at(train_parts.len());
+    train.read_parts(train_back);
+    eval.read_parts(eval_back);
+    Ok((train, eval))
+}
+
+/// An epoch's row of the history from its outcome and the ranks' summed metrics.
+fn epoch_metrics(
+    epoch: usize,
+    step: u64,
+    outcome: &EpochOutcome,
+    world: WorldSize,
+    (train, eval): (MetricSums, MetricSums),
+) -> EpochMetrics {
+    let mut test_metrics = eval.values();
+    let test_accuracy = test_metrics.remove("accuracy");
+    EpochMetrics {
+        epoch,
+        step,
+        train_loss: train.mean_loss(),
+        test_loss: eval.mean_loss(),
+        test_accuracy,
+        train_metrics: train.values(),
+        test_metrics,
+        samples_per_sec: (outcome.samples * world.get()) as f64 / outcome.seconds.max(1e-9),
+        train_seconds: outcome.seconds,
+        bubble_fraction: outcome.bubble,
+    }
+}
