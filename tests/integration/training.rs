@@ -75,5 +75,8 @@ fn resumed_run_equals_uninterrupted_run_and_checkpoints_evaluate() {
         split.to_str().unwrap(),
         "--resume",
     ]);
-    assert_clean_failure(&output, &["resuming needs the same settings"]);
+    assert_clean_failure(
+        &output,
+        &["--lr 0.01 (now 0.05)", "only --epochs may change"],
+    );
 }

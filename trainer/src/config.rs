@@ -129,6 +129,63 @@ fn is_one(n: &NonZeroUsize) -> bool {
 }
 
 impl TrainerConfig {
+    /// The settings of `self` (a checkpoint's) that `now` changes, epochs aside, each as
+    /// `--flag OLD (now NEW)`; empty when a run with `now` may resume one with `self`.
+    pub fn differences(&self, now: &TrainerConfig) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut check = |flag: &str, old: String, new: String| {
+            if old != new {
+                out.push(format!("{flag} {old} (now {new})"));
+            }
+        };
+        check(
+            "--batch-size",
+            self.batch_size.to_string(),
+            now.batch_size.to_string(),
+        );
+        check(
+            "--eval-batch-size",
+            self.eval_batch_size.to_string(),
+            now.eval_batch_size.to_string(),
+        );
+        check("--lr", self.lr.to_string(), now.lr.to_string());
+        check(
+            "--optimizer",
+            self.optimizer.to_string(),
+            now.optimizer.to_string(),
+        );
+        check(
+            "--lr-schedule",
+            self.schedule.to_string(),
+            now.schedule.to_string(),
+        );
+        let clip = |c: Option<f64>| c.map_or("none".to_string(), |c| c.to_string());
+        check(
+            "--clip-grad-norm",
+            clip(self.clip_grad_norm),
+            clip(now.clip_grad_norm),
+        );
+        check(
+            "--accumulation-steps",
+            self.accumulation_steps.to_string(),
+            now.accumulation_steps.to_string(),
+        );
+        check("--seed", self.seed.to_string(), now.seed.to_string());
+        let groups = |g: &[LrGroup]| {
+            let rates: Vec<String> = g
+                .iter()
+                .map(|g| format!("{}*: {}", g.prefix, g.lr))
+                .collect();
+            format!("[{}]", rates.join(", "))
+        };
+        check(
+            "--backbone-lr (parameter-group rates)",
+            groups(&self.lr_groups),
+            groups(&now.lr_groups),
+        );
+        out
+    }
+
     /// Samples per optimizer step (over all ranks): `batch_size * accumulation_steps`.
     pub fn effective_batch(&self) -> usize {
         self.batch_size * self.accumulation_steps.get()
@@ -138,6 +195,28 @@ impl TrainerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn differences_name_the_flags_that_changed() {
+        let old = TrainerConfig::default();
+        let now = TrainerConfig {
+            epochs: 9,
+            lr: 0.02,
+            clip_grad_norm: Some(1.0),
+            ..TrainerConfig::default()
+        };
+        assert_eq!(
+            old.differences(&now),
+            ["--lr 0.01 (now 0.02)", "--clip-grad-norm none (now 1)"]
+        );
+        assert!(
+            old.differences(&TrainerConfig {
+                epochs: 1,
+                ..old.clone()
+            })
+            .is_empty()
+        );
+    }
 
     #[test]
     fn default_is_valid_and_bad_fields_are_named() {

@@ -253,3 +253,39 @@ fn decay(weight_decay: f32) -> Option<WeightDecayConfig> {
         penalty: weight_decay,
     })
 }
+
+impl std::fmt::Display for OptimizerConfig {
+    /// As the flags spell it: `adamw (--beta1 0.9 --beta2 0.999 --epsilon 1e-8
+    /// --weight-decay 0.01)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Self::Sgd {
+                momentum,
+                dampening,
+                nesterov,
+                weight_decay,
+            } => write!(
+                f,
+                "sgd (--momentum {momentum} --dampening {dampening} --nesterov {nesterov} \
+                 --weight-decay {weight_decay})"
+            ),
+            Self::Adam {
+                beta_1,
+                beta_2,
+                epsilon,
+                weight_decay,
+            }
+            | Self::AdamW {
+                beta_1,
+                beta_2,
+                epsilon,
+                weight_decay,
+            } => write!(
+                f,
+                "{} (--beta1 {beta_1} --beta2 {beta_2} --epsilon {epsilon} --weight-decay \
+                 {weight_decay})",
+                self.name()
+            ),
+        }
+    }
+}

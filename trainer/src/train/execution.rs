@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use burn::tensor::Device;
 use kiln_multi::{
-    BucketConfig, Collective, CollectiveConfig, DeviceSpec, Transport, WorldSize, ZeroStage,
+    BucketConfig, Collective, CollectiveConfig, DeviceSpec, Rank, Transport, WorldSize, ZeroStage,
 };
 
 use crate::error::{Result, TrainError};
@@ -87,6 +87,16 @@ impl Execution {
             buckets: BucketConfig::default(),
             zero,
         }))
+    }
+
+    /// This process's rank: the group's rank of [`Execution::Process`], rank 0 otherwise
+    /// (one device, or the threads of this process, whose results rank 0 returns). Rank 0
+    /// writes checkpoints; the others should not print results.
+    pub fn rank(&self) -> Rank {
+        match self {
+            Execution::Process(group) => group.collective.rank(),
+            _ => Rank::ZERO,
+        }
     }
 
     /// The number of ranks.

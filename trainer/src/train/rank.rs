@@ -425,16 +425,14 @@ impl Trainer {
                 ),
             ));
         }
-        let comparable = TrainerConfig {
-            epochs: self.config.epochs,
-            ..state.config.clone()
-        };
-        if comparable != self.config {
+        let differences = state.config.differences(&self.config);
+        if !differences.is_empty() {
             return Err(TrainError::checkpoint(
                 path,
                 format!(
-                    "it was trained with {:?}; resuming needs the same settings (only epochs may change), got {:?}",
-                    state.config, self.config
+                    "it was trained with other settings: {}; resume with the same settings \
+                     (only --epochs may change)",
+                    differences.join(", ")
                 ),
             ));
         }
