@@ -23,7 +23,7 @@ use crate::common::max_abs_diff;
 
 #[allow(dead_code)]
 #[path = "../../examples/own-model/src/lib.rs"]
-mod own_model;
+pub(crate) mod own_model;
 
 use own_model::{Forecaster, Window, WindowBatch, WindowBatcher, waves};
 
@@ -77,7 +77,7 @@ fn fit(
     } else {
         None
     };
-    let step = |model: &Forecaster, batch: WindowBatch| model.step(batch);
+    let step = |model: &Forecaster, batch: WindowBatch| model.kiln_step(batch);
     let (model, report) = trainer.fit_model(
         model,
         Steps {
@@ -256,7 +256,7 @@ fn a_failing_step_or_a_bad_loss_is_an_error_naming_the_phase() {
         batcher: &WindowBatcher,
     };
     let execution = Execution::Single(Device::flex().autodiff());
-    let good = |model: &Forecaster, batch: WindowBatch| model.step(batch);
+    let good = |model: &Forecaster, batch: WindowBatch| model.kiln_step(batch);
     let failing = |_: &Forecaster, _: WindowBatch| -> kiln::trainer::StepResult<_> {
         Err("no labels in this batch".into())
     };
@@ -289,7 +289,7 @@ fn a_failing_step_or_a_bad_loss_is_an_error_naming_the_phase() {
 }
 
 /// A collective whose reductions do nothing: each rank keeps its own values.
-struct NoReduce(Arc<dyn Collective>);
+pub(crate) struct NoReduce(pub(crate) Arc<dyn Collective>);
 
 impl Collective for NoReduce {
     fn rank(&self) -> Rank {

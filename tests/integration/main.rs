@@ -22,6 +22,7 @@ mod finetune;
 mod general;
 mod kernels;
 mod launch;
+mod learner;
 mod parity;
 mod pipeline;
 mod quantize;

@@ -7,7 +7,10 @@ use burn::data::dataset::InMemDataset;
 use burn::module::Module;
 use burn::nn::{Gelu, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{Device, Tensor, TensorData};
+use burn_train::{InferenceStep, RegressionOutput, TrainOutput, TrainStep};
 use kiln::trainer::{Metric, StepOutput, StepResult};
+
+pub mod learner;
 
 /// Values the model reads.
 pub const WINDOW: usize = 16;
@@ -40,13 +43,38 @@ impl Forecaster {
         self.output.forward(hidden)
     }
 
-    /// The training step: mean squared error, and the mean absolute error as a metric.
-    pub fn step(&self, batch: WindowBatch) -> StepResult<StepOutput> {
+    /// kiln's training step: mean squared error, and the mean absolute error as a metric.
+    pub fn kiln_step(&self, batch: WindowBatch) -> StepResult<StepOutput> {
         let n = batch.targets.dims()[0];
         let error = self.forward(batch.windows) - batch.targets;
         let absolute = error.clone().abs().sum().into_scalar::<f64>();
         let loss = error.powi_scalar(2).mean();
         Ok(StepOutput::new(loss, n).with_metric(Metric::mean("mae", absolute, n as f64)))
+    }
+}
+
+/// burn-train's training step: the same loss, with burn-train's regression output.
+impl TrainStep for Forecaster {
+    type Input = WindowBatch;
+    type Output = RegressionOutput;
+
+    fn step(&self, batch: WindowBatch) -> TrainOutput<RegressionOutput> {
+        let output = InferenceStep::step(self, batch);
+        TrainOutput::new(self, output.loss.backward(), output)
+    }
+}
+
+/// burn-train's evaluation step.
+impl InferenceStep for Forecaster {
+    type Input = WindowBatch;
+    type Output = RegressionOutput;
+
+    fn step(&self, batch: WindowBatch) -> RegressionOutput {
+        let predictions = self.forward(batch.windows);
+        let loss = (predictions.clone() - batch.targets.clone())
+            .powi_scalar(2)
+            .mean();
+        RegressionOutput::new(loss, predictions, batch.targets)
     }
 }
 

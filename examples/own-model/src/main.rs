@@ -23,13 +23,15 @@ use own_model::{Forecaster, WindowBatcher, waves};
 
 const HELP: &str = "own-model: trains a wave forecaster with kiln's trainer
 
-USAGE: own-model [--ranks N] [--zero 1|2] [--epochs N] [--out DIR] [--resume]
+USAGE: own-model [--ranks N] [--zero 1|2] [--epochs N] [--out DIR] [--resume] [--learner]
 
   --ranks N    data-parallel ranks (threads) [default: 1]
   --zero S     shard the optimizer state (1) and gradients (2) over the ranks
   --epochs N   epochs of 64 optimizer steps [default: 3]
   --out DIR    run directory for checkpoints and metrics.jsonl [default: runs/own-model]
-  --resume     continue the run in --out from its latest checkpoint";
+  --resume     continue the run in --out from its latest checkpoint
+  --learner    train through burn-train's Learner instead, with kiln's data-parallel
+               strategy (AdamW, constant rate; --zero and --resume do not apply)";
 
 struct Args {
     ranks: usize,
@@ -37,6 +39,7 @@ struct Args {
     epochs: usize,
     out: PathBuf,
     resume: bool,
+    learner: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -46,6 +49,7 @@ fn parse() -> Result<Args, String> {
         epochs: 3,
         out: PathBuf::from("runs/own-model"),
         resume: false,
+        learner: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -55,6 +59,7 @@ fn parse() -> Result<Args, String> {
             "--epochs" => args.epochs = value()?.parse().map_err(|e| format!("--epochs: {e}"))?,
             "--out" => args.out = PathBuf::from(value()?),
             "--resume" => args.resume = true,
+            "--learner" => args.learner = true,
             "--zero" => {
                 args.zero = match value()?.as_str() {
                     "1" => Some(ZeroStage::One),
@@ -81,6 +86,9 @@ fn main() {
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse()?;
+    if args.learner {
+        return own_model::learner::run(args.ranks, args.epochs, &args.out);
+    }
     // 4,096 training windows, batches of 32, 2 batches per step: 64 steps per epoch. The
     // cosine spans 3 epochs whatever --epochs says, so a run can be extended on --resume.
     let schedule_steps = 3 * 4096 / (32 * 2);
@@ -149,8 +157,8 @@ fn train(
     let (_model, report) = trainer.fit_model(
         Forecaster::new(32, device),
         Steps {
-            train: &|model: &Forecaster, batch| model.step(batch),
-            eval: &|model: &Forecaster, batch| model.step(batch),
+            train: &|model: &Forecaster, batch| model.kiln_step(batch),
+            eval: &|model: &Forecaster, batch| model.kiln_step(batch),
         },
         Data {
             train: &train,

@@ -100,6 +100,28 @@ impl LrSchedule {
     }
 }
 
+impl std::fmt::Display for LrSchedule {
+    /// In words and flags: `warm-up cosine (--warmup-steps 20, to --min-lr 0.0003 at step
+    /// 192)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            LrSchedule::Constant => write!(f, "constant"),
+            LrSchedule::Step { every, gamma } => {
+                write!(f, "step (--lr-step-every {every} --lr-gamma {gamma})")
+            }
+            LrSchedule::WarmupCosine {
+                warmup_steps,
+                total_steps,
+                min_lr,
+            } => write!(
+                f,
+                "warm-up cosine (--warmup-steps {warmup_steps}, to --min-lr {min_lr} at step \
+                 {total_steps})"
+            ),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,28 +194,6 @@ mod tests {
         for (schedule, flag) in cases {
             let message = schedule.validate(0.1).unwrap_err().to_string();
             assert!(message.contains(flag), "{message}");
-        }
-    }
-}
-
-impl std::fmt::Display for LrSchedule {
-    /// In words and flags: `warm-up cosine (--warmup-steps 20, to --min-lr 0.0003 at step
-    /// 192)`.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match *self {
-            LrSchedule::Constant => write!(f, "constant"),
-            LrSchedule::Step { every, gamma } => {
-                write!(f, "step (--lr-step-every {every} --lr-gamma {gamma})")
-            }
-            LrSchedule::WarmupCosine {
-                warmup_steps,
-                total_steps,
-                min_lr,
-            } => write!(
-                f,
-                "warm-up cosine (--warmup-steps {warmup_steps}, to --min-lr {min_lr} at step \
-                 {total_steps})"
-            ),
         }
     }
 }

@@ -1,0 +1,120 @@
+//! burn-train's `Learner` with kiln's strategy (`KilnDataParallel`): a burn-train program
+//! whose only change is its strategy line trains data parallel, taking the steps of
+//! burn-train's own single-device run on the ranks' batches concatenated.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use burn::data::dataloader::DataLoaderBuilder;
+use burn::data::dataset::InMemDataset;
+use burn::optim::AdamWConfig;
+use burn::optim::lr_scheduler::constant::ConstantLr;
+use burn::tensor::Device;
+use burn_train::{Learner, SupervisedTraining, TrainingStrategy};
+use kiln::learner::KilnDataParallel;
+use kiln::multi::data_parallel::flatten_params;
+use kiln::multi::{Collective, CollectiveConfig, WorldSize, run_in_process};
+
+use crate::common::max_abs_diff;
+use crate::general::NoReduce;
+use crate::general::own_model::{Forecaster, Window, WindowBatcher, waves};
+
+/// 64 training windows: 32 per rank, batches of 4 per rank (8 on one device), 2 batches per
+/// optimizer step (burn-train's gradient accumulation), 2 epochs: 8 optimizer steps.
+const ITEMS: usize = 64;
+const RANK_BATCH: usize = 4;
+
+fn items() -> Vec<Window> {
+    let data = waves(ITEMS, 21);
+    (0..ITEMS)
+        .map(|i| burn::data::dataset::Dataset::get(&data, i).unwrap())
+        .collect()
+}
+
+/// The items in the order one device sees the ranks' batches: batch k of rank 0, then batch
+/// k of rank 1, for every k.
+fn concatenated(items: &[Window]) -> Vec<Window> {
+    let (rank0, rank1) = items.split_at(ITEMS / 2);
+    rank0
+        .chunks(RANK_BATCH)
+        .zip(rank1.chunks(RANK_BATCH))
+        .flat_map(|(a, b)| a.iter().chain(b).cloned())
+        .collect()
+}
+
+/// Trains `model` with burn-train for 2 epochs on `items` in batches of `batch`: its final
+/// parameters.
+fn train(
+    model: Forecaster,
+    items: Vec<Window>,
+    batch: usize,
+    strategy: Option<TrainingStrategy<Forecaster>>,
+) -> Vec<f32> {
+    let dir = tempfile::tempdir().unwrap();
+    let train = DataLoaderBuilder::new(WindowBatcher)
+        .batch_size(batch)
+        .build(InMemDataset::new(items));
+    let valid = DataLoaderBuilder::new(WindowBatcher)
+        .batch_size(16)
+        .build(waves(16, 22));
+    let learner = Learner::new(
+        model,
+        AdamWConfig::new().with_weight_decay(0.05).init(),
+        ConstantLr::new(1e-2),
+    );
+    let mut training = SupervisedTraining::new(dir.path(), train, valid)
+        .num_epochs(2)
+        .grads_accumulation(2)
+        .with_application_logger(None);
+    if let Some(strategy) = strategy {
+        training = training.with_training_strategy(strategy);
+    }
+    let result = training.launch(learner);
+    assert!(result.error.is_none(), "{:?}", result.error);
+    flatten_params(&result.model).unwrap()
+}
+
+fn model() -> Forecaster {
+    Forecaster::new(16, &Device::flex().autodiff())
+}
+
+#[test]
+fn two_ranks_take_the_single_device_steps_on_the_concatenated_batches() {
+    let (model, items) = (model(), items());
+    let single = train(model.clone(), concatenated(&items), 2 * RANK_BATCH, None);
+    let strategy = KilnDataParallel::threads(WorldSize::new(2).unwrap(), Device::flex());
+    let ranks = train(
+        model.clone(),
+        items.clone(),
+        RANK_BATCH,
+        Some(strategy.into()),
+    );
+    let diff = max_abs_diff(&ranks, &single);
+    // Training moved the parameters (so the agreement is not that of two untouched models).
+    let moved = max_abs_diff(&single, &flatten_params(&model).unwrap());
+    assert!(
+        moved > 1e-2,
+        "training moved the parameters by only {moved}"
+    );
+    assert!(diff <= 1e-5, "2 ranks differ from one device by {diff}");
+    // The negative control: ranks whose collectives do not reduce train apart.
+    let unsynced = run_in_process(
+        WorldSize::new(2).unwrap(),
+        CollectiveConfig {
+            timeout: Duration::from_secs(60),
+        },
+        |collective| {
+            let collective: Arc<dyn Collective> = Arc::new(NoReduce(collective));
+            let strategy = KilnDataParallel::process(collective, Device::flex());
+            Ok::<_, kiln::multi::MultiError>(train(
+                model.clone(),
+                items.clone(),
+                RANK_BATCH,
+                Some(strategy.into()),
+            ))
+        },
+    )
+    .unwrap();
+    let diff = max_abs_diff(&unsynced[0], &single);
+    assert!(diff > 1e-3, "without reduction only {diff} apart");
+}
