@@ -106,7 +106,10 @@ impl<M: LearnerModel> From<KilnDataParallel> for TrainingStrategy<M> {
 /// What every rank shares: burn-train's event processor and checkpointer, the loaders.
 struct Shared<M: LearnerModel> {
     components: Mutex<TrainingComponents<M>>,
-    train: TrainLoader<M>,
+    /// Each rank's slice of the training items, on its device.
+    train: Vec<TrainLoader<M>>,
+    /// Items per rank.
+    per_rank: usize,
     valid: ValidLoader<M>,
     starting_epoch: usize,
 }
@@ -129,9 +132,17 @@ impl<M: LearnerModel> SupervisedLearningStrategy<M> for KilnDataParallel {
         starting_epoch: usize,
     ) -> (M, SupervisedTrainingEventProcessor<M>) {
         let interrupter = training_components.interrupter.clone();
+        let devices = match &self.ranks {
+            Ranks::Threads(devices) => devices.clone(),
+            Ranks::Process { device, collective } => {
+                vec![device.clone(); collective.world_size().get()]
+            }
+        };
+        let (train, per_rank) = rank_slices(&dataloader_train, &devices);
         let shared = Shared {
             components: Mutex::new(training_components),
-            train: dataloader_train,
+            train,
+            per_rank,
             valid: dataloader_valid,
             starting_epoch,
         };
@@ -195,6 +206,35 @@ impl KilnDataParallel {
     }
 }
 
+/// Every rank's slice of the training items, on its autodiff device, and the items per
+/// slice. Made for all ranks in rank order, in threads and in processes alike: each slice
+/// forks the loader's shuffling generator, so the order of the forks decides every rank's
+/// shuffle.
+fn rank_slices<O>(
+    train: &Arc<dyn burn::data::dataloader::DataLoader<O>>,
+    devices: &[Device],
+) -> (Vec<Arc<dyn burn::data::dataloader::DataLoader<O>>>, usize) {
+    let per_rank = train.num_items() / devices.len().max(1);
+    let slices = devices
+        .iter()
+        .enumerate()
+        .map(|(rank, device)| {
+            train
+                .slice(rank * per_rank, (rank + 1) * per_rank)
+                .to_device(&autodiff(device))
+        })
+        .collect();
+    (slices, per_rank)
+}
+
+fn autodiff(device: &Device) -> Device {
+    if device.is_autodiff() {
+        device.clone()
+    } else {
+        device.clone().autodiff()
+    }
+}
+
 /// The training of one rank: its slice of the items, every step synchronised; rank 0
 /// validates, reports and checkpoints.
 fn fit_rank<M: LearnerModel>(
@@ -204,11 +244,7 @@ fn fit_rank<M: LearnerModel>(
     shared: &Shared<M>,
     buckets: BucketConfig,
 ) -> kiln_multi::Result<M> {
-    let device = if device.is_autodiff() {
-        device.clone()
-    } else {
-        device.clone().autodiff()
-    };
+    let device = autodiff(device);
     learner.fork(&device);
     let (model, mut ddp) = DistributedDataParallel::new(learner.model(), collective, buckets)?;
     learner.load_model(model.into_record());
@@ -216,11 +252,7 @@ fn fit_rank<M: LearnerModel>(
         let c = ddp.collective();
         (c.rank().index(), c.world_size().get())
     };
-    let per_rank = shared.train.num_items() / world;
-    let train = shared
-        .train
-        .slice(rank * per_rank, (rank + 1) * per_rank)
-        .to_device(&device);
+    let (per_rank, train) = (shared.per_rank, &shared.train[rank]);
     let (num_epochs, accumulation, interrupter) = {
         let c = shared.lock();
         (c.num_epochs, c.grad_accumulation, c.interrupter.clone())
@@ -235,7 +267,7 @@ fn fit_rank<M: LearnerModel>(
             let result = c.event_processor.process_train(event);
             c.interrupter.fail_on_error(result);
         }
-        let stopped = train_epoch(&mut learner, &mut ddp, &train, shared, accumulation, world)?;
+        let stopped = train_epoch(&mut learner, &mut ddp, train, shared, accumulation, world)?;
         if rank == 0 {
             end_epoch(&learner, &device, shared, epoch);
         }

@@ -254,6 +254,75 @@ mod mpi {
         }
     }
 
+    /// The own-model example's binary (`target/release/own-model`), built with `mpi`.
+    fn own_model() -> String {
+        let binary = Path::new(env!("CARGO_BIN_EXE_kiln"))
+            .parent()
+            .unwrap()
+            .join("own-model");
+        assert!(
+            binary.exists(),
+            "{} is missing: build it first with `CARGO_TARGET_DIR=target cargo build \
+             --release --features mpi --manifest-path examples/own-model/Cargo.toml` (CI does)",
+            binary.display()
+        );
+        binary.to_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn a_users_own_model_on_two_processes_equals_one_device() {
+        // AdamW, warm-up + cosine, clipping and accumulation 2 (the example's settings), plain
+        // and with ZeRO-1 and ZeRO-2 over MPI; then burn-train's Learner with kiln's strategy
+        // on 2 processes against 2 threads.
+        let binary = own_model();
+        let dir = tempfile::tempdir().unwrap();
+        let out = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+        let run = |args: &[&str]| {
+            let output = std::process::Command::new(&binary)
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(output.status.success(), "{output:?}");
+            last_json(&output)
+        };
+        let single = run(&["--epochs", "1", "--out", &out("single")]);
+        for zero in [&[][..], &["--zero", "1"][..], &["--zero", "2"][..]] {
+            let run_dir = out(&format!("processes{}", zero.concat()));
+            let flags = [&["--epochs", "1", "--out", &run_dir][..], zero].concat();
+            let launched =
+                launch_json(&[&["--nproc-per-node", "2", "--", &binary][..], &flags].concat());
+            assert_eq!(launched["steps"], single["steps"]);
+            for key in ["train_loss", "test_loss", "test_mae"] {
+                let (x, y) = (
+                    single[key].as_f64().unwrap(),
+                    launched[key].as_f64().unwrap(),
+                );
+                assert!(
+                    (x - y).abs() <= 1e-5,
+                    "{zero:?} {key}: one device {x}, processes {y}"
+                );
+            }
+        }
+        let threads = run(&[
+            "--learner",
+            "--ranks",
+            "2",
+            "--epochs",
+            "1",
+            "--out",
+            &out("lt"),
+        ]);
+        let run_dir = out("learner-processes");
+        let flags = ["--learner", "--epochs", "1", "--out", &run_dir];
+        let launched =
+            launch_json(&[&["--nproc-per-node", "2", "--", &binary][..], &flags].concat());
+        let (x, y) = (
+            threads["test_loss"].as_f64().unwrap(),
+            launched["test_loss"].as_f64().unwrap(),
+        );
+        assert!((x - y).abs() <= 1e-5, "learner: threads {x}, processes {y}");
+    }
+
     /// A launched training job marked with a unique environment variable, so that its rank
     /// processes can be found in /proc.
     struct Job {
