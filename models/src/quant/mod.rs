@@ -178,7 +178,10 @@ mod tests {
                     .iter()
                     .zip(y)
                     .map(|(p, q)| (p - q).abs())
-                    .fold(0.0, f32::max);
+                    .fold(
+                        0.0,
+                        |m: f32, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+                    ); // NaN fails
                 assert!(
                     diff <= 1e-7,
                     "{scheme}: file and fake quantization differ by {diff}"
