@@ -30,11 +30,10 @@ use kiln_trainer::{
 use crate::error::{RecipeError, Result};
 use crate::mnist_data::MnistSource;
 use crate::report::{PipelineReport, ShardingReport, TensorParallelReport, TrainReport};
+use crate::run_info::{self, CnnMnistOptions, ModelName};
 
 /// Name of this recipe, recorded in checkpoints.
 pub const RECIPE: &str = "cnn-mnist";
-/// Name of its model, recorded in checkpoints.
-pub const MODEL: &str = "simple-cnn";
 
 /// Hyper-parameters given explicitly by the user. Unset ones come from the default recipe
 /// for a fresh run, and from the checkpoint when resuming (where only `epochs` may differ).
@@ -337,9 +336,9 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
     };
     let labels = RunLabels {
         recipe: RECIPE.into(),
-        model: MODEL.into(),
+        model: ModelName::SimpleCnn.as_str().into(),
         quantization: qat.map(|scheme| scheme.to_string()),
-        options: Default::default(),
+        options: recorded_data(config, resume.as_ref())?,
     };
     let trainer = Trainer::new(trainer_config, &run_dir, labels)?.with_verbosity(config.verbosity);
 
@@ -581,6 +580,41 @@ pub(crate) fn checkpoint_quantization(
         .transpose()
 }
 
+/// The data settings the checkpoints of this run record: this run's, which must be those
+/// recorded in the checkpoint being resumed. (A checkpoint from before kiln recorded them
+/// continues on the data given.)
+fn recorded_data(
+    config: &CnnMnistConfig,
+    resume: Option<&(PathBuf, kiln_trainer::checkpoint::Checkpoint)>,
+) -> Result<std::collections::BTreeMap<String, serde_json::Value>> {
+    let now = CnnMnistOptions {
+        data: match &config.data {
+            MnistSource::Embedded => None,
+            MnistSource::Dir(dir) => Some(dir.clone()),
+        },
+        train_limit: config.train_limit,
+    };
+    let Some((file, checkpoint)) = resume else {
+        return Ok(run_info::to_map(&now));
+    };
+    if checkpoint.state.options.is_empty() {
+        return Ok(checkpoint.state.options.clone());
+    }
+    let recorded: CnnMnistOptions = run_info::from_map(&checkpoint.state.options, file, RECIPE)?;
+    if recorded != now {
+        return Err(RecipeError::Options {
+            flag: "--resume",
+            reason: format!(
+                "the run in {} was trained on {}; resume it on the same data (this call has {})",
+                run_dir_of(file).display(),
+                recorded.describe(),
+                now.describe()
+            ),
+        });
+    }
+    Ok(checkpoint.state.options.clone())
+}
+
 /// Fails unless the data set's images fit SimpleCNN.
 pub(crate) fn check_image_shape(data: &dyn ImageDataset) -> Result<()> {
     let expected = SimpleCnn::input_shape();
@@ -589,7 +623,7 @@ pub(crate) fn check_image_shape(data: &dyn ImageDataset) -> Result<()> {
         Ok(())
     } else {
         Err(RecipeError::ImageShape {
-            model: MODEL,
+            model: ModelName::SimpleCnn.as_str(),
             found,
             expected,
         })

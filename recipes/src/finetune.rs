@@ -17,11 +17,13 @@ use kiln_trainer::data::{
 };
 use kiln_trainer::report::Verbosity;
 use kiln_trainer::{Execution, LrGroup, RunLabels, TrainData, Trainer, TrainerConfig, evaluate};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::cnn_mnist::{RunTarget, TrainerOverrides};
 use crate::error::{RecipeError, Result};
 use crate::report::FinetuneReport;
+use crate::run_info::{self, ModelName};
 
 /// Name of this recipe, recorded in checkpoints.
 pub const RECIPE: &str = "finetune";
@@ -79,79 +81,44 @@ pub fn default_trainer_config() -> TrainerConfig {
 }
 
 /// Settings recorded in the checkpoint that rebuild the model and its data.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct FinetuneOptions {
     pub(crate) classes: Vec<String>,
     pub(crate) image_size: usize,
+    #[serde(default)]
     pub(crate) freeze_backbone: bool,
+    #[serde(default = "augment_default")]
     pub(crate) augment: bool,
     pub(crate) data: PathBuf,
 }
 
+fn augment_default() -> bool {
+    true
+}
+
 impl FinetuneOptions {
     pub(crate) fn to_map(&self) -> BTreeMap<String, Value> {
-        BTreeMap::from([
-            ("classes".to_string(), Value::from(self.classes.clone())),
-            ("image_size".to_string(), Value::from(self.image_size)),
-            (
-                "freeze_backbone".to_string(),
-                Value::from(self.freeze_backbone),
-            ),
-            ("augment".to_string(), Value::from(self.augment)),
-            (
-                "data".to_string(),
-                Value::from(self.data.to_string_lossy().into_owned()),
-            ),
-        ])
+        run_info::to_map(self)
     }
 
     /// The options as one JSON object (stored in quantized files).
     pub(crate) fn to_json(&self) -> String {
-        serde_json::to_string(&self.to_map()).unwrap_or_default()
+        serde_json::to_string(self).unwrap_or_default()
     }
 
     /// Reads [`to_json`](Self::to_json)'s text back; `file` names its source in errors.
     pub(crate) fn from_json(text: &str, file: &Path) -> Result<Self> {
-        let map: BTreeMap<String, Value> = serde_json::from_str(text).map_err(|e| {
+        serde_json::from_str(text).map_err(|e| {
             RecipeError::Train(kiln_trainer::TrainError::Checkpoint {
                 path: file.to_path_buf(),
                 reason: format!("bad fine-tuning settings: {e}"),
             })
-        })?;
-        Self::from_map(&map, file)
+        })
     }
 
     /// Reads the options back from a checkpoint; `file` names it in errors.
     pub(crate) fn from_map(map: &BTreeMap<String, Value>, file: &Path) -> Result<Self> {
-        let bad = |what: &str| {
-            RecipeError::Train(kiln_trainer::TrainError::Checkpoint {
-                path: file.to_path_buf(),
-                reason: format!("its fine-tuning settings lack {what}"),
-            })
-        };
-        Ok(Self {
-            classes: map
-                .get("classes")
-                .and_then(Value::as_array)
-                .ok_or_else(|| bad("classes"))?
-                .iter()
-                .map(|c| c.as_str().map(str::to_string).ok_or_else(|| bad("classes")))
-                .collect::<Result<_>>()?,
-            image_size: map
-                .get("image_size")
-                .and_then(Value::as_u64)
-                .ok_or_else(|| bad("image_size"))? as usize,
-            freeze_backbone: map
-                .get("freeze_backbone")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            augment: map.get("augment").and_then(Value::as_bool).unwrap_or(true),
-            data: map
-                .get("data")
-                .and_then(Value::as_str)
-                .map(PathBuf::from)
-                .ok_or_else(|| bad("data"))?,
-        })
+        run_info::from_map(map, file, "fine-tuning")
     }
 }
 
@@ -265,12 +232,16 @@ pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
     // A resumed run keeps its own settings.
     let (depth, options) = match &resume {
         Some((file, checkpoint)) => {
-            let depth = ResNet::depth_from_name(&checkpoint.state.model).ok_or_else(|| {
-                RecipeError::UnknownModel {
-                    path: file.clone(),
-                    model: checkpoint.state.model.clone(),
-                }
-            })?;
+            let ModelName::ResNet(depth) = ModelName::parse(&checkpoint.state.model, file)? else {
+                return Err(RecipeError::Options {
+                    flag: "--resume",
+                    reason: format!(
+                        "{} holds a {} run, not a fine-tuned ResNet: resume it with kiln train",
+                        file.display(),
+                        checkpoint.state.model
+                    ),
+                });
+            };
             (
                 depth,
                 FinetuneOptions::from_map(&checkpoint.state.options, file)?,
@@ -360,7 +331,7 @@ pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
 
     let labels = RunLabels {
         recipe: RECIPE.into(),
-        model: depth.name().into(),
+        model: ModelName::ResNet(depth).as_str().into(),
         quantization: None,
         options: options.to_map(),
     };
@@ -382,7 +353,7 @@ pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
     let new_epochs = &fit.history[fit.resumed_from_epoch..];
     Ok(FinetuneReport {
         recipe: RECIPE.into(),
-        model: depth.name().into(),
+        model: ModelName::ResNet(depth).as_str().into(),
         run_dir,
         checkpoint: fit.last_checkpoint.clone(),
         weights: weights_out,

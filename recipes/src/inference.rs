@@ -16,11 +16,12 @@ use kiln_trainer::data::{
 };
 use kiln_trainer::{TrainError, evaluate};
 
-use crate::cnn_mnist::{MODEL, check_image_shape, checkpoint_quantization};
+use crate::cnn_mnist::{check_image_shape, checkpoint_quantization};
 use crate::error::{RecipeError, Result};
 use crate::finetune::{FinetuneOptions, open_data};
 use crate::mnist_data::MnistSource;
 use crate::report::{ClassScore, EvalReport, ImagePrediction, ImagePredictions, PredictReport};
+use crate::run_info::ModelName;
 
 /// Model architectures that can be built for PyTorch weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +41,7 @@ impl ModelKind {
     /// The name used in checkpoints and on the command line.
     pub fn name(self) -> &'static str {
         match self {
-            ModelKind::SimpleCnn => MODEL,
+            ModelKind::SimpleCnn => ModelName::SimpleCnn.as_str(),
             ModelKind::ResNet { depth, .. } => depth.name(),
         }
     }
@@ -162,25 +163,30 @@ fn quantized_file(path: &Path) -> Result<Option<QuantizedFileInfo>> {
 /// Builds the model a kiln quantized file holds: SimpleCNN, or a fine-tuned ResNet (its
 /// classes and image size come from the file's header).
 fn load_quantized_model(path: &Path, info: QuantizedFileInfo, device: &Device) -> Result<Loaded> {
-    let unknown = || RecipeError::UnknownModel {
-        path: path.to_path_buf(),
-        model: info.model.clone(),
-    };
-    let (model, name, finetune) = if info.model == MODEL {
-        let mut net = SimpleCnnConfig::new().init(device, 0);
-        let _ = load_quantized(&mut net, path)?;
-        (Net::SimpleCnn(net), MODEL, None)
-    } else {
-        let depth = ResNet::depth_from_name(&info.model).ok_or_else(unknown)?;
-        let options =
-            FinetuneOptions::from_json(info.options.as_deref().ok_or_else(unknown)?, path)?;
-        let mut net = ResNet::new(depth, options.classes.len(), device);
-        let _ = load_quantized(&mut net, path)?;
-        (Net::ResNet(net), depth.name(), Some(options))
+    let name = ModelName::parse(&info.model, path)?;
+    let (model, finetune) = match name {
+        ModelName::SimpleCnn => {
+            let mut net = SimpleCnnConfig::new().init(device, 0);
+            let _ = load_quantized(&mut net, path)?;
+            (Net::SimpleCnn(net), None)
+        }
+        ModelName::ResNet(depth) => {
+            let text = info
+                .options
+                .as_deref()
+                .ok_or_else(|| RecipeError::UnknownModel {
+                    path: path.to_path_buf(),
+                    model: format!("{} without its fine-tuning settings", info.model),
+                })?;
+            let options = FinetuneOptions::from_json(text, path)?;
+            let mut net = ResNet::new(depth, options.classes.len(), device);
+            let _ = load_quantized(&mut net, path)?;
+            (Net::ResNet(net), Some(options))
+        }
     };
     Ok(Loaded {
+        name: name.as_str(),
         model,
-        name,
         source: path.to_path_buf(),
         trained: None,
         quantization: Quantization::Quantized(info.scheme),
@@ -221,42 +227,41 @@ pub(crate) fn load(source: &ModelSource, device: &Device) -> Result<Loaded> {
                 return load_quantized_model(&file, info, device);
             }
             let checkpoint = read_checkpoint(&file)?;
-            if let Some(depth) = ResNet::depth_from_name(&checkpoint.state.model) {
-                let options = FinetuneOptions::from_map(&checkpoint.state.options, &file)?;
-                let model = checkpoint
-                    .load_model(ResNet::new(depth, options.classes.len(), device), &file)?;
-                return Ok(Loaded {
-                    model: Net::ResNet(model),
-                    name: depth.name(),
-                    source: file,
-                    trained: Some((
-                        EpochMetrics::throughput(&checkpoint.state.history),
-                        checkpoint.state.epoch,
-                    )),
-                    quantization: Quantization::Float,
-                    finetune: Some(options),
-                });
+            let trained = Some((
+                EpochMetrics::throughput(&checkpoint.state.history),
+                checkpoint.state.epoch,
+            ));
+            match ModelName::parse(&checkpoint.state.model, &file)? {
+                ModelName::ResNet(depth) => {
+                    let options = FinetuneOptions::from_map(&checkpoint.state.options, &file)?;
+                    let model = checkpoint
+                        .load_model(ResNet::new(depth, options.classes.len(), device), &file)?;
+                    Ok(Loaded {
+                        model: Net::ResNet(model),
+                        name: depth.name(),
+                        source: file,
+                        trained,
+                        quantization: Quantization::Float,
+                        finetune: Some(options),
+                    })
+                }
+                ModelName::SimpleCnn => {
+                    let model =
+                        checkpoint.load_model(SimpleCnnConfig::new().init(device, 0), &file)?;
+                    let quantization = match checkpoint_quantization(&file, &checkpoint.state)? {
+                        Some(scheme) => Quantization::Aware(scheme),
+                        None => Quantization::Float,
+                    };
+                    Ok(Loaded {
+                        model: Net::SimpleCnn(model),
+                        name: ModelName::SimpleCnn.as_str(),
+                        source: file,
+                        trained,
+                        quantization,
+                        finetune: None,
+                    })
+                }
             }
-            if checkpoint.state.model != MODEL {
-                return Err(RecipeError::UnknownModel {
-                    path: file,
-                    model: checkpoint.state.model,
-                });
-            }
-            let model = checkpoint.load_model(SimpleCnnConfig::new().init(device, 0), &file)?;
-            let throughput = EpochMetrics::throughput(&checkpoint.state.history);
-            let quantization = match checkpoint_quantization(&file, &checkpoint.state)? {
-                Some(scheme) => Quantization::Aware(scheme),
-                None => Quantization::Float,
-            };
-            Ok(Loaded {
-                model: Net::SimpleCnn(model),
-                name: MODEL,
-                source: file,
-                trained: Some((throughput, checkpoint.state.epoch)),
-                quantization,
-                finetune: None,
-            })
         }
     }
 }

@@ -9,6 +9,8 @@
 //!   or `torchrun`;
 //! - [`cli`]: the clap argument structs shared by the `kiln` CLI and the recipe binaries;
 //! - [`report`]: the serialisable results printed by `--json`;
+//! - [`run_info`]: what checkpoints record, as types ([`run_info::ModelName`], each recipe's
+//!   options);
 //! - [`bench`]: the ResNet-18 throughput workloads of `kiln bench` and `benches/`, and the
 //!   PyTorch twin runner.
 //!
@@ -24,5 +26,6 @@ pub mod inference;
 pub mod mnist_data;
 pub mod quantize;
 pub mod report;
+pub mod run_info;
 
 pub use error::{RecipeError, Result};

@@ -15,12 +15,13 @@ use kiln_models::{ResNet, SimpleCnnConfig};
 use kiln_trainer::TrainError;
 use kiln_trainer::data::{ImageDataset, MnistSplit, make_batch};
 
-use crate::cnn_mnist::{MODEL, check_image_shape};
+use crate::cnn_mnist::check_image_shape;
 use crate::error::{RecipeError, Result};
 use crate::finetune::open_data;
 use crate::inference::{ModelSource, Net, Quantization, argmax, load};
 use crate::mnist_data::MnistSource;
 use crate::report::QuantizeReport;
+use crate::run_info::ModelName;
 
 /// Configuration of `kiln quantize`.
 #[derive(Debug, Clone)]
@@ -99,7 +100,7 @@ pub fn run(config: &QuantizeConfig) -> Result<QuantizeReport> {
             (Net::SimpleCnn(model), _) => {
                 let test = config.data.load(MnistSplit::Test)?;
                 check_image_shape(&test)?;
-                let sizes = save_quantized(model, MODEL, scheme, &out)?;
+                let sizes = save_quantized(model, ModelName::SimpleCnn.as_str(), scheme, &out)?;
                 let mut back = SimpleCnnConfig::new().init(&device, 0);
                 let _info = load_quantized(&mut back, &out)?;
                 (Box::new(test), Net::SimpleCnn(back), sizes)

@@ -276,6 +276,8 @@ fn kiln_train_tensor_parallel_writes_a_whole_model_checkpoint() {
     let resume = kiln(&[
         "train",
         "cnn-mnist",
+        "--limit",
+        "256",
         "--epochs",
         "2",
         "--out",

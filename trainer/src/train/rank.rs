@@ -416,12 +416,30 @@ impl Trainer {
             ));
         }
         if state.options != self.labels.options {
+            let keys: std::collections::BTreeSet<&String> = state
+                .options
+                .keys()
+                .chain(self.labels.options.keys())
+                .collect();
+            let show =
+                |v: Option<&serde_json::Value>| v.map_or("none".to_string(), |v| v.to_string());
+            let changed: Vec<String> = keys
+                .into_iter()
+                .filter(|k| state.options.get(*k) != self.labels.options.get(*k))
+                .map(|k| {
+                    format!(
+                        "{k} {} (now {})",
+                        show(state.options.get(k)),
+                        show(self.labels.options.get(k))
+                    )
+                })
+                .collect();
             return Err(TrainError::checkpoint(
                 path,
                 format!(
-                    "it was trained with {}; resuming needs the same, got {}",
-                    serde_json::to_string(&state.options).unwrap_or_default(),
-                    serde_json::to_string(&self.labels.options).unwrap_or_default()
+                    "it was trained with other {} settings: {}; resume with the same",
+                    state.recipe,
+                    changed.join(", ")
                 ),
             ));
         }
