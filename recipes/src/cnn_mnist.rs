@@ -20,7 +20,7 @@ use kiln_multi::{BucketConfig, Collective, DeviceSpec, WorldSize, ZeroStage};
 use kiln_trainer::checkpoint::{
     Checkpoint, latest_checkpoint, read_checkpoint, resolve_checkpoint,
 };
-use kiln_trainer::data::{ImageDataset, MnistSplit};
+use kiln_trainer::data::{ImageDataset, MnistDataset, MnistSplit};
 use kiln_trainer::report::Verbosity;
 use kiln_trainer::{
     Execution, FitReport, PipelineSplit, ProcessGroupConfig, RunLabels, TensorParallelSplit,
@@ -294,36 +294,113 @@ impl TensorParallelCnn {
     }
 }
 
+/// How a cnn-mnist run executes. [`Plan::new`] is the one place where the combinations of
+/// execution flags are checked, before any device or tensor is made.
+enum Plan {
+    /// One device (one rank, no group), `ranks` data-parallel threads, or this process as one
+    /// rank of a launched `group`; the optimizer state optionally sharded.
+    DataParallel {
+        ranks: WorldSize,
+        group: Option<Arc<dyn Collective>>,
+        zero: Option<ZeroStage>,
+    },
+    /// Through a pipeline of 2 or 3 stages on one data-parallel rank.
+    Pipeline(PipelineOptions),
+    /// The classifier split over this many ranks, alone.
+    TensorParallel(WorldSize),
+}
+
+impl Plan {
+    /// The plan `config`'s flags describe, for a run under quantization-aware training
+    /// `qat` (given, or the resumed checkpoint's), as rank `group` of a launch or not.
+    ///
+    /// # Errors
+    /// [`RecipeError::Options`] naming the flag of a combination kiln cannot run.
+    fn new(
+        config: &CnnMnistConfig,
+        group: Option<Arc<dyn Collective>>,
+        qat: Option<QuantScheme>,
+    ) -> Result<Self> {
+        let refuse =
+            |flag: &'static str, reason: String| Err(RecipeError::Options { flag, reason });
+        let data_parallel = config.ranks != WorldSize::ONE || group.is_some();
+        if let Some(tp) = config.tensor_parallel {
+            let other = [
+                (config.pipeline.is_some(), "--pipeline-stages"),
+                (
+                    data_parallel,
+                    "data parallelism (--ranks, or a multi-process launch)",
+                ),
+                (config.zero.is_some(), "--zero"),
+                (qat.is_some(), "--qat"),
+            ];
+            if let Some((_, flag)) = other.iter().find(|(set, _)| *set) {
+                let reason = format!("combining it with {flag} is not supported yet");
+                return refuse("--tensor-parallel", reason);
+            }
+            return Ok(Plan::TensorParallel(tp));
+        }
+        if let Some(options) = config.pipeline {
+            if qat.is_some() {
+                let reason = "quantization-aware training through a pipeline is not supported \
+                              yet; train on one device or with --ranks";
+                return refuse("--qat", reason.to_string());
+            }
+            if data_parallel || config.zero.is_some() {
+                let reason = "combining a pipeline with data parallelism (--ranks, --zero, or a \
+                              multi-process launch) is not supported yet";
+                return refuse("--pipeline-stages", reason.to_string());
+            }
+            if !(2..=3).contains(&options.stages.get()) {
+                let reason = format!(
+                    "SimpleCNN splits into 2 stages (conv1 | conv2 + classifier) or 3 (conv1 | \
+                     conv2 | classifier), not {}",
+                    options.stages
+                );
+                return refuse("--pipeline-stages", reason);
+            }
+            return Ok(Plan::Pipeline(options));
+        }
+        if let Some(group) = &group
+            && config.ranks != WorldSize::ONE
+        {
+            let reason = format!(
+                "this process is rank {} of a {}-process launch, which runs one rank per \
+                 process; drop --ranks",
+                group.rank().index(),
+                group.world_size().get()
+            );
+            return refuse("--ranks", reason);
+        }
+        if !data_parallel && config.zero.is_some() {
+            let reason = "sharding splits the optimizer state over data-parallel ranks: add \
+                          --ranks N (N >= 2) or start the run with kiln launch";
+            return refuse("--zero", reason.to_string());
+        }
+        Ok(Plan::DataParallel {
+            ranks: config.ranks,
+            group,
+            zero: config.zero,
+        })
+    }
+
+    /// Devices the run takes in this process: one per thread-rank or pipeline stage.
+    fn device_count(&self) -> usize {
+        match self {
+            Plan::DataParallel { ranks, .. } | Plan::TensorParallel(ranks) => ranks.get(),
+            Plan::Pipeline(options) => options.stages.get(),
+        }
+    }
+}
+
 /// Trains SimpleCNN on MNIST, evaluating and checkpointing after every epoch.
 ///
 /// # Errors
 /// Data errors naming the bad file, [`RecipeError::RunExists`] for a fresh run into a used
-/// directory, checkpoint errors on `--resume`, and I/O errors when writing.
+/// directory, checkpoint errors on `--resume`, [`RecipeError::Options`] for flags that do not
+/// combine, and I/O errors when writing.
 pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
-    // A launched rank on CUDA takes its host's GPU of its local rank, and talks over NCCL.
-    let (device_spec, process_group) = match &config.process_group {
-        Some(group) if config.device.is_cuda() => {
-            let (device, nccl) = crate::distributed::on_gpu(
-                Arc::clone(group),
-                config.device,
-                config.collective_timeout,
-            )?;
-            (device, Some(nccl))
-        }
-        other => (config.device, other.clone()),
-    };
-    // Every device the run needs is checked before any tensor is made.
-    let device_count = match (config.pipeline, config.tensor_parallel) {
-        (Some(options), _) => options.stages.get(),
-        (None, Some(tp)) => tp.get(),
-        (None, None) => config.ranks.get(),
-    };
-    let devices: Vec<Device> = device_spec
-        .devices(device_count)?
-        .into_iter()
-        .map(Device::autodiff)
-        .collect();
-    let device = devices[0].clone();
+    let (device_spec, process_group) = launched_device(config)?;
     let (run_dir, resume) = config.target.open()?;
     let base = resume
         .as_ref()
@@ -334,6 +411,13 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
         (None, Some((file, checkpoint))) => checkpoint_quantization(file, &checkpoint.state)?,
         (None, None) => None,
     };
+    let plan = Plan::new(config, process_group, qat)?;
+    // Every device the run needs is checked before any tensor is made.
+    let devices: Vec<Device> = device_spec
+        .devices(plan.device_count())?
+        .into_iter()
+        .map(Device::autodiff)
+        .collect();
     let labels = RunLabels {
         recipe: RECIPE.into(),
         model: ModelName::SimpleCnn.as_str().into(),
@@ -341,7 +425,52 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
         options: recorded_data(config, resume.as_ref())?,
     };
     let trainer = Trainer::new(trainer_config, &run_dir, labels)?.with_verbosity(config.verbosity);
+    let (train, test) = load_data(config)?;
+    let model = SimpleCnnConfig::new().init(&devices[0], trainer.config().seed);
+    let data = TrainData {
+        train: &train,
+        test: &test,
+    };
+    let run = PlannedRun {
+        config,
+        trainer: &trainer,
+        devices: &devices,
+        device_spec,
+        resume,
+    };
+    let global_batch_size = trainer.config().batch_size;
+    let (fit, tensor_parallel) = match plan {
+        Plan::TensorParallel(tp) => run.tensor_parallel(model, data, tp)?,
+        Plan::Pipeline(options) => (run.pipeline(model, data, options)?, None),
+        Plan::DataParallel { ranks, group, zero } => (
+            run.data_parallel(model, data, ranks, group, zero, qat)?,
+            None,
+        ),
+    };
+    Ok(TrainReport {
+        tensor_parallel,
+        ..train_report(config, run_dir, device_spec, global_batch_size, qat, fit)
+    })
+}
 
+/// The device of the run and this process's group: a launched rank on CUDA takes its host's
+/// GPU of its local rank and talks over NCCL.
+fn launched_device(config: &CnnMnistConfig) -> Result<(DeviceSpec, Option<Arc<dyn Collective>>)> {
+    match &config.process_group {
+        Some(group) if config.device.is_cuda() => {
+            let (device, nccl) = crate::distributed::on_gpu(
+                Arc::clone(group),
+                config.device,
+                config.collective_timeout,
+            )?;
+            Ok((device, Some(nccl)))
+        }
+        other => Ok((config.device, other.clone())),
+    }
+}
+
+/// The training (cut to `--limit`) and test splits, checked to fit SimpleCNN.
+fn load_data(config: &CnnMnistConfig) -> Result<(MnistDataset, MnistDataset)> {
     let mut train = config.data.load(MnistSplit::Train)?;
     if let Some(limit) = config.train_limit {
         train = train.take(limit);
@@ -349,45 +478,107 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
     let test = config.data.load(MnistSplit::Test)?;
     check_image_shape(&train)?;
     check_image_shape(&test)?;
+    Ok((train, test))
+}
 
-    let model = SimpleCnnConfig::new().init(&device, trainer.config().seed);
-    let data = TrainData {
-        train: &train,
-        test: &test,
-    };
-    let global_batch_size = trainer.config().batch_size;
-    if let Some(tp) = config.tensor_parallel {
-        let refuse = |flag: &'static str| {
-            Err(RecipeError::Options {
-                flag: "--tensor-parallel",
-                reason: format!("combining it with {flag} is not supported yet"),
-            })
+/// What every execution of a planned run shares.
+struct PlannedRun<'a> {
+    config: &'a CnnMnistConfig,
+    trainer: &'a Trainer,
+    /// One per thread-rank or stage, the first the model's.
+    devices: &'a [Device],
+    device_spec: DeviceSpec,
+    resume: Option<(PathBuf, Checkpoint)>,
+}
+
+impl PlannedRun<'_> {
+    /// One device or data parallel (threads, or this launched process), with QAT if set.
+    fn data_parallel(
+        self,
+        model: SimpleCnn,
+        data: TrainData<'_>,
+        ranks: WorldSize,
+        group: Option<Arc<dyn Collective>>,
+        zero: Option<ZeroStage>,
+        qat: Option<QuantScheme>,
+    ) -> Result<FitReport> {
+        let timeout = self.config.collective_timeout;
+        let execution = match group {
+            Some(collective) => Execution::Process(ProcessGroupConfig {
+                device: self.devices[0].clone(),
+                collective,
+                buckets: BucketConfig::default(),
+                zero,
+            }),
+            None => Execution::on_ranks(self.device_spec, ranks, timeout, zero)?,
         };
-        if config.pipeline.is_some() {
-            return refuse("--pipeline-stages");
-        }
-        if config.ranks != WorldSize::ONE || process_group.is_some() {
-            return refuse("data parallelism (--ranks, or a multi-process launch)");
-        }
-        if config.zero.is_some() {
-            return refuse("--zero");
-        }
-        if qat.is_some() {
-            return refuse("--qat");
-        }
-        let split = TensorParallelSplit {
-            devices: devices.clone(),
-            collective: kiln_multi::CollectiveConfig {
-                timeout: config.collective_timeout,
+        // With QAT every step runs on fake-quantized weights; the gradients reach the float
+        // weights through the straight-through estimator.
+        let forward = move |m: &SimpleCnn, images: Tensor<4>| match qat {
+            Some(scheme) => fake_quantize(m.clone(), scheme).forward(images),
+            None => m.forward(images),
+        };
+        let (_model, fit) = (self.trainer).fit(model, forward, data, self.resume, &execution)?;
+        Ok(fit)
+    }
+
+    /// Through a pipeline of `options.stages` stages, one device (GPU) or core share each.
+    fn pipeline(
+        self,
+        model: SimpleCnn,
+        data: TrainData<'_>,
+        options: PipelineOptions,
+    ) -> Result<FitReport> {
+        // On the CPU, like one device per stage: the machine's cores shared out between the
+        // stages. On CUDA each stage has its own GPU.
+        let threads = (!self.device_spec.is_cuda()).then(|| {
+            let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+            NonZeroUsize::new(cores / options.stages.get()).unwrap_or(NonZeroUsize::MIN)
+        });
+        let devices = self.devices;
+        let split = move |m: &SimpleCnn| simple_cnn_stages(m, options.stages.get(), devices);
+        let split = PipelineSplit {
+            device: devices[0].clone(),
+            config: PipelineConfig {
+                schedule: options.schedule,
+                micro_batches: options.micro_batches,
+                timeout: self.config.collective_timeout,
+                threads_per_stage: threads,
+                defer_weight_gradients: true,
             },
-            transport: device_spec.transport(tp.get())?,
+            stages: options.stages,
+            split: &split,
+        };
+        let (_model, fit) =
+            (self.trainer).fit_pipeline(model, SimpleCnn::forward, data, self.resume, split)?;
+        Ok(fit)
+    }
+
+    /// The classifier split over `tp` ranks; its report's memory figures.
+    fn tensor_parallel(
+        self,
+        model: SimpleCnn,
+        data: TrainData<'_>,
+        tp: WorldSize,
+    ) -> Result<(FitReport, Option<TensorParallelReport>)> {
+        let split = TensorParallelSplit {
+            devices: self.devices.to_vec(),
+            collective: kiln_multi::CollectiveConfig {
+                timeout: self.config.collective_timeout,
+            },
+            transport: self.device_spec.transport(tp.get())?,
             split: &TensorParallelCnn::split,
             gather: &TensorParallelCnn::gather,
             sync_gradients: &TensorParallelCnn::sync_gradients,
         };
         let whole = model.num_params();
-        let (_model, fit) =
-            trainer.fit_tensor_parallel(model, TensorParallelCnn::forward, data, resume, split)?;
+        let (_model, fit) = self.trainer.fit_tensor_parallel(
+            model,
+            TensorParallelCnn::forward,
+            data,
+            self.resume,
+            split,
+        )?;
         let per_rank = fit.rank_parameter_elements.unwrap_or(whole);
         let parts = TensorParallelReport {
             ranks: tp.get(),
@@ -396,112 +587,8 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
             gradient_bytes_per_rank: per_rank * size_of::<f32>(),
             unsharded_parameter_elements: whole,
         };
-        return Ok(TrainReport {
-            tensor_parallel: Some(parts),
-            ..train_report(config, run_dir, device_spec, global_batch_size, None, fit)
-        });
+        Ok((fit, Some(parts)))
     }
-    let (_model, fit) = match config.pipeline {
-        Some(options) => {
-            if qat.is_some() {
-                return Err(RecipeError::Options {
-                    flag: "--qat",
-                    reason: "quantization-aware training through a pipeline is not supported \
-                             yet; train on one device or with --ranks"
-                        .to_string(),
-                });
-            }
-            if config.ranks != WorldSize::ONE || process_group.is_some() || config.zero.is_some() {
-                return Err(RecipeError::Options {
-                    flag: "--pipeline-stages",
-                    reason: "combining a pipeline with data parallelism (--ranks, --zero, or \
-                             a multi-process launch) is not supported yet"
-                        .to_string(),
-                });
-            }
-            if !(2..=3).contains(&options.stages.get()) {
-                return Err(RecipeError::Options {
-                    flag: "--pipeline-stages",
-                    reason: format!(
-                        "SimpleCNN splits into 2 stages (conv1 | conv2 + classifier) or 3 \
-                         (conv1 | conv2 | classifier), not {}",
-                        options.stages
-                    ),
-                });
-            }
-            // On the CPU, like one device per stage: the machine's cores shared out between the
-            // stages. On CUDA each stage has its own GPU.
-            let threads = (!device_spec.is_cuda()).then(|| {
-                let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
-                NonZeroUsize::new(cores / options.stages.get()).unwrap_or(NonZeroUsize::MIN)
-            });
-            let split = move |m: &SimpleCnn| simple_cnn_stages(m, options.stages.get(), &devices);
-            let split = PipelineSplit {
-                device,
-                config: PipelineConfig {
-                    schedule: options.schedule,
-                    micro_batches: options.micro_batches,
-                    timeout: config.collective_timeout,
-                    threads_per_stage: threads,
-                    defer_weight_gradients: true,
-                },
-                stages: options.stages,
-                split: &split,
-            };
-            trainer.fit_pipeline(model, SimpleCnn::forward, data, resume, split)?
-        }
-        None => {
-            let execution = if let Some(group) = &process_group {
-                if config.ranks != WorldSize::ONE {
-                    return Err(RecipeError::Options {
-                        flag: "--ranks",
-                        reason: format!(
-                            "this process is rank {} of a {}-process launch, which runs one \
-                             rank per process; drop --ranks",
-                            group.rank().index(),
-                            group.world_size().get()
-                        ),
-                    });
-                }
-                Execution::Process(ProcessGroupConfig {
-                    device: device.clone(),
-                    collective: Arc::clone(group),
-                    buckets: BucketConfig::default(),
-                    zero: config.zero,
-                })
-            } else {
-                if config.ranks == WorldSize::ONE && config.zero.is_some() {
-                    return Err(RecipeError::Options {
-                        flag: "--zero",
-                        reason: "sharding splits the optimizer state over data-parallel ranks: \
-                                 add --ranks N (N >= 2) or start the run with kiln launch"
-                            .to_string(),
-                    });
-                }
-                Execution::on_ranks(
-                    device_spec,
-                    config.ranks,
-                    config.collective_timeout,
-                    config.zero,
-                )?
-            };
-            // With QAT every step runs on fake-quantized weights; the gradients reach the
-            // float weights through the straight-through estimator.
-            let forward = move |m: &SimpleCnn, images: Tensor<4>| match qat {
-                Some(scheme) => fake_quantize(m.clone(), scheme).forward(images),
-                None => m.forward(images),
-            };
-            trainer.fit(model, forward, data, resume, &execution)?
-        }
-    };
-    Ok(train_report(
-        config,
-        run_dir,
-        device_spec,
-        global_batch_size,
-        qat,
-        fit,
-    ))
 }
 
 /// The report of a finished cnn-mnist run.

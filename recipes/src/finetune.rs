@@ -9,14 +9,18 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use burn::module::Module;
+use burn::tensor::Device;
 use kiln_models::quant::file::float_safetensors;
 use kiln_models::{LoadOptions, ResNet, ResNetDepth, load_weights_with};
 use kiln_multi::{DeviceSpec, WorldSize};
+use kiln_trainer::checkpoint::Checkpoint;
 use kiln_trainer::data::{
     Augment, CIFAR10_CLASSES, Cifar10, CifarSplit, ImageDataset, ImageFolder,
 };
 use kiln_trainer::report::Verbosity;
-use kiln_trainer::{Execution, LrGroup, RunLabels, TrainData, Trainer, TrainerConfig, evaluate};
+use kiln_trainer::{
+    Execution, FitReport, LrGroup, RunLabels, TrainData, Trainer, TrainerConfig, evaluate,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -191,144 +195,38 @@ pub(crate) fn open_data(
 /// does not match the data or an image size the network cannot take; weight errors naming the
 /// missing, unused or mis-shaped tensors (the wrong model); checkpoint errors on `--resume`.
 pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
-    if config.image_size < 32 {
-        return Err(RecipeError::Options {
-            flag: "--image-size",
-            reason: format!(
-                "{} is too small: ResNets take at least 32x32",
-                config.image_size
-            ),
-        });
-    }
+    check_flags(config)?;
     // Every device the run needs, checked before the data is decoded.
     config.device.cuda_ordinals(config.ranks.get())?;
     let (run_dir, resume) = config.target.open()?;
     let base = resume
         .as_ref()
         .map_or_else(default_trainer_config, |(_, c)| c.state.config.clone());
-    if let Some(lr) = config.backbone_lr
-        && !(lr.is_finite() && lr > 0.0)
-    {
-        return Err(RecipeError::Options {
-            flag: "--backbone-lr",
-            reason: format!("must be a positive number, got {lr}"),
-        });
-    }
-    let mut trainer_config = config.overrides.apply(base);
-    if let Some(backbone_lr) = config.backbone_lr {
-        // The trainer's base rate goes to the backbone, the head gets a group of its own (on
-        // resume, the head keeps the checkpoint's rate, and a changed rate is refused).
-        let head_lr = trainer_config
-            .lr_groups
-            .first()
-            .map_or(trainer_config.lr, |g| g.lr);
-        trainer_config.lr = backbone_lr;
-        trainer_config.lr_groups = vec![LrGroup {
-            prefix: HEAD_PREFIX.into(),
-            lr: head_lr,
-        }];
-    }
+    let trainer_config = with_backbone_lr(config.overrides.apply(base), config.backbone_lr);
     let seed = trainer_config.seed;
-    // A resumed run keeps its own settings.
-    let (depth, options) = match &resume {
-        Some((file, checkpoint)) => {
-            let ModelName::ResNet(depth) = ModelName::parse(&checkpoint.state.model, file)? else {
-                return Err(RecipeError::Options {
-                    flag: "--resume",
-                    reason: format!(
-                        "{} holds a {} run, not a fine-tuned ResNet: resume it with kiln train",
-                        file.display(),
-                        checkpoint.state.model
-                    ),
-                });
-            };
-            (
-                depth,
-                FinetuneOptions::from_map(&checkpoint.state.options, file)?,
-            )
-        }
-        None => (
-            config.depth,
-            FinetuneOptions {
-                classes: Vec::new(),
-                image_size: config.image_size,
-                freeze_backbone: config.freeze_backbone,
-                augment: config.augment,
-                data: config.data.clone(),
-            },
-        ),
-    };
+    let (depth, options) = settings(config, resume.as_ref())?;
     let data = open_data(
         &options.data,
         options.image_size,
         options.augment.then_some(seed),
     )?;
-    let classes = data.classes.clone();
-    if let Some(n) = config.num_classes
-        && n != classes.len()
-    {
-        return Err(RecipeError::Options {
-            flag: "--num-classes",
-            reason: format!(
-                "the data has {} classes ({}), not {n}",
-                classes.len(),
-                classes.join(", ")
-            ),
-        });
-    }
-    if resume.is_some() && classes != options.classes {
-        return Err(RecipeError::Options {
-            flag: "--resume",
-            reason: format!(
-                "the run was trained on classes {:?}; {} now has {:?}",
-                options.classes,
-                options.data.display(),
-                classes
-            ),
-        });
-    }
-    let options = FinetuneOptions {
-        classes: classes.clone(),
-        image_size: data.image_size,
-        ..options
-    };
-
+    let options = check_classes(config, resume.is_some(), options, &data)?;
     let device = config.device.device()?.autodiff();
     // Burn initialises the backbone from the device's generator: seeded, a run repeats.
     device.seed(seed);
-    let mut model = ResNet::new(depth, 1000, &device).with_new_head(classes.len(), seed);
-    let mut partial = None;
-    if let (Some(weights), None) = (&config.weights, &resume) {
-        let report = load_weights_with(
-            &mut model,
-            weights,
-            LoadOptions {
-                new_head: true,
-                allow_partial: config.allow_partial,
-            },
-        )?;
-        partial = Some((report.missing, report.unused));
-    }
-    if options.freeze_backbone {
-        model = model.freeze_backbone();
-    }
-    let trainable = if options.freeze_backbone {
-        model.fc.num_params()
-    } else {
-        model.num_params()
-    };
+    let start = initial_model(config, depth, &options, seed, &device, resume.is_none())?;
     let initial_accuracy = resume.is_none().then(|| {
+        let batch = NonZeroUsize::new(trainer_config.eval_batch_size).unwrap_or(NonZeroUsize::MIN);
         let inner = device.clone().inner();
         evaluate(
-            &model.valid(),
+            &start.model.valid(),
             ResNet::forward,
             data.val.as_ref(),
-            NonZeroUsize::new(trainer_config.eval_batch_size).unwrap_or(NonZeroUsize::MIN),
+            batch,
             &inner,
         )
         .accuracy
     });
-
     let labels = RunLabels {
         recipe: RECIPE.into(),
         model: ModelName::ResNet(depth).as_str().into(),
@@ -342,6 +240,11 @@ pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
         train: data.train.as_ref(),
         test: data.val.as_ref(),
     };
+    let StartModel {
+        model,
+        partial,
+        trainable,
+    } = start;
     let (model, fit) = trainer.fit(model, ResNet::forward, splits, resume, &execution)?;
     let weights_out = run_dir.join(WEIGHTS_FILE);
     let bytes = float_safetensors(&model.valid(), depth.name())?;
@@ -349,33 +252,214 @@ pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
         path: weights_out.clone(),
         reason: e.to_string(),
     })?;
-    let last = fit.history.last();
-    let new_epochs = &fit.history[fit.resumed_from_epoch..];
-    Ok(FinetuneReport {
-        recipe: RECIPE.into(),
-        model: ModelName::ResNet(depth).as_str().into(),
+    let finished = Finished {
+        depth,
         run_dir,
-        checkpoint: fit.last_checkpoint.clone(),
         weights: weights_out,
-        classes,
-        image_size: options.image_size,
-        freeze_backbone: options.freeze_backbone,
-        trainable_parameters: trainable,
-        missing_from_weights: partial.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
-        unused_in_weights: partial.map(|p| p.1).unwrap_or_default(),
+        options,
+        partial,
+        trainable,
         initial_accuracy,
-        epochs: fit.history.len(),
-        test_accuracy: last.and_then(|m| m.test_accuracy).unwrap_or(0.0),
-        test_loss: last.map_or(f64::NAN, |m| m.test_loss),
-        train_loss: last.map_or(f64::NAN, |m| m.train_loss),
-        samples_per_sec: fit.samples_per_sec(),
-        seconds_per_epoch: if new_epochs.is_empty() {
-            0.0
-        } else {
-            new_epochs.iter().map(|m| m.train_seconds).sum::<f64>() / new_epochs.len() as f64
-        },
-        ranks: config.ranks.get(),
-        resumed_from_epoch: fit.resumed_from_epoch,
-        history: fit.history,
+        fit,
+    };
+    Ok(finished.report(config))
+}
+
+/// Flags that are wrong on their own.
+fn check_flags(config: &FinetuneConfig) -> Result<()> {
+    if config.image_size < 32 {
+        return Err(RecipeError::Options {
+            flag: "--image-size",
+            reason: format!(
+                "{} is too small: ResNets take at least 32x32",
+                config.image_size
+            ),
+        });
+    }
+    if let Some(lr) = config.backbone_lr
+        && !(lr.is_finite() && lr > 0.0)
+    {
+        return Err(RecipeError::Options {
+            flag: "--backbone-lr",
+            reason: format!("must be a positive number, got {lr}"),
+        });
+    }
+    Ok(())
+}
+
+/// `trainer_config` with the backbone at `backbone_lr`: the trainer's base rate goes to the
+/// backbone and the head gets a group of its own (on resume, the head keeps the checkpoint's
+/// rate, and a changed rate is refused).
+fn with_backbone_lr(mut trainer_config: TrainerConfig, backbone_lr: Option<f64>) -> TrainerConfig {
+    if let Some(backbone_lr) = backbone_lr {
+        let head_lr = trainer_config
+            .lr_groups
+            .first()
+            .map_or(trainer_config.lr, |g| g.lr);
+        trainer_config.lr = backbone_lr;
+        trainer_config.lr_groups = vec![LrGroup {
+            prefix: HEAD_PREFIX.into(),
+            lr: head_lr,
+        }];
+    }
+    trainer_config
+}
+
+/// The architecture and settings of the run: a resumed run keeps its own.
+fn settings(
+    config: &FinetuneConfig,
+    resume: Option<&(PathBuf, Checkpoint)>,
+) -> Result<(ResNetDepth, FinetuneOptions)> {
+    let Some((file, checkpoint)) = resume else {
+        let options = FinetuneOptions {
+            classes: Vec::new(),
+            image_size: config.image_size,
+            freeze_backbone: config.freeze_backbone,
+            augment: config.augment,
+            data: config.data.clone(),
+        };
+        return Ok((config.depth, options));
+    };
+    let ModelName::ResNet(depth) = ModelName::parse(&checkpoint.state.model, file)? else {
+        return Err(RecipeError::Options {
+            flag: "--resume",
+            reason: format!(
+                "{} holds a {} run, not a fine-tuned ResNet: resume it with kiln train",
+                file.display(),
+                checkpoint.state.model
+            ),
+        });
+    };
+    let options = FinetuneOptions::from_map(&checkpoint.state.options, file)?;
+    Ok((depth, options))
+}
+
+/// The settings with the data's classes and image size, checked against `--num-classes` and,
+/// when resuming, against the classes the run was trained on.
+fn check_classes(
+    config: &FinetuneConfig,
+    resuming: bool,
+    options: FinetuneOptions,
+    data: &FinetuneData,
+) -> Result<FinetuneOptions> {
+    let classes = &data.classes;
+    if let Some(n) = config.num_classes
+        && n != classes.len()
+    {
+        return Err(RecipeError::Options {
+            flag: "--num-classes",
+            reason: format!(
+                "the data has {} classes ({}), not {n}",
+                classes.len(),
+                classes.join(", ")
+            ),
+        });
+    }
+    if resuming && *classes != options.classes {
+        return Err(RecipeError::Options {
+            flag: "--resume",
+            reason: format!(
+                "the run was trained on classes {:?}; {} now has {:?}",
+                options.classes,
+                options.data.display(),
+                classes
+            ),
+        });
+    }
+    Ok(FinetuneOptions {
+        classes: classes.clone(),
+        image_size: data.image_size,
+        ..options
     })
+}
+
+/// The model a run starts from, and what loading its weights left out.
+struct StartModel {
+    model: ResNet,
+    /// Keys missing from and unused in partially loaded weights.
+    partial: Option<(Vec<String>, Vec<String>)>,
+    trainable: usize,
+}
+
+/// The ResNet with its new head, PyTorch weights loaded for a fresh run, backbone frozen
+/// when asked.
+fn initial_model(
+    config: &FinetuneConfig,
+    depth: ResNetDepth,
+    options: &FinetuneOptions,
+    seed: u64,
+    device: &Device,
+    fresh: bool,
+) -> Result<StartModel> {
+    let mut model = ResNet::new(depth, 1000, device).with_new_head(options.classes.len(), seed);
+    let mut partial = None;
+    if let (Some(weights), true) = (&config.weights, fresh) {
+        let load = LoadOptions {
+            new_head: true,
+            allow_partial: config.allow_partial,
+        };
+        let report = load_weights_with(&mut model, weights, load)?;
+        partial = Some((report.missing, report.unused));
+    }
+    if options.freeze_backbone {
+        model = model.freeze_backbone();
+    }
+    let trainable = if options.freeze_backbone {
+        model.fc.num_params()
+    } else {
+        model.num_params()
+    };
+    Ok(StartModel {
+        model,
+        partial,
+        trainable,
+    })
+}
+
+/// A finished fine-tuning run, for its report.
+struct Finished {
+    depth: ResNetDepth,
+    run_dir: PathBuf,
+    weights: PathBuf,
+    options: FinetuneOptions,
+    partial: Option<(Vec<String>, Vec<String>)>,
+    trainable: usize,
+    initial_accuracy: Option<f64>,
+    fit: FitReport,
+}
+
+impl Finished {
+    fn report(self, config: &FinetuneConfig) -> FinetuneReport {
+        let fit = self.fit;
+        let last = fit.history.last();
+        let new_epochs = &fit.history[fit.resumed_from_epoch..];
+        let (missing, unused) = self.partial.unwrap_or_default();
+        FinetuneReport {
+            recipe: RECIPE.into(),
+            model: ModelName::ResNet(self.depth).as_str().into(),
+            run_dir: self.run_dir,
+            checkpoint: fit.last_checkpoint.clone(),
+            weights: self.weights,
+            classes: self.options.classes,
+            image_size: self.options.image_size,
+            freeze_backbone: self.options.freeze_backbone,
+            trainable_parameters: self.trainable,
+            missing_from_weights: missing,
+            unused_in_weights: unused,
+            initial_accuracy: self.initial_accuracy,
+            epochs: fit.history.len(),
+            test_accuracy: last.and_then(|m| m.test_accuracy).unwrap_or(0.0),
+            test_loss: last.map_or(f64::NAN, |m| m.test_loss),
+            train_loss: last.map_or(f64::NAN, |m| m.train_loss),
+            samples_per_sec: fit.samples_per_sec(),
+            seconds_per_epoch: if new_epochs.is_empty() {
+                0.0
+            } else {
+                new_epochs.iter().map(|m| m.train_seconds).sum::<f64>() / new_epochs.len() as f64
+            },
+            ranks: config.ranks.get(),
+            resumed_from_epoch: fit.resumed_from_epoch,
+            history: fit.history,
+        }
+    }
 }
