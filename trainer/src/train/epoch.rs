@@ -49,6 +49,19 @@ pub(crate) struct StepPolicy<'a> {
     pub(crate) accumulation: NonZeroUsize,
 }
 
+impl<'a> StepPolicy<'a> {
+    /// The policy `config` sets.
+    pub(crate) fn of(config: &'a crate::config::TrainerConfig) -> Self {
+        Self {
+            lr: config.lr,
+            schedule: config.schedule,
+            lr_groups: &config.lr_groups,
+            clip_grad_norm: config.clip_grad_norm,
+            accumulation: config.accumulation_steps,
+        }
+    }
+}
+
 /// What one training epoch measured.
 pub(crate) struct EpochOutcome {
     /// This rank's loss and metrics over its micro-batches.

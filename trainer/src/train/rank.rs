@@ -122,14 +122,6 @@ impl Trainer {
         let device = setup.device;
         let mut restored = self.restore(model, resume, setup.zero)?;
         let resumed_from_epoch = restored.history.len();
-        if setup.zero.is_some() && !config.lr_groups.is_empty() {
-            return Err(TrainError::Config {
-                field: "--zero",
-                reason: "a sharded optimizer runs one learning rate; drop the per-group rates \
-                         (e.g. --backbone-lr) or --zero"
-                    .into(),
-            });
-        }
         let (mut model, mut sync) =
             self.synchronise(restored.model, &setup, restored.sharded_state.take())?;
         let collective = sync.collective();
@@ -159,13 +151,7 @@ impl Trainer {
             Verbosity::Quiet
         });
         self.log_start(&progress, resumed_from_epoch, restored.step, world);
-        let policy = StepPolicy {
-            lr: config.lr,
-            schedule: config.schedule,
-            lr_groups: &config.lr_groups,
-            clip_grad_norm: config.clip_grad_norm,
-            accumulation: config.accumulation_steps,
-        };
+        let policy = StepPolicy::of(config);
         let (mut history, mut step) = (restored.history, restored.step);
         let mut optimizer = restored.optimizer;
         let mut last_checkpoint = restored.last_checkpoint;
@@ -314,6 +300,14 @@ impl Trainer {
         setup: &RankSetup<'_>,
         sharded_state: Option<(PathBuf, Vec<u8>)>,
     ) -> Result<(M, RankSync)> {
+        if setup.zero.is_some() && !self.config.lr_groups.is_empty() {
+            return Err(TrainError::Config {
+                field: "--zero",
+                reason: "a sharded optimizer runs one learning rate; drop the per-group rates \
+                         (e.g. --backbone-lr) or --zero"
+                    .into(),
+            });
+        }
         let Some(collective) = setup.collective.clone() else {
             return Ok((model, RankSync::Local));
         };
