@@ -13,7 +13,10 @@ use kiln_multi::{DeviceSpec, WorldSize, ZeroStage};
 use kiln_trainer::checkpoint::latest_checkpoint;
 use kiln_trainer::report::Verbosity;
 
-use crate::cnn_mnist::{CnnMnistConfig, PipelineOptions, RunTarget, TrainerOverrides};
+use crate::cnn_mnist::{
+    CnnMnistConfig, OptimizerKind, OptimizerOverrides, PipelineOptions, RunTarget, ScheduleChoice,
+    TrainerOverrides,
+};
 use crate::error::Result;
 use crate::finetune::FinetuneConfig;
 use crate::inference::{ModelKind, ModelSource};
@@ -32,7 +35,7 @@ pub struct CnnMnistArgs {
     /// Samples per SGD step [default: 64].
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// SGD learning rate (momentum 0.9) [default: 0.01].
+    /// Learning rate (the schedule's peak) [default: 0.01].
     #[arg(long)]
     pub lr: Option<f64>,
     /// Seed of the initialisation and of the per-epoch shuffles [default: 42].
@@ -107,6 +110,140 @@ pub struct CnnMnistArgs {
     /// block:N (N consecutive weights of a channel).
     #[arg(long, value_name = "G", default_value = "tensor", requires = "qat", value_parser = parse_granularity)]
     pub qat_granularity: Granularity,
+    /// Optimizer, schedule, clipping and accumulation.
+    #[command(flatten)]
+    pub optimizer: OptimizerArgs,
+}
+
+/// The optimizer, schedule, clipping and accumulation flags, shared by `kiln train` and
+/// `kiln finetune`. Unset, a fresh run takes the recipe's default (SGD with momentum 0.9,
+/// constant rate) and a resumed run its checkpoint's.
+#[derive(Debug, Clone, Args)]
+pub struct OptimizerArgs {
+    /// The optimizer: sgd (momentum 0.9), adam (betas 0.9/0.999) or adamw (weight decay 0.01).
+    #[arg(long, value_enum, help_heading = "Optimizer")]
+    pub optimizer: Option<OptimizerArg>,
+    /// SGD's momentum, in [0, 1).
+    #[arg(long, value_name = "M", help_heading = "Optimizer")]
+    pub momentum: Option<f64>,
+    /// SGD with Nesterov momentum.
+    #[arg(long, help_heading = "Optimizer")]
+    pub nesterov: bool,
+    /// Weight decay: an L2 penalty for sgd and adam, decoupled for adamw.
+    #[arg(long, value_name = "W", help_heading = "Optimizer")]
+    pub weight_decay: Option<f32>,
+    /// The learning-rate schedule: constant; step (times --lr-gamma every --lr-step-every
+    /// steps); or cosine (linear warm-up over --warmup-steps, then a half cosine down to
+    /// --min-lr at the run's last step; a resumed run keeps the schedule it was started with).
+    #[arg(long, value_enum, help_heading = "Optimizer")]
+    pub lr_schedule: Option<ScheduleKindArg>,
+    /// Optimizer steps of linear warm-up before the cosine.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        requires = "lr_schedule",
+        help_heading = "Optimizer"
+    )]
+    pub warmup_steps: u64,
+    /// The cosine's final learning rate.
+    #[arg(
+        long,
+        value_name = "LR",
+        default_value_t = 0.0,
+        requires = "lr_schedule",
+        help_heading = "Optimizer"
+    )]
+    pub min_lr: f64,
+    /// Optimizer steps between two decays of the step schedule.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1000,
+        requires = "lr_schedule",
+        help_heading = "Optimizer"
+    )]
+    pub lr_step_every: u64,
+    /// The step schedule's factor per decay, in (0, 1].
+    #[arg(
+        long,
+        value_name = "G",
+        default_value_t = 0.1,
+        requires = "lr_schedule",
+        help_heading = "Optimizer"
+    )]
+    pub lr_gamma: f64,
+    /// Clip each step's (averaged) gradient to this global L2 norm, as PyTorch's
+    /// clip_grad_norm_.
+    #[arg(long, value_name = "NORM", help_heading = "Optimizer")]
+    pub clip_grad_norm: Option<f64>,
+    /// Average the gradients of N batches into each optimizer step (gradient accumulation):
+    /// the effective batch is --batch-size x N.
+    #[arg(long, value_name = "N", help_heading = "Optimizer")]
+    pub accumulation_steps: Option<NonZeroUsize>,
+}
+
+impl OptimizerArgs {
+    /// These flags over epochs, batch size, learning rate and seed.
+    fn overrides(
+        &self,
+        epochs: Option<usize>,
+        batch_size: Option<usize>,
+        lr: Option<f64>,
+        seed: Option<u64>,
+    ) -> TrainerOverrides {
+        TrainerOverrides {
+            epochs,
+            batch_size,
+            lr,
+            seed,
+            optimizer: OptimizerOverrides {
+                kind: self.optimizer.map(|o| match o {
+                    OptimizerArg::Sgd => OptimizerKind::Sgd,
+                    OptimizerArg::Adam => OptimizerKind::Adam,
+                    OptimizerArg::Adamw => OptimizerKind::AdamW,
+                }),
+                momentum: self.momentum,
+                nesterov: self.nesterov,
+                weight_decay: self.weight_decay,
+            },
+            schedule: self.lr_schedule.map(|s| match s {
+                ScheduleKindArg::Constant => ScheduleChoice::Constant,
+                ScheduleKindArg::Step => ScheduleChoice::Step {
+                    every: self.lr_step_every,
+                    gamma: self.lr_gamma,
+                },
+                ScheduleKindArg::Cosine => ScheduleChoice::Cosine {
+                    warmup_steps: self.warmup_steps,
+                    min_lr: self.min_lr,
+                },
+            }),
+            clip_grad_norm: self.clip_grad_norm,
+            accumulation_steps: self.accumulation_steps,
+        }
+    }
+}
+
+/// Optimizers on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OptimizerArg {
+    /// SGD with momentum.
+    Sgd,
+    /// Adam.
+    Adam,
+    /// AdamW (decoupled weight decay).
+    Adamw,
+}
+
+/// Learning-rate schedules on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScheduleKindArg {
+    /// The base rate throughout.
+    Constant,
+    /// Decay by a factor every N steps.
+    Step,
+    /// Linear warm-up, then cosine decay.
+    Cosine,
 }
 
 /// Integer widths on the command line.
@@ -162,12 +299,9 @@ impl CnnMnistArgs {
     pub fn to_config(&self, verbosity: Verbosity) -> Result<CnnMnistConfig> {
         let target = run_target(&self.resume, &self.out, crate::cnn_mnist::RECIPE)?;
         Ok(CnnMnistConfig {
-            overrides: TrainerOverrides {
-                epochs: self.epochs,
-                batch_size: self.batch_size,
-                lr: self.lr,
-                seed: self.seed,
-            },
+            overrides: self
+                .optimizer
+                .overrides(self.epochs, self.batch_size, self.lr, self.seed),
             data: MnistSource::from_option(self.data.as_deref()),
             target,
             verbosity,
@@ -403,7 +537,7 @@ pub struct FinetuneArgs {
     /// Samples per SGD step [default: 32].
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// SGD learning rate (momentum 0.9) of the new head, and of the backbone unless
+    /// Learning rate (the schedule's peak) of the new head, and of the backbone unless
     /// --backbone-lr is given [default: 0.01].
     #[arg(long)]
     pub lr: Option<f64>,
@@ -430,6 +564,9 @@ pub struct FinetuneArgs {
     /// Seconds a rank waits for the others before the run fails.
     #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub collective_timeout: u64,
+    /// Optimizer, schedule, clipping and accumulation.
+    #[command(flatten)]
+    pub optimizer: OptimizerArgs,
 }
 
 impl FinetuneArgs {
@@ -452,12 +589,9 @@ impl FinetuneArgs {
             freeze_backbone: self.freeze_backbone,
             image_size: self.image_size,
             augment: !self.no_augment,
-            overrides: TrainerOverrides {
-                epochs: self.epochs,
-                batch_size: self.batch_size,
-                lr: self.lr,
-                seed: self.seed,
-            },
+            overrides: self
+                .optimizer
+                .overrides(self.epochs, self.batch_size, self.lr, self.seed),
             backbone_lr: self.backbone_lr,
             target,
             verbosity,

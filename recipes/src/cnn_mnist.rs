@@ -23,8 +23,8 @@ use kiln_trainer::checkpoint::{
 use kiln_trainer::data::{ImageDataset, MnistDataset, MnistSplit};
 use kiln_trainer::report::Verbosity;
 use kiln_trainer::{
-    Execution, FitReport, PipelineSplit, ProcessGroupConfig, RunLabels, TensorParallelSplit,
-    TrainData, Trainer, TrainerConfig,
+    Execution, FitReport, LrSchedule, OptimizerConfig, PipelineSplit, ProcessGroupConfig,
+    RunLabels, TensorParallelSplit, TrainData, Trainer, TrainerConfig,
 };
 
 use crate::error::{RecipeError, Result};
@@ -47,18 +47,140 @@ pub struct TrainerOverrides {
     pub lr: Option<f64>,
     /// Seed.
     pub seed: Option<u64>,
+    /// The optimizer and its settings.
+    pub optimizer: OptimizerOverrides,
+    /// The learning-rate schedule.
+    pub schedule: Option<ScheduleChoice>,
+    /// Clip gradients to this global L2 norm.
+    pub clip_grad_norm: Option<f64>,
+    /// Batches per optimizer step.
+    pub accumulation_steps: Option<NonZeroUsize>,
+}
+
+/// The optimizer flags (`--optimizer`, `--momentum`, `--nesterov`, `--weight-decay`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct OptimizerOverrides {
+    /// Which optimizer, with its defaults (SGD momentum 0.9, Adam, AdamW decay 0.01).
+    pub kind: Option<OptimizerKind>,
+    /// SGD's momentum.
+    pub momentum: Option<f64>,
+    /// SGD with Nesterov's look-ahead.
+    pub nesterov: bool,
+    /// Weight decay (L2 for SGD and Adam, decoupled for AdamW).
+    pub weight_decay: Option<f32>,
+}
+
+/// The optimizers a recipe can train with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptimizerKind {
+    /// SGD with momentum.
+    Sgd,
+    /// Adam.
+    Adam,
+    /// AdamW.
+    AdamW,
+}
+
+/// A learning-rate schedule as the flags choose it; the cosine spans the run's steps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ScheduleChoice {
+    /// The base rate throughout.
+    Constant,
+    /// The rate times `gamma` every `every` steps.
+    Step {
+        /// Steps between decays.
+        every: u64,
+        /// Factor per decay.
+        gamma: f64,
+    },
+    /// Linear warm-up over `warmup_steps`, then a cosine down to `min_lr` at the last step of
+    /// the run (`--epochs`).
+    Cosine {
+        /// Warm-up steps.
+        warmup_steps: u64,
+        /// The final rate.
+        min_lr: f64,
+    },
 }
 
 impl TrainerOverrides {
-    /// `base` with every set field replaced.
-    pub fn apply(&self, base: TrainerConfig) -> TrainerConfig {
-        TrainerConfig {
-            epochs: self.epochs.unwrap_or(base.epochs),
-            batch_size: self.batch_size.unwrap_or(base.batch_size),
+    /// `base` with every set field replaced; a cosine schedule chosen here ends with the
+    /// run's last optimizer step over `train_samples` samples (the ranks of data parallelism
+    /// split each batch, so they do not change the count).
+    ///
+    /// # Errors
+    /// [`RecipeError::Options`] for `--momentum` or `--nesterov` with an optimizer other than
+    /// SGD.
+    pub fn apply(&self, base: TrainerConfig, train_samples: usize) -> Result<TrainerConfig> {
+        let epochs = self.epochs.unwrap_or(base.epochs);
+        let batch_size = self.batch_size.unwrap_or(base.batch_size);
+        let accumulation_steps = self.accumulation_steps.unwrap_or(base.accumulation_steps);
+        let steps_per_epoch = train_samples
+            .div_ceil(batch_size.max(1))
+            .div_ceil(accumulation_steps.get()) as u64;
+        let schedule = match self.schedule {
+            None => base.schedule,
+            Some(ScheduleChoice::Constant) => LrSchedule::Constant,
+            Some(ScheduleChoice::Step { every, gamma }) => LrSchedule::Step { every, gamma },
+            Some(ScheduleChoice::Cosine {
+                warmup_steps,
+                min_lr,
+            }) => LrSchedule::WarmupCosine {
+                warmup_steps,
+                total_steps: steps_per_epoch * epochs as u64,
+                min_lr,
+            },
+        };
+        Ok(TrainerConfig {
+            epochs,
+            batch_size,
             lr: self.lr.unwrap_or(base.lr),
             seed: self.seed.unwrap_or(base.seed),
+            optimizer: self.optimizer.apply(base.optimizer)?,
+            schedule,
+            clip_grad_norm: self.clip_grad_norm.or(base.clip_grad_norm),
+            accumulation_steps,
             ..base
+        })
+    }
+}
+
+impl OptimizerOverrides {
+    fn apply(&self, base: OptimizerConfig) -> Result<OptimizerConfig> {
+        let mut optimizer = match self.kind {
+            None => base,
+            Some(OptimizerKind::Sgd) => OptimizerConfig::sgd(0.9),
+            Some(OptimizerKind::Adam) => OptimizerConfig::adam(),
+            Some(OptimizerKind::AdamW) => OptimizerConfig::adamw(0.01),
+        };
+        let name = optimizer.name();
+        let not_sgd = |flag: &'static str| RecipeError::Options {
+            flag,
+            reason: format!("applies to --optimizer sgd, not {name}"),
+        };
+        match &mut optimizer {
+            OptimizerConfig::Sgd {
+                momentum,
+                nesterov,
+                weight_decay,
+                ..
+            } => {
+                *momentum = self.momentum.unwrap_or(*momentum);
+                *nesterov |= self.nesterov;
+                *weight_decay = self.weight_decay.unwrap_or(*weight_decay);
+            }
+            OptimizerConfig::Adam { weight_decay, .. }
+            | OptimizerConfig::AdamW { weight_decay, .. } => {
+                if self.momentum.is_some() {
+                    return Err(not_sgd("--momentum"));
+                }
+                if self.nesterov {
+                    return Err(not_sgd("--nesterov"));
+                }
+                *weight_decay = self.weight_decay.unwrap_or(*weight_decay);
+            }
         }
+        Ok(optimizer)
     }
 }
 
@@ -405,7 +527,8 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
     let base = resume
         .as_ref()
         .map_or_else(TrainerConfig::default, |(_, c)| c.state.config.clone());
-    let trainer_config = config.overrides.apply(base);
+    let (train, test) = load_data(config)?;
+    let trainer_config = config.overrides.apply(base, train.len())?;
     let qat = match (config.qat, &resume) {
         (Some(scheme), _) => Some(scheme),
         (None, Some((file, checkpoint))) => checkpoint_quantization(file, &checkpoint.state)?,
@@ -425,7 +548,6 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
         options: recorded_data(config, resume.as_ref())?,
     };
     let trainer = Trainer::new(trainer_config, &run_dir, labels)?.with_verbosity(config.verbosity);
-    let (train, test) = load_data(config)?;
     let model = SimpleCnnConfig::new().init(&devices[0], trainer.config().seed);
     let data = TrainData {
         train: &train,

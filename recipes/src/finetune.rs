@@ -202,14 +202,15 @@ pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
     let base = resume
         .as_ref()
         .map_or_else(default_trainer_config, |(_, c)| c.state.config.clone());
-    let trainer_config = with_backbone_lr(config.overrides.apply(base), config.backbone_lr);
-    let seed = trainer_config.seed;
+    let seed = config.overrides.seed.unwrap_or(base.seed);
     let (depth, options) = settings(config, resume.as_ref())?;
     let data = open_data(
         &options.data,
         options.image_size,
         options.augment.then_some(seed),
     )?;
+    let trainer_config = config.overrides.apply(base, data.train.len())?;
+    let trainer_config = with_backbone_lr(trainer_config, config.backbone_lr);
     let options = check_classes(config, resume.is_some(), options, &data)?;
     let device = config.device.device()?.autodiff();
     // Burn initialises the backbone from the device's generator: seeded, a run repeats.

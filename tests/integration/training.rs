@@ -80,3 +80,76 @@ fn resumed_run_equals_uninterrupted_run_and_checkpoints_evaluate() {
         &["--lr 0.01 (now 0.05)", "only --epochs may change"],
     );
 }
+
+/// The optimizer flags reach the trainer: AdamW with a cosine schedule, clipping and
+/// accumulation over 2 batches trains (4 optimizer steps for 512 samples in batches of 64),
+/// the checkpoint records them, 2 ranks take the same steps, and a flag that does not fit
+/// the optimizer is refused by name.
+#[test]
+fn optimizer_schedule_clipping_and_accumulation_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = [
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "0.002",
+        "--lr-schedule",
+        "cosine",
+        "--warmup-steps",
+        "2",
+        "--min-lr",
+        "0.0002",
+        "--clip-grad-norm",
+        "1.0",
+        "--accumulation-steps",
+        "2",
+    ];
+    let one = train_cnn_mnist("512", &dir.path().join("one"), "2", &flags);
+    let history = one["history"].as_array().unwrap();
+    assert_eq!(history[0]["step"], 4, "{one}");
+    assert_eq!(history[1]["step"], 8, "{one}");
+    let accuracy = one["test_accuracy"].as_f64().unwrap();
+    assert!(accuracy > 0.5, "AdamW learned only {accuracy}");
+    let two = train_cnn_mnist(
+        "512",
+        &dir.path().join("two"),
+        "2",
+        &[&flags[..], &["--ranks", "2"]].concat(),
+    );
+    let (a, b) = (
+        one["test_loss"].as_f64().unwrap(),
+        two["test_loss"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() <= 1e-5, "one device {a}, 2 ranks {b}");
+    let checkpoint = kiln::trainer::checkpoint::read_checkpoint(
+        &dir.path().join("one/checkpoints/epoch-0002.ckpt"),
+    )
+    .unwrap();
+    let config = checkpoint.state.config;
+    assert_eq!(config.optimizer.name(), "adamw");
+    assert_eq!(config.clip_grad_norm, Some(1.0));
+    assert_eq!(config.accumulation_steps.get(), 2);
+    assert_eq!(
+        config.schedule,
+        kiln::trainer::LrSchedule::WarmupCosine {
+            warmup_steps: 2,
+            total_steps: 8,
+            min_lr: 0.0002
+        }
+    );
+    let out = dir.path().join("bad");
+    let output = kiln(&[
+        "train",
+        "cnn-mnist",
+        "--optimizer",
+        "adam",
+        "--nesterov",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_clean_failure(
+        &output,
+        &["--nesterov: applies to --optimizer sgd, not adam"],
+    );
+    assert!(!out.join("checkpoints").exists(), "nothing was written");
+}
