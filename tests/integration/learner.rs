@@ -118,3 +118,83 @@ fn two_ranks_take_the_single_device_steps_on_the_concatenated_batches() {
     let diff = max_abs_diff(&unsynced[0], &single);
     assert!(diff > 1e-3, "without reduction only {diff} apart");
 }
+
+/// A collective whose rank 1 fails its first all-reduce after the start (the gradients'):
+/// a broken link, say.
+struct FailingRankOne(Arc<dyn Collective>, std::sync::atomic::AtomicUsize);
+
+impl Collective for FailingRankOne {
+    fn rank(&self) -> kiln::multi::Rank {
+        self.0.rank()
+    }
+    fn world_size(&self) -> WorldSize {
+        self.0.world_size()
+    }
+    fn all_reduce(&self, buf: &mut [f32], op: kiln::multi::ReduceOp) -> kiln::multi::Result<()> {
+        let calls = self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.rank().index() == 1 && calls >= 1 {
+            return Err(kiln::multi::MultiError::Tensor {
+                context: "test".into(),
+                detail: "rank 1's link is down".into(),
+            });
+        }
+        self.0.all_reduce(buf, op)
+    }
+    fn broadcast(&self, buf: &mut [f32], root: kiln::multi::Rank) -> kiln::multi::Result<()> {
+        self.0.broadcast(buf, root)
+    }
+    fn all_gather(&self, shard: &[f32], out: &mut [f32]) -> kiln::multi::Result<()> {
+        self.0.all_gather(shard, out)
+    }
+    fn reduce_scatter(
+        &self,
+        buf: &[f32],
+        shard: &mut [f32],
+        op: kiln::multi::ReduceOp,
+    ) -> kiln::multi::Result<()> {
+        self.0.reduce_scatter(buf, shard, op)
+    }
+    fn barrier(&self) -> kiln::multi::Result<()> {
+        self.0.barrier()
+    }
+}
+
+/// A failing rank stops training on every rank with burn-train's error naming it, instead of
+/// a hang or a panic: rank 1 reports its own failure, rank 0 the exchange that timed out.
+#[test]
+fn a_failing_rank_ends_training_with_an_error_on_every_rank() {
+    let (model, items) = (model(), items());
+    let config = CollectiveConfig {
+        timeout: Duration::from_secs(2),
+    };
+    let errors = run_in_process(WorldSize::new(2).unwrap(), config, |collective| {
+        let rank = collective.rank().index();
+        let failing: Arc<dyn Collective> = Arc::new(FailingRankOne(collective, 0.into()));
+        let strategy = KilnDataParallel::process(failing, Device::flex());
+        let dir = tempfile::tempdir().unwrap();
+        let train = DataLoaderBuilder::new(WindowBatcher)
+            .batch_size(RANK_BATCH)
+            .build(InMemDataset::new(items.clone()));
+        let valid = DataLoaderBuilder::new(WindowBatcher)
+            .batch_size(16)
+            .build(waves(16, 22));
+        let learner = Learner::new(
+            model.clone(),
+            AdamWConfig::new().init(),
+            ConstantLr::new(1e-2),
+        );
+        let result = SupervisedTraining::new(dir.path(), train, valid)
+            .with_training_strategy(strategy.into())
+            .with_application_logger(None)
+            .launch(learner);
+        let error = result.error.map(|e| e.to_string()).unwrap_or_default();
+        Ok::<_, kiln::multi::MultiError>((rank, error))
+    })
+    .unwrap();
+    for (rank, error) in errors {
+        assert!(
+            error.contains(&format!("training worker on device {rank} failed")),
+            "rank {rank}: {error:?}"
+        );
+    }
+}
