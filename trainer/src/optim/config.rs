@@ -103,6 +103,25 @@ impl OptimizerConfig {
         }
     }
 
+    /// Adam's and AdamW's `(beta_1, beta_2, epsilon)`; `None` for SGD.
+    fn adam_parameters(&self) -> Option<(f32, f32, f32)> {
+        match *self {
+            Self::Sgd { .. } => None,
+            Self::Adam {
+                beta_1,
+                beta_2,
+                epsilon,
+                ..
+            }
+            | Self::AdamW {
+                beta_1,
+                beta_2,
+                epsilon,
+                ..
+            } => Some((beta_1, beta_2, epsilon)),
+        }
+    }
+
     /// Burn's optimizer for a replicated run.
     pub fn build(&self) -> ModuleOptimizer {
         match *self {
@@ -215,18 +234,9 @@ impl OptimizerConfig {
                 }
                 (weight_decay, None)
             }
-            Self::Adam {
-                beta_1,
-                beta_2,
-                epsilon,
-                weight_decay,
+            Self::Adam { weight_decay, .. } | Self::AdamW { weight_decay, .. } => {
+                (weight_decay, self.adam_parameters())
             }
-            | Self::AdamW {
-                beta_1,
-                beta_2,
-                epsilon,
-                weight_decay,
-            } => (weight_decay, Some((beta_1, beta_2, epsilon))),
         };
         if let Some((beta_1, beta_2, epsilon)) = betas {
             for (field, beta) in [("--beta1", beta_1), ("--beta2", beta_2)] {
@@ -269,23 +279,15 @@ impl std::fmt::Display for OptimizerConfig {
                 "sgd (--momentum {momentum} --dampening {dampening} --nesterov {nesterov} \
                  --weight-decay {weight_decay})"
             ),
-            Self::Adam {
-                beta_1,
-                beta_2,
-                epsilon,
-                weight_decay,
+            Self::Adam { weight_decay, .. } | Self::AdamW { weight_decay, .. } => {
+                let (beta_1, beta_2, epsilon) = self.adam_parameters().unwrap_or_default();
+                write!(
+                    f,
+                    "{} (--beta1 {beta_1} --beta2 {beta_2} --epsilon {epsilon} --weight-decay \
+                     {weight_decay})",
+                    self.name()
+                )
             }
-            | Self::AdamW {
-                beta_1,
-                beta_2,
-                epsilon,
-                weight_decay,
-            } => write!(
-                f,
-                "{} (--beta1 {beta_1} --beta2 {beta_2} --epsilon {epsilon} --weight-decay \
-                 {weight_decay})",
-                self.name()
-            ),
         }
     }
 }

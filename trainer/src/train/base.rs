@@ -10,10 +10,10 @@ use kiln_multi::{
     Collective, CollectiveConfig, ShardMemory, Transport, WorldSize, ZeroStage, run_group,
 };
 
-use super::data::{Batches, Data, TrainData};
-use super::epoch::{GradSource, StepGrads};
+use super::data::{Data, TrainData};
+use super::epoch::StepGrads;
 use super::execution::Execution;
-use super::rank::{RankSetup, TensorParallelRank};
+use super::rank::{RankSetup, RankTask, TensorParallelRank};
 use crate::checkpoint::{Checkpoint, EpochMetrics};
 use crate::config::TrainerConfig;
 use crate::data::ImageBatch;
@@ -127,7 +127,12 @@ impl Trainer {
         execution: &Execution,
     ) -> Result<(M, FitReport)> {
         let source = backward_source(steps.train);
-        self.fit_any(model, &source, steps.eval, &data, resume, execution)
+        let task = RankTask {
+            source: &source,
+            eval: steps.eval,
+            data: &data,
+        };
+        self.fit_any(model, task, resume, execution)
     }
 
     /// Trains an image classifier with cross-entropy (the ready-made
@@ -150,16 +155,19 @@ impl Trainer {
     {
         let step = classification_step(&forward);
         let source = backward_source(&step);
-        self.fit_any(model, &source, &step, &data, resume, execution)
+        let task = RankTask {
+            source: &source,
+            eval: &step,
+            data: &data,
+        };
+        self.fit_any(model, task, resume, execution)
     }
 
     /// Every execution mode of [`fit_model`](Self::fit_model) and [`fit`](Self::fit).
     fn fit_any<M: Module, B>(
         &self,
         model: M,
-        source: &GradSource<'_, M, B>,
-        eval: &StepFn<'_, M, B>,
-        data: &dyn Batches<B>,
+        task: RankTask<'_, M, B>,
         resume: Option<(PathBuf, Checkpoint)>,
         execution: &Execution,
     ) -> Result<(M, FitReport)> {
@@ -175,7 +183,7 @@ impl Trainer {
             });
         }
         let run = |model: M, setup: RankSetup<'_>, resume| {
-            self.fit_rank(model, source, eval, data, resume, setup, None)
+            self.fit_rank(model, task, resume, setup, None)
         };
         match execution {
             Execution::Single(device) => run(model, RankSetup::single(device), resume),
@@ -261,8 +269,12 @@ impl Trainer {
                 Ok(out)
             };
             let setup = RankSetup::single(&split.devices[rank]);
-            let (part, report) =
-                self.fit_rank(part, &source, &step, &data, None, setup, Some(&tp))?;
+            let task = RankTask {
+                source: &source,
+                eval: &step,
+                data: &data,
+            };
+            let (part, report) = self.fit_rank(part, task, None, setup, Some(&tp))?;
             Ok::<_, TrainError>(((split.gather)(&part, &*collective)?, report))
         })?;
         Ok(ranks
@@ -309,7 +321,12 @@ impl Trainer {
         };
         let eval = classification_step(&forward);
         let setup = RankSetup::single(&split.device);
-        self.fit_rank(model, &source, &eval, &data, resume, setup, None)
+        let task = RankTask {
+            source: &source,
+            eval: &eval,
+            data: &data,
+        };
+        self.fit_rank(model, task, resume, setup, None)
     }
 }
 

@@ -46,6 +46,21 @@ impl<'a> RankSetup<'a> {
     }
 }
 
+/// What a rank trains: where its gradients come from, how it evaluates, and its data.
+pub(super) struct RankTask<'a, M, B> {
+    pub(super) source: &'a GradSource<'a, M, B>,
+    pub(super) eval: &'a StepFn<'a, M, B>,
+    pub(super) data: &'a dyn Batches<B>,
+}
+
+impl<M, B> Clone for RankTask<'_, M, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<M, B> Copy for RankTask<'_, M, B> {}
+
 /// A rank of a tensor-parallel group, as [`Trainer::fit_rank`] sees it.
 pub(super) struct TensorParallelRank<'a, P> {
     pub(super) collective: Arc<dyn Collective>,
@@ -107,13 +122,10 @@ impl RankSync {
 
 impl Trainer {
     /// The training run of one rank (the only one, on a single device).
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn fit_rank<M: Module, B>(
         &self,
         model: M,
-        source: &GradSource<'_, M, B>,
-        eval: &StepFn<'_, M, B>,
-        data: &dyn Batches<B>,
+        RankTask { source, eval, data }: RankTask<'_, M, B>,
         resume: Option<(PathBuf, Checkpoint)>,
         setup: RankSetup<'_>,
         tensor_parallel: Option<&TensorParallelRank<'_, M>>,
