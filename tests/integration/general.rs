@@ -286,6 +286,26 @@ fn a_failing_step_or_a_bad_loss_is_an_error_naming_the_phase() {
         .unwrap_err()
         .to_string();
     assert!(error.contains("must have one element"), "{error}");
+    let empty = waves(0, 7);
+    let no_eval = Data::<Window, WindowBatch> {
+        eval: &empty,
+        ..data
+    };
+    let steps = Steps {
+        train: &good,
+        eval: &good,
+    };
+    let error = trainer
+        .fit_model(initial_model(), steps, no_eval, None, &execution)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("evaluation data is empty"), "{error}");
+    assert!(
+        kiln::trainer::checkpoint::latest_checkpoint(dir.path())
+            .unwrap()
+            .is_none(),
+        "nothing was written"
+    );
 }
 
 /// A collective whose reductions do nothing: each rank keeps its own values.

@@ -171,6 +171,14 @@ impl Trainer {
         resume: Option<(PathBuf, Checkpoint)>,
         execution: &Execution,
     ) -> Result<(M, FitReport)> {
+        if task.data.eval_len() == 0 {
+            return Err(TrainError::Config {
+                field: "evaluation data",
+                reason: "is empty: every epoch ends with an evaluation, which needs at least \
+                         one item"
+                    .into(),
+            });
+        }
         let world = execution.world_size()?;
         if !self.config.batch_size.is_multiple_of(world.get()) {
             return Err(TrainError::Config {
