@@ -18,13 +18,22 @@ use kiln::recipes::distributed::run_as_launched;
 use super::{Forecaster, WindowBatcher, waves};
 
 /// Trains for `epochs` on `ranks` threads (or, under `kiln launch`, on the job's processes)
-/// and prints the validation loss as JSON.
+/// and prints the validation loss as JSON; with `plain`, burn-train's own single-device
+/// training instead (the same program without kiln's strategy line).
 ///
 /// # Errors
 /// A bad rank count, a failed launch, or a training error that burn-train reports.
-pub fn run(ranks: usize, epochs: usize, out: &Path) -> Result<(), Box<dyn std::error::Error>> {
+pub fn run(
+    ranks: usize,
+    epochs: usize,
+    out: &Path,
+    plain: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
     let device = Device::flex().autodiff();
     device.seed(42);
+    if plain {
+        return train(None, epochs, out, &device, 0);
+    }
     let ranks = WorldSize::new(ranks)?;
     run_as_launched(Duration::from_secs(60), |group| {
         let strategy = match group {
@@ -32,12 +41,12 @@ pub fn run(ranks: usize, epochs: usize, out: &Path) -> Result<(), Box<dyn std::e
             None => KilnDataParallel::threads(ranks, Device::flex()),
         };
         let rank = strategy.rank();
-        train(strategy.into(), epochs, out, &device, rank)
+        train(Some(strategy.into()), epochs, out, &device, rank)
     })
 }
 
 fn train(
-    strategy: TrainingStrategy<Forecaster>,
+    strategy: Option<TrainingStrategy<Forecaster>>,
     epochs: usize,
     out: &Path,
     device: &Device,
@@ -56,12 +65,14 @@ fn train(
         AdamWConfig::new().with_weight_decay(0.01).init(),
         ConstantLr::new(3e-3),
     );
-    let result = SupervisedTraining::new(out, train, valid.clone())
+    let mut training = SupervisedTraining::new(out, train, valid.clone())
         .metric_train_numeric(LossMetric::new())
         .metric_valid_numeric(LossMetric::new())
-        .num_epochs(epochs)
-        .with_training_strategy(strategy) // the one kiln line
-        .launch(learner);
+        .num_epochs(epochs);
+    if let Some(strategy) = strategy {
+        training = training.with_training_strategy(strategy); // the one kiln line
+    }
+    let result = training.launch(learner);
     if let Some(error) = result.error {
         return Err(error.to_string().into());
     }

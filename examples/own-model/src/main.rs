@@ -23,7 +23,8 @@ use own_model::{Forecaster, WindowBatcher, waves};
 
 const HELP: &str = "own-model: trains a wave forecaster with kiln's trainer
 
-USAGE: own-model [--ranks N] [--zero 1|2] [--epochs N] [--out DIR] [--resume] [--learner]
+USAGE: own-model [--ranks N] [--zero 1|2] [--epochs N] [--out DIR] [--resume]
+                 [--learner | --plain-burn-train]
 
   --ranks N    data-parallel ranks (threads) [default: 1]
   --zero S     shard the optimizer state (1) and gradients (2) over the ranks
@@ -31,7 +32,9 @@ USAGE: own-model [--ranks N] [--zero 1|2] [--epochs N] [--out DIR] [--resume] [-
   --out DIR    run directory for checkpoints and metrics.jsonl [default: runs/own-model]
   --resume     continue the run in --out from its latest checkpoint
   --learner    train through burn-train's Learner instead, with kiln's data-parallel
-               strategy (AdamW, constant rate; --zero and --resume do not apply)";
+               strategy (AdamW, constant rate; --zero and --resume do not apply)
+  --plain-burn-train
+               the same burn-train program on one device, without kiln's strategy";
 
 struct Args {
     ranks: usize,
@@ -40,6 +43,7 @@ struct Args {
     out: PathBuf,
     resume: bool,
     learner: bool,
+    plain: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -50,6 +54,7 @@ fn parse() -> Result<Args, String> {
         out: PathBuf::from("runs/own-model"),
         resume: false,
         learner: false,
+        plain: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -60,6 +65,7 @@ fn parse() -> Result<Args, String> {
             "--out" => args.out = PathBuf::from(value()?),
             "--resume" => args.resume = true,
             "--learner" => args.learner = true,
+            "--plain-burn-train" => (args.learner, args.plain) = (true, true),
             "--zero" => {
                 args.zero = match value()?.as_str() {
                     "1" => Some(ZeroStage::One),
@@ -87,7 +93,7 @@ fn main() {
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse()?;
     if args.learner {
-        return own_model::learner::run(args.ranks, args.epochs, &args.out);
+        return own_model::learner::run(args.ranks, args.epochs, &args.out, args.plain);
     }
     // 4,096 training windows, batches of 32, 2 batches per step: 64 steps per epoch. The
     // cosine spans 3 epochs whatever --epochs says, so a run can be extended on --resume.
