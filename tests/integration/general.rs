@@ -226,6 +226,10 @@ fn a_run_stopped_after_an_epoch_resumes_exactly() {
     };
     let first = fit(model.clone(), stopped, dir.path(), false, &execution).unwrap();
     assert_eq!(first.report.history.len(), 1);
+    // A fresh run into the stopped run's directory would overwrite it: refused.
+    let again = fit(initial_model(), config(3), dir.path(), false, &execution);
+    let error = again.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(error.contains("already holds checkpoints"), "{error}");
     let resumed = fit(initial_model(), config(3), dir.path(), true, &execution).unwrap();
     assert_eq!(resumed.report.resumed_from_epoch, 1);
     assert_eq!(resumed.params, whole.params, "bit for bit");

@@ -163,6 +163,23 @@ impl Trainer {
         self.fit_any(model, task, resume, execution)
     }
 
+    /// Refuses a fresh run (no `resume`) into a run directory that already holds
+    /// checkpoints, which it would overwrite. Every process of a group checks before the
+    /// first exchange, so rank 0 cannot have written yet.
+    fn check_fresh(&self, resume: Option<&(PathBuf, Checkpoint)>) -> Result<()> {
+        if resume.is_none() && crate::checkpoint::latest_checkpoint(&self.run_dir)?.is_some() {
+            return Err(TrainError::Config {
+                field: "run directory",
+                reason: format!(
+                    "{} already holds checkpoints: resume that run from its latest checkpoint, \
+                     or train into another directory",
+                    self.run_dir.display()
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Every execution mode of [`fit_model`](Self::fit_model) and [`fit`](Self::fit).
     fn fit_any<M: Module, B>(
         &self,
@@ -171,6 +188,7 @@ impl Trainer {
         resume: Option<(PathBuf, Checkpoint)>,
         execution: &Execution,
     ) -> Result<(M, FitReport)> {
+        self.check_fresh(resume.as_ref())?;
         if task.data.eval_len() == 0 {
             return Err(TrainError::Config {
                 field: "evaluation data",
@@ -255,6 +273,7 @@ impl Trainer {
                  are not saved; start a new run, or resume without --tensor-parallel",
             ));
         }
+        self.check_fresh(None)?;
         let world = WorldSize::new(split.devices.len())?;
         let replicas = Replicas::fork(&model, &split.devices);
         let step = classification_step(&forward);
@@ -313,6 +332,7 @@ impl Trainer {
         M: Module,
         F: Fn(&M, Tensor<4>) -> Tensor<2> + Sync,
     {
+        self.check_fresh(resume.as_ref())?;
         let pipeline = Pipeline::new(split.stages, split.config)?;
         let source = |model: &M, batch: ImageBatch| -> Result<StepGrads> {
             let items = batch.targets.dims()[0];
