@@ -25,7 +25,8 @@ use kiln_multi::{
 /// ranks before every optimizer step (summed over the micro-batches of burn-train's gradient
 /// accumulation first, as burn-train does), so the replicas take identical steps. Rank 0
 /// validates, reports the end of each split and epoch, and checkpoints; every rank reports
-/// its training items to burn-train's metrics.
+/// its training items to burn-train's metrics; burn-train's early stopping, decided on rank
+/// 0, stops every rank.
 ///
 /// A rank that fails, or an exchange that times out, stops the training with burn-train's
 /// `TrainingError::Workers` naming the rank, instead of hanging.
@@ -267,9 +268,9 @@ fn fit_rank<M: LearnerModel>(
             let result = c.event_processor.process_train(event);
             c.interrupter.fail_on_error(result);
         }
-        let stopped = train_epoch(&mut learner, &mut ddp, train, shared, accumulation, world)?;
+        let mut stopped = train_epoch(&mut learner, &mut ddp, train, shared, accumulation, world)?;
         if rank == 0 {
-            end_epoch(&learner, &device, shared, epoch);
+            stopped |= end_epoch(&learner, &device, shared, epoch);
         }
         // Every rank stops together: whether any rank was stopped, decided by all.
         let mut stop = [f32::from(u8::from(stopped || interrupter.should_stop()))];
@@ -331,14 +332,14 @@ fn train_epoch<M: LearnerModel>(
     Ok(false)
 }
 
-/// Rank 0 after a training pass: the end of the split, validation, the end of the epoch and
-/// the checkpoint.
+/// Rank 0 after a training pass: the end of the split, validation, the end of the epoch, the
+/// checkpoint, and burn-train's early stopping; whether that says to stop.
 fn end_epoch<M: LearnerModel>(
     learner: &Learner<M>,
     device: &Device,
     shared: &Shared<M>,
     epoch: usize,
-) {
+) -> bool {
     let mut c = shared.lock();
     let result = c
         .event_processor
@@ -377,12 +378,15 @@ fn end_epoch<M: LearnerModel>(
         .event_processor
         .process_train(LearnerEvent::EndEpoch(epoch));
     c.interrupter.fail_on_error(result);
-    if c.checkpointer.is_some() {
+    if c.checkpointer.is_some() || c.early_stopping.is_some() {
         let result = c.event_processor.flush();
         c.interrupter.fail_on_error(result);
-        let store = Arc::clone(&c.event_store);
-        if let Some(checkpointer) = c.checkpointer.as_mut() {
-            checkpointer.checkpoint(learner, epoch, &store);
-        }
     }
+    let store = Arc::clone(&c.event_store);
+    if let Some(checkpointer) = c.checkpointer.as_mut() {
+        checkpointer.checkpoint(learner, epoch, &store);
+    }
+    c.early_stopping
+        .as_mut()
+        .is_some_and(|early| early.should_stop(epoch, &store))
 }

@@ -50,6 +50,31 @@ fn train(
     batch: usize,
     strategy: Option<TrainingStrategy<Forecaster>>,
 ) -> Vec<f32> {
+    train_for(model, items, batch, strategy, (2, None))
+}
+
+/// burn-train's early stopping: stop after the first epoch.
+#[derive(Clone)]
+struct StopAfterFirstEpoch;
+
+impl burn_train::EarlyStoppingStrategy for StopAfterFirstEpoch {
+    fn should_stop(
+        &mut self,
+        epoch: usize,
+        _: &burn_train::metric::store::EventStoreClient,
+    ) -> bool {
+        epoch >= 1
+    }
+}
+
+/// [`train`] for `epochs`, with an early stopping strategy.
+fn train_for(
+    model: Forecaster,
+    items: Vec<Window>,
+    batch: usize,
+    strategy: Option<TrainingStrategy<Forecaster>>,
+    (epochs, early): (usize, Option<StopAfterFirstEpoch>),
+) -> Vec<f32> {
     let dir = tempfile::tempdir().unwrap();
     let train = DataLoaderBuilder::new(WindowBatcher)
         .batch_size(batch)
@@ -63,9 +88,12 @@ fn train(
         ConstantLr::new(1e-2),
     );
     let mut training = SupervisedTraining::new(dir.path(), train, valid)
-        .num_epochs(2)
+        .num_epochs(epochs)
         .grads_accumulation(2)
         .with_application_logger(None);
+    if let Some(early) = early {
+        training = training.early_stopping(early);
+    }
     if let Some(strategy) = strategy {
         training = training.with_training_strategy(strategy);
     }
@@ -197,4 +225,29 @@ fn a_failing_rank_ends_training_with_an_error_on_every_rank() {
             "rank {rank}: {error:?}"
         );
     }
+}
+
+/// burn-train's early stopping, decided on rank 0 after validation, stops every rank
+/// together: 3 epochs asked, stopped after the first, the same as 1 epoch.
+#[test]
+fn early_stopping_stops_every_rank_together() {
+    let (model, items) = (model(), items());
+    let strategy = || KilnDataParallel::threads(WorldSize::new(2).unwrap(), Device::flex()).into();
+    let one_epoch = train_for(
+        model.clone(),
+        items.clone(),
+        RANK_BATCH,
+        Some(strategy()),
+        (1, None),
+    );
+    let stopped = train_for(
+        model.clone(),
+        items.clone(),
+        RANK_BATCH,
+        Some(strategy()),
+        (3, Some(StopAfterFirstEpoch)),
+    );
+    assert_eq!(stopped, one_epoch);
+    let three = train_for(model, items, RANK_BATCH, Some(strategy()), (3, None));
+    assert_ne!(three, one_epoch, "without early stopping the run goes on");
 }
