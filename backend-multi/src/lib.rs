@@ -29,8 +29,8 @@ pub mod sharding;
 pub mod tensor_parallel;
 
 pub use collective::{
-    Collective, CollectiveConfig, InProcessCollective, ReduceOp, Transport, run_group,
-    run_in_process, shard_range,
+    Collective, CollectiveConfig, InProcessCollective, ReduceOp, Transport, all_reduce_sum_f64,
+    run_group, run_in_process, shard_range,
 };
 pub use data_parallel::{BucketConfig, DistributedDataParallel, GradientBucket};
 pub use device::DeviceSpec;
@@ -39,4 +39,5 @@ pub use mesh::{Rank, WorldSize};
 pub use sampler::{DistributedSampler, DistributedSamplerConfig};
 pub use sharding::{
     FlatOptimizer, ShardMemory, ZERO_STATE_MAGIC, ZeroConfig, ZeroOptimizer, ZeroStage,
+    clip_coefficient,
 };

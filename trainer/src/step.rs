@@ -157,27 +157,18 @@ impl MetricSums {
             .collect()
     }
 
-    /// The sums as `f32` pairs (high and low part of each `f64`), for an all-reduce that
-    /// keeps about 48 bits.
-    pub(crate) fn to_parts(&self) -> Vec<f32> {
+    /// The sums in a fixed order, for a sum over ranks.
+    pub(crate) fn to_values(&self) -> Vec<f64> {
         let mut values = vec![self.loss.0, self.loss.1];
         for (_, value, count) in &self.metrics {
             values.extend([*value, *count]);
         }
         values
-            .into_iter()
-            .flat_map(|v| {
-                let high = v as f32;
-                [high, (v - f64::from(high)) as f32]
-            })
-            .collect()
     }
 
-    /// Reads back sums written by [`to_parts`](Self::to_parts) (and summed).
-    pub(crate) fn read_parts(&mut self, parts: &[f32]) {
-        let mut values = parts
-            .chunks_exact(2)
-            .map(|p| f64::from(p[0]) + f64::from(p[1]));
+    /// Reads back sums written by [`to_values`](Self::to_values) (and summed).
+    pub(crate) fn read_values(&mut self, values: &[f64]) {
+        let mut values = values.iter().copied();
         let mut next = || values.next().unwrap_or(0.0);
         self.loss = (next(), next());
         for (_, value, count) in &mut self.metrics {
@@ -215,7 +206,7 @@ mod tests {
     }
 
     #[test]
-    fn sums_weight_by_items_and_survive_the_f32_round_trip() {
+    fn sums_weight_by_items_and_round_trip_through_values() {
         let mut sums = MetricSums::default();
         sums.add(
             1.0,
@@ -237,8 +228,11 @@ mod tests {
         let values = sums.values();
         assert_eq!(values["accuracy"], 0.75);
         assert_eq!(values["tokens"], 1e8 + 4.0);
-        let mut back = sums.clone();
-        back.read_parts(&sums.to_parts());
-        assert_eq!(back, sums, "1e8 + 4 is not an f32, but survives as two");
+        let mut back = MetricSums {
+            loss: (0.0, 0.0),
+            ..sums.clone()
+        };
+        back.read_values(&sums.to_values());
+        assert_eq!(back, sums);
     }
 }

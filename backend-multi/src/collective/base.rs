@@ -107,9 +107,48 @@ pub fn shard_range(len: usize, world: WorldSize, rank: Rank) -> Range<usize> {
     start..start + base + usize::from(r < extra)
 }
 
+/// Sums `values` over the group in place. The collectives move `f32`, so each `f64` travels
+/// as two: its `f32` rounding and the remainder, which keeps about 48 bits of the sum (exact
+/// counts past 2^24, norms of many squares). A world of one leaves `values` as they are.
+///
+/// # Errors
+/// As [`Collective::all_reduce`].
+pub fn all_reduce_sum_f64(collective: &dyn Collective, values: &mut [f64]) -> Result<()> {
+    if collective.world_size().get() == 1 {
+        return Ok(());
+    }
+    let mut parts: Vec<f32> = values
+        .iter()
+        .flat_map(|&v| {
+            let high = v as f32;
+            [high, (v - f64::from(high)) as f32]
+        })
+        .collect();
+    collective.all_reduce(&mut parts, ReduceOp::Sum)?;
+    for (value, part) in values.iter_mut().zip(parts.chunks_exact(2)) {
+        *value = f64::from(part[0]) + f64::from(part[1]);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn f64_sums_keep_what_one_f32_would_round_away() {
+        let world = WorldSize::new(2).unwrap();
+        let sums = crate::collective::run_in_process(world, CollectiveConfig::default(), |c| {
+            // 1e8 + 1 and 3 are exact in f64; 1e8 + 1 is not an f32.
+            let mut values = [1e8 + 1.0 + 2.0 * c.rank().index() as f64, 0.25];
+            all_reduce_sum_f64(c.as_ref(), &mut values)?;
+            Ok::<_, crate::MultiError>(values)
+        })
+        .unwrap();
+        for values in sums {
+            assert_eq!(values, [2e8 + 4.0, 0.5]);
+        }
+    }
 
     #[test]
     fn shards_partition_the_range_in_order() {

@@ -22,7 +22,7 @@ pub mod mpi;
 pub mod nccl;
 mod verify;
 
-pub use base::{Collective, CollectiveConfig, ReduceOp, shard_range};
+pub use base::{Collective, CollectiveConfig, ReduceOp, all_reduce_sum_f64, shard_range};
 pub use group::{Transport, run_group};
 pub use in_process::{InProcessCollective, run_in_process};
 pub use verify::{VERIFY_LENGTHS, VerifyReport, verify_collective};

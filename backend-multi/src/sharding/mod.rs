@@ -8,4 +8,6 @@ mod flat;
 mod zero;
 
 pub use flat::FlatOptimizer;
-pub use zero::{ShardMemory, ZERO_STATE_MAGIC, ZeroConfig, ZeroOptimizer, ZeroStage};
+pub use zero::{
+    ShardMemory, ZERO_STATE_MAGIC, ZeroConfig, ZeroOptimizer, ZeroStage, clip_coefficient,
+};

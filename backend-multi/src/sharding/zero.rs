@@ -7,7 +7,7 @@ use burn::module::Module;
 use burn::optim::GradientsParams;
 
 use super::flat::FlatOptimizer;
-use crate::collective::{Collective, ReduceOp, shard_range};
+use crate::collective::{Collective, ReduceOp, all_reduce_sum_f64, shard_range};
 use crate::data_parallel::{
     BucketConfig, BucketLayout, broadcast_module, ensure_all_placed, flatten_grads,
     flatten_params_into, load_params_from, trainable_params,
@@ -219,22 +219,17 @@ impl ZeroOptimizer {
         max_norm: Option<f64>,
     ) -> Result<(M, Option<f64>)> {
         let flags = self.synchronise(&model, grads)?;
-        let shard_grads = match self.config.stage {
-            ZeroStage::One => &self.grads[self.shard.clone()],
-            ZeroStage::Two => &self.grads[..],
-        };
         let (scale, norm) = match max_norm {
             Some(max_norm) => {
-                let local: f64 = shard_grads
+                // Each rank's shard of the squares, summed over the group.
+                let shard_grads = Self::shard_grads(self.config.stage, &self.grads, &self.shard);
+                let mut squares = [shard_grads
                     .iter()
                     .map(|&g| f64::from(g) * f64::from(g))
-                    .sum();
-                let norm = self.sum_over_group(local)?.sqrt();
-                let coefficient = max_norm / (norm + 1e-6);
-                (
-                    (coefficient < 1.0).then_some(coefficient as f32),
-                    Some(norm),
-                )
+                    .sum::<f64>()];
+                all_reduce_sum_f64(self.collective.as_ref(), &mut squares)?;
+                let norm = squares[0].sqrt();
+                (clip_coefficient(norm, max_norm), Some(norm))
             }
             None => (None, None),
         };
@@ -285,25 +280,20 @@ impl ZeroOptimizer {
         Ok(flags)
     }
 
-    /// `value` summed over the group, carried as two `f32`s (high and low part) so that the
-    /// sum keeps about 48 bits of the `f64`.
-    fn sum_over_group(&self, value: f64) -> Result<f64> {
-        if self.collective.world_size().get() == 1 {
-            return Ok(value);
+    /// The synchronised gradient of this rank's shard, out of `grads` as `stage` keeps it
+    /// (whole for stage 1, the shard alone for stage 2). Over fields, not `&self`, so the
+    /// optimizer state can be borrowed beside it.
+    fn shard_grads<'a>(stage: ZeroStage, grads: &'a [f32], shard: &Range<usize>) -> &'a [f32] {
+        match stage {
+            ZeroStage::One => &grads[shard.clone()],
+            ZeroStage::Two => grads,
         }
-        let high = value as f32;
-        let mut parts = [high, (value - f64::from(high)) as f32];
-        self.collective.all_reduce(&mut parts, ReduceOp::Sum)?;
-        Ok(f64::from(parts[0]) + f64::from(parts[1]))
     }
 
     /// Runs the optimizer on this rank's shard of `params`, for every parameter some rank had
     /// a gradient for.
     fn update_shard(&mut self, lr: f64, params: &mut [f32], flags: &[f32], scale: Option<f32>) {
-        let shard_grads = match self.config.stage {
-            ZeroStage::One => &self.grads[self.shard.clone()],
-            ZeroStage::Two => &self.grads[..],
-        };
+        let shard_grads = Self::shard_grads(self.config.stage, &self.grads, &self.shard);
         let start = self.shard.start;
         for (k, slot) in self.slots.iter().enumerate() {
             if flags[slot.flag - self.total] == 0.0 {
@@ -439,6 +429,15 @@ impl ZeroOptimizer {
         self.time = time;
         Ok(())
     }
+}
+
+/// The factor by which PyTorch's `clip_grad_norm_` scales gradients of global L2 norm `norm`
+/// so that it is at most `max_norm`: `max_norm / (norm + 1e-6)`, in `f32`, when that is
+/// below 1; `None` when nothing is clipped. ZeRO and the trainer's replicated step both use
+/// it, so they take the same step.
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> Option<f32> {
+    let coefficient = max_norm / (norm + 1e-6);
+    (coefficient < 1.0).then_some(coefficient as f32)
 }
 
 /// The first bytes of [`ZeroOptimizer::state_bytes`], by which a checkpoint's optimizer state is

@@ -1,36 +1,9 @@
-//! Arithmetic on a model's gradients (Burn's [`GradientsParams`]): accumulation over
-//! micro-steps, scaling, and clipping by the global L2 norm.
+//! Arithmetic on a model's gradients (Burn's [`GradientsParams`]): scaling and clipping by the
+//! global L2 norm. (Accumulation over micro-steps is Burn's `GradientsAccumulator`.)
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
-
-/// Adds `more` into `sum`, parameter by parameter (a parameter with a gradient in only one of
-/// them keeps that one).
-pub fn accumulate<M: Module>(
-    model: &M,
-    sum: GradientsParams,
-    more: GradientsParams,
-) -> GradientsParams {
-    struct Add {
-        sum: GradientsParams,
-        more: GradientsParams,
-    }
-    impl ModuleVisitor for Add {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if let Some(g) = self.more.remove::<D>(param.id) {
-                let total = match self.sum.remove::<D>(param.id) {
-                    Some(s) => s + g,
-                    None => g,
-                };
-                self.sum.register::<D>(param.id, total);
-            }
-        }
-    }
-    let mut add = Add { sum, more };
-    model.visit(&mut add);
-    add.sum
-}
 
 /// Multiplies every gradient by `factor`.
 pub fn scale<M: Module>(model: &M, grads: GradientsParams, factor: f64) -> GradientsParams {
@@ -79,12 +52,9 @@ pub fn clip_global_norm<M: Module>(
     max_norm: f64,
 ) -> (GradientsParams, f64) {
     let norm = global_norm(model, &grads);
-    let coefficient = max_norm / (norm + 1e-6);
-    if coefficient < 1.0 {
-        // The factor in f32, as the sharded optimizer applies it.
-        (scale(model, grads, f64::from(coefficient as f32)), norm)
-    } else {
-        (grads, norm)
+    match kiln_multi::clip_coefficient(norm, max_norm) {
+        Some(coefficient) => (scale(model, grads, f64::from(coefficient)), norm),
+        None => (grads, norm),
     }
 }
 
@@ -121,7 +91,7 @@ mod tests {
     }
 
     #[test]
-    fn accumulate_scale_and_clip_match_the_element_wise_definitions() {
+    fn scale_and_clip_match_the_element_wise_definitions() {
         let device = Device::flex().autodiff();
         let net = Net {
             a: LinearConfig::new(3, 4).init(&device),
@@ -129,7 +99,10 @@ mod tests {
         };
         let (g1, g2) = (grads_of(&net, 0.5), grads_of(&net, -2.0));
         let (f1, f2) = (flat(&net, &g1), flat(&net, &g2));
-        let sum = accumulate(&net, g1, g2);
+        let mut accumulator = burn::optim::GradientsAccumulator::new();
+        accumulator.accumulate(&net, g1);
+        accumulator.accumulate(&net, g2);
+        let sum = accumulator.grads();
         let fs = flat(&net, &sum);
         for ((s, a), b) in fs.iter().zip(&f1).zip(&f2) {
             assert!((s - (a + b)).abs() <= 1e-6, "{s} vs {a} + {b}");

@@ -4,14 +4,14 @@ use std::num::NonZeroUsize;
 use std::time::Instant;
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::Tensor;
 use kiln_multi::{DistributedDataParallel, ZeroOptimizer};
 
 use crate::config::LrGroup;
 use crate::error::Result;
 use crate::optim::LrSchedule;
-use crate::optim::grads::{accumulate, clip_global_norm, scale};
+use crate::optim::grads::{clip_global_norm, scale};
 use crate::report::Progress;
 use crate::step::{Metric, MetricSums};
 
@@ -196,27 +196,23 @@ pub(crate) fn train_epoch<M: Module, B>(
     let start = Instant::now();
     let mut sums = MetricSums::default();
     let (mut steps, mut samples, mut bubbles) = (0u64, 0usize, (0.0f64, 0usize));
+    let mut accumulator = GradientsAccumulator::new();
     for group in order.chunks(batch_size * policy.accumulation.get()) {
-        let mut summed: Option<GradientsParams> = None;
-        let mut micro = 0usize;
+        let micro = group.len().div_ceil(batch_size);
         for chunk in group.chunks(batch_size) {
             let out = source(&model, make_batch(chunk)?)?;
             sums.add(out.loss, out.items, &out.metrics);
             if let Some(bubble) = out.bubble {
                 bubbles = (bubbles.0 + bubble, bubbles.1 + 1);
             }
-            summed = Some(match summed {
-                None => out.grads,
-                Some(sum) => accumulate(&model, sum, out.grads),
-            });
-            micro += 1;
+            accumulator.accumulate(&model, out.grads);
             samples += chunk.len();
             progress.batch_done(
                 out.loss,
                 (samples * world) as f64 / start.elapsed().as_secs_f64().max(1e-9),
             );
         }
-        let Some(grads) = summed else { continue };
+        let grads = accumulator.grads();
         let grads = if micro > 1 {
             scale(&model, grads, 1.0 / micro as f64)
         } else {

@@ -10,8 +10,8 @@ use burn::optim::ModuleOptimizer;
 use burn::tensor::{Bytes, Device};
 use kiln_multi::{
     BucketConfig, Collective, DistributedDataParallel, DistributedSampler,
-    DistributedSamplerConfig, Rank, ReduceOp, WorldSize, ZERO_STATE_MAGIC, ZeroConfig,
-    ZeroOptimizer, ZeroStage,
+    DistributedSamplerConfig, Rank, WorldSize, ZERO_STATE_MAGIC, ZeroConfig, ZeroOptimizer,
+    ZeroStage, all_reduce_sum_f64,
 };
 
 use super::base::{StepFn, Trainer, record_bytes, scalar_loss};
@@ -509,13 +509,12 @@ fn reduce_metrics(
     let Some(collective) = collective else {
         return Ok((train, eval));
     };
-    let train_parts = train.to_parts();
-    let mut parts = train_parts.clone();
-    parts.extend(eval.to_parts());
-    collective.all_reduce(&mut parts, ReduceOp::Sum)?;
-    let (train_back, eval_back) = parts.split_at(train_parts.len());
-    train.read_parts(train_back);
-    eval.read_parts(eval_back);
+    let mut values = train.to_values();
+    let train_len = values.len();
+    values.extend(eval.to_values());
+    all_reduce_sum_f64(collective, &mut values)?;
+    train.read_values(&values[..train_len]);
+    eval.read_values(&values[train_len..]);
     Ok((train, eval))
 }
 
