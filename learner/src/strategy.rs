@@ -186,6 +186,7 @@ impl KilnDataParallel {
         shared: &Shared<M>,
     ) -> Result<M, (usize, kiln_multi::MultiError)> {
         let world = WorldSize::new(devices.len()).map_err(|e| (0, e))?;
+        // A model need not be Sync: each rank takes its replica through the lock.
         let learner = Mutex::new(learner);
         let models = run_in_process(world, self.collective, |collective| {
             let rank = collective.rank().index();

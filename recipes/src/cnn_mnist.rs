@@ -527,8 +527,6 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
     let base = resume
         .as_ref()
         .map_or_else(TrainerConfig::default, |(_, c)| c.state.config.clone());
-    let (train, test) = load_data(config)?;
-    let trainer_config = config.overrides.apply(base, train.len())?;
     let qat = match (config.qat, &resume) {
         (Some(scheme), _) => Some(scheme),
         (None, Some((file, checkpoint))) => checkpoint_quantization(file, &checkpoint.state)?,
@@ -547,6 +545,9 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
         quantization: qat.map(|scheme| scheme.to_string()),
         options: recorded_data(config, resume.as_ref())?,
     };
+    // The data is read once every flag and the checkpoint have been checked.
+    let (train, test) = load_data(config)?;
+    let trainer_config = config.overrides.apply(base, train.len())?;
     let trainer = Trainer::new(trainer_config, &run_dir, labels)?.with_verbosity(config.verbosity);
     let model = SimpleCnnConfig::new().init(&devices[0], trainer.config().seed);
     let data = TrainData {
