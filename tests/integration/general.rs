@@ -205,6 +205,33 @@ fn without_synchronisation_the_steps_differ() {
     }
 }
 
+/// The TensorBoard scalars of `run` (two event files: before and after a resume) equal the
+/// uninterrupted `reference`'s, speeds aside: a loss, rate and gradient norm for each of
+/// `steps` optimizer steps, and the epochs' metrics.
+fn assert_same_curves(run: &std::path::Path, reference: &std::path::Path, steps: u64) {
+    use kiln::trainer::report::tensorboard::read_scalars;
+    let curves = |dir| {
+        let mut scalars = read_scalars(dir).unwrap();
+        scalars.retain(|s| !s.tag.starts_with("speed/"));
+        scalars.sort_by(|a, b| (&a.tag, a.step).cmp(&(&b.tag, b.step)));
+        scalars
+            .into_iter()
+            .map(|s| (s.tag, s.step, s.value))
+            .collect::<Vec<_>>()
+    };
+    let (got, want) = (curves(run), curves(reference));
+    for tag in ["loss/train_step", "optimizer/lr", "optimizer/grad_norm"] {
+        let n = want.iter().filter(|(t, _, _)| t == tag).count() as u64;
+        assert_eq!(n, steps, "{tag}");
+    }
+    let epochs = want
+        .iter()
+        .filter(|(t, _, _)| t == "loss/validation")
+        .count();
+    assert_eq!(epochs, 3);
+    assert_eq!(got, want);
+}
+
 #[test]
 fn a_run_stopped_after_an_epoch_resumes_exactly() {
     let model = initial_model();
@@ -231,6 +258,7 @@ fn a_run_stopped_after_an_epoch_resumes_exactly() {
     let error = again.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(error.contains("already holds checkpoints"), "{error}");
     let resumed = fit(initial_model(), config(3), dir.path(), true, &execution).unwrap();
+    assert_same_curves(dir.path(), whole_dir.path(), 60);
     assert_eq!(resumed.report.resumed_from_epoch, 1);
     assert_eq!(resumed.params, whole.params, "bit for bit");
     assert_eq!(resumed.report.history.len(), 3);

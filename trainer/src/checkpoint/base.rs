@@ -38,6 +38,10 @@ pub struct EpochMetrics {
     /// Pipeline runs: the mean measured idle fraction of the stages over the epoch's steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bubble_fraction: Option<f64>,
+    /// Data-parallel runs: the fraction of the training time this rank (the reporting one)
+    /// spent exchanging gradients (under ZeRO, the sharded update and its all-gather too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exchange_fraction: Option<f64>,
 }
 
 impl EpochMetrics {

@@ -1,8 +1,9 @@
 //! What a run tells the user while it runs (progress on stderr) and leaves behind
-//! (`metrics.jsonl`).
+//! (`metrics.jsonl`, TensorBoard event files).
 
 mod jsonl;
 mod progress;
+pub mod tensorboard;
 
 pub use jsonl::{METRICS_FILE, write_metrics_jsonl};
 pub use progress::{Progress, Verbosity};

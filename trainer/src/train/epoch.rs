@@ -11,8 +11,9 @@ use kiln_multi::{DistributedDataParallel, ZeroOptimizer};
 use crate::config::LrGroup;
 use crate::error::Result;
 use crate::optim::LrSchedule;
-use crate::optim::grads::{clip_global_norm, scale};
+use crate::optim::grads::{clip_global_norm, global_norm, scale};
 use crate::report::Progress;
+use crate::report::tensorboard::EventWriter;
 use crate::step::{Metric, MetricSums};
 
 /// One micro-batch's loss, metrics and gradients.
@@ -72,6 +73,26 @@ pub(crate) struct EpochOutcome {
     pub(crate) seconds: f64,
     /// Through a pipeline: the mean bubble fraction of the steps.
     pub(crate) bubble: Option<f64>,
+    /// Seconds spent exchanging gradients (and, under ZeRO, in the sharded update with its
+    /// all-gather); 0 on one device.
+    pub(crate) exchange_seconds: f64,
+}
+
+/// What an epoch reports as it goes: the progress bar, and on the reporting rank the
+/// TensorBoard scalars of every optimizer step.
+pub(crate) struct EpochReport<'a> {
+    pub(crate) progress: &'a Progress,
+    pub(crate) events: Option<&'a mut EventWriter>,
+}
+
+/// What one optimizer step did, besides updating the model.
+struct StepDone {
+    /// The global L2 norm of the synchronised gradient, before clipping, where it was
+    /// computed: always on replicated optimizers when scalars are logged; under ZeRO when
+    /// clipping.
+    grad_norm: Option<f64>,
+    /// Seconds in the gradient exchange.
+    exchange_seconds: f64,
 }
 
 /// How a rank turns its gradients into the next parameters.
@@ -96,23 +117,37 @@ impl Updater<'_> {
     }
 
     /// One optimizer step at learning rate `lr` (groups at theirs times `factor`), the
-    /// synchronised gradient clipped to `clip` first.
+    /// synchronised gradient clipped to `clip` first; with `want_norm`, the gradient's norm
+    /// is measured even without clipping (replicated optimizers).
     fn step<M: Module>(
         &mut self,
         (lr, factor): (f64, f64),
         policy: &StepPolicy<'_>,
-        model: M,
-        grads: GradientsParams,
-    ) -> Result<M> {
-        Ok(match self {
+        (model, grads): (M, GradientsParams),
+        want_norm: bool,
+    ) -> Result<(M, StepDone)> {
+        let start = Instant::now();
+        let (model, grad_norm, exchange) = match self {
             Updater::Replicated { optimizer, ddp } => {
                 let grads = match ddp {
                     Some(ddp) => ddp.sync(&model, grads)?,
                     None => grads,
                 };
-                let grads = match policy.clip_grad_norm {
-                    Some(max) => clip_global_norm(&model, grads, max).0,
-                    None => grads,
+                let exchange = if ddp.is_some() {
+                    start.elapsed().as_secs_f64()
+                } else {
+                    0.0
+                };
+                let (grads, norm) = match policy.clip_grad_norm {
+                    Some(max) => {
+                        let (grads, norm) = clip_global_norm(&model, grads, max);
+                        (grads, Some(norm))
+                    }
+                    None if want_norm => {
+                        let norm = global_norm(&model, &grads);
+                        (grads, Some(norm))
+                    }
+                    None => (grads, None),
                 };
                 let mut model = model;
                 for (lr, grads) in split_by_group(&model, grads, lr, factor, policy.lr_groups) {
@@ -120,13 +155,18 @@ impl Updater<'_> {
                         model = optimizer.step(lr, model, grads);
                     }
                 }
-                model
+                (model, norm, exchange)
             }
             Updater::Sharded(zero) => {
-                zero.step_clipped(lr, model, grads, policy.clip_grad_norm)?
-                    .0
+                let (model, norm) = zero.step_clipped(lr, model, grads, policy.clip_grad_norm)?;
+                (model, norm, start.elapsed().as_secs_f64())
             }
-        })
+        };
+        let done = StepDone {
+            grad_norm,
+            exchange_seconds: exchange,
+        };
+        Ok((model, done))
     }
 }
 
@@ -190,27 +230,31 @@ pub(crate) fn train_epoch<M: Module, B>(
     (order, batch_size): (&[usize], usize),
     policy: &StepPolicy<'_>,
     first_step: u64,
-    progress: &Progress,
+    report: EpochReport<'_>,
 ) -> Result<(M, EpochOutcome)> {
+    let EpochReport {
+        progress,
+        mut events,
+    } = report;
     let world = updater.world();
     let start = Instant::now();
     let mut sums = MetricSums::default();
     let (mut steps, mut samples, mut bubbles) = (0u64, 0usize, (0.0f64, 0usize));
+    let mut exchange_seconds = 0.0;
     let mut accumulator = GradientsAccumulator::new();
     for group in order.chunks(batch_size * policy.accumulation.get()) {
         let micro = group.len().div_ceil(batch_size);
+        let mut group_loss = 0.0;
         for chunk in group.chunks(batch_size) {
             let out = source(&model, make_batch(chunk)?)?;
             sums.add(out.loss, out.items, &out.metrics);
+            group_loss += out.loss / micro as f64;
             if let Some(bubble) = out.bubble {
                 bubbles = (bubbles.0 + bubble, bubbles.1 + 1);
             }
             accumulator.accumulate(&model, out.grads);
             samples += chunk.len();
-            progress.batch_done(
-                out.loss,
-                (samples * world) as f64 / start.elapsed().as_secs_f64().max(1e-9),
-            );
+            progress.batch_done(out.loss, throughput(samples * world, start));
         }
         let grads = accumulator.grads();
         let grads = if micro > 1 {
@@ -218,9 +262,26 @@ pub(crate) fn train_epoch<M: Module, B>(
         } else {
             grads
         };
-        let lr = policy.schedule.lr(policy.lr, first_step + steps);
-        model = updater.step((lr, lr / policy.lr), policy, model, grads)?;
+        let step = first_step + steps;
+        let lr = policy.schedule.lr(policy.lr, step);
+        let (updated, done) = updater.step(
+            (lr, lr / policy.lr),
+            policy,
+            (model, grads),
+            events.is_some(),
+        )?;
+        model = updated;
+        exchange_seconds += done.exchange_seconds;
         steps += 1;
+        if let Some(events) = events.as_deref_mut() {
+            events.scalar("loss/train_step", step + 1, group_loss)?;
+            events.scalar("optimizer/lr", step + 1, lr)?;
+            if let Some(norm) = done.grad_norm {
+                events.scalar("optimizer/grad_norm", step + 1, norm)?;
+            }
+            let speed = throughput(samples * world, start);
+            events.scalar("speed/samples_per_sec_step", step + 1, speed)?;
+        }
     }
     let outcome = EpochOutcome {
         sums,
@@ -228,8 +289,14 @@ pub(crate) fn train_epoch<M: Module, B>(
         samples,
         seconds: start.elapsed().as_secs_f64(),
         bubble: (bubbles.1 > 0).then(|| bubbles.0 / bubbles.1 as f64),
+        exchange_seconds,
     };
     Ok((model, outcome))
+}
+
+/// Samples per second since `start`.
+fn throughput(samples: usize, start: Instant) -> f64 {
+    samples as f64 / start.elapsed().as_secs_f64().max(1e-9)
 }
 
 #[cfg(test)]
@@ -287,7 +354,9 @@ mod tests {
             accumulation: NonZeroUsize::MIN,
         };
         // The schedule halved both rates for this step.
-        let stepped = updater.step((0.05, 0.5), &policy, model, grads).unwrap();
+        let (stepped, _) = updater
+            .step((0.05, 0.5), &policy, (model, grads), false)
+            .unwrap();
         // First SGD-momentum step: p -= lr * g.
         for ((new, old), g) in values(&stepped.a).iter().zip(&a0).zip(&ga) {
             assert!((new - (old - 0.05 * g)).abs() < 1e-6);

@@ -16,12 +16,13 @@ use kiln_multi::{
 
 use super::base::{StepFn, Trainer, record_bytes, scalar_loss};
 use super::data::Batches;
-use super::epoch::{EpochOutcome, GradSource, StepPolicy, Updater, train_epoch};
+use super::epoch::{EpochOutcome, EpochReport, GradSource, StepPolicy, Updater, train_epoch};
 use crate::checkpoint::{
     Checkpoint, EpochMetrics, TrainerState, checkpoint_path, write_checkpoint_atomic,
 };
 use crate::config::TrainerConfig;
 use crate::error::{Result, TrainError};
+use crate::report::tensorboard::EventWriter;
 use crate::report::{Progress, Verbosity, write_metrics_jsonl};
 use crate::step::MetricSums;
 
@@ -163,6 +164,11 @@ impl Trainer {
             Verbosity::Quiet
         });
         self.log_start(&progress, resumed_from_epoch, restored.step, world);
+        // The checkpoint holds the run up to its step: scalars written after it by a run that
+        // died (steps above it) are dropped by TensorBoard.
+        let mut events = is_root
+            .then(|| EventWriter::create(&self.run_dir, Some(restored.step + 1)))
+            .transpose()?;
         let policy = StepPolicy::of(config);
         let (mut history, mut step) = (restored.history, restored.step);
         let mut optimizer = restored.optimizer;
@@ -180,7 +186,10 @@ impl Trainer {
                 (&order, local_batch),
                 &policy,
                 step,
-                &progress,
+                EpochReport {
+                    progress: &progress,
+                    events: events.as_mut(),
+                },
             )?;
             model = trained;
             step += outcome.steps;
@@ -190,6 +199,9 @@ impl Trainer {
                 reduce_metrics(collective.as_deref(), outcome.sums.clone(), eval_sums)?;
             let metrics = epoch_metrics(epoch + 1, step, &outcome, world, (train_sums, eval_sums));
             progress.end_epoch(config.epochs, &metrics);
+            if let Some(events) = events.as_mut() {
+                write_epoch_scalars(events, &metrics)?;
+            }
             history.push(metrics);
             let saved = self.save_checkpoint(
                 &model,
@@ -539,5 +551,31 @@ fn epoch_metrics(
         samples_per_sec: (outcome.samples * world.get()) as f64 / outcome.seconds.max(1e-9),
         train_seconds: outcome.seconds,
         bubble_fraction: outcome.bubble,
+        exchange_fraction: (world.get() > 1)
+            .then(|| outcome.exchange_seconds / outcome.seconds.max(1e-9)),
     }
+}
+
+/// The TensorBoard scalars of a finished epoch, at its last step.
+fn write_epoch_scalars(events: &mut EventWriter, m: &EpochMetrics) -> Result<()> {
+    events.scalar("loss/train", m.step, m.train_loss)?;
+    events.scalar("loss/validation", m.step, m.test_loss)?;
+    if let Some(accuracy) = m.test_accuracy {
+        events.scalar("accuracy/validation", m.step, accuracy)?;
+    }
+    for (name, value) in &m.train_metrics {
+        events.scalar(&format!("train/{name}"), m.step, *value)?;
+    }
+    for (name, value) in &m.test_metrics {
+        events.scalar(&format!("validation/{name}"), m.step, *value)?;
+    }
+    events.scalar("speed/samples_per_sec", m.step, m.samples_per_sec)?;
+    events.scalar("epoch", m.step, m.epoch as f64)?;
+    if let Some(bubble) = m.bubble_fraction {
+        events.scalar("parallel/bubble_fraction", m.step, bubble)?;
+    }
+    if let Some(exchange) = m.exchange_fraction {
+        events.scalar("parallel/exchange_fraction", m.step, exchange)?;
+    }
+    events.flush()
 }
