@@ -4,8 +4,6 @@ mod cli;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
     // Like other Unix tools, stop quietly when stdout is closed (`kiln ... | head`) instead of
     // panicking on the failed write: Rust ignores SIGPIPE by default.
@@ -17,8 +15,14 @@ fn main() -> ExitCode {
     // Burn's CPU backend allocates every op's output afresh; keep large buffers in the heap for
     // reuse instead of paying page faults on fresh mappings each time (kiln_kernels::malloc).
     kiln::kernels::malloc::keep_large_buffers(true);
-    let cli = cli::Cli::parse();
-    match cli::run(cli) {
+    let (cli, resolved) = match cli::parse(std::env::args_os().collect()) {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli::run(cli, resolved) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error}");

@@ -17,6 +17,7 @@ use crate::cnn_mnist::{
     CnnMnistConfig, OptimizerKind, OptimizerOverrides, PipelineOptions, RunTarget, ScheduleChoice,
     TrainerOverrides,
 };
+use crate::config_file::ConfigArgs;
 use crate::error::Result;
 use crate::finetune::FinetuneConfig;
 use crate::inference::{ModelKind, ModelSource};
@@ -113,6 +114,9 @@ pub struct CnnMnistArgs {
     /// Optimizer, schedule, clipping and accumulation.
     #[command(flatten)]
     pub optimizer: OptimizerArgs,
+    /// `--config FILE` and `--print-config`.
+    #[command(flatten)]
+    pub config: ConfigArgs,
 }
 
 /// The optimizer, schedule, clipping and accumulation flags, shared by `kiln train` and
@@ -331,6 +335,7 @@ impl CnnMnistArgs {
                 bits: bits.into(),
                 granularity: self.qat_granularity,
             }),
+            run_config: None,
         })
     }
 }
@@ -455,6 +460,9 @@ pub struct QuantizeArgs {
     /// single-sample passes for the latency).
     #[arg(long, value_name = "N", default_value_t = NonZeroUsize::new(20).expect("20 is not zero"))]
     pub timing_batches: NonZeroUsize,
+    /// `--config FILE` and `--print-config`.
+    #[command(flatten)]
+    pub config: ConfigArgs,
 }
 
 /// Calibration methods on the command line.
@@ -567,6 +575,9 @@ pub struct FinetuneArgs {
     /// Optimizer, schedule, clipping and accumulation.
     #[command(flatten)]
     pub optimizer: OptimizerArgs,
+    /// `--config FILE` and `--print-config`.
+    #[command(flatten)]
+    pub config: ConfigArgs,
 }
 
 impl FinetuneArgs {
@@ -598,6 +609,7 @@ impl FinetuneArgs {
             ranks: WorldSize::new(self.ranks.get()).map_err(kiln_trainer::TrainError::from)?,
             collective_timeout: Duration::from_secs(self.collective_timeout),
             device: self.device,
+            run_config: None,
         })
     }
 }

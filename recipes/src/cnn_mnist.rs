@@ -27,6 +27,7 @@ use kiln_trainer::{
     RunLabels, TensorParallelSplit, TrainData, Trainer, TrainerConfig,
 };
 
+use crate::config_file::{ResolvedConfig, write_run_config};
 use crate::error::{RecipeError, Result};
 use crate::mnist_data::MnistSource;
 use crate::report::{PipelineReport, ShardingReport, TensorParallelReport, TrainReport};
@@ -216,6 +217,23 @@ impl RunTarget {
     }
 }
 
+impl RunTarget {
+    /// The trainer configuration of the checkpoint a resume continues; `None` for a fresh
+    /// run.
+    ///
+    /// # Errors
+    /// Checkpoint errors when the checkpoint cannot be found or read.
+    pub fn base_config(&self) -> Result<Option<TrainerConfig>> {
+        match self {
+            RunTarget::Fresh(_) => Ok(None),
+            RunTarget::Resume(path) => {
+                let file = resolve_checkpoint(path)?;
+                Ok(Some(read_checkpoint(&file)?.state.config))
+            }
+        }
+    }
+}
+
 /// Configuration of the cnn-mnist recipe.
 #[derive(Debug, Clone)]
 pub struct CnnMnistConfig {
@@ -249,6 +267,9 @@ pub struct CnnMnistConfig {
     /// Tensor parallelism: SimpleCNN's classifier split over this many ranks (threads), which
     /// all train on the same batches ([`TensorParallelCnn`]).
     pub tensor_parallel: Option<WorldSize>,
+    /// The resolved flags to write into the run directory as `config.toml` (the CLI sets
+    /// it; `None` writes none), completed with the trainer settings the run resolves.
+    pub run_config: Option<ResolvedConfig>,
 }
 
 /// Pipeline settings of a cnn-mnist run: SimpleCNN split into 2 stages (conv1 block | conv2
@@ -548,6 +569,9 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
     // The data is read once every flag and the checkpoint have been checked.
     let (train, test) = load_data(config)?;
     let trainer_config = config.overrides.apply(base, train.len())?;
+    if let (Some(resolved), true) = (&config.run_config, is_root(config)) {
+        write_run_config(resolved, &trainer_config, &run_dir, resume.is_some())?;
+    }
     let trainer = Trainer::new(trainer_config, &run_dir, labels)?.with_verbosity(config.verbosity);
     let model = SimpleCnnConfig::new().init(&devices[0], trainer.config().seed);
     let data = TrainData {
@@ -574,6 +598,25 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
         tensor_parallel,
         ..train_report(config, run_dir, device_spec, global_batch_size, qat, fit)
     })
+}
+
+/// Whether this process reports for the run: not a launched rank other than 0.
+fn is_root(config: &CnnMnistConfig) -> bool {
+    config
+        .process_group
+        .as_ref()
+        .is_none_or(|g| g.rank() == kiln_multi::Rank::ZERO)
+}
+
+/// The trainer settings a cnn-mnist run resolves, without reading its data: the recipe's
+/// defaults or its checkpoint's, with the flags over them (`--print-config`; a cosine
+/// schedule's length depends on the data and is not a flag).
+///
+/// # Errors
+/// Checkpoint errors for `--resume`, [`RecipeError::Options`] for flags that do not combine.
+pub fn resolved_trainer_config(config: &CnnMnistConfig) -> Result<TrainerConfig> {
+    let base = config.target.base_config()?.unwrap_or_default();
+    config.overrides.apply(base, 1)
 }
 
 /// The device of the run and this process's group: a launched rank on CUDA takes its host's

@@ -54,6 +54,14 @@ pub enum RecipeError {
         /// Why the process cannot take part.
         reason: String,
     },
+    /// A configuration file (`--config`) that cannot be used.
+    #[error("configuration file {path}: {reason}")]
+    ConfigFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with the line of a bad key.
+        reason: String,
+    },
     /// A broken invariant inside kiln (a bug); the message names it.
     #[error("internal error: {0}")]
     Internal(String),

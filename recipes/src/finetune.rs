@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::cnn_mnist::{RunTarget, TrainerOverrides};
+use crate::config_file::{ResolvedConfig, write_run_config};
 use crate::error::{RecipeError, Result};
 use crate::report::FinetuneReport;
 use crate::run_info::{self, ModelName};
@@ -72,6 +73,9 @@ pub struct FinetuneConfig {
     pub collective_timeout: Duration,
     /// The device of rank 0; further ranks take the next GPUs.
     pub device: DeviceSpec,
+    /// The resolved flags to write into the run directory as `config.toml` (the CLI sets
+    /// it; `None` writes none), completed with the trainer settings the run resolves.
+    pub run_config: Option<ResolvedConfig>,
 }
 
 /// The recipe's defaults: 3 epochs, batch 32, lr 0.01, momentum 0.9.
@@ -211,6 +215,9 @@ pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
     )?;
     let trainer_config = config.overrides.apply(base, data.train.len())?;
     let trainer_config = with_backbone_lr(trainer_config, config.backbone_lr);
+    if let Some(resolved) = &config.run_config {
+        write_run_config(resolved, &trainer_config, &run_dir, resume.is_some())?;
+    }
     let options = check_classes(config, resume.is_some(), options, &data)?;
     let device = config.device.device()?.autodiff();
     // Burn initialises the backbone from the device's generator: seeded, a run repeats.
@@ -291,6 +298,21 @@ fn check_flags(config: &FinetuneConfig) -> Result<()> {
 /// `trainer_config` with the backbone at `backbone_lr`: the trainer's base rate goes to the
 /// backbone and the head gets a group of its own (on resume, the head keeps the checkpoint's
 /// rate, and a changed rate is refused).
+/// The trainer settings a fine-tuning run resolves, without reading its data: its defaults
+/// or its checkpoint's, with the flags over them (`--print-config`; a cosine schedule's length
+/// depends on the data and is not a flag).
+///
+/// # Errors
+/// Checkpoint errors for `--resume`, [`RecipeError::Options`] for flags that do not combine.
+pub fn resolved_trainer_config(config: &FinetuneConfig) -> Result<TrainerConfig> {
+    let base = config
+        .target
+        .base_config()?
+        .unwrap_or_else(default_trainer_config);
+    let trainer_config = config.overrides.apply(base, 1)?;
+    Ok(with_backbone_lr(trainer_config, config.backbone_lr))
+}
+
 fn with_backbone_lr(mut trainer_config: TrainerConfig, backbone_lr: Option<f64>) -> TrainerConfig {
     if let Some(backbone_lr) = backbone_lr {
         let head_lr = trainer_config

@@ -8,6 +8,7 @@
 //! - [`distributed`]: running a recipe as one rank of a job started by `kiln launch`, `mpirun`
 //!   or `torchrun`;
 //! - [`cli`]: the clap argument structs shared by the `kiln` CLI and the recipe binaries;
+//! - [`config_file`]: `--config FILE.toml`, `--print-config` and a run's `config.toml`;
 //! - [`report`]: the serialisable results printed by `--json`;
 //! - [`run_info`]: what checkpoints record, as types ([`run_info::ModelName`], each recipe's
 //!   options);
@@ -19,6 +20,7 @@
 pub mod bench;
 pub mod cli;
 pub mod cnn_mnist;
+pub mod config_file;
 pub mod distributed;
 mod error;
 pub mod finetune;

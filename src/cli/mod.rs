@@ -9,10 +9,13 @@ mod launch;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::ffi::OsString;
+
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use kiln_multi::Rank;
 use kiln_recipes::cli::{CnnMnistArgs, FinetuneArgs, ModelSourceArgs, QuantizeArgs};
+use kiln_recipes::config_file::{ResolvedConfig, expand};
 use kiln_recipes::distributed::run_as_launched;
 use kiln_recipes::report::Report;
 use kiln_trainer::report::Verbosity;
@@ -139,8 +142,30 @@ struct PredictArgs {
     top: usize,
 }
 
+/// Parses the command line, with the keys of a `--config FILE` as flags where the command
+/// line does not give them; clap's own errors (and `--help`) exit here as usual.
+///
+/// # Errors
+/// A configuration file that cannot be read or holds a bad key.
+pub fn parse(argv: Vec<OsString>) -> anyhow::Result<(Cli, ResolvedConfig)> {
+    let (argv, from_file) = expand(&Cli::command(), argv)?;
+    let matches = Cli::command()
+        .try_get_matches_from(argv)
+        .unwrap_or_else(|e| {
+            if !from_file.is_empty() && e.use_stderr() {
+                eprintln!("(--config gave: {})", from_file.join(" "));
+            }
+            e.exit()
+        });
+    let resolved = ResolvedConfig::of(&Cli::command(), &matches);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    Ok((cli, resolved))
+}
+
 /// Runs the parsed command; the exit code is non-zero when a launched job failed.
-pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+/// `resolved` is its configuration, printed by `--print-config` and written into a run's
+/// directory.
+pub fn run(cli: Cli, resolved: ResolvedConfig) -> anyhow::Result<ExitCode> {
     let verbosity = if cli.quiet {
         Verbosity::Quiet
     } else {
@@ -149,6 +174,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Train(TrainRecipe::CnnMnist(args)) => {
             let mut config = args.to_config(verbosity)?;
+            if args.config.print_config {
+                let trainer = kiln_recipes::cnn_mnist::resolved_trainer_config(&config)?;
+                print!("{}", resolved.with_trainer(&trainer).to_toml(false));
+                return Ok(ExitCode::SUCCESS);
+            }
+            config.run_config = Some(resolved);
             let timeout = config.collective_timeout;
             // Under `kiln launch` this process is one rank: it trains with the job's group and
             // only rank 0 prints the report.
@@ -178,11 +209,21 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", report.stdout_line(cli.json)?);
         }
         Command::Finetune(args) => {
-            let config = args.to_config(verbosity)?;
+            let mut config = args.to_config(verbosity)?;
+            if args.config.print_config {
+                let trainer = kiln_recipes::finetune::resolved_trainer_config(&config)?;
+                print!("{}", resolved.with_trainer(&trainer).to_toml(false));
+                return Ok(ExitCode::SUCCESS);
+            }
+            config.run_config = Some(resolved);
             let report = kiln_recipes::finetune::run(&config).context("fine-tuning failed")?;
             println!("{}", report.stdout_line(cli.json)?);
         }
         Command::Quantize(args) => {
+            if args.config.print_config {
+                print!("{}", resolved.to_toml(false));
+                return Ok(ExitCode::SUCCESS);
+            }
             let config = args.to_config().context(
                 "name a model: --checkpoint PATH, or --model simple-cnn with --weights FILE",
             )?;

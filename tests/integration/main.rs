@@ -18,6 +18,7 @@
 mod cli;
 mod common;
 mod data_parallel;
+mod experiments;
 mod finetune;
 mod general;
 mod kernels;

@@ -50,7 +50,7 @@ pub fn write_checkpoint_atomic(path: &Path, checkpoint: &Checkpoint) -> Result<(
 ///
 /// # Errors
 /// [`TrainError::Io`] when the file cannot be written.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

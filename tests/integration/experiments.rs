@@ -1,0 +1,120 @@
+//! Experiments: configuration files (`--config`, `--print-config`, a run's `config.toml`),
+//! TensorBoard event files, `kiln runs` and `kiln plot`, through the `kiln` binary.
+
+use std::path::Path;
+
+use crate::common::{assert_clean_failure, kiln, kiln_ok, last_json};
+
+fn metrics_lines(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// What a run computed, without its timings.
+fn results(run: &Path) -> Vec<(f64, f64, f64)> {
+    metrics_lines(run)
+        .iter()
+        .map(|m| {
+            let f = |k: &str| m[k].as_f64().unwrap();
+            (f("train_loss"), f("test_loss"), f("test_accuracy"))
+        })
+        .collect()
+}
+
+#[test]
+fn a_runs_config_toml_reproduces_it_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("experiment.toml");
+    std::fs::write(
+        &file,
+        "# two ranks, a cosine schedule with warm-up\nlimit = 384\nepochs = 2\n\
+         ranks = 2\nlr-schedule = \"cosine\"\nwarmup-steps = 3\nbatch-size = 32\n",
+    )
+    .unwrap();
+    let first = dir.path().join("first");
+    let (file_arg, first_arg) = (file.to_str().unwrap(), first.to_str().unwrap());
+    // A flag beside the file overrides it.
+    let args = ["train", "cnn-mnist", "--config", file_arg, "--lr", "0.03"];
+    let out = kiln_ok(&[&args[..], &["--out", first_arg, "-q", "--json"]].concat());
+    assert_eq!(last_json(&out)["epochs"], 2);
+    let written = std::fs::read_to_string(first.join("config.toml")).unwrap();
+    for line in [
+        "lr = 0.03",
+        "ranks = 2",
+        "lr-schedule = \"cosine\"",
+        "optimizer = \"sgd\"",
+    ] {
+        assert!(written.contains(line), "{line} missing in:\n{written}");
+    }
+    assert!(!written.contains("\nout ="), "{written}");
+    let again = dir.path().join("again");
+    let config = first.join("config.toml");
+    kiln_ok(&[
+        "train",
+        "cnn-mnist",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        again.to_str().unwrap(),
+        "-q",
+    ]);
+    assert_eq!(results(&again), results(&first), "bit for bit");
+    // --print-config shows the same keys and trains nothing.
+    let printed = kiln_ok(&[
+        "train",
+        "cnn-mnist",
+        "--config",
+        config.to_str().unwrap(),
+        "--print-config",
+    ]);
+    let printed = String::from_utf8(printed.stdout).unwrap();
+    assert!(
+        printed.contains("lr = 0.03") && printed.contains("epochs = 2"),
+        "{printed}"
+    );
+    assert!(!dir.path().join("runs").exists());
+}
+
+#[test]
+fn bad_config_files_name_the_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("never");
+    let cases: [(&str, &[&str]); 6] = [
+        (
+            "epochs = 1\nbatch_size = 8\n",
+            &["line 2", "unknown key `batch_size`", "batch-size"],
+        ),
+        (
+            "\n\nepochs = \"five\"\n",
+            &["line 3", "`epochs`", "invalid value 'five'"],
+        ),
+        ("nesterov = 1\n", &["line 1", "`nesterov` is a switch"]),
+        ("lr = true\n", &["line 1", "`lr` takes a value"]),
+        (
+            "optimizer = \"lion\"\n",
+            &["line 1", "possible values: sgd, adam, adamw"],
+        ),
+        ("epochs = [1\n", &["TOML parse error at line 1"]),
+    ];
+    for (i, (text, needles)) in cases.iter().enumerate() {
+        let file = dir.path().join(format!("bad-{i}.toml"));
+        std::fs::write(&file, text).unwrap();
+        let output = kiln(&[
+            "train",
+            "cnn-mnist",
+            "--config",
+            file.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let name = file.to_str().unwrap();
+        assert_clean_failure(&output, &[&[name][..], needles].concat());
+    }
+    let missing = dir.path().join("missing.toml");
+    let output = kiln(&["finetune", "--config", missing.to_str().unwrap()]);
+    assert_clean_failure(&output, &[missing.to_str().unwrap(), "cannot read it"]);
+    assert!(!out.exists(), "nothing was written");
+}
