@@ -543,6 +543,7 @@ impl Plan {
 /// directory, checkpoint errors on `--resume`, [`RecipeError::Options`] for flags that do not
 /// combine, and I/O errors when writing.
 pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
+    let started = std::time::Instant::now();
     let (device_spec, process_group) = launched_device(config)?;
     let (run_dir, resume) = config.target.open()?;
     let base = resume
@@ -596,6 +597,7 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
     };
     Ok(TrainReport {
         tensor_parallel,
+        wall_seconds: started.elapsed().as_secs_f64(),
         ..train_report(config, run_dir, device_spec, global_batch_size, qat, fit)
     })
 }
@@ -807,6 +809,7 @@ fn train_report(
         resumed_from_epoch: fit.resumed_from_epoch,
         history: fit.history,
         tensor_parallel: None,
+        wall_seconds: 0.0,
     }
 }
 

@@ -199,6 +199,7 @@ pub(crate) fn open_data(
 /// does not match the data or an image size the network cannot take; weight errors naming the
 /// missing, unused or mis-shaped tensors (the wrong model); checkpoint errors on `--resume`.
 pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
+    let started = std::time::Instant::now();
     check_flags(config)?;
     // Every device the run needs, checked before the data is decoded.
     config.device.cuda_ordinals(config.ranks.get())?;
@@ -269,6 +270,7 @@ pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
         trainable,
         initial_accuracy,
         fit,
+        started,
     };
     Ok(finished.report(config))
 }
@@ -449,6 +451,7 @@ struct Finished {
     trainable: usize,
     initial_accuracy: Option<f64>,
     fit: FitReport,
+    started: std::time::Instant,
 }
 
 impl Finished {
@@ -483,6 +486,7 @@ impl Finished {
             ranks: config.ranks.get(),
             resumed_from_epoch: fit.resumed_from_epoch,
             history: fit.history,
+            wall_seconds: self.started.elapsed().as_secs_f64(),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Results of the recipes, serialised as the last line of stdout under `--json`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use kiln_trainer::checkpoint::EpochMetrics;
 use serde::Serialize;
@@ -20,9 +20,87 @@ pub trait Report: Serialize {
         if json {
             serde_json::to_string(self)
         } else {
-            Ok(self.summary())
+            Ok(match self.details() {
+                Some(table) => format!("{}\n{table}", self.summary()),
+                None => self.summary(),
+            })
         }
     }
+
+    /// Lines printed under the sentence (not with `--json`): a training run's summary table.
+    fn details(&self) -> Option<String> {
+        None
+    }
+}
+
+/// The table under a training run's sentence: where the run is, its best epoch, the final
+/// metrics, wall time and throughput, and what it left behind.
+fn run_table(
+    (run_dir, checkpoint): (&Path, Option<&Path>),
+    history: &[EpochMetrics],
+    resumed_from_epoch: usize,
+    wall_seconds: f64,
+) -> String {
+    let last = history.last();
+    let best = history
+        .iter()
+        .reduce(|best, m| match (m.test_accuracy, best.test_accuracy) {
+            (Some(a), Some(b)) if a > b => m,
+            (None, None) if m.test_loss < best.test_loss => m,
+            _ => best,
+        });
+    let figures = |m: &EpochMetrics| {
+        let accuracy = m.test_accuracy.map_or(String::new(), |a| {
+            format!(", test accuracy {:.2}%", 100.0 * a)
+        });
+        format!(
+            "train loss {:.4}, test loss {:.4}{accuracy}",
+            m.train_loss, m.test_loss
+        )
+    };
+    let trained: f64 = history[resumed_from_epoch.min(history.len())..]
+        .iter()
+        .map(|m| m.train_seconds)
+        .sum();
+    let mut rows = vec![
+        ("run", run_dir.display().to_string()),
+        (
+            "epochs",
+            match resumed_from_epoch {
+                0 => history.len().to_string(),
+                n => format!("{} (resumed after epoch {n})", history.len()),
+            },
+        ),
+    ];
+    if let Some(best) = best {
+        rows.push(("best epoch", format!("{}: {}", best.epoch, figures(best))));
+    }
+    if let Some(last) = last {
+        rows.push(("final", figures(last)));
+    }
+    rows.push((
+        "wall time",
+        format!("{wall_seconds:.1} s ({trained:.1} s training this call)"),
+    ));
+    rows.push((
+        "throughput",
+        format!("{:.0} samples/s", EpochMetrics::throughput(history)),
+    ));
+    if let Some(checkpoint) = checkpoint {
+        rows.push(("checkpoint", checkpoint.display().to_string()));
+    }
+    rows.push((
+        "curves",
+        format!(
+            "{}, or tensorboard --logdir {}",
+            run_dir.join("curves.png").display(),
+            run_dir.display()
+        ),
+    ));
+    rows.iter()
+        .map(|(k, v)| format!("  {k:<11} {v}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Result of a training run.
@@ -68,6 +146,8 @@ pub struct TrainReport {
     pub qat: Option<String>,
     /// Epochs that were already done when this run started (resume).
     pub resumed_from_epoch: usize,
+    /// Seconds this call took, from the flags checked to the last checkpoint written.
+    pub wall_seconds: f64,
     /// Metrics of every epoch.
     pub history: Vec<EpochMetrics>,
 }
@@ -154,6 +234,15 @@ pub struct PredictReport {
 }
 
 impl Report for TrainReport {
+    fn details(&self) -> Option<String> {
+        Some(run_table(
+            (&self.run_dir, self.checkpoint.as_deref()),
+            &self.history,
+            self.resumed_from_epoch,
+            self.wall_seconds,
+        ))
+    }
+
     fn summary(&self) -> String {
         format!(
             "test accuracy {:.2}% (loss {:.4}) after {} epoch{}, {:.0} training samples/s{}{}; run in {}",
@@ -364,9 +453,20 @@ pub struct FinetuneReport {
     pub resumed_from_epoch: usize,
     /// Metrics of every epoch.
     pub history: Vec<EpochMetrics>,
+    /// Seconds this call took, from the flags checked to the last checkpoint written.
+    pub wall_seconds: f64,
 }
 
 impl Report for FinetuneReport {
+    fn details(&self) -> Option<String> {
+        Some(run_table(
+            (&self.run_dir, self.checkpoint.as_deref()),
+            &self.history,
+            self.resumed_from_epoch,
+            self.wall_seconds,
+        ))
+    }
+
     fn summary(&self) -> String {
         format!(
             "{} on {} classes: validation accuracy {}{:.2}% after {} epoch{} ({:.1} s per epoch, {}); weights in {}",

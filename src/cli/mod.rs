@@ -5,6 +5,7 @@ mod bench;
 mod check_device;
 mod collectives;
 mod launch;
+mod runs;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,6 +35,7 @@ use kiln_trainer::report::Verbosity;
 ///   kiln launch --nproc-per-node 2 -- kiln train cnn-mnist   # 2 processes over MPI (feature mpi)
 ///   kiln check-device --device cuda:0        # the GPU against the CPU (feature cuda)
 ///   kiln bench resnet18 --device cuda:0      # ResNet-18 samples/s on this machine
+///   kiln runs                                # the runs under runs/, as a table
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, about, verbatim_doc_comment)]
 pub struct Cli {
@@ -93,6 +95,10 @@ enum Command {
     /// Measure training and inference throughput (samples/s) on a device, optionally next to
     /// PyTorch's twin script in the same run.
     Bench(bench::BenchArgs),
+    /// List the runs under a directory (runs/ by default): recipe, model, mode, epochs done
+    /// of planned, best and last validation figure, throughput, size on disk, and whether
+    /// each finished, failed, was stopped or is still running.
+    Runs(runs::RunsArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -198,6 +204,7 @@ pub fn run(cli: Cli, resolved: ResolvedConfig) -> anyhow::Result<ExitCode> {
         Command::Collectives(args) => collectives::run(&args, cli.json)?,
         Command::CheckDevice(args) => check_device::run(&args, cli.json)?,
         Command::Bench(args) => bench::run(&args, cli.json, cli.quiet)?,
+        Command::Runs(args) => runs::run(&args, cli.json)?,
         Command::Eval(args) => {
             let report = kiln_recipes::inference::eval(
                 &model_source(&args.source)?,

@@ -118,3 +118,68 @@ fn bad_config_files_name_the_key_and_line() {
     assert_clean_failure(&output, &[missing.to_str().unwrap(), "cannot read it"]);
     assert!(!out.exists(), "nothing was written");
 }
+
+#[test]
+fn kiln_runs_tells_finished_from_stopped_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let done = dir.path().join("done");
+    kiln_ok(&[
+        "train",
+        "cnn-mnist",
+        "--limit",
+        "256",
+        "--epochs",
+        "1",
+        "--ranks",
+        "2",
+        "--out",
+        done.to_str().unwrap(),
+        "-q",
+    ]);
+    // A run killed (SIGKILL) in its first epoch: it cannot say so itself.
+    let killed = dir.path().join("killed");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["train", "cnn-mnist", "--epochs", "50", "-q", "--out"])
+        .arg(&killed)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let state = killed.join("run.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !state.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = kiln_ok(&["runs", dir.path().to_str().unwrap(), "--json"]);
+    let rows: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let find = |name: &str| {
+        rows.iter()
+            .find(|r| r["path"].as_str().unwrap().ends_with(name))
+            .unwrap()
+            .clone()
+    };
+    let (done_row, killed_row) = (find("done"), find("killed"));
+    assert_eq!(done_row["status"], "finished");
+    assert_eq!(done_row["mode"], "data parallel x2");
+    assert_eq!(done_row["epochs_done"], 1);
+    assert_eq!(done_row["recipe"], "cnn-mnist");
+    let accuracy = metrics_lines(&done)[0]["test_accuracy"].as_f64().unwrap();
+    assert_eq!(done_row["best"]["value"].as_f64(), Some(accuracy));
+    assert_eq!(killed_row["status"], "stopped");
+    assert_eq!(killed_row["planned_epochs"], 50);
+    let table = kiln_ok(&["runs", dir.path().to_str().unwrap()]);
+    let table = String::from_utf8(table.stdout).unwrap();
+    assert!(table.starts_with("run "), "{table}");
+    assert!(
+        table.contains("finished") && table.contains("stopped"),
+        "{table}"
+    );
+    let missing = dir.path().join("nope");
+    assert_clean_failure(&kiln(&["runs", missing.to_str().unwrap()]), &["nope"]);
+}

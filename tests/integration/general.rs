@@ -301,6 +301,15 @@ fn a_failing_step_or_a_bad_loss_is_an_error_naming_the_phase() {
         .unwrap_err()
         .to_string();
     assert!(error.contains("training step failed: no labels"), "{error}");
+    // `kiln runs` sees the failure and its reason.
+    let summary = kiln::trainer::report::runs::summarise(dir.path());
+    assert_eq!(
+        summary.status,
+        Some(kiln::trainer::report::run_state::RunStatus::Failed)
+    );
+    let recorded = summary.error.unwrap_or_default();
+    assert!(recorded.contains("no labels"), "{recorded}");
+    assert_eq!((summary.epochs_done, summary.planned_epochs), (0, Some(1)));
     let per_item = |model: &Forecaster, batch: WindowBatch| {
         let n = batch.targets.dims()[0];
         let error = model.forward(batch.windows) - batch.targets;

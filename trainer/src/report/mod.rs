@@ -3,6 +3,8 @@
 
 mod jsonl;
 mod progress;
+pub mod run_state;
+pub mod runs;
 pub mod tensorboard;
 
 pub use jsonl::{METRICS_FILE, write_metrics_jsonl};

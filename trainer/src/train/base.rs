@@ -222,6 +222,7 @@ impl Trainer {
                         collective: Some(collective),
                         buckets: dp.buckets,
                         zero: dp.zero,
+                        pipeline_stages: None,
                     };
                     run(replicas.take(rank), setup, resume.clone())
                 })?;
@@ -236,6 +237,7 @@ impl Trainer {
                     collective: Some(Arc::clone(&group.collective)),
                     buckets: group.buckets,
                     zero: group.zero,
+                    pipeline_stages: None,
                 };
                 run(model.fork(&group.device), setup, resume)
             }
@@ -348,7 +350,10 @@ impl Trainer {
             })
         };
         let eval = classification_step(&forward);
-        let setup = RankSetup::single(&split.device);
+        let setup = RankSetup {
+            pipeline_stages: Some(split.stages),
+            ..RankSetup::single(&split.device)
+        };
         let task = RankTask {
             source: &source,
             eval: &eval,

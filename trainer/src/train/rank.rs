@@ -22,6 +22,7 @@ use crate::checkpoint::{
 };
 use crate::config::TrainerConfig;
 use crate::error::{Result, TrainError};
+use crate::report::run_state::RunStateWriter;
 use crate::report::tensorboard::EventWriter;
 use crate::report::{Progress, Verbosity, write_metrics_jsonl};
 use crate::step::MetricSums;
@@ -34,6 +35,8 @@ pub(super) struct RankSetup<'a> {
     pub(super) buckets: BucketConfig,
     /// Shard the optimizer state (and gradients) over the group instead of replicating it.
     pub(super) zero: Option<ZeroStage>,
+    /// Through a pipeline of this many stages (for the run's record).
+    pub(super) pipeline_stages: Option<NonZeroUsize>,
 }
 
 impl<'a> RankSetup<'a> {
@@ -43,6 +46,7 @@ impl<'a> RankSetup<'a> {
             collective: None,
             buckets: BucketConfig::default(),
             zero: None,
+            pipeline_stages: None,
         }
     }
 }
@@ -121,22 +125,105 @@ impl RankSync {
     }
 }
 
+/// What stays fixed over a rank's epochs.
+struct RankPlan<'a, M, B> {
+    task: RankTask<'a, M, B>,
+    sampler: DistributedSampler,
+    rank: Rank,
+    world: WorldSize,
+    local_batch: usize,
+    eval_shard: Vec<usize>,
+    device: &'a Device,
+    collective: Option<Arc<dyn Collective>>,
+    tensor_parallel: Option<&'a TensorParallelRank<'a, M>>,
+    is_root: bool,
+    policy: StepPolicy<'a>,
+}
+
+/// What a rank's epochs change.
+struct RankRun {
+    sync: RankSync,
+    optimizer: ModuleOptimizer,
+    history: Vec<EpochMetrics>,
+    step: u64,
+    last_checkpoint: Option<PathBuf>,
+    progress: Progress,
+    events: Option<EventWriter>,
+}
+
 impl Trainer {
     /// The training run of one rank (the only one, on a single device).
     pub(super) fn fit_rank<M: Module, B>(
         &self,
         model: M,
-        RankTask { source, eval, data }: RankTask<'_, M, B>,
+        task: RankTask<'_, M, B>,
         resume: Option<(PathBuf, Checkpoint)>,
         setup: RankSetup<'_>,
         tensor_parallel: Option<&TensorParallelRank<'_, M>>,
     ) -> Result<(M, super::FitReport)> {
-        let config = &self.config;
-        let device = setup.device;
         let mut restored = self.restore(model, resume, setup.zero)?;
         let resumed_from_epoch = restored.history.len();
-        let (mut model, mut sync) =
+        let (model, sync) =
             self.synchronise(restored.model, &setup, restored.sharded_state.take())?;
+        let plan = self.rank_plan(task, &sync, &setup, tensor_parallel)?;
+        let progress = Progress::new(if plan.is_root {
+            self.verbosity
+        } else {
+            Verbosity::Quiet
+        });
+        self.log_start(&progress, resumed_from_epoch, restored.step, plan.world);
+        // The checkpoint holds the run up to its step: scalars written after it by a run that
+        // died (steps above it) are dropped by TensorBoard.
+        let events = plan
+            .is_root
+            .then(|| EventWriter::create(&self.run_dir, Some(restored.step + 1)))
+            .transpose()?;
+        let mut state = plan
+            .is_root
+            .then(|| self.start_state(&plan, &setup, resumed_from_epoch))
+            .transpose()?;
+        let mut run = RankRun {
+            sync,
+            optimizer: restored.optimizer,
+            history: restored.history,
+            step: restored.step,
+            last_checkpoint: restored.last_checkpoint,
+            progress,
+            events,
+        };
+        let mut result = Ok(model);
+        for epoch in resumed_from_epoch..self.config.epochs {
+            result = result.and_then(|model| {
+                let model = self.run_epoch(&plan, &mut run, model, epoch)?;
+                state.as_mut().map_or(Ok(()), |s| s.epoch_done(epoch + 1))?;
+                Ok(model)
+            });
+        }
+        if let Some(state) = state {
+            state.end(&result);
+        }
+        let model = result?;
+        let report = super::FitReport {
+            history: run.history,
+            resumed_from_epoch,
+            last_checkpoint: run.last_checkpoint,
+            sharding: match &run.sync {
+                RankSync::Zero(z) => Some((z.config().stage, z.memory())),
+                _ => None,
+            },
+            rank_parameter_elements: tensor_parallel.map(|_| model.num_params()),
+        };
+        Ok((model, report))
+    }
+
+    /// The rank's place in its group, its sampler, and its share of each batch.
+    fn rank_plan<'a, M, B>(
+        &'a self,
+        task: RankTask<'a, M, B>,
+        sync: &RankSync,
+        setup: &RankSetup<'a>,
+        tensor_parallel: Option<&'a TensorParallelRank<'a, M>>,
+    ) -> Result<RankPlan<'a, M, B>> {
         let collective = sync.collective();
         let (rank, world) = collective
             .as_ref()
@@ -146,85 +233,103 @@ impl Trainer {
         let is_root = rank == Rank::ZERO
             && tensor_parallel.is_none_or(|tp| tp.collective.rank() == Rank::ZERO);
         let sampler = DistributedSampler::new(
-            data.train_len(),
+            task.data.train_len(),
             world,
             DistributedSamplerConfig {
                 shuffle: true,
-                seed: config.seed,
+                seed: self.config.seed,
                 drop_last: false,
             },
         )?;
-        let local_batch = config.batch_size / world.get();
-        let eval_shard: Vec<usize> = (rank.index()..data.eval_len())
-            .step_by(world.get())
-            .collect();
-        let mut progress = Progress::new(if is_root {
-            self.verbosity
-        } else {
-            Verbosity::Quiet
-        });
-        self.log_start(&progress, resumed_from_epoch, restored.step, world);
-        // The checkpoint holds the run up to its step: scalars written after it by a run that
-        // died (steps above it) are dropped by TensorBoard.
-        let mut events = is_root
-            .then(|| EventWriter::create(&self.run_dir, Some(restored.step + 1)))
-            .transpose()?;
-        let policy = StepPolicy::of(config);
-        let (mut history, mut step) = (restored.history, restored.step);
-        let mut optimizer = restored.optimizer;
-        let mut last_checkpoint = restored.last_checkpoint;
-        for epoch in resumed_from_epoch..config.epochs {
-            let order = sampler.indices(rank, epoch as u64);
-            progress.start_epoch(epoch + 1, config.epochs, order.len().div_ceil(local_batch));
-            let make_batch = |indices: &[usize]| data.train_batch(indices, epoch, device);
-            let updater = sync.updater(&mut optimizer);
-            let (trained, outcome) = train_epoch(
-                model,
-                &make_batch,
-                source,
-                updater,
-                (&order, local_batch),
-                &policy,
-                step,
-                EpochReport {
-                    progress: &progress,
-                    events: events.as_mut(),
-                },
-            )?;
-            model = trained;
-            step += outcome.steps;
-            progress.evaluating();
-            let eval_sums = evaluate_shard(&model, eval, data, &eval_shard, device, config)?;
-            let (train_sums, eval_sums) =
-                reduce_metrics(collective.as_deref(), outcome.sums.clone(), eval_sums)?;
-            let metrics = epoch_metrics(epoch + 1, step, &outcome, world, (train_sums, eval_sums));
-            progress.end_epoch(config.epochs, &metrics);
-            if let Some(events) = events.as_mut() {
-                write_epoch_scalars(events, &metrics)?;
-            }
-            history.push(metrics);
-            let saved = self.save_checkpoint(
-                &model,
-                &sync,
-                &optimizer,
-                tensor_parallel,
-                is_root,
-                &history,
-                step,
-            )?;
-            last_checkpoint = saved.or(last_checkpoint);
-        }
-        let report = super::FitReport {
-            history,
-            resumed_from_epoch,
-            last_checkpoint,
-            sharding: match &sync {
-                RankSync::Zero(z) => Some((z.config().stage, z.memory())),
-                _ => None,
-            },
-            rank_parameter_elements: tensor_parallel.map(|_| model.num_params()),
+        Ok(RankPlan {
+            task,
+            sampler,
+            rank,
+            world,
+            local_batch: self.config.batch_size / world.get(),
+            eval_shard: (rank.index()..task.data.eval_len())
+                .step_by(world.get())
+                .collect(),
+            device: setup.device,
+            collective,
+            tensor_parallel,
+            is_root,
+            policy: StepPolicy::of(&self.config),
+        })
+    }
+
+    /// `run.json` of a run starting (or resuming) on the reporting rank.
+    fn start_state<M, B>(
+        &self,
+        plan: &RankPlan<'_, M, B>,
+        setup: &RankSetup<'_>,
+        epochs_done: usize,
+    ) -> Result<RunStateWriter> {
+        let world = plan.world.get();
+        let mode = match (plan.tensor_parallel, setup.pipeline_stages, setup.zero) {
+            (Some(tp), _, _) => format!("tensor parallel x{}", tp.collective.world_size().get()),
+            (None, Some(stages), _) => format!("pipeline, {stages} stages"),
+            (None, None, Some(stage)) => format!("ZeRO-{} x{world}", stage.number()),
+            (None, None, None) if world > 1 => format!("data parallel x{world}"),
+            (None, None, None) => "1 device".to_string(),
         };
-        Ok((model, report))
+        let labels = (
+            self.labels.recipe.as_str(),
+            self.labels.model.as_str(),
+            mode,
+        );
+        RunStateWriter::start(&self.run_dir, labels, self.config.epochs, epochs_done)
+    }
+
+    /// One epoch of a rank: training, evaluation, metrics, scalars and the checkpoint.
+    fn run_epoch<M: Module, B>(
+        &self,
+        plan: &RankPlan<'_, M, B>,
+        run: &mut RankRun,
+        model: M,
+        epoch: usize,
+    ) -> Result<M> {
+        let (config, data, device) = (&self.config, plan.task.data, plan.device);
+        let order = plan.sampler.indices(plan.rank, epoch as u64);
+        let batches = order.len().div_ceil(plan.local_batch);
+        run.progress.start_epoch(epoch + 1, config.epochs, batches);
+        let make_batch = |indices: &[usize]| data.train_batch(indices, epoch, device);
+        let (model, outcome) = train_epoch(
+            model,
+            &make_batch,
+            plan.task.source,
+            run.sync.updater(&mut run.optimizer),
+            (&order, plan.local_batch),
+            &plan.policy,
+            run.step,
+            EpochReport {
+                progress: &run.progress,
+                events: run.events.as_mut(),
+            },
+        )?;
+        run.step += outcome.steps;
+        run.progress.evaluating();
+        let eval = plan.task.eval;
+        let eval_sums = evaluate_shard(&model, eval, data, &plan.eval_shard, device, config)?;
+        let collective = plan.collective.as_deref();
+        let sums = reduce_metrics(collective, outcome.sums.clone(), eval_sums)?;
+        let metrics = epoch_metrics(epoch + 1, run.step, &outcome, plan.world, sums);
+        run.progress.end_epoch(config.epochs, &metrics);
+        if let Some(events) = run.events.as_mut() {
+            write_epoch_scalars(events, &metrics)?;
+        }
+        run.history.push(metrics);
+        let saved = self.save_checkpoint(
+            &model,
+            &run.sync,
+            &run.optimizer,
+            plan.tensor_parallel,
+            plan.is_root,
+            &run.history,
+            run.step,
+        )?;
+        run.last_checkpoint = saved.or(run.last_checkpoint.take());
+        Ok(model)
     }
 
     fn log_start(
