@@ -595,6 +595,10 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
             None,
         ),
     };
+    if is_root(config) {
+        let quiet = config.verbosity == Verbosity::Quiet;
+        crate::plot::write_run_curves(&run_dir, quiet);
+    }
     Ok(TrainReport {
         tensor_parallel,
         wall_seconds: started.elapsed().as_secs_f64(),

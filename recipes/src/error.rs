@@ -62,6 +62,12 @@ pub enum RecipeError {
         /// What is wrong, with the line of a bad key.
         reason: String,
     },
+    /// Curves that cannot be drawn.
+    #[error("cannot plot: {reason}")]
+    Plot {
+        /// Which run or metric, and why.
+        reason: String,
+    },
     /// A broken invariant inside kiln (a bug); the message names it.
     #[error("internal error: {0}")]
     Internal(String),

@@ -261,6 +261,7 @@ pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
         path: weights_out.clone(),
         reason: e.to_string(),
     })?;
+    crate::plot::write_run_curves(&run_dir, config.verbosity == Verbosity::Quiet);
     let finished = Finished {
         depth,
         run_dir,

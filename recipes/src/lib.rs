@@ -9,6 +9,7 @@
 //!   or `torchrun`;
 //! - [`cli`]: the clap argument structs shared by the `kiln` CLI and the recipe binaries;
 //! - [`config_file`]: `--config FILE.toml`, `--print-config` and a run's `config.toml`;
+//! - [`plot`]: the curves of runs as a PNG (`kiln plot`, a run's `curves.png`);
 //! - [`report`]: the serialisable results printed by `--json`;
 //! - [`run_info`]: what checkpoints record, as types ([`run_info::ModelName`], each recipe's
 //!   options);
@@ -26,6 +27,7 @@ mod error;
 pub mod finetune;
 pub mod inference;
 pub mod mnist_data;
+pub mod plot;
 pub mod quantize;
 pub mod report;
 pub mod run_info;

@@ -5,6 +5,7 @@ mod bench;
 mod check_device;
 mod collectives;
 mod launch;
+mod plot;
 mod runs;
 
 use std::path::PathBuf;
@@ -36,6 +37,7 @@ use kiln_trainer::report::Verbosity;
 ///   kiln check-device --device cuda:0        # the GPU against the CPU (feature cuda)
 ///   kiln bench resnet18 --device cuda:0      # ResNet-18 samples/s on this machine
 ///   kiln runs                                # the runs under runs/, as a table
+///   kiln plot runs/a runs/b --out ab.png     # their curves on one chart
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, about, verbatim_doc_comment)]
 pub struct Cli {
@@ -99,6 +101,9 @@ enum Command {
     /// of planned, best and last validation figure, throughput, size on disk, and whether
     /// each finished, failed, was stopped or is still running.
     Runs(runs::RunsArgs),
+    /// Draw the curves of one or more runs (their TensorBoard scalars) into a PNG: one panel
+    /// per metric, one line per run.
+    Plot(plot::PlotArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -205,6 +210,7 @@ pub fn run(cli: Cli, resolved: ResolvedConfig) -> anyhow::Result<ExitCode> {
         Command::CheckDevice(args) => check_device::run(&args, cli.json)?,
         Command::Bench(args) => bench::run(&args, cli.json, cli.quiet)?,
         Command::Runs(args) => runs::run(&args, cli.json)?,
+        Command::Plot(args) => plot::run(&args, cli.json)?,
         Command::Eval(args) => {
             let report = kiln_recipes::inference::eval(
                 &model_source(&args.source)?,

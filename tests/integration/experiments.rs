@@ -24,6 +24,14 @@ fn results(run: &Path) -> Vec<(f64, f64, f64)> {
         .collect()
 }
 
+/// A PNG file of `width` x `height` pixels (its IHDR chunk).
+fn assert_png(path: &Path, (width, height): (u32, u32)) {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{}", path.display());
+    let be = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
+    assert_eq!((be(16), be(20)), (width, height), "{}", path.display());
+}
+
 #[test]
 fn a_runs_config_toml_reproduces_it_exactly() {
     let dir = tempfile::tempdir().unwrap();
@@ -62,6 +70,33 @@ fn a_runs_config_toml_reproduces_it_exactly() {
         "-q",
     ]);
     assert_eq!(results(&again), results(&first), "bit for bit");
+    // Every run draws its curves; `kiln plot` draws both runs on one chart.
+    assert_png(&first.join("curves.png"), (1680, 420));
+    let chart = dir.path().join("both.png");
+    let plotted = kiln_ok(&[
+        "plot",
+        first_arg,
+        again.to_str().unwrap(),
+        "--metric",
+        "loss/validation",
+        "--metric",
+        "optimizer/lr",
+        "--out",
+        chart.to_str().unwrap(),
+        "--json",
+    ]);
+    let plotted = last_json(&plotted);
+    assert_eq!(plotted["metrics"][1], "optimizer/lr");
+    // 2 epochs of 12 steps (384 samples, batch 32): 2 validation points and 24 rates.
+    assert_eq!(plotted["points"]["first"], 26);
+    assert_png(&chart, (1120, 420));
+    let output = kiln(&["plot", first_arg, "--metric", "loss/nope", "--out", "x.png"]);
+    assert_clean_failure(
+        &output,
+        &["no run has the metric \"loss/nope\"", "loss/validation"],
+    );
+    let output = kiln(&["plot", "/nonexistent/run", "--out", "x.png"]);
+    assert_clean_failure(&output, &["/nonexistent/run is not a run directory"]);
     // --print-config shows the same keys and trains nothing.
     let printed = kiln_ok(&[
         "train",
