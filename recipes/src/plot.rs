@@ -7,9 +7,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use kiln_trainer::checkpoint::EpochMetrics;
-use kiln_trainer::report::METRICS_FILE;
 use kiln_trainer::report::tensorboard::read_scalars;
+use kiln_trainer::report::{METRICS_FILE, read_metrics_jsonl};
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
@@ -120,7 +119,7 @@ fn run_scalars(run: &Path) -> Result<BTreeMap<String, Series>> {
             .push((scalar.step as f64, f64::from(scalar.value)));
     }
     if series.is_empty() {
-        for m in read_history(run) {
+        for m in read_metrics_jsonl(run) {
             let x = m.step as f64;
             series
                 .entry("loss/train".into())
@@ -142,14 +141,6 @@ fn run_scalars(run: &Path) -> Result<BTreeMap<String, Series>> {
         points.sort_by(|a, b| a.0.total_cmp(&b.0));
     }
     Ok(series)
-}
-
-fn read_history(run: &Path) -> Vec<EpochMetrics> {
-    std::fs::read_to_string(run.join(METRICS_FILE))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
 }
 
 const PALETTE: [RGBColor; 6] = [

@@ -187,8 +187,7 @@ pub fn run(cli: Cli, resolved: ResolvedConfig) -> anyhow::Result<ExitCode> {
             let mut config = args.to_config(verbosity)?;
             if args.config.print_config {
                 let trainer = kiln_recipes::cnn_mnist::resolved_trainer_config(&config)?;
-                print!("{}", resolved.with_trainer(&trainer).to_toml(false));
-                return Ok(ExitCode::SUCCESS);
+                return print_config(resolved, &trainer);
             }
             config.run_config = Some(resolved);
             let timeout = config.collective_timeout;
@@ -225,8 +224,7 @@ pub fn run(cli: Cli, resolved: ResolvedConfig) -> anyhow::Result<ExitCode> {
             let mut config = args.to_config(verbosity)?;
             if args.config.print_config {
                 let trainer = kiln_recipes::finetune::resolved_trainer_config(&config)?;
-                print!("{}", resolved.with_trainer(&trainer).to_toml(false));
-                return Ok(ExitCode::SUCCESS);
+                return print_config(resolved, &trainer);
             }
             config.run_config = Some(resolved);
             let report = kiln_recipes::finetune::run(&config).context("fine-tuning failed")?;
@@ -265,6 +263,15 @@ pub fn run(cli: Cli, resolved: ResolvedConfig) -> anyhow::Result<ExitCode> {
             println!("{line}");
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--print-config` of a training command: its flags with the trainer settings they resolve.
+fn print_config(
+    resolved: ResolvedConfig,
+    trainer: &kiln_trainer::TrainerConfig,
+) -> anyhow::Result<ExitCode> {
+    print!("{}", resolved.with_trainer(trainer).to_toml(false));
     Ok(ExitCode::SUCCESS)
 }
 

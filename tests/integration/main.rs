@@ -5,6 +5,8 @@
 //! - `cli`: bad input gives a clear error and a non-zero exit, never a panic;
 //! - `training`: the cnn-mnist recipe learns, and `--resume` reproduces an uninterrupted run;
 //! - `data_parallel`: training on N ranks equals one device, through the trainer and the CLI;
+//! - `experiments`: `--config` files (a run's `config.toml` reproduces it; bad files name the
+//!   key and line), `kiln runs` (finished vs killed runs) and `kiln plot`;
 //! - `finetune`: ResNet-18 fine-tuned on the shipped image folder from PyTorch weights,
 //!   frozen or not, resumed exactly; bad input fails cleanly;
 //! - `kernels`: kiln's CPU convolution and max-pool kernels against Burn's ops, forward and

@@ -25,3 +25,13 @@ pub fn write_metrics_jsonl(run_dir: &Path, history: &[EpochMetrics]) -> Result<(
     }
     file_write_atomic(&path, text.as_bytes())
 }
+
+/// The epochs of `run_dir/metrics.jsonl`, for listing and plotting runs; a missing file is no
+/// epochs, and lines that do not parse (a foreign or damaged file) are skipped.
+pub fn read_metrics_jsonl(run_dir: &Path) -> Vec<EpochMetrics> {
+    std::fs::read_to_string(run_dir.join(METRICS_FILE))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}

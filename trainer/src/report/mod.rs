@@ -7,5 +7,5 @@ pub mod run_state;
 pub mod runs;
 pub mod tensorboard;
 
-pub use jsonl::{METRICS_FILE, write_metrics_jsonl};
+pub use jsonl::{METRICS_FILE, read_metrics_jsonl, write_metrics_jsonl};
 pub use progress::{Progress, Verbosity};

@@ -81,7 +81,7 @@ fn is_run(path: &Path) -> bool {
 /// One run's row, from what its files hold.
 pub fn summarise(path: &Path) -> RunSummary {
     let state = RunState::read(path).ok().flatten();
-    let history = read_history(path);
+    let history = super::read_metrics_jsonl(path);
     let judged = |m: &EpochMetrics| match m.test_accuracy {
         Some(value) => Judged {
             metric: "accuracy",
@@ -120,15 +120,6 @@ pub fn summarise(path: &Path) -> RunSummary {
         error: state.as_ref().and_then(|s| s.error.clone()),
         started: state.as_ref().map(|s| s.started),
     }
-}
-
-/// The epochs of `metrics.jsonl`; lines that do not parse are skipped.
-fn read_history(path: &Path) -> Vec<EpochMetrics> {
-    std::fs::read_to_string(path.join(METRICS_FILE))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| serde_json::from_str(line).ok())
-        .collect()
 }
 
 /// Bytes of the files under `path`, symbolic links not followed.
