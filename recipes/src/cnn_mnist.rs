@@ -570,10 +570,11 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
     // The data is read once every flag and the checkpoint have been checked.
     let (train, test) = load_data(config)?;
     let trainer_config = config.overrides.apply(base, train.len())?;
-    if let (Some(resolved), true) = (&config.run_config, is_root(config)) {
-        write_run_config(resolved, &trainer_config, &run_dir, resume.is_some())?;
-    }
     let trainer = Trainer::new(trainer_config, &run_dir, labels)?.with_verbosity(config.verbosity);
+    // Written once the settings are valid, so a refused run leaves no directory behind.
+    if let (Some(resolved), true) = (&config.run_config, is_root(config)) {
+        write_run_config(resolved, trainer.config(), &run_dir, resume.is_some())?;
+    }
     let model = SimpleCnnConfig::new().init(&devices[0], trainer.config().seed);
     let data = TrainData {
         train: &train,

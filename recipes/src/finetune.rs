@@ -216,9 +216,6 @@ pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
     )?;
     let trainer_config = config.overrides.apply(base, data.train.len())?;
     let trainer_config = with_backbone_lr(trainer_config, config.backbone_lr);
-    if let Some(resolved) = &config.run_config {
-        write_run_config(resolved, &trainer_config, &run_dir, resume.is_some())?;
-    }
     let options = check_classes(config, resume.is_some(), options, &data)?;
     let device = config.device.device()?.autodiff();
     // Burn initialises the backbone from the device's generator: seeded, a run repeats.
@@ -243,6 +240,10 @@ pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
         options: options.to_map(),
     };
     let trainer = Trainer::new(trainer_config, &run_dir, labels)?.with_verbosity(config.verbosity);
+    // Written once the settings are valid, so a refused run leaves no directory behind.
+    if let Some(resolved) = &config.run_config {
+        write_run_config(resolved, trainer.config(), &run_dir, resume.is_some())?;
+    }
     let execution =
         Execution::on_ranks(config.device, config.ranks, config.collective_timeout, None)?;
     let splits = TrainData {
