@@ -25,11 +25,17 @@ fn main() -> ExitCode {
     match cli::run(cli, resolved) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error}");
-            for cause in error.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+            let status = cli::exit_status(&error);
+            if status == 1 {
+                eprintln!("error: {error}");
+                for cause in error.chain().skip(1) {
+                    eprintln!("  caused by: {cause}");
+                }
+            } else if let Some(stop) = error.chain().last() {
+                // Stopped by a signal, on purpose: what was saved, and how to go on.
+                eprintln!("kiln: {stop}");
             }
-            ExitCode::FAILURE
+            ExitCode::from(status)
         }
     }
 }

@@ -185,6 +185,12 @@ pub struct OptimizerArgs {
     /// the effective batch is --batch-size x N.
     #[arg(long, value_name = "N", help_heading = "Optimizer")]
     pub accumulation_steps: Option<NonZeroUsize>,
+    /// Also write a checkpoint every N optimizer steps inside an epoch, so that a killed or
+    /// preempted run loses at most N steps; the latest one is kept, each epoch's end has its
+    /// own. --resume continues from it exactly as if never stopped (on as many ranks).
+    /// SIGTERM or Ctrl-C always stops after the current step with a checkpoint there.
+    #[arg(long, value_name = "N", help_heading = "Checkpoints")]
+    pub checkpoint_every: Option<std::num::NonZeroU64>,
 }
 
 impl OptimizerArgs {
@@ -224,6 +230,7 @@ impl OptimizerArgs {
             }),
             clip_grad_norm: self.clip_grad_norm,
             accumulation_steps: self.accumulation_steps,
+            checkpoint_every: self.checkpoint_every,
         }
     }
 }

@@ -24,7 +24,7 @@ use kiln_trainer::data::{ImageDataset, MnistDataset, MnistSplit};
 use kiln_trainer::report::Verbosity;
 use kiln_trainer::{
     Execution, FitReport, LrSchedule, OptimizerConfig, PipelineSplit, ProcessGroupConfig,
-    RunLabels, TensorParallelSplit, TrainData, Trainer, TrainerConfig,
+    RunLabels, StopSignal, TensorParallelSplit, TrainData, Trainer, TrainerConfig,
 };
 
 use crate::config_file::{ResolvedConfig, write_run_config};
@@ -56,6 +56,8 @@ pub struct TrainerOverrides {
     pub clip_grad_norm: Option<f64>,
     /// Batches per optimizer step.
     pub accumulation_steps: Option<NonZeroUsize>,
+    /// Optimizer steps between mid-epoch checkpoints.
+    pub checkpoint_every: Option<std::num::NonZeroU64>,
 }
 
 /// The optimizer flags (`--optimizer`, `--momentum`, `--nesterov`, `--weight-decay`).
@@ -141,6 +143,7 @@ impl TrainerOverrides {
             schedule,
             clip_grad_norm: self.clip_grad_norm.or(base.clip_grad_norm),
             accumulation_steps,
+            checkpoint_every: self.checkpoint_every.or(base.checkpoint_every),
             ..base
         })
     }
@@ -570,7 +573,9 @@ pub fn run(config: &CnnMnistConfig) -> Result<TrainReport> {
     // The data is read once every flag and the checkpoint have been checked.
     let (train, test) = load_data(config)?;
     let trainer_config = config.overrides.apply(base, train.len())?;
-    let trainer = Trainer::new(trainer_config, &run_dir, labels)?.with_verbosity(config.verbosity);
+    let trainer = Trainer::new(trainer_config, &run_dir, labels)?
+        .with_verbosity(config.verbosity)
+        .with_stop(StopSignal::process());
     // Written once the settings are valid, so a refused run leaves no directory behind.
     if let (Some(resolved), true) = (&config.run_config, is_root(config)) {
         write_run_config(resolved, trainer.config(), &run_dir, resume.is_some())?;

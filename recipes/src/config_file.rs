@@ -385,6 +385,9 @@ fn trainer_keys(config: &TrainerConfig) -> Vec<(&'static str, toml::Value)> {
     if let Some(norm) = config.clip_grad_norm {
         keys.push(("clip-grad-norm", Float(norm)));
     }
+    if let Some(every) = config.checkpoint_every {
+        keys.push(("checkpoint-every", int(every.get())));
+    }
     match config.optimizer {
         OptimizerConfig::Sgd {
             momentum,

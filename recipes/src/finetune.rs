@@ -239,7 +239,9 @@ pub fn run(config: &FinetuneConfig) -> Result<FinetuneReport> {
         quantization: None,
         options: options.to_map(),
     };
-    let trainer = Trainer::new(trainer_config, &run_dir, labels)?.with_verbosity(config.verbosity);
+    let trainer = Trainer::new(trainer_config, &run_dir, labels)?
+        .with_verbosity(config.verbosity)
+        .with_stop(kiln_trainer::StopSignal::process());
     // Written once the settings are valid, so a refused run leaves no directory behind.
     if let Some(resolved) = &config.run_config {
         write_run_config(resolved, trainer.config(), &run_dir, resume.is_some())?;

@@ -190,6 +190,7 @@ pub fn run(cli: Cli, resolved: ResolvedConfig) -> anyhow::Result<ExitCode> {
                 return print_config(resolved, &trainer);
             }
             config.run_config = Some(resolved);
+            stop_on_signals()?;
             let timeout = config.collective_timeout;
             // Under `kiln launch` this process is one rank: it trains with the job's group and
             // only rank 0 prints the report.
@@ -227,6 +228,7 @@ pub fn run(cli: Cli, resolved: ResolvedConfig) -> anyhow::Result<ExitCode> {
                 return print_config(resolved, &trainer);
             }
             config.run_config = Some(resolved);
+            stop_on_signals()?;
             let report = kiln_recipes::finetune::run(&config).context("fine-tuning failed")?;
             println!("{}", report.stdout_line(cli.json)?);
         }
@@ -264,6 +266,32 @@ pub fn run(cli: Cli, resolved: ResolvedConfig) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// SIGTERM and SIGINT stop a training run after its current step, at a checkpoint (the
+/// other commands keep the signals' default effect).
+fn stop_on_signals() -> anyhow::Result<()> {
+    kiln_trainer::StopSignal::install_handlers().context("cannot install the SIGTERM handler")
+}
+
+/// The exit status of a failed command: 128 + the signal for a run stopped by one (as a
+/// shell reports a process killed by it), 1 otherwise.
+pub fn exit_status(error: &anyhow::Error) -> u8 {
+    use kiln_recipes::RecipeError;
+    use kiln_trainer::TrainError;
+    let signal = |e: &(dyn std::error::Error + 'static)| {
+        let train =
+            e.downcast_ref::<TrainError>()
+                .or_else(|| match e.downcast_ref::<RecipeError>() {
+                    Some(RecipeError::Train(train)) => Some(train),
+                    _ => None,
+                });
+        match train {
+            Some(TrainError::Stopped { signal, .. }) => u8::try_from(128 + signal).ok(),
+            _ => None,
+        }
+    };
+    error.chain().find_map(signal).unwrap_or(1)
 }
 
 /// `--print-config` of a training command: its flags with the trainer settings they resolve.

@@ -28,7 +28,7 @@ pub(crate) mod own_model;
 use own_model::{Forecaster, Window, WindowBatch, WindowBatcher, waves};
 
 /// 320 training windows in batches of 8, 2 batches per step: 20 optimizer steps per epoch.
-fn config(epochs: usize) -> TrainerConfig {
+pub(crate) fn config(epochs: usize) -> TrainerConfig {
     TrainerConfig {
         epochs,
         batch_size: 8,
@@ -54,7 +54,7 @@ struct Run {
 }
 
 /// The same initial model for every run (Burn's initialisers are not seeded).
-fn initial_model() -> Forecaster {
+pub(crate) fn initial_model() -> Forecaster {
     Forecaster::new(24, &Device::flex().autodiff())
 }
 
@@ -206,13 +206,14 @@ fn without_synchronisation_the_steps_differ() {
 }
 
 /// The TensorBoard scalars of `run` (two event files: before and after a resume) equal the
-/// uninterrupted `reference`'s, speeds aside: a loss, rate and gradient norm for each of
+/// uninterrupted `reference`'s, timings aside: a loss, rate and gradient norm for each of
 /// `steps` optimizer steps, and the epochs' metrics.
-fn assert_same_curves(run: &std::path::Path, reference: &std::path::Path, steps: u64) {
+pub(crate) fn assert_same_curves(run: &std::path::Path, reference: &std::path::Path, steps: u64) {
     use kiln::trainer::report::tensorboard::read_scalars;
     let curves = |dir| {
         let mut scalars = read_scalars(dir).unwrap();
-        scalars.retain(|s| !s.tag.starts_with("speed/"));
+        // Timings (throughput, the exchange's and the bubble's share) differ run to run.
+        scalars.retain(|s| !s.tag.starts_with("speed/") && !s.tag.starts_with("parallel/"));
         scalars.sort_by(|a, b| (&a.tag, a.step).cmp(&(&b.tag, b.step)));
         scalars
             .into_iter()
@@ -229,7 +230,14 @@ fn assert_same_curves(run: &std::path::Path, reference: &std::path::Path, steps:
         .filter(|(t, _, _)| t == "loss/validation")
         .count();
     assert_eq!(epochs, 3);
-    assert_eq!(got, want);
+    let first = got.iter().zip(&want).position(|(g, w)| g != w);
+    assert!(
+        got == want,
+        "curves differ: {} vs {} scalars; first difference {:?}",
+        got.len(),
+        want.len(),
+        first.map(|i| (&got[i], &want[i]))
+    );
 }
 
 #[test]
@@ -264,13 +272,10 @@ fn a_run_stopped_after_an_epoch_resumes_exactly() {
     assert_eq!(resumed.report.history.len(), 3);
     for (r, w) in resumed.report.history.iter().zip(&whole.report.history) {
         assert_eq!(r.step, w.step);
-        // The first epoch's row went through the checkpoint's JSON.
+        // The first epoch's row went through the checkpoint's JSON, which keeps every bit
+        // of an f64 (serde_json's `float_roundtrip`).
         for (x, y) in [(r.train_loss, w.train_loss), (r.test_loss, w.test_loss)] {
-            assert!(
-                (x - y).abs() <= 1e-12 * y.abs(),
-                "epoch {}: {x} vs {y}",
-                r.epoch
-            );
+            assert!(x == y, "epoch {}: {x} vs {y}", r.epoch);
         }
     }
 }

@@ -21,6 +21,7 @@ mod cli;
 mod common;
 mod data_parallel;
 mod experiments;
+mod fault;
 mod finetune;
 mod general;
 mod kernels;

@@ -39,6 +39,10 @@ pub struct TrainerConfig {
     /// matching group wins.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lr_groups: Vec<LrGroup>,
+    /// Also write a checkpoint every this many optimizer steps inside an epoch (the latest
+    /// one is kept; each epoch's end is always checkpointed). May change on resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_every: Option<std::num::NonZeroU64>,
 }
 
 /// A learning rate for the parameters under one module path.
@@ -64,6 +68,7 @@ impl Default for TrainerConfig {
             accumulation_steps: NonZeroUsize::MIN,
             seed: 42,
             lr_groups: Vec::new(),
+            checkpoint_every: None,
         }
     }
 }

@@ -48,6 +48,24 @@ pub enum TrainError {
         /// The step's own error.
         source: crate::step::StepError,
     },
+    /// The run was asked to stop (SIGTERM, SIGINT or [`crate::StopSignal::request`]) and
+    /// stopped after an optimizer step, at a checkpoint it can resume from.
+    #[error(
+        "stopped by {} after step {step}{}",
+        crate::stop::signal_name(*signal),
+        checkpoint.as_ref().map_or(String::new(), |c| format!(
+            "; checkpoint {} written: continue with --resume",
+            c.display()
+        ))
+    )]
+    Stopped {
+        /// The signal number (15 for SIGTERM, 2 for SIGINT).
+        signal: i32,
+        /// Optimizer steps done.
+        step: u64,
+        /// The checkpoint written there (on the reporting rank).
+        checkpoint: Option<PathBuf>,
+    },
     /// A Burn data set could not give an item.
     #[error("cannot read item of the {split} set: {reason}")]
     Dataset {

@@ -10,7 +10,9 @@
 //! - [`checkpoint`]: the checkpoint format (atomic, checksummed) and how runs find them;
 //! - [`optim`]: optimizers (SGD, Adam, AdamW; kiln's in-place SGD kernel where it applies),
 //!   learning-rate schedules, gradient accumulation and clipping;
-//! - [`report`]: progress on stderr and `metrics.jsonl`.
+//! - [`report`]: progress on stderr, `metrics.jsonl`, TensorBoard event files, `run.json`
+//!   and the listing of runs;
+//! - [`stop`]: stopping a run cleanly on SIGTERM/SIGINT, at a checkpoint.
 //!
 //! Shuffling goes through [`kiln_multi::DistributedSampler`], so single-device runs use the
 //! same sampling code as data-parallel ones ([`Execution::DataParallel`]), whose gradients go
@@ -23,12 +25,14 @@ mod error;
 pub mod optim;
 pub mod report;
 pub mod step;
+pub mod stop;
 pub mod train;
 
 pub use config::{LrGroup, TrainerConfig};
 pub use error::{Result, TrainError};
 pub use optim::{LrSchedule, OptimizerConfig};
 pub use step::{Metric, StepOutput, StepResult, classification_output};
+pub use stop::StopSignal;
 pub use train::{
     Data, DataParallelConfig, EvalMetrics, Execution, FitReport, PipelineSplit, ProcessGroupConfig,
     RunLabels, Steps, TensorParallelSplit, TrainData, Trainer, evaluate,

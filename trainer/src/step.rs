@@ -17,7 +17,7 @@ pub type StepError = Box<dyn std::error::Error + Send + Sync>;
 pub type StepResult<T> = std::result::Result<T, StepError>;
 
 /// How a metric's values over batches and ranks combine into the reported number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Reduce {
     /// `sum of values / sum of counts`: an accuracy (correct over samples), a mean error.
     Mean,
@@ -107,13 +107,23 @@ pub fn classification_output(logits: Tensor<2>, targets: Tensor<1, Int>) -> Step
     StepOutput::new(loss, n).with_metric(Metric::mean("accuracy", correct as f64, n as f64))
 }
 
-/// Metrics summed over batches (and, after [`MetricSums::all_reduce`], over ranks).
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Metrics summed over batches (and, after [`MetricSums::all_reduce`], over ranks); part of
+/// a mid-epoch checkpoint, so that a resumed epoch reports what an uninterrupted one does.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct MetricSums {
     /// `loss * items` summed, and the items.
     pub(crate) loss: (f64, f64),
-    /// Per metric, in first-seen order: value and count sums.
-    pub(crate) metrics: Vec<(Metric, f64, f64)>,
+    /// Per metric, in first-seen order.
+    pub(crate) metrics: Vec<SummedMetric>,
+}
+
+/// One metric's sums.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct SummedMetric {
+    pub(crate) name: String,
+    pub(crate) reduce: Reduce,
+    pub(crate) value: f64,
+    pub(crate) count: f64,
 }
 
 impl MetricSums {
@@ -122,18 +132,17 @@ impl MetricSums {
         self.loss.0 += loss * items as f64;
         self.loss.1 += items as f64;
         for metric in metrics {
-            match self
-                .metrics
-                .iter_mut()
-                .find(|(m, _, _)| m.name == metric.name)
-            {
-                Some((_, value, count)) => {
-                    *value += metric.value;
-                    *count += metric.count;
+            match self.metrics.iter_mut().find(|m| m.name == metric.name) {
+                Some(summed) => {
+                    summed.value += metric.value;
+                    summed.count += metric.count;
                 }
-                None => self
-                    .metrics
-                    .push((metric.clone(), metric.value, metric.count)),
+                None => self.metrics.push(SummedMetric {
+                    name: metric.name.to_string(),
+                    reduce: metric.reduce,
+                    value: metric.value,
+                    count: metric.count,
+                }),
             }
         }
     }
@@ -147,12 +156,12 @@ impl MetricSums {
     pub(crate) fn values(&self) -> BTreeMap<String, f64> {
         self.metrics
             .iter()
-            .map(|(m, value, count)| {
+            .map(|m| {
                 let reported = match m.reduce {
-                    Reduce::Mean => value / count.max(f64::MIN_POSITIVE),
-                    Reduce::Sum => *value,
+                    Reduce::Mean => m.value / m.count.max(f64::MIN_POSITIVE),
+                    Reduce::Sum => m.value,
                 };
-                (m.name.to_string(), reported)
+                (m.name.clone(), reported)
             })
             .collect()
     }
@@ -160,8 +169,8 @@ impl MetricSums {
     /// The sums in a fixed order, for a sum over ranks.
     pub(crate) fn to_values(&self) -> Vec<f64> {
         let mut values = vec![self.loss.0, self.loss.1];
-        for (_, value, count) in &self.metrics {
-            values.extend([*value, *count]);
+        for m in &self.metrics {
+            values.extend([m.value, m.count]);
         }
         values
     }
@@ -171,9 +180,9 @@ impl MetricSums {
         let mut values = values.iter().copied();
         let mut next = || values.next().unwrap_or(0.0);
         self.loss = (next(), next());
-        for (_, value, count) in &mut self.metrics {
-            *value = next();
-            *count = next();
+        for m in &mut self.metrics {
+            m.value = next();
+            m.count = next();
         }
     }
 }

@@ -16,8 +16,8 @@ use kiln::multi::{BucketConfig, DeviceSpec, Rank, WorldSize, ZeroStage};
 use kiln::recipes::distributed::run_as_launched;
 use kiln::trainer::checkpoint::Checkpoint;
 use kiln::trainer::{
-    Data, Execution, LrSchedule, OptimizerConfig, ProcessGroupConfig, RunLabels, Steps, Trainer,
-    TrainerConfig,
+    Data, Execution, LrSchedule, OptimizerConfig, ProcessGroupConfig, RunLabels, Steps, StopSignal,
+    Trainer, TrainerConfig,
 };
 use own_model::{Forecaster, WindowBatcher, waves};
 
@@ -112,11 +112,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         accumulation_steps: NonZeroUsize::new(2).ok_or("2 is not zero")?,
         ..TrainerConfig::default()
     };
+    // SIGTERM or Ctrl-C: finish the step, write a checkpoint there, stop; --resume goes on.
+    StopSignal::install_handlers()?;
     let trainer = Trainer::new(
         config,
         &args.out,
         RunLabels::named("own-model", "forecaster"),
-    )?;
+    )?
+    .with_stop(StopSignal::process());
     let resume = kiln::trainer::checkpoint::load_latest(&args.out)?;
     if resume.is_some() != args.resume {
         return Err(match args.resume {

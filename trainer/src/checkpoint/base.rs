@@ -84,6 +84,30 @@ pub struct TrainerState {
     pub config: TrainerConfig,
     /// Metrics of every completed epoch, oldest first.
     pub history: Vec<EpochMetrics>,
+    /// A checkpoint written inside an epoch (`--checkpoint-every`, or a stop): how far that
+    /// epoch got on each rank. `None` at an epoch's end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mid_epoch: Option<MidEpoch>,
+}
+
+/// How far the epoch in progress got when a mid-epoch checkpoint was written: per rank, the
+/// optimizer steps, samples, time and metric sums so far, so that the resumed epoch skips the
+/// batches done and reports what an uninterrupted epoch does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MidEpoch {
+    pub(crate) ranks: Vec<crate::train::epoch::EpochProgress>,
+}
+
+impl MidEpoch {
+    /// Optimizer steps done in the epoch.
+    pub fn steps(&self) -> u64 {
+        self.ranks.first().map_or(0, |r| r.steps)
+    }
+
+    /// The data-parallel ranks that wrote it.
+    pub fn ranks(&self) -> usize {
+        self.ranks.len()
+    }
 }
 
 /// A complete checkpoint: trainer state, model parameters and optimizer state.

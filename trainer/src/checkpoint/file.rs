@@ -176,6 +176,7 @@ mod tests {
                 step: 10,
                 config: TrainerConfig::default(),
                 history: vec![],
+                mid_epoch: None,
             },
             model: vec![1, 2, 3, 4],
             optimizer: vec![9; 100],

@@ -5,9 +5,11 @@ mod base;
 mod file;
 mod resume;
 
-pub use base::{Checkpoint, EpochMetrics, TrainerState};
+pub use base::{Checkpoint, EpochMetrics, MidEpoch, TrainerState};
 pub(crate) use file::write_atomic as file_write_atomic;
 pub use file::{read_checkpoint, write_atomic, write_checkpoint_atomic};
 pub use resume::{
     CHECKPOINT_DIR, checkpoint_path, latest_checkpoint, load_latest, resolve_checkpoint,
+    step_checkpoint_path,
 };
+pub(crate) use resume::{checkpoint_position, list_checkpoints};

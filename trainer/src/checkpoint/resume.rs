@@ -14,32 +14,52 @@ pub fn checkpoint_path(run_dir: &Path, epoch: usize) -> PathBuf {
         .join(format!("epoch-{epoch:04}.ckpt"))
 }
 
-/// The checkpoint of the highest epoch in `run_dir`, if any.
+/// Path of the checkpoint written inside epoch `epochs_done + 1`, after optimizer step `step`
+/// of the run (`--checkpoint-every`, or a stop).
+pub fn step_checkpoint_path(run_dir: &Path, epochs_done: usize, step: u64) -> PathBuf {
+    run_dir
+        .join(CHECKPOINT_DIR)
+        .join(format!("epoch-{epochs_done:04}-step-{step:010}.ckpt"))
+}
+
+/// Where a checkpoint file name puts it in its run: (epochs done, steps), with an epoch's end
+/// as step 0 of the next (steps into an epoch are always more), so that the order of the
+/// positions is the order in which they were written.
+pub(crate) fn checkpoint_position(name: &str) -> Option<(usize, u64)> {
+    let stem = name.strip_prefix("epoch-")?.strip_suffix(".ckpt")?;
+    match stem.split_once("-step-") {
+        Some((epochs, step)) => Some((epochs.parse().ok()?, step.parse().ok()?)),
+        None => Some((stem.parse().ok()?, 0)),
+    }
+}
+
+/// Every checkpoint file of `run_dir` with its position, oldest first.
+///
+/// # Errors
+/// [`TrainError::Io`] when the checkpoint directory exists but cannot be listed.
+pub(crate) fn list_checkpoints(run_dir: &Path) -> Result<Vec<((usize, u64), PathBuf)>> {
+    let dir = run_dir.join(CHECKPOINT_DIR);
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let entries = std::fs::read_dir(&dir).map_err(|e| TrainError::io("list", &dir, e))?;
+    let mut found: Vec<_> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let position = checkpoint_position(entry.file_name().to_str()?)?;
+            Some((position, entry.path()))
+        })
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+/// The latest checkpoint in `run_dir` (the last epoch's, or a later mid-epoch one), if any.
 ///
 /// # Errors
 /// [`TrainError::Io`] when the checkpoint directory exists but cannot be listed.
 pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<PathBuf>> {
-    let dir = run_dir.join(CHECKPOINT_DIR);
-    if !dir.is_dir() {
-        return Ok(None);
-    }
-    let entries = std::fs::read_dir(&dir).map_err(|e| TrainError::io("list", &dir, e))?;
-    let mut best: Option<(usize, PathBuf)> = None;
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(epoch) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("epoch-"))
-            .and_then(|n| n.strip_suffix(".ckpt"))
-            .and_then(|n| n.parse::<usize>().ok())
-        else {
-            continue;
-        };
-        if best.as_ref().is_none_or(|(e, _)| epoch > *e) {
-            best = Some((epoch, entry.path()));
-        }
-    }
-    Ok(best.map(|(_, path)| path))
+    Ok(list_checkpoints(run_dir)?.pop().map(|(_, path)| path))
 }
 
 /// Resolves what a user passed as `--checkpoint` or `--resume`: a checkpoint file, or a run's
@@ -95,6 +115,13 @@ mod tests {
         }
         let latest = resolve_checkpoint(dir.path()).unwrap();
         assert!(latest.ends_with("epoch-0010.ckpt"), "{latest:?}");
+        // Inside epoch 11, after the end of epoch 10.
+        let inside = step_checkpoint_path(dir.path(), 10, 1234);
+        std::fs::write(&inside, b"x").unwrap();
+        assert_eq!(resolve_checkpoint(dir.path()).unwrap(), inside);
+        let next = checkpoint_path(dir.path(), 11);
+        std::fs::write(&next, b"x").unwrap();
+        assert_eq!(resolve_checkpoint(dir.path()).unwrap(), next);
         assert_eq!(resolve_checkpoint(&latest).unwrap(), latest);
         let missing = dir.path().join("nope");
         assert!(

@@ -22,7 +22,8 @@ pub enum RunStatus {
     Finished,
     /// Ended with an error (or a panic); `error` says which.
     Failed,
-    /// Its process is gone without finishing or failing (killed, preempted).
+    /// Stopped before its last epoch: by a signal, at a checkpoint (resume continues it), or
+    /// its process is gone without a word (killed).
     Stopped,
 }
 
@@ -156,6 +157,7 @@ impl RunStateWriter {
         self.ended = true;
         match result {
             Ok(_) => self.state.status = RunStatus::Finished,
+            Err(TrainError::Stopped { .. }) => self.state.status = RunStatus::Stopped,
             Err(e) => {
                 self.state.status = RunStatus::Failed;
                 self.state.error = Some(e.to_string());

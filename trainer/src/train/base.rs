@@ -69,6 +69,7 @@ pub struct Trainer {
     pub(super) run_dir: PathBuf,
     pub(super) labels: RunLabels,
     pub(super) verbosity: Verbosity,
+    pub(super) stop: Option<crate::StopSignal>,
 }
 
 impl Trainer {
@@ -83,12 +84,25 @@ impl Trainer {
             run_dir: run_dir.to_path_buf(),
             labels,
             verbosity: Verbosity::Bar,
+            stop: None,
         })
     }
 
     /// Sets how much is printed on stderr (default: progress bar and a line per epoch).
     pub fn with_verbosity(mut self, verbosity: Verbosity) -> Self {
         self.verbosity = verbosity;
+        self
+    }
+
+    /// Stops the run cleanly when `stop` is requested (e.g. [`StopSignal::process`] after
+    /// [`StopSignal::install_handlers`]: SIGTERM, SIGINT): after the optimizer step in progress,
+    /// which every rank agrees on, with a checkpoint there; `fit` then returns
+    /// [`TrainError::Stopped`]. Without it, signals keep their default effect.
+    ///
+    /// [`StopSignal::process`]: crate::StopSignal::process
+    /// [`StopSignal::install_handlers`]: crate::StopSignal::install_handlers
+    pub fn with_stop(mut self, stop: crate::StopSignal) -> Self {
+        self.stop = Some(stop);
         self
     }
 

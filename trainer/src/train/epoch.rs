@@ -6,7 +6,7 @@ use std::time::Instant;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::Tensor;
-use kiln_multi::{DistributedDataParallel, ZeroOptimizer};
+use kiln_multi::{Collective, DistributedDataParallel, ZeroOptimizer};
 
 use crate::config::LrGroup;
 use crate::error::Result;
@@ -15,6 +15,7 @@ use crate::optim::grads::{clip_global_norm, global_norm, scale};
 use crate::report::Progress;
 use crate::report::tensorboard::EventWriter;
 use crate::step::{Metric, MetricSums};
+use crate::stop::StopSignal;
 
 /// One micro-batch's loss, metrics and gradients.
 pub(crate) struct StepGrads {
@@ -63,19 +64,48 @@ impl<'a> StepPolicy<'a> {
     }
 }
 
-/// What one training epoch measured.
-pub(crate) struct EpochOutcome {
+/// What an epoch has measured so far. It is carried from one stretch of the epoch to the next
+/// (a mid-epoch checkpoint ends a stretch) and saved in mid-epoch checkpoints, so that a
+/// resumed epoch reports exactly what an uninterrupted one does.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct EpochProgress {
     /// This rank's loss and metrics over its micro-batches.
     pub(crate) sums: MetricSums,
+    /// Optimizer steps done in this epoch.
     pub(crate) steps: u64,
     /// Samples this rank trained on.
     pub(crate) samples: usize,
     pub(crate) seconds: f64,
-    /// Through a pipeline: the mean bubble fraction of the steps.
-    pub(crate) bubble: Option<f64>,
+    /// Through a pipeline: the bubble fractions of the steps, summed, and their number.
+    pub(crate) bubbles: (f64, usize),
     /// Seconds spent exchanging gradients (and, under ZeRO, in the sharded update with its
     /// all-gather); 0 on one device.
     pub(crate) exchange_seconds: f64,
+}
+
+impl EpochProgress {
+    /// The mean bubble fraction of the steps, through a pipeline.
+    pub(crate) fn bubble(&self) -> Option<f64> {
+        (self.bubbles.1 > 0).then(|| self.bubbles.0 / self.bubbles.1 as f64)
+    }
+}
+
+/// Why a stretch of an epoch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StretchEnd {
+    /// Every batch of the epoch is done.
+    EpochDone,
+    /// The step of a mid-epoch checkpoint (`--checkpoint-every`) is reached.
+    Checkpoint,
+    /// The ranks agreed to stop (this signal asked them to).
+    Stop(i32),
+}
+
+/// Where a stretch of an epoch pauses: at a global step, or when asked to stop (checked after
+/// every optimizer step, agreed over `group`).
+pub(crate) struct Stretch<'a> {
+    pub(crate) until_step: Option<u64>,
+    pub(crate) stop: Option<(&'a StopSignal, Option<&'a dyn Collective>)>,
 }
 
 /// What an epoch reports as it goes: the progress bar, and on the reporting rank the
@@ -217,10 +247,12 @@ fn split_by_group<M: Module>(
         .collect()
 }
 
-/// Runs one pass over `order` in micro-batches of `batch_size`: every `accumulation` of them
-/// (fewer at the end of the epoch) make one optimizer step on their averaged gradients,
-/// through `updater`, at the scheduled rate of step `first_step + k`. The progress bar shows
-/// this rank's loss and the throughput of all ranks together.
+/// Runs the rest of a pass over `order` in micro-batches of `batch_size`, from the group after
+/// the `progress.steps` already done: every `accumulation` of them (fewer at the end of the
+/// epoch) make one optimizer step on their averaged gradients, through `updater`, at the
+/// scheduled rate of step `first_step + k` (`first_step`: the run's steps before this epoch).
+/// Stops at the end of the epoch or as `stretch` says, with `progress` updated. The progress
+/// bar shows this rank's loss and the throughput of all ranks together.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn train_epoch<M: Module, B>(
     mut model: M,
@@ -231,30 +263,34 @@ pub(crate) fn train_epoch<M: Module, B>(
     policy: &StepPolicy<'_>,
     first_step: u64,
     report: EpochReport<'_>,
-) -> Result<(M, EpochOutcome)> {
+    (progress, stretch): (&mut EpochProgress, Stretch<'_>),
+) -> Result<(M, StretchEnd)> {
     let EpochReport {
-        progress,
+        progress: bar,
         mut events,
     } = report;
     let world = updater.world();
-    let start = Instant::now();
-    let mut sums = MetricSums::default();
-    let (mut steps, mut samples, mut bubbles) = (0u64, 0usize, (0.0f64, 0usize));
-    let mut exchange_seconds = 0.0;
+    let (start, seconds_before) = (Instant::now(), progress.seconds);
+    let elapsed = |start: Instant| seconds_before + start.elapsed().as_secs_f64();
     let mut accumulator = GradientsAccumulator::new();
-    for group in order.chunks(batch_size * policy.accumulation.get()) {
+    let mut groups = order
+        .chunks(batch_size * policy.accumulation.get())
+        .skip(progress.steps as usize)
+        .peekable();
+    while let Some(group) = groups.next() {
         let micro = group.len().div_ceil(batch_size);
         let mut group_loss = 0.0;
         for chunk in group.chunks(batch_size) {
             let out = source(&model, make_batch(chunk)?)?;
-            sums.add(out.loss, out.items, &out.metrics);
+            progress.sums.add(out.loss, out.items, &out.metrics);
             group_loss += out.loss / micro as f64;
             if let Some(bubble) = out.bubble {
-                bubbles = (bubbles.0 + bubble, bubbles.1 + 1);
+                progress.bubbles = (progress.bubbles.0 + bubble, progress.bubbles.1 + 1);
             }
             accumulator.accumulate(&model, out.grads);
-            samples += chunk.len();
-            progress.batch_done(out.loss, throughput(samples * world, start));
+            progress.samples += chunk.len();
+            let speed = (progress.samples * world) as f64 / elapsed(start).max(1e-9);
+            bar.batch_done(out.loss, speed);
         }
         let grads = accumulator.grads();
         let grads = if micro > 1 {
@@ -262,7 +298,7 @@ pub(crate) fn train_epoch<M: Module, B>(
         } else {
             grads
         };
-        let step = first_step + steps;
+        let step = first_step + progress.steps;
         let lr = policy.schedule.lr(policy.lr, step);
         let (updated, done) = updater.step(
             (lr, lr / policy.lr),
@@ -271,32 +307,38 @@ pub(crate) fn train_epoch<M: Module, B>(
             events.is_some(),
         )?;
         model = updated;
-        exchange_seconds += done.exchange_seconds;
-        steps += 1;
+        progress.exchange_seconds += done.exchange_seconds;
+        progress.steps += 1;
+        progress.seconds = elapsed(start);
         if let Some(events) = events.as_deref_mut() {
-            events.scalar("loss/train_step", step + 1, group_loss)?;
-            events.scalar("optimizer/lr", step + 1, lr)?;
-            if let Some(norm) = done.grad_norm {
-                events.scalar("optimizer/grad_norm", step + 1, norm)?;
-            }
-            let speed = throughput(samples * world, start);
-            events.scalar("speed/samples_per_sec_step", step + 1, speed)?;
+            let speed = (progress.samples * world) as f64 / progress.seconds.max(1e-9);
+            write_step_scalars(events, step + 1, (group_loss, lr, done.grad_norm, speed))?;
+        }
+        if let Some((signal, group)) = stretch.stop
+            && let Some(signal) = signal.agreed(group)?
+        {
+            return Ok((model, StretchEnd::Stop(signal)));
+        }
+        let more = groups.peek().is_some();
+        if more && stretch.until_step == Some(first_step + progress.steps) {
+            return Ok((model, StretchEnd::Checkpoint));
         }
     }
-    let outcome = EpochOutcome {
-        sums,
-        steps,
-        samples,
-        seconds: start.elapsed().as_secs_f64(),
-        bubble: (bubbles.1 > 0).then(|| bubbles.0 / bubbles.1 as f64),
-        exchange_seconds,
-    };
-    Ok((model, outcome))
+    Ok((model, StretchEnd::EpochDone))
 }
 
-/// Samples per second since `start`.
-fn throughput(samples: usize, start: Instant) -> f64 {
-    samples as f64 / start.elapsed().as_secs_f64().max(1e-9)
+/// The TensorBoard scalars of optimizer step `step`: loss, rate, gradient norm, samples/s.
+fn write_step_scalars(
+    events: &mut EventWriter,
+    step: u64,
+    (loss, lr, grad_norm, speed): (f64, f64, Option<f64>, f64),
+) -> Result<()> {
+    events.scalar("loss/train_step", step, loss)?;
+    events.scalar("optimizer/lr", step, lr)?;
+    if let Some(norm) = grad_norm {
+        events.scalar("optimizer/grad_norm", step, norm)?;
+    }
+    events.scalar("speed/samples_per_sec_step", step, speed)
 }
 
 #[cfg(test)]

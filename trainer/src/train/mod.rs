@@ -5,11 +5,12 @@
 
 mod base;
 mod data;
-mod epoch;
+pub(crate) mod epoch;
 mod eval;
 mod execution;
 mod labels;
 mod rank;
+mod resume_point;
 
 pub use base::{
     FitReport, GatherModel, PipelineSplit, RunLabels, SplitModel, StepFn, Steps, SyncGradients,

@@ -16,9 +16,15 @@ use kiln_multi::{
 
 use super::base::{StepFn, Trainer, record_bytes, scalar_loss};
 use super::data::Batches;
-use super::epoch::{EpochOutcome, EpochReport, GradSource, StepPolicy, Updater, train_epoch};
+use super::epoch::{
+    EpochProgress, EpochReport, GradSource, StepPolicy, Stretch, StretchEnd, Updater, train_epoch,
+};
+use super::resume_point::{
+    gather_progress, remove_superseded_mid_epoch, resumed_rank_progress, stopped,
+};
 use crate::checkpoint::{
-    Checkpoint, EpochMetrics, TrainerState, checkpoint_path, write_checkpoint_atomic,
+    Checkpoint, EpochMetrics, MidEpoch, TrainerState, checkpoint_path, step_checkpoint_path,
+    write_checkpoint_atomic,
 };
 use crate::config::TrainerConfig;
 use crate::error::{Result, TrainError};
@@ -89,6 +95,8 @@ struct Restored<M> {
     history: Vec<EpochMetrics>,
     step: u64,
     last_checkpoint: Option<PathBuf>,
+    /// Written inside an epoch: how far that epoch got on each rank.
+    mid_epoch: Option<MidEpoch>,
 }
 
 /// How this rank's gradients are synchronised and applied.
@@ -140,12 +148,25 @@ struct RankPlan<'a, M, B> {
     policy: StepPolicy<'a>,
 }
 
+impl<M, B> RankPlan<'_, M, B> {
+    /// The group whose ranks must stop after the same step: the data-parallel one, or the
+    /// tensor-parallel one.
+    fn agreement(&self) -> Option<&dyn Collective> {
+        self.collective
+            .as_deref()
+            .or(self.tensor_parallel.map(|tp| &*tp.collective))
+    }
+}
+
 /// What a rank's epochs change.
 struct RankRun {
     sync: RankSync,
     optimizer: ModuleOptimizer,
     history: Vec<EpochMetrics>,
+    /// Optimizer steps of the run before the epoch in progress.
     step: u64,
+    /// This rank's part of the epoch a mid-epoch checkpoint was resumed in.
+    resumed_progress: Option<EpochProgress>,
     last_checkpoint: Option<PathBuf>,
     progress: Progress,
     events: Option<EventWriter>,
@@ -182,11 +203,14 @@ impl Trainer {
             .is_root
             .then(|| self.start_state(&plan, &setup, resumed_from_epoch))
             .transpose()?;
+        let place = (plan.rank.index(), plan.world.get());
+        let resumed_progress = resumed_rank_progress(restored.mid_epoch.take(), place)?;
         let mut run = RankRun {
             sync,
             optimizer: restored.optimizer,
             history: restored.history,
-            step: restored.step,
+            step: restored.step - resumed_progress.as_ref().map_or(0, |p| p.steps),
+            resumed_progress,
             last_checkpoint: restored.last_checkpoint,
             progress,
             events,
@@ -281,55 +305,93 @@ impl Trainer {
         RunStateWriter::start(&self.run_dir, labels, self.config.epochs, epochs_done)
     }
 
-    /// One epoch of a rank: training, evaluation, metrics, scalars and the checkpoint.
+    /// One epoch of a rank: training (in stretches between mid-epoch checkpoints),
+    /// evaluation, metrics, scalars and the checkpoint. A stop request ends it at the next
+    /// optimizer step with a checkpoint there and [`TrainError::Stopped`].
     fn run_epoch<M: Module, B>(
         &self,
         plan: &RankPlan<'_, M, B>,
         run: &mut RankRun,
-        model: M,
+        mut model: M,
         epoch: usize,
     ) -> Result<M> {
         let (config, data, device) = (&self.config, plan.task.data, plan.device);
         let order = plan.sampler.indices(plan.rank, epoch as u64);
         let batches = order.len().div_ceil(plan.local_batch);
+        let steps = batches.div_ceil(config.accumulation_steps.get()) as u64;
         run.progress.start_epoch(epoch + 1, config.epochs, batches);
         let make_batch = |indices: &[usize]| data.train_batch(indices, epoch, device);
-        let (model, outcome) = train_epoch(
-            model,
-            &make_batch,
-            plan.task.source,
-            run.sync.updater(&mut run.optimizer),
-            (&order, plan.local_batch),
-            &plan.policy,
-            run.step,
-            EpochReport {
-                progress: &run.progress,
-                events: run.events.as_mut(),
-            },
-        )?;
-        run.step += outcome.steps;
+        let mut progress = run.resumed_progress.take().unwrap_or_default();
+        let stop = self.stop.as_ref().map(|s| (s, plan.agreement()));
+        let stopped_at_end = loop {
+            let until_step = config.checkpoint_every.map(|every| {
+                let done = run.step + progress.steps;
+                (done / every.get() + 1) * every.get()
+            });
+            let (trained, end) = train_epoch(
+                model,
+                &make_batch,
+                plan.task.source,
+                run.sync.updater(&mut run.optimizer),
+                (&order, plan.local_batch),
+                &plan.policy,
+                run.step,
+                EpochReport {
+                    progress: &run.progress,
+                    events: run.events.as_mut(),
+                },
+                (&mut progress, Stretch { until_step, stop }),
+            )?;
+            model = trained;
+            match end {
+                StretchEnd::EpochDone => break None,
+                StretchEnd::Stop(signal) if progress.steps == steps => break Some(signal),
+                StretchEnd::Checkpoint => {
+                    self.save_mid_epoch(plan, run, &model, &progress)?;
+                }
+                StretchEnd::Stop(signal) => {
+                    self.save_mid_epoch(plan, run, &model, &progress)?;
+                    let step = run.step + progress.steps;
+                    // Every rank names the file rank 0 wrote.
+                    let path = step_checkpoint_path(&self.run_dir, run.history.len(), step);
+                    return Err(stopped(signal, step, Some(path), &run.progress));
+                }
+            }
+        };
+        run.step += progress.steps;
         run.progress.evaluating();
         let eval = plan.task.eval;
         let eval_sums = evaluate_shard(&model, eval, data, &plan.eval_shard, device, config)?;
         let collective = plan.collective.as_deref();
-        let sums = reduce_metrics(collective, outcome.sums.clone(), eval_sums)?;
-        let metrics = epoch_metrics(epoch + 1, run.step, &outcome, plan.world, sums);
+        let sums = reduce_metrics(collective, progress.sums.clone(), eval_sums)?;
+        let metrics = epoch_metrics(epoch + 1, run.step, &progress, plan.world, sums);
         run.progress.end_epoch(config.epochs, &metrics);
         if let Some(events) = run.events.as_mut() {
             write_epoch_scalars(events, &metrics)?;
         }
         run.history.push(metrics);
-        let saved = self.save_checkpoint(
-            &model,
-            &run.sync,
-            &run.optimizer,
-            plan.tensor_parallel,
-            plan.is_root,
-            &run.history,
-            run.step,
-        )?;
+        let saved = self.save_checkpoint(plan, run, &model, None)?;
         run.last_checkpoint = saved.or(run.last_checkpoint.take());
-        Ok(model)
+        match stopped_at_end {
+            Some(signal) => {
+                let path = checkpoint_path(&self.run_dir, run.history.len());
+                Err(stopped(signal, run.step, Some(path), &run.progress))
+            }
+            None => Ok(model),
+        }
+    }
+
+    /// A checkpoint inside the epoch in progress: every rank's `progress` gathered, so that
+    /// the resumed epoch reports exactly what this one would have.
+    fn save_mid_epoch<M: Module, B>(
+        &self,
+        plan: &RankPlan<'_, M, B>,
+        run: &RankRun,
+        model: &M,
+        progress: &EpochProgress,
+    ) -> Result<Option<PathBuf>> {
+        let ranks = gather_progress(plan.collective.as_deref(), progress)?;
+        self.save_checkpoint(plan, run, model, Some(MidEpoch { ranks }))
     }
 
     fn log_start(
@@ -371,6 +433,7 @@ impl Trainer {
                 history: Vec::new(),
                 step: 0,
                 last_checkpoint: None,
+                mid_epoch: None,
             });
         };
         self.check_resumable(&path, &checkpoint.state)?;
@@ -418,6 +481,7 @@ impl Trainer {
             history: checkpoint.state.history,
             step: checkpoint.state.step,
             last_checkpoint: Some(path),
+            mid_epoch: checkpoint.state.mid_epoch,
         })
     }
 
@@ -456,41 +520,45 @@ impl Trainer {
         Ok((model, RankSync::Zero(zero)))
     }
 
-    /// Writes the checkpoint of the epoch just finished (rank 0; every rank takes part in
-    /// gathering a sharded optimizer state or a tensor-parallel model) and the metrics log.
-    #[allow(clippy::too_many_arguments)]
-    fn save_checkpoint<M: Module>(
+    /// Writes the checkpoint of the epoch just finished, or with `mid_epoch` of the step
+    /// reached inside the epoch in progress (rank 0; every rank takes part in gathering a
+    /// sharded optimizer state or a tensor-parallel model), the metrics log at an epoch's
+    /// end, and removes the mid-epoch checkpoints it supersedes.
+    fn save_checkpoint<M: Module, B>(
         &self,
+        plan: &RankPlan<'_, M, B>,
+        run: &RankRun,
         model: &M,
-        sync: &RankSync,
-        optimizer: &ModuleOptimizer,
-        tensor_parallel: Option<&TensorParallelRank<'_, M>>,
-        is_root: bool,
-        history: &[EpochMetrics],
-        step: u64,
+        mid_epoch: Option<MidEpoch>,
     ) -> Result<Option<PathBuf>> {
-        let sharded_bytes = match sync {
+        let sharded_bytes = match &run.sync {
             RankSync::Zero(zero) => Some(zero.state_bytes()?),
             _ => None,
         };
-        let whole_model = tensor_parallel
+        let whole_model = plan
+            .tensor_parallel
             .map(|tp| (tp.whole_record)(model))
             .transpose()?;
-        if !is_root {
+        if !plan.is_root {
             return Ok(None);
         }
-        let epoch = history.len();
-        let path = checkpoint_path(&self.run_dir, epoch);
-        let optimizer_bytes = match (sharded_bytes, tensor_parallel) {
+        let (epoch, history) = (run.history.len(), &run.history);
+        let step = run.step + mid_epoch.as_ref().map_or(0, MidEpoch::steps);
+        let path = match mid_epoch {
+            Some(_) => step_checkpoint_path(&self.run_dir, epoch, step),
+            None => checkpoint_path(&self.run_dir, epoch),
+        };
+        let optimizer_bytes = match (sharded_bytes, plan.tensor_parallel) {
             (Some(bytes), _) => bytes,
             // Each rank's optimizer holds state for its own shards only.
             (None, Some(_)) => TENSOR_PARALLEL_STATE_MAGIC.to_vec(),
-            (None, None) => record_bytes(&path, optimizer.into_bytes())?,
+            (None, None) => record_bytes(&path, run.optimizer.into_bytes())?,
         };
         let model_bytes = match whole_model {
             Some(bytes) => record_bytes(&path, bytes)?,
             None => record_bytes(&path, model.clone().into_record().into_bytes())?,
         };
+        let is_epoch_end = mid_epoch.is_none();
         let checkpoint = Checkpoint {
             state: TrainerState {
                 recipe: self.labels.recipe.clone(),
@@ -501,12 +569,16 @@ impl Trainer {
                 step,
                 config: self.config.clone(),
                 history: history.to_vec(),
+                mid_epoch,
             },
             model: model_bytes,
             optimizer: optimizer_bytes,
         };
         write_checkpoint_atomic(&path, &checkpoint)?;
-        write_metrics_jsonl(&self.run_dir, history)?;
+        if is_epoch_end {
+            write_metrics_jsonl(&self.run_dir, history)?;
+        }
+        remove_superseded_mid_epoch(&self.run_dir, &path)?;
         Ok(Some(path))
     }
 
@@ -639,7 +711,7 @@ fn reduce_metrics(
 fn epoch_metrics(
     epoch: usize,
     step: u64,
-    outcome: &EpochOutcome,
+    outcome: &EpochProgress,
     world: WorldSize,
     (train, eval): (MetricSums, MetricSums),
 ) -> EpochMetrics {
@@ -655,7 +727,7 @@ fn epoch_metrics(
         test_metrics,
         samples_per_sec: (outcome.samples * world.get()) as f64 / outcome.seconds.max(1e-9),
         train_seconds: outcome.seconds,
-        bubble_fraction: outcome.bubble,
+        bubble_fraction: outcome.bubble(),
         exchange_fraction: (world.get() > 1)
             .then(|| outcome.exchange_seconds / outcome.seconds.max(1e-9)),
     }
