@@ -10,7 +10,7 @@ use kiln_models::ResNetDepth;
 use kiln_models::quant::{Granularity, QuantBits, QuantScheme};
 use kiln_multi::pipeline::PipelineSchedule;
 use kiln_multi::{DeviceSpec, WorldSize, ZeroStage};
-use kiln_trainer::checkpoint::latest_checkpoint;
+use kiln_trainer::checkpoint::{KeepBest, latest_checkpoint};
 use kiln_trainer::report::Verbosity;
 
 use crate::cnn_mnist::{
@@ -185,12 +185,33 @@ pub struct OptimizerArgs {
     /// the effective batch is --batch-size x N.
     #[arg(long, value_name = "N", help_heading = "Optimizer")]
     pub accumulation_steps: Option<NonZeroUsize>,
+    /// How often checkpoints are written and which stay.
+    #[command(flatten)]
+    pub checkpoints: CheckpointArgs,
+}
+
+/// The checkpoint flags of `kiln train` and `kiln finetune`. Unset, a fresh run keeps the
+/// last 5 epochs' checkpoints and the best one, and a resumed run its checkpoint's settings.
+#[derive(Debug, Clone, Args)]
+pub struct CheckpointArgs {
     /// Also write a checkpoint every N optimizer steps inside an epoch, so that a killed or
     /// preempted run loses at most N steps; the latest one is kept, each epoch's end has its
     /// own. --resume continues from it exactly as if never stopped (on as many ranks).
     /// SIGTERM or Ctrl-C always stops after the current step with a checkpoint there.
     #[arg(long, value_name = "N", help_heading = "Checkpoints")]
     pub checkpoint_every: Option<std::num::NonZeroU64>,
+    /// Keep the checkpoints of the last N epochs (and the best, see --keep-best); 0 keeps
+    /// every epoch's [default: 5].
+    #[arg(long, value_name = "N", help_heading = "Checkpoints")]
+    pub keep_last: Option<usize>,
+    /// Also keep the best epoch's checkpoint by a validation figure: auto (accuracy where the
+    /// run reports it, else loss), max:NAME, min:NAME (e.g. min:mae), or none [default: auto].
+    #[arg(long, value_name = "BY", value_parser = parse_keep_best, help_heading = "Checkpoints")]
+    pub keep_best: Option<KeepBest>,
+}
+
+fn parse_keep_best(text: &str) -> std::result::Result<KeepBest, String> {
+    text.parse()
 }
 
 impl OptimizerArgs {
@@ -230,7 +251,9 @@ impl OptimizerArgs {
             }),
             clip_grad_norm: self.clip_grad_norm,
             accumulation_steps: self.accumulation_steps,
-            checkpoint_every: self.checkpoint_every,
+            checkpoint_every: self.checkpoints.checkpoint_every,
+            keep_last: self.checkpoints.keep_last.map(NonZeroUsize::new),
+            keep_best: self.checkpoints.keep_best.clone(),
         }
     }
 }

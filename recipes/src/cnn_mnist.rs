@@ -58,6 +58,10 @@ pub struct TrainerOverrides {
     pub accumulation_steps: Option<NonZeroUsize>,
     /// Optimizer steps between mid-epoch checkpoints.
     pub checkpoint_every: Option<std::num::NonZeroU64>,
+    /// Epoch checkpoints kept: the last N (`Some(None)`: all).
+    pub keep_last: Option<Option<NonZeroUsize>>,
+    /// The best epoch kept by this figure.
+    pub keep_best: Option<kiln_trainer::checkpoint::KeepBest>,
 }
 
 /// The optimizer flags (`--optimizer`, `--momentum`, `--nesterov`, `--weight-decay`).
@@ -144,6 +148,10 @@ impl TrainerOverrides {
             clip_grad_norm: self.clip_grad_norm.or(base.clip_grad_norm),
             accumulation_steps,
             checkpoint_every: self.checkpoint_every.or(base.checkpoint_every),
+            retention: kiln_trainer::checkpoint::Retention {
+                keep_last: self.keep_last.unwrap_or(base.retention.keep_last),
+                keep_best: self.keep_best.clone().unwrap_or(base.retention.keep_best),
+            },
             ..base
         })
     }

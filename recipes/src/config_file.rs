@@ -388,6 +388,9 @@ fn trainer_keys(config: &TrainerConfig) -> Vec<(&'static str, toml::Value)> {
     if let Some(every) = config.checkpoint_every {
         keys.push(("checkpoint-every", int(every.get())));
     }
+    let keep_last = config.retention.keep_last.map_or(0, |n| n.get() as u64);
+    keys.push(("keep-last", int(keep_last)));
+    keys.push(("keep-best", Text(config.retention.keep_best.to_string())));
     match config.optimizer {
         OptimizerConfig::Sgd {
             momentum,

@@ -43,6 +43,9 @@ pub struct TrainerConfig {
     /// one is kept; each epoch's end is always checkpointed). May change on resume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_every: Option<std::num::NonZeroU64>,
+    /// Which epoch checkpoints stay (default: the last 5 and the best). May change on resume.
+    #[serde(default)]
+    pub retention: crate::checkpoint::Retention,
 }
 
 /// A learning rate for the parameters under one module path.
@@ -69,6 +72,7 @@ impl Default for TrainerConfig {
             seed: 42,
             lr_groups: Vec::new(),
             checkpoint_every: None,
+            retention: crate::checkpoint::Retention::default(),
         }
     }
 }

@@ -4,6 +4,7 @@
 mod base;
 mod file;
 mod resume;
+mod retention;
 
 pub use base::{Checkpoint, EpochMetrics, MidEpoch, TrainerState};
 pub(crate) use file::write_atomic as file_write_atomic;
@@ -13,3 +14,5 @@ pub use resume::{
     step_checkpoint_path,
 };
 pub(crate) use resume::{checkpoint_position, list_checkpoints};
+pub(crate) use retention::apply as apply_retention;
+pub use retention::{KeepBest, Retention};

@@ -23,8 +23,8 @@ use super::resume_point::{
     gather_progress, remove_superseded_mid_epoch, resumed_rank_progress, stopped,
 };
 use crate::checkpoint::{
-    Checkpoint, EpochMetrics, MidEpoch, TrainerState, checkpoint_path, step_checkpoint_path,
-    write_checkpoint_atomic,
+    Checkpoint, EpochMetrics, MidEpoch, TrainerState, apply_retention, checkpoint_path,
+    step_checkpoint_path, write_checkpoint_atomic,
 };
 use crate::config::TrainerConfig;
 use crate::error::{Result, TrainError};
@@ -577,6 +577,7 @@ impl Trainer {
         write_checkpoint_atomic(&path, &checkpoint)?;
         if is_epoch_end {
             write_metrics_jsonl(&self.run_dir, history)?;
+            apply_retention(&self.run_dir, &self.config.retention, history)?;
         }
         remove_superseded_mid_epoch(&self.run_dir, &path)?;
         Ok(Some(path))
