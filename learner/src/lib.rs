@@ -2,9 +2,9 @@
 //!
 //! A burn-train program (a model with `TrainStep`/`InferenceStep`, Burn data loaders,
 //! burn-train's metrics and checkpointer) switches to kiln's collectives by changing its
-//! strategy line:
+//! strategy line (the whole program, compiled and run by CI: `examples/own-model/src/learner.rs`):
 //!
-//! ```ignore
+//! ```text
 //! SupervisedTraining::new(dir, train_loader, valid_loader)
 //!     .with_training_strategy(KilnDataParallel::threads(2, device).into())
 //!     .launch(learner);
