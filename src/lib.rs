@@ -8,7 +8,8 @@
 //! - [`learner`] (`kiln-learner`): kiln's data parallelism as a burn-train training strategy;
 //! - [`recipes`] (`kiln-recipes`): reproducible workflows such as cnn-mnist.
 //!
-//! The `kiln` binary (`src/main.rs`) is the command-line front end of the recipes.
+//! The `kiln` binary (`src/main.rs`) is the command-line front end of the recipes;
+//! [`fuzz`] is the mutation fuzzer of kiln's file readers (`benches/fuzz_readers.rs`).
 
 pub use kiln_kernels as kernels;
 pub use kiln_learner as learner;
@@ -16,3 +17,5 @@ pub use kiln_models as models;
 pub use kiln_multi as multi;
 pub use kiln_recipes as recipes;
 pub use kiln_trainer as trainer;
+
+pub mod fuzz;

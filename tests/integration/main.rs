@@ -5,6 +5,7 @@
 //! - `cli`: bad input gives a clear error and a non-zero exit, never a panic;
 //! - `training`: the cnn-mnist recipe learns, and `--resume` reproduces an uninterrupted run;
 //! - `data_parallel`: training on N ranks equals one device, through the trainer and the CLI;
+//! - `fuzz`: the reader fuzzer's regression inputs and a short seeded pass;
 //! - `experiments`: `--config` files (a run's `config.toml` reproduces it; bad files name the
 //!   key and line), `kiln runs` (finished vs killed runs) and `kiln plot`;
 //! - `finetune`: ResNet-18 fine-tuned on the shipped image folder from PyTorch weights,
@@ -17,12 +18,18 @@
 //!   quantization-aware training;
 //! - `resnet`: torchvision ResNet-18 weights from PyTorch give PyTorch's logits.
 
+/// Measures the largest allocation of each input the reader fuzzer's tests read
+/// (`kiln::fuzz`); every other test allocates as usual.
+#[global_allocator]
+static ALLOCATOR: kiln::fuzz::TrackingAllocator = kiln::fuzz::TrackingAllocator;
+
 mod cli;
 mod common;
 mod data_parallel;
 mod experiments;
 mod fault;
 mod finetune;
+mod fuzz;
 mod general;
 mod kernels;
 mod launch;

@@ -197,13 +197,29 @@ pub fn is_image_file(path: &Path) -> bool {
     path.is_file() && is_image(path)
 }
 
+/// What a decoder may allocate for a file of `len` bytes: deflate (PNG) expands at most about
+/// 1,032 times, JPEG far less, so a header claiming more pixels than that is refused before
+/// its buffer is allocated; 16 MiB at least, 256 MiB at most (a 40-megapixel photo).
+fn decode_limits(len: u64) -> image::Limits {
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(len.saturating_mul(1100).clamp(16 << 20, 256 << 20));
+    limits.max_image_width = Some(1 << 15);
+    limits.max_image_height = Some(1 << 15);
+    limits
+}
+
 /// Decodes `path` to RGB and resizes it so that its shorter side is `short_side`.
 fn load_resized(path: &Path, short_side: u32) -> Result<RgbImage> {
     let bad = |reason: String| TrainError::data(path, reason);
-    let image = ImageReader::open(path)
+    let len = std::fs::metadata(path)
+        .map_err(|e| bad(e.to_string()))?
+        .len();
+    let mut reader = ImageReader::open(path)
         .map_err(|e| bad(e.to_string()))?
         .with_guessed_format()
-        .map_err(|e| bad(e.to_string()))?
+        .map_err(|e| bad(e.to_string()))?;
+    reader.limits(decode_limits(len));
+    let image = reader
         .decode()
         .map_err(|e| bad(format!("cannot decode: {e}")))?
         .to_rgb8();
