@@ -208,6 +208,10 @@ pub struct CheckpointArgs {
     /// run reports it, else loss), max:NAME, min:NAME (e.g. min:mae), or none [default: auto].
     #[arg(long, value_name = "BY", value_parser = parse_keep_best, help_heading = "Checkpoints")]
     pub keep_best: Option<KeepBest>,
+    /// Write each checkpoint before training goes on, instead of on a background thread
+    /// while the next steps run (the default; a crash mid-write keeps the previous one).
+    #[arg(long, help_heading = "Checkpoints")]
+    pub sync_checkpoints: bool,
 }
 
 fn parse_keep_best(text: &str) -> std::result::Result<KeepBest, String> {
@@ -254,6 +258,7 @@ impl OptimizerArgs {
             checkpoint_every: self.checkpoints.checkpoint_every,
             keep_last: self.checkpoints.keep_last.map(NonZeroUsize::new),
             keep_best: self.checkpoints.keep_best.clone(),
+            sync_checkpoints: self.checkpoints.sync_checkpoints,
         }
     }
 }

@@ -62,6 +62,8 @@ pub struct TrainerOverrides {
     pub keep_last: Option<Option<NonZeroUsize>>,
     /// The best epoch kept by this figure.
     pub keep_best: Option<kiln_trainer::checkpoint::KeepBest>,
+    /// Write checkpoints on the training thread.
+    pub sync_checkpoints: bool,
 }
 
 /// The optimizer flags (`--optimizer`, `--momentum`, `--nesterov`, `--weight-decay`).
@@ -152,6 +154,7 @@ impl TrainerOverrides {
                 keep_last: self.keep_last.unwrap_or(base.retention.keep_last),
                 keep_best: self.keep_best.clone().unwrap_or(base.retention.keep_best),
             },
+            sync_checkpoints: self.sync_checkpoints || base.sync_checkpoints,
             ..base
         })
     }

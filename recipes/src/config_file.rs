@@ -391,6 +391,7 @@ fn trainer_keys(config: &TrainerConfig) -> Vec<(&'static str, toml::Value)> {
     let keep_last = config.retention.keep_last.map_or(0, |n| n.get() as u64);
     keys.push(("keep-last", int(keep_last)));
     keys.push(("keep-best", Text(config.retention.keep_best.to_string())));
+    keys.push(("sync-checkpoints", Boolean(config.sync_checkpoints)));
     match config.optimizer {
         OptimizerConfig::Sgd {
             momentum,

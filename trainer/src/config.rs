@@ -46,6 +46,10 @@ pub struct TrainerConfig {
     /// Which epoch checkpoints stay (default: the last 5 and the best). May change on resume.
     #[serde(default)]
     pub retention: crate::checkpoint::Retention,
+    /// Write checkpoints on the training thread, which waits for each, instead of on a
+    /// background thread while training goes on (the default).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sync_checkpoints: bool,
 }
 
 /// A learning rate for the parameters under one module path.
@@ -73,6 +77,7 @@ impl Default for TrainerConfig {
             lr_groups: Vec::new(),
             checkpoint_every: None,
             retention: crate::checkpoint::Retention::default(),
+            sync_checkpoints: false,
         }
     }
 }

@@ -5,6 +5,7 @@ mod base;
 mod file;
 mod resume;
 mod retention;
+mod writer;
 
 pub use base::{Checkpoint, EpochMetrics, MidEpoch, TrainerState};
 pub(crate) use file::write_atomic as file_write_atomic;
@@ -16,3 +17,4 @@ pub use resume::{
 pub(crate) use resume::{checkpoint_position, list_checkpoints};
 pub(crate) use retention::apply as apply_retention;
 pub use retention::{KeepBest, Retention};
+pub(crate) use writer::BackgroundWriter;

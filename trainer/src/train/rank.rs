@@ -23,8 +23,8 @@ use super::resume_point::{
     gather_progress, remove_superseded_mid_epoch, resumed_rank_progress, stopped,
 };
 use crate::checkpoint::{
-    Checkpoint, EpochMetrics, MidEpoch, TrainerState, apply_retention, checkpoint_path,
-    step_checkpoint_path, write_checkpoint_atomic,
+    BackgroundWriter, Checkpoint, EpochMetrics, MidEpoch, TrainerState, apply_retention,
+    checkpoint_path, step_checkpoint_path, write_checkpoint_atomic,
 };
 use crate::config::TrainerConfig;
 use crate::error::{Result, TrainError};
@@ -170,6 +170,8 @@ struct RankRun {
     last_checkpoint: Option<PathBuf>,
     progress: Progress,
     events: Option<EventWriter>,
+    /// The checkpoint write in flight (reporting rank).
+    writer: BackgroundWriter,
 }
 
 impl Trainer {
@@ -214,6 +216,7 @@ impl Trainer {
             last_checkpoint: restored.last_checkpoint,
             progress,
             events,
+            writer: BackgroundWriter::new(self.config.sync_checkpoints),
         };
         let mut result = Ok(model);
         for epoch in resumed_from_epoch..self.config.epochs {
@@ -223,6 +226,8 @@ impl Trainer {
                 Ok(model)
             });
         }
+        // The last checkpoint is on disk before the run reports it.
+        let result = result.and_then(|model| run.writer.wait().map(|()| model));
         if let Some(state) = state {
             state.end(&result);
         }
@@ -351,6 +356,7 @@ impl Trainer {
                 }
                 StretchEnd::Stop(signal) => {
                     self.save_mid_epoch(plan, run, &model, &progress)?;
+                    run.writer.wait()?;
                     let step = run.step + progress.steps;
                     // Every rank names the file rank 0 wrote.
                     let path = step_checkpoint_path(&self.run_dir, run.history.len(), step);
@@ -374,6 +380,7 @@ impl Trainer {
         run.last_checkpoint = saved.or(run.last_checkpoint.take());
         match stopped_at_end {
             Some(signal) => {
+                run.writer.wait()?;
                 let path = checkpoint_path(&self.run_dir, run.history.len());
                 Err(stopped(signal, run.step, Some(path), &run.progress))
             }
@@ -386,7 +393,7 @@ impl Trainer {
     fn save_mid_epoch<M: Module, B>(
         &self,
         plan: &RankPlan<'_, M, B>,
-        run: &RankRun,
+        run: &mut RankRun,
         model: &M,
         progress: &EpochProgress,
     ) -> Result<Option<PathBuf>> {
@@ -527,7 +534,7 @@ impl Trainer {
     fn save_checkpoint<M: Module, B>(
         &self,
         plan: &RankPlan<'_, M, B>,
-        run: &RankRun,
+        run: &mut RankRun,
         model: &M,
         mid_epoch: Option<MidEpoch>,
     ) -> Result<Option<PathBuf>> {
@@ -574,12 +581,16 @@ impl Trainer {
             model: model_bytes,
             optimizer: optimizer_bytes,
         };
-        write_checkpoint_atomic(&path, &checkpoint)?;
-        if is_epoch_end {
-            write_metrics_jsonl(&self.run_dir, history)?;
-            apply_retention(&self.run_dir, &self.config.retention, history)?;
-        }
-        remove_superseded_mid_epoch(&self.run_dir, &path)?;
+        let (run_dir, retention) = (self.run_dir.clone(), self.config.retention.clone());
+        let (written, history) = (path.clone(), history.clone());
+        run.writer.submit(move || {
+            write_checkpoint_atomic(&written, &checkpoint)?;
+            if is_epoch_end {
+                write_metrics_jsonl(&run_dir, &history)?;
+                apply_retention(&run_dir, &retention, &history)?;
+            }
+            remove_superseded_mid_epoch(&run_dir, &written)
+        })?;
         Ok(Some(path))
     }
 
