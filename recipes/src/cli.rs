@@ -383,6 +383,21 @@ fn run_target(
     out: &Option<PathBuf>,
     name: &str,
 ) -> Result<RunTarget> {
+    let (attempt, max_restarts) = crate::distributed::launch_restarts();
+    if max_restarts > 0 && resume.is_none() {
+        // A restarted job continues from the checkpoints its earlier attempt left.
+        let Some(out) = out else {
+            return Err(crate::RecipeError::Options {
+                flag: "--out",
+                reason: "kiln launch --max-restarts restarts the job from its checkpoints, \
+                         which must be where every attempt finds them: give the job --out DIR"
+                    .into(),
+            });
+        };
+        if attempt > 0 && latest_checkpoint(out)?.is_some() {
+            return Ok(RunTarget::Resume(out.clone()));
+        }
+    }
     Ok(match (resume, out) {
         (Some(Some(path)), _) => RunTarget::Resume(path.clone()),
         (Some(None), Some(out)) => RunTarget::Resume(out.clone()),

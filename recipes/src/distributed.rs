@@ -17,6 +17,22 @@ use crate::error::RecipeError;
 /// Whether this binary was built with the MPI engine (the `mpi` feature).
 pub const MPI_ENABLED: bool = cfg!(feature = "mpi");
 
+/// Set by `kiln launch` for its ranks: the attempt (0 first, one more per restart).
+pub const RESTART_ENV: &str = "KILN_RESTART";
+/// Set by `kiln launch` for its ranks: the restarts it allows (`--max-restarts`).
+pub const MAX_RESTARTS_ENV: &str = "KILN_MAX_RESTARTS";
+
+/// Under `kiln launch --max-restarts`: (this attempt, the restarts allowed); (0, 0) otherwise.
+pub fn launch_restarts() -> (u32, u32) {
+    let read = |name| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (read(RESTART_ENV), read(MAX_RESTARTS_ENV))
+}
+
 /// Runs `job` in this process: with `None` when no launcher started it (or it is the only
 /// rank), with this rank's handle on the job's group otherwise.
 ///

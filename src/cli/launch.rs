@@ -9,6 +9,7 @@ use std::sync::Mutex;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
+use kiln_recipes::distributed::{MAX_RESTARTS_ENV, RESTART_ENV};
 
 /// Flags of `kiln launch`.
 #[derive(Debug, Args)]
@@ -48,6 +49,13 @@ pub struct LaunchArgs {
     /// Print the mpirun command line and exit.
     #[arg(long)]
     dry_run: bool,
+    /// When a rank dies (killed, out of memory, a panic), stop the job and start it again
+    /// from its latest checkpoint, up to N times (like torchrun's --max-restarts). The job's
+    /// `kiln train` or `kiln finetune` needs --out; a restart resumes from that directory
+    /// (use --checkpoint-every to lose at most that many steps) and ends with the model of an
+    /// uninterrupted run.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    max_restarts: u32,
     /// The command every rank runs, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<OsString>,
@@ -64,7 +72,8 @@ enum Transport {
     Tcp,
 }
 
-/// Runs `kiln launch`; the exit code is mpirun's (non-zero when any rank failed).
+/// Runs `kiln launch`; the exit code is mpirun's (non-zero when any rank failed and no
+/// restart was left).
 pub fn run(args: &LaunchArgs) -> anyhow::Result<ExitCode> {
     let (program, mpirun_args) = mpirun_command(args)?;
     if args.dry_run {
@@ -74,9 +83,44 @@ pub fn run(args: &LaunchArgs) -> anyhow::Result<ExitCode> {
         println!("{}", words.join(" "));
         return Ok(ExitCode::SUCCESS);
     }
-    let mut command = Command::new(&program);
+    for attempt in 0..=args.max_restarts {
+        let (status, summary) = run_once(args, (&program, &mpirun_args), attempt)?;
+        if status.success() {
+            if attempt > 0 {
+                eprintln!("kiln launch: the job finished after {attempt} restart(s)");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        let code = status.code().unwrap_or(1);
+        if attempt < args.max_restarts {
+            eprintln!(
+                "kiln launch: the job failed (mpirun exit code {code}): {summary}; restarting it \
+                 from its latest checkpoint (restart {} of {})",
+                attempt + 1,
+                args.max_restarts
+            );
+            continue;
+        }
+        eprintln!("kiln launch: the job failed (mpirun exit code {code}): {summary}");
+        return Ok(ExitCode::from(
+            u8::try_from(code).ok().filter(|&c| c != 0).unwrap_or(1),
+        ));
+    }
+    unreachable!("the last attempt returns")
+}
+
+/// One run of the job: mpirun's status, and what its lines said of failed ranks.
+fn run_once(
+    args: &LaunchArgs,
+    (program, mpirun_args): (&PathBuf, &[OsString]),
+    attempt: u32,
+) -> anyhow::Result<(std::process::ExitStatus, String)> {
+    let mut command = Command::new(program);
     command
-        .args(&mpirun_args)
+        .env(RESTART_ENV, attempt.to_string())
+        .env(MAX_RESTARTS_ENV, args.max_restarts.to_string());
+    command
+        .args(mpirun_args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -122,20 +166,13 @@ pub fn run(args: &LaunchArgs) -> anyhow::Result<ExitCode> {
     if let Some(dir) = &session_dir {
         let _ = std::fs::remove_dir_all(dir);
     }
-    if status.success() {
-        return Ok(ExitCode::SUCCESS);
-    }
     let failures = failures.into_inner().unwrap_or_else(|p| p.into_inner());
-    let code = status.code().unwrap_or(1);
     let summary = if failures.is_empty() {
         String::from("a rank failed (see mpirun's messages above)")
     } else {
         failures.join("; ")
     };
-    eprintln!("kiln launch: the job failed (mpirun exit code {code}): {summary}");
-    Ok(ExitCode::from(
-        u8::try_from(code).ok().filter(|&c| c != 0).unwrap_or(1),
-    ))
+    Ok((status, summary))
 }
 
 /// The mpirun program and its arguments for `args`.
@@ -148,6 +185,15 @@ fn mpirun_command(args: &LaunchArgs) -> anyhow::Result<(PathBuf, Vec<OsString>)>
         total.to_string().into(),
         "--tag-output".into(),
     ];
+    if args.max_restarts > 0 {
+        // Every host's ranks learn the attempt.
+        out.extend([
+            "-x".into(),
+            RESTART_ENV.into(),
+            "-x".into(),
+            MAX_RESTARTS_ENV.into(),
+        ]);
+    }
     if hosts > 0 {
         let list: Vec<String> = args
             .hosts

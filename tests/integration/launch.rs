@@ -254,6 +254,126 @@ mod mpi {
         }
     }
 
+    #[test]
+    fn a_killed_rank_restarts_the_job_from_its_checkpoint_to_the_same_model() {
+        // kill -9 of rank 1 once the first mid-epoch checkpoint exists; --max-restarts 1
+        // resumes from it; the run ends as an uninterrupted one does, bit for bit.
+        let dir = tempfile::tempdir().unwrap();
+        let (whole, restarted) = (dir.path().join("whole"), dir.path().join("restarted"));
+        let flags = ["--limit", "2048", "--epochs", "3", "-q"];
+        let out = whole.to_str().unwrap();
+        kiln_ok(&[&TRAIN_ON_2_PROCESSES[..], &flags, &["--out", out]].concat());
+        let out = restarted.to_str().unwrap();
+        let marker = format!("{}-{out}", std::process::id());
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .env("KILN_TEST_JOB", &marker)
+            .args([
+                "launch",
+                "--nproc-per-node",
+                "2",
+                "--max-restarts",
+                "1",
+                "--",
+            ])
+            .args([
+                "kiln",
+                "train",
+                "cnn-mnist",
+                "--checkpoint-every",
+                "10",
+                "--out",
+                out,
+            ])
+            .args(flags)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let checkpoints = restarted.join("checkpoints");
+        let has_step_checkpoint = || {
+            std::fs::read_dir(&checkpoints).is_ok_and(|entries| {
+                entries
+                    .flatten()
+                    .any(|e| e.file_name().to_string_lossy().contains("-step-"))
+            })
+        };
+        while !has_step_checkpoint() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pid = *pids_of_rank(&marker, 1).first().expect("rank 1 runs");
+        let killed = Instant::now();
+        // SAFETY: signalling a process of the job this test started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = Command::new("pkill").args(["-9", "-f", &marker]).status();
+                panic!("the restarted job did not finish in time");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stderr}");
+        for needle in [
+            "rank 1 exited on signal 9",
+            "restarting it from its latest checkpoint (restart 1 of 1)",
+            "the job finished after 1 restart(s)",
+        ] {
+            assert!(stderr.contains(needle), "{needle:?} missing: {stderr}");
+        }
+        eprintln!(
+            "killed rank 1: restarted and finished in {:?}",
+            killed.elapsed()
+        );
+        let metrics = |run: &Path| std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        let results = |text: String| -> Vec<(f64, f64, f64)> {
+            text.lines()
+                .map(|l| {
+                    let m: serde_json::Value = serde_json::from_str(l).unwrap();
+                    let f = |k: &str| m[k].as_f64().unwrap();
+                    (f("train_loss"), f("test_loss"), f("test_accuracy"))
+                })
+                .collect()
+        };
+        assert_eq!(results(metrics(&restarted)), results(metrics(&whole)));
+        // The parameters (a record's bytes also hold the processes' random parameter ids).
+        let params = |run: &Path| {
+            let path = run.join("checkpoints/epoch-0003.ckpt");
+            let checkpoint = kiln::trainer::checkpoint::read_checkpoint(&path).unwrap();
+            let device = burn::tensor::Device::flex();
+            let model = kiln::models::SimpleCnnConfig::new().init(&device, 0);
+            let model = checkpoint.load_model(model, &path).unwrap();
+            kiln::multi::data_parallel::flatten_params(&model).unwrap()
+        };
+        assert!(
+            params(&restarted) == params(&whole),
+            "the final models differ"
+        );
+    }
+
+    /// `kiln launch --max-restarts` needs the job's --out (where a restart finds it).
+    #[test]
+    fn restarts_need_the_jobs_out_directory() {
+        let output = crate::common::kiln(&[
+            "launch",
+            "--nproc-per-node",
+            "1",
+            "--max-restarts",
+            "1",
+            "--",
+            "kiln",
+            "train",
+            "cnn-mnist",
+            "--epochs",
+            "1",
+        ]);
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("give the job --out DIR"), "{stderr}");
+    }
+
     /// The own-model example's binary (`target/release/own-model`), built with `mpi`.
     fn own_model() -> String {
         let binary = Path::new(env!("CARGO_BIN_EXE_kiln"))
