@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use kiln_recipes::distributed::{MAX_RESTARTS_ENV, RESTART_ENV};
+use kiln_trainer::StopSignal;
 
 /// Flags of `kiln launch`.
 #[derive(Debug, Args)]
@@ -83,8 +84,21 @@ pub fn run(args: &LaunchArgs) -> anyhow::Result<ExitCode> {
         println!("{}", words.join(" "));
         return Ok(ExitCode::SUCCESS);
     }
+    StopSignal::install_handlers().context("cannot install the SIGTERM handler")?;
     for attempt in 0..=args.max_restarts {
-        let (status, summary) = run_once(args, (&program, &mpirun_args), attempt)?;
+        let Attempt {
+            status,
+            summary,
+            stop,
+        } = run_once(args, (&program, &mpirun_args), attempt)?;
+        if let Some(signal) = stop {
+            eprintln!(
+                "kiln launch: stopped by {}: the ranks stopped after one step, at a checkpoint \
+                 (see rank 0's line); continue with --resume",
+                kiln_trainer::stop::signal_name(signal)
+            );
+            return Ok(ExitCode::from(u8::try_from(128 + signal).unwrap_or(1)));
+        }
         if status.success() {
             if attempt > 0 {
                 eprintln!("kiln launch: the job finished after {attempt} restart(s)");
@@ -114,8 +128,11 @@ fn run_once(
     args: &LaunchArgs,
     (program, mpirun_args): (&PathBuf, &[OsString]),
     attempt: u32,
-) -> anyhow::Result<(std::process::ExitStatus, String)> {
+) -> anyhow::Result<Attempt> {
     let mut command = Command::new(program);
+    // A group of its own: a Ctrl-C in the terminal reaches the launcher alone, which passes
+    // the stop on (mpirun would otherwise kill the ranks before they checkpoint).
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
     command
         .env(RESTART_ENV, attempt.to_string())
         .env(MAX_RESTARTS_ENV, args.max_restarts.to_string());
@@ -157,10 +174,11 @@ fn run_once(
     let stderr = child.stderr.take().expect("stderr is piped");
     let failures = Mutex::new(Vec::<String>::new());
     let prefix = !args.no_prefix;
-    let status = std::thread::scope(|scope| {
+    StopSignal::kill_group_on_second_signal(child.id() as i32);
+    let (status, stop) = std::thread::scope(|scope| {
         scope.spawn(|| relay(stdout, prefix, &failures));
         scope.spawn(|| relay(stderr, prefix, &failures));
-        child.wait()
+        wait_forwarding_stop(&mut child)
     })
     .context("waiting for mpirun")?;
     if let Some(dir) = &session_dir {
@@ -172,7 +190,41 @@ fn run_once(
     } else {
         failures.join("; ")
     };
-    Ok((status, summary))
+    Ok(Attempt {
+        status,
+        summary,
+        stop,
+    })
+}
+
+/// How one run of the job ended.
+struct Attempt {
+    status: std::process::ExitStatus,
+    /// What mpirun's lines said of failed ranks.
+    summary: String,
+    /// The signal the launcher was stopped by, passed on to the ranks.
+    stop: Option<i32>,
+}
+
+/// Waits for mpirun; a SIGTERM or Ctrl-C to the launcher reaches every rank as SIGUSR1
+/// (mpirun forwards it, while its own SIGTERM would kill them a second later), and the ranks
+/// stop together at one step with one checkpoint.
+fn wait_forwarding_stop(
+    child: &mut std::process::Child,
+) -> std::io::Result<(std::process::ExitStatus, Option<i32>)> {
+    let stop = StopSignal::process();
+    let mut forwarded = None;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok((status, forwarded));
+        }
+        if let (None, Some(signal)) = (forwarded, stop.requested()) {
+            // SAFETY: signalling the mpirun this launcher started and has not reaped.
+            unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+            forwarded = Some(signal);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// The mpirun program and its arguments for `args`.

@@ -353,6 +353,76 @@ mod mpi {
         );
     }
 
+    #[test]
+    fn sigterm_to_the_launcher_stops_every_rank_at_one_checkpoint() {
+        // SIGTERM to `kiln launch` reaches both ranks (as SIGUSR1 through mpirun); they stop
+        // after the same step with one checkpoint, the launcher exits 143, and the run resumed
+        // (to 6 epochs) equals an uninterrupted 6-epoch run.
+        let dir = tempfile::tempdir().unwrap();
+        let (whole, stopped) = (dir.path().join("whole"), dir.path().join("stopped"));
+        let flags = ["--limit", "2048", "-q"];
+        let out = whole.to_str().unwrap();
+        kiln_ok(
+            &[
+                &TRAIN_ON_2_PROCESSES[..],
+                &flags,
+                &["--epochs", "6", "--out", out],
+            ]
+            .concat(),
+        );
+        let out = stopped.to_str().unwrap();
+        let launcher = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(TRAIN_ON_2_PROCESSES)
+            .args(flags)
+            .args(["--epochs", "40", "--out", out])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !stopped.join("checkpoints/epoch-0002.ckpt").exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: signalling the launcher this test started.
+        unsafe { libc::kill(launcher.id() as i32, libc::SIGTERM) };
+        let output = launcher.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(143), "{stderr}");
+        assert!(
+            stderr.contains("kiln launch: stopped by SIGTERM"),
+            "{stderr}"
+        );
+        let stops: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.contains("stopped by SIGTERM after step"))
+            .collect();
+        assert_eq!(stops.len(), 2, "both ranks stop: {stderr}");
+        fn step(line: &str) -> Option<&str> {
+            line.split("after step ").nth(1)?.split(';').next()
+        }
+        assert_eq!(step(stops[0]), step(stops[1]), "at the same step: {stderr}");
+        let resume = [
+            &TRAIN_ON_2_PROCESSES[..],
+            &flags,
+            &["--epochs", "6", "--out", out],
+        ];
+        kiln_ok(&[&resume.concat()[..], &["--resume"]].concat());
+        let results = |run: &Path| -> Vec<(f64, f64)> {
+            std::fs::read_to_string(run.join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let m: serde_json::Value = serde_json::from_str(l).unwrap();
+                    (
+                        m["train_loss"].as_f64().unwrap(),
+                        m["test_loss"].as_f64().unwrap(),
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(results(&stopped), results(&whole));
+    }
+
     /// `kiln launch --max-restarts` needs the job's --out (where a restart finds it).
     #[test]
     fn restarts_need_the_jobs_out_directory() {

@@ -13,6 +13,10 @@ use crate::error::Result;
 /// The signal number asking this process to stop (0: none), set by the handlers.
 static PROCESS_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
+/// A process group to kill when a second signal ends this process at once (a launcher's
+/// job); 0: none.
+static GROUP_ON_SECOND_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
 /// A request to stop a run, polled by the trainer after every optimizer step.
 #[derive(Debug, Clone)]
 pub struct StopSignal {
@@ -77,18 +81,31 @@ impl StopSignal {
 
     /// Installs SIGTERM and SIGINT handlers that request a stop of this process's runs; a
     /// second signal while the first is being handled ends the process at once with the
-    /// conventional status 128 + signal.
+    /// conventional status 128 + signal. SIGUSR1 asks as SIGTERM does: it is how `kiln
+    /// launch` passes a stop to its ranks (mpirun forwards SIGUSR1 to every rank, while its
+    /// own SIGTERM would kill them a second later).
     ///
     /// # Errors
     /// The operating system's error when a handler cannot be installed.
     #[cfg(unix)]
     pub fn install_handlers() -> std::io::Result<()> {
-        for signal in [libc::SIGTERM, libc::SIGINT] {
+        Self::install(on_signal)
+    }
+
+    /// Also kills process group `group` (a launched job) when a second signal ends this
+    /// process at once.
+    pub fn kill_group_on_second_signal(group: i32) {
+        GROUP_ON_SECOND_SIGNAL.store(group, Ordering::SeqCst);
+    }
+
+    #[cfg(unix)]
+    fn install(handler: extern "C" fn(libc::c_int)) -> std::io::Result<()> {
+        for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGUSR1] {
             // SAFETY: `on_signal` only touches an atomic and calls `_exit`, both
             // async-signal-safe; the sigaction struct is fully initialised.
             let installed = unsafe {
                 let mut action: libc::sigaction = std::mem::zeroed();
-                action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+                action.sa_sigaction = handler as usize;
                 libc::sigemptyset(&mut action.sa_mask);
                 libc::sigaction(signal, &action, std::ptr::null_mut())
             };
@@ -108,9 +125,20 @@ impl Default for StopSignal {
 
 #[cfg(unix)]
 extern "C" fn on_signal(signal: libc::c_int) {
+    let signal = if signal == libc::SIGUSR1 {
+        libc::SIGTERM
+    } else {
+        signal
+    };
     if PROCESS_SIGNAL.swap(signal, Ordering::SeqCst) != 0 {
-        // SAFETY: `_exit` is async-signal-safe.
-        unsafe { libc::_exit(128 + signal) };
+        let group = GROUP_ON_SECOND_SIGNAL.load(Ordering::SeqCst);
+        // SAFETY: `kill` and `_exit` are async-signal-safe.
+        unsafe {
+            if group > 0 {
+                libc::kill(-group, libc::SIGKILL);
+            }
+            libc::_exit(128 + signal)
+        };
     }
 }
 
