@@ -30,7 +30,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .iter()
         .zip(&b)
         .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, |m, d| if d.is_nan() || m.is_nan() { f32::NAN } else { m.max(d) });
+        .fold(0.0f32, |m, d| {
+            if d.is_nan() || m.is_nan() {
+                f32::NAN
+            } else {
+                m.max(d)
+            }
+        });
     println!("{{\"parameters\":{},\"max_abs_diff\":{max}}}", a.len());
     Ok(())
 }

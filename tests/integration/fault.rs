@@ -4,23 +4,17 @@
 //! device, on 2 data-parallel ranks and under ZeRO-2. Through the CLI, SIGTERM and Ctrl-C give
 //! the conventional exit status, a checkpoint and a run that resumes.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use burn::tensor::Device;
-use kiln::multi::data_parallel::flatten_params;
 use kiln::multi::{WorldSize, ZeroStage};
-use kiln::trainer::report::Verbosity;
-use kiln::trainer::{
-    Data, Execution, FitReport, RunLabels, Steps, StopSignal, TrainError, Trainer, TrainerConfig,
-};
+use kiln::trainer::{Execution, FitReport, TrainError, TrainerConfig};
 
 use crate::common::max_abs_diff;
-use crate::general::own_model::{Forecaster, Window, WindowBatch, WindowBatcher, waves};
-use crate::general::{assert_same_curves, config, initial_model};
+use crate::general::own_model::Forecaster;
+use crate::general::{assert_same_curves, config, fit_stopping, initial_model};
 
-/// Trains the forecaster; with `stop_at`, the training step asks the run to stop (SIGTERM)
-/// when it reaches that micro-batch (counted over all ranks).
+/// Trains the forecaster from `model` (see [`fit_stopping`]): its parameters and report.
 fn fit(
     model: &Forecaster,
     config: TrainerConfig,
@@ -29,43 +23,8 @@ fn fit(
     execution: &Execution,
     stop_at: Option<usize>,
 ) -> kiln::trainer::Result<(Vec<f32>, FitReport)> {
-    let (train, eval) = (waves(320, 5), waves(96, 6));
-    let stop = StopSignal::new();
-    let trainer = Trainer::new(
-        config,
-        run_dir,
-        RunLabels::named("fault-test", "forecaster"),
-    )?
-    .with_verbosity(Verbosity::Quiet)
-    .with_stop(stop.clone());
-    let resume = if resume {
-        kiln::trainer::checkpoint::load_latest(run_dir)?
-    } else {
-        None
-    };
-    let batches = AtomicUsize::new(0);
-    let train_step = |model: &Forecaster, batch: WindowBatch| {
-        if Some(batches.fetch_add(1, Ordering::SeqCst)) == stop_at {
-            stop.request(15);
-        }
-        model.kiln_step(batch)
-    };
-    let eval_step = |model: &Forecaster, batch: WindowBatch| model.kiln_step(batch);
-    let (model, report) = trainer.fit_model(
-        model.clone(),
-        Steps {
-            train: &train_step,
-            eval: &eval_step,
-        },
-        Data::<Window, WindowBatch> {
-            train: &train,
-            eval: &eval,
-            batcher: &WindowBatcher,
-        },
-        resume,
-        execution,
-    )?;
-    Ok((flatten_params(&model)?, report))
+    let run = fit_stopping(model.clone(), config, run_dir, resume, execution, stop_at)?;
+    Ok((run.params, run.report))
 }
 
 fn executions() -> Vec<(&'static str, Execution)> {

@@ -5,6 +5,7 @@
 
 use std::num::NonZeroUsize;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use burn::tensor::Device;
@@ -16,7 +17,7 @@ use kiln::multi::{
 use kiln::trainer::report::Verbosity;
 use kiln::trainer::{
     Data, Execution, FitReport, LrSchedule, OptimizerConfig, ProcessGroupConfig, RunLabels, Steps,
-    Trainer, TrainerConfig,
+    StopSignal, Trainer, TrainerConfig,
 };
 
 use crate::common::max_abs_diff;
@@ -48,9 +49,9 @@ pub(crate) fn config(epochs: usize) -> TrainerConfig {
     }
 }
 
-struct Run {
-    params: Vec<f32>,
-    report: FitReport,
+pub(crate) struct Run {
+    pub(crate) params: Vec<f32>,
+    pub(crate) report: FitReport,
 }
 
 /// The same initial model for every run (Burn's initialisers are not seeded).
@@ -65,24 +66,46 @@ fn fit(
     resume: bool,
     execution: &Execution,
 ) -> kiln::trainer::Result<Run> {
+    fit_stopping(model, config, run_dir, resume, execution, None)
+}
+
+/// [`fit`]; with `stop_at`, the training step asks the run to stop (as SIGTERM does) when it
+/// reaches that micro-batch (counted over all ranks).
+pub(crate) fn fit_stopping(
+    model: Forecaster,
+    config: TrainerConfig,
+    run_dir: &std::path::Path,
+    resume: bool,
+    execution: &Execution,
+    stop_at: Option<usize>,
+) -> kiln::trainer::Result<Run> {
     let (train, eval) = (waves(320, 5), waves(96, 6));
+    let stop = StopSignal::new();
     let trainer = Trainer::new(
         config,
         run_dir,
         RunLabels::named("general-test", "forecaster"),
     )?
-    .with_verbosity(Verbosity::Quiet);
+    .with_verbosity(Verbosity::Quiet)
+    .with_stop(stop.clone());
     let resume = if resume {
         kiln::trainer::checkpoint::load_latest(run_dir)?
     } else {
         None
     };
-    let step = |model: &Forecaster, batch: WindowBatch| model.kiln_step(batch);
+    let batches = AtomicUsize::new(0);
+    let train_step = |model: &Forecaster, batch: WindowBatch| {
+        if Some(batches.fetch_add(1, Ordering::SeqCst)) == stop_at {
+            stop.request(15);
+        }
+        model.kiln_step(batch)
+    };
+    let eval_step = |model: &Forecaster, batch: WindowBatch| model.kiln_step(batch);
     let (model, report) = trainer.fit_model(
         model,
         Steps {
-            train: &step,
-            eval: &step,
+            train: &train_step,
+            eval: &eval_step,
         },
         Data::<Window, WindowBatch> {
             train: &train,
