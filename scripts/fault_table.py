@@ -65,6 +65,17 @@ def rank_pid(marker, rank):
     return None
 
 
+def wait_pid(marker, rank, proc, limit=60.0):
+    """The rank's pid once it runs; None if the job ended first or it never showed."""
+    deadline = time.monotonic() + limit
+    while proc.poll() is None and time.monotonic() < deadline:
+        pid = rank_pid(marker, rank)
+        if pid:
+            return pid
+        time.sleep(0.02)
+    return None
+
+
 def compare(a, b):
     out = subprocess.run([COMPARE, a, b], capture_output=True, text=True, check=True)
     return json.loads(out.stdout)["max_abs_diff"]
@@ -83,9 +94,7 @@ def kill_run(base, reference, i, rng, duration):
     lines, reader = watch(proc)
     time.sleep(rng.uniform(0.3, duration * 0.85))
     rank = rng.choice([0, 1])
-    pid = None
-    while pid is None and proc.poll() is None:
-        pid = rank_pid(marker, rank)
+    pid = wait_pid(marker, rank, proc)
     ckpt_dir = os.path.join(out, "checkpoints")
     writing = os.path.isdir(ckpt_dir) and any(".tmp-" in f for f in os.listdir(ckpt_dir))
     killed = time.monotonic()
@@ -110,8 +119,8 @@ def stall_run(base, reference):
     out, marker = os.path.join(base, "stall"), f"stall-{os.getpid()}"
     proc = launch(out, ["--max-restarts", "1"], ["--collective-timeout", "5"], marker=marker)
     lines, reader = watch(proc)
-    time.sleep(1.5)
-    pid = rank_pid(marker, 1)
+    pid = wait_pid(marker, 1, proc)
+    time.sleep(1.0)
     stopped = time.monotonic()
     os.kill(pid, signal.SIGSTOP)
     proc.wait(timeout=600)
@@ -184,18 +193,23 @@ def main():
     ref = launch(reference)
     ref.wait()
     duration = time.monotonic() - started
-    rows = [kill_run(base, reference, i, rng, duration) for i in range(args.kills)]
-    rows += [stall_run(base, reference), sigterm_run(base, reference)]
-    disk = disk_full_run(base)
-    if disk:
-        rows.append(disk)
-    print(f"| fault | during a checkpoint write | outcome | exit | detected / stopped after (s) | max abs delta param |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
+    print("| fault | during a checkpoint write | outcome | exit | "
+          "detected / stopped after (s) | max abs delta param |")
+    print("|---|---|---|---|---|---|", flush=True)
+    faults = [lambda i=i: kill_run(base, reference, i, rng, duration)
+              for i in range(args.kills)]
+    faults += [lambda: stall_run(base, reference), lambda: sigterm_run(base, reference),
+               lambda: disk_full_run(base)]
+    rows = []
+    for fault in faults:
+        r = fault()
+        if r is None:
+            continue
+        rows.append(r)
         detect = "-" if r["detect_s"] is None else f"{r['detect_s']:.2f}"
         diff = "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:g}"
         print(f"| {r['fault']} | {'yes' if r['during_checkpoint_write'] else 'no'} | "
-              f"{r['outcome']} | {r['exit']} | {detect} | {diff} |")
+              f"{r['outcome']} | {r['exit']} | {detect} | {diff} |", flush=True)
     print(json.dumps({"reference_seconds": duration, "rows": rows}))
     shutil.rmtree(base, ignore_errors=True)
 
