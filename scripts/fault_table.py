@@ -2,8 +2,8 @@
 """The fault table of kiln's fault tolerance: a 2-process `kiln launch` of cnn-mnist hit by
 faults, each run compared with an uninterrupted one (max |delta param| of the final models).
 
-  - kill -9 of a random rank at N random moments (--max-restarts 1, --checkpoint-every 5);
-    a kill while rank 0 writes a checkpoint (a .tmp file present) is marked so;
+  - kill -9 of a random rank at N random moments (--max-restarts 1, --checkpoint-every 5),
+    every fourth one of rank 0 while it writes a checkpoint (a .tmp file present);
   - SIGSTOP of rank 1 beyond --collective-timeout (the job stops, then restarts);
   - SIGTERM to the launcher (the ranks stop at one step with a checkpoint; --resume goes on);
   - a disk that fills mid-run (a 4 MB tmpfs; root only).
@@ -92,11 +92,19 @@ def kill_run(base, reference, i, rng, duration):
     out, marker = os.path.join(base, f"kill-{i}"), f"kill-{i}-{os.getpid()}"
     proc = launch(out, ["--max-restarts", "1"], marker=marker)
     lines, reader = watch(proc)
-    time.sleep(rng.uniform(0.3, duration * 0.85))
-    rank = rng.choice([0, 1])
-    pid = wait_pid(marker, rank, proc)
     ckpt_dir = os.path.join(out, "checkpoints")
-    writing = os.path.isdir(ckpt_dir) and any(".tmp-" in f for f in os.listdir(ckpt_dir))
+    in_write = lambda: os.path.isdir(ckpt_dir) and any(".tmp-" in f for f in os.listdir(ckpt_dir))
+    if i % 4 == 3:
+        # Rank 0 (the writer) while a checkpoint file is being written.
+        rank, pid = 0, wait_pid(marker, 0, proc)
+        deadline = time.monotonic() + duration
+        while not in_write() and proc.poll() is None and time.monotonic() < deadline:
+            pass
+    else:
+        time.sleep(rng.uniform(0.3, duration * 0.85))
+        rank = rng.choice([0, 1])
+        pid = wait_pid(marker, rank, proc)
+    writing = in_write()
     killed = time.monotonic()
     if pid:
         os.kill(pid, signal.SIGKILL)
