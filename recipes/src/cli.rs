@@ -197,7 +197,8 @@ pub struct CheckpointArgs {
     /// Also write a checkpoint every N optimizer steps inside an epoch, so that a killed or
     /// preempted run loses at most N steps; the latest one is kept, each epoch's end has its
     /// own. --resume continues from it exactly as if never stopped (on as many ranks).
-    /// SIGTERM or Ctrl-C always stops after the current step with a checkpoint there.
+    /// SIGTERM or Ctrl-C always stop the run after the current step (with several ranks,
+    /// within 4 steps, where they agree), with a checkpoint there.
     #[arg(long, value_name = "N", help_heading = "Checkpoints")]
     pub checkpoint_every: Option<std::num::NonZeroU64>,
     /// Keep the checkpoints of the last N epochs (and the best, see --keep-best); 0 keeps

@@ -17,7 +17,8 @@ static PROCESS_SIGNAL: AtomicI32 = AtomicI32::new(0);
 /// job); 0: none.
 static GROUP_ON_SECOND_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
-/// A request to stop a run, polled by the trainer after every optimizer step.
+/// A request to stop a run, polled by the trainer after every optimizer step (a group of
+/// ranks agrees on it every 4 steps and at each epoch's end).
 #[derive(Debug, Clone)]
 pub struct StopSignal {
     source: Source,

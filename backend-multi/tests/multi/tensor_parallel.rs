@@ -176,7 +176,10 @@ fn column_and_row_parallel_layers_train_like_one_device() {
             // summation-order differences of near-zero gradients into larger ones (1.9e-5
             // seen with an unseeded initialisation); SGD's stay at float rounding.
             let tolerance = if name == "adam" { 1e-4 } else { 1e-5 };
-            assert!(diff <= tolerance, "{name} on {world} ranks: max |delta| {diff}");
+            assert!(
+                diff <= tolerance,
+                "{name} on {world} ranks: max |delta| {diff}"
+            );
         }
     }
 }
