@@ -92,9 +92,10 @@ pub fn run(args: &LaunchArgs) -> anyhow::Result<ExitCode> {
             stop,
         } = run_once(args, (&program, &mpirun_args), attempt)?;
         if let Some(signal) = stop {
+            // A training job's ranks have said where their checkpoint is; other commands
+            // simply ended.
             eprintln!(
-                "kiln launch: stopped by {}: the ranks stopped after one step, at a checkpoint \
-                 (see rank 0's line); continue with --resume",
+                "kiln launch: stopped by {} (passed on to every rank)",
                 kiln_trainer::stop::signal_name(signal)
             );
             return Ok(ExitCode::from(u8::try_from(128 + signal).unwrap_or(1)));
