@@ -200,3 +200,89 @@ fn sigterm_and_ctrl_c_stop_kiln_train_at_a_checkpoint_that_resumes_exactly() {
         assert_eq!(got, want, "signal {signal}");
     }
 }
+
+/// A forecaster with a BatchNorm: its running statistics are module state outside the
+/// optimizer, updated by every training forward.
+#[derive(burn::module::Module, Debug)]
+struct NormedForecaster {
+    fc: burn::nn::Linear,
+    bn: burn::nn::BatchNorm,
+    out: burn::nn::Linear,
+}
+
+impl NormedForecaster {
+    fn step(
+        &self,
+        batch: crate::general::own_model::WindowBatch,
+    ) -> kiln::trainer::StepResult<kiln::trainer::StepOutput> {
+        let n = batch.targets.dims()[0];
+        let hidden =
+            burn::tensor::activation::relu(self.bn.forward(self.fc.forward(batch.windows)));
+        let error = self.out.forward(hidden) - batch.targets;
+        Ok(kiln::trainer::StepOutput::new(
+            error.powi_scalar(2).mean(),
+            n,
+        ))
+    }
+}
+
+#[test]
+fn running_statistics_survive_a_mid_epoch_checkpoint() {
+    use crate::general::own_model::{Window, WindowBatch, WindowBatcher, waves};
+    use kiln::trainer::{Data, RunLabels, Steps, StopSignal, Trainer};
+    // A new model for every run: clones would share their running statistics.
+    let start = || {
+        let device = Device::flex().autodiff();
+        device.seed(3);
+        NormedForecaster {
+            fc: burn::nn::LinearConfig::new(crate::general::own_model::WINDOW, 8).init(&device),
+            bn: burn::nn::BatchNormConfig::new(8).init(&device),
+            out: burn::nn::LinearConfig::new(8, 1).init(&device),
+        }
+    };
+    let (train, eval) = (waves(320, 5), waves(96, 6));
+    let fit = |dir: &std::path::Path, resume: bool, stop_at: Option<usize>| {
+        let stop = StopSignal::new();
+        let trainer = Trainer::new(config(2), dir, RunLabels::named("bn-test", "normed"))?
+            .with_verbosity(kiln::trainer::report::Verbosity::Quiet)
+            .with_stop(stop.clone());
+        let batches = std::sync::atomic::AtomicUsize::new(0);
+        let train_step = |m: &NormedForecaster, b: WindowBatch| {
+            let seen = batches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if Some(seen) == stop_at {
+                stop.request(15);
+            }
+            m.step(b)
+        };
+        let eval_step = |m: &NormedForecaster, b: WindowBatch| m.step(b);
+        let resume = if resume {
+            kiln::trainer::checkpoint::load_latest(dir)?
+        } else {
+            None
+        };
+        let data = Data::<Window, WindowBatch> {
+            train: &train,
+            eval: &eval,
+            batcher: &WindowBatcher,
+        };
+        let steps = Steps {
+            train: &train_step,
+            eval: &eval_step,
+        };
+        let execution = Execution::Single(Device::flex().autodiff());
+        trainer.fit_model(start(), steps, data, resume, &execution)
+    };
+    let whole_dir = tempfile::tempdir().unwrap();
+    let (_, whole) = fit(whole_dir.path(), false, None).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Micro-batch 13 of 40 in the first epoch: step 7 of 20.
+    let error = fit(dir.path(), false, Some(13)).unwrap_err();
+    assert!(
+        matches!(error, TrainError::Stopped { step: 7, .. }),
+        "{error}"
+    );
+    let (_, resumed) = fit(dir.path(), true, None).unwrap();
+    // The evaluation runs on the running statistics: one update behind, it would differ.
+    let losses = |r: &FitReport| r.history.iter().map(|m| m.test_loss).collect::<Vec<_>>();
+    assert_eq!(losses(&resumed), losses(&whole));
+}

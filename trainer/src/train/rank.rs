@@ -397,6 +397,10 @@ impl Trainer {
         model: &M,
         progress: &EpochProgress,
     ) -> Result<Option<PathBuf>> {
+        // Burn keeps a running statistic's (BatchNorm's) latest update pending until the
+        // next one or `valid()`, which applies it: without this the checkpoint would hold the
+        // statistics one step behind (an epoch's end is synchronised by its evaluation).
+        drop(model.valid());
         let ranks = gather_progress(plan.collective.as_deref(), progress)?;
         self.save_checkpoint(plan, run, model, Some(MidEpoch { ranks }))
     }
