@@ -194,16 +194,25 @@ pub fn run(cli: Cli, resolved: ResolvedConfig) -> anyhow::Result<ExitCode> {
             let timeout = config.collective_timeout;
             // Under `kiln launch` this process is one rank: it trains with the job's group and
             // only rank 0 prints the report.
-            run_as_launched(timeout, |group| -> anyhow::Result<()> {
+            // A stop (SIGTERM) is not a failure of the job: every rank stopped at the same step,
+            // so each leaves the MPI job normally and then reports it.
+            let stopped = run_as_launched(timeout, |group| -> anyhow::Result<_> {
                 let is_root = group.as_ref().is_none_or(|g| g.rank() == Rank::ZERO);
                 config.process_group = group;
-                let report =
-                    kiln_recipes::cnn_mnist::run(&config).context("training cnn-mnist failed")?;
+                let report = match kiln_recipes::cnn_mnist::run(&config) {
+                    Err(kiln_recipes::RecipeError::Train(
+                        stop @ kiln_trainer::TrainError::Stopped { .. },
+                    )) => return Ok(Some(stop)),
+                    other => other.context("training cnn-mnist failed")?,
+                };
                 if is_root {
                     println!("{}", report.stdout_line(cli.json)?);
                 }
-                Ok(())
+                Ok(None)
             })?;
+            if let Some(stop) = stopped {
+                return Err(anyhow::Error::new(stop).context("training cnn-mnist stopped"));
+            }
         }
         Command::Launch(args) => return launch::run(&args),
         Command::Collectives(args) => collectives::run(&args, cli.json)?,

@@ -356,7 +356,7 @@ impl Trainer {
                 }
                 StretchEnd::Stop(signal) => {
                     self.save_mid_epoch(plan, run, &model, &progress)?;
-                    run.writer.wait()?;
+                    written_everywhere(plan, run)?;
                     let step = run.step + progress.steps;
                     // Every rank names the file rank 0 wrote.
                     let path = step_checkpoint_path(&self.run_dir, run.history.len(), step);
@@ -380,7 +380,7 @@ impl Trainer {
         run.last_checkpoint = saved.or(run.last_checkpoint.take());
         match stopped_at_end {
             Some(signal) => {
-                run.writer.wait()?;
+                written_everywhere(plan, run)?;
                 let path = checkpoint_path(&self.run_dir, run.history.len());
                 Err(stopped(signal, run.step, Some(path), &run.progress))
             }
@@ -747,6 +747,16 @@ fn epoch_metrics(
         exchange_fraction: (world.get() > 1)
             .then(|| outcome.exchange_seconds / outcome.seconds.max(1e-9)),
     }
+}
+
+/// Waits until the checkpoint in flight is on disk, and every rank with it: a launcher may
+/// end the job as soon as one rank returns, which must not be before rank 0 has written.
+fn written_everywhere<M, B>(plan: &RankPlan<'_, M, B>, run: &mut RankRun) -> Result<()> {
+    run.writer.wait()?;
+    if let Some(group) = plan.agreement() {
+        group.barrier()?;
+    }
+    Ok(())
 }
 
 /// The TensorBoard scalars of a finished epoch, at its last step.
