@@ -6,7 +6,7 @@
 
 use burn::tensor::Device;
 use kiln::models::SimpleCnnConfig;
-use kiln::multi::data_parallel::flatten_params;
+use kiln::multi::data_parallel::{flatten_params, max_abs_diff};
 use kiln::trainer::checkpoint::{read_checkpoint, resolve_checkpoint};
 
 fn params(path: &str) -> Result<Vec<f32>, Box<dyn std::error::Error>> {
@@ -26,17 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err(format!("{} parameters against {}", a.len(), b.len()).into());
     }
     // NaN anywhere is reported as NaN, never hidden by max().
-    let max = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, |m, d| {
-            if d.is_nan() || m.is_nan() {
-                f32::NAN
-            } else {
-                m.max(d)
-            }
-        });
+    let max = max_abs_diff(&a, &b);
     println!("{{\"parameters\":{},\"max_abs_diff\":{max}}}", a.len());
     Ok(())
 }

@@ -5,7 +5,8 @@
 //!   `no_sync` accumulation;
 //! - [`GradientBucket`] / [`BucketConfig`]: gradients flattened in reverse registration order,
 //!   like PyTorch's reducer (25 MiB buckets, 1 MiB first bucket);
-//! - [`flatten_params`]: a model's parameters as one buffer (to compare replicas).
+//! - [`flatten_params`]: a model's parameters as one buffer (to compare replicas), and
+//!   [`max_abs_diff`] between two of them.
 
 mod bucket;
 mod ddp;
@@ -14,8 +15,8 @@ mod params;
 pub(crate) use bucket::BucketLayout;
 pub use bucket::{BucketConfig, GradientBucket};
 pub use ddp::{DistributedDataParallel, broadcast_module};
-pub use params::flatten_params;
 pub(crate) use params::{
     ensure_all_placed, flatten_grads, flatten_params_into, load_params_from, read_f32,
     trainable_params, unflatten_grads,
 };
+pub use params::{flatten_params, max_abs_diff};

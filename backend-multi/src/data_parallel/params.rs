@@ -23,6 +23,22 @@ pub(crate) fn trainable_params<M: Module>(model: &M) -> Vec<(ParamId, usize)> {
     collect.0
 }
 
+/// The largest element-wise `|a - b|` of two buffers (e.g. two models' [`flatten_params`]),
+/// over their common length. NaN when either holds a NaN at the same place or a difference is
+/// one (`f32::max` would drop it), so a `<= tolerance` check fails on NaN.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, |max, d| {
+            if max.is_nan() || d.is_nan() {
+                f32::NAN
+            } else {
+                max.max(d)
+            }
+        })
+}
+
 /// Every floating-point parameter of `model` (trainable or not, e.g. running statistics),
 /// flattened in registration order.
 pub fn flatten_params<M: Module>(model: &M) -> Result<Vec<f32>> {

@@ -26,16 +26,7 @@ pub fn device() -> Device {
 /// check fails on NaN.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, |max, d| {
-            if max.is_nan() || d.is_nan() {
-                f32::NAN
-            } else {
-                max.max(d)
-            }
-        })
+    kiln_multi::data_parallel::max_abs_diff(a, b)
 }
 
 #[test]
