@@ -19,9 +19,7 @@ use super::data::Batches;
 use super::epoch::{
     EpochProgress, EpochReport, GradSource, StepPolicy, Stretch, StretchEnd, Updater, train_epoch,
 };
-use super::resume_point::{
-    gather_progress, remove_superseded_mid_epoch, resumed_rank_progress, stopped,
-};
+use super::resume_point::{gather_progress, remove_superseded_mid_epoch, resumed_rank_progress};
 use crate::checkpoint::{
     BackgroundWriter, Checkpoint, EpochMetrics, MidEpoch, TrainerState, apply_retention,
     checkpoint_path, step_checkpoint_path, write_checkpoint_atomic,
@@ -360,7 +358,11 @@ impl Trainer {
                     let step = run.step + progress.steps;
                     // Every rank names the file rank 0 wrote.
                     let path = step_checkpoint_path(&self.run_dir, run.history.len(), step);
-                    return Err(stopped(signal, step, Some(path), &run.progress));
+                    return Err(TrainError::Stopped {
+                        signal,
+                        step,
+                        checkpoint: Some(path),
+                    });
                 }
             }
         };
@@ -382,7 +384,11 @@ impl Trainer {
             Some(signal) => {
                 written_everywhere(plan, run)?;
                 let path = checkpoint_path(&self.run_dir, run.history.len());
-                Err(stopped(signal, run.step, Some(path), &run.progress))
+                Err(TrainError::Stopped {
+                    signal,
+                    step: run.step,
+                    checkpoint: Some(path),
+                })
             }
             None => Ok(model),
         }

@@ -1,7 +1,7 @@
 //! Mid-epoch checkpoints and stops: gathering every rank's progress through the epoch,
 //! giving each rank its part back on resume, and keeping only the latest mid-epoch file.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use kiln_multi::{Collective, ReduceOp};
 
@@ -9,7 +9,6 @@ use super::epoch::EpochProgress;
 use crate::checkpoint::MidEpoch;
 use crate::checkpoint::{checkpoint_position, list_checkpoints};
 use crate::error::{Result, TrainError};
-use crate::report::Progress;
 
 /// Every rank's `mine`, in rank order (all ranks call it together). The progress travels as
 /// JSON bytes packed into the f32 words of an all-gather (copied, never added), so its f64
@@ -94,21 +93,4 @@ pub(super) fn remove_superseded_mid_epoch(run_dir: &Path, latest: &Path) -> Resu
         }
     }
     Ok(())
-}
-
-/// The error of a run stopped after `step`, with the checkpoint written there; the progress
-/// line says so first.
-pub(super) fn stopped(
-    signal: i32,
-    step: u64,
-    checkpoint: Option<PathBuf>,
-    progress: &Progress,
-) -> TrainError {
-    let error = TrainError::Stopped {
-        signal,
-        step,
-        checkpoint,
-    };
-    progress.log(&error.to_string());
-    error
 }
