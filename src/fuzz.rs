@@ -324,14 +324,24 @@ mod seeds {
         encoder.finish().unwrap_or_default()
     }
 
-    pub(super) fn idx_images(_: &Path) -> Vec<Vec<u8>> {
+    /// 3 images of 28 x 28 pixels, raw IDX.
+    pub(super) fn raw_idx_images() -> Vec<u8> {
         let pixels: Vec<u8> = (0..3 * 28 * 28).map(|i| (i * 7 % 256) as u8).collect();
-        let raw = idx(0x803, &[3, 28, 28], &pixels);
+        idx(0x803, &[3, 28, 28], &pixels)
+    }
+
+    /// Their 3 labels, raw IDX.
+    pub(super) fn raw_idx_labels() -> Vec<u8> {
+        idx(0x801, &[3], &[7, 0, 9])
+    }
+
+    pub(super) fn idx_images(_: &Path) -> Vec<Vec<u8>> {
+        let raw = raw_idx_images();
         vec![gzip(&raw), raw]
     }
 
     pub(super) fn idx_labels(_: &Path) -> Vec<Vec<u8>> {
-        let raw = idx(0x801, &[3], &[7, 0, 9]);
+        let raw = raw_idx_labels();
         vec![gzip(&raw), raw]
     }
 
@@ -470,7 +480,8 @@ mod read {
     }
 
     pub(super) fn idx_images(input: &[u8], _: &Path) -> Result<(), String> {
-        let labels = super::seeds::idx_labels(Path::new(""))[1].clone();
+        // The other file of the pair, valid (built per input: a few bytes, no compression).
+        let labels = super::seeds::raw_idx_labels();
         let images = Path::new("images");
         MnistDataset::from_idx_bytes(images, input, Path::new("labels"), &labels)
             .map(drop)
@@ -478,7 +489,7 @@ mod read {
     }
 
     pub(super) fn idx_labels(input: &[u8], _: &Path) -> Result<(), String> {
-        let images = super::seeds::idx_images(Path::new(""))[1].clone();
+        let images = super::seeds::raw_idx_images();
         MnistDataset::from_idx_bytes(Path::new("images"), &images, Path::new("labels"), input)
             .map(drop)
             .map_err(|e| e.to_string())
