@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kiln_trainer::checkpoint::EpochMetrics;
+use kiln_trainer::checkpoint::{EpochMetrics, KeepBest};
 use serde::Serialize;
 
 /// A result that a command prints on stdout: a human sentence, or under `--json` one JSON
@@ -42,13 +42,10 @@ fn run_table(
     wall_seconds: f64,
 ) -> String {
     let last = history.last();
-    let best = history
-        .iter()
-        .reduce(|best, m| match (m.test_accuracy, best.test_accuracy) {
-            (Some(a), Some(b)) if a > b => m,
-            (None, None) if m.test_loss < best.test_loss => m,
-            _ => best,
-        });
+    // The epoch retention keeps as the best: validation accuracy, else loss.
+    let best = KeepBest::Auto
+        .best_epoch(history)
+        .and_then(|epoch| history.iter().find(|m| m.epoch == epoch));
     let figures = |m: &EpochMetrics| {
         let accuracy = m.test_accuracy.map_or(String::new(), |a| {
             format!(", test accuracy {:.2}%", 100.0 * a)

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::METRICS_FILE;
 use super::run_state::{RunState, RunStatus};
-use crate::checkpoint::{CHECKPOINT_DIR, EpochMetrics};
+use crate::checkpoint::{CHECKPOINT_DIR, EpochMetrics, KeepBest};
 use crate::error::{Result, TrainError};
 
 /// The validation figure a run is judged by.
@@ -94,17 +94,11 @@ pub fn summarise(path: &Path) -> RunSummary {
             epoch: m.epoch,
         },
     };
-    let best = history.iter().map(judged).reduce(|best, j| {
-        let better = match j.metric {
-            "accuracy" => j.value > best.value,
-            _ => j.value < best.value,
-        };
-        if better || best.value.is_nan() {
-            j
-        } else {
-            best
-        }
-    });
+    // The epoch retention keeps as the best, judged the same way.
+    let best = KeepBest::Auto
+        .best_epoch(&history)
+        .and_then(|epoch| history.iter().find(|m| m.epoch == epoch))
+        .map(judged);
     RunSummary {
         path: path.to_path_buf(),
         recipe: state.as_ref().map(|s| s.recipe.clone()),
