@@ -23,16 +23,10 @@ pub const CONFIG_FILE: &str = "config.toml";
 
 /// Keys that say where a run goes or how it prints, not what it computes: not part of a run's
 /// `config.toml`, so that `--config RUN/config.toml` starts a new run instead of resuming.
-const LOCATION_KEYS: [&str; 8] = [
-    "out",
-    "resume",
-    "config",
-    "print-config",
-    "json",
-    "quiet",
-    "help",
-    "version",
-];
+const LOCATION_KEYS: [&str; 4] = ["out", "resume", "json", "quiet"];
+
+/// Flags that are about the command line itself, never part of a resolved configuration.
+const NOT_SETTINGS: [&str; 4] = ["config", "print-config", "help", "version"];
 
 /// The `--config` and `--print-config` flags.
 #[derive(Debug, Clone, Default, Args)]
@@ -243,7 +237,7 @@ impl ResolvedConfig {
             let (Some(key), id) = (arg.get_long(), arg.get_id().as_str()) else {
                 continue;
             };
-            if ["config", "print-config", "help", "version"].contains(&key) {
+            if NOT_SETTINGS.contains(&key) {
                 continue;
             }
             resolved.keys.push(key.to_string());
