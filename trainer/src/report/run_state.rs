@@ -2,10 +2,10 @@
 //! that `kiln runs` can tell a finished run from a failed or a stopped one.
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use super::{host_name, unix_now};
 use crate::checkpoint::write_atomic;
 use crate::error::{Result, TrainError};
 
@@ -72,7 +72,7 @@ impl RunState {
     /// stopped.
     pub fn status_now(&self) -> RunStatus {
         let alive = || Path::new(&format!("/proc/{}", self.pid)).exists();
-        if self.status == RunStatus::Running && self.host == host() && !alive() {
+        if self.status == RunStatus::Running && self.host == host_name() && !alive() {
             RunStatus::Stopped
         } else {
             self.status
@@ -92,19 +92,6 @@ impl RunState {
             .map(Some)
             .map_err(|e| TrainError::data(&path, e.to_string()))
     }
-}
-
-fn host() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| "localhost".into())
-}
-
-fn now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Keeps `run.json` up to date through a run; dropped without [`end`](Self::end) (a panic),
@@ -134,10 +121,10 @@ impl RunStateWriter {
                 mode,
                 planned_epochs,
                 epochs_done,
-                started: now(),
-                updated: now(),
+                started: unix_now(),
+                updated: unix_now(),
                 pid: std::process::id(),
-                host: host(),
+                host: host_name(),
                 error: None,
             },
             ended: false,
@@ -170,7 +157,7 @@ impl RunStateWriter {
 
     fn write(&self) -> Result<()> {
         let mut state = self.state.clone();
-        state.updated = now();
+        state.updated = unix_now();
         let text = serde_json::to_string_pretty(&state)
             .map_err(|e| TrainError::io("serialise run state for", &self.path, e.into()))?;
         write_atomic(&self.path, text.as_bytes())

@@ -55,7 +55,7 @@ impl EventWriter {
             out: BufWriter::new(file),
         };
         let mut version = Vec::new();
-        put_f64(&mut version, 1, now());
+        put_f64(&mut version, 1, super::unix_now());
         put_bytes(&mut version, 3, b"brain.Event:2");
         writer.record(&version)?;
         if let Some(step) = purge_from {
@@ -113,7 +113,7 @@ impl EventWriter {
 /// Creates a file whose name sorts after every earlier one of this process (TensorBoard reads
 /// a directory's files in name order) and never replaces one.
 fn new_event_file(dir: &Path) -> Result<(PathBuf, File)> {
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+    let host = super::host_name();
     loop {
         let since = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -133,15 +133,9 @@ fn new_event_file(dir: &Path) -> Result<(PathBuf, File)> {
     }
 }
 
-fn now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
 fn event_head(step: u64) -> Vec<u8> {
     let mut event = Vec::new();
-    put_f64(&mut event, 1, now());
+    put_f64(&mut event, 1, super::unix_now());
     put_key(&mut event, 2, 0);
     put_varint(&mut event, step);
     event
