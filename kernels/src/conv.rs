@@ -897,9 +897,34 @@ pub fn conv2d_backward_bias(s: &Conv2dShape, grad_out: &[f32], grad_bias: &mut [
     grad_bias.fill(0.0);
     for gb in grad_out.chunks_exact(s.output_sample()) {
         for (g, row) in grad_bias.iter_mut().zip(gb.chunks_exact(n)) {
-            *g += row.iter().sum::<f32>();
+            *g += lane_sum(row);
         }
     }
+}
+
+/// The sum of `values` in 16 interleaved partial sums (lane `i` adds elements `i`, `i + 16`, ...)
+/// added pairwise at the end: vectorised on every CPU, and the same bits on every CPU, unlike
+/// one running sum (a chain of dependent adds).
+pub(crate) fn lane_sum(values: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let chunks = values.chunks_exact(16);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (l, v) in lanes.iter_mut().zip(chunk) {
+            *l += v;
+        }
+    }
+    for (l, v) in lanes.iter_mut().zip(rest) {
+        *l += v;
+    }
+    let mut width = 16;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            lanes[i] += lanes[i + width];
+        }
+    }
+    lanes[0]
 }
 
 /// The weight gradient of [`conv2d_backward_weight`] as im2col + GEMM, for any shape.
@@ -1001,6 +1026,18 @@ pub(crate) fn im2col_backward_weight(
 mod tests {
     use super::*;
     use crate::test_values::values;
+
+    #[test]
+    fn lane_sums_are_exact_on_integers_and_keep_nan() {
+        for len in [0, 1, 15, 16, 17, 100, 1000] {
+            let v: Vec<f32> = (0..len).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
+            let exact: i64 = (0..len).map(|i| ((i * 37) % 11) as i64 - 5).sum();
+            assert_eq!(lane_sum(&v), exact as f32, "length {len}");
+        }
+        let mut v = vec![1.0; 40];
+        v[33] = f32::NAN;
+        assert!(lane_sum(&v).is_nan());
+    }
 
     /// Direct definition of the convolution, the independent reference for the GEMM paths.
     fn naive_forward(s: &Conv2dShape, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f32> {

@@ -115,19 +115,43 @@ fn wins(v: f32, best: f32) -> bool {
     (v > best) | v.is_nan()
 }
 
-/// The common 2x2 window at stride 2 without padding, as a tournament without branches (so it
-/// vectorizes): the top pair, the bottom pair, then their winners. Each comparison keeps the
-/// earlier input on a tie, and top inputs come before bottom ones, so the winner is the first
-/// maximal input in row-major order, as in the general scan.
+/// The common 2x2 window at stride 2 without padding, as a tournament: the top pair, the bottom
+/// pair, then their winners. Each comparison keeps the earlier input on a tie, and top inputs
+/// come before bottom ones, so the winner is the first maximal input in row-major order, as in
+/// the general scan. Rows run 16 (AVX-512) or 8 (AVX2) outputs at a time, the rest scalar; every
+/// path gives the same bits.
 fn max_pool_2x2(width: usize, xp: &[f32], ow: usize, o: &mut [f32], idx: &mut [u32]) {
+    let isa = crate::isa::active();
     for ((orow, irow), oy) in o
         .chunks_exact_mut(ow)
         .zip(idx.chunks_exact_mut(ow))
         .zip(0..)
     {
         let top = 2 * oy * width;
-        let (r0, r1) = (&xp[top..top + width], &xp[top + width..top + 2 * width]);
-        for (ox, (ov, iv)) in orow.iter_mut().zip(irow.iter_mut()).enumerate() {
+        let rows = Rows2x2 {
+            r0: &xp[top..top + width],
+            r1: &xp[top + width..top + 2 * width],
+            top,
+            width,
+        };
+        let done = simd_2x2::run(isa, &rows, orow, irow);
+        rows.scalar(done, orow, irow);
+    }
+}
+
+/// Two input rows of a 2x2 stride-2 pool and where the top one starts in its plane.
+struct Rows2x2<'a> {
+    r0: &'a [f32],
+    r1: &'a [f32],
+    top: usize,
+    width: usize,
+}
+
+impl Rows2x2<'_> {
+    /// Outputs `from..` of the row pair, one at a time.
+    fn scalar(&self, from: usize, orow: &mut [f32], irow: &mut [u32]) {
+        let (r0, r1) = (self.r0, self.r1);
+        for ox in from..orow.len() {
             let c = 2 * ox;
             let (a, b, cc, d) = (r0[c], r0[c + 1], r1[c], r1[c + 1]);
             let top_right = wins(b, a);
@@ -135,11 +159,197 @@ fn max_pool_2x2(width: usize, xp: &[f32], ow: usize, o: &mut [f32], idx: &mut [u
             let upper_at = c + top_right as usize;
             let bottom_right = wins(d, cc);
             let lower = if bottom_right { d } else { cc };
-            let lower_at = width + c + bottom_right as usize;
+            let lower_at = self.width + c + bottom_right as usize;
             let take_lower = wins(lower, upper);
-            *ov = if take_lower { lower } else { upper };
-            *iv = (top + if take_lower { lower_at } else { upper_at }) as u32;
+            orow[ox] = if take_lower { lower } else { upper };
+            irow[ox] = (self.top + if take_lower { lower_at } else { upper_at }) as u32;
         }
+    }
+}
+
+/// The SIMD versions of [`Rows2x2::scalar`]: each returns how many leading outputs it wrote.
+mod simd_2x2 {
+    use super::Rows2x2;
+    use crate::isa::Isa;
+
+    /// The widest version `isa` allows.
+    pub(super) fn run(isa: Isa, rows: &Rows2x2, orow: &mut [f32], irow: &mut [u32]) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: `isa` never exceeds what the CPU reported (`isa::active`).
+            match isa {
+                Isa::Avx512 => return unsafe { avx512(rows, orow, irow) },
+                Isa::Avx2 => return unsafe { avx2(rows, orow, irow) },
+                Isa::Scalar => {}
+            }
+        }
+        let _ = (isa, rows, orow, irow);
+        0
+    }
+
+    /// 16 outputs per step (the row's last step masked): two 16-lane loads per row, split into
+    /// even and odd columns.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512(rows: &Rows2x2, orow: &mut [f32], irow: &mut [u32]) -> usize {
+        use std::arch::x86_64::*;
+        let n = orow.len().min(irow.len());
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+        let one = _mm512_set1_epi32(1);
+        let lanes = |count: usize| ((1u32 << count.min(16)) - 1) as __mmask16;
+        for ox in (0..n).step_by(16) {
+            let c = 2 * ox;
+            // The last step of a row takes the k < 16 outputs left, through masks.
+            let k = (n - ox).min(16);
+            let (lo, hi, out) = (lanes(2 * k), lanes(2 * k - (2 * k).min(16)), lanes(k));
+            // SAFETY: the unmasked lanes read floats c..c + 2k, and 2 * (ox + k) <= 2 * ow
+            // <= width; masked lanes are not read.
+            let (t0, t1, b0, b1) = unsafe {
+                let (p0, p1) = (rows.r0.as_ptr().add(c), rows.r1.as_ptr().add(c));
+                (
+                    _mm512_maskz_loadu_ps(lo, p0),
+                    _mm512_maskz_loadu_ps(hi, p0.add(16)),
+                    _mm512_maskz_loadu_ps(lo, p1),
+                    _mm512_maskz_loadu_ps(hi, p1.add(16)),
+                )
+            };
+            let (a, b) = (
+                _mm512_permutex2var_ps(t0, even, t1),
+                _mm512_permutex2var_ps(t0, odd, t1),
+            );
+            let (cc, d) = (
+                _mm512_permutex2var_ps(b0, even, b1),
+                _mm512_permutex2var_ps(b0, odd, b1),
+            );
+            let base = _mm512_add_epi32(_mm512_set1_epi32((rows.top + c) as i32), even);
+            let tr = wins512(b, a);
+            let upper = _mm512_mask_blend_ps(tr, a, b);
+            let upper_at = _mm512_mask_add_epi32(base, tr, base, one);
+            let br = wins512(d, cc);
+            let lower = _mm512_mask_blend_ps(br, cc, d);
+            let lower_base = _mm512_add_epi32(base, _mm512_set1_epi32(rows.width as i32));
+            let lower_at = _mm512_mask_add_epi32(lower_base, br, lower_base, one);
+            let take = wins512(lower, upper);
+            // SAFETY: the k stored lanes end at ox + k <= n, within both output rows.
+            unsafe {
+                _mm512_mask_storeu_ps(
+                    orow.as_mut_ptr().add(ox),
+                    out,
+                    _mm512_mask_blend_ps(take, upper, lower),
+                );
+                _mm512_mask_storeu_epi32(
+                    irow.as_mut_ptr().add(ox).cast(),
+                    out,
+                    _mm512_mask_blend_epi32(take, upper_at, lower_at),
+                );
+            }
+        }
+        n
+    }
+
+    /// 8 outputs per step (the row's last step masked): two 8-lane loads per row, split into even
+    /// and odd columns.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2(rows: &Rows2x2, orow: &mut [f32], irow: &mut [u32]) -> usize {
+        use std::arch::x86_64::*;
+        let n = orow.len().min(irow.len());
+        let steps = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+        let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let lanes = |count: usize| _mm256_cmpgt_epi32(_mm256_set1_epi32(count as i32), iota);
+        for ox in (0..n).step_by(8) {
+            let c = 2 * ox;
+            // The last step of a row takes the k < 8 outputs left, through masks.
+            let k = (n - ox).min(8);
+            let (lo, hi, out) = (lanes(2 * k), lanes(2 * k - (2 * k).min(8)), lanes(k));
+            // SAFETY: the unmasked lanes read floats c..c + 2k, and 2 * (ox + k) <= 2 * ow
+            // <= width; masked lanes are not read.
+            let (t0, t1, b0, b1) = unsafe {
+                let (p0, p1) = (rows.r0.as_ptr().add(c), rows.r1.as_ptr().add(c));
+                (
+                    _mm256_maskload_ps(p0, lo),
+                    _mm256_maskload_ps(p0.add(8), hi),
+                    _mm256_maskload_ps(p1, lo),
+                    _mm256_maskload_ps(p1.add(8), hi),
+                )
+            };
+            let ((a, b), (cc, d)) = (split256(t0, t1), split256(b0, b1));
+            let base = _mm256_add_epi32(_mm256_set1_epi32((rows.top + c) as i32), steps);
+            // A comparison mask is all ones (-1) where true: subtracting it adds 1 there.
+            let tr = wins256(b, a);
+            let upper = _mm256_blendv_ps(a, b, tr);
+            let upper_at = _mm256_sub_epi32(base, _mm256_castps_si256(tr));
+            let br = wins256(d, cc);
+            let lower = _mm256_blendv_ps(cc, d, br);
+            let lower_base = _mm256_add_epi32(base, _mm256_set1_epi32(rows.width as i32));
+            let lower_at = _mm256_sub_epi32(lower_base, _mm256_castps_si256(br));
+            let take = wins256(lower, upper);
+            let at = _mm256_blendv_ps(
+                _mm256_castsi256_ps(upper_at),
+                _mm256_castsi256_ps(lower_at),
+                take,
+            );
+            // SAFETY: the k stored lanes end at ox + k <= n, within both output rows.
+            unsafe {
+                _mm256_maskstore_ps(
+                    orow.as_mut_ptr().add(ox),
+                    out,
+                    _mm256_blendv_ps(upper, lower, take),
+                );
+                _mm256_maskstore_epi32(
+                    irow.as_mut_ptr().add(ox).cast(),
+                    out,
+                    _mm256_castps_si256(at),
+                );
+            }
+        }
+        n
+    }
+    /// [`super::wins`] on 16 lanes, as a mask.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn wins512(
+        v: std::arch::x86_64::__m512,
+        best: std::arch::x86_64::__m512,
+    ) -> std::arch::x86_64::__mmask16 {
+        use std::arch::x86_64::*;
+        _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, best) | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v)
+    }
+
+    /// [`super::wins`] on 8 lanes, as an all-ones-where-true mask.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn wins256(
+        v: std::arch::x86_64::__m256,
+        best: std::arch::x86_64::__m256,
+    ) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_or_ps(
+            _mm256_cmp_ps::<_CMP_GT_OQ>(v, best),
+            _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v),
+        )
+    }
+
+    /// The even and odd lanes of `lo` then `hi`: `[lo0 lo2 .. hi6]`, `[lo1 lo3 .. hi7]`.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn split256(
+        lo: std::arch::x86_64::__m256,
+        hi: std::arch::x86_64::__m256,
+    ) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+        use std::arch::x86_64::*;
+        // Lanes [lo0 lo2 hi0 hi2 | lo4 lo6 hi4 hi6], then 64-bit lanes reordered to 0 2 1 3.
+        let e = _mm256_shuffle_ps::<0b10_00_10_00>(lo, hi);
+        let o = _mm256_shuffle_ps::<0b11_01_11_01>(lo, hi);
+        let fix = _mm256_permute4x64_pd::<0b11_01_10_00>;
+        (
+            _mm256_castpd_ps(fix(_mm256_castps_pd(e))),
+            _mm256_castpd_ps(fix(_mm256_castps_pd(o))),
+        )
     }
 }
 
@@ -287,6 +497,56 @@ mod tests {
             max_pool_plane(&base, &x[p * plane_in..][..plane_in], &mut o, &mut idx);
             assert_eq!(o, fast[p * plane_out..][..plane_out]);
             assert_eq!(idx, fast_idx[p * plane_out..][..plane_out]);
+        }
+    }
+    #[test]
+    fn every_instruction_set_gives_the_scalar_bits() {
+        use crate::isa::{Isa, detected};
+        // Widths around the 8- and 16-output steps, ties (values from a small set), NaNs and
+        // infinities; an odd width leaves its last column out.
+        for width in [2, 7, 16, 31, 32, 33, 48, 64, 70] {
+            let height = 4;
+            let x: Vec<f32> = (0..height * width)
+                .map(|i| match (i * 7919) % 23 {
+                    0 => f32::NAN,
+                    1 => f32::INFINITY,
+                    2 => f32::NEG_INFINITY,
+                    3 => -0.0,
+                    k => (k % 5) as f32 - 2.0,
+                })
+                .collect();
+            let ow = width / 2;
+            let (mut want, mut want_at) = (vec![0.0; 2 * ow], vec![0u32; 2 * ow]);
+            for (oy, (o, at)) in want.chunks_mut(ow).zip(want_at.chunks_mut(ow)).enumerate() {
+                let top = 2 * oy * width;
+                let rows = Rows2x2 {
+                    r0: &x[top..top + width],
+                    r1: &x[top + width..top + 2 * width],
+                    top,
+                    width,
+                };
+                rows.scalar(0, o, at);
+            }
+            for isa in [Isa::Avx2, Isa::Avx512]
+                .into_iter()
+                .filter(|&i| i <= detected())
+            {
+                let (mut got, mut got_at) = (vec![0.0; 2 * ow], vec![0u32; 2 * ow]);
+                for (oy, (o, at)) in got.chunks_mut(ow).zip(got_at.chunks_mut(ow)).enumerate() {
+                    let top = 2 * oy * width;
+                    let rows = Rows2x2 {
+                        r0: &x[top..top + width],
+                        r1: &x[top + width..top + 2 * width],
+                        top,
+                        width,
+                    };
+                    let done = simd_2x2::run(isa, &rows, o, at);
+                    rows.scalar(done, o, at);
+                }
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{isa} values, width {width}");
+                assert_eq!(got_at, want_at, "{isa} indices, width {width}");
+            }
         }
     }
 }
