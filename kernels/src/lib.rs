@@ -28,6 +28,7 @@
 
 pub mod conv;
 mod flex;
+pub mod int8;
 pub mod isa;
 pub mod malloc;
 pub mod norm;
