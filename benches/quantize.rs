@@ -1,8 +1,9 @@
-//! Quantized inference: SimpleCNN at batch 256 (samples/s) and batch 1 (latency), float32 vs
-//! the int8 file kiln writes (loaded back), next to PyTorch float32 and `quantize_dynamic`
-//! int8 (benches/quantize_pytorch.py, 2 threads) when PyTorch is installed. Rounds alternate
-//! kiln and PyTorch so both see the same machine state; medians over rounds. Prints one JSON
-//! object.
+//! Quantized inference: SimpleCNN at batch 256 (samples/s) and batch 1 (latency) on MNIST
+//! test images, float32 vs kiln's integer path (int8 weights per tensor, static activations
+//! calibrated on 32 batches of 32 training images, and dynamic activations), next to PyTorch
+//! float32, `quantize_dynamic` and x86 static int8 (benches/quantize_pytorch.py, 2 threads)
+//! when PyTorch is installed. Rounds alternate kiln and PyTorch so both see the same machine
+//! state; medians over rounds. Prints one JSON object with the machine (CPU, ISA, int8 kernel).
 //!
 //! `cargo bench --bench quantize -- --rounds 3 --reps 20`
 
@@ -10,9 +11,11 @@ mod common;
 
 use std::time::Instant;
 
-use burn::tensor::{Device, Distribution, Tensor};
-use kiln::models::quant::{QuantScheme, load_quantized, save_quantized};
+use burn::tensor::{Device, Tensor, TensorData};
+use kiln::models::quant::{Activations, Int8SimpleCnn, QuantScheme, save_quantized};
 use kiln::models::{SimpleCnn, SimpleCnnConfig, load_weights};
+use kiln::recipes::mnist_data::MnistSource;
+use kiln::trainer::data::{MnistDataset, MnistSplit, make_batch};
 use serde_json::json;
 
 use common::{arg, median, median_field, run_pytorch_with};
@@ -34,27 +37,56 @@ fn main() {
     );
     let mut float = SimpleCnnConfig::new().init(&device, 0);
     let _ = load_weights(&mut float, weights.as_ref()).expect("fixture weights load");
-    let dir = std::env::temp_dir().join(format!("kiln-bench-quantize-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temporary directory");
-    let path = dir.join("simple-cnn-int8.safetensors");
-    let sizes = save_quantized(&float, "simple-cnn", QuantScheme::INT8, &path).expect("quantize");
-    let mut int8 = SimpleCnnConfig::new().init(&device, 1);
-    let _ = load_quantized(&mut int8, &path).expect("quantized file loads");
-    let _ = std::fs::remove_dir_all(&dir);
-
-    let batch = Tensor::<4>::random([256, 1, 28, 28], Distribution::Normal(0.0, 1.0), &device);
-    let one = Tensor::<4>::random([1, 1, 28, 28], Distribution::Normal(0.0, 1.0), &device);
-    let _ = (timed(&float, &batch), timed(&int8, &batch));
+    let sizes = {
+        let dir = std::env::temp_dir().join(format!("kiln-bench-quantize-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temporary directory");
+        let path = dir.join("simple-cnn-int8.safetensors");
+        let sizes =
+            save_quantized(&float, "simple-cnn", QuantScheme::INT8, &path).expect("quantize");
+        let _ = std::fs::remove_dir_all(&dir);
+        sizes
+    };
+    let pixels = |data: &MnistDataset, from: usize, n: usize| -> Vec<f32> {
+        let idx: Vec<usize> = (from..from + n).collect();
+        let images = make_batch(data, &idx, &device).images;
+        images
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .expect("f32 images")
+    };
+    let train = MnistSource::Embedded
+        .load(MnistSplit::Train)
+        .expect("embedded MNIST");
+    let test = MnistSource::Embedded
+        .load(MnistSplit::Test)
+        .expect("embedded MNIST");
+    let calibration: Vec<Vec<f32>> = (0..32).map(|b| pixels(&train, 32 * b, 32)).collect();
+    let mut int8 = Int8SimpleCnn::new(&float, true, Activations::Dynamic);
+    let dynamic = int8.clone();
+    int8.calibrate(calibration.iter().map(|p| (&p[..], 32)));
+    let (batch_px, one_px) = (pixels(&test, 0, 256), pixels(&test, 256, 1));
+    let batch =
+        Tensor::<4>::from_data(TensorData::new(batch_px.clone(), [256, 1, 28, 28]), &device);
+    let one = Tensor::<4>::from_data(TensorData::new(one_px.clone(), [1, 1, 28, 28]), &device);
+    let timed_int8 = |m: &Int8SimpleCnn, px: &[f32], n: usize| {
+        let start = Instant::now();
+        std::hint::black_box(m.forward(px, n));
+        start.elapsed().as_secs_f64()
+    };
+    let _ = (timed(&float, &batch), timed_int8(&int8, &batch_px, 256));
+    let mut qd = Vec::new();
     let (mut f, mut q, mut fl, mut ql) = (vec![], vec![], vec![], vec![]);
     let mut pytorch = Vec::new();
     for round in 0..rounds {
         for _ in 0..reps {
             f.push(256.0 / timed(&float, &batch));
-            q.push(256.0 / timed(&int8, &batch));
+            q.push(256.0 / timed_int8(&int8, &batch_px, 256));
+            qd.push(256.0 / timed_int8(&dynamic, &batch_px, 256));
         }
         for _ in 0..latency_reps {
             fl.push(1e3 * timed(&float, &one));
-            ql.push(1e3 * timed(&int8, &one));
+            ql.push(1e3 * timed_int8(&int8, &one_px, 1));
         }
         eprintln!("round {}/{rounds}: kiln done", round + 1);
         if let Some(p) = run_pytorch_with(
@@ -69,12 +101,14 @@ fn main() {
             pytorch.push(p);
         }
     }
-    let (f, q, fl, ql) = (median(f), median(q), median(fl), median(ql));
+    let (f, q, fl, ql, qd) = (median(f), median(q), median(fl), median(ql), median(qd));
     let pt = |key: &str| median_field(&pytorch, key);
     let (pf, pq) = (pt("fp32_samples_per_sec"), pt("int8_samples_per_sec"));
+    let ps = pt("static_samples_per_sec");
     println!(
         "{}",
         json!({
+            "machine": common::machine(),
             "batch_size": 256,
             "rounds": rounds,
             "reps_per_round": reps,
@@ -83,6 +117,7 @@ fn main() {
             "kiln": {
                 "fp32_samples_per_sec": f,
                 "int8_samples_per_sec": q,
+                "int8_dynamic_samples_per_sec": qd,
                 "fp32_latency_ms": fl,
                 "int8_latency_ms": ql,
             },
@@ -91,11 +126,14 @@ fn main() {
                 "int8_samples_per_sec": pq,
                 "fp32_latency_ms": pt("fp32_latency_ms"),
                 "int8_latency_ms": pt("int8_latency_ms"),
+                "x86_static_int8_samples_per_sec": ps,
+                "x86_static_int8_latency_ms": pt("static_latency_ms"),
             })),
             "ratios": {
                 "kiln_int8_over_kiln_fp32": q / f,
                 "kiln_int8_over_pytorch_fp32": pf.map(|p| q / p),
                 "kiln_int8_over_pytorch_int8": pq.map(|p| q / p),
+                "kiln_int8_over_pytorch_x86_static": ps.map(|p| q / p),
             },
         })
     );

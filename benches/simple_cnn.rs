@@ -125,6 +125,7 @@ fn main() -> anyhow::Result<()> {
     let ratio = |a: f64, b: Option<f64>| b.map(|b| a / b);
     let report = json!({
         "benchmark": "simple_cnn",
+        "machine": common::machine(),
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "rounds": rounds,
         "reps_per_round": reps,

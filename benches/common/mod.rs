@@ -58,3 +58,17 @@ pub fn median_field(runs: &[Value], key: &str) -> Option<f64> {
     let values: Vec<f64> = runs.iter().filter_map(|r| r[key].as_f64()).collect();
     (!values.is_empty()).then(|| median(values))
 }
+
+/// The machine a benchmark's figures came from: CPU model, the SIMD extensions it has, and the
+/// instruction-set levels kiln's kernels, gemm's float kernels and the int8 GEMM ran with.
+pub fn machine() -> Value {
+    let isa = kiln::kernels::isa::IsaReport::current();
+    serde_json::json!({
+        "cpu_model": isa.cpu_model,
+        "cpu_features": isa.cpu_features,
+        "kiln_kernels": isa.kernels.name(),
+        "gemm_f32": isa.gemm.name(),
+        "int8_gemm": kiln::kernels::int8::Int8Kernel::active().name(),
+        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    })
+}

@@ -181,49 +181,67 @@ const ROW_BLOCK: usize = 64;
 
 /// `c[m][o] = sum_k a[m][k] * W[o][k]` for `m < rows`, with the kernel [`Int8Kernel::active`]
 /// picks. `a` is `rows x k_padded` (padding columns may hold anything: their weights are 0),
-/// `c` is `rows x n_padded`; each block of rows is handed to `epilogue(first_row, c_rows)` as
-/// soon as it is done, while it is in cache (bias, scale, ReLU, requantisation).
+/// each block of rows is computed into a small `i32` tile (rows of `n_padded`) and handed to
+/// `epilogue(tile, out_rows)` at once, while it is in cache, to turn into `out` (`rows x
+/// out_cols`: bias, scale, ReLU, requantisation); the whole `i32` product never exists.
 ///
 /// # Panics
 /// When the slice lengths do not match `rows` and the packed shape.
-pub fn gemm_u8i8<F>(a: &[u8], rows: usize, w: &PackedWeights, c: &mut [i32], epilogue: F)
-where
-    F: Fn(usize, &mut [i32]) + Sync,
+pub fn gemm_u8i8<T: Send, F>(
+    a: &[u8],
+    rows: usize,
+    w: &PackedWeights,
+    out: &mut [T],
+    out_cols: usize,
+    epilogue: F,
+) where
+    F: Fn(&[i32], &mut [T]) + Sync,
 {
-    gemm_u8i8_with(Int8Kernel::active(), a, rows, w, c, epilogue);
+    let kernel = Int8Kernel::active();
+    gemm_u8i8_with(kernel, a, rows, w, (out, out_cols), epilogue);
 }
 
 /// [`gemm_u8i8`] with a chosen kernel (tests and benchmarks compare them).
 ///
 /// # Panics
 /// As [`gemm_u8i8`], and when `kernel` is not [`Int8Kernel::supported`] here.
-pub fn gemm_u8i8_with<F>(
+pub fn gemm_u8i8_with<T: Send, F>(
     kernel: Int8Kernel,
     a: &[u8],
     rows: usize,
     w: &PackedWeights,
-    c: &mut [i32],
+    (out, out_cols): (&mut [T], usize),
     epilogue: F,
 ) where
-    F: Fn(usize, &mut [i32]) + Sync,
+    F: Fn(&[i32], &mut [T]) + Sync,
 {
     let (k4, n16) = (w.k_padded(), w.n_padded());
     assert_eq!(a.len(), rows * k4, "A is not {rows} x {k4}");
-    assert_eq!(c.len(), rows * n16, "C is not {rows} x {n16}");
+    assert_eq!(
+        out.len(),
+        rows * out_cols,
+        "the output is not {rows} x {out_cols}"
+    );
     assert!(
         kernel.supported(),
         "{} is not supported here",
         kernel.name()
     );
-    let block = |(i, (a, c)): (usize, (&[u8], &mut [i32]))| {
+    let block = |c: &mut Vec<i32>, (a, out): (&[u8], &mut [T])| {
+        c.resize(a.len() / k4 * n16, 0);
         block_gemm(kernel, a, w, c);
-        epilogue(i * ROW_BLOCK, c);
+        epilogue(c, out);
     };
-    let blocks = a.chunks(ROW_BLOCK * k4).zip(c.chunks_mut(ROW_BLOCK * n16));
+    let out_block = ROW_BLOCK * out_cols;
     if rows > ROW_BLOCK {
-        blocks.enumerate().par_bridge().for_each(block);
+        a.par_chunks(ROW_BLOCK * k4)
+            .zip(out.par_chunks_mut(out_block))
+            .for_each_init(Vec::new, block);
     } else {
-        blocks.enumerate().for_each(block);
+        let mut c = Vec::new();
+        a.chunks(ROW_BLOCK * k4)
+            .zip(out.chunks_mut(out_block))
+            .for_each(|pair| block(&mut c, pair));
     }
 }
 
@@ -467,14 +485,12 @@ impl ActQuant {
         ActQuant::from_range(lo, hi)
     }
 
-    /// The code of `x` (round half away from zero, clamped; NaN gives the zero point).
-    #[inline]
+    /// The code of `x`: `x / scale + zero_point` clamped to `0..=127`, rounded half up (NaN
+    /// gives 0). Branch-free and without a `round` call, so loops of it vectorise.
+    #[inline(always)]
     pub fn code(&self, x: f32) -> u8 {
-        let q = (x / self.scale).round() + self.zero_point as f32;
-        if q.is_nan() {
-            return self.zero_point as u8;
-        }
-        q.clamp(0.0, ACT_MAX as f32) as u8
+        let q = (x * (1.0 / self.scale) + self.zero_point as f32).clamp(0.0, ACT_MAX as f32);
+        (q + 0.5) as u8
     }
 }
 
@@ -529,9 +545,12 @@ mod tests {
                     })
                     .collect();
                 for kernel in Int8Kernel::all_supported() {
-                    let mut c = vec![0i32; m * n16];
-                    gemm_u8i8_with(kernel, &a4, m, &packed, &mut c, |_, _| {});
-                    let got: Vec<i32> = (0..m * n).map(|i| c[(i / n) * n16 + i % n]).collect();
+                    let mut got = vec![0i32; m * n];
+                    gemm_u8i8_with(kernel, &a4, m, &packed, (&mut got, n), |c, out| {
+                        for (crow, orow) in c.chunks_exact(n16).zip(out.chunks_exact_mut(n)) {
+                            orow.copy_from_slice(&crow[..n]);
+                        }
+                    });
                     assert_eq!(got, want, "{} at {m} x {n} x {k}", kernel.name());
                 }
             }
@@ -539,21 +558,26 @@ mod tests {
     }
 
     #[test]
-    fn the_epilogue_sees_every_row_once() {
-        let (m, n, k) = (200, 16, 8);
+    fn the_epilogue_writes_every_row_once() {
+        let (m, n, k) = (200, 10, 8);
         let packed = PackedWeights::new(&vec![1i8; n * k], n, k);
-        let a = vec![1u8; m * packed.k_padded()];
-        let mut c = vec![0i32; m * packed.n_padded()];
-        let seen = std::sync::Mutex::new(vec![0u32; m]);
-        gemm_u8i8(&a, m, &packed, &mut c, |first, rows| {
-            let mut seen = seen.lock().unwrap();
-            for r in 0..rows.len() / 16 {
-                seen[first + r] += 1;
-                assert_eq!(rows[r * 16], 8);
+        let a: Vec<u8> = (0..m * packed.k_padded())
+            .map(|i| (i / packed.k_padded() % 3) as u8)
+            .collect();
+        let mut out = vec![-1i64; m * n];
+        gemm_u8i8(&a, m, &packed, &mut out, n, |c, out| {
+            for (crow, orow) in c
+                .chunks_exact(packed.n_padded())
+                .zip(out.chunks_exact_mut(n))
+            {
+                for (o, v) in orow.iter_mut().enumerate() {
+                    *v += 1 + crow[o] as i64;
+                }
             }
         });
-        assert!(seen.into_inner().unwrap().iter().all(|&s| s == 1));
-        assert_eq!(packed.col_sums(), &[8; 16]);
+        let want: Vec<i64> = (0..m * n).map(|i| (i / n % 3) as i64 * 8).collect();
+        assert_eq!(out, want);
+        assert_eq!(packed.col_sums(), &[8; 10]);
     }
 
     #[test]
@@ -562,7 +586,7 @@ mod tests {
         assert_eq!(q.code(0.0) as i32, q.zero_point);
         assert_eq!(q.code(-5.0), 0);
         assert_eq!(q.code(9.0), ACT_MAX);
-        assert_eq!(q.code(f32::NAN) as i32, q.zero_point);
+        assert_eq!(q.code(f32::NAN), 0);
         assert!(
             (q.scale * (q.code(1.0) as i32 - q.zero_point) as f32 - 1.0).abs() <= q.scale / 2.0
         );

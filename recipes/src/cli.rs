@@ -496,10 +496,17 @@ pub struct QuantizeArgs {
     /// --qat-granularity, else tensor].
     #[arg(long, value_name = "G", value_parser = parse_granularity)]
     pub granularity: Option<Granularity>,
-    /// How scales are chosen: minmax (max |w| of each group; weights only, activations stay
-    /// float32).
+    /// How weight scales are chosen: minmax (max |w| of each group).
     #[arg(long, value_enum, default_value_t = CalibrationArg::Minmax)]
     pub calibration: CalibrationArg,
+    /// How the integer path (int8 files, per tensor or per channel) quantizes activations:
+    /// static (ranges calibrated on training images, stored in the file) or dynamic
+    /// (measured on every batch). int4 and block-wise files run in float32.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = ActivationsArg::Static)]
+    pub activations: ActivationsArg,
+    /// Batches of 32 training images that static activation ranges are calibrated on.
+    #[arg(long, value_name = "N", default_value_t = NonZeroUsize::new(32).expect("32 is not zero"))]
+    pub calibration_batches: NonZeroUsize,
     /// Quantized SafeTensors file to write [default: RUN/simple-cnn-SCHEME.safetensors next
     /// to the checkpoint]. An earlier quantized file is replaced; any other file is refused.
     #[arg(long, value_name = "FILE")]
@@ -514,6 +521,15 @@ pub struct QuantizeArgs {
     /// `--config FILE` and `--print-config`.
     #[command(flatten)]
     pub config: ConfigArgs,
+}
+
+/// `--activations` of `kiln quantize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ActivationsArg {
+    /// Ranges calibrated once on training images and stored in the file (fastest).
+    Static,
+    /// Ranges measured on every batch.
+    Dynamic,
 }
 
 /// Calibration methods on the command line.
@@ -534,6 +550,11 @@ impl QuantizeArgs {
         config.granularity = self.granularity;
         config.out = self.out.clone();
         config.throughput_batches = self.timing_batches;
+        config.activations = match self.activations {
+            ActivationsArg::Static => crate::quantize::ActivationMode::Static,
+            ActivationsArg::Dynamic => crate::quantize::ActivationMode::Dynamic,
+        };
+        config.calibration_batches = self.calibration_batches;
         config.latency_samples = self
             .timing_batches
             .saturating_mul(NonZeroUsize::new(10).expect("10 is not zero"));

@@ -5,8 +5,10 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
+use kiln_kernels::int8::Int8Kernel;
 use kiln_models::quant::{
-    QuantScheme, QuantizedFileInfo, load_quantized, read_quantized_info, round_weights,
+    Activations, Granularity, Int8SimpleCnn, QuantBits, QuantScheme, QuantizedFileInfo,
+    load_quantized, read_quantized_info, round_weights,
 };
 use kiln_models::{ResNet, ResNetDepth, SimpleCnn, SimpleCnnConfig, load_weights};
 use kiln_multi::DeviceSpec;
@@ -51,6 +53,8 @@ impl ModelKind {
 pub(crate) enum Net {
     SimpleCnn(SimpleCnn),
     ResNet(ResNet),
+    /// A quantized SimpleCNN file on the integer path.
+    Int8(Box<Int8SimpleCnn>),
 }
 
 impl Net {
@@ -58,6 +62,19 @@ impl Net {
         match self {
             Net::SimpleCnn(m) => Net::SimpleCnn(m.valid()),
             Net::ResNet(m) => Net::ResNet(m.valid()),
+            Net::Int8(m) => Net::Int8(m.clone()),
+        }
+    }
+
+    /// How this model runs: `float32`, or the integer path with its kernel and activations.
+    pub(crate) fn inference_path(&self) -> String {
+        match self {
+            Net::SimpleCnn(_) | Net::ResNet(_) => "float32".into(),
+            Net::Int8(m) => format!(
+                "int8 (u8 x i8 GEMM, {} kernel, {} activations)",
+                Int8Kernel::active().name(),
+                m.activations().name()
+            ),
         }
     }
 
@@ -65,6 +82,7 @@ impl Net {
         match self {
             Net::SimpleCnn(m) => Net::SimpleCnn(round_weights(m, scheme)),
             Net::ResNet(m) => Net::ResNet(round_weights(m, scheme)),
+            Net::Int8(m) => Net::Int8(m),
         }
     }
 
@@ -72,13 +90,20 @@ impl Net {
         match self {
             Net::SimpleCnn(m) => m.forward(images),
             Net::ResNet(m) => m.forward(images),
+            Net::Int8(m) => {
+                let (batch, device) = (images.dims()[0], images.device());
+                let data = images.into_data().convert::<f32>();
+                let pixels = data.try_to_vec::<f32>().unwrap_or_default();
+                let logits = m.forward(&pixels, batch);
+                Tensor::from_data(TensorData::new(logits, [batch, m.classes()]), &device)
+            }
         }
     }
 
     /// Whether the model takes samples of shape `[c, h, w]`, and what it takes if not.
     fn check_sample_shape(&self, chw: [usize; 3]) -> std::result::Result<(), String> {
         match self {
-            Net::SimpleCnn(_) => {
+            Net::SimpleCnn(_) | Net::Int8(_) => {
                 let [c, h, w] = SimpleCnn::input_shape();
                 (chw == [c, h, w])
                     .then_some(())
@@ -168,7 +193,7 @@ fn load_quantized_model(path: &Path, info: QuantizedFileInfo, device: &Device) -
         ModelName::SimpleCnn => {
             let mut net = SimpleCnnConfig::new().init(device, 0);
             let _ = load_quantized(&mut net, path)?;
-            (Net::SimpleCnn(net), None)
+            (integer_path(net, &info), None)
         }
         ModelName::ResNet(depth) => {
             let text = info
@@ -192,6 +217,18 @@ fn load_quantized_model(path: &Path, info: QuantizedFileInfo, device: &Device) -
         quantization: Quantization::Quantized(info.scheme),
         finetune,
     })
+}
+
+/// A quantized SimpleCNN on the integer path when its weights are int8 per tensor or per
+/// channel (the file's integers, exactly); int4 and block-wise files stay on the float path.
+fn integer_path(net: SimpleCnn, info: &QuantizedFileInfo) -> Net {
+    let per_tensor = match (info.scheme.bits, info.scheme.granularity) {
+        (QuantBits::Int8, Granularity::Tensor) => true,
+        (QuantBits::Int8, Granularity::Channel) => false,
+        _ => return Net::SimpleCnn(net),
+    };
+    let activations = info.activations.clone().unwrap_or(Activations::Dynamic);
+    Net::Int8(Box::new(Int8SimpleCnn::new(&net, per_tensor, activations)))
 }
 
 pub(crate) fn load(source: &ModelSource, device: &Device) -> Result<Loaded> {
@@ -291,6 +328,14 @@ pub fn eval(
             check_image_shape(&test)?;
             evaluate(model, SimpleCnn::forward, &test, batch_size, &device)
         }
+        (Net::Int8(int8), _) => {
+            let test = MnistSource::from_option(data).load(MnistSplit::Test)?;
+            check_image_shape(&test)?;
+            // `evaluate` takes a module; the integer model is plain data, so a constant
+            // stands in for it and the closure runs the integer path.
+            let net = Net::Int8(int8.clone());
+            evaluate(&0usize, |_, x| net.forward(x), &test, batch_size, &device)
+        }
         (Net::ResNet(model), Some(options)) => {
             let root = data.unwrap_or(&options.data);
             let data = open_data(root, options.image_size, None)?;
@@ -334,6 +379,7 @@ pub fn eval(
         epochs: loaded.trained.map(|(_, e)| e),
         eval_samples_per_sec: metrics.samples_per_sec,
         quantization: loaded.quantization.scheme(),
+        inference: model.inference_path(),
     })
 }
 

@@ -8,10 +8,10 @@ use std::time::Instant;
 
 use burn::tensor::{Device, Tensor};
 use kiln_models::quant::{
-    Granularity, QuantBits, QuantScheme, QuantizedSizes, load_quantized, read_quantized_info,
-    save_quantized, save_quantized_with,
+    Activations, Granularity, Int8SimpleCnn, QuantBits, QuantScheme, QuantizedSizes,
+    load_quantized, read_quantized_info, save_quantized_with,
 };
-use kiln_models::{ResNet, SimpleCnnConfig};
+use kiln_models::{ResNet, SimpleCnn};
 use kiln_trainer::TrainError;
 use kiln_trainer::data::{ImageDataset, MnistSplit, make_batch};
 
@@ -42,6 +42,19 @@ pub struct QuantizeConfig {
     pub throughput_batches: NonZeroUsize,
     /// Timed single-sample passes per model for latency (interleaved; the median is reported).
     pub latency_samples: NonZeroUsize,
+    /// How the integer path quantizes activations (int8 SimpleCNN files).
+    pub activations: ActivationMode,
+    /// Training batches of 32 images that static activation ranges are measured on.
+    pub calibration_batches: NonZeroUsize,
+}
+
+/// How activations of an int8 file are quantized at inference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActivationMode {
+    /// Each layer's input range measured on every batch.
+    Dynamic,
+    /// Ranges fixed by calibration on training images, stored in the file.
+    Static,
 }
 
 impl QuantizeConfig {
@@ -56,6 +69,8 @@ impl QuantizeConfig {
             batch_size: NonZeroUsize::new(256).expect("256 is not zero"),
             throughput_batches: NonZeroUsize::new(20).expect("20 is not zero"),
             latency_samples: NonZeroUsize::new(200).expect("200 is not zero"),
+            activations: ActivationMode::Static,
+            calibration_batches: NonZeroUsize::new(32).expect("32 is not zero"),
         }
     }
 }
@@ -100,10 +115,19 @@ pub fn run(config: &QuantizeConfig) -> Result<QuantizeReport> {
             (Net::SimpleCnn(model), _) => {
                 let test = config.data.load(MnistSplit::Test)?;
                 check_image_shape(&test)?;
-                let sizes = save_quantized(model, ModelName::SimpleCnn.as_str(), scheme, &out)?;
-                let mut back = SimpleCnnConfig::new().init(&device, 0);
-                let _info = load_quantized(&mut back, &out)?;
-                (Box::new(test), Net::SimpleCnn(back), sizes)
+                let activations = activations(model, scheme, config)?;
+                let name = ModelName::SimpleCnn.as_str();
+                let sizes =
+                    save_quantized_with(model, name, None, activations.as_ref(), scheme, &out)?;
+                // Read back as `kiln eval` reads it: the integer path for int8 files.
+                let back = load(
+                    &ModelSource::Weights {
+                        model: crate::inference::ModelKind::SimpleCnn,
+                        path: out.clone(),
+                    },
+                    &device,
+                )?;
+                (Box::new(test), back.model, sizes)
             }
             (Net::ResNet(model), Some(options)) => {
                 let data = open_data(&options.data, options.image_size, None)?;
@@ -111,12 +135,13 @@ pub fn run(config: &QuantizeConfig) -> Result<QuantizeReport> {
                     RecipeError::Internal(format!("{} is not a ResNet name", loaded.name))
                 })?;
                 let json = options.to_json();
-                let sizes = save_quantized_with(model, loaded.name, Some(&json), scheme, &out)?;
+                let sizes =
+                    save_quantized_with(model, loaded.name, Some(&json), None, scheme, &out)?;
                 let mut back = ResNet::new(depth, options.classes.len(), &device);
                 let _info = load_quantized(&mut back, &out)?;
                 (data.val, Net::ResNet(back), sizes)
             }
-            (Net::ResNet(_), None) => {
+            (Net::Int8(_), _) | (Net::ResNet(_), None) => {
                 return Err(RecipeError::Options {
                     flag: "--model",
                     reason: format!(
@@ -154,7 +179,52 @@ pub fn run(config: &QuantizeConfig) -> Result<QuantizeReport> {
         quantized_samples_per_sec: speed.quantized_samples_per_sec,
         fp32_latency_ms: speed.float_latency_ms,
         quantized_latency_ms: speed.quantized_latency_ms,
+        inference: quantized.inference_path(),
+        cpu: cpu_line(),
     })
+}
+
+/// `MODEL (kiln kernels: LEVEL)`, for reports with speed figures.
+pub(crate) fn cpu_line() -> String {
+    let isa = kiln_kernels::isa::IsaReport::current();
+    format!("{} (kiln kernels: {})", isa.cpu_model, isa.kernels)
+}
+
+/// The activation quantization an int8 SimpleCNN file records: static ranges calibrated on
+/// `config.calibration_batches` batches of 32 training images, or dynamic; `None` for files
+/// the integer path does not run (int4, block-wise).
+fn activations(
+    model: &SimpleCnn,
+    scheme: QuantScheme,
+    config: &QuantizeConfig,
+) -> Result<Option<Activations>> {
+    let per_tensor = match (scheme.bits, scheme.granularity) {
+        (QuantBits::Int8, Granularity::Tensor) => true,
+        (QuantBits::Int8, Granularity::Channel) => false,
+        _ => return Ok(None),
+    };
+    if config.activations == ActivationMode::Dynamic {
+        return Ok(Some(Activations::Dynamic));
+    }
+    let train = config.data.load(MnistSplit::Train)?;
+    check_image_shape(&train)?;
+    let device = Device::flex();
+    let mut int8 = Int8SimpleCnn::new(model, per_tensor, Activations::Dynamic);
+    let batches: Vec<(Vec<f32>, usize)> = (0..config.calibration_batches.get())
+        .map(|b| {
+            (b * 32..(b + 1) * 32)
+                .filter(|&i| i < train.len())
+                .collect::<Vec<_>>()
+        })
+        .filter(|chunk| !chunk.is_empty())
+        .map(|chunk| {
+            let images = make_batch(&train, &chunk, &device).images;
+            let pixels = images.into_data().convert::<f32>().try_to_vec::<f32>();
+            (pixels.unwrap_or_default(), chunk.len())
+        })
+        .collect();
+    int8.calibrate(batches.iter().map(|(p, n)| (&p[..], *n)));
+    Ok(Some(int8.activations().clone()))
 }
 
 /// `RUN/model-int8-tensor.safetensors` for a checkpoint in `RUN/checkpoints/`, else next to

@@ -215,6 +215,8 @@ pub struct EvalReport {
     /// The quantization scheme of a quantized file or quantization-aware checkpoint.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quantization: Option<String>,
+    /// How the model ran: `float32`, or `int8 (u8 x i8 GEMM, KERNEL kernel, MODE activations)`.
+    pub inference: String,
 }
 
 /// Result of a prediction.
@@ -282,8 +284,12 @@ impl Report for TrainReport {
 
 impl Report for EvalReport {
     fn summary(&self) -> String {
+        let path = match self.quantization {
+            Some(_) => format!("; ran {}", self.inference),
+            None => String::new(),
+        };
         format!(
-            "test accuracy {:.2}%, test loss {:.4} on {} samples ({})",
+            "test accuracy {:.2}%, test loss {:.4} on {} samples ({}){path}",
             100.0 * self.test_accuracy,
             self.test_loss,
             self.samples,
@@ -343,6 +349,10 @@ pub struct QuantizeReport {
     pub fp32_latency_ms: f64,
     /// Quantized latency of one sample, milliseconds (median).
     pub quantized_latency_ms: f64,
+    /// How the quantized model ran (see [`EvalReport::inference`]).
+    pub inference: String,
+    /// The CPU's model name and kiln's instruction-set level, for the speed figures.
+    pub cpu: String,
 }
 
 impl Report for QuantizeReport {
@@ -394,6 +404,10 @@ impl Report for QuantizeReport {
         for (name, float, quantized) in rows {
             table.push_str(&format!("{name:<24} {float:>18} {quantized:>24}\n"));
         }
+        table.push_str(&format!(
+            "quantized model ran {} on {}\n",
+            self.inference, self.cpu
+        ));
         table.push_str(&format!(
             "wrote {} ({} test samples compared)",
             self.output.display(),

@@ -30,6 +30,9 @@ const SCHEME_KEY: &str = "kiln.scheme";
 /// Metadata key of the recipe settings a model needs to be rebuilt and evaluated (JSON),
 /// e.g. a fine-tuned ResNet's classes and image size.
 const OPTIONS_KEY: &str = "kiln.options";
+/// Metadata key of the activations' quantization (JSON of [`super::Activations`]), for the
+/// integer inference path.
+const ACTIVATIONS_KEY: &str = "kiln.activations";
 /// Prefix of the metadata keys holding quantized weights' shapes.
 const SHAPE_PREFIX: &str = "kiln.shape.";
 /// Suffix of a quantized weight's integers.
@@ -38,7 +41,7 @@ const QWEIGHT: &str = ".qweight";
 const SCALE: &str = ".scale";
 
 /// What a quantized file holds, from its header.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QuantizedFileInfo {
     /// Model architecture name.
     pub model: String,
@@ -48,6 +51,9 @@ pub struct QuantizedFileInfo {
     pub quantized_tensors: usize,
     /// Recipe settings stored with the model (JSON), if any.
     pub options: Option<String>,
+    /// How integer inference quantizes activations (`None`: a file from before activations
+    /// were recorded, or one quantized for the float path only; dynamic then).
+    pub activations: Option<super::Activations>,
 }
 
 /// An owned tensor on its way into a SafeTensors file.
@@ -148,6 +154,18 @@ pub fn float_safetensors_with<M: Module>(
 /// # Errors
 /// [`ImportError::Export`] when `float` is not a SafeTensors file or a weight is not `F32`.
 pub fn quantize_safetensors(float: &[u8], scheme: QuantScheme) -> Result<Vec<u8>> {
+    quantize_safetensors_with(float, scheme, None)
+}
+
+/// [`quantize_safetensors`] recording how activations are to be quantized.
+///
+/// # Errors
+/// As [`quantize_safetensors`].
+pub fn quantize_safetensors_with(
+    float: &[u8],
+    scheme: QuantScheme,
+    activations: Option<&super::Activations>,
+) -> Result<Vec<u8>> {
     let (_, header) =
         SafeTensors::read_metadata(float).map_err(|e| ImportError::Export(e.to_string()))?;
     let source = header.metadata().clone().unwrap_or_default();
@@ -160,6 +178,11 @@ pub fn quantize_safetensors(float: &[u8], scheme: QuantScheme) -> Result<Vec<u8>
     ]);
     if let Some(options) = source.get(OPTIONS_KEY) {
         metadata.insert(OPTIONS_KEY.to_string(), options.clone());
+    }
+    if let Some(activations) = activations {
+        let json =
+            serde_json::to_string(activations).map_err(|e| ImportError::Export(e.to_string()))?;
+        metadata.insert(ACTIVATIONS_KEY.to_string(), json);
     }
     let mut entries = Vec::new();
     for (name, view) in parsed.tensors() {
@@ -226,6 +249,10 @@ pub fn quantized_info(bytes: &[u8]) -> Option<QuantizedFileInfo> {
             .filter(|k| k.starts_with(SHAPE_PREFIX))
             .count(),
         options: metadata.get(OPTIONS_KEY).cloned(),
+        activations: match metadata.get(ACTIVATIONS_KEY) {
+            Some(json) => Some(serde_json::from_str(json).ok()?),
+            None => None,
+        },
     })
 }
 

@@ -17,6 +17,7 @@
 
 mod fake;
 pub mod file;
+mod int8;
 mod scheme;
 mod weights;
 
@@ -26,6 +27,7 @@ use burn::module::Module;
 
 pub use fake::{fake_quantize, quantize_dequantize, round_weights};
 pub use file::QuantizedFileInfo;
+pub use int8::{Activations, Int8SimpleCnn};
 pub use scheme::{Granularity, QuantBits, QuantScheme};
 pub use weights::QuantizedTensor;
 
@@ -53,11 +55,12 @@ pub fn save_quantized<M: Module>(
     scheme: QuantScheme,
     path: &Path,
 ) -> Result<QuantizedSizes> {
-    save_quantized_with(model, model_name, None, scheme, path)
+    save_quantized_with(model, model_name, None, None, scheme, path)
 }
 
 /// [`save_quantized`] with recipe settings (JSON) stored in the file's header, for models that
-/// need more than their name to be rebuilt (a fine-tuned ResNet's classes).
+/// need more than their name to be rebuilt (a fine-tuned ResNet's classes), and how integer
+/// inference is to quantize activations ([`Activations`], e.g. calibrated ranges).
 ///
 /// # Errors
 /// As [`save_quantized`].
@@ -65,11 +68,12 @@ pub fn save_quantized_with<M: Module>(
     model: &M,
     model_name: &str,
     options: Option<&str>,
+    activations: Option<&Activations>,
     scheme: QuantScheme,
     path: &Path,
 ) -> Result<QuantizedSizes> {
     let float = file::float_safetensors_with(model, model_name, options)?;
-    let quantized = file::quantize_safetensors(&float, scheme)?;
+    let quantized = file::quantize_safetensors_with(&float, scheme, activations)?;
     let write = |e: std::io::Error| ImportError::Write {
         path: path.to_path_buf(),
         reason: e.to_string(),
