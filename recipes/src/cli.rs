@@ -499,9 +499,11 @@ pub struct QuantizeArgs {
     /// How weight scales are chosen: minmax (max |w| of each group).
     #[arg(long, value_enum, default_value_t = CalibrationArg::Minmax)]
     pub calibration: CalibrationArg,
-    /// How the integer path (int8 files, per tensor or per channel) quantizes activations:
-    /// static (ranges calibrated on training images, stored in the file) or dynamic
-    /// (measured on every batch). int4 and block-wise files run in float32.
+    /// How int8 files (per tensor or per channel) quantize activations on kiln's integer
+    /// path: static (ranges calibrated on training images, stored in the file), dynamic
+    /// (measured on every batch), or float (weights only: the file runs in float32 on
+    /// dequantized weights, as PyTorch's weight-only quantizers do). int4 and block-wise
+    /// files always run in float32.
     #[arg(long, value_enum, value_name = "MODE", default_value_t = ActivationsArg::Static)]
     pub activations: ActivationsArg,
     /// Batches of 32 training images that static activation ranges are calibrated on.
@@ -530,6 +532,8 @@ pub enum ActivationsArg {
     Static,
     /// Ranges measured on every batch.
     Dynamic,
+    /// Activations stay float32 (weight-only quantization, float path).
+    Float,
 }
 
 /// Calibration methods on the command line.
@@ -553,6 +557,7 @@ impl QuantizeArgs {
         config.activations = match self.activations {
             ActivationsArg::Static => crate::quantize::ActivationMode::Static,
             ActivationsArg::Dynamic => crate::quantize::ActivationMode::Dynamic,
+            ActivationsArg::Float => crate::quantize::ActivationMode::Float,
         };
         config.calibration_batches = self.calibration_batches;
         config.latency_samples = self

@@ -7,8 +7,8 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use kiln_kernels::int8::Int8Kernel;
 use kiln_models::quant::{
-    Activations, Granularity, Int8SimpleCnn, QuantBits, QuantScheme, QuantizedFileInfo,
-    load_quantized, read_quantized_info, round_weights,
+    Granularity, Int8SimpleCnn, QuantBits, QuantScheme, QuantizedFileInfo, load_quantized,
+    read_quantized_info, round_weights,
 };
 use kiln_models::{ResNet, ResNetDepth, SimpleCnn, SimpleCnnConfig, load_weights};
 use kiln_multi::DeviceSpec;
@@ -220,15 +220,19 @@ fn load_quantized_model(path: &Path, info: QuantizedFileInfo, device: &Device) -
 }
 
 /// A quantized SimpleCNN on the integer path when its weights are int8 per tensor or per
-/// channel (the file's integers, exactly); int4 and block-wise files stay on the float path.
+/// channel (the file's integers, exactly) and it records how to quantize activations;
+/// weight-only files (`--activations float`, and files from before the integer path), int4
+/// and block-wise files stay on the float path.
 fn integer_path(net: SimpleCnn, info: &QuantizedFileInfo) -> Net {
     let per_tensor = match (info.scheme.bits, info.scheme.granularity) {
         (QuantBits::Int8, Granularity::Tensor) => true,
         (QuantBits::Int8, Granularity::Channel) => false,
         _ => return Net::SimpleCnn(net),
     };
-    let activations = info.activations.clone().unwrap_or(Activations::Dynamic);
-    Net::Int8(Box::new(Int8SimpleCnn::new(&net, per_tensor, activations)))
+    match info.activations.clone() {
+        Some(activations) => Net::Int8(Box::new(Int8SimpleCnn::new(&net, per_tensor, activations))),
+        None => Net::SimpleCnn(net),
+    }
 }
 
 pub(crate) fn load(source: &ModelSource, device: &Device) -> Result<Loaded> {

@@ -55,6 +55,8 @@ pub enum ActivationMode {
     Dynamic,
     /// Ranges fixed by calibration on training images, stored in the file.
     Static,
+    /// Weight-only quantization: the file runs in float32 on its dequantized weights.
+    Float,
 }
 
 impl QuantizeConfig {
@@ -191,8 +193,8 @@ pub(crate) fn cpu_line() -> String {
 }
 
 /// The activation quantization an int8 SimpleCNN file records: static ranges calibrated on
-/// `config.calibration_batches` batches of 32 training images, or dynamic; `None` for files
-/// the integer path does not run (int4, block-wise).
+/// `config.calibration_batches` batches of 32 training images, or dynamic; `None` for
+/// weight-only files and those the integer path does not run (int4, block-wise).
 fn activations(
     model: &SimpleCnn,
     scheme: QuantScheme,
@@ -203,8 +205,10 @@ fn activations(
         (QuantBits::Int8, Granularity::Channel) => false,
         _ => return Ok(None),
     };
-    if config.activations == ActivationMode::Dynamic {
-        return Ok(Some(Activations::Dynamic));
+    match config.activations {
+        ActivationMode::Float => return Ok(None),
+        ActivationMode::Dynamic => return Ok(Some(Activations::Dynamic)),
+        ActivationMode::Static => {}
     }
     let train = config.data.load(MnistSplit::Train)?;
     check_image_shape(&train)?;
