@@ -61,10 +61,13 @@ fn main() {
     let test = MnistSource::Embedded
         .load(MnistSplit::Test)
         .expect("embedded MNIST");
-    let calibration: Vec<Vec<f32>> = (0..32).map(|b| pixels(&train, 32 * b, 32)).collect();
-    let mut int8 = Int8SimpleCnn::new(&float, true, Activations::Dynamic);
+    let mut int8 = Int8SimpleCnn::new(&float, QuantScheme::INT8, Activations::Dynamic)
+        .expect("int8 per tensor runs on the integer path");
     let dynamic = int8.clone();
-    int8.calibrate(calibration.iter().map(|p| (&p[..], 32)));
+    int8.calibrate((0..32).map(|b| {
+        let idx: Vec<usize> = (32 * b..32 * (b + 1)).collect();
+        make_batch(&train, &idx, &device).images
+    }));
     let (batch_px, one_px) = (pixels(&test, 0, 256), pixels(&test, 256, 1));
     let batch =
         Tensor::<4>::from_data(TensorData::new(batch_px.clone(), [256, 1, 28, 28]), &device);

@@ -7,8 +7,8 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use kiln_kernels::int8::Int8Kernel;
 use kiln_models::quant::{
-    Granularity, Int8SimpleCnn, QuantBits, QuantScheme, QuantizedFileInfo, load_quantized,
-    read_quantized_info, round_weights,
+    Int8SimpleCnn, QuantScheme, QuantizedFileInfo, load_quantized, read_quantized_info,
+    round_weights,
 };
 use kiln_models::{ResNet, ResNetDepth, SimpleCnn, SimpleCnnConfig, load_weights};
 use kiln_multi::DeviceSpec;
@@ -90,13 +90,7 @@ impl Net {
         match self {
             Net::SimpleCnn(m) => m.forward(images),
             Net::ResNet(m) => m.forward(images),
-            Net::Int8(m) => {
-                let (batch, device) = (images.dims()[0], images.device());
-                let data = images.into_data().convert::<f32>();
-                let pixels = data.try_to_vec::<f32>().unwrap_or_default();
-                let logits = m.forward(&pixels, batch);
-                Tensor::from_data(TensorData::new(logits, [batch, m.classes()]), &device)
-            }
+            Net::Int8(m) => m.forward_tensor(images),
         }
     }
 
@@ -224,13 +218,12 @@ fn load_quantized_model(path: &Path, info: QuantizedFileInfo, device: &Device) -
 /// weight-only files (`--activations float`, and files from before the integer path), int4
 /// and block-wise files stay on the float path.
 fn integer_path(net: SimpleCnn, info: &QuantizedFileInfo) -> Net {
-    let per_tensor = match (info.scheme.bits, info.scheme.granularity) {
-        (QuantBits::Int8, Granularity::Tensor) => true,
-        (QuantBits::Int8, Granularity::Channel) => false,
-        _ => return Net::SimpleCnn(net),
-    };
-    match info.activations.clone() {
-        Some(activations) => Net::Int8(Box::new(Int8SimpleCnn::new(&net, per_tensor, activations))),
+    let int8 = info
+        .activations
+        .clone()
+        .and_then(|activations| Int8SimpleCnn::new(&net, info.scheme, activations));
+    match int8 {
+        Some(int8) => Net::Int8(Box::new(int8)),
         None => Net::SimpleCnn(net),
     }
 }
@@ -337,8 +330,13 @@ pub fn eval(
             check_image_shape(&test)?;
             // `evaluate` takes a module; the integer model is plain data, so a constant
             // stands in for it and the closure runs the integer path.
-            let net = Net::Int8(int8.clone());
-            evaluate(&0usize, |_, x| net.forward(x), &test, batch_size, &device)
+            evaluate(
+                &0usize,
+                |_, x| int8.forward_tensor(x),
+                &test,
+                batch_size,
+                &device,
+            )
         }
         (Net::ResNet(model), Some(options)) => {
             let root = data.unwrap_or(&options.data);

@@ -200,34 +200,26 @@ fn activations(
     scheme: QuantScheme,
     config: &QuantizeConfig,
 ) -> Result<Option<Activations>> {
-    let per_tensor = match (scheme.bits, scheme.granularity) {
-        (QuantBits::Int8, Granularity::Tensor) => true,
-        (QuantBits::Int8, Granularity::Channel) => false,
-        _ => return Ok(None),
-    };
-    match config.activations {
-        ActivationMode::Float => return Ok(None),
-        ActivationMode::Dynamic => return Ok(Some(Activations::Dynamic)),
-        ActivationMode::Static => {}
+    if config.activations == ActivationMode::Float {
+        return Ok(None);
     }
-    let train = config.data.load(MnistSplit::Train)?;
-    check_image_shape(&train)?;
-    let device = Device::flex();
-    let mut int8 = Int8SimpleCnn::new(model, per_tensor, Activations::Dynamic);
-    let batches: Vec<(Vec<f32>, usize)> = (0..config.calibration_batches.get())
-        .map(|b| {
-            (b * 32..(b + 1) * 32)
-                .filter(|&i| i < train.len())
-                .collect::<Vec<_>>()
-        })
-        .filter(|chunk| !chunk.is_empty())
-        .map(|chunk| {
-            let images = make_batch(&train, &chunk, &device).images;
-            let pixels = images.into_data().convert::<f32>().try_to_vec::<f32>();
-            (pixels.unwrap_or_default(), chunk.len())
-        })
-        .collect();
-    int8.calibrate(batches.iter().map(|(p, n)| (&p[..], *n)));
+    let Some(mut int8) = Int8SimpleCnn::new(model, scheme, Activations::Dynamic) else {
+        return Ok(None);
+    };
+    if config.activations == ActivationMode::Static {
+        let train = config.data.load(MnistSplit::Train)?;
+        check_image_shape(&train)?;
+        let device = Device::flex();
+        let batches: Vec<Vec<usize>> = (0..config.calibration_batches.get())
+            .map(|b| (b * 32..((b + 1) * 32).min(train.len())).collect())
+            .filter(|chunk: &Vec<usize>| !chunk.is_empty())
+            .collect();
+        int8.calibrate(
+            batches
+                .iter()
+                .map(|chunk| make_batch(&train, chunk, &device).images),
+        );
+    }
     Ok(Some(int8.activations().clone()))
 }
 

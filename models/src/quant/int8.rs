@@ -14,6 +14,7 @@
 //! per batch) or [`Activations::Static`] (ranges recorded by [`Int8SimpleCnn::calibrate`] and
 //! stored in the quantized file).
 
+use burn::tensor::{Tensor, TensorData};
 use kiln_kernels::int8::{ActQuant, PackedWeights, gemm_u8i8};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -96,9 +97,17 @@ impl Layer {
             .unzip()
     }
 
-    /// Runs the GEMM on `a` (`rows x k` codes quantized by `q`), with ReLU when `relu`,
-    /// writing codes of `next` or floats.
-    fn apply(&self, a: &[u8], rows: usize, q: ActQuant, relu: bool, next: Next) -> Values {
+    /// Runs the GEMM on `a` (`rows x k` codes quantized by `q`), ReLU'd when `relu`; the
+    /// epilogue turns each output value into a `T` with `put` (the next layer's code, or the
+    /// float itself).
+    fn apply<T: Copy + Default + Send>(
+        &self,
+        a: &[u8],
+        rows: usize,
+        q: ActQuant,
+        relu: bool,
+        put: impl Fn(f32) -> T + Sync,
+    ) -> Vec<T> {
         let (n, n16) = (self.w.n(), self.w.n_padded());
         let (k, k4) = (self.w.k(), self.w.k_padded());
         let padded;
@@ -110,46 +119,17 @@ impl Layer {
         };
         let (mult, offset) = self.affine(q);
         let floor = if relu { 0.0 } else { f32::NEG_INFINITY };
-        match next {
-            Next::Codes(out_q) => {
-                let mut out = vec![0u8; rows * n];
-                gemm_u8i8(a, rows, &self.w, &mut out, n, |c, out| {
-                    for (crow, orow) in c.chunks_exact(n16).zip(out.chunks_exact_mut(n)) {
-                        let values = crow.iter().zip(&mult).zip(&offset);
-                        for (v, ((&acc, &m), &b)) in orow.iter_mut().zip(values) {
-                            *v = out_q.code((m * acc as f32 + b).max(floor));
-                        }
-                    }
-                });
-                Values::Codes(out)
+        let mut out = vec![T::default(); rows * n];
+        gemm_u8i8(a, rows, &self.w, &mut out, n, |c, out| {
+            for (crow, orow) in c.chunks_exact(n16).zip(out.chunks_exact_mut(n)) {
+                let values = crow.iter().zip(&mult).zip(&offset);
+                for (v, ((&acc, &m), &b)) in orow.iter_mut().zip(values) {
+                    *v = put((m * acc as f32 + b).max(floor));
+                }
             }
-            Next::Floats => {
-                let mut out = vec![0f32; rows * n];
-                gemm_u8i8(a, rows, &self.w, &mut out, n, |c, out| {
-                    for (crow, orow) in c.chunks_exact(n16).zip(out.chunks_exact_mut(n)) {
-                        let values = crow.iter().zip(&mult).zip(&offset);
-                        for (v, ((&acc, &m), &b)) in orow.iter_mut().zip(values) {
-                            *v = (m * acc as f32 + b).max(floor);
-                        }
-                    }
-                });
-                Values::Floats(out)
-            }
-        }
+        });
+        out
     }
-}
-
-/// What a layer's epilogue writes.
-#[derive(Clone, Copy)]
-enum Next {
-    Codes(ActQuant),
-    Floats,
-}
-
-/// A layer's output.
-enum Values {
-    Codes(Vec<u8>),
-    Floats(Vec<f32>),
 }
 
 /// SimpleCNN with integer convolutions and linear layers.
@@ -162,8 +142,8 @@ pub struct Int8SimpleCnn {
     activations: Activations,
 }
 
-/// Rows of a float tensor's data.
-fn floats(t: burn::tensor::Tensor<2>) -> Vec<f32> {
+/// A float tensor's values, row-major.
+fn floats<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data()
         .convert::<f32>()
         .try_to_vec::<f32>()
@@ -171,18 +151,22 @@ fn floats(t: burn::tensor::Tensor<2>) -> Vec<f32> {
 }
 
 impl Int8SimpleCnn {
-    /// The integer model of `model`'s weights (per-channel int8, or one scale per tensor when
-    /// `per_tensor`, which reproduces a per-tensor int8 file's integers exactly).
-    pub fn new(model: &SimpleCnn, per_tensor: bool, activations: Activations) -> Int8SimpleCnn {
+    /// The integer model of `model`'s weights quantized under `scheme` (int8 per output
+    /// channel, or per tensor: a quantized file's own integers, exactly), or `None` for the
+    /// schemes the integer path does not run (int4, block-wise).
+    pub fn new(
+        model: &SimpleCnn,
+        scheme: QuantScheme,
+        activations: Activations,
+    ) -> Option<Int8SimpleCnn> {
+        let per_tensor = match (scheme.bits, scheme.granularity) {
+            (QuantBits::Int8, Granularity::Tensor) => true,
+            (QuantBits::Int8, Granularity::Channel) => false,
+            _ => return None,
+        };
         let conv = |c: &burn::nn::conv::Conv2d| {
             let [o, i, kh, kw] = c.weight.dims();
-            let w = c
-                .weight
-                .val()
-                .into_data()
-                .convert::<f32>()
-                .try_to_vec::<f32>();
-            let w = w.unwrap_or_default();
+            let w = floats(c.weight.val());
             // [o, i, kh, kw] -> [o, kh, kw, i]: the NHWC im2row order.
             let mut p = vec![0.0; w.len()];
             for (idx, v) in w.iter().enumerate() {
@@ -193,7 +177,7 @@ impl Int8SimpleCnn {
             let bias = c
                 .bias
                 .as_ref()
-                .map(|b| floats(b.val().unsqueeze()))
+                .map(|b| floats(b.val()))
                 .unwrap_or(vec![0.0; o]);
             Layer::new(&p, o, bias, per_tensor)
         };
@@ -207,19 +191,19 @@ impl Int8SimpleCnn {
             let bias = l
                 .bias
                 .as_ref()
-                .map(|b| floats(b.val().unsqueeze()))
+                .map(|b| floats(b.val()))
                 .unwrap_or(vec![0.0; o]);
             debug_assert_eq!(w.len(), i * o);
             Layer::new(&w, o, bias, per_tensor)
         };
         let c2 = model.conv2.weight.dims()[0];
-        Int8SimpleCnn {
+        Some(Int8SimpleCnn {
             conv1: conv(&model.conv1),
             conv2: conv(&model.conv2),
             fc1: linear(&model.fc1, Some([c2, SIDE / 4, SIDE / 4])),
             fc2: linear(&model.fc2, None),
             activations,
-        }
+        })
     }
 
     /// How this model quantizes its activations.
@@ -240,15 +224,24 @@ impl Int8SimpleCnn {
         self.run(images, batch, &mut |_, _| {})
     }
 
-    /// Records the input range of every quantized layer over `batches` (each `batch x 784`
-    /// images), runs them with dynamic activations, then fixes those ranges: static
-    /// activations (min-max calibration).
-    pub fn calibrate<'a>(&mut self, batches: impl IntoIterator<Item = (&'a [f32], usize)>) {
+    /// [`Self::forward`] on a `[batch, 1, 28, 28]` tensor: logits `[batch, classes]` on the
+    /// same device.
+    pub fn forward_tensor(&self, images: Tensor<4>) -> Tensor<2> {
+        let (batch, device) = (images.dims()[0], images.device());
+        let logits = self.forward(&floats(images), batch);
+        Tensor::from_data(TensorData::new(logits, [batch, self.classes()]), &device)
+    }
+
+    /// Records the input range of every quantized layer over `batches` (`[batch, 1, 28, 28]`
+    /// images), run with dynamic activations, then fixes those ranges: static activations
+    /// (min-max calibration).
+    pub fn calibrate(&mut self, batches: impl IntoIterator<Item = Tensor<4>>) {
         self.activations = Activations::Dynamic;
         let mut ranges = [[0.0f32; 2]; 4];
         let mut count = 0;
-        for (images, batch) in batches {
-            self.run(images, batch, &mut |layer, q: ActQuant| {
+        for images in batches {
+            let batch = images.dims()[0];
+            self.run(&floats(images), batch, &mut |layer, q: ActQuant| {
                 let lo = -q.scale * q.zero_point as f32;
                 let hi = q.scale * (kiln_kernels::int8::ACT_MAX as i32 - q.zero_point) as f32;
                 ranges[layer][0] = ranges[layer][0].min(lo);
@@ -288,58 +281,57 @@ impl Int8SimpleCnn {
             hwc: [SIDE, SIDE, 1],
         };
         for (i, conv) in [&self.conv1, &self.conv2].into_iter().enumerate() {
-            x = self.conv_block(conv, &x, batch, i + 1);
+            let [h, w, _] = x.hwc;
+            let a = im2row_3x3(&x, batch, conv.w.k_padded());
+            let pool = Some([batch, h, w, conv.w.n()]);
+            x = self.layer_codes(conv, &a, batch * h * w, x.q, (i + 1, pool));
             seen(i + 1, x.q);
         }
-        let rows = batch;
-        let hidden = self.fc1.apply(&x.data, rows, x.q, true, self.next(3));
-        let h = self.codes(hidden, 3, [1, 1, self.fc1.w.n()]);
+        let h = self.layer_codes(&self.fc1, &x.data, batch, x.q, (3, None));
         seen(3, h.q);
-        match self.fc2.apply(&h.data, rows, h.q, false, Next::Floats) {
-            Values::Floats(logits) => logits,
-            Values::Codes(_) => unreachable!("fc2 writes floats"),
-        }
+        self.fc2.apply(&h.data, batch, h.q, false, |v| v)
     }
 
-    /// What layer `layer`'s producer writes: codes of its static quantization, or floats.
-    fn next(&self, layer: usize) -> Next {
+    /// `layer` on `a` with ReLU, max-pooled when `pool` gives the output's `[batch, h, w, c]`,
+    /// as codes for layer `next`: static activations quantize in the epilogue, dynamic ones
+    /// by the range of the output's floats.
+    fn layer_codes(
+        &self,
+        layer: &Layer,
+        a: &[u8],
+        rows: usize,
+        q: ActQuant,
+        (next, pool): (usize, Option<[usize; 4]>),
+    ) -> Codes {
+        let hwc = pool.map_or([1, 1, layer.w.n()], |[_, h, w, c]| [h / 2, w / 2, c]);
         match &self.activations {
-            Activations::Static { .. } => Next::Codes(self.input_quant(layer, &[])),
-            Activations::Dynamic => Next::Floats,
-        }
-    }
-
-    /// A layer output as codes for layer `layer` (quantizing floats by their range).
-    fn codes(&self, values: Values, layer: usize, hwc: [usize; 3]) -> Codes {
-        match values {
-            Values::Codes(data) => Codes {
-                data,
-                q: self.input_quant(layer, &[]),
-                hwc,
-            },
-            Values::Floats(f) => {
-                let q = self.input_quant(layer, &f);
+            Activations::Static { .. } => {
+                let out_q = self.input_quant(next, &[]);
+                let data = pooled(layer.apply(a, rows, q, true, |v| out_q.code(v)), pool);
                 Codes {
-                    data: f.iter().map(|&v| q.code(v)).collect(),
-                    q,
+                    data,
+                    q: out_q,
                     hwc,
                 }
             }
+            Activations::Dynamic => {
+                let values = pooled(layer.apply(a, rows, q, true, |v| v), pool);
+                let q = ActQuant::of(&values);
+                let data = values.iter().map(|&v| q.code(v)).collect();
+                Codes { data, q, hwc }
+            }
         }
     }
+}
 
-    /// Convolution 3x3 (padding 1), ReLU, 2x2 max-pool, as codes for layer `next_layer`.
-    fn conv_block(&self, conv: &Layer, x: &Codes, batch: usize, next_layer: usize) -> Codes {
-        let [h, w, _] = x.hwc;
-        let k4 = conv.w.k_padded();
-        let a = im2row_3x3(x, batch, k4);
-        let out = conv.apply(&a, batch * h * w, x.q, true, self.next(next_layer));
-        let c = conv.w.n();
-        let pooled = match out {
-            Values::Codes(v) => Values::Codes(pool_2x2(&v, batch, [h, w, c])),
-            Values::Floats(v) => Values::Floats(pool_2x2(&v, batch, [h, w, c])),
-        };
-        self.codes(pooled, next_layer, [h / 2, w / 2, c])
+/// `values` max-pooled 2x2 when `pool` gives their `[batch, h, w, c]`, else as they are.
+fn pooled<T: Copy + PartialOrd + Send + Sync + Default>(
+    values: Vec<T>,
+    pool: Option<[usize; 4]>,
+) -> Vec<T> {
+    match pool {
+        Some([batch, h, w, c]) => pool_2x2(&values, batch, [h, w, c]),
+        None => values,
     }
 }
 
@@ -426,7 +418,7 @@ fn pool_2x2<T: Copy + PartialOrd + Send + Sync + Default>(
 
 #[cfg(test)]
 mod tests {
-    use burn::tensor::{Device, Tensor, TensorData};
+    use burn::tensor::Device;
 
     use super::*;
     use crate::{SimpleCnnConfig, load_weights};
@@ -483,19 +475,19 @@ mod tests {
             TensorData::new(images.clone(), [batch, 1, SIDE, SIDE]),
             &Device::flex(),
         );
-        let float = floats(model.forward(x));
-        let mut int8 = Int8SimpleCnn::new(&model, false, Activations::Dynamic);
+        let float = floats(model.forward(x.clone()));
+        let scheme = QuantScheme {
+            bits: QuantBits::Int8,
+            granularity: Granularity::Channel,
+        };
+        let mut int8 = Int8SimpleCnn::new(&model, scheme, Activations::Dynamic).unwrap();
         let dynamic = int8.forward(&images, batch);
         let (rel, agree) = compare(&dynamic, &float, int8.classes());
         assert!(
             rel < 0.05 && agree >= batch - 1,
             "dynamic: {rel} relative, {agree}/{batch} argmax"
         );
-        int8.calibrate(
-            images
-                .chunks(16 * SIDE * SIDE)
-                .map(|c| (c, c.len() / (SIDE * SIDE))),
-        );
+        int8.calibrate(x.clone().chunk(4, 0));
         assert!(matches!(
             int8.activations(),
             Activations::Static { batches: 4, .. }
@@ -509,5 +501,13 @@ mod tests {
         // One image alone gives its row of the batch (static scales do not depend on the batch).
         let one = int8.forward(&images[5 * SIDE * SIDE..6 * SIDE * SIDE], 1);
         assert_eq!(one, fixed[5 * 10..6 * 10]);
+        // The tensor entry point runs the same arithmetic.
+        assert_eq!(floats(int8.forward_tensor(x)), fixed);
+        // int4 and block-wise weights are not run on the integer path.
+        let int4 = QuantScheme {
+            bits: QuantBits::Int4,
+            granularity: Granularity::Channel,
+        };
+        assert!(Int8SimpleCnn::new(&model, int4, Activations::Dynamic).is_none());
     }
 }
