@@ -15,6 +15,12 @@ fn main() -> ExitCode {
     // Burn's CPU backend allocates every op's output afresh; keep large buffers in the heap for
     // reuse instead of paying page faults on fresh mappings each time (kiln_kernels::malloc).
     kiln::kernels::malloc::keep_large_buffers(true);
+    // A misspelt instruction-set cap would otherwise be ignored and a benchmark would measure
+    // another path than the one asked for.
+    if let Err(reason) = kiln::kernels::isa::env_cap() {
+        eprintln!("error: {reason}");
+        return ExitCode::FAILURE;
+    }
     let (cli, resolved) = match cli::parse(std::env::args_os().collect()) {
         Ok(parsed) => parsed,
         Err(error) => {

@@ -201,3 +201,23 @@ fn missing_cuda_device_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("expected cpu, cuda or cuda:N"), "{stderr}");
 }
+
+/// `KILN_ISA` caps kiln's kernels; a value it does not know stops the command before it runs
+/// (naming the accepted ones) instead of silently measuring another path, and a known one is
+/// taken.
+#[test]
+fn an_unknown_instruction_set_cap_is_refused() {
+    let run = |value: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["runs", "/nonexistent-kiln-runs-dir"])
+            .env("KILN_ISA", value)
+            .output()
+            .expect("the kiln binary runs")
+    };
+    assert_clean_failure(
+        &run("avx-512"),
+        &["KILN_ISA=\"avx-512\"", "avx512, avx2 or scalar"],
+    );
+    let known = String::from_utf8_lossy(&run("scalar").stderr).into_owned();
+    assert!(!known.contains("KILN_ISA"), "{known}");
+}
