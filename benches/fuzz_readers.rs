@@ -89,19 +89,11 @@ fn main() -> ExitCode {
     }
     let _ = std::fs::remove_dir_all(&scratch);
     let found = outcomes.iter().map(|o| o.panics.len()).sum::<usize>();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
     let summary = serde_json::json!({
         "bench": "fuzz_readers",
         "iterations_per_reader": args.iterations,
         "seed": args.seed,
-        "cpu": cpu.split(':').nth(1).map(str::trim),
+        "cpu": kiln::kernels::isa::cpu_model(),
         "findings": found,
         "readers": outcomes,
     });

@@ -187,7 +187,7 @@ pub fn run(config: &QuantizeConfig) -> Result<QuantizeReport> {
 }
 
 /// `MODEL (kiln kernels: LEVEL)`, for reports with speed figures.
-pub(crate) fn cpu_line() -> String {
+fn cpu_line() -> String {
     let isa = kiln_kernels::isa::IsaReport::current();
     format!("{} (kiln kernels: {})", isa.cpu_model, isa.kernels)
 }
