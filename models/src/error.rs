@@ -25,6 +25,10 @@ pub enum ImportError {
         /// Which tensors are missing, unused or of the wrong shape.
         details: String,
     },
+    /// A model's configuration or input is invalid (a GPT whose heads do not divide its
+    /// width, a prompt outside its vocabulary).
+    #[error("{0}")]
+    Config(String),
     /// A model could not be turned into a file's bytes.
     #[error("cannot serialize the model: {0}")]
     Export(String),

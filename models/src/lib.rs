@@ -4,6 +4,7 @@
 //! - [`SimpleCnn`]: the two-convolution MNIST network of PyTorch's tutorials, and its parts as
 //!   modules for pipeline stages.
 //! - [`resnet`]: torchvision's ResNet-18/34/50.
+//! - [`gpt`]: a GPT-style decoder-only transformer (nanoGPT's names), with cached sampling.
 //! - [`quant`]: int8/int4 weight quantization: files, fake quantization for QAT.
 //! - [`import`]: strict loading of `.pth` / `.safetensors` weights with a report of what was
 //!   applied.
@@ -12,6 +13,7 @@
 //! [`burn::tensor::Device`] a model is built on.
 
 mod error;
+pub mod gpt;
 pub mod import;
 mod init;
 pub mod quant;
@@ -19,6 +21,7 @@ pub mod resnet;
 mod simple_cnn;
 
 pub use error::{ImportError, Result};
+pub use gpt::{Gpt, GptConfig};
 pub use import::{ImportReport, LoadOptions, WeightFormat, load_weights, load_weights_with};
 pub use resnet::{ResNet, ResNetBack, ResNetDepth, ResNetFront};
 pub use simple_cnn::{

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use kiln_models::ResNetDepth;
+use kiln_models::gpt::{GptConfig, Sampling};
 use kiln_models::quant::{Granularity, QuantBits, QuantScheme};
 use kiln_multi::pipeline::PipelineSchedule;
 use kiln_multi::{DeviceSpec, WorldSize, ZeroStage};
@@ -20,6 +21,7 @@ use crate::cnn_mnist::{
 use crate::config_file::ConfigArgs;
 use crate::error::Result;
 use crate::finetune::FinetuneConfig;
+use crate::gpt::{GenerateConfig, GptOptions, GptRecipeConfig};
 use crate::inference::{ModelKind, ModelSource};
 use crate::mnist_data::MnistSource;
 use crate::quantize::QuantizeConfig;
@@ -687,6 +689,173 @@ impl FinetuneArgs {
             collective_timeout: Duration::from_secs(self.collective_timeout),
             device: self.device,
             run_config: None,
+        })
+    }
+}
+
+/// Flags of `kiln train gpt`.
+#[derive(Debug, Clone, Args)]
+pub struct GptArgs {
+    /// Total epochs (passes over the training windows) [default: 3]. With --resume, training
+    /// continues up to this epoch.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Windows (of --block-size tokens) per optimizer step [default: 32].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Peak learning rate [default: 2e-3; the cosine ends at a tenth of it].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Seed of the initialisation and of the per-epoch shuffles [default: 42].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// A text file to train on: its bytes are the tokens, the last --validation of it
+    /// validates [default: the embedded Tiny Shakespeare, 1.1 MB].
+    #[arg(long, value_name = "FILE")]
+    pub data: Option<PathBuf>,
+    /// Share of the text, taken from its end, that validates.
+    #[arg(long, value_name = "F", default_value_t = 0.1)]
+    pub validation: f64,
+    /// Transformer blocks.
+    #[arg(long, value_name = "N", default_value_t = 4, help_heading = "Model")]
+    pub layers: usize,
+    /// Attention heads per block (they divide --embed).
+    #[arg(long, value_name = "N", default_value_t = 4, help_heading = "Model")]
+    pub heads: usize,
+    /// Width of the residual stream.
+    #[arg(long, value_name = "N", default_value_t = 128, help_heading = "Model")]
+    pub embed: usize,
+    /// Tokens of context (each training window holds this many inputs).
+    #[arg(long, value_name = "N", default_value_t = 64, help_heading = "Model")]
+    pub block_size: usize,
+    /// Give the LM head weights of its own instead of sharing the token embedding's.
+    #[arg(long, help_heading = "Model")]
+    pub untied_head: bool,
+    /// Output directory for checkpoints and metrics.jsonl [default: runs/gpt, or runs/gpt-N
+    /// if that already holds a run].
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Continue a run: from a checkpoint file or a run directory; with no value, from the
+    /// latest checkpoint in --out. The model and data come from the checkpoint.
+    #[arg(long, value_name = "PATH", num_args = 0..=1)]
+    pub resume: Option<Option<PathBuf>>,
+    /// Train on the first N windows only (quick checks).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Where to train: cpu, or cuda:N (a build with `--features cuda`).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// Data-parallel ranks (threads), each on 1/N of every batch, gradients averaged.
+    #[arg(long, value_name = "N", default_value_t = NonZeroUsize::MIN)]
+    pub ranks: NonZeroUsize,
+    /// Seconds a rank waits for the others at a gradient exchange.
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub collective_timeout: u64,
+    /// Shard the optimizer state (1) and the gradients (2) over the data-parallel ranks.
+    #[arg(long, value_name = "STAGE", value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub zero: Option<u8>,
+    /// Optimizer (AdamW with weight decay 0.1 by default), schedule (warm-up over 50 steps,
+    /// then cosine), clipping (norm 1) and accumulation.
+    #[command(flatten)]
+    pub optimizer: OptimizerArgs,
+    /// `--config FILE` and `--print-config`.
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+impl GptArgs {
+    /// The recipe configuration these flags describe.
+    ///
+    /// # Errors
+    /// Fails when the default run directory cannot be inspected.
+    pub fn to_config(&self, verbosity: Verbosity) -> Result<GptRecipeConfig> {
+        let target = run_target(&self.resume, &self.out, crate::gpt::RECIPE)?;
+        Ok(GptRecipeConfig {
+            options: GptOptions {
+                model: GptConfig {
+                    vocab_size: kiln_trainer::data::BYTE_VOCAB,
+                    block_size: self.block_size,
+                    layers: self.layers,
+                    heads: self.heads,
+                    embed: self.embed,
+                    tied_head: !self.untied_head,
+                },
+                data: self.data.clone(),
+                validation: self.validation,
+                train_limit: self.limit,
+            },
+            overrides: self
+                .optimizer
+                .overrides(self.epochs, self.batch_size, self.lr, self.seed),
+            target,
+            verbosity,
+            ranks: WorldSize::new(self.ranks.get()).map_err(kiln_trainer::TrainError::from)?,
+            zero: self.zero.map(|stage| match stage {
+                1 => ZeroStage::One,
+                _ => ZeroStage::Two,
+            }),
+            collective_timeout: Duration::from_secs(self.collective_timeout),
+            device: self.device,
+            process_group: None,
+            run_config: None,
+        })
+    }
+}
+
+/// Flags of `kiln generate`.
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    /// A `kiln train gpt` checkpoint, or its run directory (the latest checkpoint).
+    #[arg(long, value_name = "PATH")]
+    pub checkpoint: PathBuf,
+    /// The text to continue.
+    #[arg(long, value_name = "TEXT", default_value = "\n")]
+    pub prompt: String,
+    /// Tokens (bytes) to add.
+    #[arg(long, value_name = "N", default_value_t = 500)]
+    pub tokens: usize,
+    /// Sampling temperature: below 1 more conservative, above 1 more varied; 0 always takes
+    /// the most likely byte.
+    #[arg(long, value_name = "T", default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Draw only from the K most likely bytes (0: from all).
+    #[arg(long, value_name = "K", default_value_t = 40)]
+    pub top_k: usize,
+    /// Seed of the draws: the same seed and prompt give the same text.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Recompute the whole context at every step instead of caching keys and values (the
+    /// same text, slower: a check of the cache).
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Where the model runs: cpu, or cuda:N.
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    pub device: DeviceSpec,
+}
+
+impl GenerateArgs {
+    /// The sampling these flags ask for.
+    ///
+    /// # Errors
+    /// [`crate::RecipeError::Options`] for a negative or non-finite temperature.
+    pub fn to_config(&self) -> Result<GenerateConfig> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(crate::RecipeError::Options {
+                flag: "--temperature",
+                reason: format!("must be 0 or above, got {}", self.temperature),
+            });
+        }
+        Ok(GenerateConfig {
+            checkpoint: self.checkpoint.clone(),
+            prompt: self.prompt.clone(),
+            tokens: self.tokens,
+            sampling: Sampling {
+                temperature: self.temperature,
+                top_k: (self.top_k > 0).then_some(self.top_k),
+                seed: self.seed,
+            },
+            no_cache: self.no_cache,
+            device: self.device,
         })
     }
 }

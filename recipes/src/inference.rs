@@ -189,6 +189,7 @@ fn load_quantized_model(path: &Path, info: QuantizedFileInfo, device: &Device) -
             let _ = load_quantized(&mut net, path)?;
             (integer_path(net, &info), None)
         }
+        ModelName::Gpt => return Err(not_a_classifier(path)),
         ModelName::ResNet(depth) => {
             let text = info
                 .options
@@ -279,6 +280,7 @@ pub(crate) fn load(source: &ModelSource, device: &Device) -> Result<Loaded> {
                         finetune: Some(options),
                     })
                 }
+                ModelName::Gpt => Err(not_a_classifier(&file)),
                 ModelName::SimpleCnn => {
                     let model =
                         checkpoint.load_model(SimpleCnnConfig::new().init(device, 0), &file)?;
@@ -297,6 +299,19 @@ pub(crate) fn load(source: &ModelSource, device: &Device) -> Result<Loaded> {
                 }
             }
         }
+    }
+}
+
+/// The error of eval, predict and quantize for a language model's checkpoint.
+fn not_a_classifier(file: &Path) -> RecipeError {
+    RecipeError::Options {
+        flag: "--checkpoint",
+        reason: format!(
+            "{} holds a GPT language model; eval, predict and quantize take image classifiers: \
+             sample from it with kiln generate --checkpoint {}",
+            file.display(),
+            file.display()
+        ),
     }
 }
 

@@ -3,6 +3,8 @@
 //! - [`cnn_mnist`]: SimpleCNN on MNIST with SGD (lr 0.01, momentum 0.9, batch 64), 5 epochs on
 //!   the embedded subset by default;
 //! - [`finetune`]: a torchvision ResNet fine-tuned on an image folder, head replaced;
+//! - [`gpt`]: a byte-level GPT trained on a text (Tiny Shakespeare by default), and sampling
+//!   from it (`kiln generate`);
 //! - [`inference`]: evaluation and prediction from a checkpoint or from PyTorch weights;
 //! - [`quantize`]: post-training int8/int4 quantization of a checkpoint and its report;
 //! - [`distributed`]: running a recipe as one rank of a job started by `kiln launch`, `mpirun`
@@ -25,6 +27,7 @@ pub mod config_file;
 pub mod distributed;
 mod error;
 pub mod finetune;
+pub mod gpt;
 pub mod inference;
 pub mod mnist_data;
 pub mod plot;

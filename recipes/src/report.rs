@@ -549,3 +549,124 @@ impl Report for ImagePredictions {
             .join("\n")
     }
 }
+
+/// Result of `kiln train gpt`.
+#[derive(Debug, Clone, Serialize)]
+pub struct GptReport {
+    /// Recipe name.
+    pub recipe: String,
+    /// Output directory of the run.
+    pub run_dir: PathBuf,
+    /// Latest checkpoint written (or resumed from).
+    pub checkpoint: Option<PathBuf>,
+    /// The model's shape.
+    pub model: kiln_models::GptConfig,
+    /// Parameter elements.
+    pub parameters: usize,
+    /// The text trained on (`embedded:shakespeare` for the default).
+    pub data: PathBuf,
+    /// Epochs completed, including those before a resume.
+    pub epochs: usize,
+    /// Optimizer steps completed.
+    pub steps: u64,
+    /// Mean training loss of the last epoch (nats per token).
+    pub train_loss: f64,
+    /// Validation loss after the last epoch (nats per token).
+    pub val_loss: f64,
+    /// The validation loss in bits per byte (per character for ASCII text).
+    pub val_bits_per_byte: f64,
+    /// Training windows per second.
+    pub samples_per_sec: f64,
+    /// Training tokens per second.
+    pub tokens_per_sec: f64,
+    /// Data-parallel ranks.
+    pub ranks: usize,
+    /// ZeRO stage, if sharded.
+    pub zero_stage: Option<u8>,
+    /// Epochs done before this call.
+    pub resumed_from_epoch: usize,
+    /// Every epoch's metrics.
+    pub history: Vec<EpochMetrics>,
+    /// A sample from the trained model (200 bytes after a newline, temperature 0.8, top-k 40).
+    pub sample: String,
+    /// Seconds this call took.
+    pub wall_seconds: f64,
+}
+
+impl Report for GptReport {
+    fn summary(&self) -> String {
+        format!(
+            "validation loss {:.4} ({:.3} bits per byte) after {} step{} ({} epoch{}), {:.0} training tokens/s{}; run in {}",
+            self.val_loss,
+            self.val_bits_per_byte,
+            self.steps,
+            if self.steps == 1 { "" } else { "s" },
+            self.epochs,
+            if self.epochs == 1 { "" } else { "s" },
+            self.tokens_per_sec,
+            match self.ranks {
+                1 => String::new(),
+                n => format!(" on {n} ranks"),
+            },
+            self.run_dir.display()
+        )
+    }
+
+    fn details(&self) -> Option<String> {
+        let table = run_table(
+            (&self.run_dir, self.checkpoint.as_deref()),
+            &self.history,
+            self.resumed_from_epoch,
+            self.wall_seconds,
+        );
+        let m = &self.model;
+        Some(format!(
+            "{table}\n  {:<11} {} layers, {} heads, {} wide, {} tokens of context, {} parameters\n  sample:\n{}",
+            "model",
+            m.layers,
+            m.heads,
+            m.embed,
+            m.block_size,
+            self.parameters,
+            self.sample
+                .lines()
+                .map(|l| format!("    {l}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        ))
+    }
+}
+
+/// Result of `kiln generate`.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerateReport {
+    /// The checkpoint sampled from.
+    pub checkpoint: PathBuf,
+    /// The text continued.
+    pub prompt: String,
+    /// What the model added.
+    pub text: String,
+    /// Tokens (bytes) added.
+    pub tokens: usize,
+    /// Tokens drawn per second.
+    pub tokens_per_sec: f64,
+    /// Sampling temperature (0: greedy).
+    pub temperature: f32,
+    /// Top-k, if set.
+    pub top_k: Option<usize>,
+    /// Seed of the draws.
+    pub seed: u64,
+    /// Whether keys and values were cached.
+    pub cached: bool,
+}
+
+impl Report for GenerateReport {
+    fn summary(&self) -> String {
+        format!(
+            "{} tokens at {:.0} tokens/s from {}",
+            self.tokens,
+            self.tokens_per_sec,
+            self.checkpoint.display()
+        )
+    }
+}

@@ -20,6 +20,8 @@ pub enum ModelName {
     SimpleCnn,
     /// `resnet18`, `resnet34` or `resnet50`.
     ResNet(ResNetDepth),
+    /// `gpt`: the byte-level transformer of the gpt recipe.
+    Gpt,
 }
 
 impl ModelName {
@@ -28,6 +30,7 @@ impl ModelName {
         match self {
             ModelName::SimpleCnn => "simple-cnn",
             ModelName::ResNet(depth) => depth.name(),
+            ModelName::Gpt => "gpt",
         }
     }
 
@@ -38,6 +41,9 @@ impl ModelName {
     pub fn parse(name: &str, file: &Path) -> Result<Self> {
         if name == ModelName::SimpleCnn.as_str() {
             return Ok(ModelName::SimpleCnn);
+        }
+        if name == ModelName::Gpt.as_str() {
+            return Ok(ModelName::Gpt);
         }
         ResNet::depth_from_name(name)
             .map(ModelName::ResNet)
@@ -107,6 +113,7 @@ mod tests {
             ModelName::SimpleCnn,
             ModelName::ResNet(ResNetDepth::R18),
             ModelName::ResNet(ResNetDepth::R50),
+            ModelName::Gpt,
         ] {
             assert_eq!(
                 ModelName::parse(name.as_str(), Path::new("f")).unwrap(),

@@ -16,7 +16,9 @@ use std::ffi::OsString;
 use anyhow::Context;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use kiln_multi::Rank;
-use kiln_recipes::cli::{CnnMnistArgs, FinetuneArgs, ModelSourceArgs, QuantizeArgs};
+use kiln_recipes::cli::{
+    CnnMnistArgs, FinetuneArgs, GenerateArgs, GptArgs, ModelSourceArgs, QuantizeArgs,
+};
 use kiln_recipes::config_file::{ResolvedConfig, expand};
 use kiln_recipes::distributed::run_as_launched;
 use kiln_recipes::report::Report;
@@ -27,6 +29,8 @@ use kiln_trainer::report::Verbosity;
 /// Examples:
 ///   kiln train cnn-mnist                     # 5 epochs on the embedded MNIST subset
 ///   kiln train cnn-mnist --resume --out runs/cnn-mnist --epochs 8
+///   kiln train gpt                           # a byte-level GPT on Tiny Shakespeare
+///   kiln generate --checkpoint runs/gpt --prompt "ROMEO:"
 ///   kiln eval --checkpoint runs/cnn-mnist
 ///   kiln eval --model simple-cnn --weights simple_cnn.pth
 ///   kiln quantize --checkpoint runs/cnn-mnist              # int8 weights, size/accuracy report
@@ -84,6 +88,14 @@ enum Command {
     ///   kiln quantize --checkpoint runs/finetune --granularity channel
     #[command(verbatim_doc_comment)]
     Quantize(QuantizeArgs),
+    /// Continue a text with a model trained by `kiln train gpt`: bytes drawn one at a time
+    /// (temperature, top-k, seed) with a key/value cache, streamed to stdout.
+    ///
+    /// Examples:
+    ///   kiln generate --checkpoint runs/gpt --prompt "ROMEO:" --tokens 300
+    ///   kiln generate --checkpoint runs/gpt --temperature 0     # greedy
+    #[command(verbatim_doc_comment)]
+    Generate(GenerateArgs),
     /// Start N ranks of a command with mpirun (one process each), prefix their output with
     /// the rank, and fail when any rank fails.
     Launch(launch::LaunchArgs),
@@ -110,6 +122,17 @@ enum Command {
 enum TrainRecipe {
     /// SimpleCNN on MNIST: SGD lr 0.01, momentum 0.9, batch 64, 5 epochs.
     CnnMnist(CnnMnistArgs),
+    /// A byte-level GPT (4 layers, 4 heads, 128 wide, 64 tokens of context) on Tiny
+    /// Shakespeare or any text file: AdamW, warm-up + cosine, clipping, 3 epochs (about 4
+    /// minutes on 2 cores); sample from it with kiln generate.
+    ///
+    /// Examples:
+    ///   kiln train gpt                                   # a few minutes on 2 cores
+    ///   kiln train gpt --data my.txt --layers 6 --embed 192 --heads 6 --epochs 3
+    ///   kiln train gpt --ranks 2 --zero 1                # data parallel, sharded AdamW
+    ///   kiln generate --checkpoint runs/gpt --prompt "ROMEO:" --tokens 300
+    #[command(verbatim_doc_comment)]
+    Gpt(GptArgs),
 }
 
 #[derive(Debug, Args)]
@@ -190,30 +213,26 @@ pub fn run(cli: Cli, resolved: ResolvedConfig) -> anyhow::Result<ExitCode> {
                 return print_config(resolved, &trainer);
             }
             config.run_config = Some(resolved);
-            stop_on_signals()?;
             let timeout = config.collective_timeout;
-            // Under `kiln launch` this process is one rank: it trains with the job's group and
-            // only rank 0 prints the report.
-            // A stop (SIGTERM) is not a failure of the job: every rank stopped at the same step,
-            // so each leaves the MPI job normally and then reports it.
-            let stopped = run_as_launched(timeout, |group| -> anyhow::Result<_> {
-                let is_root = group.as_ref().is_none_or(|g| g.rank() == Rank::ZERO);
+            train_launched("cnn-mnist", timeout, cli.json, |group| {
                 config.process_group = group;
-                let report = match kiln_recipes::cnn_mnist::run(&config) {
-                    Err(kiln_recipes::RecipeError::Train(
-                        stop @ kiln_trainer::TrainError::Stopped { .. },
-                    )) => return Ok(Some(stop)),
-                    other => other.context("training cnn-mnist failed")?,
-                };
-                if is_root {
-                    println!("{}", report.stdout_line(cli.json)?);
-                }
-                Ok(None)
+                kiln_recipes::cnn_mnist::run(&config)
             })?;
-            if let Some(stop) = stopped {
-                return Err(anyhow::Error::new(stop).context("training cnn-mnist stopped"));
-            }
         }
+        Command::Train(TrainRecipe::Gpt(args)) => {
+            let mut config = args.to_config(verbosity)?;
+            if args.config.print_config {
+                let trainer = kiln_recipes::gpt::resolved_trainer_config(&config)?;
+                return print_config(resolved, &trainer);
+            }
+            config.run_config = Some(resolved);
+            let timeout = config.collective_timeout;
+            train_launched("gpt", timeout, cli.json, |group| {
+                config.process_group = group;
+                kiln_recipes::gpt::run(&config)
+            })?;
+        }
+        Command::Generate(args) => generate(&args, cli.json)?,
         Command::Launch(args) => return launch::run(&args),
         Command::Collectives(args) => collectives::run(&args, cli.json)?,
         Command::CheckDevice(args) => check_device::run(&args, cli.json)?,
@@ -275,6 +294,61 @@ pub fn run(cli: Cli, resolved: ResolvedConfig) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs a training recipe; under `kiln launch` this process is one rank: it trains with the
+/// job's group and only rank 0 prints the report. A stop (SIGTERM) is not a failure of the
+/// job: every rank stopped at the same step, so each leaves the MPI job normally and then
+/// reports it.
+fn train_launched<R: Report>(
+    name: &str,
+    timeout: std::time::Duration,
+    json: bool,
+    run: impl FnOnce(Option<std::sync::Arc<dyn kiln_multi::Collective>>) -> kiln_recipes::Result<R>,
+) -> anyhow::Result<()> {
+    stop_on_signals()?;
+    let stopped = run_as_launched(timeout, |group| -> anyhow::Result<_> {
+        let is_root = group.as_ref().is_none_or(|g| g.rank() == Rank::ZERO);
+        let report = match run(group) {
+            Err(kiln_recipes::RecipeError::Train(
+                stop @ kiln_trainer::TrainError::Stopped { .. },
+            )) => return Ok(Some(stop)),
+            other => other.with_context(|| format!("training {name} failed"))?,
+        };
+        if is_root {
+            println!("{}", report.stdout_line(json)?);
+        }
+        Ok(None)
+    })?;
+    match stopped {
+        Some(stop) => Err(anyhow::Error::new(stop).context(format!("training {name} stopped"))),
+        None => Ok(()),
+    }
+}
+
+/// `kiln generate`: the text streams to stdout as it is drawn (or one JSON object with
+/// `--json`), the speed to stderr.
+fn generate(args: &GenerateArgs, json: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let config = args.to_config()?;
+    let mut stdout = std::io::stdout().lock();
+    if !json {
+        write!(stdout, "{}", config.prompt)?;
+    }
+    let report = kiln_recipes::gpt::generate(&config, |piece| {
+        if !json {
+            // A closed pipe (`| head`) ends the output, not the sampling's error handling.
+            let _ = write!(stdout, "{piece}").and_then(|()| stdout.flush());
+        }
+    })
+    .context("generation failed")?;
+    if json {
+        writeln!(stdout, "{}", report.stdout_line(true)?)?;
+    } else {
+        writeln!(stdout)?;
+        eprintln!("{}", report.summary());
+    }
+    Ok(())
 }
 
 /// SIGTERM and SIGINT stop a training run after its current step, at a checkpoint (the

@@ -8,6 +8,8 @@
 //! - `fuzz`: the reader fuzzer's regression inputs and a short seeded pass;
 //! - `experiments`: `--config` files (a run's `config.toml` reproduces it; bad files name the
 //!   key and line), `kiln runs` (finished vs killed runs) and `kiln plot`;
+//! - `gpt`: the GPT against PyTorch (logits, AdamW steps), `kiln train gpt` and
+//!   `kiln generate` end to end;
 //! - `finetune`: ResNet-18 fine-tuned on the shipped image folder from PyTorch weights,
 //!   frozen or not, resumed exactly; bad input fails cleanly;
 //! - `kernels`: kiln's CPU convolution and max-pool kernels against Burn's ops, forward and
@@ -31,6 +33,7 @@ mod fault;
 mod finetune;
 mod fuzz;
 mod general;
+mod gpt;
 mod kernels;
 mod launch;
 mod learner;

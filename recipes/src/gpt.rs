@@ -1,0 +1,441 @@
+//! The gpt recipe: a byte-level GPT ([`kiln_models::gpt`]) trained on a text by the general
+//! trainer ([`Trainer::fit_model`]) with AdamW, linear warm-up and cosine decay, and gradient
+//! clipping, on one device, data parallel over threads (`--ranks`, `--zero`) or as one rank
+//! of a launched job; and [`generate`], which samples from a checkpoint with a key/value
+//! cache.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use burn::data::dataset::Dataset;
+use burn::module::Module;
+use burn::tensor::Device;
+use kiln_models::gpt::{Gpt, GptConfig, Sampling};
+use kiln_multi::{BucketConfig, Collective, DeviceSpec, Rank, WorldSize, ZeroStage};
+use kiln_trainer::checkpoint::{Checkpoint, read_checkpoint, resolve_checkpoint};
+use kiln_trainer::data::{BYTE_VOCAB, ByteCorpus, TokenBatch, TokenBatcher, TokenWindows};
+use kiln_trainer::report::Verbosity;
+use kiln_trainer::{
+    Data, Execution, FitReport, OptimizerConfig, ProcessGroupConfig, RunLabels, StepOutput,
+    StepResult, Steps, StopSignal, Trainer, TrainerConfig,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::cnn_mnist::{RunTarget, ScheduleChoice, TrainerOverrides};
+use crate::config_file::{ResolvedConfig, write_run_config};
+use crate::error::{RecipeError, Result};
+use crate::report::{GenerateReport, GptReport};
+use crate::run_info::{self, ModelName};
+
+/// Name of this recipe, recorded in checkpoints.
+pub const RECIPE: &str = "gpt";
+/// The default corpus: Tiny Shakespeare (`data/shakespeare/PROVENANCE.md`).
+const EMBEDDED_TEXT: &[u8] = include_bytes!("../../data/shakespeare/input.txt");
+/// How errors and reports name the embedded corpus.
+const EMBEDDED_NAME: &str = "embedded:shakespeare";
+/// Optimizer steps of linear warm-up in the default schedule.
+const WARMUP_STEPS: u64 = 50;
+/// Tokens of the sample a finished run writes into its report.
+const SAMPLE_TOKENS: usize = 200;
+
+/// Settings recorded in the checkpoint that rebuild the model and its data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GptOptions {
+    /// The model's shape.
+    pub model: GptConfig,
+    /// The text trained on; `None` for the embedded corpus.
+    pub data: Option<PathBuf>,
+    /// Share of the text (its end) kept for validation.
+    pub validation: f64,
+    /// `--limit`: the first N training windows only.
+    pub train_limit: Option<usize>,
+}
+
+/// Configuration of `kiln train gpt`.
+#[derive(Debug, Clone)]
+pub struct GptRecipeConfig {
+    /// The model and data of a fresh run (a resumed run keeps its checkpoint's).
+    pub options: GptOptions,
+    /// Hyper-parameters set by the user.
+    pub overrides: TrainerOverrides,
+    /// Output directory, or the run to resume.
+    pub target: RunTarget,
+    /// What is printed on stderr.
+    pub verbosity: Verbosity,
+    /// Data-parallel ranks (threads).
+    pub ranks: WorldSize,
+    /// ZeRO stage over the data-parallel ranks.
+    pub zero: Option<ZeroStage>,
+    /// How long a rank waits for the others.
+    pub collective_timeout: Duration,
+    /// The device of rank 0; further ranks take the next GPUs.
+    pub device: DeviceSpec,
+    /// This process's group when it is one rank of a launched job.
+    pub process_group: Option<Arc<dyn Collective>>,
+    /// The resolved flags to write into the run directory as `config.toml`.
+    pub run_config: Option<ResolvedConfig>,
+}
+
+/// The recipe's trainer defaults: 3 epochs of batches of 32 windows, AdamW (weight decay
+/// 0.1) at 2e-3 with 50 warm-up steps and a cosine down to 2e-4, gradients clipped to 1.
+pub fn default_trainer_config() -> TrainerConfig {
+    TrainerConfig {
+        epochs: 3,
+        batch_size: 32,
+        eval_batch_size: 64,
+        lr: 2e-3,
+        optimizer: OptimizerConfig::adamw(0.1),
+        clip_grad_norm: Some(1.0),
+        ..TrainerConfig::default()
+    }
+}
+
+impl GptOptions {
+    /// The training and validation windows of the recorded text.
+    ///
+    /// # Errors
+    /// [`kiln_trainer::TrainError`]s naming the file when it cannot be read or is too short.
+    pub fn open_data(&self) -> Result<(TokenWindows, TokenWindows)> {
+        let corpus = match &self.data {
+            Some(path) => ByteCorpus::read(path)?,
+            None => ByteCorpus::new(EMBEDDED_TEXT, EMBEDDED_NAME),
+        };
+        let (train, val) = corpus.split(self.model.block_size, self.validation)?;
+        Ok((
+            self.train_limit.map_or(train.clone(), |n| train.limit(n)),
+            val,
+        ))
+    }
+
+    fn from_checkpoint(file: &Path, checkpoint: &Checkpoint) -> Result<Self> {
+        if ModelName::parse(&checkpoint.state.model, file)? != ModelName::Gpt {
+            return Err(RecipeError::Options {
+                flag: "--resume",
+                reason: format!(
+                    "{} holds a {} run, not a GPT",
+                    file.display(),
+                    checkpoint.state.model
+                ),
+            });
+        }
+        run_info::from_map(&checkpoint.state.options, file, RECIPE)
+    }
+}
+
+/// The training step: the mean cross-entropy over every token of the batch.
+fn step(model: &Gpt, batch: TokenBatch) -> StepResult<StepOutput> {
+    let [b, t] = batch.targets.dims();
+    Ok(StepOutput::new(
+        model.loss(batch.inputs, batch.targets),
+        b * t,
+    ))
+}
+
+/// Trains the GPT, evaluating and checkpointing after every epoch, and samples a few lines
+/// from the result.
+///
+/// # Errors
+/// Data errors naming the file, [`RecipeError::RunExists`] for a fresh run into a used
+/// directory, checkpoint errors on `--resume`, [`RecipeError::Options`] for a bad model shape.
+pub fn run(config: &GptRecipeConfig) -> Result<GptReport> {
+    let started = Instant::now();
+    let (run_dir, resume) = config.target.open()?;
+    let (options, base) = options_and_base(config, resume.as_ref())?;
+    let device = config.device.device()?.autodiff();
+    let (train, val) = options.open_data()?;
+    let overrides = with_default_schedule(&config.overrides, &base, resume.is_none(), train.len());
+    let trainer_config = overrides.apply(base, train.len())?;
+    let labels = RunLabels {
+        recipe: RECIPE.into(),
+        model: ModelName::Gpt.as_str().into(),
+        quantization: None,
+        options: run_info::to_map(&options),
+    };
+    let trainer = Trainer::new(trainer_config, &run_dir, labels)?
+        .with_verbosity(config.verbosity)
+        .with_stop(StopSignal::process());
+    let root = config
+        .process_group
+        .as_ref()
+        .is_none_or(|g| g.rank() == Rank::ZERO);
+    if let (Some(resolved), true) = (&config.run_config, root) {
+        write_run_config(resolved, trainer.config(), &run_dir, resume.is_some())?;
+    }
+    let model = options.model.init(&device, trainer.config().seed)?;
+    let parameters = model.num_params();
+    let execution = execution(config, &device)?;
+    let data = Data {
+        train: &train,
+        eval: &val,
+        batcher: &TokenBatcher,
+    };
+    let steps = Steps {
+        train: &step,
+        eval: &step,
+    };
+    let (model, fit) = trainer.fit_model(model, steps, data, resume, &execution)?;
+    if root {
+        crate::plot::write_run_curves(&run_dir, config.verbosity == Verbosity::Quiet);
+    }
+    let sample = sample_text(
+        &model.valid(),
+        &device.clone().inner(),
+        trainer.config().seed,
+    )?;
+    Ok(report(
+        config, &options, run_dir, parameters, fit, sample, started,
+    ))
+}
+
+/// Bytes need a vocabulary of at least 256.
+fn check_vocabulary(model: &GptConfig) -> Result<()> {
+    if model.vocab_size < BYTE_VOCAB {
+        return Err(RecipeError::Options {
+            flag: "--vocab-size",
+            reason: format!("byte tokens need {BYTE_VOCAB}, got {}", model.vocab_size),
+        });
+    }
+    Ok(())
+}
+
+/// The flags with the recipe's schedule for a fresh run that names none: warm-up over 50
+/// steps (a tenth of a shorter run), then a cosine over the whole run of `train_windows` per
+/// epoch down to a tenth of the rate.
+fn with_default_schedule(
+    overrides: &TrainerOverrides,
+    base: &TrainerConfig,
+    fresh: bool,
+    train_windows: usize,
+) -> TrainerOverrides {
+    let mut overrides = overrides.clone();
+    if fresh && overrides.schedule.is_none() {
+        let batch = overrides.batch_size.unwrap_or(base.batch_size).max(1);
+        let accumulation = overrides
+            .accumulation_steps
+            .unwrap_or(base.accumulation_steps)
+            .get();
+        let epochs = overrides.epochs.unwrap_or(base.epochs);
+        let steps = train_windows.div_ceil(batch).div_ceil(accumulation) * epochs;
+        overrides.schedule = Some(ScheduleChoice::Cosine {
+            warmup_steps: WARMUP_STEPS.min(steps as u64 / 10),
+            min_lr: overrides.lr.unwrap_or(base.lr) / 10.0,
+        });
+    }
+    overrides
+}
+
+/// The trainer settings a gpt run resolves (`--print-config`).
+///
+/// # Errors
+/// Checkpoint and data errors, [`RecipeError::Options`] for flags that do not combine.
+pub fn resolved_trainer_config(config: &GptRecipeConfig) -> Result<TrainerConfig> {
+    let (_, resume) = config.target.open()?;
+    let (options, base) = options_and_base(config, resume.as_ref())?;
+    let (train, _) = options.open_data()?;
+    let overrides = with_default_schedule(&config.overrides, &base, resume.is_none(), train.len());
+    overrides.apply(base, train.len())
+}
+
+/// The model and data settings and the trainer's base configuration: the checkpoint's when
+/// resuming, else the flags' and the recipe's defaults.
+fn options_and_base(
+    config: &GptRecipeConfig,
+    resume: Option<&(PathBuf, Checkpoint)>,
+) -> Result<(GptOptions, TrainerConfig)> {
+    let (options, base) = match resume {
+        Some((file, checkpoint)) => (
+            GptOptions::from_checkpoint(file, checkpoint)?,
+            checkpoint.state.config.clone(),
+        ),
+        None => (config.options.clone(), default_trainer_config()),
+    };
+    options.model.validate().map_err(|e| RecipeError::Options {
+        flag: "--layers/--heads/--embed/--block-size",
+        reason: e.to_string(),
+    })?;
+    check_vocabulary(&options.model)?;
+    Ok((options, base))
+}
+
+/// One device, ranks as threads, or this launched process.
+fn execution(config: &GptRecipeConfig, device: &Device) -> Result<Execution> {
+    Ok(match &config.process_group {
+        Some(collective) => Execution::Process(ProcessGroupConfig {
+            device: device.clone(),
+            collective: Arc::clone(collective),
+            buckets: BucketConfig::default(),
+            zero: config.zero,
+        }),
+        None => Execution::on_ranks(
+            config.device,
+            config.ranks,
+            config.collective_timeout,
+            config.zero,
+        )?,
+    })
+}
+
+/// A short sample from a newline, for the report.
+fn sample_text(model: &Gpt, device: &Device, seed: u64) -> Result<String> {
+    let sampling = Sampling {
+        temperature: 0.8,
+        top_k: Some(40),
+        seed,
+    };
+    let tokens = kiln_models::gpt::generate(
+        model,
+        &[u32::from(b'\n')],
+        SAMPLE_TOKENS,
+        sampling,
+        true,
+        device,
+        |_| {},
+    )?;
+    Ok(decode(&tokens))
+}
+
+/// Bytes as text (invalid UTF-8 shown as U+FFFD).
+fn decode(tokens: &[u32]) -> String {
+    let bytes: Vec<u8> = tokens.iter().map(|&t| t.min(255) as u8).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn report(
+    config: &GptRecipeConfig,
+    options: &GptOptions,
+    run_dir: PathBuf,
+    parameters: usize,
+    fit: FitReport,
+    sample: String,
+    started: Instant,
+) -> GptReport {
+    let last = fit.history.last();
+    let val_loss = last.map_or(f64::NAN, |m| m.test_loss);
+    let samples_per_sec = fit.samples_per_sec();
+    GptReport {
+        recipe: RECIPE.into(),
+        run_dir,
+        checkpoint: fit.last_checkpoint.clone(),
+        model: options.model,
+        parameters,
+        data: options
+            .data
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(EMBEDDED_NAME)),
+        epochs: fit.history.len(),
+        steps: last.map_or(0, |m| m.step),
+        train_loss: last.map_or(f64::NAN, |m| m.train_loss),
+        val_loss,
+        val_bits_per_byte: val_loss / std::f64::consts::LN_2,
+        samples_per_sec,
+        tokens_per_sec: samples_per_sec * options.model.block_size as f64,
+        ranks: config
+            .process_group
+            .as_ref()
+            .map_or(config.ranks.get(), |g| g.world_size().get()),
+        zero_stage: config.zero.map(ZeroStage::number),
+        resumed_from_epoch: fit.resumed_from_epoch,
+        history: fit.history,
+        sample,
+        wall_seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
+/// What `kiln generate` asks for.
+#[derive(Debug, Clone)]
+pub struct GenerateConfig {
+    /// A gpt checkpoint or run directory (its latest checkpoint).
+    pub checkpoint: PathBuf,
+    /// The text to continue.
+    pub prompt: String,
+    /// Tokens (bytes) to add.
+    pub tokens: usize,
+    /// Temperature, top-k and seed.
+    pub sampling: Sampling,
+    /// Recompute every step instead of caching keys and values (a check; slower).
+    pub no_cache: bool,
+    /// Where the model runs.
+    pub device: DeviceSpec,
+}
+
+/// Samples `tokens` bytes after the prompt from a trained GPT, calling `emit` with each
+/// decoded piece as it is drawn.
+///
+/// # Errors
+/// Checkpoint errors naming the file; [`RecipeError::Options`] for an empty prompt or a
+/// checkpoint of another model.
+pub fn generate(config: &GenerateConfig, mut emit: impl FnMut(&str)) -> Result<GenerateReport> {
+    if config.prompt.is_empty() {
+        return Err(RecipeError::Options {
+            flag: "--prompt",
+            reason: "is empty: give at least one character to continue".into(),
+        });
+    }
+    let file = resolve_checkpoint(&config.checkpoint)?;
+    let checkpoint = read_checkpoint(&file)?;
+    let options = GptOptions::from_checkpoint(&file, &checkpoint).map_err(|e| match e {
+        RecipeError::Options { reason, .. } => RecipeError::Options {
+            flag: "--checkpoint",
+            reason,
+        },
+        other => other,
+    })?;
+    let device = config.device.device()?;
+    let model = checkpoint.load_model(options.model.init(&device, 0)?, &file)?;
+    let prompt: Vec<u32> = config.prompt.bytes().map(u32::from).collect();
+    let started = Instant::now();
+    let mut pending = Vec::new();
+    let tokens = kiln_models::gpt::generate(
+        &model,
+        &prompt,
+        config.tokens,
+        config.sampling,
+        !config.no_cache,
+        &device,
+        |token| emit_utf8(&mut pending, token, &mut emit),
+    )?;
+    if !pending.is_empty() {
+        emit(&String::from_utf8_lossy(&pending));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(GenerateReport {
+        checkpoint: file,
+        prompt: config.prompt.clone(),
+        text: decode(&tokens),
+        tokens: tokens.len(),
+        tokens_per_sec: tokens.len() as f64 / seconds.max(f64::MIN_POSITIVE),
+        temperature: config.sampling.temperature,
+        top_k: config.sampling.top_k,
+        seed: config.sampling.seed,
+        cached: !config.no_cache,
+    })
+}
+
+/// Passes whole UTF-8 characters on: a byte that starts or continues a multi-byte
+/// character waits in `pending` until the character is complete (or cannot be).
+fn emit_utf8(pending: &mut Vec<u8>, token: u32, emit: &mut impl FnMut(&str)) {
+    pending.push(token.min(255) as u8);
+    match std::str::from_utf8(pending) {
+        Ok(text) => {
+            emit(text);
+            pending.clear();
+        }
+        Err(e) if e.error_len().is_some() || pending.len() >= 4 => {
+            emit(&String::from_utf8_lossy(pending));
+            pending.clear();
+        }
+        Err(_) => {}
+    }
+}
+
+/// The model and data of a fresh run without flags: [`GptConfig::small`] on the embedded
+/// corpus, 10 % of it for validation.
+pub fn default_options() -> GptOptions {
+    GptOptions {
+        model: GptConfig::small(),
+        data: None,
+        validation: 0.1,
+        train_limit: None,
+    }
+}

@@ -1,0 +1,375 @@
+//! The GPT recipe: kiln's GPT against PyTorch 2.15 (fixtures and their generator in
+//! tests/data/gpt, the twin model in benches/gpt_pytorch.py), `kiln train gpt` and
+//! `kiln generate` end to end, and their errors.
+
+use burn::data::dataset::InMemDataset;
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use kiln::models::gpt::{Gpt, GptConfig};
+use kiln::models::load_weights;
+use kiln::trainer::data::{TokenBatch, TokenBatcher, TokenWindow};
+use kiln::trainer::report::Verbosity;
+use kiln::trainer::{
+    Data, Execution, LrSchedule, OptimizerConfig, RunLabels, StepOutput, StepResult, Steps,
+    Trainer, TrainerConfig,
+};
+
+use crate::common::{assert_clean_failure, kiln, kiln_ok, last_json, max_abs_diff, npy, repo};
+
+const TOLERANCE: f32 = 1e-4;
+
+fn gpt_fixture(name: &str) -> std::path::PathBuf {
+    repo("tests/data/gpt").join(name)
+}
+
+/// The fixtures' shape: 2 layers, 2 heads, 32 wide, 16 tokens of context, bytes.
+fn fixture_config(tied_head: bool) -> GptConfig {
+    GptConfig {
+        vocab_size: 256,
+        block_size: 16,
+        layers: 2,
+        heads: 2,
+        embed: 32,
+        tied_head,
+    }
+}
+
+/// The fixture model with PyTorch's weights from `file`.
+fn pytorch_model(file: &str, tied: bool, device: &Device) -> Gpt {
+    let mut model = fixture_config(tied).init(device, 99).unwrap();
+    let report = load_weights(&mut model, &gpt_fixture(file)).unwrap();
+    assert!(
+        report.missing.is_empty() && report.unused.is_empty(),
+        "{report:?}"
+    );
+    model
+}
+
+/// The 4 windows of 17 bytes the fixtures were made from.
+fn fixture_windows() -> Vec<TokenWindow> {
+    let input = npy(&gpt_fixture("input.npy"));
+    assert_eq!(input.shape, vec![4, 17]);
+    input
+        .values
+        .chunks(17)
+        .map(|w| TokenWindow {
+            tokens: w.iter().map(|&b| b as u32).collect(),
+        })
+        .collect()
+}
+
+/// Every float parameter of `model`, in visiting order.
+fn parameters(model: &Gpt) -> Vec<f32> {
+    struct Flatten(Vec<f32>);
+    impl ModuleVisitor for Flatten {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let values = param.val().into_data().try_to_vec::<f32>().unwrap();
+            self.0.extend(values);
+        }
+    }
+    let mut flatten = Flatten(Vec::new());
+    model.visit(&mut flatten);
+    flatten.0
+}
+
+#[test]
+fn pytorch_weights_give_pytorch_logits_tied_and_untied() {
+    let device = Device::flex();
+    let windows = fixture_windows();
+    let inputs: Vec<i64> = windows
+        .iter()
+        .flat_map(|w| w.tokens[..16].iter().map(|&t| i64::from(t)))
+        .collect();
+    for (name, tied) in [("tied", true), ("untied", false)] {
+        let model = pytorch_model(&format!("gpt_{name}.safetensors"), tied, &device);
+        let tokens = Tensor::<2, Int>::from_data(TensorData::new(inputs.clone(), [4, 16]), &device);
+        let logits = model
+            .forward(tokens)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let expected = npy(&gpt_fixture(&format!("logits_{name}.npy")));
+        assert_eq!(expected.shape, vec![4, 16, 256]);
+        let diff = max_abs_diff(&logits, &expected.values);
+        assert!(diff < TOLERANCE, "{name}: max abs diff {diff}");
+    }
+}
+
+#[test]
+fn three_adamw_steps_with_clipping_match_pytorch() {
+    let device = Device::flex().autodiff();
+    let model = pytorch_model("gpt_tied.safetensors", true, &device);
+    let windows = InMemDataset::new(fixture_windows());
+    // One batch of all 4 windows per epoch: 3 epochs are PyTorch's 3 steps on that batch.
+    let config = TrainerConfig {
+        epochs: 3,
+        batch_size: 4,
+        eval_batch_size: 4,
+        lr: 3e-3,
+        optimizer: OptimizerConfig::adamw(0.1),
+        schedule: LrSchedule::Constant,
+        clip_grad_norm: Some(1.0),
+        ..TrainerConfig::default()
+    };
+    let run = tempfile::tempdir().unwrap();
+    let trainer = Trainer::new(config, run.path(), RunLabels::named("parity", "gpt"))
+        .unwrap()
+        .with_verbosity(Verbosity::Quiet);
+    let step = |model: &Gpt, batch: TokenBatch| -> StepResult<StepOutput> {
+        let [b, t] = batch.targets.dims();
+        Ok(StepOutput::new(
+            model.loss(batch.inputs, batch.targets),
+            b * t,
+        ))
+    };
+    let (model, report) = trainer
+        .fit_model(
+            model,
+            Steps {
+                train: &step,
+                eval: &step,
+            },
+            Data {
+                train: &windows,
+                eval: &windows,
+                batcher: &TokenBatcher,
+            },
+            None,
+            &Execution::Single(device.clone()),
+        )
+        .unwrap();
+    let losses: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(gpt_fixture("losses.json")).unwrap())
+            .unwrap();
+    for (epoch, expected) in report
+        .history
+        .iter()
+        .zip(losses["losses"].as_array().unwrap())
+    {
+        let expected = expected.as_f64().unwrap();
+        assert!(
+            (epoch.train_loss - expected).abs() < 1e-4,
+            "loss {} vs {expected}",
+            epoch.train_loss
+        );
+    }
+    let after = pytorch_model("tied_after_steps.safetensors", true, &Device::flex());
+    let diff = max_abs_diff(&parameters(&model.valid()), &parameters(&after));
+    assert!(
+        diff < TOLERANCE,
+        "parameters after 3 steps differ by {diff}"
+    );
+    // The steps moved the parameters (by about 3 x lr) far more than the tolerance.
+    let before = pytorch_model("gpt_tied.safetensors", true, &Device::flex());
+    let moved = max_abs_diff(&parameters(&before), &parameters(&after));
+    assert!(
+        moved > 50.0 * TOLERANCE,
+        "the steps moved the parameters by {moved} only"
+    );
+}
+
+/// A small text (the first 20 kB of the shipped corpus) in `dir`.
+fn small_text(dir: &std::path::Path) -> std::path::PathBuf {
+    let text = std::fs::read(repo("data/shakespeare/input.txt")).unwrap();
+    let path = dir.join("small.txt");
+    std::fs::write(&path, &text[..20_000]).unwrap();
+    path
+}
+
+/// `kiln train gpt` with a tiny model on `data` for `epochs`.
+fn train_tiny(
+    data: &std::path::Path,
+    out: &std::path::Path,
+    epochs: &str,
+    extra: &[&str],
+) -> serde_json::Value {
+    let mut args = vec![
+        "train",
+        "gpt",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--embed",
+        "16",
+        "--block-size",
+        "16",
+        "--batch-size",
+        "16",
+        "--lr",
+        "1e-2",
+        "--epochs",
+        epochs,
+        "--quiet",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    last_json(&kiln_ok(&args))
+}
+
+#[test]
+fn train_gpt_learns_resumes_and_generates_reproducibly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_text(dir.path());
+    let run = dir.path().join("run");
+    let report = train_tiny(&data, &run, "2", &[]);
+    assert_eq!(report["recipe"], "gpt");
+    assert_eq!(report["epochs"], 2);
+    let first = report["history"][0]["test_loss"].as_f64().unwrap();
+    let last = report["val_loss"].as_f64().unwrap();
+    // Uniform over 256 bytes is ln 256 = 5.55 nats; two epochs learn the letters.
+    assert!(
+        last < first && last < 3.5,
+        "validation loss {first} -> {last}"
+    );
+    let bpb = report["val_bits_per_byte"].as_f64().unwrap();
+    assert!((bpb - last / std::f64::consts::LN_2).abs() < 1e-9);
+
+    // Two data-parallel ranks take the steps of one device (20 steps).
+    let twenty = ["--limit", "320"];
+    let one = train_tiny(&data, &dir.path().join("one"), "1", &twenty);
+    let ranks = train_tiny(
+        &data,
+        &dir.path().join("ranks"),
+        "1",
+        &[&twenty[..], &["--ranks", "2"]].concat(),
+    );
+    assert_eq!(ranks["steps"], 20);
+    let diff = (ranks["val_loss"].as_f64().unwrap() - one["val_loss"].as_f64().unwrap()).abs();
+    assert!(diff < 1e-5, "--ranks 2 differs from one device by {diff}");
+
+    // Resuming a 1-epoch run for a second epoch equals the 2-epoch run (at a constant rate:
+    // a resumed run keeps the cosine it started with, which ended with its first epoch).
+    let constant = ["--lr-schedule", "constant"];
+    let whole = train_tiny(&data, &dir.path().join("whole"), "2", &constant);
+    let short = dir.path().join("short");
+    train_tiny(&data, &short, "1", &constant);
+    let resumed = last_json(&kiln_ok(&[
+        "train",
+        "gpt",
+        "--resume",
+        short.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--quiet",
+        "--json",
+    ]));
+    assert_eq!(resumed["resumed_from_epoch"], 1);
+    assert_eq!(resumed["val_loss"], whole["val_loss"]);
+
+    let generate = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--prompt",
+            "ROMEO:",
+            "--tokens",
+            "40",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        last_json(&kiln_ok(&args))
+    };
+    let text = generate(&[]);
+    assert_eq!(text["tokens"], 40);
+    assert_eq!(
+        generate(&[])["text"],
+        text["text"],
+        "the same seed gives the same text"
+    );
+    assert_eq!(
+        generate(&["--no-cache"])["text"],
+        text["text"],
+        "the cache changes nothing"
+    );
+    assert_ne!(generate(&["--seed", "7"])["text"], text["text"]);
+    // Without --json the prompt and the text stream to stdout.
+    let plain = kiln_ok(&[
+        "generate",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--prompt",
+        "ROMEO:",
+        "--tokens",
+        "40",
+    ]);
+    let stdout = String::from_utf8(plain.stdout).unwrap();
+    assert_eq!(
+        stdout.trim_end_matches('\n'),
+        format!("ROMEO:{}", text["text"].as_str().unwrap())
+    );
+}
+
+#[test]
+fn bad_gpt_input_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_text(dir.path());
+    let out = dir.path().join("bad");
+    let data = data.to_str().unwrap();
+    assert_clean_failure(
+        &kiln(&[
+            "train",
+            "gpt",
+            "--data",
+            data,
+            "--heads",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ]),
+        &["--heads", "does not divide into 3 heads"],
+    );
+    assert!(!out.exists(), "a refused run leaves no directory");
+    let short = dir.path().join("short.txt");
+    std::fs::write(&short, "too short").unwrap();
+    assert_clean_failure(
+        &kiln(&[
+            "train",
+            "gpt",
+            "--data",
+            short.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]),
+        &["short.txt", "--block-size"],
+    );
+    assert_clean_failure(
+        &kiln(&[
+            "train",
+            "gpt",
+            "--data",
+            "/no/such.txt",
+            "--out",
+            out.to_str().unwrap(),
+        ]),
+        &["/no/such.txt"],
+    );
+    let run = dir.path().join("run");
+    train_tiny(std::path::Path::new(data), &run, "1", &["--limit", "16"]);
+    let run = run.to_str().unwrap();
+    assert_clean_failure(
+        &kiln(&["generate", "--checkpoint", run, "--prompt", ""]),
+        &["--prompt", "empty"],
+    );
+    assert_clean_failure(
+        &kiln(&["generate", "--checkpoint", run, "--temperature=-1"]),
+        &["--temperature"],
+    );
+    assert_clean_failure(
+        &kiln(&["eval", "--checkpoint", run]),
+        &["GPT", "kiln generate"],
+    );
+    assert_clean_failure(
+        &kiln(&[
+            "generate",
+            "--checkpoint",
+            dir.path().join("none").to_str().unwrap(),
+        ]),
+        &["none"],
+    );
+}
