@@ -54,14 +54,45 @@ impl ColumnParallelLinear {
     /// # Errors
     /// [`MultiError::Config`] when the output features do not divide by the world size.
     pub fn from_linear(full: &Linear, world: WorldSize, rank: Rank) -> Result<Self> {
+        Self::from_linear_grouped(full, 1, world, rank)
+    }
+
+    /// Rank `rank`'s share of each of `groups` equal blocks of `full`'s output features, side
+    /// by side: Megatron's split of a fused projection, e.g. attention's Q, K and V in one
+    /// Linear (`groups` 3), where each rank takes the queries, keys and values of its heads.
+    ///
+    /// # Errors
+    /// [`MultiError::Config`] when the output features do not divide into `groups` blocks
+    /// that divide by the world size.
+    pub fn from_linear_grouped(
+        full: &Linear,
+        groups: usize,
+        world: WorldSize,
+        rank: Rank,
+    ) -> Result<Self> {
         let [d_input, d_output] = full.weight.val().dims();
-        let part = divide("output features", d_output, world)?;
-        let columns = rank.index() * part..(rank.index() + 1) * part;
-        let weight = full.weight.val().slice([0..d_input, columns.clone()]);
-        let bias = full.bias.as_ref().map(|b| b.val().slice([columns]));
+        let block = divide("output features", d_output, groups.max(1))?;
+        let part = divide_over("output features per group", block, world)?;
+        let columns = |g: usize| {
+            let start = g * block + rank.index() * part;
+            start..start + part
+        };
+        let weight = (0..groups)
+            .map(|g| full.weight.val().slice([0..d_input, columns(g)]))
+            .collect();
+        let bias = full.bias.as_ref().map(|b| {
+            let parts = (0..groups).map(|g| b.val().slice([columns(g)])).collect();
+            Tensor::cat(parts, 0)
+        });
         Ok(Self {
-            linear: linear_of(weight, bias),
+            linear: linear_of(Tensor::cat(weight, 1), bias),
         })
+    }
+
+    /// The parameters holding this rank's share: the weight's columns and the bias's entries.
+    pub fn split_params(&self) -> Vec<burn::module::ParamId> {
+        let bias = self.linear.bias.as_ref().map(|b| b.id);
+        std::iter::once(self.linear.weight.id).chain(bias).collect()
     }
 
     /// This rank's output features of `x` (the same `x` on every rank): `[batch, d_output / N]`.
@@ -74,11 +105,24 @@ impl ColumnParallelLinear {
     /// # Errors
     /// When a collective fails.
     pub fn gather(&self, collective: &dyn Collective) -> Result<Linear> {
-        // Columns are not contiguous in the [in, out] weight: gather the transpose by rows.
-        let weight = gather_rows(self.linear.weight.val().transpose(), collective)?.transpose();
+        self.gather_grouped(1, collective)
+    }
+
+    /// The whole layer of a [`from_linear_grouped`](Self::from_linear_grouped) split with
+    /// `groups` blocks, gathered from every rank (all ranks call this together).
+    ///
+    /// # Errors
+    /// When a collective fails.
+    pub fn gather_grouped(&self, groups: usize, collective: &dyn Collective) -> Result<Linear> {
+        // Columns are not contiguous in the [in, out] weight: gather the transpose by rows,
+        // then put each group's ranks together.
+        let world = collective.world_size().get();
+        let weight = gather_rows(self.linear.weight.val().transpose(), collective)?;
+        let weight = group_major(weight, groups.max(1), world).transpose();
         let bias = match &self.linear.bias {
             Some(b) => {
                 let whole = gather_rows(b.val().unsqueeze_dim::<2>(1), collective)?;
+                let whole = group_major(whole, groups.max(1), world);
                 let len = whole.dims()[0];
                 Some(whole.reshape([len]))
             }
@@ -88,6 +132,20 @@ impl ColumnParallelLinear {
     }
 }
 
+/// Rows gathered rank by rank (each rank's `groups` blocks in turn) reordered group by group.
+fn group_major(rows: Tensor<2>, groups: usize, world: usize) -> Tensor<2> {
+    if groups == 1 {
+        return rows;
+    }
+    let [n, cols] = rows.dims();
+    let part = n / (groups * world);
+    let blocks = (0..groups)
+        .flat_map(|g| (0..world).map(move |r| (r * groups + g) * part))
+        .map(|start| rows.clone().slice([start..start + part, 0..cols]))
+        .collect();
+    Tensor::cat(blocks, 0)
+}
+
 impl RowParallelLinear {
     /// Rank `rank`'s rows of `full`, with its whole bias.
     ///
@@ -95,13 +153,19 @@ impl RowParallelLinear {
     /// [`MultiError::Config`] when the input features do not divide by the world size.
     pub fn from_linear(full: &Linear, world: WorldSize, rank: Rank) -> Result<Self> {
         let [d_input, d_output] = full.weight.val().dims();
-        let part = divide("input features", d_input, world)?;
+        let part = divide_over("input features", d_input, world)?;
         let rows = rank.index() * part..(rank.index() + 1) * part;
         let weight = full.weight.val().slice([rows, 0..d_output]);
         let bias = full.bias.as_ref().map(|b| b.val());
         Ok(Self {
             linear: linear_of(weight, bias),
         })
+    }
+
+    /// The parameters holding this rank's share: the weight's rows (the bias is whole, the
+    /// same on every rank).
+    pub fn split_params(&self) -> Vec<burn::module::ParamId> {
+        vec![self.linear.weight.id]
     }
 
     /// The layer's output from this rank's input features `h` (`[batch, d_input / N]`): the
@@ -112,11 +176,7 @@ impl RowParallelLinear {
     /// When the all-reduce fails or the partial product cannot be read back.
     pub fn forward(&self, h: Tensor<2>, collective: &dyn Collective) -> Result<Tensor<2>> {
         let partial = h.matmul(self.linear.weight.val());
-        let shape = partial.shape();
-        let device = partial.device();
-        let mut values = read_f32(partial.clone(), || "row-parallel Linear output".to_string())?;
-        collective.all_reduce(&mut values, ReduceOp::Sum)?;
-        let summed = Tensor::<2>::from_data(TensorData::new(values, shape), &device);
+        let summed = all_reduce_sum(partial.clone().detach(), collective, "row-parallel output")?;
         // Value: the sum, exactly; gradient: straight to this rank's partial product.
         let out = summed + (partial.clone() - partial.detach());
         Ok(match &self.linear.bias {
@@ -136,6 +196,25 @@ impl RowParallelLinear {
             self.linear.bias.as_ref().map(|b| b.val()),
         ))
     }
+}
+
+/// The sum of `tensor` over the ranks (every rank calls it together), outside any autodiff
+/// graph: the forward of a row-parallel layer, and in a hand-run backward Megatron's "f" (the
+/// all-reduce of the activation gradient in front of a column-parallel layer). `what` names
+/// the tensor in errors.
+///
+/// # Errors
+/// When the all-reduce fails or the tensor cannot be read.
+pub fn all_reduce_sum<const D: usize>(
+    tensor: Tensor<D>,
+    collective: &dyn Collective,
+    what: &str,
+) -> Result<Tensor<D>> {
+    let shape = tensor.shape();
+    let device = tensor.device();
+    let mut values = read_f32(tensor, || what.to_string())?;
+    collective.all_reduce(&mut values, ReduceOp::Sum)?;
+    Ok(Tensor::from_data(TensorData::new(values, shape), &device))
 }
 
 /// Adds up over the ranks the gradients of `module`'s parameters, which are replicated but
@@ -164,13 +243,24 @@ pub fn sum_gradients<M: Module>(
     Ok(())
 }
 
-fn divide(what: &'static str, n: usize, world: WorldSize) -> Result<usize> {
+fn divide_over(what: &'static str, n: usize, world: WorldSize) -> Result<usize> {
     if n.is_multiple_of(world.get()) {
         Ok(n / world.get())
     } else {
         Err(MultiError::Config {
             field: "tensor parallelism",
             reason: format!("{n} {what} do not split evenly over {} ranks", world.get()),
+        })
+    }
+}
+
+fn divide(what: &'static str, n: usize, parts: usize) -> Result<usize> {
+    if n.is_multiple_of(parts) {
+        Ok(n / parts)
+    } else {
+        Err(MultiError::Config {
+            field: "tensor parallelism",
+            reason: format!("{n} {what} do not split into {parts} equal groups"),
         })
     }
 }

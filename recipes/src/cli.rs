@@ -754,6 +754,14 @@ pub struct GptArgs {
     /// Shard the optimizer state (1) and the gradients (2) over the data-parallel ranks.
     #[arg(long, value_name = "STAGE", value_parser = clap::value_parser!(u8).range(1..=2))]
     pub zero: Option<u8>,
+    /// Tensor parallelism (Megatron): every block split over N ranks (threads), each holding
+    /// 1/N of the heads (their Q, K, V and output-projection rows) and of the MLP, with one
+    /// all-reduce per attention and per MLP in the forward and one in the backward; embeddings,
+    /// LayerNorms and the head replicated. Every rank sees the same batches; the same updates
+    /// as one device. --heads and 4 x --embed must divide by N. Checkpoints hold the whole
+    /// model (generate reads them), but a run cannot resume as tensor-parallel yet.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(2..=128))]
+    pub tensor_parallel: Option<u32>,
     /// Optimizer (AdamW with weight decay 0.1 by default), schedule (warm-up over 50 steps,
     /// then cosine), clipping (norm 1) and accumulation.
     #[command(flatten)]
@@ -794,6 +802,11 @@ impl GptArgs {
                 1 => ZeroStage::One,
                 _ => ZeroStage::Two,
             }),
+            tensor_parallel: self
+                .tensor_parallel
+                .map(|n| WorldSize::new(n as usize))
+                .transpose()
+                .map_err(kiln_trainer::TrainError::from)?,
             collective_timeout: Duration::from_secs(self.collective_timeout),
             device: self.device,
             process_group: None,

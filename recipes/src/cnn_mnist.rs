@@ -424,6 +424,11 @@ impl TensorParallelCnn {
             .unwrap_or_else(|e| panic!("tensor-parallel forward failed: {e}"))
     }
 
+    /// The parameters holding this rank's share of the classifier: fc1's columns, fc2's rows.
+    pub fn split_params(&self) -> Vec<burn::module::ParamId> {
+        [self.fc1.split_params(), self.fc2.split_params()].concat()
+    }
+
     /// Adds up over the ranks the conv blocks' gradients, each rank's covering only its share
     /// of the split classifier they feed.
     ///
@@ -759,6 +764,7 @@ impl PlannedRun<'_> {
             split: &TensorParallelCnn::split,
             gather: &TensorParallelCnn::gather,
             sync_gradients: &TensorParallelCnn::sync_gradients,
+            split_params: &TensorParallelCnn::split_params,
         };
         let whole = model.num_params();
         let (_model, fit) = self.trainer.fit_tensor_parallel(

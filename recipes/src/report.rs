@@ -583,6 +583,8 @@ pub struct GptReport {
     pub ranks: usize,
     /// ZeRO stage, if sharded.
     pub zero_stage: Option<u8>,
+    /// With `--tensor-parallel`: what one rank held.
+    pub tensor_parallel: Option<TensorParallelReport>,
     /// Epochs done before this call.
     pub resumed_from_epoch: usize,
     /// Every epoch's metrics.
@@ -604,9 +606,13 @@ impl Report for GptReport {
             self.epochs,
             if self.epochs == 1 { "" } else { "s" },
             self.tokens_per_sec,
-            match self.ranks {
-                1 => String::new(),
-                n => format!(" on {n} ranks"),
+            match (&self.tensor_parallel, self.ranks) {
+                (Some(tp), _) => format!(
+                    ", blocks split over {} tensor-parallel ranks ({} parameters per rank of {})",
+                    tp.ranks, tp.parameter_elements_per_rank, tp.unsharded_parameter_elements
+                ),
+                (None, 1) => String::new(),
+                (None, n) => format!(" on {n} ranks"),
             },
             self.run_dir.display()
         )

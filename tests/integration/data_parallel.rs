@@ -97,6 +97,7 @@ fn tensor_parallel_training_matches_one_device() {
                 split: &TensorParallelCnn::split,
                 gather: &TensorParallelCnn::gather,
                 sync_gradients: &TensorParallelCnn::sync_gradients,
+                split_params: &TensorParallelCnn::split_params,
             };
             trainer.fit_tensor_parallel(model, TensorParallelCnn::forward, data, None, split)
         });

@@ -2,19 +2,25 @@
 //! tests/data/gpt, the twin model in benches/gpt_pytorch.py), `kiln train gpt` and
 //! `kiln generate` end to end, and their errors.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use burn::data::dataset::InMemDataset;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use kiln::models::gpt::{Gpt, GptConfig};
 use kiln::models::load_weights;
-use kiln::trainer::data::{TokenBatch, TokenBatcher, TokenWindow};
+use kiln::multi::{Collective, CollectiveConfig, Transport};
+use kiln::recipes::gpt::tensor_parallel::TensorParallelGpt;
+use kiln::trainer::data::{ByteCorpus, TokenBatch, TokenBatcher, TokenWindow};
 use kiln::trainer::report::Verbosity;
 use kiln::trainer::{
     Data, Execution, LrSchedule, OptimizerConfig, RunLabels, StepOutput, StepResult, Steps,
-    Trainer, TrainerConfig,
+    TensorParallelSplit, TensorParallelSteps, Trainer, TrainerConfig,
 };
 
 use crate::common::{assert_clean_failure, kiln, kiln_ok, last_json, max_abs_diff, npy, repo};
+use crate::general::NoReduce;
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -371,5 +377,189 @@ fn bad_gpt_input_is_a_clear_error() {
             dir.path().join("none").to_str().unwrap(),
         ]),
         &["none"],
+    );
+}
+
+/// Parameters after 20 steps (AdamW, clipping active) of a 2-layer GPT on windows of the
+/// shipped text: on one device, or split over `ranks` tensor-parallel ranks whose backward
+/// sums the activation gradients over `gradient_group` (the group itself, or a stand-in).
+fn twenty_steps(
+    ranks: Option<usize>,
+    gradient_group: &(dyn Fn(Arc<dyn Collective>) -> Arc<dyn Collective> + Sync),
+) -> Vec<f32> {
+    let device = Device::flex().autodiff();
+    let text = std::fs::read(repo("data/shakespeare/input.txt")).unwrap();
+    let corpus = ByteCorpus::new(text[..20_000].to_vec(), "shakespeare");
+    let (train, val) = corpus.split(16, 0.1).unwrap();
+    let (train, val) = (train.limit(160), val.limit(16));
+    let config = GptConfig {
+        vocab_size: 256,
+        block_size: 16,
+        layers: 2,
+        heads: 4,
+        embed: 16,
+        tied_head: true,
+    };
+    let model = config.init(&device, 3).unwrap();
+    let trainer_config = TrainerConfig {
+        epochs: 1,
+        batch_size: 8,
+        eval_batch_size: 8,
+        lr: 3e-3,
+        optimizer: OptimizerConfig::adamw(0.1),
+        schedule: LrSchedule::Constant,
+        clip_grad_norm: Some(0.5),
+        ..TrainerConfig::default()
+    };
+    let run = tempfile::tempdir().unwrap();
+    let trainer = Trainer::new(trainer_config, run.path(), RunLabels::named("tp", "gpt"))
+        .unwrap()
+        .with_verbosity(Verbosity::Quiet);
+    let data = Data {
+        train: &train,
+        eval: &val,
+        batcher: &TokenBatcher,
+    };
+    let step = |model: &Gpt, batch: TokenBatch| -> StepResult<StepOutput> {
+        let [b, t] = batch.targets.dims();
+        Ok(StepOutput::new(
+            model.loss(batch.inputs, batch.targets),
+            b * t,
+        ))
+    };
+    let (model, report) = match ranks {
+        None => trainer.fit_model(
+            model,
+            Steps {
+                train: &step,
+                eval: &step,
+            },
+            data,
+            None,
+            &Execution::Single(device.clone()),
+        ),
+        Some(ranks) => {
+            let split = |m: &Gpt, group: Arc<dyn Collective>| {
+                let sums = gradient_group(Arc::clone(&group));
+                Ok(TensorParallelGpt::split(m, group)?.with_gradient_group(sums))
+            };
+            let eval = |part: &TensorParallelGpt, batch: TokenBatch| -> StepResult<StepOutput> {
+                let [b, t] = batch.targets.dims();
+                Ok(StepOutput::new(part.loss(batch)?, b * t))
+            };
+            let split = TensorParallelSplit {
+                devices: vec![device.clone(); ranks],
+                collective: CollectiveConfig {
+                    timeout: Duration::from_secs(60),
+                },
+                transport: Transport::SharedMemory,
+                split: &split,
+                gather: &TensorParallelGpt::gather,
+                sync_gradients: &TensorParallelGpt::sync_gradients,
+                split_params: &TensorParallelGpt::split_params,
+            };
+            let steps = TensorParallelSteps {
+                train: &TensorParallelGpt::train_step,
+                eval: &eval,
+            };
+            trainer.fit_tensor_parallel_model(model, steps, data, None, split)
+        }
+    }
+    .unwrap();
+    assert_eq!(report.history.last().unwrap().step, 20);
+    parameters(&model.valid())
+}
+
+#[test]
+fn tensor_parallel_blocks_train_like_one_device_and_need_the_backward_all_reduce() {
+    let itself = |group: Arc<dyn Collective>| group;
+    let single = twenty_steps(None, &itself);
+    for ranks in [2, 4] {
+        let split = twenty_steps(Some(ranks), &itself);
+        let diff = max_abs_diff(&single, &split);
+        eprintln!(
+            "GPT blocks over {ranks} ranks vs one device, 20 steps: max |delta param| = {diff:e}"
+        );
+        assert!(diff < 1e-5, "{ranks} ranks: {diff}");
+    }
+    // Without Megatron's "f" (the all-reduce of each branch's input gradient) every rank's
+    // blocks below the top learn from their own heads' share only.
+    let no_sum = |group: Arc<dyn Collective>| -> Arc<dyn Collective> { Arc::new(NoReduce(group)) };
+    let diff = max_abs_diff(&single, &twenty_steps(Some(2), &no_sum));
+    assert!(
+        diff > 1e-3,
+        "without the backward all-reduce the difference is only {diff}"
+    );
+}
+
+#[test]
+fn train_gpt_tensor_parallel_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_text(dir.path());
+    let twenty = ["--limit", "320"];
+    let one = train_tiny(&data, &dir.path().join("one"), "1", &twenty);
+    let run = dir.path().join("tp");
+    let tp = train_tiny(
+        &data,
+        &run,
+        "1",
+        &[&twenty[..], &["--tensor-parallel", "2"]].concat(),
+    );
+    let diff = (tp["val_loss"].as_f64().unwrap() - one["val_loss"].as_f64().unwrap()).abs();
+    assert!(
+        diff < 1e-5,
+        "--tensor-parallel 2 differs from one device by {diff}"
+    );
+    // The checkpoint holds the whole model.
+    let text = last_json(&kiln_ok(&[
+        "generate",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--tokens",
+        "10",
+        "--json",
+    ]));
+    assert_eq!(text["tokens"], 10);
+    let run = run.to_str().unwrap();
+    assert_clean_failure(
+        &kiln(&[
+            "train",
+            "gpt",
+            "--resume",
+            run,
+            "--epochs",
+            "2",
+            "--tensor-parallel",
+            "2",
+        ]),
+        &["cannot continue with tensor parallelism"],
+    );
+    assert_clean_failure(
+        &kiln(&[
+            "train",
+            "gpt",
+            "--data",
+            data.to_str().unwrap(),
+            "--tensor-parallel",
+            "2",
+            "--ranks",
+            "2",
+            "--out",
+            dir.path().join("x").to_str().unwrap(),
+        ]),
+        &["--tensor-parallel", "--ranks"],
+    );
+    assert_clean_failure(
+        &kiln(&[
+            "train",
+            "gpt",
+            "--data",
+            data.to_str().unwrap(),
+            "--tensor-parallel",
+            "3",
+            "--out",
+            dir.path().join("y").to_str().unwrap(),
+        ]),
+        &["4 heads do not split evenly over 3 ranks"],
     );
 }

@@ -31,9 +31,9 @@ pub mod train;
 pub use config::{LrGroup, TrainerConfig};
 pub use error::{Result, TrainError};
 pub use optim::{LrSchedule, OptimizerConfig};
-pub use step::{Metric, StepOutput, StepResult, classification_output};
+pub use step::{GradStep, Metric, StepOutput, StepResult, classification_output};
 pub use stop::StopSignal;
 pub use train::{
     Data, DataParallelConfig, EvalMetrics, Execution, FitReport, PipelineSplit, ProcessGroupConfig,
-    RunLabels, Steps, TensorParallelSplit, TrainData, Trainer, evaluate,
+    RunLabels, Steps, TensorParallelSplit, TensorParallelSteps, TrainData, Trainer, evaluate,
 };

@@ -90,6 +90,18 @@ impl StepOutput {
     }
 }
 
+/// What a training step that runs its own backward returns: its loss and metrics (the loss's
+/// value is reported; the trainer does not call `backward` on it) and the gradients of the
+/// parameters. For models whose backward needs collectives between its parts, as Megatron's
+/// tensor parallelism does (an all-reduce of the activation gradient before each split layer).
+#[derive(Debug)]
+pub struct GradStep {
+    /// The loss (its value only) and metrics.
+    pub output: StepOutput,
+    /// The gradients of the trainable parameters.
+    pub grads: burn::optim::GradientsParams,
+}
+
 /// The ready-made step of a classifier: cross-entropy of `logits` `[batch, classes]` against
 /// class `targets` `[batch]`, and the accuracy.
 pub fn classification_output(logits: Tensor<2>, targets: Tensor<1, Int>) -> StepOutput {

@@ -223,3 +223,47 @@ fn features_that_do_not_divide_are_refused() {
     let err = RowParallelLinear::from_linear(&layer, world, rank).unwrap_err();
     assert!(err.to_string().contains("10 input features"), "{err}");
 }
+
+#[test]
+fn a_fused_qkv_projection_splits_by_heads_and_gathers_back() {
+    // Weights 0, 1, 2, ... so every column is recognisable: [in 2, out 12] = Q | K | V of 4.
+    let device = device();
+    let weight = Tensor::<1, Int>::arange(0..24, &device)
+        .float()
+        .reshape([2, 12]);
+    let bias = Tensor::<1, Int>::arange(100..112, &device).float();
+    let full = Linear {
+        weight: burn::module::Param::from_tensor(weight),
+        bias: Some(burn::module::Param::from_tensor(bias)),
+    };
+    let world = WorldSize::new(2).unwrap();
+    let parts = run_in_process(world, CollectiveConfig::default(), |c| {
+        let part = ColumnParallelLinear::from_linear_grouped(&full, 3, c.world_size(), c.rank())?;
+        let local = part.linear.bias.as_ref().unwrap().val();
+        let local = local
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let whole = part.gather_grouped(3, &*c)?;
+        Ok::<_, MultiError>((local, flatten_params(&whole)?))
+    })
+    .unwrap();
+    // Rank 0: the first half of Q, of K and of V; rank 1 the second halves.
+    assert_eq!(parts[0].0, vec![100.0, 101.0, 104.0, 105.0, 108.0, 109.0]);
+    assert_eq!(parts[1].0, vec![102.0, 103.0, 106.0, 107.0, 110.0, 111.0]);
+    for (_, whole) in &parts {
+        assert_eq!(whole, &flatten_params(&full).unwrap());
+    }
+    let error = ColumnParallelLinear::from_linear_grouped(
+        &full,
+        3,
+        WorldSize::new(3).unwrap(),
+        kiln_multi::Rank::ZERO,
+    )
+    .unwrap_err();
+    assert!(
+        error.to_string().contains("4 output features per group"),
+        "{error}"
+    );
+}

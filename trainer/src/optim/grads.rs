@@ -1,7 +1,7 @@
 //! Arithmetic on a model's gradients (Burn's [`GradientsParams`]): scaling and clipping by the
 //! global L2 norm. (Accumulation over micro-steps is Burn's `GradientsAccumulator`.)
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 
@@ -52,10 +52,52 @@ pub fn clip_global_norm<M: Module>(
     max_norm: f64,
 ) -> (GradientsParams, f64) {
     let norm = global_norm(model, &grads);
+    (clip_to(model, grads, norm, max_norm), norm)
+}
+
+/// The gradients, whose global L2 norm is `norm` (measured by the caller, e.g. over a
+/// tensor-parallel group), scaled as [`clip_global_norm`] does.
+pub fn clip_to<M: Module>(
+    model: &M,
+    grads: GradientsParams,
+    norm: f64,
+    max_norm: f64,
+) -> GradientsParams {
     match kiln_multi::clip_coefficient(norm, max_norm) {
-        Some(coefficient) => (scale(model, grads, f64::from(coefficient)), norm),
-        None => (grads, norm),
+        Some(coefficient) => scale(model, grads, f64::from(coefficient)),
+        None => grads,
     }
+}
+
+/// The sums of the squared gradients of the parameters in `split` and of the others.
+pub fn squares_by<M: Module>(
+    model: &M,
+    grads: &GradientsParams,
+    split: &std::collections::HashSet<ParamId>,
+) -> (f64, f64) {
+    struct Squares<'a> {
+        grads: &'a GradientsParams,
+        split: &'a std::collections::HashSet<ParamId>,
+        sums: (f64, f64),
+    }
+    impl ModuleVisitor for Squares<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                let square = g.clone().mul(g).sum().into_scalar::<f64>();
+                match self.split.contains(&param.id) {
+                    true => self.sums.0 += square,
+                    false => self.sums.1 += square,
+                }
+            }
+        }
+    }
+    let mut visitor = Squares {
+        grads,
+        split,
+        sums: (0.0, 0.0),
+    };
+    model.visit(&mut visitor);
+    visitor.sums
 }
 
 #[cfg(test)]

@@ -10,8 +10,9 @@ use kiln_multi::{
     Collective, CollectiveConfig, ShardMemory, Transport, WorldSize, ZeroStage, run_group,
 };
 
+use super::data::Batches;
 use super::data::{Data, TrainData};
-use super::epoch::StepGrads;
+use super::epoch::{GradSource, StepGrads};
 use super::execution::Execution;
 use super::rank::{RankSetup, RankTask, TensorParallelRank};
 use crate::checkpoint::{Checkpoint, EpochMetrics};
@@ -19,12 +20,26 @@ use crate::config::TrainerConfig;
 use crate::data::ImageBatch;
 use crate::error::{Result, TrainError};
 use crate::report::Verbosity;
-use crate::step::{StepOutput, StepResult, classification_output};
+use crate::step::{GradStep, StepOutput, StepResult, classification_output};
 
 pub use super::labels::RunLabels;
 
 /// A step of a model `M` on a batch `B`: its loss and metrics.
 pub type StepFn<'a, M, B> = dyn Fn(&M, B) -> StepResult<StepOutput> + Sync + 'a;
+
+/// A training step of a model `M` on a batch `B` that runs its own backward.
+pub type GradStepFn<'a, M, B> = dyn Fn(&M, B) -> StepResult<GradStep> + Sync + 'a;
+
+/// The steps of a tensor-parallel rank's part `P` of a model, for
+/// [`Trainer::fit_tensor_parallel_model`].
+pub struct TensorParallelSteps<'a, P, B> {
+    /// The loss and gradients of the rank's part on a training batch (every rank gets the
+    /// same batch and calls it together); the trainer then applies the split's
+    /// `sync_gradients` and the optimizer.
+    pub train: &'a GradStepFn<'a, P, B>,
+    /// The loss and metrics on an evaluation batch, with the part in evaluation mode.
+    pub eval: &'a StepFn<'a, P, B>,
+}
 
 /// The steps of a model for [`Trainer::fit_model`]: Lightning's `training_step` and
 /// `validation_step`.
@@ -282,6 +297,56 @@ impl Trainer {
         P: Module,
         F: Fn(&P, Tensor<4>) -> Tensor<2> + Sync,
     {
+        let step = classification_step(&forward);
+        let source = backward_source(&step);
+        self.fit_tp(model, (&source, &step), &data, resume, split)
+    }
+
+    /// Tensor parallelism for any model and data, as
+    /// [`fit_tensor_parallel`](Self::fit_tensor_parallel) does for a classifier: each rank
+    /// trains its part `P` through `steps`, whose training step runs its own backward (with
+    /// the collectives the split needs between its parts).
+    ///
+    /// # Errors
+    /// As [`fit_tensor_parallel`](Self::fit_tensor_parallel).
+    pub fn fit_tensor_parallel_model<M, P, I, B>(
+        &self,
+        model: M,
+        steps: TensorParallelSteps<'_, P, B>,
+        data: Data<'_, I, B>,
+        resume: Option<(PathBuf, Checkpoint)>,
+        split: TensorParallelSplit<'_, M, P>,
+    ) -> Result<(M, FitReport)>
+    where
+        M: Module,
+        P: Module,
+    {
+        let source = |part: &P, batch: B| -> Result<StepGrads> {
+            let step = (steps.train)(part, batch).map_err(|source| TrainError::Step {
+                phase: "training",
+                source,
+            })?;
+            Ok(StepGrads {
+                loss: scalar_loss(&step.output)?,
+                items: step.output.items,
+                metrics: step.output.metrics,
+                grads: step.grads,
+                bubble: None,
+            })
+        };
+        self.fit_tp(model, (&source, steps.eval), &data, resume, split)
+    }
+
+    /// Every tensor-parallel run: `part_steps` are the gradient source and evaluation step of
+    /// a rank's part.
+    fn fit_tp<M: Module, P: Module, B>(
+        &self,
+        model: M,
+        part_steps: (&GradSource<'_, P, B>, &StepFn<'_, P, B>),
+        data: &dyn Batches<B>,
+        resume: Option<(PathBuf, Checkpoint)>,
+        split: TensorParallelSplit<'_, M, P>,
+    ) -> Result<(M, FitReport)> {
         if let Some((path, _)) = resume {
             return Err(TrainError::checkpoint(
                 &path,
@@ -292,7 +357,7 @@ impl Trainer {
         self.check_fresh(None)?;
         let world = WorldSize::new(split.devices.len())?;
         let replicas = Replicas::fork(&model, &split.devices);
-        let step = classification_step(&forward);
+        let (plain, eval) = part_steps;
         let ranks = run_group(world, split.collective, &split.transport, |collective| {
             let rank = collective.rank().index();
             let part = (split.split)(&replicas.take(rank), Arc::clone(&collective))?;
@@ -303,10 +368,10 @@ impl Trainer {
             };
             let tp = TensorParallelRank {
                 collective: Arc::clone(&collective),
+                split_params: (split.split_params)(&part),
                 whole_record: &whole_record,
             };
-            let plain = backward_source(&step);
-            let source = |part: &P, batch: ImageBatch| -> Result<StepGrads> {
+            let source = |part: &P, batch: B| -> Result<StepGrads> {
                 let mut out = plain(part, batch)?;
                 (split.sync_gradients)(part, &mut out.grads, &*collective)?;
                 Ok(out)
@@ -314,8 +379,8 @@ impl Trainer {
             let setup = RankSetup::single(&split.devices[rank]);
             let task = RankTask {
                 source: &source,
-                eval: &step,
-                data: &data,
+                eval,
+                data,
             };
             let (part, report) = self.fit_rank(part, task, None, setup, Some(&tp))?;
             Ok::<_, TrainError>(((split.gather)(&part, &*collective)?, report))
@@ -462,6 +527,14 @@ pub struct TensorParallelSplit<'a, M, P> {
     /// Adds up over the ranks the partial gradients of the replicated layers that feed split
     /// ones (e.g. [`kiln_multi::tensor_parallel::sum_gradients`] on the layers in front).
     pub sync_gradients: &'a SyncGradients<'a, P>,
+    /// The parameters of a part that hold the rank's share of a split layer (the others are
+    /// replicated): gradient clipping's norm counts them on every rank, the replicated ones
+    /// once (e.g. [`ColumnParallelLinear::split_params`] and
+    /// [`RowParallelLinear::split_params`] of its layers).
+    ///
+    /// [`ColumnParallelLinear::split_params`]: kiln_multi::tensor_parallel::ColumnParallelLinear::split_params
+    /// [`RowParallelLinear::split_params`]: kiln_multi::tensor_parallel::RowParallelLinear::split_params
+    pub split_params: &'a (dyn Fn(&P) -> Vec<burn::module::ParamId> + Sync + 'a),
 }
 
 /// One copy of a model per rank, forked to the rank's device (so each rank has its own

@@ -11,7 +11,7 @@ use kiln_multi::{Collective, DistributedDataParallel, ZeroOptimizer};
 use crate::config::LrGroup;
 use crate::error::Result;
 use crate::optim::LrSchedule;
-use crate::optim::grads::{clip_global_norm, global_norm, scale};
+use crate::optim::grads::{clip_to, global_norm, scale};
 use crate::report::Progress;
 use crate::report::tensorboard::EventWriter;
 use crate::step::{Metric, MetricSums};
@@ -128,13 +128,32 @@ struct StepDone {
     exchange_seconds: f64,
 }
 
+/// How a tensor-parallel rank measures the whole model's gradient norm: the squares of its
+/// split parameters' gradients summed over the group, those of the replicated ones (the same
+/// on every rank) counted once.
+pub(crate) struct SplitNorm {
+    pub(crate) collective: std::sync::Arc<dyn kiln_multi::Collective>,
+    pub(crate) split: std::collections::HashSet<burn::module::ParamId>,
+}
+
+impl SplitNorm {
+    fn norm<M: Module>(&self, model: &M, grads: &GradientsParams) -> Result<f64> {
+        let (split, replicated) = crate::optim::grads::squares_by(model, grads, &self.split);
+        let mut total = [split];
+        kiln_multi::all_reduce_sum_f64(&*self.collective, &mut total)?;
+        Ok((total[0] + replicated).sqrt())
+    }
+}
+
 /// How a rank turns its gradients into the next parameters.
 pub(crate) enum Updater<'a> {
-    /// Every rank holds the whole optimizer state; with `ddp`, gradients are first averaged
-    /// with the other ranks'.
+    /// Every rank holds the whole optimizer state of its model (or part); with `ddp`,
+    /// gradients are first averaged with the other ranks'; with `split_norm`, the norm that
+    /// clipping uses is the tensor-parallel group's.
     Replicated {
         optimizer: &'a mut ModuleOptimizer,
         ddp: Option<&'a mut DistributedDataParallel>,
+        split_norm: Option<&'a SplitNorm>,
     },
     /// The optimizer state is split over the ranks (ZeRO).
     Sharded(&'a mut ZeroOptimizer),
@@ -161,7 +180,11 @@ impl Updater<'_> {
     ) -> Result<(M, StepDone)> {
         let start = Instant::now();
         let (model, grad_norm, exchange) = match self {
-            Updater::Replicated { optimizer, ddp } => {
+            Updater::Replicated {
+                optimizer,
+                ddp,
+                split_norm,
+            } => {
                 let grads = match ddp {
                     Some(ddp) => ddp.sync(&model, grads)?,
                     None => grads,
@@ -171,16 +194,16 @@ impl Updater<'_> {
                 } else {
                     0.0
                 };
-                let (grads, norm) = match policy.clip_grad_norm {
-                    Some(max) => {
-                        let (grads, norm) = clip_global_norm(&model, grads, max);
-                        (grads, Some(norm))
-                    }
-                    None if want_norm => {
-                        let norm = global_norm(&model, &grads);
-                        (grads, Some(norm))
-                    }
-                    None => (grads, None),
+                // A tensor-parallel group measures its norm together, on every step (the
+                // reporting rank alone wants it for its scalars).
+                let norm = match (policy.clip_grad_norm.is_some() || want_norm, split_norm) {
+                    (_, Some(split)) => Some(split.norm(&model, &grads)?),
+                    (true, None) => Some(global_norm(&model, &grads)),
+                    (false, None) => None,
+                };
+                let grads = match (policy.clip_grad_norm, norm) {
+                    (Some(max), Some(norm)) => clip_to(&model, grads, norm, max),
+                    _ => grads,
                 };
                 let mut model = model;
                 for (lr, grads) in split_by_group(&model, grads, lr, factor, policy.lr_groups) {
@@ -394,6 +417,7 @@ mod tests {
         let mut updater = Updater::Replicated {
             optimizer: &mut optimizer,
             ddp: None,
+            split_norm: None,
         };
         let groups = [LrGroup {
             prefix: "b.".into(),

@@ -17,7 +17,8 @@ use kiln_multi::{
 use super::base::{StepFn, Trainer, record_bytes, scalar_loss};
 use super::data::Batches;
 use super::epoch::{
-    EpochProgress, EpochReport, GradSource, StepPolicy, Stretch, StretchEnd, Updater, train_epoch,
+    EpochProgress, EpochReport, GradSource, SplitNorm, StepPolicy, Stretch, StretchEnd, Updater,
+    train_epoch,
 };
 use super::resume_point::{gather_progress, remove_superseded_mid_epoch, resumed_rank_progress};
 use crate::checkpoint::{
@@ -73,6 +74,8 @@ impl<M, B> Copy for RankTask<'_, M, B> {}
 /// A rank of a tensor-parallel group, as [`Trainer::fit_rank`] sees it.
 pub(super) struct TensorParallelRank<'a, P> {
     pub(super) collective: Arc<dyn Collective>,
+    /// The parameters of the part that hold this rank's share of split layers.
+    pub(super) split_params: Vec<burn::module::ParamId>,
     /// The whole model's record, gathered from the ranks' parts (every rank calls it).
     pub(super) whole_record: &'a WholeRecord<'a, P>,
 }
@@ -99,8 +102,11 @@ struct Restored<M> {
 
 /// How this rank's gradients are synchronised and applied.
 enum RankSync {
-    /// One device, or a tensor-parallel rank: Burn's optimizer on the rank's own gradients.
+    /// One device: Burn's optimizer on the rank's own gradients.
     Local,
+    /// A tensor-parallel rank: Burn's optimizer on its own gradients, clipped by the norm of
+    /// the whole model's gradient over the group.
+    TensorParallel(SplitNorm),
     /// Data parallel: gradients averaged by DDP, then Burn's optimizer.
     Ddp(DistributedDataParallel),
     /// Data parallel with the optimizer state sharded (ZeRO).
@@ -110,7 +116,7 @@ enum RankSync {
 impl RankSync {
     fn collective(&self) -> Option<Arc<dyn Collective>> {
         match self {
-            RankSync::Local => None,
+            RankSync::Local | RankSync::TensorParallel(_) => None,
             RankSync::Ddp(d) => Some(Arc::clone(d.collective())),
             RankSync::Zero(z) => Some(Arc::clone(z.collective())),
         }
@@ -121,10 +127,17 @@ impl RankSync {
             RankSync::Local => Updater::Replicated {
                 optimizer,
                 ddp: None,
+                split_norm: None,
+            },
+            RankSync::TensorParallel(norm) => Updater::Replicated {
+                optimizer,
+                ddp: None,
+                split_norm: Some(norm),
             },
             RankSync::Ddp(ddp) => Updater::Replicated {
                 optimizer,
                 ddp: Some(ddp),
+                split_norm: None,
             },
             RankSync::Zero(zero) => Updater::Sharded(zero),
         }
@@ -184,8 +197,14 @@ impl Trainer {
     ) -> Result<(M, super::FitReport)> {
         let mut restored = self.restore(model, resume, setup.zero)?;
         let resumed_from_epoch = restored.history.len();
-        let (model, sync) =
+        let (model, mut sync) =
             self.synchronise(restored.model, &setup, restored.sharded_state.take())?;
+        if let Some(tp) = tensor_parallel {
+            sync = RankSync::TensorParallel(SplitNorm {
+                collective: Arc::clone(&tp.collective),
+                split: tp.split_params.iter().copied().collect(),
+            });
+        }
         let plan = self.rank_plan(task, &sync, &setup, tensor_parallel)?;
         let progress = Progress::new(if plan.is_root {
             self.verbosity

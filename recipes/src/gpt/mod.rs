@@ -2,7 +2,9 @@
 //! trainer ([`Trainer::fit_model`]) with AdamW, linear warm-up and cosine decay, and gradient
 //! clipping, on one device, data parallel over threads (`--ranks`, `--zero`) or as one rank
 //! of a launched job; and [`generate`], which samples from a checkpoint with a key/value
-//! cache.
+//! cache. [`tensor_parallel`] splits the blocks over ranks (Megatron).
+
+pub mod tensor_parallel;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,26 +14,33 @@ use burn::data::dataset::Dataset;
 use burn::module::Module;
 use burn::tensor::Device;
 use kiln_models::gpt::{Gpt, GptConfig, Sampling};
-use kiln_multi::{BucketConfig, Collective, DeviceSpec, Rank, WorldSize, ZeroStage};
+use kiln_multi::{
+    BucketConfig, Collective, CollectiveConfig, DeviceSpec, Rank, WorldSize, ZeroStage,
+};
 use kiln_trainer::checkpoint::{Checkpoint, read_checkpoint, resolve_checkpoint};
-use kiln_trainer::data::{BYTE_VOCAB, ByteCorpus, TokenBatch, TokenBatcher, TokenWindows};
+use kiln_trainer::data::{
+    BYTE_VOCAB, ByteCorpus, TokenBatch, TokenBatcher, TokenWindow, TokenWindows,
+};
 use kiln_trainer::report::Verbosity;
 use kiln_trainer::{
     Data, Execution, FitReport, OptimizerConfig, ProcessGroupConfig, RunLabels, StepOutput,
-    StepResult, Steps, StopSignal, Trainer, TrainerConfig,
+    StepResult, Steps, StopSignal, TensorParallelSplit, TensorParallelSteps, Trainer,
+    TrainerConfig,
 };
+
+use self::tensor_parallel::TensorParallelGpt;
 use serde::{Deserialize, Serialize};
 
 use crate::cnn_mnist::{RunTarget, ScheduleChoice, TrainerOverrides};
 use crate::config_file::{ResolvedConfig, write_run_config};
 use crate::error::{RecipeError, Result};
-use crate::report::{GenerateReport, GptReport};
+use crate::report::{GenerateReport, GptReport, TensorParallelReport};
 use crate::run_info::{self, ModelName};
 
 /// Name of this recipe, recorded in checkpoints.
 pub const RECIPE: &str = "gpt";
 /// The default corpus: Tiny Shakespeare (`data/shakespeare/PROVENANCE.md`).
-const EMBEDDED_TEXT: &[u8] = include_bytes!("../../data/shakespeare/input.txt");
+const EMBEDDED_TEXT: &[u8] = include_bytes!("../../../data/shakespeare/input.txt");
 /// How errors and reports name the embedded corpus.
 const EMBEDDED_NAME: &str = "embedded:shakespeare";
 /// Optimizer steps of linear warm-up in the default schedule.
@@ -67,6 +76,8 @@ pub struct GptRecipeConfig {
     pub ranks: WorldSize,
     /// ZeRO stage over the data-parallel ranks.
     pub zero: Option<ZeroStage>,
+    /// Split the blocks over this many ranks (threads), Megatron-style.
+    pub tensor_parallel: Option<WorldSize>,
     /// How long a rank waits for the others.
     pub collective_timeout: Duration,
     /// The device of rank 0; further ranks take the next GPUs.
@@ -164,17 +175,22 @@ pub fn run(config: &GptRecipeConfig) -> Result<GptReport> {
     }
     let model = options.model.init(&device, trainer.config().seed)?;
     let parameters = model.num_params();
-    let execution = execution(config, &device)?;
     let data = Data {
         train: &train,
         eval: &val,
         batcher: &TokenBatcher,
     };
-    let steps = Steps {
-        train: &step,
-        eval: &step,
+    let (model, fit) = match config.tensor_parallel {
+        Some(world) => fit_tensor_parallel(config, &trainer, model, data, resume, world)?,
+        None => {
+            let steps = Steps {
+                train: &step,
+                eval: &step,
+            };
+            let execution = execution(config, &device)?;
+            trainer.fit_model(model, steps, data, resume, &execution)?
+        }
     };
-    let (model, fit) = trainer.fit_model(model, steps, data, resume, &execution)?;
     if root {
         crate::plot::write_run_curves(&run_dir, config.verbosity == Verbosity::Quiet);
     }
@@ -186,6 +202,69 @@ pub fn run(config: &GptRecipeConfig) -> Result<GptReport> {
     Ok(report(
         config, &options, run_dir, parameters, fit, sample, started,
     ))
+}
+
+/// The blocks split over `world` ranks (threads), Megatron-style.
+fn fit_tensor_parallel(
+    config: &GptRecipeConfig,
+    trainer: &Trainer,
+    model: Gpt,
+    data: Data<'_, TokenWindow, TokenBatch>,
+    resume: Option<(PathBuf, Checkpoint)>,
+    world: WorldSize,
+) -> Result<(Gpt, FitReport)> {
+    let devices = config
+        .device
+        .devices(world.get())?
+        .into_iter()
+        .map(Device::autodiff)
+        .collect();
+    let split = TensorParallelSplit {
+        devices,
+        collective: CollectiveConfig {
+            timeout: config.collective_timeout,
+        },
+        transport: config.device.transport(world.get())?,
+        split: &TensorParallelGpt::split,
+        gather: &TensorParallelGpt::gather,
+        sync_gradients: &TensorParallelGpt::sync_gradients,
+        split_params: &TensorParallelGpt::split_params,
+    };
+    let eval = |part: &TensorParallelGpt, batch: TokenBatch| -> StepResult<StepOutput> {
+        let [b, t] = batch.targets.dims();
+        Ok(StepOutput::new(part.loss(batch)?, b * t))
+    };
+    let steps = TensorParallelSteps {
+        train: &TensorParallelGpt::train_step,
+        eval: &eval,
+    };
+    Ok(trainer.fit_tensor_parallel_model(model, steps, data, resume, split)?)
+}
+
+/// Tensor parallelism runs alone for now: not with data parallelism, ZeRO or a launched job.
+fn check_parallelism(config: &GptRecipeConfig) -> Result<()> {
+    let Some(tp) = config.tensor_parallel else {
+        return Ok(());
+    };
+    let other = if config.ranks.get() > 1 {
+        Some("--ranks")
+    } else if config.zero.is_some() {
+        Some("--zero")
+    } else if config.process_group.is_some() {
+        Some("kiln launch")
+    } else {
+        None
+    };
+    match other {
+        Some(other) => Err(RecipeError::Options {
+            flag: "--tensor-parallel",
+            reason: format!(
+                "{} tensor-parallel ranks do not combine with {other} yet: run one or the other",
+                tp.get()
+            ),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Bytes need a vocabulary of at least 256.
@@ -255,6 +334,7 @@ fn options_and_base(
         reason: e.to_string(),
     })?;
     check_vocabulary(&options.model)?;
+    check_parallelism(config)?;
     Ok((options, base))
 }
 
@@ -335,6 +415,17 @@ fn report(
             .as_ref()
             .map_or(config.ranks.get(), |g| g.world_size().get()),
         zero_stage: config.zero.map(ZeroStage::number),
+        tensor_parallel: config.tensor_parallel.map(|world| {
+            let per_rank = fit.rank_parameter_elements.unwrap_or(parameters);
+            TensorParallelReport {
+                ranks: world.get(),
+                parameter_elements_per_rank: per_rank,
+                // AdamW keeps two moments per parameter.
+                optimizer_state_bytes_per_rank: 2 * per_rank * size_of::<f32>(),
+                gradient_bytes_per_rank: per_rank * size_of::<f32>(),
+                unsharded_parameter_elements: parameters,
+            }
+        }),
         resumed_from_epoch: fit.resumed_from_epoch,
         history: fit.history,
         sample,
