@@ -762,6 +762,18 @@ pub struct GptArgs {
     /// model (generate reads them), but a run cannot resume as tensor-parallel yet.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(2..=128))]
     pub tensor_parallel: Option<u32>,
+    /// Pipeline parallelism: the blocks split into N stages of equal size (the embeddings in
+    /// the first, the final norm and head in the last), each on its own thread with its share
+    /// of the cores, micro-batches streamed through them. Same updates as one device.
+    /// --layers must divide by N.
+    #[arg(long, value_name = "N")]
+    pub pipeline_stages: Option<NonZeroUsize>,
+    /// Micro-batches each batch is split into for the pipeline.
+    #[arg(long, value_name = "M", default_value_t = NonZeroUsize::new(4).expect("4 is not zero"), requires = "pipeline_stages")]
+    pub micro_batches: NonZeroUsize,
+    /// Pipeline schedule: naive, gpipe or 1f1b.
+    #[arg(long, value_enum, default_value_t = ScheduleArg::OneFOneB, requires = "pipeline_stages")]
+    pub schedule: ScheduleArg,
     /// Optimizer (AdamW with weight decay 0.1 by default), schedule (warm-up over 50 steps,
     /// then cosine), clipping (norm 1) and accumulation.
     #[command(flatten)]
@@ -807,6 +819,11 @@ impl GptArgs {
                 .map(|n| WorldSize::new(n as usize))
                 .transpose()
                 .map_err(kiln_trainer::TrainError::from)?,
+            pipeline: self.pipeline_stages.map(|stages| PipelineOptions {
+                stages,
+                micro_batches: self.micro_batches,
+                schedule: self.schedule.into(),
+            }),
             collective_timeout: Duration::from_secs(self.collective_timeout),
             device: self.device,
             process_group: None,

@@ -353,7 +353,7 @@ pub fn simple_cnn_stages(
 
 /// `module` on `device`: itself when it is already there, else a fork (the same parameter
 /// ids, so the stage's gradients still find their parameters in the whole model).
-fn place<M: burn::module::Module>(module: M, device: &Device) -> M {
+pub(crate) fn place<M: burn::module::Module>(module: M, device: &Device) -> M {
     if module.devices().iter().all(|d| d == device) {
         module
     } else {

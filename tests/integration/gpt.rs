@@ -2,21 +2,25 @@
 //! tests/data/gpt, the twin model in benches/gpt_pytorch.py), `kiln train gpt` and
 //! `kiln generate` end to end, and their errors.
 
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
 use burn::data::dataset::InMemDataset;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use kiln::models::gpt::{Gpt, GptConfig};
+use kiln::models::gpt::{Gpt, GptConfig, GptStage};
 use kiln::models::load_weights;
+use kiln::multi::pipeline::{
+    Activation, ModuleStage, PipelineConfig, PipelineSchedule, PipelineStage, Targets,
+};
 use kiln::multi::{Collective, CollectiveConfig, Transport};
 use kiln::recipes::gpt::tensor_parallel::TensorParallelGpt;
 use kiln::trainer::data::{ByteCorpus, TokenBatch, TokenBatcher, TokenWindow};
 use kiln::trainer::report::Verbosity;
 use kiln::trainer::{
-    Data, Execution, LrSchedule, OptimizerConfig, RunLabels, StepOutput, StepResult, Steps,
-    TensorParallelSplit, TensorParallelSteps, Trainer, TrainerConfig,
+    Data, Execution, LrSchedule, OptimizerConfig, PipelineSplit, RunLabels, StepOutput, StepResult,
+    Steps, TensorParallelSplit, TensorParallelSteps, Trainer, TrainerConfig,
 };
 
 use crate::common::{assert_clean_failure, kiln, kiln_ok, last_json, max_abs_diff, npy, repo};
@@ -380,13 +384,23 @@ fn bad_gpt_input_is_a_clear_error() {
     );
 }
 
+/// How [`twenty_steps`] trains.
+enum Mode<'a> {
+    Single,
+    /// Tensor-parallel ranks whose backward sums the activation gradients over the group the
+    /// function returns (the group itself, or a stand-in).
+    TensorParallel(
+        usize,
+        &'a (dyn Fn(Arc<dyn Collective>) -> Arc<dyn Collective> + Sync),
+    ),
+    /// Pipeline stages under a schedule; `untie` gives the last stage a copy of the tied
+    /// embedding, whose head gradient then never reaches the embedding.
+    Pipeline(usize, PipelineSchedule, bool),
+}
+
 /// Parameters after 20 steps (AdamW, clipping active) of a 2-layer GPT on windows of the
-/// shipped text: on one device, or split over `ranks` tensor-parallel ranks whose backward
-/// sums the activation gradients over `gradient_group` (the group itself, or a stand-in).
-fn twenty_steps(
-    ranks: Option<usize>,
-    gradient_group: &(dyn Fn(Arc<dyn Collective>) -> Arc<dyn Collective> + Sync),
-) -> Vec<f32> {
+/// shipped text, trained as `mode` says.
+fn twenty_steps(mode: Mode<'_>) -> Vec<f32> {
     let device = Device::flex().autodiff();
     let text = std::fs::read(repo("data/shakespeare/input.txt")).unwrap();
     let corpus = ByteCorpus::new(text[..20_000].to_vec(), "shakespeare");
@@ -427,8 +441,8 @@ fn twenty_steps(
             b * t,
         ))
     };
-    let (model, report) = match ranks {
-        None => trainer.fit_model(
+    let (model, report) = match mode {
+        Mode::Single => trainer.fit_model(
             model,
             Steps {
                 train: &step,
@@ -438,7 +452,63 @@ fn twenty_steps(
             None,
             &Execution::Single(device.clone()),
         ),
-        Some(ranks) => {
+        Mode::Pipeline(stages, schedule, untie) => {
+            let split = |m: &Gpt| -> Vec<Box<dyn PipelineStage>> {
+                let mut parts = m.pipeline_stages(stages).unwrap();
+                if untie {
+                    let last = parts.last_mut().unwrap();
+                    let copy = last
+                        .wte
+                        .as_ref()
+                        .unwrap()
+                        .weight
+                        .val()
+                        .detach()
+                        .require_grad();
+                    last.wte.as_mut().unwrap().weight = Param::from_tensor(copy);
+                }
+                parts
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, part)| -> Box<dyn PipelineStage> {
+                        match i {
+                            0 => Box::new(ModuleStage::new(
+                                "0",
+                                part,
+                                GptStage::forward_tokens,
+                                device.clone(),
+                            )),
+                            _ => Box::new(ModuleStage::new(
+                                "n",
+                                part,
+                                GptStage::forward_hidden,
+                                device.clone(),
+                            )),
+                        }
+                    })
+                    .collect()
+            };
+            let split = PipelineSplit {
+                device: device.clone(),
+                config: PipelineConfig {
+                    schedule,
+                    micro_batches: NonZeroUsize::new(4).unwrap(),
+                    timeout: Duration::from_secs(60),
+                    threads_per_stage: None,
+                    defer_weight_gradients: true,
+                },
+                stages: NonZeroUsize::new(stages).unwrap(),
+                split: &split,
+            };
+            let inputs = |batch: TokenBatch| {
+                (
+                    Activation::Rank2(batch.inputs.float()),
+                    Targets::Tokens(batch.targets),
+                )
+            };
+            trainer.fit_pipeline_model(model, &inputs, &step, data, None, split)
+        }
+        Mode::TensorParallel(ranks, gradient_group) => {
             let split = |m: &Gpt, group: Arc<dyn Collective>| {
                 let sums = gradient_group(Arc::clone(&group));
                 Ok(TensorParallelGpt::split(m, group)?.with_gradient_group(sums))
@@ -473,9 +543,9 @@ fn twenty_steps(
 #[test]
 fn tensor_parallel_blocks_train_like_one_device_and_need_the_backward_all_reduce() {
     let itself = |group: Arc<dyn Collective>| group;
-    let single = twenty_steps(None, &itself);
+    let single = twenty_steps(Mode::Single);
     for ranks in [2, 4] {
-        let split = twenty_steps(Some(ranks), &itself);
+        let split = twenty_steps(Mode::TensorParallel(ranks, &itself));
         let diff = max_abs_diff(&single, &split);
         eprintln!(
             "GPT blocks over {ranks} ranks vs one device, 20 steps: max |delta param| = {diff:e}"
@@ -485,7 +555,7 @@ fn tensor_parallel_blocks_train_like_one_device_and_need_the_backward_all_reduce
     // Without Megatron's "f" (the all-reduce of each branch's input gradient) every rank's
     // blocks below the top learn from their own heads' share only.
     let no_sum = |group: Arc<dyn Collective>| -> Arc<dyn Collective> { Arc::new(NoReduce(group)) };
-    let diff = max_abs_diff(&single, &twenty_steps(Some(2), &no_sum));
+    let diff = max_abs_diff(&single, &twenty_steps(Mode::TensorParallel(2, &no_sum)));
     assert!(
         diff > 1e-3,
         "without the backward all-reduce the difference is only {diff}"
@@ -493,11 +563,81 @@ fn tensor_parallel_blocks_train_like_one_device_and_need_the_backward_all_reduce
 }
 
 #[test]
-fn train_gpt_tensor_parallel_from_the_cli() {
+fn pipelined_blocks_train_like_one_device_and_need_the_tied_gradient() {
+    let single = twenty_steps(Mode::Single);
+    for (stages, schedule) in [
+        (2, PipelineSchedule::OneFOneB),
+        (2, PipelineSchedule::GPipe),
+        (1, PipelineSchedule::OneFOneB),
+    ] {
+        let piped = twenty_steps(Mode::Pipeline(stages, schedule, false));
+        let diff = max_abs_diff(&single, &piped);
+        eprintln!(
+            "GPT in {stages} stages ({schedule:?}, 4 micro-batches) vs one device, 20 steps: max |delta param| = {diff:e}"
+        );
+        assert!(diff < 1e-5, "{stages} stages {schedule:?}: {diff}");
+    }
+    // The tied embedding lives in the first and the last stage: without the sum of both
+    // stages' gradients it learns from the input side only.
+    let untied = twenty_steps(Mode::Pipeline(2, PipelineSchedule::OneFOneB, true));
+    let diff = max_abs_diff(&single, &untied);
+    assert!(
+        diff > 1e-3,
+        "without the tied gradient the difference is only {diff}"
+    );
+}
+
+#[test]
+fn train_gpt_tensor_parallel_and_pipelined_from_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let data = small_text(dir.path());
     let twenty = ["--limit", "320"];
     let one = train_tiny(&data, &dir.path().join("one"), "1", &twenty);
+    let piped = train_tiny(
+        &data,
+        &dir.path().join("pp"),
+        "1",
+        &[&twenty[..], &["--pipeline-stages", "1"]].concat(),
+    );
+    let diff = (piped["val_loss"].as_f64().unwrap() - one["val_loss"].as_f64().unwrap()).abs();
+    assert!(
+        diff < 1e-5,
+        "--pipeline-stages 1 differs from one device by {diff}"
+    );
+    assert_clean_failure(
+        &kiln(&[
+            "train",
+            "gpt",
+            "--data",
+            data.to_str().unwrap(),
+            "--pipeline-stages",
+            "2",
+            "--layers",
+            "3",
+            "--heads",
+            "2",
+            "--embed",
+            "16",
+            "--out",
+            dir.path().join("z").to_str().unwrap(),
+        ]),
+        &["--pipeline-stages", "3 blocks"],
+    );
+    assert_clean_failure(
+        &kiln(&[
+            "train",
+            "gpt",
+            "--data",
+            data.to_str().unwrap(),
+            "--pipeline-stages",
+            "2",
+            "--tensor-parallel",
+            "2",
+            "--out",
+            dir.path().join("w").to_str().unwrap(),
+        ]),
+        &["do not combine"],
+    );
     let run = dir.path().join("tp");
     let tp = train_tiny(
         &data,

@@ -112,8 +112,8 @@ impl Pipeline {
     }
 
     /// The forward and backward passes of one batch: `input` goes to the first stage, the last
-    /// stage's output (logits `[batch, classes]`) is scored against `targets` with the mean
-    /// cross-entropy, and every stage accumulates its parameters' gradients (collect them with
+    /// stage's output (logits `[batch, classes]`, or `[batch, tokens, vocabulary]` for
+    /// [`Targets::Tokens`]) is scored against `targets` with the mean cross-entropy, and every stage accumulates its parameters' gradients (collect them with
     /// [`PipelineStage::take_grads`] or [`merge_grads`]). Placement is checked first.
     ///
     /// # Errors
@@ -124,8 +124,9 @@ impl Pipeline {
         &self,
         stages: &mut [Box<dyn PipelineStage>],
         input: Activation,
-        targets: Tensor<1, Int>,
+        targets: impl Into<Targets>,
     ) -> Result<StepReport> {
+        let targets = targets.into();
         let p = NonZeroUsize::new(stages.len()).ok_or_else(|| MultiError::Config {
             field: "pipeline stages",
             reason: "a pipeline needs at least one stage".to_string(),
@@ -157,11 +158,11 @@ impl Pipeline {
             .iter()
             .map(|r| input.clone().narrow_batch(r.start, r.len()))
             .collect();
-        let micro_targets: Vec<(Tensor<1, Int>, f64)> = ranges
+        let micro_targets: Vec<(Targets, f64)> = ranges
             .iter()
             .map(|r| {
                 let scale = r.len() as f64 / batch.max(1) as f64;
-                (targets.clone().narrow(0, r.start, r.len()), scale)
+                (targets.clone().narrow_batch(r.start, r.len()), scale)
             })
             .collect();
 
@@ -253,6 +254,73 @@ impl Pipeline {
     }
 }
 
+/// What the last stage's output is scored against with the cross-entropy.
+#[derive(Debug, Clone)]
+pub enum Targets {
+    /// One class per sample, `[batch]`: the output is logits `[batch, classes]`.
+    Classes(Tensor<1, Int>),
+    /// One token per position, `[batch, tokens]` (a language model's next tokens): the output
+    /// is logits `[batch, tokens, vocabulary]`, and the loss their mean over every position.
+    Tokens(Tensor<2, Int>),
+}
+
+impl Targets {
+    /// Targets the loss averages over: samples, or samples times positions.
+    pub fn count(&self) -> usize {
+        match self {
+            Targets::Classes(t) => t.dims()[0],
+            Targets::Tokens(t) => t.dims().iter().product(),
+        }
+    }
+
+    fn narrow_batch(self, start: usize, len: usize) -> Self {
+        match self {
+            Targets::Classes(t) => Targets::Classes(t.narrow(0, start, len)),
+            Targets::Tokens(t) => Targets::Tokens(t.narrow(0, start, len)),
+        }
+    }
+}
+
+impl From<Tensor<1, Int>> for Targets {
+    fn from(classes: Tensor<1, Int>) -> Self {
+        Targets::Classes(classes)
+    }
+}
+
+impl From<Tensor<2, Int>> for Targets {
+    fn from(tokens: Tensor<2, Int>) -> Self {
+        Targets::Tokens(tokens)
+    }
+}
+
+/// The last stage's logits and targets as the cross-entropy takes them: `[n, classes]` and
+/// `[n]`.
+fn scored(
+    output: Activation,
+    targets: Targets,
+    stage: usize,
+) -> Result<(Tensor<2>, Tensor<1, Int>)> {
+    match (output, targets) {
+        (Activation::Rank2(logits), Targets::Classes(classes)) => Ok((logits, classes)),
+        (Activation::Rank3(logits), Targets::Tokens(tokens)) => {
+            let [b, t, v] = logits.dims();
+            Ok((logits.reshape([b * t, v]), tokens.reshape([b * t])))
+        }
+        (output, targets) => Err(MultiError::Pipeline {
+            stage,
+            reason: format!(
+                "the last stage must output logits [batch, classes] for class targets or \
+                 [batch, tokens, vocabulary] for token targets, got rank {} for {}",
+                output.rank(),
+                match targets {
+                    Targets::Classes(_) => "class targets",
+                    Targets::Tokens(_) => "token targets",
+                }
+            ),
+        }),
+    }
+}
+
 /// The gradients of every stage as one [`GradientsParams`] for `model`'s optimizer, each moved
 /// to its parameter's device (summed over the stages that share a parameter, e.g. tied
 /// weights). The stages must have been built from `model`'s parameters (same ids); their sums
@@ -300,7 +368,7 @@ struct StageJob {
     /// Micro-batch inputs (first stage only).
     inputs: Vec<Activation>,
     /// Micro-batch targets and loss weights (last stage only).
-    targets: Vec<(Tensor<1, Int>, f64)>,
+    targets: Vec<(Targets, f64)>,
     timeout: Duration,
     /// Whether the stage may defer work to the end of the step.
     defer: bool,
@@ -434,15 +502,7 @@ fn run_ops(stage: &mut dyn PipelineStage, job: &StageJob, links: Links) -> Resul
                                 stage: job.index,
                                 reason: format!("no targets for micro-batch {i}"),
                             })?;
-                    let Activation::Rank2(logits) = output else {
-                        return Err(MultiError::Pipeline {
-                            stage: job.index,
-                            reason: format!(
-                                "the last stage must output logits [batch, classes], got rank {}",
-                                output.rank()
-                            ),
-                        });
-                    };
+                    let (logits, targets) = scored(output, targets, job.index)?;
                     let loss = loss_fn
                         .forward(logits, targets.to_device(&device))
                         .mul_scalar(weight);

@@ -32,6 +32,6 @@ mod executor;
 pub mod schedule;
 mod stage;
 
-pub use executor::{Pipeline, PipelineConfig, StepReport, merge_grads};
+pub use executor::{Pipeline, PipelineConfig, StepReport, Targets, merge_grads};
 pub use schedule::{PipelineOp, PipelineSchedule, peak_in_flight, theoretical_bubble};
 pub use stage::{Activation, ModuleStage, PipelineStage};

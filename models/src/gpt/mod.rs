@@ -310,31 +310,46 @@ impl Gpt {
         start: usize,
         mut caches: Option<&mut [LayerCache]>,
     ) -> Tensor<3> {
-        let [_, t] = tokens.dims();
-        let device = tokens.device();
-        let positions =
-            Tensor::<1, Int>::arange(start as i64..(start + t) as i64, &device).reshape([1, t]);
-        let mut x = self.transformer.wte.forward(tokens) + self.transformer.wpe.forward(positions);
-        for (i, block) in self.transformer.h.iter().enumerate() {
+        let t = &self.transformer;
+        let mut x = embed(&t.wte, &t.wpe, tokens, start);
+        for (i, block) in t.h.iter().enumerate() {
             let cache = caches.as_deref_mut().and_then(|c| c.get_mut(i));
             x = block.forward(x, cache);
         }
-        self.head(self.transformer.ln_f.forward(x))
-    }
-
-    /// The LM head on normalised features `[batch, tokens, embed]`.
-    fn head(&self, x: Tensor<3>) -> Tensor<3> {
+        let x = t.ln_f.forward(x);
         match &self.lm_head {
             Some(head) => head.forward(x),
-            None => {
-                let [b, t, c] = x.dims();
-                let table = self.transformer.wte.weight.val();
-                let [vocab, _] = table.dims();
-                x.reshape([b * t, c])
-                    .matmul(table.transpose())
-                    .reshape([b, t, vocab])
-            }
+            None => tied_logits(&t.wte, x),
         }
+    }
+
+    /// The model cut into `stages` pipeline stages of equal block counts, sharing its
+    /// parameters: the embeddings go with the first, the final norm and head with the last
+    /// (the token embedding with both when the head is tied to it).
+    ///
+    /// # Errors
+    /// [`ImportError::Config`] when the blocks do not divide evenly into `stages`.
+    pub fn pipeline_stages(&self, stages: usize) -> Result<Vec<GptStage>> {
+        let layers = self.transformer.h.len();
+        if stages == 0 || !layers.is_multiple_of(stages) {
+            return Err(ImportError::Config(format!(
+                "{layers} blocks do not split into {stages} pipeline stages of equal size"
+            )));
+        }
+        let per_stage = layers / stages;
+        let t = &self.transformer;
+        Ok((0..stages)
+            .map(|s| {
+                let (first, last) = (s == 0, s + 1 == stages);
+                GptStage {
+                    wte: (first || (last && self.lm_head.is_none())).then(|| t.wte.clone()),
+                    wpe: first.then(|| t.wpe.clone()),
+                    h: t.h[s * per_stage..(s + 1) * per_stage].to_vec(),
+                    ln_f: last.then(|| t.ln_f.clone()),
+                    lm_head: if last { self.lm_head.clone() } else { None },
+                }
+            })
+            .collect())
     }
 
     /// Mean cross-entropy (nats per token) of predicting `targets` `[batch, tokens]` from
@@ -346,6 +361,72 @@ impl Gpt {
         burn::nn::loss::CrossEntropyLossConfig::new()
             .init(&logits.device())
             .forward(logits.reshape([b * t, vocab]), targets.reshape([b * t]))
+    }
+}
+
+/// The residual stream of `tokens` at positions `start..`: token plus position embeddings.
+fn embed(wte: &Embedding, wpe: &Embedding, tokens: Tensor<2, Int>, start: usize) -> Tensor<3> {
+    let [_, t] = tokens.dims();
+    let device = tokens.device();
+    let positions =
+        Tensor::<1, Int>::arange(start as i64..(start + t) as i64, &device).reshape([1, t]);
+    wte.forward(tokens) + wpe.forward(positions)
+}
+
+/// Logits `[batch, tokens, vocab]` of normalised features through the token embedding's
+/// transpose (the tied head).
+fn tied_logits(wte: &Embedding, x: Tensor<3>) -> Tensor<3> {
+    let [b, t, c] = x.dims();
+    let table = wte.weight.val();
+    let [vocab, _] = table.dims();
+    x.reshape([b * t, c])
+        .matmul(table.transpose())
+        .reshape([b, t, vocab])
+}
+
+/// Consecutive blocks of a [`Gpt`] as one pipeline stage ([`Gpt::pipeline_stages`]): the
+/// embeddings in the first stage, the final norm and head in the last.
+#[derive(Module, Debug)]
+pub struct GptStage {
+    /// The token embedding: in the first stage, and in the last when the head is tied.
+    pub wte: Option<Embedding>,
+    /// The position embedding: first stage only.
+    pub wpe: Option<Embedding>,
+    /// This stage's blocks.
+    pub h: Vec<Block>,
+    /// The final norm: last stage only.
+    pub ln_f: Option<LayerNorm>,
+    /// The untied head: last stage only.
+    pub lm_head: Option<Linear>,
+}
+
+impl GptStage {
+    /// The first stage on token ids `[batch, tokens]` carried as floats (pipelines pass float
+    /// activations; ids are exact below 2^24).
+    ///
+    /// # Panics
+    /// On a stage without the embeddings, which [`Gpt::pipeline_stages`] gives to the first
+    /// stage only (a pipeline catches the panic and fails the step with it).
+    pub fn forward_tokens(&self, tokens: Tensor<2>) -> Tensor<3> {
+        let (Some(wte), Some(wpe)) = (&self.wte, &self.wpe) else {
+            panic!("token ids reached a GPT pipeline stage without the embeddings");
+        };
+        self.forward_hidden(embed(wte, wpe, tokens.int(), 0))
+    }
+
+    /// The stage on the residual stream `[batch, tokens, embed]`: its blocks, then, in the
+    /// last stage, the logits `[batch, tokens, vocab]`.
+    pub fn forward_hidden(&self, x: Tensor<3>) -> Tensor<3> {
+        let x = self.h.iter().fold(x, |x, block| block.forward(x, None));
+        let Some(ln_f) = &self.ln_f else {
+            return x;
+        };
+        let x = ln_f.forward(x);
+        match (&self.lm_head, &self.wte) {
+            (Some(head), _) => head.forward(x),
+            (None, Some(wte)) => tied_logits(wte, x),
+            (None, None) => x,
+        }
     }
 }
 

@@ -216,3 +216,38 @@ fn draws_follow_temperature_and_top_k() {
     let all_nan = draw(&[f32::NAN; 3], &top2, &mut rng).unwrap_err();
     assert!(all_nan.to_string().contains("NaN"), "{all_nan}");
 }
+
+#[test]
+fn pipeline_stages_chained_give_the_whole_forward() {
+    let device = Device::flex();
+    for tied in [true, false] {
+        let config = GptConfig {
+            layers: 4,
+            ..tiny(tied)
+        };
+        let model = config.init(&device, 21).unwrap();
+        let ids: Vec<i64> = vec![4, 8, 15, 16, 2, 3, 0, 18];
+        let whole = values(model.forward(Tensor::<2, Int>::from_data(
+            TensorData::new(ids.clone(), [2, 4]),
+            &device,
+        )));
+        for stages in [1, 2, 4] {
+            let parts = model.pipeline_stages(stages).unwrap();
+            let floats: Vec<f32> = ids.iter().map(|&i| i as f32).collect();
+            let tokens = Tensor::<2>::from_data(TensorData::new(floats, [2, 4]), &device);
+            let x = parts[0].forward_tokens(tokens);
+            let logits = parts[1..].iter().fold(x, |x, p| p.forward_hidden(x));
+            let diff = max_diff(&values(logits), &whole);
+            assert!(diff < 1e-6, "tied {tied}, {stages} stages: {diff}");
+        }
+    }
+    let error = tiny(true)
+        .init(&device, 1)
+        .unwrap()
+        .pipeline_stages(3)
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("2 blocks do not split into 3"),
+        "{error}"
+    );
+}

@@ -6,6 +6,7 @@
 
 pub mod tensor_parallel;
 
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +14,8 @@ use std::time::{Duration, Instant};
 use burn::data::dataset::Dataset;
 use burn::module::Module;
 use burn::tensor::Device;
-use kiln_models::gpt::{Gpt, GptConfig, Sampling};
+use kiln_models::gpt::{Gpt, GptConfig, GptStage, Sampling};
+use kiln_multi::pipeline::{Activation, ModuleStage, PipelineConfig, PipelineStage, Targets};
 use kiln_multi::{
     BucketConfig, Collective, CollectiveConfig, DeviceSpec, Rank, WorldSize, ZeroStage,
 };
@@ -23,15 +25,15 @@ use kiln_trainer::data::{
 };
 use kiln_trainer::report::Verbosity;
 use kiln_trainer::{
-    Data, Execution, FitReport, OptimizerConfig, ProcessGroupConfig, RunLabels, StepOutput,
-    StepResult, Steps, StopSignal, TensorParallelSplit, TensorParallelSteps, Trainer,
+    Data, Execution, FitReport, OptimizerConfig, PipelineSplit, ProcessGroupConfig, RunLabels,
+    StepOutput, StepResult, Steps, StopSignal, TensorParallelSplit, TensorParallelSteps, Trainer,
     TrainerConfig,
 };
 
 use self::tensor_parallel::TensorParallelGpt;
 use serde::{Deserialize, Serialize};
 
-use crate::cnn_mnist::{RunTarget, ScheduleChoice, TrainerOverrides};
+use crate::cnn_mnist::{PipelineOptions, RunTarget, ScheduleChoice, TrainerOverrides};
 use crate::config_file::{ResolvedConfig, write_run_config};
 use crate::error::{RecipeError, Result};
 use crate::report::{GenerateReport, GptReport, TensorParallelReport};
@@ -78,6 +80,8 @@ pub struct GptRecipeConfig {
     pub zero: Option<ZeroStage>,
     /// Split the blocks over this many ranks (threads), Megatron-style.
     pub tensor_parallel: Option<WorldSize>,
+    /// Run the blocks as a pipeline of stages (threads) with micro-batches.
+    pub pipeline: Option<PipelineOptions>,
     /// How long a rank waits for the others.
     pub collective_timeout: Duration,
     /// The device of rank 0; further ranks take the next GPUs.
@@ -180,9 +184,10 @@ pub fn run(config: &GptRecipeConfig) -> Result<GptReport> {
         eval: &val,
         batcher: &TokenBatcher,
     };
-    let (model, fit) = match config.tensor_parallel {
-        Some(world) => fit_tensor_parallel(config, &trainer, model, data, resume, world)?,
-        None => {
+    let (model, fit) = match (config.tensor_parallel, config.pipeline) {
+        (Some(world), _) => fit_tensor_parallel(config, &trainer, model, data, resume, world)?,
+        (None, Some(pipeline)) => fit_pipeline(config, &trainer, model, data, resume, pipeline)?,
+        (None, None) => {
             let steps = Steps {
                 train: &step,
                 eval: &step,
@@ -241,12 +246,104 @@ fn fit_tensor_parallel(
     Ok(trainer.fit_tensor_parallel_model(model, steps, data, resume, split)?)
 }
 
-/// Tensor parallelism runs alone for now: not with data parallelism, ZeRO or a launched job.
-fn check_parallelism(config: &GptRecipeConfig) -> Result<()> {
-    let Some(tp) = config.tensor_parallel else {
-        return Ok(());
+/// The blocks as a pipeline: equal numbers of blocks per stage, each stage on its own thread
+/// with its share of the cores (or its own GPU), micro-batches under the schedule.
+fn fit_pipeline(
+    config: &GptRecipeConfig,
+    trainer: &Trainer,
+    model: Gpt,
+    data: Data<'_, TokenWindow, TokenBatch>,
+    resume: Option<(PathBuf, Checkpoint)>,
+    options: PipelineOptions,
+) -> Result<(Gpt, FitReport)> {
+    let stages = options.stages;
+    let devices: Vec<Device> = config
+        .device
+        .devices(stages.get())?
+        .into_iter()
+        .map(Device::autodiff)
+        .collect();
+    let threads = (!config.device.is_cuda()).then(|| {
+        let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+        NonZeroUsize::new(cores / stages.get()).unwrap_or(NonZeroUsize::MIN)
+    });
+    let split = |m: &Gpt| gpt_stages(m, &devices);
+    let split = PipelineSplit {
+        device: devices[0].clone(),
+        config: PipelineConfig {
+            schedule: options.schedule,
+            micro_batches: options.micro_batches,
+            timeout: config.collective_timeout,
+            threads_per_stage: threads,
+            defer_weight_gradients: true,
+        },
+        stages,
+        split: &split,
     };
-    let other = if config.ranks.get() > 1 {
+    let inputs = |batch: TokenBatch| {
+        (
+            Activation::Rank2(batch.inputs.float()),
+            Targets::Tokens(batch.targets),
+        )
+    };
+    Ok(trainer.fit_pipeline_model(model, &inputs, &step, data, resume, split)?)
+}
+
+/// The GPT's pipeline stages, stage `i` on `devices[i]`: the first reads token ids, the last
+/// gives logits.
+fn gpt_stages(model: &Gpt, devices: &[Device]) -> Vec<Box<dyn PipelineStage>> {
+    // The stage count was checked against the blocks before training started.
+    let parts = model.pipeline_stages(devices.len()).unwrap_or_default();
+    parts
+        .into_iter()
+        .zip(devices)
+        .enumerate()
+        .map(|(i, (part, device))| -> Box<dyn PipelineStage> {
+            let name = format!("blocks {}", i + 1);
+            let part = crate::cnn_mnist::place(part, device);
+            match i {
+                0 => Box::new(ModuleStage::new(
+                    name,
+                    part,
+                    GptStage::forward_tokens,
+                    device.clone(),
+                )),
+                _ => Box::new(ModuleStage::new(
+                    name,
+                    part,
+                    GptStage::forward_hidden,
+                    device.clone(),
+                )),
+            }
+        })
+        .collect()
+}
+
+/// Tensor parallelism and pipelines run alone for now: not with each other, data parallelism,
+/// ZeRO or a launched job; a pipeline's stages hold equal numbers of blocks.
+fn check_parallelism(config: &GptRecipeConfig, model: &GptConfig) -> Result<()> {
+    let (flag, what) = match (config.tensor_parallel, config.pipeline) {
+        (None, None) => return Ok(()),
+        (Some(tp), None) => (
+            "--tensor-parallel",
+            format!("{} tensor-parallel ranks", tp.get()),
+        ),
+        (_, Some(p)) => {
+            if !model.layers.is_multiple_of(p.stages.get()) {
+                return Err(RecipeError::Options {
+                    flag: "--pipeline-stages",
+                    reason: format!(
+                        "{} blocks (--layers) do not split into {} stages of equal size",
+                        model.layers, p.stages
+                    ),
+                });
+            }
+            ("--pipeline-stages", format!("{} pipeline stages", p.stages))
+        }
+    };
+    let other = if config.tensor_parallel.is_some() && config.pipeline.is_some() {
+        Some("--tensor-parallel")
+    } else if config.ranks.get() > 1 {
         Some("--ranks")
     } else if config.zero.is_some() {
         Some("--zero")
@@ -257,11 +354,8 @@ fn check_parallelism(config: &GptRecipeConfig) -> Result<()> {
     };
     match other {
         Some(other) => Err(RecipeError::Options {
-            flag: "--tensor-parallel",
-            reason: format!(
-                "{} tensor-parallel ranks do not combine with {other} yet: run one or the other",
-                tp.get()
-            ),
+            flag,
+            reason: format!("{what} do not combine with {other} yet: run one or the other"),
         }),
         None => Ok(()),
     }
@@ -334,7 +428,7 @@ fn options_and_base(
         reason: e.to_string(),
     })?;
     check_vocabulary(&options.model)?;
-    check_parallelism(config)?;
+    check_parallelism(config, &options.model)?;
     Ok((options, base))
 }
 

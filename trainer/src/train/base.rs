@@ -5,7 +5,9 @@ use std::sync::{Arc, Mutex};
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Bytes, Device, Tensor};
-use kiln_multi::pipeline::{Activation, Pipeline, PipelineConfig, PipelineStage, merge_grads};
+use kiln_multi::pipeline::{
+    Activation, Pipeline, PipelineConfig, PipelineStage, Targets, merge_grads,
+};
 use kiln_multi::{
     Collective, CollectiveConfig, ShardMemory, Transport, WorldSize, ZeroStage, run_group,
 };
@@ -26,6 +28,10 @@ pub use super::labels::RunLabels;
 
 /// A step of a model `M` on a batch `B`: its loss and metrics.
 pub type StepFn<'a, M, B> = dyn Fn(&M, B) -> StepResult<StepOutput> + Sync + 'a;
+
+/// How [`Trainer::fit_pipeline_model`] feeds a pipeline: a training batch as the first
+/// stage's input and the targets of the last stage's cross-entropy.
+pub type PipelineInputs<'a, B> = dyn Fn(B) -> (Activation, Targets) + Sync + 'a;
 
 /// A training step of a model `M` on a batch `B` that runs its own backward.
 pub type GradStepFn<'a, M, B> = dyn Fn(&M, B) -> StepResult<GradStep> + Sync + 'a;
@@ -413,13 +419,51 @@ impl Trainer {
         M: Module,
         F: Fn(&M, Tensor<4>) -> Tensor<2> + Sync,
     {
+        let inputs = |batch: ImageBatch| {
+            (
+                Activation::Rank4(batch.images),
+                Targets::Classes(batch.targets),
+            )
+        };
+        let eval = classification_step(&forward);
+        self.fit_pp(model, (&inputs, &eval), &data, resume, split)
+    }
+
+    /// A pipeline for any model and data, as [`fit_pipeline`](Self::fit_pipeline) does for a
+    /// classifier: `inputs` turns a training batch into the first stage's input and the
+    /// targets of the last stage's cross-entropy (classes, or a language model's next tokens);
+    /// `eval` evaluates the whole model.
+    ///
+    /// # Errors
+    /// As [`fit_pipeline`](Self::fit_pipeline).
+    pub fn fit_pipeline_model<M: Module, I, B>(
+        &self,
+        model: M,
+        inputs: &PipelineInputs<'_, B>,
+        eval: &StepFn<'_, M, B>,
+        data: Data<'_, I, B>,
+        resume: Option<(PathBuf, Checkpoint)>,
+        split: PipelineSplit<'_, M>,
+    ) -> Result<(M, FitReport)> {
+        self.fit_pp(model, (inputs, eval), &data, resume, split)
+    }
+
+    /// Every pipeline run.
+    fn fit_pp<M: Module, B>(
+        &self,
+        model: M,
+        (inputs, eval): (&PipelineInputs<'_, B>, &StepFn<'_, M, B>),
+        data: &dyn Batches<B>,
+        resume: Option<(PathBuf, Checkpoint)>,
+        split: PipelineSplit<'_, M>,
+    ) -> Result<(M, FitReport)> {
         self.check_fresh(resume.as_ref())?;
         let pipeline = Pipeline::new(split.stages, split.config)?;
-        let source = |model: &M, batch: ImageBatch| -> Result<StepGrads> {
-            let items = batch.targets.dims()[0];
+        let source = |model: &M, batch: B| -> Result<StepGrads> {
+            let (input, targets) = inputs(batch);
+            let items = targets.count();
             let mut stages = (split.split)(model);
-            let report =
-                pipeline.run(&mut stages, Activation::Rank4(batch.images), batch.targets)?;
+            let report = pipeline.run(&mut stages, input, targets)?;
             Ok(StepGrads {
                 loss: report.loss,
                 items,
@@ -428,15 +472,14 @@ impl Trainer {
                 grads: merge_grads(model, &mut stages),
             })
         };
-        let eval = classification_step(&forward);
         let setup = RankSetup {
             pipeline_stages: Some(split.stages),
             ..RankSetup::single(&split.device)
         };
         let task = RankTask {
             source: &source,
-            eval: &eval,
-            data: &data,
+            eval,
+            data,
         };
         self.fit_rank(model, task, resume, setup, None)
     }

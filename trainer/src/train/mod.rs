@@ -13,8 +13,8 @@ mod rank;
 mod resume_point;
 
 pub use base::{
-    FitReport, GatherModel, GradStepFn, PipelineSplit, RunLabels, SplitModel, StepFn, Steps,
-    SyncGradients, TensorParallelSplit, TensorParallelSteps, Trainer,
+    FitReport, GatherModel, GradStepFn, PipelineInputs, PipelineSplit, RunLabels, SplitModel,
+    StepFn, Steps, SyncGradients, TensorParallelSplit, TensorParallelSteps, Trainer,
 };
 pub use data::{Data, TrainData};
 pub use eval::{EvalMetrics, evaluate};
