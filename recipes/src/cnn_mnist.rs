@@ -742,6 +742,8 @@ impl PlannedRun<'_> {
             },
             stages: options.stages,
             split: &split,
+            data_parallel: None,
+            zero: None,
         };
         let (_model, fit) =
             (self.trainer).fit_pipeline(model, SimpleCnn::forward, data, self.resume, split)?;

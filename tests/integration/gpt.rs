@@ -14,7 +14,7 @@ use kiln::models::load_weights;
 use kiln::multi::pipeline::{
     Activation, ModuleStage, PipelineConfig, PipelineSchedule, PipelineStage, Targets,
 };
-use kiln::multi::{Collective, CollectiveConfig, Transport};
+use kiln::multi::{Collective, CollectiveConfig, Transport, WorldSize};
 use kiln::recipes::gpt::tensor_parallel::TensorParallelGpt;
 use kiln::trainer::data::{ByteCorpus, TokenBatch, TokenBatcher, TokenWindow};
 use kiln::trainer::report::Verbosity;
@@ -393,9 +393,15 @@ enum Mode<'a> {
         usize,
         &'a (dyn Fn(Arc<dyn Collective>) -> Arc<dyn Collective> + Sync),
     ),
-    /// Pipeline stages under a schedule; `untie` gives the last stage a copy of the tied
-    /// embedding, whose head gradient then never reaches the embedding.
-    Pipeline(usize, PipelineSchedule, bool),
+    /// Pipelines of `stages` stages under `schedule`, on `ranks` data-parallel ranks if set;
+    /// `untie` gives the last stage a copy of the tied embedding, whose head gradient then
+    /// never reaches the embedding.
+    Pipeline {
+        stages: usize,
+        schedule: PipelineSchedule,
+        untie: bool,
+        ranks: Option<WorldSize>,
+    },
 }
 
 /// Parameters after 20 steps (AdamW, clipping active) of a 2-layer GPT on windows of the
@@ -452,7 +458,12 @@ fn twenty_steps(mode: Mode<'_>) -> Vec<f32> {
             None,
             &Execution::Single(device.clone()),
         ),
-        Mode::Pipeline(stages, schedule, untie) => {
+        Mode::Pipeline {
+            stages,
+            schedule,
+            untie,
+            ranks,
+        } => {
             let split = |m: &Gpt| -> Vec<Box<dyn PipelineStage>> {
                 let mut parts = m.pipeline_stages(stages).unwrap();
                 if untie {
@@ -499,6 +510,8 @@ fn twenty_steps(mode: Mode<'_>) -> Vec<f32> {
                 },
                 stages: NonZeroUsize::new(stages).unwrap(),
                 split: &split,
+                data_parallel: ranks,
+                zero: None,
             };
             let inputs = |batch: TokenBatch| {
                 (
@@ -562,6 +575,20 @@ fn tensor_parallel_blocks_train_like_one_device_and_need_the_backward_all_reduce
     );
 }
 
+fn pipeline(
+    stages: usize,
+    schedule: PipelineSchedule,
+    untie: bool,
+    ranks: Option<WorldSize>,
+) -> Mode<'static> {
+    Mode::Pipeline {
+        stages,
+        schedule,
+        untie,
+        ranks,
+    }
+}
+
 #[test]
 fn pipelined_blocks_train_like_one_device_and_need_the_tied_gradient() {
     let single = twenty_steps(Mode::Single);
@@ -570,16 +597,27 @@ fn pipelined_blocks_train_like_one_device_and_need_the_tied_gradient() {
         (2, PipelineSchedule::GPipe),
         (1, PipelineSchedule::OneFOneB),
     ] {
-        let piped = twenty_steps(Mode::Pipeline(stages, schedule, false));
+        let piped = twenty_steps(pipeline(stages, schedule, false, None));
         let diff = max_abs_diff(&single, &piped);
         eprintln!(
             "GPT in {stages} stages ({schedule:?}, 4 micro-batches) vs one device, 20 steps: max |delta param| = {diff:e}"
         );
         assert!(diff < 1e-5, "{stages} stages {schedule:?}: {diff}");
     }
+    let both = twenty_steps(pipeline(
+        2,
+        PipelineSchedule::OneFOneB,
+        false,
+        WorldSize::new(2).ok(),
+    ));
+    let diff = max_abs_diff(&single, &both);
+    eprintln!(
+        "GPT data parallel 2 x pipeline 2 vs one device, 20 steps: max |delta param| = {diff:e}"
+    );
+    assert!(diff < 1e-5, "2 data-parallel pipelines of 2 stages: {diff}");
     // The tied embedding lives in the first and the last stage: without the sum of both
     // stages' gradients it learns from the input side only.
-    let untied = twenty_steps(Mode::Pipeline(2, PipelineSchedule::OneFOneB, true));
+    let untied = twenty_steps(pipeline(2, PipelineSchedule::OneFOneB, true, None));
     let diff = max_abs_diff(&single, &untied);
     assert!(
         diff > 1e-3,

@@ -265,7 +265,7 @@ fn fit_pipeline(
         .collect();
     let threads = (!config.device.is_cuda()).then(|| {
         let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
-        NonZeroUsize::new(cores / stages.get()).unwrap_or(NonZeroUsize::MIN)
+        NonZeroUsize::new(cores / (stages.get() * config.ranks.get())).unwrap_or(NonZeroUsize::MIN)
     });
     let split = |m: &Gpt| gpt_stages(m, &devices);
     let split = PipelineSplit {
@@ -279,6 +279,8 @@ fn fit_pipeline(
         },
         stages,
         split: &split,
+        data_parallel: (config.ranks.get() > 1).then_some(config.ranks),
+        zero: config.zero,
     };
     let inputs = |batch: TokenBatch| {
         (
@@ -319,8 +321,9 @@ fn gpt_stages(model: &Gpt, devices: &[Device]) -> Vec<Box<dyn PipelineStage>> {
         .collect()
 }
 
-/// Tensor parallelism and pipelines run alone for now: not with each other, data parallelism,
-/// ZeRO or a launched job; a pipeline's stages hold equal numbers of blocks.
+/// Tensor parallelism runs alone for now, pipelines with data parallelism (and ZeRO) over
+/// threads but not with tensor parallelism or in a launched job; a pipeline's stages hold
+/// equal numbers of blocks.
 fn check_parallelism(config: &GptRecipeConfig, model: &GptConfig) -> Result<()> {
     let (flag, what) = match (config.tensor_parallel, config.pipeline) {
         (None, None) => return Ok(()),
@@ -343,6 +346,9 @@ fn check_parallelism(config: &GptRecipeConfig, model: &GptConfig) -> Result<()> 
     };
     let other = if config.tensor_parallel.is_some() && config.pipeline.is_some() {
         Some("--tensor-parallel")
+    } else if config.pipeline.is_some() {
+        // Pipelines combine with data parallelism (and ZeRO) over threads.
+        config.process_group.as_ref().map(|_| "kiln launch")
     } else if config.ranks.get() > 1 {
         Some("--ranks")
     } else if config.zero.is_some() {

@@ -472,16 +472,40 @@ impl Trainer {
                 grads: merge_grads(model, &mut stages),
             })
         };
-        let setup = RankSetup {
-            pipeline_stages: Some(split.stages),
-            ..RankSetup::single(&split.device)
-        };
         let task = RankTask {
             source: &source,
             eval,
             data,
         };
-        self.fit_rank(model, task, resume, setup, None)
+        let Some(ranks) = split.data_parallel else {
+            let setup = RankSetup {
+                pipeline_stages: Some(split.stages),
+                ..RankSetup::single(&split.device)
+            };
+            return self.fit_rank(model, task, resume, setup, None);
+        };
+        // Data parallel over pipelines: each rank (thread) streams its share of every batch
+        // through a pipeline of its own, then the ranks average their merged gradients.
+        let devices = vec![split.device.clone(); ranks.get()];
+        let replicas = Replicas::fork(&model, &devices);
+        let collective = CollectiveConfig {
+            timeout: split.config.timeout,
+        };
+        let ranks = run_group(ranks, collective, &Transport::SharedMemory, |collective| {
+            let rank = collective.rank().index();
+            let setup = RankSetup {
+                device: &split.device,
+                collective: Some(collective),
+                buckets: kiln_multi::BucketConfig::default(),
+                zero: split.zero,
+                pipeline_stages: Some(split.stages),
+            };
+            self.fit_rank(replicas.take(rank), task, resume.clone(), setup, None)
+        })?;
+        Ok(ranks
+            .into_iter()
+            .next()
+            .expect("a world has at least rank 0"))
     }
 }
 
@@ -542,6 +566,12 @@ pub struct PipelineSplit<'a, M> {
     pub stages: NonZeroUsize,
     /// Builds the stages from the current model, sharing its parameters (module clones).
     pub split: &'a (dyn Fn(&M) -> Vec<Box<dyn PipelineStage>> + Sync),
+    /// Data-parallel pipelines: this many ranks (threads of this process), each with its own
+    /// pipeline of `stages` stages on its share of every batch, gradients averaged over the
+    /// ranks. `None`: one pipeline.
+    pub data_parallel: Option<WorldSize>,
+    /// With `data_parallel`: shard the optimizer state (and gradients) over its ranks.
+    pub zero: Option<ZeroStage>,
 }
 
 /// Builds a rank's part `P` of a model `M` from the model and the rank's handle on its group.

@@ -314,6 +314,9 @@ impl Trainer {
         let world = plan.world.get();
         let mode = match (plan.tensor_parallel, setup.pipeline_stages, setup.zero) {
             (Some(tp), _, _) => format!("tensor parallel x{}", tp.collective.world_size().get()),
+            (None, Some(stages), _) if world > 1 => {
+                format!("pipeline, {stages} stages x data parallel {world}")
+            }
             (None, Some(stages), _) => format!("pipeline, {stages} stages"),
             (None, None, Some(stage)) => format!("ZeRO-{} x{world}", stage.number()),
             (None, None, None) if world > 1 => format!("data parallel x{world}"),
