@@ -36,7 +36,13 @@ struct Mode {
 const MODES: [Mode; 6] = [
     mode("1 device", 1, None, None, None),
     mode("data parallel 2", 2, None, None, None),
-    mode("data parallel 2, ZeRO-1", 2, Some(ZeroStage::One), None, None),
+    mode(
+        "data parallel 2, ZeRO-1",
+        2,
+        Some(ZeroStage::One),
+        None,
+        None,
+    ),
     mode("tensor parallel 2", 1, None, Some(2), None),
     mode("pipeline 2 (1F1B, 4 micro-batches)", 1, None, None, Some(2)),
     mode("data parallel 2 x pipeline 2", 2, None, None, Some(2)),
@@ -104,7 +110,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let steps = steps.to_string();
             let args = ["--steps", &steps, "--batch-size", "32", "--threads", "2"];
             if let Some(run) = run_pytorch_with("gpt_pytorch.py", &args) {
-                eprintln!("round {round}: pytorch: {} tokens/s", run["train_tokens_per_sec"]);
+                eprintln!(
+                    "round {round}: pytorch: {} tokens/s",
+                    run["train_tokens_per_sec"]
+                );
                 pytorch.push(run);
             }
         }

@@ -505,7 +505,9 @@ fn twenty_steps(mode: Mode<'_>) -> Vec<f32> {
                     schedule,
                     micro_batches: NonZeroUsize::new(4).unwrap(),
                     timeout: Duration::from_secs(60),
-                    threads_per_stage: None,
+                    // Each stage on a pool of its own thread, as the recipe runs them (two
+                    // data-parallel pipelines sharing pools once deadlocked).
+                    threads_per_stage: Some(NonZeroUsize::MIN),
                     defer_weight_gradients: true,
                 },
                 stages: NonZeroUsize::new(stages).unwrap(),

@@ -458,31 +458,36 @@ impl Trainer {
         split: PipelineSplit<'_, M>,
     ) -> Result<(M, FitReport)> {
         self.check_fresh(resume.as_ref())?;
-        let pipeline = Pipeline::new(split.stages, split.config)?;
-        let source = |model: &M, batch: B| -> Result<StepGrads> {
-            let (input, targets) = inputs(batch);
-            let items = targets.count();
-            let mut stages = (split.split)(model);
-            let report = pipeline.run(&mut stages, input, targets)?;
-            Ok(StepGrads {
-                loss: report.loss,
-                items,
-                metrics: Vec::new(),
-                bubble: Some(report.bubble_fraction()),
-                grads: merge_grads(model, &mut stages),
-            })
-        };
-        let task = RankTask {
-            source: &source,
-            eval,
-            data,
+        // One pipeline per rank: its stages' thread pools are its own (ranks sharing a pool
+        // would wait for each other's stages and deadlock).
+        let run = |model: M, setup: RankSetup<'_>, resume| {
+            let pipeline = Pipeline::new(split.stages, split.config)?;
+            let source = |model: &M, batch: B| -> Result<StepGrads> {
+                let (input, targets) = inputs(batch);
+                let items = targets.count();
+                let mut stages = (split.split)(model);
+                let report = pipeline.run(&mut stages, input, targets)?;
+                Ok(StepGrads {
+                    loss: report.loss,
+                    items,
+                    metrics: Vec::new(),
+                    bubble: Some(report.bubble_fraction()),
+                    grads: merge_grads(model, &mut stages),
+                })
+            };
+            let task = RankTask {
+                source: &source,
+                eval,
+                data,
+            };
+            self.fit_rank(model, task, resume, setup, None)
         };
         let Some(ranks) = split.data_parallel else {
             let setup = RankSetup {
                 pipeline_stages: Some(split.stages),
                 ..RankSetup::single(&split.device)
             };
-            return self.fit_rank(model, task, resume, setup, None);
+            return run(model, setup, resume);
         };
         // Data parallel over pipelines: each rank (thread) streams its share of every batch
         // through a pipeline of its own, then the ranks average their merged gradients.
@@ -500,7 +505,7 @@ impl Trainer {
                 zero: split.zero,
                 pipeline_stages: Some(split.stages),
             };
-            self.fit_rank(replicas.take(rank), task, resume.clone(), setup, None)
+            run(replicas.take(rank), setup, resume.clone())
         })?;
         Ok(ranks
             .into_iter()
