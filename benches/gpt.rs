@@ -33,7 +33,7 @@ struct Mode {
     pipeline_stages: Option<usize>,
 }
 
-const MODES: [Mode; 6] = [
+const MODES: [Mode; 7] = [
     mode("1 device", 1, None, None, None),
     mode("data parallel 2", 2, None, None, None),
     mode(
@@ -46,6 +46,13 @@ const MODES: [Mode; 6] = [
     mode("tensor parallel 2", 1, None, Some(2), None),
     mode("pipeline 2 (1F1B, 4 micro-batches)", 1, None, None, Some(2)),
     mode("data parallel 2 x pipeline 2", 2, None, None, Some(2)),
+    mode(
+        "data parallel 2 x tensor parallel 2",
+        2,
+        None,
+        Some(2),
+        None,
+    ),
 ];
 
 const fn mode(

@@ -29,13 +29,13 @@ pub mod sharding;
 pub mod tensor_parallel;
 
 pub use collective::{
-    Collective, CollectiveConfig, InProcessCollective, ReduceOp, Transport, all_reduce_sum_f64,
-    run_group, run_in_process, shard_range,
+    Collective, CollectiveConfig, InProcessCollective, MeshRank, ReduceOp, Transport,
+    all_reduce_sum_f64, run_group, run_in_process, run_mesh, shard_range,
 };
 pub use data_parallel::{BucketConfig, DistributedDataParallel, GradientBucket};
 pub use device::DeviceSpec;
 pub use error::{MultiError, Result};
-pub use mesh::{Rank, WorldSize};
+pub use mesh::{MeshShape, Rank, WorldSize};
 pub use sampler::{DistributedSampler, DistributedSamplerConfig};
 pub use sharding::{
     FlatOptimizer, ShardMemory, ZERO_STATE_MAGIC, ZeroConfig, ZeroOptimizer, ZeroStage,

@@ -55,6 +55,39 @@ impl Rank {
     }
 }
 
+/// A 2-D device mesh: `data` replicas of a model, each split over `tensor` ranks.
+///
+/// A rank's place is `rank = replica * tensor + shard`: the ranks of one tensor-parallel group
+/// are consecutive (Megatron's order, which keeps the chattiest group on one host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MeshShape {
+    /// Data-parallel replicas: ranks holding the same shard average their gradients.
+    pub data: WorldSize,
+    /// Tensor-parallel ranks per replica: they split the layers and see the same batches.
+    pub tensor: WorldSize,
+}
+
+impl MeshShape {
+    /// Every rank of the mesh.
+    pub fn world(self) -> WorldSize {
+        WorldSize(
+            self.data
+                .0
+                .checked_mul(self.tensor.0)
+                .expect("a mesh of more than usize::MAX ranks"),
+        )
+    }
+
+    /// `rank`'s `(replica, shard)`: its index in its tensor-parallel group's data-parallel
+    /// group, and in its tensor-parallel group.
+    pub fn coordinates(self, rank: Rank) -> (usize, usize) {
+        (
+            rank.index() / self.tensor.get(),
+            rank.index() % self.tensor.get(),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,5 +104,18 @@ mod tests {
                 world_size: 2
             })
         );
+    }
+
+    #[test]
+    fn mesh_coordinates_keep_tensor_groups_consecutive() {
+        let mesh = MeshShape {
+            data: WorldSize::new(2).unwrap(),
+            tensor: WorldSize::new(3).unwrap(),
+        };
+        assert_eq!(mesh.world().get(), 6);
+        let places: Vec<_> = (0..6)
+            .map(|r| mesh.coordinates(Rank::new(r, mesh.world()).unwrap()))
+            .collect();
+        assert_eq!(places, [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]);
     }
 }

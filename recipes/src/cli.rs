@@ -333,6 +333,55 @@ impl From<ScheduleArg> for PipelineSchedule {
     }
 }
 
+/// `--mesh dp=D,tp=T,pp=P`: ranks along each axis of the device mesh, in any order; an axis
+/// left out has one rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MeshArg {
+    /// `dp`: data-parallel replicas.
+    pub data: NonZeroUsize,
+    /// `tp`: tensor-parallel ranks per replica.
+    pub tensor: NonZeroUsize,
+    /// `pp`: pipeline stages.
+    pub pipeline: NonZeroUsize,
+}
+
+impl std::str::FromStr for MeshArg {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        let mut axes = [None::<NonZeroUsize>; 3];
+        for part in text.split(',') {
+            let Some((name, count)) = part.split_once('=') else {
+                return Err(format!(
+                    "`{part}` is not AXIS=N (axes dp, tp, pp; e.g. dp=2,tp=2)"
+                ));
+            };
+            let axis = match name.trim() {
+                "dp" => 0,
+                "tp" => 1,
+                "pp" => 2,
+                other => {
+                    return Err(format!(
+                        "unknown axis `{other}`: the axes are dp, tp and pp"
+                    ));
+                }
+            };
+            let count = count.trim().parse::<NonZeroUsize>().map_err(|_| {
+                format!("{name}={count}: the count must be a whole number of 1 or more")
+            })?;
+            if axes[axis].replace(count).is_some() {
+                return Err(format!("axis {name} is given twice"));
+            }
+        }
+        let [data, tensor, pipeline] = axes.map(|n| n.unwrap_or(NonZeroUsize::MIN));
+        Ok(Self {
+            data,
+            tensor,
+            pipeline,
+        })
+    }
+}
+
 impl CnnMnistArgs {
     /// The recipe configuration these flags describe.
     ///
@@ -695,6 +744,7 @@ impl FinetuneArgs {
 
 /// Flags of `kiln train gpt`.
 #[derive(Debug, Clone, Args)]
+#[command(group = clap::ArgGroup::new("pipeline").args(["pipeline_stages", "mesh"]).multiple(true))]
 pub struct GptArgs {
     /// Total epochs (passes over the training windows) [default: 3]. With --resume, training
     /// continues up to this epoch.
@@ -745,7 +795,8 @@ pub struct GptArgs {
     /// Where to train: cpu, or cuda:N (a build with `--features cuda`).
     #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     pub device: DeviceSpec,
-    /// Data-parallel ranks (threads), each on 1/N of every batch, gradients averaged.
+    /// Data-parallel ranks (threads), each on 1/N of every batch, gradients averaged. With
+    /// --tensor-parallel or --pipeline-stages: that many replicas of the split model.
     #[arg(long, value_name = "N", default_value_t = NonZeroUsize::MIN)]
     pub ranks: NonZeroUsize,
     /// Seconds a rank waits for the others at a gradient exchange.
@@ -757,8 +808,9 @@ pub struct GptArgs {
     /// Tensor parallelism (Megatron): every block split over N ranks (threads), each holding
     /// 1/N of the heads (their Q, K, V and output-projection rows) and of the MLP, with one
     /// all-reduce per attention and per MLP in the forward and one in the backward; embeddings,
-    /// LayerNorms and the head replicated. Every rank sees the same batches; the same updates
-    /// as one device. --heads and 4 x --embed must divide by N. Checkpoints hold the whole
+    /// LayerNorms and the head replicated. Every rank of a group sees the same batches; the
+    /// same updates as one device; --ranks D trains D such groups as data-parallel replicas
+    /// (D x N threads). --heads and 4 x --embed must divide by N. Checkpoints hold the whole
     /// model (generate reads them), but a run cannot resume as tensor-parallel yet.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(2..=128))]
     pub tensor_parallel: Option<u32>,
@@ -768,11 +820,17 @@ pub struct GptArgs {
     /// --layers must divide by N.
     #[arg(long, value_name = "N")]
     pub pipeline_stages: Option<NonZeroUsize>,
+    /// The device mesh in one flag, instead of --ranks, --tensor-parallel and
+    /// --pipeline-stages: `dp=D,tp=T,pp=P` (axes in any order, a missing one is 1), e.g.
+    /// `--mesh dp=2,tp=2` (4 threads). Combinations run today: dp alone, tp alone, pp alone,
+    /// dp x tp and dp x pp; tp x pp is refused before training starts.
+    #[arg(long, value_name = "dp=D,tp=T,pp=P", conflicts_with_all = ["ranks", "tensor_parallel", "pipeline_stages"])]
+    pub mesh: Option<MeshArg>,
     /// Micro-batches each batch is split into for the pipeline.
-    #[arg(long, value_name = "M", default_value_t = NonZeroUsize::new(4).expect("4 is not zero"), requires = "pipeline_stages")]
+    #[arg(long, value_name = "M", default_value_t = NonZeroUsize::new(4).expect("4 is not zero"), requires = "pipeline")]
     pub micro_batches: NonZeroUsize,
     /// Pipeline schedule: naive, gpipe or 1f1b.
-    #[arg(long, value_enum, default_value_t = ScheduleArg::OneFOneB, requires = "pipeline_stages")]
+    #[arg(long, value_enum, default_value_t = ScheduleArg::OneFOneB, requires = "pipeline")]
     pub schedule: ScheduleArg,
     /// Optimizer (AdamW with weight decay 0.1 by default), schedule (warm-up over 50 steps,
     /// then cosine), clipping (norm 1) and accumulation.
@@ -790,6 +848,7 @@ impl GptArgs {
     /// Fails when the default run directory cannot be inspected.
     pub fn to_config(&self, verbosity: Verbosity) -> Result<GptRecipeConfig> {
         let target = run_target(&self.resume, &self.out, crate::gpt::RECIPE)?;
+        let (ranks, tensor, stages) = self.mesh_axes()?;
         Ok(GptRecipeConfig {
             options: GptOptions {
                 model: GptConfig {
@@ -809,17 +868,16 @@ impl GptArgs {
                 .overrides(self.epochs, self.batch_size, self.lr, self.seed),
             target,
             verbosity,
-            ranks: WorldSize::new(self.ranks.get()).map_err(kiln_trainer::TrainError::from)?,
+            ranks: WorldSize::new(ranks.get()).map_err(kiln_trainer::TrainError::from)?,
             zero: self.zero.map(|stage| match stage {
                 1 => ZeroStage::One,
                 _ => ZeroStage::Two,
             }),
-            tensor_parallel: self
-                .tensor_parallel
-                .map(|n| WorldSize::new(n as usize))
+            tensor_parallel: tensor
+                .map(|n| WorldSize::new(n.get()))
                 .transpose()
                 .map_err(kiln_trainer::TrainError::from)?,
-            pipeline: self.pipeline_stages.map(|stages| PipelineOptions {
+            pipeline: stages.map(|stages| PipelineOptions {
                 stages,
                 micro_batches: self.micro_batches,
                 schedule: self.schedule.into(),
@@ -829,6 +887,29 @@ impl GptArgs {
             process_group: None,
             run_config: None,
         })
+    }
+}
+
+impl GptArgs {
+    /// Data-parallel ranks, tensor-parallel ranks and pipeline stages, from --mesh or from
+    /// the separate flags (an axis of one rank is no split).
+    fn mesh_axes(&self) -> Result<(NonZeroUsize, Option<NonZeroUsize>, Option<NonZeroUsize>)> {
+        let tensor = self
+            .tensor_parallel
+            .and_then(|n| NonZeroUsize::new(n as usize));
+        let Some(mesh) = self.mesh else {
+            return Ok((self.ranks, tensor, self.pipeline_stages));
+        };
+        let split = |n: NonZeroUsize| (n.get() > 1).then_some(n);
+        if mesh.pipeline.get() == 1
+            && (self.micro_batches.get() != 4 || self.schedule != ScheduleArg::OneFOneB)
+        {
+            return Err(crate::RecipeError::Options {
+                flag: "--micro-batches/--schedule",
+                reason: "they set up a pipeline: give --mesh a pp axis of 2 or more".into(),
+            });
+        }
+        Ok((mesh.data, split(mesh.tensor), split(mesh.pipeline)))
     }
 }
 

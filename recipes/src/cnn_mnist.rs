@@ -767,6 +767,7 @@ impl PlannedRun<'_> {
             gather: &TensorParallelCnn::gather,
             sync_gradients: &TensorParallelCnn::sync_gradients,
             split_params: &TensorParallelCnn::split_params,
+            data_parallel: None,
         };
         let whole = model.num_params();
         let (_model, fit) = self.trainer.fit_tensor_parallel(

@@ -607,9 +607,16 @@ impl Report for GptReport {
             if self.epochs == 1 { "" } else { "s" },
             self.tokens_per_sec,
             match (&self.tensor_parallel, self.ranks) {
-                (Some(tp), _) => format!(
-                    ", blocks split over {} tensor-parallel ranks ({} parameters per rank of {})",
-                    tp.ranks, tp.parameter_elements_per_rank, tp.unsharded_parameter_elements
+                (Some(tp), n) => format!(
+                    ", blocks split over {} tensor-parallel ranks{} ({} parameters per rank of {})",
+                    tp.ranks,
+                    if n > 1 {
+                        format!(" x {n} data-parallel replicas")
+                    } else {
+                        String::new()
+                    },
+                    tp.parameter_elements_per_rank,
+                    tp.unsharded_parameter_elements
                 ),
                 (None, 1) => String::new(),
                 (None, n) => format!(" on {n} ranks"),

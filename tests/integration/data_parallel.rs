@@ -98,6 +98,7 @@ fn tensor_parallel_training_matches_one_device() {
                 gather: &TensorParallelCnn::gather,
                 sync_gradients: &TensorParallelCnn::sync_gradients,
                 split_params: &TensorParallelCnn::split_params,
+                data_parallel: None,
             };
             trainer.fit_tensor_parallel(model, TensorParallelCnn::forward, data, None, split)
         });

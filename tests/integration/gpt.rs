@@ -388,11 +388,13 @@ fn bad_gpt_input_is_a_clear_error() {
 enum Mode<'a> {
     Single,
     /// Tensor-parallel ranks whose backward sums the activation gradients over the group the
-    /// function returns (the group itself, or a stand-in).
-    TensorParallel(
-        usize,
-        &'a (dyn Fn(Arc<dyn Collective>) -> Arc<dyn Collective> + Sync),
-    ),
+    /// function returns (the group itself, or a stand-in), on `replicas` data-parallel
+    /// replicas if set.
+    TensorParallel {
+        ranks: usize,
+        gradient_group: &'a (dyn Fn(Arc<dyn Collective>) -> Arc<dyn Collective> + Sync),
+        replicas: Option<WorldSize>,
+    },
     /// Pipelines of `stages` stages under `schedule`, on `ranks` data-parallel ranks if set;
     /// `untie` gives the last stage a copy of the tied embedding, whose head gradient then
     /// never reaches the embedding.
@@ -523,7 +525,11 @@ fn twenty_steps(mode: Mode<'_>) -> Vec<f32> {
             };
             trainer.fit_pipeline_model(model, &inputs, &step, data, None, split)
         }
-        Mode::TensorParallel(ranks, gradient_group) => {
+        Mode::TensorParallel {
+            ranks,
+            gradient_group,
+            replicas,
+        } => {
             let split = |m: &Gpt, group: Arc<dyn Collective>| {
                 let sums = gradient_group(Arc::clone(&group));
                 Ok(TensorParallelGpt::split(m, group)?.with_gradient_group(sums))
@@ -542,6 +548,7 @@ fn twenty_steps(mode: Mode<'_>) -> Vec<f32> {
                 gather: &TensorParallelGpt::gather,
                 sync_gradients: &TensorParallelGpt::sync_gradients,
                 split_params: &TensorParallelGpt::split_params,
+                data_parallel: replicas,
             };
             let steps = TensorParallelSteps {
                 train: &TensorParallelGpt::train_step,
@@ -555,22 +562,35 @@ fn twenty_steps(mode: Mode<'_>) -> Vec<f32> {
     parameters(&model.valid())
 }
 
+fn tensor_parallel<'a>(
+    ranks: usize,
+    gradient_group: &'a (dyn Fn(Arc<dyn Collective>) -> Arc<dyn Collective> + Sync),
+    replicas: usize,
+) -> Mode<'a> {
+    Mode::TensorParallel {
+        ranks,
+        gradient_group,
+        replicas: (replicas > 1).then(|| WorldSize::new(replicas).unwrap()),
+    }
+}
+
 #[test]
 fn tensor_parallel_blocks_train_like_one_device_and_need_the_backward_all_reduce() {
     let itself = |group: Arc<dyn Collective>| group;
     let single = twenty_steps(Mode::Single);
-    for ranks in [2, 4] {
-        let split = twenty_steps(Mode::TensorParallel(ranks, &itself));
+    // (tensor-parallel ranks, data-parallel replicas of them)
+    for (ranks, replicas) in [(2, 1), (4, 1), (2, 2)] {
+        let split = twenty_steps(tensor_parallel(ranks, &itself, replicas));
         let diff = max_abs_diff(&single, &split);
         eprintln!(
-            "GPT blocks over {ranks} ranks vs one device, 20 steps: max |delta param| = {diff:e}"
+            "GPT blocks over {ranks} ranks x {replicas} replicas vs one device, 20 steps: max |delta param| = {diff:e}"
         );
-        assert!(diff < 1e-5, "{ranks} ranks: {diff}");
+        assert!(diff < 1e-5, "{ranks} ranks x {replicas} replicas: {diff}");
     }
     // Without Megatron's "f" (the all-reduce of each branch's input gradient) every rank's
     // blocks below the top learn from their own heads' share only.
     let no_sum = |group: Arc<dyn Collective>| -> Arc<dyn Collective> { Arc::new(NoReduce(group)) };
-    let diff = max_abs_diff(&single, &twenty_steps(Mode::TensorParallel(2, &no_sum)));
+    let diff = max_abs_diff(&single, &twenty_steps(tensor_parallel(2, &no_sum, 1)));
     assert!(
         diff > 1e-3,
         "without the backward all-reduce the difference is only {diff}"
@@ -669,14 +689,12 @@ fn train_gpt_tensor_parallel_and_pipelined_from_the_cli() {
             "gpt",
             "--data",
             data.to_str().unwrap(),
-            "--pipeline-stages",
-            "2",
-            "--tensor-parallel",
-            "2",
+            "--mesh",
+            "pp=2,tp=2",
             "--out",
             dir.path().join("w").to_str().unwrap(),
         ]),
-        &["do not combine"],
+        &["--tensor-parallel", "does not combine with a pipeline"],
     );
     let run = dir.path().join("tp");
     let tp = train_tiny(
@@ -724,11 +742,41 @@ fn train_gpt_tensor_parallel_and_pipelined_from_the_cli() {
             "2",
             "--ranks",
             "2",
+            "--zero",
+            "1",
             "--out",
             dir.path().join("x").to_str().unwrap(),
         ]),
-        &["--tensor-parallel", "--ranks"],
+        &["--zero", "tensor parallelism"],
     );
+    for (mesh, complaint) in [
+        ("dp=2,xp=2", "unknown axis `xp`"),
+        ("dp=2,dp=3", "axis dp is given twice"),
+        ("tp=0", "1 or more"),
+        ("dp2", "not AXIS=N"),
+    ] {
+        let out = dir.path().join("m");
+        let out = out.to_str().unwrap();
+        let output = kiln(&["train", "gpt", "--mesh", mesh, "--out", out]);
+        // A usage error: clap's exit status 2.
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{mesh}: {stderr}");
+        assert!(stderr.contains(complaint), "{mesh}: {stderr}");
+    }
+    // Two data-parallel replicas of two tensor-parallel ranks: the same updates again.
+    let mesh = train_tiny(
+        &data,
+        &dir.path().join("dp-tp"),
+        "1",
+        &[&twenty[..], &["--mesh", "tp=2,dp=2"]].concat(),
+    );
+    let diff = (mesh["val_loss"].as_f64().unwrap() - one["val_loss"].as_f64().unwrap()).abs();
+    assert!(
+        diff < 1e-5,
+        "--mesh dp=2,tp=2 differs from one device by {diff}"
+    );
+    assert_eq!(mesh["ranks"], 2);
+    assert_eq!(mesh["tensor_parallel"]["ranks"], 2);
     assert_clean_failure(
         &kiln(&[
             "train",

@@ -1,11 +1,11 @@
 //! Starting a group of ranks inside one process, over shared memory or over NCCL.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::base::{Collective, CollectiveConfig};
-use super::in_process::run_in_process;
+use super::in_process::{InProcessCollective, run_in_process};
 use crate::error::MultiError;
-use crate::mesh::WorldSize;
+use crate::mesh::{MeshShape, WorldSize};
 
 /// How the ranks of an in-process group exchange data.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -62,6 +62,68 @@ where
     }
 }
 
+/// One rank's handles on the groups of a [`MeshShape`], each a collective of its own.
+pub struct MeshRank {
+    /// Every rank of the mesh: what all must agree on (a stop request, the last barrier).
+    pub world: Arc<dyn Collective>,
+    /// The ranks holding this rank's shard in every replica: they average gradients. Its
+    /// rank is this rank's replica.
+    pub data: Arc<dyn Collective>,
+    /// The ranks splitting this rank's replica: they exchange activations. Its rank is this
+    /// rank's shard.
+    pub tensor: Arc<dyn Collective>,
+}
+
+/// Runs `f` once per rank of a `mesh` of in-process ranks (threads over shared memory), each
+/// with its handles on the whole world, its data-parallel group and its tensor-parallel group;
+/// results in world-rank order (`replica * tensor + shard`, [`MeshShape::coordinates`]).
+///
+/// A rank that fails drops its handles, so the peers of each of its groups fail at once
+/// instead of waiting for the timeout; the error returned is chosen as in [`run_in_process`].
+///
+/// # Errors
+/// The earliest error (or panic) of any rank.
+pub fn run_mesh<T, E, F>(
+    mesh: MeshShape,
+    config: CollectiveConfig,
+    f: F,
+) -> std::result::Result<Vec<T>, E>
+where
+    F: Fn(MeshRank) -> std::result::Result<T, E> + Sync,
+    T: Send,
+    E: Send + From<MultiError>,
+{
+    let groups = |count: usize, size: WorldSize| -> Vec<Vec<Mutex<Option<InProcessCollective>>>> {
+        (0..count)
+            .map(|_| {
+                InProcessCollective::group(size, config)
+                    .into_iter()
+                    .map(|handle| Mutex::new(Some(handle)))
+                    .collect()
+            })
+            .collect()
+    };
+    // One tensor-parallel group per replica, one data-parallel group per shard.
+    let tensor = groups(mesh.data.get(), mesh.tensor);
+    let data = groups(mesh.tensor.get(), mesh.data);
+    let take = |slot: &Mutex<Option<InProcessCollective>>| -> Arc<dyn Collective> {
+        let handle = slot
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+            .expect("each mesh rank takes its own handles once");
+        Arc::new(handle)
+    };
+    run_in_process(mesh.world(), config, |world: Arc<dyn Collective>| {
+        let (replica, shard) = mesh.coordinates(world.rank());
+        f(MeshRank {
+            data: take(&data[shard][replica]),
+            tensor: take(&tensor[replica][shard]),
+            world,
+        })
+    })
+}
+
 #[cfg(feature = "cuda")]
 fn nccl_rank(
     control: Arc<dyn Collective>,
@@ -85,4 +147,72 @@ fn nccl_rank(
         device: format!("cuda:{ordinal}"),
         reason: "NCCL needs a kiln built with `--features cuda`".to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::collective::ReduceOp;
+    use crate::mesh::Rank;
+
+    fn mesh(data: usize, tensor: usize) -> MeshShape {
+        MeshShape {
+            data: WorldSize::new(data).unwrap(),
+            tensor: WorldSize::new(tensor).unwrap(),
+        }
+    }
+
+    #[test]
+    fn mesh_groups_reduce_over_their_own_ranks() {
+        let config = CollectiveConfig {
+            timeout: Duration::from_secs(30),
+        };
+        let sums = run_mesh(mesh(2, 3), config, |rank: MeshRank| {
+            let me = rank.world.rank().index() as f32;
+            let (mut data, mut tensor, mut world) = ([me], [me], [me]);
+            rank.data.all_reduce(&mut data, ReduceOp::Sum)?;
+            rank.tensor.all_reduce(&mut tensor, ReduceOp::Sum)?;
+            rank.world.all_reduce(&mut world, ReduceOp::Sum)?;
+            let places = (rank.data.rank().index(), rank.tensor.rank().index());
+            Ok::<_, MultiError>((places, data[0], tensor[0], world[0]))
+        })
+        .unwrap();
+        // Ranks 0..6 as (replica, shard): replica r holds 3r..3r+3, shard s holds s and s + 3.
+        for (r, (places, data, tensor, world)) in sums.into_iter().enumerate() {
+            let (replica, shard) = (r / 3, r % 3);
+            assert_eq!(places, (replica, shard));
+            assert_eq!(data, (shard + shard + 3) as f32, "rank {r}");
+            assert_eq!(tensor, (9 * replica + 3) as f32, "rank {r}");
+            assert_eq!(world, 15.0);
+        }
+    }
+
+    #[test]
+    fn a_failing_mesh_rank_fails_its_groups_at_once() {
+        let config = CollectiveConfig {
+            timeout: Duration::from_secs(60),
+        };
+        let started = Instant::now();
+        let outcome = run_mesh(mesh(2, 2), config, |rank: MeshRank| {
+            if rank.world.rank() == Rank::new(3, rank.world.world_size())? {
+                return Err(MultiError::Config {
+                    field: "test",
+                    reason: "rank 3 gives up".into(),
+                });
+            }
+            // Every other rank waits on a group rank 3 is not in, or is: all must end.
+            let mut value = [1.0];
+            rank.tensor.all_reduce(&mut value, ReduceOp::Sum)?;
+            rank.data.all_reduce(&mut value, ReduceOp::Sum)?;
+            rank.world.barrier()
+        });
+        let error = outcome.unwrap_err().to_string();
+        assert!(error.contains("rank 3 gives up"), "{error}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the peers waited for the timeout"
+        );
+    }
 }

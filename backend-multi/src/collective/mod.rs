@@ -23,6 +23,6 @@ pub mod nccl;
 mod verify;
 
 pub use base::{Collective, CollectiveConfig, ReduceOp, all_reduce_sum_f64, shard_range};
-pub use group::{Transport, run_group};
+pub use group::{MeshRank, Transport, run_group, run_mesh};
 pub use in_process::{InProcessCollective, run_in_process};
 pub use verify::{VERIFY_LENGTHS, VerifyReport, verify_collective};

@@ -234,6 +234,7 @@ fn fit_tensor_parallel(
         gather: &TensorParallelGpt::gather,
         sync_gradients: &TensorParallelGpt::sync_gradients,
         split_params: &TensorParallelGpt::split_params,
+        data_parallel: (config.ranks.get() > 1).then_some(config.ranks),
     };
     let eval = |part: &TensorParallelGpt, batch: TokenBatch| -> StepResult<StepOutput> {
         let [b, t] = batch.targets.dims();
@@ -321,50 +322,40 @@ fn gpt_stages(model: &Gpt, devices: &[Device]) -> Vec<Box<dyn PipelineStage>> {
         .collect()
 }
 
-/// Tensor parallelism runs alone for now, pipelines with data parallelism (and ZeRO) over
-/// threads but not with tensor parallelism or in a launched job; a pipeline's stages hold
-/// equal numbers of blocks.
+/// The mesh shapes that run: data parallelism (threads, ZeRO, or launched processes) alone,
+/// tensor parallelism or a pipeline alone or with data-parallel replicas over threads (ZeRO
+/// with pipelines only); a pipeline's stages hold equal numbers of blocks. Refused before the
+/// first step, naming the flag.
 fn check_parallelism(config: &GptRecipeConfig, model: &GptConfig) -> Result<()> {
-    let (flag, what) = match (config.tensor_parallel, config.pipeline) {
-        (None, None) => return Ok(()),
-        (Some(tp), None) => (
-            "--tensor-parallel",
-            format!("{} tensor-parallel ranks", tp.get()),
-        ),
-        (_, Some(p)) => {
-            if !model.layers.is_multiple_of(p.stages.get()) {
-                return Err(RecipeError::Options {
-                    flag: "--pipeline-stages",
-                    reason: format!(
-                        "{} blocks (--layers) do not split into {} stages of equal size",
-                        model.layers, p.stages
-                    ),
-                });
-            }
-            ("--pipeline-stages", format!("{} pipeline stages", p.stages))
-        }
-    };
-    let other = if config.tensor_parallel.is_some() && config.pipeline.is_some() {
-        Some("--tensor-parallel")
-    } else if config.pipeline.is_some() {
-        // Pipelines combine with data parallelism (and ZeRO) over threads.
-        config.process_group.as_ref().map(|_| "kiln launch")
-    } else if config.ranks.get() > 1 {
-        Some("--ranks")
-    } else if config.zero.is_some() {
-        Some("--zero")
-    } else if config.process_group.is_some() {
-        Some("kiln launch")
-    } else {
-        None
-    };
-    match other {
-        Some(other) => Err(RecipeError::Options {
-            flag,
-            reason: format!("{what} do not combine with {other} yet: run one or the other"),
-        }),
-        None => Ok(()),
+    if let Some(p) = config.pipeline
+        && !model.layers.is_multiple_of(p.stages.get())
+    {
+        return Err(RecipeError::Options {
+            flag: "--pipeline-stages",
+            reason: format!(
+                "{} blocks (--layers) do not split into {} stages of equal size",
+                model.layers, p.stages
+            ),
+        });
     }
+    let launched = config.process_group.is_some();
+    let (flag, what, other) = match (config.tensor_parallel, config.pipeline) {
+        (Some(_), Some(_)) => (
+            "--tensor-parallel",
+            "tensor parallelism",
+            "a pipeline (--pipeline-stages, or tp and pp in one --mesh)",
+        ),
+        (Some(_), None) if config.zero.is_some() => {
+            ("--zero", "a sharded optimizer state", "tensor parallelism")
+        }
+        (Some(_), None) if launched => ("--tensor-parallel", "tensor parallelism", "kiln launch"),
+        (None, Some(_)) if launched => ("--pipeline-stages", "a pipeline", "kiln launch"),
+        _ => return Ok(()),
+    };
+    Err(RecipeError::Options {
+        flag,
+        reason: format!("{what} does not combine with {other} yet"),
+    })
 }
 
 /// Bytes need a vocabulary of at least 256.

@@ -9,7 +9,8 @@ use kiln_multi::pipeline::{
     Activation, Pipeline, PipelineConfig, PipelineStage, Targets, merge_grads,
 };
 use kiln_multi::{
-    Collective, CollectiveConfig, ShardMemory, Transport, WorldSize, ZeroStage, run_group,
+    Collective, CollectiveConfig, MeshRank, MeshShape, ShardMemory, Transport, WorldSize,
+    ZeroStage, run_group, run_mesh,
 };
 
 use super::data::Batches;
@@ -285,11 +286,14 @@ impl Trainer {
     /// layers' gradients are summed by `split.sync_gradients`, and each rank's optimizer steps
     /// its own part. Rank 0 reports; checkpoints hold the whole model (`split.gather`), so
     /// `eval`, `predict` and `quantize` read them like any other. Returns the whole model.
+    /// With `split.data_parallel`, that many such groups train as data-parallel replicas on a
+    /// 2-D mesh ([`kiln_multi::run_mesh`]), each shard's gradients averaged over its replicas.
     ///
     /// # Errors
     /// As [`fit`](Self::fit); [`TrainError::Checkpoint`] for `resume` (a tensor-parallel
     /// run's optimizer state is split over the ranks and not saved, so no run resumes as one);
-    /// [`TrainError::Multi`] when a rank fails or times out.
+    /// [`TrainError::Config`] for replicas over NCCL; [`TrainError::Multi`] when a rank fails
+    /// or times out.
     pub fn fit_tensor_parallel<M, P, F>(
         &self,
         model: M,
@@ -361,36 +365,67 @@ impl Trainer {
             ));
         }
         self.check_fresh(None)?;
-        let world = WorldSize::new(split.devices.len())?;
-        let replicas = Replicas::fork(&model, &split.devices);
+        let tensor = WorldSize::new(split.devices.len())?;
+        let mesh = MeshShape {
+            data: split.data_parallel.unwrap_or(WorldSize::ONE),
+            tensor,
+        };
+        // Rank `replica * tensor + shard` runs shard `shard` on its device.
+        let devices: Vec<Device> = (0..mesh.world().get())
+            .map(|rank| split.devices[rank % tensor.get()].clone())
+            .collect();
+        let replicas = Replicas::fork(&model, &devices);
         let (plain, eval) = part_steps;
-        let ranks = run_group(world, split.collective, &split.transport, |collective| {
-            let rank = collective.rank().index();
-            let part = (split.split)(&replicas.take(rank), Arc::clone(&collective))?;
+        let rank = |index: usize, groups: MeshRank| -> Result<(M, FitReport)> {
+            let part = (split.split)(&replicas.take(index), Arc::clone(&groups.tensor))?;
+            let collective = &*groups.tensor;
             let whole_record = |part: &P| -> Result<_> {
-                Ok((split.gather)(part, &*collective)?
-                    .into_record()
-                    .into_bytes())
+                Ok((split.gather)(part, collective)?.into_record().into_bytes())
             };
             let tp = TensorParallelRank {
-                collective: Arc::clone(&collective),
+                collective: Arc::clone(&groups.tensor),
+                agreement: Arc::clone(&groups.world),
                 split_params: (split.split_params)(&part),
                 whole_record: &whole_record,
             };
             let source = |part: &P, batch: B| -> Result<StepGrads> {
                 let mut out = plain(part, batch)?;
-                (split.sync_gradients)(part, &mut out.grads, &*collective)?;
+                (split.sync_gradients)(part, &mut out.grads, collective)?;
                 Ok(out)
             };
-            let setup = RankSetup::single(&split.devices[rank]);
+            let setup = RankSetup {
+                collective: (mesh.data.get() > 1).then(|| Arc::clone(&groups.data)),
+                ..RankSetup::single(&devices[index])
+            };
             let task = RankTask {
                 source: &source,
                 eval,
                 data,
             };
             let (part, report) = self.fit_rank(part, task, None, setup, Some(&tp))?;
-            Ok::<_, TrainError>(((split.gather)(&part, &*collective)?, report))
-        })?;
+            Ok(((split.gather)(&part, collective)?, report))
+        };
+        let ranks = match split.data_parallel {
+            None => run_group(tensor, split.collective, &split.transport, |group| {
+                let groups = MeshRank {
+                    world: Arc::clone(&group),
+                    data: Arc::clone(&group),
+                    tensor: group,
+                };
+                rank(groups.tensor.rank().index(), groups)
+            })?,
+            Some(_) if split.transport != Transport::SharedMemory => {
+                return Err(TrainError::Config {
+                    field: "--ranks",
+                    reason: "data-parallel replicas of a tensor-parallel model run over \
+                             shared memory only (CPU ranks), not NCCL, for now"
+                        .into(),
+                });
+            }
+            Some(_) => run_mesh(mesh, split.collective, |groups| {
+                rank(groups.world.rank().index(), groups)
+            })?,
+        };
         Ok(ranks
             .into_iter()
             .next()
@@ -613,6 +648,10 @@ pub struct TensorParallelSplit<'a, M, P> {
     /// [`ColumnParallelLinear::split_params`]: kiln_multi::tensor_parallel::ColumnParallelLinear::split_params
     /// [`RowParallelLinear::split_params`]: kiln_multi::tensor_parallel::RowParallelLinear::split_params
     pub split_params: &'a (dyn Fn(&P) -> Vec<burn::module::ParamId> + Sync + 'a),
+    /// A 2-D mesh: this many data-parallel replicas (threads) of the tensor-parallel group,
+    /// each on its share of every batch, the same shard's gradients averaged over the
+    /// replicas. `None`: one group.
+    pub data_parallel: Option<WorldSize>,
 }
 
 /// One copy of a model per rank, forked to the rank's device (so each rank has its own

@@ -74,6 +74,9 @@ impl<M, B> Copy for RankTask<'_, M, B> {}
 /// A rank of a tensor-parallel group, as [`Trainer::fit_rank`] sees it.
 pub(super) struct TensorParallelRank<'a, P> {
     pub(super) collective: Arc<dyn Collective>,
+    /// Every rank of the run (the tensor-parallel group, or the whole mesh when the group is
+    /// one of several data-parallel replicas): they stop after the same step together.
+    pub(super) agreement: Arc<dyn Collective>,
     /// The parameters of the part that hold this rank's share of split layers.
     pub(super) split_params: Vec<burn::module::ParamId>,
     /// The whole model's record, gathered from the ranks' parts (every rank calls it).
@@ -104,9 +107,13 @@ struct Restored<M> {
 enum RankSync {
     /// One device: Burn's optimizer on the rank's own gradients.
     Local,
-    /// A tensor-parallel rank: Burn's optimizer on its own gradients, clipped by the norm of
-    /// the whole model's gradient over the group.
-    TensorParallel(SplitNorm),
+    /// A tensor-parallel rank: Burn's optimizer on its own gradients (averaged with the same
+    /// shard's in the other replicas by `ddp` on a mesh), clipped by the norm of the whole
+    /// model's gradient over the tensor-parallel group.
+    TensorParallel {
+        norm: SplitNorm,
+        ddp: Option<DistributedDataParallel>,
+    },
     /// Data parallel: gradients averaged by DDP, then Burn's optimizer.
     Ddp(DistributedDataParallel),
     /// Data parallel with the optimizer state sharded (ZeRO).
@@ -116,8 +123,10 @@ enum RankSync {
 impl RankSync {
     fn collective(&self) -> Option<Arc<dyn Collective>> {
         match self {
-            RankSync::Local | RankSync::TensorParallel(_) => None,
-            RankSync::Ddp(d) => Some(Arc::clone(d.collective())),
+            RankSync::Local | RankSync::TensorParallel { ddp: None, .. } => None,
+            RankSync::Ddp(d) | RankSync::TensorParallel { ddp: Some(d), .. } => {
+                Some(Arc::clone(d.collective()))
+            }
             RankSync::Zero(z) => Some(Arc::clone(z.collective())),
         }
     }
@@ -129,9 +138,9 @@ impl RankSync {
                 ddp: None,
                 split_norm: None,
             },
-            RankSync::TensorParallel(norm) => Updater::Replicated {
+            RankSync::TensorParallel { norm, ddp } => Updater::Replicated {
                 optimizer,
-                ddp: None,
+                ddp: ddp.as_mut(),
                 split_norm: Some(norm),
             },
             RankSync::Ddp(ddp) => Updater::Replicated {
@@ -160,12 +169,12 @@ struct RankPlan<'a, M, B> {
 }
 
 impl<M, B> RankPlan<'_, M, B> {
-    /// The group whose ranks must stop after the same step: the data-parallel one, or the
-    /// tensor-parallel one.
+    /// The group whose ranks must stop after the same step: the tensor-parallel one (or its
+    /// whole mesh), else the data-parallel one.
     fn agreement(&self) -> Option<&dyn Collective> {
-        self.collective
-            .as_deref()
-            .or(self.tensor_parallel.map(|tp| &*tp.collective))
+        self.tensor_parallel
+            .map(|tp| &*tp.agreement)
+            .or(self.collective.as_deref())
     }
 }
 
@@ -200,10 +209,7 @@ impl Trainer {
         let (model, mut sync) =
             self.synchronise(restored.model, &setup, restored.sharded_state.take())?;
         if let Some(tp) = tensor_parallel {
-            sync = RankSync::TensorParallel(SplitNorm {
-                collective: Arc::clone(&tp.collective),
-                split: tp.split_params.iter().copied().collect(),
-            });
+            sync = tensor_parallel_sync(sync, tp)?;
         }
         let plan = self.rank_plan(task, &sync, &setup, tensor_parallel)?;
         let progress = Progress::new(if plan.is_root {
@@ -313,7 +319,13 @@ impl Trainer {
     ) -> Result<RunStateWriter> {
         let world = plan.world.get();
         let mode = match (plan.tensor_parallel, setup.pipeline_stages, setup.zero) {
-            (Some(tp), _, _) => format!("tensor parallel x{}", tp.collective.world_size().get()),
+            (Some(tp), _, _) => {
+                let ranks = tp.collective.world_size().get();
+                match world {
+                    1 => format!("tensor parallel x{ranks}"),
+                    _ => format!("tensor parallel x{ranks} x data parallel {world}"),
+                }
+            }
             (None, Some(stages), _) if world > 1 => {
                 format!("pipeline, {stages} stages x data parallel {world}")
             }
@@ -704,6 +716,28 @@ impl Trainer {
             ));
         }
         Ok(())
+    }
+}
+
+/// A tensor-parallel rank's synchronisation: its group's clipping norm, after the average
+/// over the data-parallel replicas when there are several.
+fn tensor_parallel_sync<P>(sync: RankSync, tp: &TensorParallelRank<'_, P>) -> Result<RankSync> {
+    let norm = SplitNorm {
+        collective: Arc::clone(&tp.collective),
+        split: tp.split_params.iter().copied().collect(),
+    };
+    match sync {
+        RankSync::Local => Ok(RankSync::TensorParallel { norm, ddp: None }),
+        RankSync::Ddp(ddp) => Ok(RankSync::TensorParallel {
+            norm,
+            ddp: Some(ddp),
+        }),
+        RankSync::Zero(_) | RankSync::TensorParallel { .. } => Err(TrainError::Config {
+            field: "--zero",
+            reason: "tensor-parallel ranks keep their optimizer state whole; ZeRO does not \
+                     shard it yet: drop --zero"
+                .into(),
+        }),
     }
 }
 
