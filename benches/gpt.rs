@@ -2,6 +2,9 @@
 //! bytes of Tiny Shakespeare) in every execution mode the recipe has, on this machine's
 //! cores, and the PyTorch twin (`benches/gpt_pytorch.py`, 2 threads) on the same steps.
 //!
+//! The "kernels off" row is the single device with Burn's own ops where kiln's kernels would
+//! run (the transformer's GELU), in the same rounds: the A/B of those kernels.
+//!
 //! Each round runs every configuration once, in order, for `--steps` optimizer steps through
 //! the recipe itself (`kiln::recipes::gpt::run`: the trainer, its data and checkpoint at the
 //! end); the throughput is the trainer's (training time only). Medians over `--rounds`.
@@ -31,10 +34,19 @@ struct Mode {
     zero: Option<ZeroStage>,
     tensor_parallel: Option<usize>,
     pipeline_stages: Option<usize>,
+    /// kiln's CPU kernels (GELU here) on; off: Burn's own ops (`KILN_CPU_KERNELS=burn`).
+    kernels: bool,
 }
 
-const MODES: [Mode; 7] = [
+const MODES: [Mode; 8] = [
     mode("1 device", 1, None, None, None),
+    burn_ops(mode(
+        "1 device, Burn's ops (kernels off)",
+        1,
+        None,
+        None,
+        None,
+    )),
     mode("data parallel 2", 2, None, None, None),
     mode(
         "data parallel 2, ZeRO-1",
@@ -68,7 +80,14 @@ const fn mode(
         zero,
         tensor_parallel,
         pipeline_stages,
+        kernels: true,
     }
+}
+
+/// `mode` with kiln's CPU kernels switched off.
+const fn burn_ops(mut mode: Mode) -> Mode {
+    mode.kernels = false;
+    mode
 }
 
 /// Training tokens per second of `steps` steps in `mode`.
@@ -98,7 +117,10 @@ fn tokens_per_sec(mode: &Mode, steps: usize) -> Result<f64, Box<dyn std::error::
         process_group: None,
         run_config: None,
     };
-    Ok(run(&config)?.tokens_per_sec)
+    kiln::kernels::set_enabled(mode.kernels);
+    let report = run(&config);
+    kiln::kernels::set_enabled(true);
+    Ok(report?.tokens_per_sec)
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -14,6 +14,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Bytes, DType, Flex, Shape, backend_extension};
 
 use crate::conv::{self, Conv2dShape};
+use crate::gelu;
 use crate::norm::{self, NormShape};
 use crate::optim;
 use crate::pool::{self, Pool2dShape};
@@ -38,6 +39,10 @@ pub trait CpuKernels: Backend {
         stride: [usize; 2],
         padding: [usize; 2],
     ) -> FloatTensor<Self>;
+
+    /// GELU (erf-based, as PyTorch's `nn.GELU()`) of every element of `x`, any rank;
+    /// differentiable in `x`.
+    fn kiln_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
 
     /// Batch statistics of `x` (`[batch, channels, height, width]`) as a `[2, channels]` tensor:
     /// the per-channel mean, then the biased variance. Not differentiable (no gradient flows
@@ -290,6 +295,10 @@ impl CpuKernels for Flex {
         norm_stats(&x)
     }
 
+    fn kiln_gelu(x: FlexTensor) -> FlexTensor {
+        gelu_forward(&x)
+    }
+
     fn kiln_sgd_momentum(
         param: FlexTensor,
         grad: FlexTensor,
@@ -399,6 +408,32 @@ impl Backward<Flex, 3> for Conv2dBackward {
 struct PoolState {
     shape: Pool2dShape,
     indices: Arc<Vec<u32>>,
+}
+
+/// [`gelu::gelu`] of `x` (any rank) as a new contiguous tensor of its shape.
+fn gelu_forward(x: &FlexTensor) -> FlexTensor {
+    let x = x.to_contiguous();
+    let mut out = vec![0.0f32; x.storage::<f32>().len()];
+    gelu::gelu(x.storage::<f32>(), &mut out);
+    new_f32(out, x.layout().shape().to_vec())
+}
+
+/// Backward step of [`CpuKernels::kiln_gelu`]; its state is the (contiguous) input.
+#[derive(Debug)]
+struct GeluBackward;
+
+impl Backward<Flex, 1> for GeluBackward {
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        // Scaled in place when nothing else holds the output gradient (else copied first).
+        let mut grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        if let Some(node) = node_x {
+            gelu::gelu_backward(ops.state.storage::<f32>(), grad.storage_mut::<f32>());
+            grads.register::<Flex>(node.id, grad);
+        }
+    }
 }
 
 /// Backward step of [`CpuKernels::kiln_max_pool2d`].
@@ -541,6 +576,21 @@ fn batch_norm_op<C: CheckpointStrategy, const N: usize>(
 impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
     fn kiln_batch_norm_stats(x: FloatTensor<Self>) -> FloatTensor<Self> {
         <FloatTensor<Self>>::new(norm_stats(x.primitive()))
+    }
+
+    fn kiln_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        match GeluBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let input = x.into_primitive().to_contiguous();
+                let out = gelu_forward(&input);
+                prep.finish(input, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(gelu_forward(x.primitive())),
+        }
     }
 
     fn kiln_sgd_momentum(

@@ -19,8 +19,9 @@
 //! environment) switches every call back to Burn's ops, which is how the benchmarks compare the
 //! two in one run and how the tests compare them against each other
 //! ([`winograd::set_enabled`] / `KILN_WINOGRAD=off` keeps the kernels but uses im2col for every
-//! convolution). [`malloc::keep_large_buffers`] is the allocator setting the `kiln` binary runs
-//! with.
+//! convolution). [`gelu`](fn@gelu) is a transformer MLP's activation, one parallel vectorised
+//! pass each way instead of Burn's five ops around a scalar `erff`.
+//! [`malloc::keep_large_buffers`] is the allocator setting the `kiln` binary runs with.
 //!
 //! The slice kernels in [`conv`], [`winograd`], [`pool`] and [`norm`] use no Burn types, so they
 //! could move into Flex as its `conv2d_x_backward` / `conv2d_weight_backward` / `max_pool2d` /
@@ -28,6 +29,7 @@
 
 pub mod conv;
 mod flex;
+pub mod gelu;
 pub mod int8;
 pub mod isa;
 pub mod malloc;
@@ -197,6 +199,19 @@ pub fn max_pool2d(pool: &MaxPool2d, x: Tensor<4>) -> Tensor<4> {
         padding,
     );
     Tensor::from_dispatch(out)
+}
+
+/// GELU of `x` (erf-based, as PyTorch's `nn.GELU()` and Burn's `activation::gelu`): kiln's
+/// kernel ([`gelu::gelu`], one parallel vectorised pass forward and one backward) for `f32`
+/// tensors on Flex, Burn's ops elsewhere or with the kernels switched off; the same values
+/// within 2e-7 x max(1, |x|).
+pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if !(enabled() && on_flex_f32(&x)) {
+        return burn::tensor::activation::gelu(x);
+    }
+    Tensor::from_dispatch(<burn::backend::Dispatch as CpuKernels>::kiln_gelu(
+        x.into_dispatch(),
+    ))
 }
 
 /// Whether [`batch_norm`] runs kiln's kernels for this layer and input: training mode (an

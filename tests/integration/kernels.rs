@@ -225,6 +225,38 @@ fn max_pool2d_matches_burn_forward_and_gradients() {
 }
 
 #[test]
+fn gelu_matches_burn_forward_and_gradient() {
+    // A transposed input (not contiguous) and a rank-2 one, with large values in it.
+    let x4 = (random([2, 3, 65, 17]) * 3.0).swap_dims(1, 3);
+    let x2 = random([129, 300]) * 6.0;
+    let run = |x: Tensor<4>, fast: bool| {
+        let x = x.detach().require_grad();
+        let y = if fast {
+            kernels::gelu(x.clone())
+        } else {
+            burn::tensor::activation::gelu(x.clone())
+        };
+        let r = Tensor::<4>::ones(y.dims(), &y.device()) + y.clone().detach().sin();
+        let grads = (y.clone() * r).sum().backward();
+        (y, x.grad(&grads).expect("input gradient"))
+    };
+    for (name, x) in [("rank 4, transposed", x4), ("rank 2", x2.unsqueeze::<4>())] {
+        let (y, dx) = run(x.clone(), true);
+        let (y_ref, dx_ref) = run(x, false);
+        assert_close(&format!("{name} output"), y.detach(), y_ref.detach());
+        assert_close(&format!("{name} input gradient"), dx, dx_ref);
+    }
+    // Without autodiff (evaluation) the forward alone runs.
+    let x = random([7, 9]).inner();
+    let y = kernels::gelu(x.clone());
+    assert_close(
+        "inference output",
+        y.unsqueeze::<4>(),
+        burn::tensor::activation::gelu(x).unsqueeze::<4>(),
+    );
+}
+
+#[test]
 fn unsupported_layers_and_devices_fall_back_to_burn() {
     let grouped = Conv2dConfig::new([4, 4], [3, 3])
         .with_groups(2)

@@ -21,7 +21,6 @@ mod generate;
 
 use burn::module::Module;
 use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::gelu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Int, Tensor};
@@ -277,7 +276,8 @@ impl CausalSelfAttention {
 impl Mlp {
     /// The MLP on `x` `[batch, tokens, embed]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.c_proj.forward(gelu(self.c_fc.forward(x)))
+        self.c_proj
+            .forward(kiln_kernels::gelu(self.c_fc.forward(x)))
     }
 }
 

@@ -22,7 +22,6 @@ use std::sync::Arc;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, LayerNorm, Linear};
 use burn::optim::GradientsParams;
-use burn::tensor::activation::gelu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Int, Tensor};
@@ -294,7 +293,8 @@ impl TensorParallelBlock {
                 self.attn_proj.forward(y.reshape([b * t, local]), group)?
             }
             Branch::Mlp => {
-                let h = gelu(self.c_fc.forward(self.ln_2.forward(x).reshape([b * t, c])));
+                let h =
+                    kiln_kernels::gelu(self.c_fc.forward(self.ln_2.forward(x).reshape([b * t, c])));
                 self.mlp_proj.forward(h, group)?
             }
         };
