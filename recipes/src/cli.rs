@@ -87,8 +87,8 @@ pub struct CnnMnistArgs {
     /// (threads, or consecutive GPUs with --device cuda:K): fc1's 128 outputs by columns, fc2's
     /// inputs by rows, the partial logits all-reduced; every rank sees the same batches and
     /// holds 1/N of the classifier's weights and momentum. Same updates as one device.
-    /// Checkpoints hold the whole model (eval, predict and quantize read them as usual), but a
-    /// run cannot resume as tensor-parallel (the ranks' optimizer states are not saved).
+    /// Checkpoints hold the whole model and its whole optimizer state (eval, predict and
+    /// quantize read them as usual; --resume continues on any number of ranks, or one).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(2..=128))]
     pub tensor_parallel: Option<u32>,
     /// Pipeline parallelism: split SimpleCNN into 2 stages (conv1 | conv2 + classifier) or 3
@@ -811,7 +811,8 @@ pub struct GptArgs {
     /// LayerNorms and the head replicated. Every rank of a group sees the same batches; the
     /// same updates as one device; --ranks D trains D such groups as data-parallel replicas
     /// (D x N threads). --heads and 4 x --embed must divide by N. Checkpoints hold the whole
-    /// model (generate reads them), but a run cannot resume as tensor-parallel yet.
+    /// model and optimizer state, a single device's file: generate reads them, and --resume
+    /// continues on any layout (another N, --ranks, one device) as the run would have.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(2..=128))]
     pub tensor_parallel: Option<u32>,
     /// Pipeline parallelism: the blocks split into N stages of equal size (the embeddings in

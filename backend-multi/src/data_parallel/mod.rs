@@ -19,4 +19,4 @@ pub(crate) use params::{
     ensure_all_placed, flatten_grads, flatten_params_into, load_params_from, read_f32,
     trainable_params, unflatten_grads,
 };
-pub use params::{flatten_params, max_abs_diff};
+pub use params::{flatten_params, load_params, max_abs_diff};

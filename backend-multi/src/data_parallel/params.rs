@@ -70,7 +70,10 @@ pub fn flatten_params<M: Module>(model: &M) -> Result<Vec<f32>> {
 
 /// Replaces every floating-point parameter of `model` with values from `flat`, in the order of
 /// [`flatten_params`], keeping ids, devices, dtypes and whether each requires a gradient.
-pub(crate) fn load_params<M: Module>(model: M, flat: &[f32]) -> Result<M> {
+///
+/// # Errors
+/// [`MultiError::Tensor`] when `flat` does not hold exactly the model's values.
+pub fn load_params<M: Module>(model: M, flat: &[f32]) -> Result<M> {
     struct Load<'a> {
         flat: &'a [f32],
         offset: usize,

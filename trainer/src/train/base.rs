@@ -17,7 +17,8 @@ use super::data::Batches;
 use super::data::{Data, TrainData};
 use super::epoch::{GradSource, StepGrads};
 use super::execution::Execution;
-use super::rank::{RankSetup, RankTask, TensorParallelRank};
+use super::rank::{RankSetup, RankTask, TensorParallelRank, check_splittable_state};
+use super::tp_state;
 use crate::checkpoint::{Checkpoint, EpochMetrics};
 use crate::config::TrainerConfig;
 use crate::data::ImageBatch;
@@ -289,9 +290,12 @@ impl Trainer {
     /// With `split.data_parallel`, that many such groups train as data-parallel replicas on a
     /// 2-D mesh ([`kiln_multi::run_mesh`]), each shard's gradients averaged over its replicas.
     ///
+    /// Checkpoints hold the whole model's optimizer state too (each rank's gathered into the
+    /// whole model's layout), the same file a single device writes: a run resumes on any
+    /// number of tensor-parallel ranks, or none, and continues as it would have.
+    ///
     /// # Errors
-    /// As [`fit`](Self::fit); [`TrainError::Checkpoint`] for `resume` (a tensor-parallel
-    /// run's optimizer state is split over the ranks and not saved, so no run resumes as one);
+    /// As [`fit`](Self::fit) (a `resume` checkpoint with a sharded ZeRO state is refused);
     /// [`TrainError::Config`] for replicas over NCCL; [`TrainError::Multi`] when a rank fails
     /// or times out.
     pub fn fit_tensor_parallel<M, P, F>(
@@ -357,14 +361,7 @@ impl Trainer {
         resume: Option<(PathBuf, Checkpoint)>,
         split: TensorParallelSplit<'_, M, P>,
     ) -> Result<(M, FitReport)> {
-        if let Some((path, _)) = resume {
-            return Err(TrainError::checkpoint(
-                &path,
-                "a run cannot continue with tensor parallelism: the ranks' optimizer states \
-                 are not saved; start a new run, or resume without --tensor-parallel",
-            ));
-        }
-        self.check_fresh(None)?;
+        self.check_fresh(resume.as_ref())?;
         let tensor = WorldSize::new(split.devices.len())?;
         let mesh = MeshShape {
             data: split.data_parallel.unwrap_or(WorldSize::ONE),
@@ -377,16 +374,26 @@ impl Trainer {
         let replicas = Replicas::fork(&model, &devices);
         let (plain, eval) = part_steps;
         let rank = |index: usize, groups: MeshRank| -> Result<(M, FitReport)> {
-            let part = (split.split)(&replicas.take(index), Arc::clone(&groups.tensor))?;
             let collective = &*groups.tensor;
-            let whole_record = |part: &P| -> Result<_> {
-                Ok((split.gather)(part, collective)?.into_record().into_bytes())
+            let mut split_whole =
+                |whole: M| -> Result<P> { Ok((split.split)(&whole, Arc::clone(&groups.tensor))?) };
+            let (part, resume) =
+                self.tensor_parallel_start(replicas.take(index), resume.clone(), &mut split_whole)?;
+            let whole = |part: &P, optimizer: Vec<u8>| -> Result<(Vec<u8>, Vec<u8>)> {
+                let whole = (split.gather)(part, collective)?;
+                let mut gather = |p: P| -> Result<M> { Ok((split.gather)(&p, collective)?) };
+                let state = tp_state::part_to_whole(part, optimizer, &whole, &mut gather)?
+                    .map_err(|reason| TrainError::checkpoint(&self.run_dir, reason))?;
+                let model = whole.into_record().into_bytes().map_err(|e| {
+                    TrainError::checkpoint(&self.run_dir, format!("cannot serialise record: {e}"))
+                })?;
+                Ok((model.to_vec(), state))
             };
             let tp = TensorParallelRank {
                 collective: Arc::clone(&groups.tensor),
                 agreement: Arc::clone(&groups.world),
                 split_params: (split.split_params)(&part),
-                whole_record: &whole_record,
+                whole: &whole,
             };
             let source = |part: &P, batch: B| -> Result<StepGrads> {
                 let mut out = plain(part, batch)?;
@@ -402,7 +409,7 @@ impl Trainer {
                 eval,
                 data,
             };
-            let (part, report) = self.fit_rank(part, task, None, setup, Some(&tp))?;
+            let (part, report) = self.fit_rank(part, task, resume, setup, Some(&tp))?;
             Ok(((split.gather)(&part, collective)?, report))
         };
         let ranks = match split.data_parallel {
@@ -430,6 +437,27 @@ impl Trainer {
             .into_iter()
             .next()
             .expect("a world has at least rank 0"))
+    }
+
+    /// A tensor-parallel rank's part of `whole` and its resume point: the checkpoint's model
+    /// loaded, then split, and its optimizer state (the whole model's) moved to the part.
+    fn tensor_parallel_start<M: Module, P: Module>(
+        &self,
+        whole: M,
+        resume: Option<(PathBuf, Checkpoint)>,
+        split: &mut dyn FnMut(M) -> Result<P>,
+    ) -> Result<(P, Option<(PathBuf, Checkpoint)>)> {
+        let Some((path, mut checkpoint)) = resume else {
+            return Ok((split(whole)?, None));
+        };
+        self.check_resumable(&path, &checkpoint.state)?;
+        check_splittable_state(&path, &checkpoint.optimizer)?;
+        let whole = checkpoint.load_model(whole, &path)?;
+        let part = split(whole.clone())?;
+        let optimizer = std::mem::take(&mut checkpoint.optimizer);
+        checkpoint.optimizer = tp_state::whole_to_part(&whole, optimizer, &part, split)?
+            .map_err(|reason| TrainError::checkpoint(&path, reason))?;
+        Ok((part, Some((path, checkpoint))))
     }
 
     /// Trains `model` as [`fit`](Self::fit) does on one device, but every step runs through

@@ -11,6 +11,7 @@ mod execution;
 mod labels;
 mod rank;
 mod resume_point;
+mod tp_state;
 
 pub use base::{
     FitReport, GatherModel, GradStepFn, PipelineInputs, PipelineSplit, RunLabels, SplitModel,

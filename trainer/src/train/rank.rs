@@ -79,16 +79,37 @@ pub(super) struct TensorParallelRank<'a, P> {
     pub(super) agreement: Arc<dyn Collective>,
     /// The parameters of the part that hold this rank's share of split layers.
     pub(super) split_params: Vec<burn::module::ParamId>,
-    /// The whole model's record, gathered from the ranks' parts (every rank calls it).
-    pub(super) whole_record: &'a WholeRecord<'a, P>,
+    /// The whole model's record and optimizer record, gathered from the ranks' parts and
+    /// their optimizers' records (every rank calls it).
+    pub(super) whole: &'a WholeState<'a, P>,
 }
 
-/// The record bytes of the whole model, gathered from a tensor-parallel rank's part.
-pub(super) type WholeRecord<'a, P> =
-    dyn Fn(&P) -> Result<std::result::Result<Bytes, burn::store::RecordError>> + 'a;
+/// The whole model's record bytes and its optimizer record bytes (the files a single device
+/// would write), from a tensor-parallel rank's part and its optimizer's record.
+pub(super) type WholeState<'a, P> = dyn Fn(&P, Vec<u8>) -> Result<(Vec<u8>, Vec<u8>)> + 'a;
 
-/// What a tensor-parallel checkpoint holds instead of an optimizer state.
+/// What older tensor-parallel checkpoints hold instead of an optimizer state.
 const TENSOR_PARALLEL_STATE_MAGIC: &[u8] = b"KILN-TP-NO-OPTIMIZER-STATE";
+
+/// Refuses a checkpoint whose optimizer state a tensor-parallel run cannot split: a sharded
+/// (ZeRO) one, or an older tensor-parallel run's, which saved none.
+pub(super) fn check_splittable_state(path: &Path, optimizer: &[u8]) -> Result<()> {
+    if optimizer.starts_with(TENSOR_PARALLEL_STATE_MAGIC) {
+        return Err(TrainError::checkpoint(
+            path,
+            "it was written by an older kiln's tensor-parallel run, which did not save the \
+             optimizer state, so it cannot continue exactly",
+        ));
+    }
+    if optimizer.starts_with(ZERO_STATE_MAGIC) {
+        return Err(TrainError::checkpoint(
+            path,
+            "its optimizer state is sharded (trained with --zero): resume it with --zero 1 or \
+             2 and data parallelism, without tensor parallelism",
+        ));
+    }
+    Ok(())
+}
 
 /// A run's state as restored from a checkpoint (or fresh).
 struct Restored<M> {
@@ -204,7 +225,7 @@ impl Trainer {
         setup: RankSetup<'_>,
         tensor_parallel: Option<&TensorParallelRank<'_, M>>,
     ) -> Result<(M, super::FitReport)> {
-        let mut restored = self.restore(model, resume, setup.zero)?;
+        let mut restored = self.restore(model, resume, setup.zero, tensor_parallel.is_some())?;
         let resumed_from_epoch = restored.history.len();
         let (model, mut sync) =
             self.synchronise(restored.model, &setup, restored.sharded_state.take())?;
@@ -468,12 +489,15 @@ impl Trainer {
         }
     }
 
-    /// The model, optimizer, history and step of `resume`, or a fresh run's.
+    /// The model, optimizer, history and step of `resume`, or a fresh run's. A
+    /// tensor-parallel rank's `model` is its `part`, split from the checkpoint's model, and the
+    /// checkpoint's optimizer state is already the part's.
     fn restore<M: Module>(
         &self,
         model: M,
         resume: Option<(PathBuf, Checkpoint)>,
         zero: Option<ZeroStage>,
+        part: bool,
     ) -> Result<Restored<M>> {
         let optimizer = self.config.build_optimizer();
         let Some((path, checkpoint)) = resume else {
@@ -488,16 +512,19 @@ impl Trainer {
             });
         };
         self.check_resumable(&path, &checkpoint.state)?;
-        let model = checkpoint.load_model(model, &path)?;
+        let model = match part {
+            true => model,
+            false => checkpoint.load_model(model, &path)?,
+        };
         if checkpoint
             .optimizer
             .starts_with(TENSOR_PARALLEL_STATE_MAGIC)
         {
             return Err(TrainError::checkpoint(
                 &path,
-                "it was trained with tensor parallelism, whose optimizer state stays split \
-                 over the ranks and is not saved, so it cannot continue exactly; its model \
-                 evaluates, predicts and quantizes like any other",
+                "it was written by an older kiln's tensor-parallel run, which did not save \
+                 the optimizer state, so it cannot continue exactly; its model evaluates, \
+                 predicts and quantizes like any other",
             ));
         }
         let sharded = checkpoint.optimizer.starts_with(ZERO_STATE_MAGIC);
@@ -586,10 +613,15 @@ impl Trainer {
             RankSync::Zero(zero) => Some(zero.state_bytes()?),
             _ => None,
         };
-        let whole_model = plan
-            .tensor_parallel
-            .map(|tp| (tp.whole_record)(model))
-            .transpose()?;
+        let whole = match plan.tensor_parallel {
+            Some(tp) => {
+                let optimizer = run.optimizer.into_bytes().map_err(|e| {
+                    TrainError::checkpoint(&self.run_dir, format!("cannot serialise record: {e}"))
+                })?;
+                Some((tp.whole)(model, optimizer.to_vec())?)
+            }
+            None => None,
+        };
         if !plan.is_root {
             return Ok(None);
         }
@@ -599,15 +631,16 @@ impl Trainer {
             Some(_) => step_checkpoint_path(&self.run_dir, epoch, step),
             None => checkpoint_path(&self.run_dir, epoch),
         };
-        let optimizer_bytes = match (sharded_bytes, plan.tensor_parallel) {
-            (Some(bytes), _) => bytes,
-            // Each rank's optimizer holds state for its own shards only.
-            (None, Some(_)) => TENSOR_PARALLEL_STATE_MAGIC.to_vec(),
-            (None, None) => record_bytes(&path, run.optimizer.into_bytes())?,
-        };
-        let model_bytes = match whole_model {
-            Some(bytes) => record_bytes(&path, bytes)?,
-            None => record_bytes(&path, model.clone().into_record().into_bytes())?,
+        let (model_bytes, optimizer_bytes) = match (whole, sharded_bytes) {
+            (Some(whole), _) => whole,
+            (None, Some(bytes)) => (
+                record_bytes(&path, model.clone().into_record().into_bytes())?,
+                bytes,
+            ),
+            (None, None) => (
+                record_bytes(&path, model.clone().into_record().into_bytes())?,
+                record_bytes(&path, run.optimizer.into_bytes())?,
+            ),
         };
         let is_epoch_end = mid_epoch.is_none();
         let checkpoint = Checkpoint {
