@@ -744,6 +744,7 @@ impl PlannedRun<'_> {
             split: &split,
             data_parallel: None,
             zero: None,
+            process_group: None,
         };
         let (_model, fit) =
             (self.trainer).fit_pipeline(model, SimpleCnn::forward, data, self.resume, split)?;
@@ -768,6 +769,7 @@ impl PlannedRun<'_> {
             sync_gradients: &TensorParallelCnn::sync_gradients,
             split_params: &TensorParallelCnn::split_params,
             data_parallel: None,
+            process_group: None,
         };
         let whole = model.num_params();
         let (_model, fit) = self.trainer.fit_tensor_parallel(

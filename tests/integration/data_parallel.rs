@@ -101,6 +101,7 @@ fn tensor_parallel_training_matches_one_device() {
                 sync_gradients: &TensorParallelCnn::sync_gradients,
                 split_params: &TensorParallelCnn::split_params,
                 data_parallel: None,
+                process_group: None,
             };
             trainer.fit_tensor_parallel(model, TensorParallelCnn::forward, data, None, split)
         });

@@ -516,6 +516,7 @@ fn twenty_steps(mode: Mode<'_>) -> Vec<f32> {
                 split: &split,
                 data_parallel: ranks,
                 zero: None,
+                process_group: None,
             };
             let inputs = |batch: TokenBatch| {
                 (
@@ -549,6 +550,7 @@ fn twenty_steps(mode: Mode<'_>) -> Vec<f32> {
                 sync_gradients: &TensorParallelGpt::sync_gradients,
                 split_params: &TensorParallelGpt::split_params,
                 data_parallel: replicas,
+                process_group: None,
             };
             let steps = TensorParallelSteps {
                 train: &TensorParallelGpt::train_step,

@@ -119,7 +119,7 @@ mod mpi {
     use std::process::{Child, Command, Output, Stdio};
     use std::time::{Duration, Instant};
 
-    use crate::common::{kiln_ok, last_json, train_cnn_mnist};
+    use crate::common::{kiln, kiln_ok, last_json, train_cnn_mnist};
 
     /// `kiln launch` of a cnn-mnist training on 2 processes, to which flags are added.
     const TRAIN_ON_2_PROCESSES: [&str; 7] = [
@@ -252,6 +252,100 @@ mod mpi {
             // Rank 0 alone wrote the checkpoints.
             assert!(b.join("checkpoints/epoch-0002.ckpt").exists());
         }
+    }
+
+    /// `kiln train gpt` of a tiny model on the shipped text's first 20 kB, 20 steps, with
+    /// `extra` flags; `launched` runs it as 2 processes under `kiln launch`.
+    fn train_gpt(dir: &std::path::Path, name: &str, launched: bool, extra: &[&str]) -> f64 {
+        let text = dir.join("text.txt");
+        if !text.exists() {
+            let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/data/shakespeare/input.txt");
+            std::fs::write(&text, &std::fs::read(shipped).unwrap()[..20_000]).unwrap();
+        }
+        let out = dir.join(name);
+        let mut args = vec![
+            "train",
+            "gpt",
+            "--data",
+            text.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--layers",
+            "2",
+            "--heads",
+            "2",
+            "--embed",
+            "16",
+            "--block-size",
+            "16",
+            "--batch-size",
+            "16",
+            "--lr",
+            "1e-2",
+            "--epochs",
+            "1",
+            "--limit",
+            "320",
+            "--quiet",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let report = if launched {
+            launch_json(&[&["--nproc-per-node", "2", "--", "kiln"][..], &args].concat())
+        } else {
+            last_json(&kiln_ok(&args))
+        };
+        report["val_loss"].as_f64().unwrap()
+    }
+
+    #[test]
+    fn gpt_tensor_parallel_and_data_parallel_pipelines_run_across_processes() {
+        // Two processes as one tensor-parallel group, and as two data-parallel ranks with a
+        // 2-stage pipeline each (and ZeRO-1): the same run as the threads' and one device's.
+        let dir = tempfile::tempdir().unwrap();
+        let one = train_gpt(dir.path(), "one", false, &[]);
+        let cases: [(&str, bool, &[&str]); 4] = [
+            ("tp-threads", false, &["--tensor-parallel", "2"]),
+            ("tp-processes", true, &["--tensor-parallel", "2"]),
+            (
+                "dp-pp-threads",
+                false,
+                &["--ranks", "2", "--pipeline-stages", "2"],
+            ),
+            (
+                "dp-pp-processes",
+                true,
+                &["--pipeline-stages", "2", "--zero", "1"],
+            ),
+        ];
+        for (name, launched, extra) in cases {
+            let loss = train_gpt(dir.path(), name, launched, extra);
+            eprintln!("{name}: validation loss {loss} vs one device {one}");
+            assert!(
+                (loss - one).abs() < 1e-5,
+                "{name}: {loss} vs one device {one}"
+            );
+        }
+        // A group of 2 processes cannot hold 4 tensor-parallel ranks.
+        let out = dir.path().join("bad");
+        let bad = kiln(&[
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--",
+            "kiln",
+            "train",
+            "gpt",
+            "--tensor-parallel",
+            "4",
+            "--heads",
+            "4",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&bad.stderr);
+        assert!(!bad.status.success(), "{stderr}");
+        assert!(stderr.contains("one process each"), "{stderr}");
     }
 
     #[test]

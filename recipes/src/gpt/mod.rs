@@ -17,7 +17,7 @@ use burn::tensor::Device;
 use kiln_models::gpt::{Gpt, GptConfig, GptStage, Sampling};
 use kiln_multi::pipeline::{Activation, ModuleStage, PipelineConfig, PipelineStage, Targets};
 use kiln_multi::{
-    BucketConfig, Collective, CollectiveConfig, DeviceSpec, Rank, WorldSize, ZeroStage,
+    BucketConfig, Collective, CollectiveConfig, DeviceSpec, Rank, Transport, WorldSize, ZeroStage,
 };
 use kiln_trainer::checkpoint::{Checkpoint, read_checkpoint, resolve_checkpoint};
 use kiln_trainer::data::{
@@ -209,7 +209,8 @@ pub fn run(config: &GptRecipeConfig) -> Result<GptReport> {
     ))
 }
 
-/// The blocks split over `world` ranks (threads), Megatron-style.
+/// The blocks split over `world` ranks (threads, or the processes of a launched job),
+/// Megatron-style.
 fn fit_tensor_parallel(
     config: &GptRecipeConfig,
     trainer: &Trainer,
@@ -218,23 +219,45 @@ fn fit_tensor_parallel(
     resume: Option<(PathBuf, Checkpoint)>,
     world: WorldSize,
 ) -> Result<(Gpt, FitReport)> {
-    let devices = config
-        .device
-        .devices(world.get())?
-        .into_iter()
-        .map(Device::autodiff)
-        .collect();
+    let (devices, transport) = match &config.process_group {
+        Some(group) if group.world_size() != world => {
+            return Err(RecipeError::Options {
+                flag: "--tensor-parallel",
+                reason: format!(
+                    "the launched job has {} processes; {} tensor-parallel ranks need one \
+                     process each",
+                    group.world_size().get(),
+                    world.get()
+                ),
+            });
+        }
+        // This process's device: the launcher already chose it.
+        Some(_) => (
+            vec![config.device.device()?.autodiff()],
+            Transport::SharedMemory,
+        ),
+        None => (
+            config
+                .device
+                .devices(world.get())?
+                .into_iter()
+                .map(Device::autodiff)
+                .collect(),
+            config.device.transport(world.get())?,
+        ),
+    };
     let split = TensorParallelSplit {
         devices,
         collective: CollectiveConfig {
             timeout: config.collective_timeout,
         },
-        transport: config.device.transport(world.get())?,
+        transport,
         split: &TensorParallelGpt::split,
         gather: &TensorParallelGpt::gather,
         sync_gradients: &TensorParallelGpt::sync_gradients,
         split_params: &TensorParallelGpt::split_params,
         data_parallel: (config.ranks.get() > 1).then_some(config.ranks),
+        process_group: config.process_group.clone(),
     };
     let eval = |part: &TensorParallelGpt, batch: TokenBatch| -> StepResult<StepOutput> {
         let [b, t] = batch.targets.dims();
@@ -282,6 +305,7 @@ fn fit_pipeline(
         split: &split,
         data_parallel: (config.ranks.get() > 1).then_some(config.ranks),
         zero: config.zero,
+        process_group: config.process_group.clone(),
     };
     let inputs = |batch: TokenBatch| {
         (
@@ -324,8 +348,9 @@ fn gpt_stages(model: &Gpt, devices: &[Device]) -> Vec<Box<dyn PipelineStage>> {
 
 /// The mesh shapes that run: data parallelism (threads, ZeRO, or launched processes) alone,
 /// tensor parallelism or a pipeline alone or with data-parallel replicas over threads (ZeRO
-/// with pipelines only); a pipeline's stages hold equal numbers of blocks. Refused before the
-/// first step, naming the flag.
+/// with pipelines only); under `kiln launch`, the processes as one tensor-parallel group or
+/// as data-parallel ranks with a pipeline each. A pipeline's stages hold equal numbers of
+/// blocks. Refused before the first step, naming the flag.
 fn check_parallelism(config: &GptRecipeConfig, model: &GptConfig) -> Result<()> {
     if let Some(p) = config.pipeline
         && !model.layers.is_multiple_of(p.stages.get())
@@ -348,8 +373,11 @@ fn check_parallelism(config: &GptRecipeConfig, model: &GptConfig) -> Result<()> 
         (Some(_), None) if config.zero.is_some() => {
             ("--zero", "a sharded optimizer state", "tensor parallelism")
         }
-        (Some(_), None) if launched => ("--tensor-parallel", "tensor parallelism", "kiln launch"),
-        (None, Some(_)) if launched => ("--pipeline-stages", "a pipeline", "kiln launch"),
+        _ if launched && config.ranks.get() > 1 => (
+            "--ranks",
+            "data-parallel threads",
+            "kiln launch (its processes are the data-parallel ranks)",
+        ),
         _ => return Ok(()),
     };
     Err(RecipeError::Options {
@@ -501,10 +529,12 @@ fn report(
         val_bits_per_byte: val_loss / std::f64::consts::LN_2,
         samples_per_sec,
         tokens_per_sec: samples_per_sec * options.model.block_size as f64,
-        ranks: config
-            .process_group
-            .as_ref()
-            .map_or(config.ranks.get(), |g| g.world_size().get()),
+        // Data-parallel ranks: a launched job's processes, unless they split the blocks.
+        ranks: match (&config.process_group, config.tensor_parallel) {
+            (Some(group), None) => group.world_size().get(),
+            (Some(_), Some(_)) => 1,
+            (None, _) => config.ranks.get(),
+        },
         zero_stage: config.zero.map(ZeroStage::number),
         tensor_parallel: config.tensor_parallel.map(|world| {
             let per_rank = fit.rank_parameter_elements.unwrap_or(parameters);

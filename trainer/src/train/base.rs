@@ -363,9 +363,24 @@ impl Trainer {
     ) -> Result<(M, FitReport)> {
         self.check_fresh(resume.as_ref())?;
         let tensor = WorldSize::new(split.devices.len())?;
-        let mesh = MeshShape {
-            data: split.data_parallel.unwrap_or(WorldSize::ONE),
-            tensor,
+        // The ranks of this process: one under a launcher, else the whole mesh.
+        let mesh = match (&split.process_group, split.data_parallel) {
+            (Some(_), Some(_)) => {
+                return Err(TrainError::Config {
+                    field: "--ranks",
+                    reason: "a launched tensor-parallel group has no data-parallel replicas \
+                             yet: run the replicas as threads of one process"
+                        .into(),
+                });
+            }
+            (Some(_), None) => MeshShape {
+                data: WorldSize::ONE,
+                tensor: WorldSize::ONE,
+            },
+            (None, data) => MeshShape {
+                data: data.unwrap_or(WorldSize::ONE),
+                tensor,
+            },
         };
         // Rank `replica * tensor + shard` runs shard `shard` on its device.
         let devices: Vec<Device> = (0..mesh.world().get())
@@ -412,8 +427,17 @@ impl Trainer {
             let (part, report) = self.fit_rank(part, task, resume, setup, Some(&tp))?;
             Ok(((split.gather)(&part, collective)?, report))
         };
-        let ranks = match split.data_parallel {
-            None => run_group(tensor, split.collective, &split.transport, |group| {
+        let ranks = match (&split.process_group, split.data_parallel) {
+            // This process is one rank of the group: its own part, no threads.
+            (Some(group), _) => vec![rank(
+                0,
+                MeshRank {
+                    world: Arc::clone(group),
+                    data: Arc::clone(group),
+                    tensor: Arc::clone(group),
+                },
+            )?],
+            (None, None) => run_group(tensor, split.collective, &split.transport, |group| {
                 let groups = MeshRank {
                     world: Arc::clone(&group),
                     data: Arc::clone(&group),
@@ -421,7 +445,7 @@ impl Trainer {
                 };
                 rank(groups.tensor.rank().index(), groups)
             })?,
-            Some(_) if split.transport != Transport::SharedMemory => {
+            (None, Some(_)) if split.transport != Transport::SharedMemory => {
                 return Err(TrainError::Config {
                     field: "--ranks",
                     reason: "data-parallel replicas of a tensor-parallel model run over \
@@ -429,7 +453,7 @@ impl Trainer {
                         .into(),
                 });
             }
-            Some(_) => run_mesh(mesh, split.collective, |groups| {
+            (None, Some(_)) => run_mesh(mesh, split.collective, |groups| {
                 rank(groups.world.rank().index(), groups)
             })?,
         };
@@ -545,6 +569,16 @@ impl Trainer {
             };
             self.fit_rank(model, task, resume, setup, None)
         };
+        if let Some(group) = &split.process_group {
+            // This process is one data-parallel rank of a launched job, with its pipeline.
+            let setup = RankSetup {
+                collective: Some(Arc::clone(group)),
+                zero: split.zero,
+                pipeline_stages: Some(split.stages),
+                ..RankSetup::single(&split.device)
+            };
+            return run(model.fork(&split.device), setup, resume);
+        }
         let Some(ranks) = split.data_parallel else {
             let setup = RankSetup {
                 pipeline_stages: Some(split.stages),
@@ -638,8 +672,12 @@ pub struct PipelineSplit<'a, M> {
     /// pipeline of `stages` stages on its share of every batch, gradients averaged over the
     /// ranks. `None`: one pipeline.
     pub data_parallel: Option<WorldSize>,
-    /// With `data_parallel`: shard the optimizer state (and gradients) over its ranks.
+    /// With `data_parallel` or `process_group`: shard the optimizer state (and gradients)
+    /// over the data-parallel ranks.
     pub zero: Option<ZeroStage>,
+    /// This process is one data-parallel rank of a group started outside (e.g. MPI under
+    /// `kiln launch`), running its own pipeline on its share of every batch.
+    pub process_group: Option<Arc<dyn Collective>>,
 }
 
 /// Builds a rank's part `P` of a model `M` from the model and the rank's handle on its group.
@@ -680,6 +718,10 @@ pub struct TensorParallelSplit<'a, M, P> {
     /// each on its share of every batch, the same shard's gradients averaged over the
     /// replicas. `None`: one group.
     pub data_parallel: Option<WorldSize>,
+    /// This process is one rank of a tensor-parallel group started outside (e.g. MPI under
+    /// `kiln launch`): no threads are started, `devices` holds this rank's device, and the
+    /// group's rank and size are the split's.
+    pub process_group: Option<Arc<dyn Collective>>,
 }
 
 /// One copy of a model per rank, forked to the rank's device (so each rank has its own
