@@ -198,6 +198,69 @@ impl RowParallelLinear {
     }
 }
 
+/// Megatron's "f" as an autodiff op: identity forward, the gradient summed over `group` in
+/// the backward pass, so that a rank's split layers pass the whole input gradient on to the
+/// replicated layers in front, inside one Burn `backward` (a pipeline stage's, say). Burn's
+/// backward cannot fail, so a failed all-reduce is kept and returned by
+/// [`check`](Self::check) after it. Flex only (Burn has no user-level custom backward; the
+/// op is a `kiln-kernels` backend extension).
+#[derive(Clone)]
+pub struct GradientSum {
+    group: std::sync::Arc<dyn Collective>,
+    failure: std::sync::Arc<std::sync::Mutex<Option<MultiError>>>,
+}
+
+impl std::fmt::Debug for GradientSum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GradientSum")
+            .field("group", &self.group)
+            .finish()
+    }
+}
+
+impl GradientSum {
+    /// The op over `group`.
+    pub fn new(group: std::sync::Arc<dyn Collective>) -> Self {
+        Self {
+            group,
+            failure: std::sync::Arc::default(),
+        }
+    }
+
+    /// `x`, whose gradient will be summed over the group.
+    ///
+    /// # Errors
+    /// [`MultiError::Config`] for a tensor that is not `f32` on Flex.
+    pub fn apply<const D: usize>(&self, x: Tensor<D>) -> Result<Tensor<D>> {
+        let (group, failure) = (self.group.clone(), self.failure.clone());
+        let reduce = kiln_kernels::GradReduce(std::sync::Arc::new(move |grad: &mut [f32]| {
+            if let Err(e) = group.all_reduce(grad, ReduceOp::Sum) {
+                let mut slot = failure.lock().unwrap_or_else(|p| p.into_inner());
+                slot.get_or_insert(e);
+            }
+        }));
+        kiln_kernels::reduce_grad(x, reduce).ok_or_else(|| MultiError::Config {
+            field: "tensor parallelism",
+            reason: "summing activation gradients inside a backward pass needs f32 tensors on \
+                     the CPU (Flex)"
+                .into(),
+        })
+    }
+
+    /// The first all-reduce failure of the backward passes since the last call.
+    ///
+    /// # Errors
+    /// That failure.
+    pub fn check(&self) -> Result<()> {
+        let failure = self
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        failure.map_or(Ok(()), Err)
+    }
+}
+
 /// The sum of `tensor` over the ranks (every rank calls it together), outside any autodiff
 /// graph: the forward of a row-parallel layer, and in a hand-run backward Megatron's "f" (the
 /// all-reduce of the activation gradient in front of a column-parallel layer). `what` names

@@ -44,6 +44,10 @@ pub trait CpuKernels: Backend {
     /// differentiable in `x`.
     fn kiln_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
 
+    /// `x` unchanged; in the backward pass its gradient goes through `reduce` (e.g. a sum over
+    /// the ranks of a tensor-parallel group: Megatron's "f"). Any rank.
+    fn kiln_reduce_grad(x: FloatTensor<Self>, reduce: GradReduce) -> FloatTensor<Self>;
+
     /// Batch statistics of `x` (`[batch, channels, height, width]`) as a `[2, channels]` tensor:
     /// the per-channel mean, then the biased variance. Not differentiable (no gradient flows
     /// back from it); [`CpuKernels::kiln_batch_norm_train`] accounts for the statistics'
@@ -299,6 +303,10 @@ impl CpuKernels for Flex {
         gelu_forward(&x)
     }
 
+    fn kiln_reduce_grad(x: FlexTensor, _reduce: GradReduce) -> FlexTensor {
+        x
+    }
+
     fn kiln_sgd_momentum(
         param: FlexTensor,
         grad: FlexTensor,
@@ -431,6 +439,37 @@ impl Backward<Flex, 1> for GeluBackward {
         let mut grad = grads.consume::<Flex>(&ops.node).to_contiguous();
         if let Some(node) = node_x {
             gelu::gelu_backward(ops.state.storage::<f32>(), grad.storage_mut::<f32>());
+            grads.register::<Flex>(node.id, grad);
+        }
+    }
+}
+
+/// What the backward pass of [`CpuKernels::kiln_reduce_grad`] does with a gradient, in place
+/// (it runs inside Burn's backward, which cannot fail: a failure is the callback's to record).
+#[derive(Clone)]
+pub struct GradReduce(pub Arc<GradReduceFn>);
+
+/// The function inside a [`GradReduce`].
+pub type GradReduceFn = dyn Fn(&mut [f32]) + Send + Sync;
+
+impl std::fmt::Debug for GradReduce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GradReduce")
+    }
+}
+
+/// Backward step of [`CpuKernels::kiln_reduce_grad`].
+#[derive(Debug)]
+struct ReduceGradBackward;
+
+impl Backward<Flex, 1> for ReduceGradBackward {
+    type State = GradReduce;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let mut grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        if let Some(node) = node_x {
+            (ops.state.0)(grad.storage_mut::<f32>());
             grads.register::<Flex>(node.id, grad);
         }
     }
@@ -576,6 +615,20 @@ fn batch_norm_op<C: CheckpointStrategy, const N: usize>(
 impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
     fn kiln_batch_norm_stats(x: FloatTensor<Self>) -> FloatTensor<Self> {
         <FloatTensor<Self>>::new(norm_stats(x.primitive()))
+    }
+
+    fn kiln_reduce_grad(x: FloatTensor<Self>, reduce: GradReduce) -> FloatTensor<Self> {
+        match ReduceGradBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = x.primitive().clone();
+                prep.finish(reduce, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(x.into_primitive()),
+        }
     }
 
     fn kiln_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {

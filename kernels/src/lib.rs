@@ -47,7 +47,7 @@ use burn::nn::pool::MaxPool2d;
 use burn::nn::{BatchNorm, PaddingConfig2d};
 use burn::tensor::Tensor;
 
-pub use flex::CpuKernels;
+pub use flex::{CpuKernels, GradReduce};
 
 /// A process-wide on/off switch, on unless its environment variable holds the `off` value when
 /// it is first read; [`Switch::set`] overrides it from then on.
@@ -212,6 +212,19 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<burn::backend::Dispatch as CpuKernels>::kiln_gelu(
         x.into_dispatch(),
     ))
+}
+
+/// `x` unchanged, its gradient passed through `reduce` in the backward pass (Megatron's "f":
+/// identity forward, all-reduce backward, when `reduce` sums over a tensor-parallel group).
+/// Only `f32` tensors on Flex have the op (Burn has no user-level custom backward): `None`
+/// elsewhere. It runs whether or not kiln's kernels are switched off (it is not a speed-up).
+pub fn reduce_grad<const D: usize>(x: Tensor<D>, reduce: GradReduce) -> Option<Tensor<D>> {
+    on_flex_f32(&x).then(|| {
+        Tensor::from_dispatch(<burn::backend::Dispatch as CpuKernels>::kiln_reduce_grad(
+            x.into_dispatch(),
+            reduce,
+        ))
+    })
 }
 
 /// Whether [`batch_norm`] runs kiln's kernels for this layer and input: training mode (an

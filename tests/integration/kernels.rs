@@ -257,6 +257,19 @@ fn gelu_matches_burn_forward_and_gradient() {
 }
 
 #[test]
+fn reduce_grad_passes_values_and_transforms_the_gradient() {
+    let x = random([3, 5]).require_grad();
+    let w = random([3, 5]);
+    let double = kernels::GradReduce(std::sync::Arc::new(|grad: &mut [f32]| {
+        grad.iter_mut().for_each(|g| *g *= 2.0)
+    }));
+    let y = kernels::reduce_grad(x.clone(), double).expect("f32 on Flex");
+    assert_close("value", y.clone().detach(), x.clone().detach());
+    let grads = (y * w.clone()).sum().backward();
+    assert_close("gradient", x.grad(&grads).unwrap(), w.inner() * 2.0);
+}
+
+#[test]
 fn unsupported_layers_and_devices_fall_back_to_burn() {
     let grouped = Conv2dConfig::new([4, 4], [3, 3])
         .with_groups(2)

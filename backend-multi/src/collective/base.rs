@@ -1,7 +1,7 @@
 use std::ops::Range;
 use std::time::Duration;
 
-use crate::error::Result;
+use crate::error::{MultiError, Result};
 use crate::mesh::{Rank, WorldSize};
 
 /// How an all-reduce or reduce-scatter combines the ranks' values, element by element.
@@ -87,6 +87,21 @@ pub trait Collective: Send + Sync {
     /// # Errors
     /// On timeout or a failed peer.
     fn barrier(&self) -> Result<()>;
+
+    /// A new group of the same ranks whose collectives are independent of this one's (as
+    /// `MPI_Comm_dup`), e.g. one per pipeline stage when the stages of a rank run at the same
+    /// time on threads of their own. Every rank calls it together; each gets its handle.
+    ///
+    /// # Errors
+    /// On timeout or a failed peer; [`MultiError::Config`] from an engine that cannot (the
+    /// default).
+    fn duplicate(&self) -> Result<std::sync::Arc<dyn Collective>> {
+        Err(MultiError::Config {
+            field: "collective",
+            reason: "this engine cannot make a group of its ranks yet (in-process groups can)"
+                .into(),
+        })
+    }
 }
 
 impl std::fmt::Debug for dyn Collective {

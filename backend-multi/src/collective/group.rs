@@ -215,4 +215,32 @@ mod tests {
             "the peers waited for the timeout"
         );
     }
+
+    #[test]
+    fn duplicated_groups_run_their_collectives_at_the_same_time() {
+        let config = CollectiveConfig {
+            timeout: Duration::from_secs(30),
+        };
+        // Each rank duplicates its group twice and runs one all-reduce on each duplicate
+        // from two threads at once: independent groups cannot mix them up.
+        let sums = run_in_process(WorldSize::new(3).unwrap(), config, |group| {
+            let (a, b) = (group.duplicate()?, group.duplicate()?);
+            let me = group.rank().index() as f32;
+            std::thread::scope(|scope| {
+                let first = scope.spawn(|| {
+                    let mut x = [me];
+                    a.all_reduce(&mut x, ReduceOp::Sum).map(|()| x[0])
+                });
+                let mut y = [10.0 * me];
+                b.all_reduce(&mut y, ReduceOp::Sum)?;
+                let x = first.join().expect("the thread does not panic")?;
+                Ok::<_, MultiError>((x, y[0], a.rank(), b.world_size()))
+            })
+        })
+        .unwrap();
+        for (rank, (x, y, a_rank, b_world)) in sums.into_iter().enumerate() {
+            assert_eq!((x, y), (3.0, 30.0));
+            assert_eq!((a_rank.index(), b_world.get()), (rank, 3));
+        }
+    }
 }

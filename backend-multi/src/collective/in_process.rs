@@ -38,6 +38,9 @@ struct Shared {
     timeout: Duration,
     state: Mutex<State>,
     wake: Condvar,
+    /// The handles of a group being duplicated, one per rank, between the barriers of
+    /// [`Collective::duplicate`].
+    duplicates: Mutex<Vec<Option<InProcessCollective>>>,
 }
 
 struct State {
@@ -120,6 +123,7 @@ impl InProcessCollective {
                 culprit: None,
             }),
             wake: Condvar::new(),
+            duplicates: Mutex::new(Vec::new()),
         });
         (0..n)
             .map(|r| InProcessCollective {
@@ -464,6 +468,37 @@ impl Collective for InProcessCollective {
 
     fn barrier(&self) -> Result<()> {
         self.enter(OpKind::Barrier, 0, std::ptr::null()).map(|_| ())
+    }
+
+    fn duplicate(&self) -> Result<Arc<dyn Collective>> {
+        let lock = || {
+            self.shared
+                .duplicates
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        };
+        // Everyone is here; rank 0 makes the group; everyone takes its handle; and no rank
+        // leaves (to duplicate again) before all have.
+        self.barrier()?;
+        if self.rank == Rank::ZERO {
+            let config = CollectiveConfig {
+                timeout: self.shared.timeout,
+            };
+            *lock() = InProcessCollective::group(self.shared.world, config)
+                .into_iter()
+                .map(Some)
+                .collect();
+        }
+        self.barrier()?;
+        let handle = lock()
+            .get_mut(self.rank.index())
+            .and_then(Option::take)
+            .ok_or_else(|| MultiError::Config {
+                field: "collective",
+                reason: "a duplicated group lost this rank's handle".into(),
+            })?;
+        self.barrier()?;
+        Ok(Arc::new(handle))
     }
 }
 

@@ -365,7 +365,7 @@ impl Gpt {
 }
 
 /// The residual stream of `tokens` at positions `start..`: token plus position embeddings.
-fn embed(wte: &Embedding, wpe: &Embedding, tokens: Tensor<2, Int>, start: usize) -> Tensor<3> {
+pub fn embed(wte: &Embedding, wpe: &Embedding, tokens: Tensor<2, Int>, start: usize) -> Tensor<3> {
     let [_, t] = tokens.dims();
     let device = tokens.device();
     let positions =
@@ -375,7 +375,7 @@ fn embed(wte: &Embedding, wpe: &Embedding, tokens: Tensor<2, Int>, start: usize)
 
 /// Logits `[batch, tokens, vocab]` of normalised features through the token embedding's
 /// transpose (the tied head).
-fn tied_logits(wte: &Embedding, x: Tensor<3>) -> Tensor<3> {
+pub fn tied_logits(wte: &Embedding, x: Tensor<3>) -> Tensor<3> {
     let [b, t, c] = x.dims();
     let table = wte.weight.val();
     let [vocab, _] = table.dims();

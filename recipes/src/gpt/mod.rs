@@ -5,6 +5,7 @@
 //! cache. [`tensor_parallel`] splits the blocks over ranks (Megatron).
 
 pub mod tensor_parallel;
+pub mod tp_pipeline;
 
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use burn::data::dataset::Dataset;
 use burn::module::Module;
+use burn::optim::GradientsParams;
 use burn::tensor::Device;
 use kiln_models::gpt::{Gpt, GptConfig, GptStage, Sampling};
 use kiln_multi::pipeline::{Activation, ModuleStage, PipelineConfig, PipelineStage, Targets};
@@ -246,15 +248,26 @@ fn fit_tensor_parallel(
             config.device.transport(world.get())?,
         ),
     };
+    // With a pipeline, each rank's part runs its blocks as stages whose backward is Burn's
+    // own ("f" an autodiff op), which leaves the LayerNorms' gradients whole.
+    let stages = config.pipeline.map(|p| p.stages.get());
+    let split_pipelined = |m: &Gpt, group: Arc<dyn Collective>| match stages {
+        Some(stages) => TensorParallelGpt::split_pipelined(m, group, stages),
+        None => TensorParallelGpt::split(m, group),
+    };
+    let no_sync = |_: &TensorParallelGpt, _: &mut GradientsParams, _: &dyn Collective| Ok(());
     let split = TensorParallelSplit {
         devices,
         collective: CollectiveConfig {
             timeout: config.collective_timeout,
         },
         transport,
-        split: &TensorParallelGpt::split,
+        split: &split_pipelined,
         gather: &TensorParallelGpt::gather,
-        sync_gradients: &TensorParallelGpt::sync_gradients,
+        sync_gradients: match stages {
+            Some(_) => &no_sync,
+            None => &TensorParallelGpt::sync_gradients,
+        },
         split_params: &TensorParallelGpt::split_params,
         data_parallel: (config.ranks.get() > 1).then_some(config.ranks),
         process_group: config.process_group.clone(),
@@ -263,8 +276,21 @@ fn fit_tensor_parallel(
         let [b, t] = batch.targets.dims();
         Ok(StepOutput::new(part.loss(batch)?, b * t))
     };
+    let pipelined = |part: &TensorParallelGpt, batch: TokenBatch| match config.pipeline {
+        Some(options) => {
+            let pipeline = PipelineConfig {
+                schedule: options.schedule,
+                micro_batches: options.micro_batches,
+                timeout: config.collective_timeout,
+                threads_per_stage: Some(NonZeroUsize::MIN),
+                defer_weight_gradients: true,
+            };
+            part.train_step_pipelined(batch, pipeline)
+        }
+        None => part.train_step(batch),
+    };
     let steps = TensorParallelSteps {
-        train: &TensorParallelGpt::train_step,
+        train: &pipelined,
         eval: &eval,
     };
     Ok(trainer.fit_tensor_parallel_model(model, steps, data, resume, split)?)
@@ -346,11 +372,12 @@ fn gpt_stages(model: &Gpt, devices: &[Device]) -> Vec<Box<dyn PipelineStage>> {
         .collect()
 }
 
-/// The mesh shapes that run: data parallelism (threads, ZeRO, or launched processes) alone,
-/// tensor parallelism or a pipeline alone or with data-parallel replicas over threads (ZeRO
-/// with pipelines only); under `kiln launch`, the processes as one tensor-parallel group or
-/// as data-parallel ranks with a pipeline each. A pipeline's stages hold equal numbers of
-/// blocks. Refused before the first step, naming the flag.
+/// The mesh shapes that run: data parallelism (threads, ZeRO, or launched processes) alone;
+/// tensor parallelism, a pipeline, or both (tensor-parallel stages, on the CPU), alone or
+/// with data-parallel replicas over threads (ZeRO without tensor parallelism only); under
+/// `kiln launch`, the processes as one tensor-parallel group or as data-parallel ranks with a
+/// pipeline each. A pipeline's stages hold equal numbers of blocks. Refused before the first
+/// step, naming the flag.
 fn check_parallelism(config: &GptRecipeConfig, model: &GptConfig) -> Result<()> {
     if let Some(p) = config.pipeline
         && !model.layers.is_multiple_of(p.stages.get())
@@ -365,10 +392,16 @@ fn check_parallelism(config: &GptRecipeConfig, model: &GptConfig) -> Result<()> 
     }
     let launched = config.process_group.is_some();
     let (flag, what, other) = match (config.tensor_parallel, config.pipeline) {
-        (Some(_), Some(_)) => (
+        (Some(_), Some(_)) if config.device.is_cuda() => (
             "--tensor-parallel",
-            "tensor parallelism",
-            "a pipeline (--pipeline-stages, or tp and pp in one --mesh)",
+            "tensor parallelism inside pipeline stages (its backward all-reduce is a CPU \
+             kernel)",
+            "a CUDA device",
+        ),
+        (Some(_), Some(_)) if launched => (
+            "--tensor-parallel",
+            "tensor parallelism inside pipeline stages",
+            "kiln launch",
         ),
         (Some(_), None) if config.zero.is_some() => {
             ("--zero", "a sharded optimizer state", "tensor parallelism")

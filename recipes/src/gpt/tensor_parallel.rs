@@ -27,7 +27,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Int, Tensor};
 use kiln_models::gpt::{Block, Gpt, Mlp, Transformer};
 use kiln_multi::tensor_parallel::{
-    ColumnParallelLinear, RowParallelLinear, all_reduce_sum, sum_gradients,
+    ColumnParallelLinear, GradientSum, RowParallelLinear, all_reduce_sum, sum_gradients,
 };
 use kiln_multi::{Collective, MultiError};
 use kiln_trainer::data::TokenBatch;
@@ -54,6 +54,13 @@ pub struct TensorParallelGpt {
     /// test replaces it to show that the sum is needed).
     #[module(skip)]
     gradient_group: Arc<dyn Collective>,
+    /// One group of the same ranks per pipeline stage ([`split_pipelined`](Self::split_pipelined));
+    /// empty without a pipeline.
+    #[module(skip)]
+    stage_groups: Vec<Arc<dyn Collective>>,
+    /// Megatron's "f" over each stage's group, whose failures outlive the stages.
+    #[module(skip)]
+    stage_sums: Vec<GradientSum>,
 }
 
 /// Rank r's part of a [`Block`].
@@ -77,7 +84,7 @@ pub struct TensorParallelBlock {
 
 /// A sub-block: the attention or the MLP branch of a block.
 #[derive(Debug, Clone, Copy)]
-enum Branch {
+pub(super) enum Branch {
     Attention,
     Mlp,
 }
@@ -120,7 +127,62 @@ impl TensorParallelGpt {
             lm_head: model.lm_head.clone(),
             gradient_group: Arc::clone(&group),
             group,
+            stage_groups: Vec::new(),
+            stage_sums: Vec::new(),
         })
+    }
+
+    /// [`split`](Self::split) for a pipeline of `stages` stages: with one duplicate of `group`
+    /// per stage (each stage's thread runs its collectives at the same time as the others').
+    /// Every rank calls it together.
+    ///
+    /// # Errors
+    /// As [`split`](Self::split), and when the group cannot be duplicated.
+    pub fn split_pipelined(
+        model: &Gpt,
+        group: Arc<dyn Collective>,
+        stages: usize,
+    ) -> kiln_multi::Result<Self> {
+        let mut part = Self::split(model, Arc::clone(&group))?;
+        part.stage_groups = (0..stages)
+            .map(|_| group.duplicate())
+            .collect::<kiln_multi::Result<_>>()?;
+        part.stage_sums = part
+            .stage_groups
+            .iter()
+            .map(|g| GradientSum::new(Arc::clone(g)))
+            .collect();
+        Ok(part)
+    }
+
+    /// The same part, each stage's "f" summing over `group(stage group)` instead (a test
+    /// replaces the sum to show that it is needed).
+    pub fn with_stage_gradient_groups(
+        mut self,
+        group: &dyn Fn(Arc<dyn Collective>) -> Arc<dyn Collective>,
+    ) -> Self {
+        self.stage_sums = self
+            .stage_groups
+            .iter()
+            .map(|g| GradientSum::new(group(Arc::clone(g))))
+            .collect();
+        self
+    }
+
+    /// Each pipeline stage's group and its "f".
+    pub(super) fn stage_groups(
+        &self,
+    ) -> impl Iterator<Item = (&Arc<dyn Collective>, &GradientSum)> {
+        self.stage_groups.iter().zip(&self.stage_sums)
+    }
+
+    /// The first all-reduce failure of the pipeline stages' backward passes since the last
+    /// call (Burn's backward cannot fail, so "f" keeps it).
+    ///
+    /// # Errors
+    /// That failure.
+    pub fn check_pipeline(&self) -> kiln_multi::Result<()> {
+        self.stage_sums.iter().try_for_each(GradientSum::check)
     }
 
     /// The same part, summing the backward's activation gradients over `group` instead.
@@ -285,17 +347,30 @@ impl TensorParallelBlock {
         x: Tensor<3>,
         group: &dyn Collective,
     ) -> kiln_multi::Result<Tensor<3>> {
+        self.branch_with(branch, x, group, &|h| Ok(h))
+    }
+
+    /// [`branch`](Self::branch) with `front` applied to the normalised input of the split
+    /// layers (Megatron's "f" as an autodiff op, [`kiln_multi::tensor_parallel::GradientSum`],
+    /// in a pipeline stage).
+    pub(super) fn branch_with(
+        &self,
+        branch: Branch,
+        x: Tensor<3>,
+        group: &dyn Collective,
+        front: &dyn Fn(Tensor<3>) -> kiln_multi::Result<Tensor<3>>,
+    ) -> kiln_multi::Result<Tensor<3>> {
         let [b, t, c] = x.dims();
         let out = match branch {
             Branch::Attention => {
-                let y = self.attention(self.ln_1.forward(x));
+                let y = self.attention(front(self.ln_1.forward(x))?);
                 let [_, _, local] = y.dims();
                 self.attn_proj.forward(y.reshape([b * t, local]), group)?
             }
             Branch::Mlp => {
-                let h =
-                    kiln_kernels::gelu(self.c_fc.forward(self.ln_2.forward(x).reshape([b * t, c])));
-                self.mlp_proj.forward(h, group)?
+                let h = front(self.ln_2.forward(x))?.reshape([b * t, c]);
+                self.mlp_proj
+                    .forward(kiln_kernels::gelu(self.c_fc.forward(h)), group)?
             }
         };
         Ok(out.reshape([b, t, c]))
