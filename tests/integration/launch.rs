@@ -300,11 +300,12 @@ mod mpi {
 
     #[test]
     fn gpt_tensor_parallel_and_data_parallel_pipelines_run_across_processes() {
-        // Two processes as one tensor-parallel group, and as two data-parallel ranks with a
-        // 2-stage pipeline each (and ZeRO-1): the same run as the threads' and one device's.
+        // Two processes as one tensor-parallel group (alone, or each rank a 2-stage pipeline),
+        // and as two data-parallel ranks with a 2-stage pipeline each (and ZeRO-1): the same
+        // run as the threads' and one device's.
         let dir = tempfile::tempdir().unwrap();
         let one = train_gpt(dir.path(), "one", false, &[]);
-        let cases: [(&str, bool, &[&str]); 4] = [
+        let cases: [(&str, bool, &[&str]); 5] = [
             ("tp-threads", false, &["--tensor-parallel", "2"]),
             ("tp-processes", true, &["--tensor-parallel", "2"]),
             (
@@ -317,6 +318,9 @@ mod mpi {
                 true,
                 &["--pipeline-stages", "2", "--zero", "1"],
             ),
+            // One tensor-parallel group of 2 processes, each a pipeline of 2 stages whose
+            // groups are duplicated communicators.
+            ("tp-pp-processes", true, &["--mesh", "tp=2,pp=2"]),
         ];
         for (name, launched, extra) in cases {
             let loss = train_gpt(dir.path(), name, launched, extra);

@@ -331,6 +331,7 @@ const BROADCAST: i64 = 2;
 const ALL_GATHER: i64 = 3;
 const REDUCE_SCATTER: i64 = 4;
 const BARRIER: i64 = 5;
+const DUPLICATE: i64 = 6;
 
 /// Elements per MPI call for broadcasts, below `c_int::MAX`.
 const CHUNK: usize = 1 << 30;
@@ -490,6 +491,26 @@ impl Collective for MpiCollective {
             // SAFETY: valid communicator.
             unsafe { ffi::MPI_Barrier(self.comm.0) }
         })
+    }
+
+    /// `MPI_Comm_dup` (which keeps the error handler), with a watchdog of its own, so the
+    /// duplicate's collectives may run at the same time as this group's on other threads
+    /// (the session asks for `MPI_THREAD_MULTIPLE`).
+    fn duplicate(&self) -> Result<Arc<dyn Collective>> {
+        let mut comm = ffi::MPI_Comm(std::ptr::null_mut());
+        self.call("duplicate", DUPLICATE, 0, 0, Ok(()), || {
+            // SAFETY: valid communicator and out-pointer.
+            unsafe { ffi::MPI_Comm_dup(self.comm.0, &mut comm) }
+        })?;
+        Ok(Arc::new(MpiCollective {
+            comm: RawComm(comm),
+            rank: self.rank,
+            world: self.world,
+            timeout: self.timeout,
+            calls: Mutex::new(()),
+            watchdog: Watchdog::start(self.rank.index(), self.world.get()),
+            library: self.library.clone(),
+        }))
     }
 }
 

@@ -398,11 +398,6 @@ fn check_parallelism(config: &GptRecipeConfig, model: &GptConfig) -> Result<()> 
              kernel)",
             "a CUDA device",
         ),
-        (Some(_), Some(_)) if launched => (
-            "--tensor-parallel",
-            "tensor parallelism inside pipeline stages",
-            "kiln launch",
-        ),
         (Some(_), None) if config.zero.is_some() => {
             ("--zero", "a sharded optimizer state", "tensor parallelism")
         }
