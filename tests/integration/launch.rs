@@ -349,7 +349,53 @@ mod mpi {
         ]);
         let stderr = String::from_utf8_lossy(&bad.stderr);
         assert!(!bad.status.success(), "{stderr}");
-        assert!(stderr.contains("one process each"), "{stderr}");
+        assert!(stderr.contains("do not split into groups of 4"), "{stderr}");
+        // Four processes as a mesh: 2 replicas of 2 tensor-parallel ranks (groups split from
+        // the job's communicator), alone and with each rank a pipeline of 2 stages.
+        for mesh in ["dp=2,tp=2", "dp=2,tp=2,pp=2"] {
+            let out = dir.path().join(mesh);
+            let mut args = vec![
+                "--nproc-per-node",
+                "4",
+                "--",
+                "kiln",
+                "train",
+                "gpt",
+                "--mesh",
+                mesh,
+            ];
+            let text = dir.path().join("text.txt");
+            let flags = [
+                "--data",
+                text.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--layers",
+                "2",
+                "--heads",
+                "2",
+                "--embed",
+                "16",
+                "--block-size",
+                "16",
+                "--batch-size",
+                "16",
+                "--lr",
+                "1e-2",
+                "--epochs",
+                "1",
+                "--limit",
+                "320",
+                "--quiet",
+                "--json",
+            ];
+            args.extend_from_slice(&flags);
+            let report = launch_json(&args);
+            let loss = report["val_loss"].as_f64().unwrap();
+            eprintln!("{mesh} over 4 processes: validation loss {loss} vs one device {one}");
+            assert!((loss - one).abs() < 1e-5, "{mesh}: {loss} vs {one}");
+            assert_eq!(report["ranks"], 2);
+        }
     }
 
     #[test]

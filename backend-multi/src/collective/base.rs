@@ -102,6 +102,21 @@ pub trait Collective: Send + Sync {
                 .into(),
         })
     }
+
+    /// The group of the ranks that pass the same `color`, ordered by `key` (as
+    /// `MPI_Comm_split`), e.g. a device mesh's data- and tensor-parallel groups over the
+    /// processes of a launched job. Every rank calls it together.
+    ///
+    /// # Errors
+    /// On timeout or a failed peer; [`MultiError::Config`] from an engine that cannot (the
+    /// default; in-process meshes are built whole by [`run_mesh`](crate::run_mesh)).
+    fn split(&self, color: usize, key: usize) -> Result<std::sync::Arc<dyn Collective>> {
+        let _ = (color, key);
+        Err(MultiError::Config {
+            field: "collective",
+            reason: "this engine cannot split its group (MPI's can)".into(),
+        })
+    }
 }
 
 impl std::fmt::Debug for dyn Collective {

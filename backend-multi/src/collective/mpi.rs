@@ -332,6 +332,7 @@ const ALL_GATHER: i64 = 3;
 const REDUCE_SCATTER: i64 = 4;
 const BARRIER: i64 = 5;
 const DUPLICATE: i64 = 6;
+const SPLIT: i64 = 7;
 
 /// Elements per MPI call for broadcasts, below `c_int::MAX`.
 const CHUNK: usize = 1 << 30;
@@ -509,6 +510,38 @@ impl Collective for MpiCollective {
             timeout: self.timeout,
             calls: Mutex::new(()),
             watchdog: Watchdog::start(self.rank.index(), self.world.get()),
+            library: self.library.clone(),
+        }))
+    }
+
+    /// `MPI_Comm_split`, with a watchdog of its own.
+    fn split(&self, color: usize, key: usize) -> Result<Arc<dyn Collective>> {
+        let too_large = |what: &str| MultiError::Config {
+            field: "MPI",
+            reason: format!("a group split's {what} does not fit an MPI int"),
+        };
+        let color = c_int::try_from(color).map_err(|_| too_large("color"))?;
+        let key = c_int::try_from(key).map_err(|_| too_large("key"))?;
+        let mut comm = ffi::MPI_Comm(std::ptr::null_mut());
+        self.call("split", SPLIT, 0, 0, Ok(()), || {
+            // SAFETY: valid communicator and out-pointer.
+            unsafe { ffi::MPI_Comm_split(self.comm.0, color, key, &mut comm) }
+        })?;
+        let (mut rank, mut size) = (0, 0);
+        // SAFETY: the new communicator and out-pointers are valid.
+        unsafe {
+            ffi::MPI_Comm_rank(comm, &mut rank);
+            ffi::MPI_Comm_size(comm, &mut size);
+        }
+        let world = WorldSize::new(size as usize)?;
+        let rank = Rank::new(rank as usize, world)?;
+        Ok(Arc::new(MpiCollective {
+            comm: RawComm(comm),
+            rank,
+            world,
+            timeout: self.timeout,
+            calls: Mutex::new(()),
+            watchdog: Watchdog::start(rank.index(), world.get()),
             library: self.library.clone(),
         }))
     }

@@ -221,18 +221,8 @@ fn fit_tensor_parallel(
     resume: Option<(PathBuf, Checkpoint)>,
     world: WorldSize,
 ) -> Result<(Gpt, FitReport)> {
+    let replicas = launched_replicas(config, world)?;
     let (devices, transport) = match &config.process_group {
-        Some(group) if group.world_size() != world => {
-            return Err(RecipeError::Options {
-                flag: "--tensor-parallel",
-                reason: format!(
-                    "the launched job has {} processes; {} tensor-parallel ranks need one \
-                     process each",
-                    group.world_size().get(),
-                    world.get()
-                ),
-            });
-        }
         // This process's device: the launcher already chose it.
         Some(_) => (
             vec![config.device.device()?.autodiff()],
@@ -269,7 +259,7 @@ fn fit_tensor_parallel(
             None => &TensorParallelGpt::sync_gradients,
         },
         split_params: &TensorParallelGpt::split_params,
-        data_parallel: (config.ranks.get() > 1).then_some(config.ranks),
+        data_parallel: (replicas.get() > 1).then_some(replicas),
         process_group: config.process_group.clone(),
     };
     let eval = |part: &TensorParallelGpt, batch: TokenBatch| -> StepResult<StepOutput> {
@@ -294,6 +284,33 @@ fn fit_tensor_parallel(
         eval: &eval,
     };
     Ok(trainer.fit_tensor_parallel_model(model, steps, data, resume, split)?)
+}
+
+/// The data-parallel replicas of `tensor`-rank groups: `--ranks` threads, or under a
+/// launcher the job's processes divided into groups (rank = replica x tensor + shard).
+fn launched_replicas(config: &GptRecipeConfig, tensor: WorldSize) -> Result<WorldSize> {
+    let Some(group) = &config.process_group else {
+        return Ok(config.ranks);
+    };
+    let processes = group.world_size().get();
+    let replicas = processes / tensor.get();
+    if !processes.is_multiple_of(tensor.get())
+        || (config.ranks.get() > 1 && config.ranks.get() != replicas)
+    {
+        return Err(RecipeError::Options {
+            flag: "--tensor-parallel",
+            reason: format!(
+                "the launched job's {processes} processes do not split into groups of {} \
+                 tensor-parallel ranks{}",
+                tensor.get(),
+                match config.ranks.get() {
+                    1 => String::new(),
+                    n => format!(", {n} of them (--ranks/dp)"),
+                }
+            ),
+        });
+    }
+    Ok(WorldSize::new(replicas)?)
 }
 
 /// The blocks as a pipeline: equal numbers of blocks per stage, each stage on its own thread
@@ -401,7 +418,7 @@ fn check_parallelism(config: &GptRecipeConfig, model: &GptConfig) -> Result<()> 
         (Some(_), None) if config.zero.is_some() => {
             ("--zero", "a sharded optimizer state", "tensor parallelism")
         }
-        _ if launched && config.ranks.get() > 1 => (
+        (None, _) if launched && config.ranks.get() > 1 => (
             "--ranks",
             "data-parallel threads",
             "kiln launch (its processes are the data-parallel ranks)",
@@ -560,7 +577,7 @@ fn report(
         // Data-parallel ranks: a launched job's processes, unless they split the blocks.
         ranks: match (&config.process_group, config.tensor_parallel) {
             (Some(group), None) => group.world_size().get(),
-            (Some(_), Some(_)) => 1,
+            (Some(group), Some(tensor)) => group.world_size().get() / tensor.get(),
             (None, _) => config.ranks.get(),
         },
         zero_stage: config.zero.map(ZeroStage::number),

@@ -365,15 +365,7 @@ impl Trainer {
         let tensor = WorldSize::new(split.devices.len())?;
         // The ranks of this process: one under a launcher, else the whole mesh.
         let mesh = match (&split.process_group, split.data_parallel) {
-            (Some(_), Some(_)) => {
-                return Err(TrainError::Config {
-                    field: "--ranks",
-                    reason: "a launched tensor-parallel group has no data-parallel replicas \
-                             yet: run the replicas as threads of one process"
-                        .into(),
-                });
-            }
-            (Some(_), None) => MeshShape {
+            (Some(_), _) => MeshShape {
                 data: WorldSize::ONE,
                 tensor: WorldSize::ONE,
             },
@@ -416,7 +408,10 @@ impl Trainer {
                 Ok(out)
             };
             let setup = RankSetup {
-                collective: (mesh.data.get() > 1).then(|| Arc::clone(&groups.data)),
+                collective: split
+                    .data_parallel
+                    .is_some()
+                    .then(|| Arc::clone(&groups.data)),
                 ..RankSetup::single(&devices[index])
             };
             let task = RankTask {
@@ -429,7 +424,7 @@ impl Trainer {
         };
         let ranks = match (&split.process_group, split.data_parallel) {
             // This process is one rank of the group: its own part, no threads.
-            (Some(group), _) => vec![rank(
+            (Some(group), None) => vec![rank(
                 0,
                 MeshRank {
                     world: Arc::clone(group),
@@ -437,6 +432,8 @@ impl Trainer {
                     tensor: Arc::clone(group),
                 },
             )?],
+            // One rank of a launched mesh: its groups split from the job's.
+            (Some(group), Some(data)) => vec![rank(0, process_mesh(group, data)?)?],
             (None, None) => run_group(tensor, split.collective, &split.transport, |group| {
                 let groups = MeshRank {
                     world: Arc::clone(&group),
@@ -611,6 +608,33 @@ impl Trainer {
     }
 }
 
+/// This process's groups in a launched mesh of `data` replicas over `group`'s ranks (rank =
+/// replica x tensor + shard, as [`MeshShape::coordinates`]).
+fn process_mesh(group: &Arc<dyn Collective>, data: WorldSize) -> Result<MeshRank> {
+    let world = group.world_size().get();
+    if !world.is_multiple_of(data.get()) {
+        return Err(TrainError::Config {
+            field: "--ranks",
+            reason: format!(
+                "{} data-parallel replicas do not divide the job's {world} processes",
+                data.get()
+            ),
+        });
+    }
+    let mesh = MeshShape {
+        data,
+        tensor: WorldSize::new(world / data.get())?,
+    };
+    let (replica, shard) = mesh.coordinates(group.rank());
+    let tensor = group.split(replica, shard)?;
+    let data = group.split(shard, replica)?;
+    Ok(MeshRank {
+        world: Arc::clone(group),
+        data,
+        tensor,
+    })
+}
+
 /// The ready-made classification step over a forward function.
 fn classification_step<'a, M, F>(
     forward: &'a F,
@@ -719,8 +743,9 @@ pub struct TensorParallelSplit<'a, M, P> {
     /// replicas. `None`: one group.
     pub data_parallel: Option<WorldSize>,
     /// This process is one rank of a tensor-parallel group started outside (e.g. MPI under
-    /// `kiln launch`): no threads are started, `devices` holds this rank's device, and the
-    /// group's rank and size are the split's.
+    /// `kiln launch`): no threads are started and `devices` holds this rank's device; with
+    /// `data_parallel` D, the job is a mesh of D replicas whose groups are split from this one
+    /// ([`Collective::split`]), else the group is the tensor-parallel one.
     pub process_group: Option<Arc<dyn Collective>>,
 }
 
