@@ -38,7 +38,7 @@ struct Mode {
     kernels: bool,
 }
 
-const MODES: [Mode; 8] = [
+const MODES: [Mode; 10] = [
     mode("1 device", 1, None, None, None),
     burn_ops(mode(
         "1 device, Burn's ops (kernels off)",
@@ -64,6 +64,14 @@ const MODES: [Mode; 8] = [
         None,
         Some(2),
         None,
+    ),
+    mode("tensor parallel 2 x pipeline 2", 1, None, Some(2), Some(2)),
+    mode(
+        "data parallel 2 x tensor parallel 2 x pipeline 2",
+        2,
+        None,
+        Some(2),
+        Some(2),
     ),
 ];
 
