@@ -166,3 +166,35 @@ fn max_abs_diff_reports_nan_so_tolerance_checks_fail() {
     assert!(all_nan.is_nan() && all_nan.partial_cmp(&1e-5).is_none());
     assert_eq!(max_abs_diff(&[1.0, -2.0], &[1.5, -2.0]), 0.5);
 }
+
+/// `kiln train gpt`'s flags for a tiny model (`layers` blocks of 2 heads, 16 wide, windows of
+/// 16 bytes, batches of 16, lr 1e-2) on `data` into `out` for `epochs`, quiet, with `--json`.
+pub fn tiny_gpt_args(data: &Path, out: &Path, layers: &str, epochs: &str) -> Vec<String> {
+    let (data, out) = (data.to_str().unwrap(), out.to_str().unwrap());
+    [
+        "train",
+        "gpt",
+        "--data",
+        data,
+        "--out",
+        out,
+        "--layers",
+        layers,
+        "--heads",
+        "2",
+        "--embed",
+        "16",
+        "--block-size",
+        "16",
+        "--batch-size",
+        "16",
+        "--lr",
+        "1e-2",
+        "--epochs",
+        epochs,
+        "--quiet",
+        "--json",
+    ]
+    .map(String::from)
+    .to_vec()
+}

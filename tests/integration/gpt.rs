@@ -24,7 +24,9 @@ use kiln::trainer::{
     Steps, TensorParallelSplit, TensorParallelSteps, Trainer, TrainerConfig,
 };
 
-use crate::common::{assert_clean_failure, kiln, kiln_ok, last_json, max_abs_diff, npy, repo};
+use crate::common::{
+    assert_clean_failure, kiln, kiln_ok, last_json, max_abs_diff, npy, repo, tiny_gpt_args,
+};
 use crate::general::NoReduce;
 
 const TOLERANCE: f32 = 1e-4;
@@ -194,31 +196,9 @@ fn train_tiny(
     epochs: &str,
     extra: &[&str],
 ) -> serde_json::Value {
-    let mut args = vec![
-        "train",
-        "gpt",
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--layers",
-        "1",
-        "--heads",
-        "2",
-        "--embed",
-        "16",
-        "--block-size",
-        "16",
-        "--batch-size",
-        "16",
-        "--lr",
-        "1e-2",
-        "--epochs",
-        epochs,
-        "--quiet",
-        "--json",
-    ];
-    args.extend_from_slice(extra);
+    let mut args = tiny_gpt_args(data, out, "1", epochs);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     last_json(&kiln_ok(&args))
 }
 
@@ -875,33 +855,14 @@ fn train_gpt_tensor_parallel_and_pipelined_from_the_cli() {
     // Tensor-parallel pipeline stages: two blocks, one per stage.
     let two_blocks = |name: &str, extra: &[&str]| {
         let out = dir.path().join(name);
-        let mut args = vec![
-            "train",
-            "gpt",
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--layers",
-            "2",
-            "--heads",
-            "2",
-            "--embed",
-            "16",
-            "--block-size",
-            "16",
-            "--batch-size",
-            "16",
-            "--lr",
-            "1e-2",
-            "--epochs",
-            "1",
-            "--limit",
-            "320",
-            "--quiet",
-            "--json",
-        ];
-        args.extend_from_slice(extra);
+        let mut args = tiny_gpt_args(&data, &out, "2", "1");
+        args.extend(
+            ["--limit", "320"]
+                .iter()
+                .chain(extra)
+                .map(|a| a.to_string()),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         last_json(&kiln_ok(&args))["val_loss"].as_f64().unwrap()
     };
     let one = two_blocks("two-blocks", &[]);

@@ -119,7 +119,7 @@ mod mpi {
     use std::process::{Child, Command, Output, Stdio};
     use std::time::{Duration, Instant};
 
-    use crate::common::{kiln, kiln_ok, last_json, train_cnn_mnist};
+    use crate::common::{kiln, kiln_ok, last_json, tiny_gpt_args, train_cnn_mnist};
 
     /// `kiln launch` of a cnn-mnist training on 2 processes, to which flags are added.
     const TRAIN_ON_2_PROCESSES: [&str; 7] = [
@@ -254,48 +254,31 @@ mod mpi {
         }
     }
 
-    /// `kiln train gpt` of a tiny model on the shipped text's first 20 kB, 20 steps, with
-    /// `extra` flags; `launched` runs it as 2 processes under `kiln launch`.
-    fn train_gpt(dir: &std::path::Path, name: &str, launched: bool, extra: &[&str]) -> f64 {
+    /// `kiln train gpt`'s report for a tiny model of 2 blocks on the shipped text's first
+    /// 20 kB, 20 steps, with `extra` flags; with `processes`, under `kiln launch`.
+    fn train_gpt(
+        dir: &std::path::Path,
+        name: &str,
+        processes: Option<&str>,
+        extra: &[&str],
+    ) -> serde_json::Value {
         let text = dir.join("text.txt");
         if !text.exists() {
             let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/data/shakespeare/input.txt");
             std::fs::write(&text, &std::fs::read(shipped).unwrap()[..20_000]).unwrap();
         }
-        let out = dir.join(name);
-        let mut args = vec![
-            "train",
-            "gpt",
-            "--data",
-            text.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--layers",
-            "2",
-            "--heads",
-            "2",
-            "--embed",
-            "16",
-            "--block-size",
-            "16",
-            "--batch-size",
-            "16",
-            "--lr",
-            "1e-2",
-            "--epochs",
-            "1",
-            "--limit",
-            "320",
-            "--quiet",
-            "--json",
-        ];
-        args.extend_from_slice(extra);
-        let report = if launched {
-            launch_json(&[&["--nproc-per-node", "2", "--", "kiln"][..], &args].concat())
-        } else {
-            last_json(&kiln_ok(&args))
-        };
-        report["val_loss"].as_f64().unwrap()
+        let mut args = tiny_gpt_args(&text, &dir.join(name), "2", "1");
+        args.extend(
+            ["--limit", "320"]
+                .iter()
+                .chain(extra)
+                .map(|a| a.to_string()),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        match processes {
+            Some(n) => launch_json(&[&["--nproc-per-node", n, "--", "kiln"][..], &args].concat()),
+            None => last_json(&kiln_ok(&args)),
+        }
     }
 
     #[test]
@@ -304,26 +287,28 @@ mod mpi {
         // and as two data-parallel ranks with a 2-stage pipeline each (and ZeRO-1): the same
         // run as the threads' and one device's.
         let dir = tempfile::tempdir().unwrap();
-        let one = train_gpt(dir.path(), "one", false, &[]);
-        let cases: [(&str, bool, &[&str]); 5] = [
-            ("tp-threads", false, &["--tensor-parallel", "2"]),
-            ("tp-processes", true, &["--tensor-parallel", "2"]),
+        let loss = |report: serde_json::Value| report["val_loss"].as_f64().unwrap();
+        let one = loss(train_gpt(dir.path(), "one", None, &[]));
+        let two = Some("2");
+        let cases: [(&str, Option<&str>, &[&str]); 5] = [
+            ("tp-threads", None, &["--tensor-parallel", "2"]),
+            ("tp-processes", two, &["--tensor-parallel", "2"]),
             (
                 "dp-pp-threads",
-                false,
+                None,
                 &["--ranks", "2", "--pipeline-stages", "2"],
             ),
             (
                 "dp-pp-processes",
-                true,
+                two,
                 &["--pipeline-stages", "2", "--zero", "1"],
             ),
             // One tensor-parallel group of 2 processes, each a pipeline of 2 stages whose
             // groups are duplicated communicators.
-            ("tp-pp-processes", true, &["--mesh", "tp=2,pp=2"]),
+            ("tp-pp-processes", two, &["--mesh", "tp=2,pp=2"]),
         ];
-        for (name, launched, extra) in cases {
-            let loss = train_gpt(dir.path(), name, launched, extra);
+        for (name, processes, extra) in cases {
+            let loss = loss(train_gpt(dir.path(), name, processes, extra));
             eprintln!("{name}: validation loss {loss} vs one device {one}");
             assert!(
                 (loss - one).abs() < 1e-5,
@@ -353,44 +338,7 @@ mod mpi {
         // Four processes as a mesh: 2 replicas of 2 tensor-parallel ranks (groups split from
         // the job's communicator), alone and with each rank a pipeline of 2 stages.
         for mesh in ["dp=2,tp=2", "dp=2,tp=2,pp=2"] {
-            let out = dir.path().join(mesh);
-            let mut args = vec![
-                "--nproc-per-node",
-                "4",
-                "--",
-                "kiln",
-                "train",
-                "gpt",
-                "--mesh",
-                mesh,
-            ];
-            let text = dir.path().join("text.txt");
-            let flags = [
-                "--data",
-                text.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-                "--layers",
-                "2",
-                "--heads",
-                "2",
-                "--embed",
-                "16",
-                "--block-size",
-                "16",
-                "--batch-size",
-                "16",
-                "--lr",
-                "1e-2",
-                "--epochs",
-                "1",
-                "--limit",
-                "320",
-                "--quiet",
-                "--json",
-            ];
-            args.extend_from_slice(&flags);
-            let report = launch_json(&args);
+            let report = train_gpt(dir.path(), mesh, Some("4"), &["--mesh", mesh]);
             let loss = report["val_loss"].as_f64().unwrap();
             eprintln!("{mesh} over 4 processes: validation loss {loss} vs one device {one}");
             assert!((loss - one).abs() < 1e-5, "{mesh}: {loss} vs {one}");

@@ -418,15 +418,31 @@ impl GptStage {
     /// last stage, the logits `[batch, tokens, vocab]`.
     pub fn forward_hidden(&self, x: Tensor<3>) -> Tensor<3> {
         let x = self.h.iter().fold(x, |x, block| block.forward(x, None));
-        let Some(ln_f) = &self.ln_f else {
-            return x;
-        };
-        let x = ln_f.forward(x);
-        match (&self.lm_head, &self.wte) {
-            (Some(head), _) => head.forward(x),
-            (None, Some(wte)) => tied_logits(wte, x),
-            (None, None) => x,
-        }
+        stage_head(
+            x,
+            self.ln_f.as_ref(),
+            self.lm_head.as_ref(),
+            self.wte.as_ref(),
+        )
+    }
+}
+
+/// The end of a pipeline stage on the stream `x`: unchanged without the final norm (not the
+/// last stage), else the logits through the untied head or the tied embedding `wte`.
+pub fn stage_head(
+    x: Tensor<3>,
+    ln_f: Option<&LayerNorm>,
+    lm_head: Option<&Linear>,
+    wte: Option<&Embedding>,
+) -> Tensor<3> {
+    let Some(ln_f) = ln_f else {
+        return x;
+    };
+    let x = ln_f.forward(x);
+    match (lm_head, wte) {
+        (Some(head), _) => head.forward(x),
+        (None, Some(wte)) => tied_logits(wte, x),
+        (None, None) => x,
     }
 }
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use burn::module::Module;
 use burn::nn::{Embedding, LayerNorm, Linear};
 use burn::tensor::Tensor;
-use kiln_models::gpt::{embed, tied_logits};
+use kiln_models::gpt::{embed, stage_head};
 use kiln_multi::Collective;
 use kiln_multi::pipeline::{
     Activation, ModuleStage, Pipeline, PipelineConfig, PipelineStage, Targets, merge_grads,
@@ -148,14 +148,11 @@ impl TensorParallelGptStage {
                 x = x + out;
             }
         }
-        let Some(ln_f) = &self.ln_f else {
-            return x;
-        };
-        let x = ln_f.forward(x);
-        match (&self.lm_head, &self.wte) {
-            (Some(head), _) => head.forward(x),
-            (None, Some(wte)) => tied_logits(wte, x),
-            (None, None) => x,
-        }
+        stage_head(
+            x,
+            self.ln_f.as_ref(),
+            self.lm_head.as_ref(),
+            self.wte.as_ref(),
+        )
     }
 }
