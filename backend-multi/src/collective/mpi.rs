@@ -113,14 +113,7 @@ impl MpiSession {
             "init",
         )
         .map_err(|e| mpi_error(e.to_string()))?;
-        let (mut rank, mut size) = (0, 0);
-        // SAFETY: valid communicator and out-pointers.
-        unsafe {
-            ffi::MPI_Comm_rank(comm, &mut rank);
-            ffi::MPI_Comm_size(comm, &mut size);
-        }
-        let world = WorldSize::new(size as usize)?;
-        let rank = Rank::new(rank as usize, world)?;
+        let (rank, world) = place(comm)?;
         let state = SessionState {
             universe: Mutex::new(Some(universe)),
             comm: RawComm(comm),
@@ -527,14 +520,7 @@ impl Collective for MpiCollective {
             // SAFETY: valid communicator and out-pointer.
             unsafe { ffi::MPI_Comm_split(self.comm.0, color, key, &mut comm) }
         })?;
-        let (mut rank, mut size) = (0, 0);
-        // SAFETY: the new communicator and out-pointers are valid.
-        unsafe {
-            ffi::MPI_Comm_rank(comm, &mut rank);
-            ffi::MPI_Comm_size(comm, &mut size);
-        }
-        let world = WorldSize::new(size as usize)?;
-        let rank = Rank::new(rank as usize, world)?;
+        let (rank, world) = place(comm)?;
         Ok(Arc::new(MpiCollective {
             comm: RawComm(comm),
             rank,
@@ -545,6 +531,18 @@ impl Collective for MpiCollective {
             library: self.library.clone(),
         }))
     }
+}
+
+/// This process's rank in `comm` and the communicator's size.
+fn place(comm: ffi::MPI_Comm) -> Result<(Rank, WorldSize)> {
+    let (mut rank, mut size) = (0, 0);
+    // SAFETY: a valid communicator and out-pointers.
+    unsafe {
+        ffi::MPI_Comm_rank(comm, &mut rank);
+        ffi::MPI_Comm_size(comm, &mut size);
+    }
+    let world = WorldSize::new(size as usize)?;
+    Ok((Rank::new(rank as usize, world)?, world))
 }
 
 /// Turns an MPI return code into [`MultiError::PeerFailed`] with MPI's own message.
