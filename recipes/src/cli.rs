@@ -824,8 +824,8 @@ pub struct GptArgs {
     /// The device mesh in one flag, instead of --ranks, --tensor-parallel and
     /// --pipeline-stages: `dp=D,tp=T,pp=P` (axes in any order, a missing one is 1), e.g.
     /// `--mesh dp=2,tp=2` (4 threads), `--mesh dp=2,tp=2,pp=2` (4 ranks of 2 stage threads).
-    /// Every combination runs in threads (tp x pp on the CPU only); under kiln launch, the
-    /// processes are dp ranks (with pp) or one tp group.
+    /// Every combination runs in threads (tp x pp on the CPU only), and under kiln launch
+    /// (dp x tp processes, each rank's pipeline stages its threads).
     #[arg(long, value_name = "dp=D,tp=T,pp=P", conflicts_with_all = ["ranks", "tensor_parallel", "pipeline_stages"])]
     pub mesh: Option<MeshArg>,
     /// Micro-batches each batch is split into for the pipeline.
