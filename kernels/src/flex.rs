@@ -15,6 +15,7 @@ use burn::backend::{Autodiff, Backend, Bytes, DType, Flex, Shape, backend_extens
 
 use crate::conv::{self, Conv2dShape};
 use crate::gelu;
+use crate::layer_norm;
 use crate::norm::{self, NormShape};
 use crate::optim;
 use crate::pool::{self, Pool2dShape};
@@ -43,6 +44,15 @@ pub trait CpuKernels: Backend {
     /// GELU (erf-based, as PyTorch's `nn.GELU()`) of every element of `x`, any rank;
     /// differentiable in `x`.
     fn kiln_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// Layer normalisation of `x` over its last dimension (of `gamma`'s length), scaled by
+    /// `gamma` and shifted by `beta`; differentiable in all three.
+    fn kiln_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> FloatTensor<Self>;
 
     /// `x` unchanged; in the backward pass its gradient goes through `reduce` (e.g. a sum over
     /// the ranks of a tensor-parallel group: Megatron's "f"). Any rank.
@@ -307,6 +317,15 @@ impl CpuKernels for Flex {
         x
     }
 
+    fn kiln_layer_norm(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        epsilon: f64,
+    ) -> FlexTensor {
+        layer_norm_forward(&x, &gamma, &beta, epsilon).0
+    }
+
     fn kiln_sgd_momentum(
         param: FlexTensor,
         grad: FlexTensor,
@@ -440,6 +459,77 @@ impl Backward<Flex, 1> for GeluBackward {
         if let Some(node) = node_x {
             gelu::gelu_backward(ops.state.storage::<f32>(), grad.storage_mut::<f32>());
             grads.register::<Flex>(node.id, grad);
+        }
+    }
+}
+
+/// [`layer_norm::layer_norm`] of `x` over its last dimension: the output (contiguous, `x`'s
+/// shape) and each row's mean and reciprocal standard deviation.
+fn layer_norm_forward(
+    x: &FlexTensor,
+    gamma: &FlexTensor,
+    beta: &FlexTensor,
+    epsilon: f64,
+) -> (FlexTensor, Vec<f32>) {
+    let (x, gamma, beta) = (
+        x.to_contiguous(),
+        gamma.to_contiguous(),
+        beta.to_contiguous(),
+    );
+    let values = x.storage::<f32>();
+    let width = gamma.storage::<f32>().len().max(1);
+    let mut out = vec![0.0f32; values.len()];
+    let mut stats = vec![0.0f32; 2 * (values.len() / width)];
+    layer_norm::layer_norm(
+        values,
+        gamma.storage::<f32>(),
+        beta.storage::<f32>(),
+        epsilon as f32,
+        &mut out,
+        &mut stats,
+    );
+    (new_f32(out, x.layout().shape().to_vec()), stats)
+}
+
+/// What a layer norm's backward keeps: the (contiguous) input and gamma, and the forward's
+/// per-row statistics.
+#[derive(Debug, Clone)]
+struct LayerNormState {
+    x: FlexTensor,
+    gamma: FlexTensor,
+    stats: Arc<Vec<f32>>,
+}
+
+/// Backward step of [`CpuKernels::kiln_layer_norm`]: parents are the input, gamma and beta.
+#[derive(Debug)]
+struct LayerNormBackward;
+
+impl Backward<Flex, 3> for LayerNormBackward {
+    type State = LayerNormState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_gamma, node_beta] = ops.parents;
+        let state = ops.state;
+        // The input gradient is written over the output gradient's buffer.
+        let mut grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let width = state.gamma.storage::<f32>().len();
+        let (mut grad_gamma, mut grad_beta) = (vec![0.0f32; width], vec![0.0f32; width]);
+        layer_norm::layer_norm_backward(
+            state.x.storage::<f32>(),
+            state.gamma.storage::<f32>(),
+            &state.stats,
+            grad.storage_mut::<f32>(),
+            &mut grad_gamma,
+            &mut grad_beta,
+        );
+        if let Some(node) = node_x {
+            grads.register::<Flex>(node.id, grad);
+        }
+        if let Some(node) = node_gamma {
+            grads.register::<Flex>(node.id, new_f32(grad_gamma, vec![width]));
+        }
+        if let Some(node) = node_beta {
+            grads.register::<Flex>(node.id, new_f32(grad_beta, vec![width]));
         }
     }
 }
@@ -615,6 +705,35 @@ fn batch_norm_op<C: CheckpointStrategy, const N: usize>(
 impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
     fn kiln_batch_norm_stats(x: FloatTensor<Self>) -> FloatTensor<Self> {
         <FloatTensor<Self>>::new(norm_stats(x.primitive()))
+    }
+
+    fn kiln_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        match LayerNormBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let x = x.into_primitive().to_contiguous();
+                let gamma = gamma.into_primitive().to_contiguous();
+                let (out, stats) = layer_norm_forward(&x, &gamma, beta.primitive(), epsilon);
+                let state = LayerNormState {
+                    x,
+                    gamma,
+                    stats: Arc::new(stats),
+                };
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => {
+                let (x, gamma) = (x.primitive(), gamma.primitive());
+                prep.finish(layer_norm_forward(x, gamma, beta.primitive(), epsilon).0)
+            }
+        }
     }
 
     fn kiln_reduce_grad(x: FloatTensor<Self>, reduce: GradReduce) -> FloatTensor<Self> {

@@ -32,6 +32,7 @@ mod flex;
 pub mod gelu;
 pub mod int8;
 pub mod isa;
+pub mod layer_norm;
 pub mod malloc;
 pub mod norm;
 pub mod optim;
@@ -44,7 +45,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use burn::backend::{DType, DispatchDevice};
 use burn::nn::conv::Conv2d;
 use burn::nn::pool::MaxPool2d;
-use burn::nn::{BatchNorm, PaddingConfig2d};
+use burn::nn::{BatchNorm, LayerNorm, PaddingConfig2d};
 use burn::tensor::Tensor;
 
 pub use flex::{CpuKernels, GradReduce};
@@ -211,6 +212,23 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     }
     Tensor::from_dispatch(<burn::backend::Dispatch as CpuKernels>::kiln_gelu(
         x.into_dispatch(),
+    ))
+}
+
+/// `ln.forward(x)` with the layer's `epsilon` (Burn keeps it private: 1e-5 unless its config
+/// chose another): kiln's kernel ([`layer_norm::layer_norm`], one parallel pass each way) for
+/// `f32` tensors on Flex when the layer has a bias, Burn's ops elsewhere or with the kernels
+/// switched off.
+pub fn layer_norm<const D: usize>(ln: &LayerNorm, x: Tensor<D>, epsilon: f64) -> Tensor<D> {
+    let fits = enabled() && on_flex_f32(&x) && x.dims()[D - 1] == ln.gamma.dims()[0];
+    let Some(beta) = ln.beta.as_ref().filter(|_| fits) else {
+        return ln.forward(x);
+    };
+    Tensor::from_dispatch(<burn::backend::Dispatch as CpuKernels>::kiln_layer_norm(
+        x.into_dispatch(),
+        ln.gamma.val().into_dispatch(),
+        beta.val().into_dispatch(),
+        epsilon,
     ))
 }
 

@@ -257,6 +257,46 @@ fn gelu_matches_burn_forward_and_gradient() {
 }
 
 #[test]
+fn layer_norm_matches_burn_forward_and_gradients() {
+    let mut ln = burn::nn::LayerNormConfig::new(37).init(&device());
+    ln.gamma = Param::from_tensor(random([37]) * 0.5 + 1.0);
+    ln.beta = Some(Param::from_tensor(random([37]) * 0.1));
+    let x = (random([3, 70, 37]) * 2.0 + 3.0).detach();
+    let run = |fast: bool| {
+        let x = x.clone().require_grad();
+        let y = if fast {
+            kernels::layer_norm(&ln, x.clone(), 1e-5)
+        } else {
+            ln.forward(x.clone())
+        };
+        let r = y.clone().detach().cos();
+        let grads = (y.clone() * r).sum().backward();
+        let gamma = ln.gamma.grad(&grads).expect("gamma gradient");
+        let beta = ln
+            .beta
+            .as_ref()
+            .unwrap()
+            .grad(&grads)
+            .expect("beta gradient");
+        (y, x.grad(&grads).expect("input gradient"), gamma, beta)
+    };
+    let (y, dx, dg, db) = run(true);
+    let (y_ref, dx_ref, dg_ref, db_ref) = run(false);
+    assert_close("output", y.detach(), y_ref.detach());
+    assert_close("input gradient", dx, dx_ref);
+    assert_close(
+        "gamma gradient",
+        dg.unsqueeze::<4>(),
+        dg_ref.unsqueeze::<4>(),
+    );
+    assert_close(
+        "beta gradient",
+        db.unsqueeze::<4>(),
+        db_ref.unsqueeze::<4>(),
+    );
+}
+
+#[test]
 fn reduce_grad_passes_values_and_transforms_the_gradient() {
     let x = random([3, 5]).require_grad();
     let w = random([3, 5]);

@@ -165,7 +165,7 @@ where
     pub fn new(name: impl Into<String>, model: M, forward: F, device: Device) -> Self {
         Self {
             name: name.into(),
-            model,
+            model: own_leaves(model),
             forward,
             accumulated: GradientsAccumulator::new(),
             device,
@@ -178,6 +178,29 @@ where
     pub fn model(&self) -> &M {
         &self.model
     }
+}
+
+/// `model` with every parameter a leaf of its own (same id, value and gradient setting):
+/// module clones share their parameters' autodiff nodes, so the stages of one model (a tied
+/// embedding in the first and the last) or of data-parallel replicas would record into
+/// graphs Burn merges, which its graph locks do not survive when the stages' threads run
+/// forward and backward passes at the same time (a deadlock seen in `kiln train gpt --mesh
+/// dp=2,tp=2,pp=2`, about one run in ten). Gradients stay keyed by parameter id.
+fn own_leaves<M: Module>(model: M) -> M {
+    struct Leaves;
+    impl burn::module::ModuleMapper for Leaves {
+        fn map_float<const D: usize>(
+            &mut self,
+            param: burn::module::Param<Tensor<D>>,
+        ) -> burn::module::Param<Tensor<D>> {
+            let require_grad = param.is_require_grad();
+            param.map(|tensor| match require_grad {
+                true => tensor.detach().require_grad(),
+                false => tensor.detach(),
+            })
+        }
+    }
+    model.map(&mut Leaves)
 }
 
 impl<M, F, const I: usize, const O: usize> PipelineStage for ModuleStage<M, F, I, O>

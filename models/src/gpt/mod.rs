@@ -152,7 +152,9 @@ fn linear(
 }
 
 fn layer_norm(width: usize, device: &Device) -> LayerNorm {
-    LayerNormConfig::new(width).init(device)
+    LayerNormConfig::new(width)
+        .with_epsilon(LAYER_NORM_EPSILON)
+        .init(device)
 }
 
 /// A decoder-only transformer over token ids.
@@ -236,8 +238,8 @@ impl Block {
     /// The block on `x` `[batch, tokens, embed]`; with a cache, the tokens follow those it
     /// holds, and their keys and values are added to it.
     pub fn forward(&self, x: Tensor<3>, cache: Option<&mut LayerCache>) -> Tensor<3> {
-        let x = x.clone() + self.attn.forward(self.ln_1.forward(x), cache);
-        x.clone() + self.mlp.forward(self.ln_2.forward(x))
+        let x = x.clone() + self.attn.forward(norm(&self.ln_1, x), cache);
+        x.clone() + self.mlp.forward(norm(&self.ln_2, x))
     }
 }
 
@@ -316,7 +318,7 @@ impl Gpt {
             let cache = caches.as_deref_mut().and_then(|c| c.get_mut(i));
             x = block.forward(x, cache);
         }
-        let x = t.ln_f.forward(x);
+        let x = norm(&t.ln_f, x);
         match &self.lm_head {
             Some(head) => head.forward(x),
             None => tied_logits(&t.wte, x),
@@ -362,6 +364,14 @@ impl Gpt {
             .init(&logits.device())
             .forward(logits.reshape([b * t, vocab]), targets.reshape([b * t]))
     }
+}
+
+/// The epsilon of every LayerNorm of the GPT (nanoGPT's and PyTorch's default).
+pub const LAYER_NORM_EPSILON: f64 = 1e-5;
+
+/// A GPT LayerNorm on `x` (kiln's kernel on the CPU, see [`kiln_kernels::layer_norm`]).
+pub fn norm<const D: usize>(ln: &LayerNorm, x: Tensor<D>) -> Tensor<D> {
+    kiln_kernels::layer_norm(ln, x, LAYER_NORM_EPSILON)
 }
 
 /// The residual stream of `tokens` at positions `start..`: token plus position embeddings.
@@ -438,7 +448,7 @@ pub fn stage_head(
     let Some(ln_f) = ln_f else {
         return x;
     };
-    let x = ln_f.forward(x);
+    let x = norm(ln_f, x);
     match (lm_head, wte) {
         (Some(head), _) => head.forward(x),
         (None, Some(wte)) => tied_logits(wte, x),

@@ -25,7 +25,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Int, Tensor};
-use kiln_models::gpt::{Block, Gpt, Mlp, Transformer};
+use kiln_models::gpt::{Block, Gpt, Mlp, Transformer, norm};
 use kiln_multi::tensor_parallel::{
     ColumnParallelLinear, GradientSum, RowParallelLinear, all_reduce_sum, sum_gradients,
 };
@@ -271,7 +271,7 @@ impl TensorParallelGpt {
     /// Mean cross-entropy of the final norm and head over the stream `x`.
     fn head_loss(&self, x: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
         let [b, t, c] = x.dims();
-        let x = self.ln_f.forward(x).reshape([b * t, c]);
+        let x = norm(&self.ln_f, x).reshape([b * t, c]);
         let logits = match &self.lm_head {
             Some(head) => head.forward(x),
             None => x.matmul(self.wte.weight.val().transpose()),
@@ -363,12 +363,12 @@ impl TensorParallelBlock {
         let [b, t, c] = x.dims();
         let out = match branch {
             Branch::Attention => {
-                let y = self.attention(front(self.ln_1.forward(x))?);
+                let y = self.attention(front(norm(&self.ln_1, x))?);
                 let [_, _, local] = y.dims();
                 self.attn_proj.forward(y.reshape([b * t, local]), group)?
             }
             Branch::Mlp => {
-                let h = front(self.ln_2.forward(x))?.reshape([b * t, c]);
+                let h = front(norm(&self.ln_2, x))?.reshape([b * t, c]);
                 self.mlp_proj
                     .forward(kiln_kernels::gelu(self.c_fc.forward(h)), group)?
             }
