@@ -63,6 +63,7 @@ where
 }
 
 /// One rank's handles on the groups of a [`MeshShape`], each a collective of its own.
+#[derive(Clone)]
 pub struct MeshRank {
     /// Every rank of the mesh: what all must agree on (a stop request, the last barrier).
     pub world: Arc<dyn Collective>,
@@ -78,18 +79,18 @@ pub struct MeshRank {
 /// with its handles on the whole world, its data-parallel group and its tensor-parallel group;
 /// results in world-rank order (`replica * tensor + shard`, [`MeshShape::coordinates`]).
 ///
-/// A rank that fails drops its handles, so the peers of each of its groups fail at once
-/// instead of waiting for the timeout; the error returned is chosen as in [`run_in_process`].
+/// A rank that fails drops its handles once `f` returns, so the peers of each of its groups
+/// fail at once instead of waiting for the timeout.
 ///
 /// # Errors
-/// The earliest error (or panic) of any rank.
+/// The error of the rank whose `f` failed first (the others' are its echoes), or a panic.
 pub fn run_mesh<T, E, F>(
     mesh: MeshShape,
     config: CollectiveConfig,
     f: F,
 ) -> std::result::Result<Vec<T>, E>
 where
-    F: Fn(MeshRank) -> std::result::Result<T, E> + Sync,
+    F: Fn(&MeshRank) -> std::result::Result<T, E> + Sync,
     T: Send,
     E: Send + From<MultiError>,
 {
@@ -114,14 +115,35 @@ where
             .expect("each mesh rank takes its own handles once");
         Arc::new(handle)
     };
-    run_in_process(mesh.world(), config, |world: Arc<dyn Collective>| {
+    // Each rank's outcome with the moment `f` returned, taken before its handles drop (which
+    // is what makes its peers fail): the earliest failure is the cause.
+    let outcomes = run_in_process(mesh.world(), config, |world: Arc<dyn Collective>| {
         let (replica, shard) = mesh.coordinates(world.rank());
-        f(MeshRank {
+        let groups = MeshRank {
             data: take(&data[shard][replica]),
             tensor: take(&tensor[replica][shard]),
             world,
-        })
-    })
+        };
+        let outcome = f(&groups);
+        let at = std::time::Instant::now();
+        drop(groups);
+        Ok::<_, E>((at, outcome))
+    })?;
+    let first_failure = outcomes
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, outcome))| outcome.is_err())
+        .min_by_key(|(_, (at, _))| *at)
+        .map(|(rank, _)| rank);
+    let mut results = Vec::with_capacity(outcomes.len());
+    for (rank, (_, outcome)) in outcomes.into_iter().enumerate() {
+        match outcome {
+            Ok(value) => results.push(value),
+            Err(e) if Some(rank) == first_failure => return Err(e),
+            Err(_) => {}
+        }
+    }
+    Ok(results)
 }
 
 #[cfg(feature = "cuda")]
@@ -169,7 +191,7 @@ mod tests {
         let config = CollectiveConfig {
             timeout: Duration::from_secs(30),
         };
-        let sums = run_mesh(mesh(2, 3), config, |rank: MeshRank| {
+        let sums = run_mesh(mesh(2, 3), config, |rank: &MeshRank| {
             let me = rank.world.rank().index() as f32;
             let (mut data, mut tensor, mut world) = ([me], [me], [me]);
             rank.data.all_reduce(&mut data, ReduceOp::Sum)?;
@@ -195,7 +217,7 @@ mod tests {
             timeout: Duration::from_secs(60),
         };
         let started = Instant::now();
-        let outcome = run_mesh(mesh(2, 2), config, |rank: MeshRank| {
+        let outcome = run_mesh(mesh(2, 2), config, |rank: &MeshRank| {
             if rank.world.rank() == Rank::new(3, rank.world.world_size())? {
                 return Err(MultiError::Config {
                     field: "test",

@@ -451,7 +451,7 @@ impl Trainer {
                 });
             }
             (None, Some(_)) => run_mesh(mesh, split.collective, |groups| {
-                rank(groups.world.rank().index(), groups)
+                rank(groups.world.rank().index(), groups.clone())
             })?,
         };
         Ok(ranks
