@@ -167,11 +167,28 @@ fn max_abs_diff_reports_nan_so_tolerance_checks_fail() {
     assert_eq!(max_abs_diff(&[1.0, -2.0], &[1.5, -2.0]), 0.5);
 }
 
+/// The shipped Tiny Shakespeare's first 20 kB as `dir/small.txt` (written once).
+pub fn small_text(dir: &Path) -> PathBuf {
+    let path = dir.join("small.txt");
+    if !path.exists() {
+        let text = std::fs::read(repo("data/shakespeare/input.txt")).unwrap();
+        std::fs::write(&path, &text[..20_000]).unwrap();
+    }
+    path
+}
+
 /// `kiln train gpt`'s flags for a tiny model (`layers` blocks of 2 heads, 16 wide, windows of
-/// 16 bytes, batches of 16, lr 1e-2) on `data` into `out` for `epochs`, quiet, with `--json`.
-pub fn tiny_gpt_args(data: &Path, out: &Path, layers: &str, epochs: &str) -> Vec<String> {
+/// 16 bytes, batches of 16, lr 1e-2) on `data` into `out` for `epochs`, quiet, with `--json`,
+/// then `extra`.
+pub fn tiny_gpt_args(
+    data: &Path,
+    out: &Path,
+    layers: &str,
+    epochs: &str,
+    extra: &[&str],
+) -> Vec<String> {
     let (data, out) = (data.to_str().unwrap(), out.to_str().unwrap());
-    [
+    let base = [
         "train",
         "gpt",
         "--data",
@@ -194,7 +211,6 @@ pub fn tiny_gpt_args(data: &Path, out: &Path, layers: &str, epochs: &str) -> Vec
         epochs,
         "--quiet",
         "--json",
-    ]
-    .map(String::from)
-    .to_vec()
+    ];
+    base.iter().chain(extra).map(|a| a.to_string()).collect()
 }

@@ -25,7 +25,8 @@ use kiln::trainer::{
 };
 
 use crate::common::{
-    assert_clean_failure, kiln, kiln_ok, last_json, max_abs_diff, npy, repo, tiny_gpt_args,
+    assert_clean_failure, kiln, kiln_ok, last_json, max_abs_diff, npy, repo, small_text,
+    tiny_gpt_args,
 };
 use crate::general::NoReduce;
 
@@ -182,13 +183,6 @@ fn three_adamw_steps_with_clipping_match_pytorch() {
 }
 
 /// A small text (the first 20 kB of the shipped corpus) in `dir`.
-fn small_text(dir: &std::path::Path) -> std::path::PathBuf {
-    let text = std::fs::read(repo("data/shakespeare/input.txt")).unwrap();
-    let path = dir.join("small.txt");
-    std::fs::write(&path, &text[..20_000]).unwrap();
-    path
-}
-
 /// `kiln train gpt` with a tiny model on `data` for `epochs`.
 fn train_tiny(
     data: &std::path::Path,
@@ -196,8 +190,7 @@ fn train_tiny(
     epochs: &str,
     extra: &[&str],
 ) -> serde_json::Value {
-    let mut args = tiny_gpt_args(data, out, "1", epochs);
-    args.extend(extra.iter().map(|a| a.to_string()));
+    let args = tiny_gpt_args(data, out, "1", epochs, extra);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     last_json(&kiln_ok(&args))
 }
@@ -855,13 +848,8 @@ fn train_gpt_tensor_parallel_and_pipelined_from_the_cli() {
     // Tensor-parallel pipeline stages: two blocks, one per stage.
     let two_blocks = |name: &str, extra: &[&str]| {
         let out = dir.path().join(name);
-        let mut args = tiny_gpt_args(&data, &out, "2", "1");
-        args.extend(
-            ["--limit", "320"]
-                .iter()
-                .chain(extra)
-                .map(|a| a.to_string()),
-        );
+        let extra = [&["--limit", "320"], extra].concat();
+        let args = tiny_gpt_args(&data, &out, "2", "1", &extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         last_json(&kiln_ok(&args))["val_loss"].as_f64().unwrap()
     };

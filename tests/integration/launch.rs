@@ -119,7 +119,7 @@ mod mpi {
     use std::process::{Child, Command, Output, Stdio};
     use std::time::{Duration, Instant};
 
-    use crate::common::{kiln, kiln_ok, last_json, tiny_gpt_args, train_cnn_mnist};
+    use crate::common::{kiln, kiln_ok, last_json, small_text, tiny_gpt_args, train_cnn_mnist};
 
     /// `kiln launch` of a cnn-mnist training on 2 processes, to which flags are added.
     const TRAIN_ON_2_PROCESSES: [&str; 7] = [
@@ -262,18 +262,8 @@ mod mpi {
         processes: Option<&str>,
         extra: &[&str],
     ) -> serde_json::Value {
-        let text = dir.join("text.txt");
-        if !text.exists() {
-            let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/data/shakespeare/input.txt");
-            std::fs::write(&text, &std::fs::read(shipped).unwrap()[..20_000]).unwrap();
-        }
-        let mut args = tiny_gpt_args(&text, &dir.join(name), "2", "1");
-        args.extend(
-            ["--limit", "320"]
-                .iter()
-                .chain(extra)
-                .map(|a| a.to_string()),
-        );
+        let extra = [&["--limit", "320"], extra].concat();
+        let args = tiny_gpt_args(&small_text(dir), &dir.join(name), "2", "1", &extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         match processes {
             Some(n) => launch_json(&[&["--nproc-per-node", n, "--", "kiln"][..], &args].concat()),

@@ -91,16 +91,23 @@ pub(super) type WholeState<'a, P> = dyn Fn(&P, Vec<u8>) -> Result<(Vec<u8>, Vec<
 /// What older tensor-parallel checkpoints hold instead of an optimizer state.
 const TENSOR_PARALLEL_STATE_MAGIC: &[u8] = b"KILN-TP-NO-OPTIMIZER-STATE";
 
-/// Refuses a checkpoint whose optimizer state a tensor-parallel run cannot split: a sharded
-/// (ZeRO) one, or an older tensor-parallel run's, which saved none.
-pub(super) fn check_splittable_state(path: &Path, optimizer: &[u8]) -> Result<()> {
+/// Refuses a checkpoint of an older kiln's tensor-parallel run, which saved no optimizer state.
+fn check_optimizer_saved(path: &Path, optimizer: &[u8]) -> Result<()> {
     if optimizer.starts_with(TENSOR_PARALLEL_STATE_MAGIC) {
         return Err(TrainError::checkpoint(
             path,
             "it was written by an older kiln's tensor-parallel run, which did not save the \
-             optimizer state, so it cannot continue exactly",
+             optimizer state, so it cannot continue exactly; its model evaluates, predicts \
+             and quantizes like any other",
         ));
     }
+    Ok(())
+}
+
+/// Refuses a checkpoint whose optimizer state a tensor-parallel run cannot split: a sharded
+/// (ZeRO) one, or an older tensor-parallel run's, which saved none.
+pub(super) fn check_splittable_state(path: &Path, optimizer: &[u8]) -> Result<()> {
+    check_optimizer_saved(path, optimizer)?;
     if optimizer.starts_with(ZERO_STATE_MAGIC) {
         return Err(TrainError::checkpoint(
             path,
@@ -516,17 +523,7 @@ impl Trainer {
             true => model,
             false => checkpoint.load_model(model, &path)?,
         };
-        if checkpoint
-            .optimizer
-            .starts_with(TENSOR_PARALLEL_STATE_MAGIC)
-        {
-            return Err(TrainError::checkpoint(
-                &path,
-                "it was written by an older kiln's tensor-parallel run, which did not save \
-                 the optimizer state, so it cannot continue exactly; its model evaluates, \
-                 predicts and quantizes like any other",
-            ));
-        }
+        check_optimizer_saved(&path, &checkpoint.optimizer)?;
         let sharded = checkpoint.optimizer.starts_with(ZERO_STATE_MAGIC);
         let (optimizer, sharded_state) = match (sharded, zero) {
             (true, Some(_)) => (optimizer, Some((path.clone(), checkpoint.optimizer))),
