@@ -817,6 +817,19 @@ fn train_gpt_tensor_parallel_and_pipelined_from_the_cli() {
         ]),
         &["--zero", "tensor parallelism"],
     );
+    // Tensor-parallel pipeline stages refuse it too (their ranks' optimizers are whole).
+    let out = dir.path().join("zero-tp-pp");
+    let zero_tp_pp = [
+        "train",
+        "gpt",
+        "--mesh",
+        "tp=2,pp=2",
+        "--zero",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    assert_clean_failure(&kiln(&zero_tp_pp), &["--zero", "tensor parallelism"]);
     for (mesh, complaint) in [
         ("dp=2,xp=2", "unknown axis `xp`"),
         ("dp=2,dp=3", "axis dp is given twice"),

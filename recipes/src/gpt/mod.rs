@@ -415,7 +415,7 @@ fn check_parallelism(config: &GptRecipeConfig, model: &GptConfig) -> Result<()> 
              kernel)",
             "a CUDA device",
         ),
-        (Some(_), None) if config.zero.is_some() => {
+        (Some(_), _) if config.zero.is_some() => {
             ("--zero", "a sharded optimizer state", "tensor parallelism")
         }
         (None, _) if launched && config.ranks.get() > 1 => (
