@@ -133,9 +133,16 @@ mod mpi {
     ];
 
     /// `kiln launch --no-prefix ARGS`, which must succeed; returns rank 0's last JSON line.
+    /// Other ranks' lines may come after it (mpirun merges the ranks' stdout unordered: a
+    /// rank's closing "training ended." once did), so the last line that is an object counts.
     fn launch_json(args: &[&str]) -> serde_json::Value {
         let out = kiln_ok(&[&["launch", "--no-prefix"], args].concat());
-        last_json(&out)
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout
+            .lines()
+            .rfind(|l| l.starts_with('{'))
+            .unwrap_or_else(|| panic!("no JSON line in {stdout}"));
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?} is not JSON: {e}"))
     }
 
     #[test]
