@@ -10,14 +10,15 @@
 //! end); the throughput is the trainer's (training time only). Medians over `--rounds`.
 //! Prints one JSON object.
 //!
-//! Run: `cargo bench --bench gpt` (options: `-- --rounds R --steps N --kiln-only`).
+//! Run: `cargo bench --bench gpt` (options: `-- --rounds R --steps N --kiln-only --only TEXT`;
+//! `--only` keeps the modes whose name contains TEXT).
 
 mod common;
 
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
-use common::{arg, machine, median, median_field, run_pytorch_with};
+use common::{arg, machine, median, median_field, run_pytorch_with, string_arg};
 use kiln::multi::pipeline::PipelineSchedule;
 use kiln::multi::{DeviceSpec, WorldSize, ZeroStage};
 use kiln::recipes::cnn_mnist::{PipelineOptions, RunTarget, TrainerOverrides};
@@ -132,13 +133,18 @@ fn tokens_per_sec(mode: &Mode, steps: usize) -> Result<f64, Box<dyn std::error::
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // As the `kiln` binary runs: without it every large op output is a fresh `mmap` whose
+    // pages the kernel zero-fills (the bench measured 13.4k tokens/s without, the CLI ~22k).
+    kiln::kernels::malloc::keep_large_buffers(true);
     let rounds = arg("--rounds", 3);
     let steps = arg("--steps", 30);
     let kiln_only = std::env::args().any(|a| a == "--kiln-only");
-    let mut kiln: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
+    let only = string_arg("--only").unwrap_or_default();
+    let modes: Vec<&Mode> = MODES.iter().filter(|m| m.name.contains(&only)).collect();
+    let mut kiln: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     let mut pytorch: Vec<Value> = Vec::new();
     for round in 0..rounds {
-        for (mode, figures) in MODES.iter().zip(&mut kiln) {
+        for (mode, figures) in modes.iter().zip(&mut kiln) {
             let figure = tokens_per_sec(mode, steps)?;
             eprintln!("round {round}: kiln {}: {figure:.0} tokens/s", mode.name);
             figures.push(figure);
@@ -157,7 +163,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let medians: Vec<f64> = kiln.into_iter().map(median).collect();
     let torch = median_field(&pytorch, "train_tokens_per_sec");
-    let modes: Vec<Value> = MODES
+    let modes: Vec<Value> = modes
         .iter()
         .zip(&medians)
         .map(|(mode, &tokens)| {
