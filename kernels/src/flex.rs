@@ -13,6 +13,7 @@ use burn::backend::flex::{FlexTensor, Layout};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Bytes, DType, Flex, Shape, backend_extension};
 
+use crate::attention::{self, AttentionShape};
 use crate::conv::{self, Conv2dShape};
 use crate::gelu;
 use crate::layer_norm;
@@ -53,6 +54,10 @@ pub trait CpuKernels: Backend {
         beta: FloatTensor<Self>,
         epsilon: f64,
     ) -> FloatTensor<Self>;
+
+    /// Causal self-attention of `qkv` (`[batch, tokens, 3 x width]`, queries, keys and values
+    /// of `heads` heads each) into `[batch, tokens, width]`; differentiable in `qkv`.
+    fn kiln_causal_attention(qkv: FloatTensor<Self>, heads: usize) -> FloatTensor<Self>;
 
     /// `x` unchanged; in the backward pass its gradient goes through `reduce` (e.g. a sum over
     /// the ranks of a tensor-parallel group: Megatron's "f"). Any rank.
@@ -313,6 +318,10 @@ impl CpuKernels for Flex {
         gelu_forward(&x)
     }
 
+    fn kiln_causal_attention(qkv: FlexTensor, heads: usize) -> FlexTensor {
+        attention_forward(&qkv, heads).0
+    }
+
     fn kiln_reduce_grad(x: FlexTensor, _reduce: GradReduce) -> FlexTensor {
         x
     }
@@ -459,6 +468,63 @@ impl Backward<Flex, 1> for GeluBackward {
         if let Some(node) = node_x {
             gelu::gelu_backward(ops.state.storage::<f32>(), grad.storage_mut::<f32>());
             grads.register::<Flex>(node.id, grad);
+        }
+    }
+}
+
+/// [`attention::causal_attention`] of `qkv` (contiguous) with `heads` heads: the output and
+/// what the backward needs.
+fn attention_forward(qkv: &FlexTensor, heads: usize) -> (FlexTensor, AttentionState) {
+    let qkv = qkv.to_contiguous();
+    let &[batch, tokens, packed] = qkv.layout().shape().as_slice() else {
+        panic!("attention input of rank 3 expected");
+    };
+    let shape = AttentionShape {
+        batch,
+        tokens,
+        heads,
+        head_dim: packed / 3 / heads,
+    };
+    let mut out = vec![0.0f32; shape.out_len()];
+    let mut probs = vec![0.0f32; shape.probs_len()];
+    attention::causal_attention(&shape, qkv.storage::<f32>(), &mut out, &mut probs);
+    let out = new_f32(out, vec![batch, tokens, shape.width()]);
+    let state = AttentionState {
+        qkv,
+        probs: Arc::new(probs),
+        shape,
+    };
+    (out, state)
+}
+
+/// What an attention's backward keeps: the (contiguous) input and the probabilities.
+#[derive(Debug, Clone)]
+struct AttentionState {
+    qkv: FlexTensor,
+    probs: Arc<Vec<f32>>,
+    shape: AttentionShape,
+}
+
+/// Backward step of [`CpuKernels::kiln_causal_attention`].
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl Backward<Flex, 1> for AttentionBackward {
+    type State = AttentionState;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_qkv] = ops.parents;
+        let grad_out = grads.consume::<Flex>(&ops.node).to_contiguous();
+        if let Some(node) = node_qkv {
+            let state = ops.state;
+            let mut grad = vec![0.0f32; state.shape.qkv_len()];
+            let inputs = (
+                state.qkv.storage::<f32>(),
+                state.probs.as_slice(),
+                grad_out.storage::<f32>(),
+            );
+            attention::causal_attention_backward(&state.shape, inputs, &mut grad);
+            grads.register::<Flex>(node.id, new_f32(grad, state.qkv.layout().shape().to_vec()));
         }
     }
 }
@@ -733,6 +799,20 @@ impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
                 let (x, gamma) = (x.primitive(), gamma.primitive());
                 prep.finish(layer_norm_forward(x, gamma, beta.primitive(), epsilon).0)
             }
+        }
+    }
+
+    fn kiln_causal_attention(qkv: FloatTensor<Self>, heads: usize) -> FloatTensor<Self> {
+        match AttentionBackward
+            .prepare::<C>([qkv.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (out, state) = attention_forward(qkv.primitive(), heads);
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(attention_forward(qkv.primitive(), heads).0),
         }
     }
 

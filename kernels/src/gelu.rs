@@ -23,7 +23,7 @@ const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 /// `exp(v)` for `v <= 0` (0 below -87, where it would be under 1.7e-38): relative error
 /// about 2e-7.
 #[inline(always)]
-fn exp_nonpositive(input: f32) -> f32 {
+pub(crate) fn exp_nonpositive(input: f32) -> f32 {
     // 1.5 * 2^23: adding it rounds to an integer, which then sits in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
     const LN2_HI: f32 = 0.693_145_75;

@@ -20,13 +20,15 @@
 //! two in one run and how the tests compare them against each other
 //! ([`winograd::set_enabled`] / `KILN_WINOGRAD=off` keeps the kernels but uses im2col for every
 //! convolution). [`gelu`](fn@gelu) is a transformer MLP's activation, one parallel vectorised
-//! pass each way instead of Burn's five ops around a scalar `erff`.
+//! pass each way instead of Burn's five ops around a scalar `erff`; [`causal_attention`] is a
+//! GPT block's attention straight from its packed queries, keys and values.
 //! [`malloc::keep_large_buffers`] is the allocator setting the `kiln` binary runs with.
 //!
 //! The slice kernels in [`conv`], [`winograd`], [`pool`] and [`norm`] use no Burn types, so they
 //! could move into Flex as its `conv2d_x_backward` / `conv2d_weight_backward` / `max_pool2d` /
 //! `batch_norm_train` implementations.
 
+pub mod attention;
 pub mod conv;
 mod flex;
 pub mod gelu;
@@ -213,6 +215,50 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<burn::backend::Dispatch as CpuKernels>::kiln_gelu(
         x.into_dispatch(),
     ))
+}
+
+/// Causal self-attention of `qkv` (`[batch, tokens, 3 x width]`: queries, keys and values side
+/// by side, each `heads` heads of `width / heads` values, as GPT's `c_attn` gives them) into
+/// `[batch, tokens, width]`, scores scaled by `1 / sqrt(width / heads)`: kiln's kernel
+/// ([`attention::causal_attention`], one parallel pass over the sequences each way) for `f32`
+/// tensors on Flex, Burn's `attention` elsewhere or with the kernels switched off.
+///
+/// # Panics
+/// When the last dimension is not a multiple of `3 x heads` (Burn's path would fail the same
+/// way on its reshape).
+pub fn causal_attention(qkv: Tensor<3>, heads: usize) -> Tensor<3> {
+    let [b, t, packed] = qkv.dims();
+    assert!(
+        heads > 0 && packed.is_multiple_of(3 * heads),
+        "attention input of width {packed} does not split into 3 x {heads} heads"
+    );
+    if !(enabled() && on_flex_f32(&qkv) && b * t > 0) {
+        return burn_causal_attention(qkv, heads);
+    }
+    Tensor::from_dispatch(
+        <burn::backend::Dispatch as CpuKernels>::kiln_causal_attention(qkv.into_dispatch(), heads),
+    )
+}
+
+/// [`causal_attention`] by Burn's ops: split, `attention` with a causal mask, merge the heads.
+fn burn_causal_attention(qkv: Tensor<3>, heads: usize) -> Tensor<3> {
+    use burn::tensor::module::attention;
+    use burn::tensor::ops::AttentionModuleOptions;
+    let [b, t, packed] = qkv.dims();
+    let width = packed / 3;
+    let part = |i: usize| {
+        qkv.clone()
+            .narrow(2, i * width, width)
+            .reshape([b, t, heads, width / heads])
+            .swap_dims(1, 2)
+    };
+    let options = AttentionModuleOptions {
+        is_causal: true,
+        ..AttentionModuleOptions::default()
+    };
+    attention(part(0), part(1), part(2), None, None, options)
+        .swap_dims(1, 2)
+        .reshape([b, t, width])
 }
 
 /// `ln.forward(x)` with the layer's `epsilon` (Burn keeps it private: 1e-5 unless its config

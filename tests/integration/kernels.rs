@@ -257,6 +257,58 @@ fn gelu_matches_burn_forward_and_gradient() {
 }
 
 #[test]
+fn causal_attention_matches_burn_forward_and_gradient() {
+    // Burn's own: split the packed projections, its attention with a causal mask, merge.
+    let burn_attention = |qkv: Tensor<3>, heads: usize| {
+        let [b, t, packed] = qkv.dims();
+        let width = packed / 3;
+        let part = |i: usize| {
+            qkv.clone()
+                .narrow(2, i * width, width)
+                .reshape([b, t, heads, width / heads])
+                .swap_dims(1, 2)
+        };
+        let options = burn::tensor::ops::AttentionModuleOptions {
+            is_causal: true,
+            ..Default::default()
+        };
+        burn::tensor::module::attention(part(0), part(1), part(2), None, None, options)
+            .swap_dims(1, 2)
+            .reshape([b, t, width])
+    };
+    // GPT's shape, an odd one, and a transposed (not contiguous) input.
+    let inputs = [
+        ("4 heads of 32", random([3, 64, 384]) * 2.0, 4),
+        ("3 heads of 7", random([2, 13, 63]) * 4.0, 3),
+        ("transposed", random([2, 42, 5]).swap_dims(1, 2) * 2.0, 2),
+    ];
+    for (name, x, heads) in inputs {
+        let run = |fast: bool| {
+            let x = x.clone().detach().require_grad();
+            let y = if fast {
+                kernels::causal_attention(x.clone(), heads)
+            } else {
+                burn_attention(x.clone(), heads)
+            };
+            let r = y.clone().detach().sin() + 0.5;
+            let grads = (y.clone() * r).sum().backward();
+            (y, x.grad(&grads).expect("input gradient"))
+        };
+        let (y, dx) = run(true);
+        let (y_ref, dx_ref) = run(false);
+        assert_close(&format!("{name} output"), y.detach(), y_ref.detach());
+        assert_close(&format!("{name} input gradient"), dx, dx_ref);
+    }
+    // Without autodiff (evaluation) the forward alone runs.
+    let x = random([2, 10, 24]).inner();
+    assert_close(
+        "inference output",
+        kernels::causal_attention(x.clone(), 2),
+        burn_attention(x, 2),
+    );
+}
+
+#[test]
 fn layer_norm_matches_burn_forward_and_gradients() {
     let mut ln = burn::nn::LayerNormConfig::new(37).init(&device());
     ln.gamma = Param::from_tensor(random([37]) * 0.5 + 1.0);

@@ -250,8 +250,14 @@ impl CausalSelfAttention {
     /// Attention over `x` `[batch, tokens, embed]` (and the cached tokens before it).
     pub fn forward(&self, x: Tensor<3>, cache: Option<&mut LayerCache>) -> Tensor<3> {
         let [b, t, c] = x.dims();
-        let heads = self.heads;
         let qkv = self.c_attn.forward(x);
+        let Some(cache) = cache else {
+            // Training and evaluation: one fused op from the packed projections.
+            return self
+                .c_proj
+                .forward(kiln_kernels::causal_attention(qkv, self.heads));
+        };
+        let heads = self.heads;
         let part = |i: usize| {
             qkv.clone()
                 .narrow(2, i * c, c)
@@ -259,13 +265,11 @@ impl CausalSelfAttention {
                 .swap_dims(1, 2)
         };
         let (q, mut k, mut v) = (part(0), part(1), part(2));
-        if let Some(cache) = cache {
-            if let Some((past_k, past_v)) = cache.take() {
-                k = Tensor::cat(vec![past_k, k], 2);
-                v = Tensor::cat(vec![past_v, v], 2);
-            }
-            *cache = Some((k.clone(), v.clone()));
+        if let Some((past_k, past_v)) = cache.take() {
+            k = Tensor::cat(vec![past_k, k], 2);
+            v = Tensor::cat(vec![past_v, v], 2);
         }
+        *cache = Some((k.clone(), v.clone()));
         let options = AttentionModuleOptions {
             is_causal: true,
             ..AttentionModuleOptions::default()

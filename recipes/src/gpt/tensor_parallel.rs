@@ -22,8 +22,6 @@ use std::sync::Arc;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, LayerNorm, Linear};
 use burn::optim::GradientsParams;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Int, Tensor};
 use kiln_models::gpt::{Block, Gpt, Mlp, Transformer, norm};
 use kiln_multi::tensor_parallel::{
@@ -381,20 +379,7 @@ impl TensorParallelBlock {
         let [b, t, c] = x.dims();
         let qkv = self.c_attn.forward(x.reshape([b * t, c]));
         let [_, width] = qkv.dims();
-        let local = width / 3;
-        let part = |i: usize| {
-            qkv.clone()
-                .narrow(1, i * local, local)
-                .reshape([b, t, self.heads, local / self.heads])
-                .swap_dims(1, 2)
-        };
-        let options = AttentionModuleOptions {
-            is_causal: true,
-            ..AttentionModuleOptions::default()
-        };
-        attention(part(0), part(1), part(2), None, None, options)
-            .swap_dims(1, 2)
-            .reshape([b, t, local])
+        kiln_kernels::causal_attention(qkv.reshape([b, t, width]), self.heads)
     }
 }
 
