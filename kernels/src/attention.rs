@@ -56,34 +56,35 @@ impl AttentionShape {
     }
 }
 
-/// One head of one sequence, gathered out of the packed input: three `tokens x head_dim`
-/// blocks, one of them (`t`) transposed.
+/// One head of one sequence, gathered out of the packed input into `tokens x head_dim` blocks
+/// (one of them transposed), and the backward's scratch.
 struct Head {
     /// Queries, row-major.
     q: Vec<f32>,
-    /// Keys (forward: transposed) or keys row-major (backward).
+    /// Keys: transposed (forward) or row-major (backward).
     k: Vec<f32>,
-    /// Values row-major (forward) or transposed (backward).
+    /// Values: row-major (forward) or transposed (backward).
     v: Vec<f32>,
-    /// The output gradient of the head, row-major (backward only).
+    /// The head's output gradient, row-major (backward).
     dy: Vec<f32>,
-    /// Key and value gradients being summed (backward only).
-    dk: Vec<f32>,
-    dv: Vec<f32>,
-    /// One row of scratch: the scores' gradient.
+    /// The scores' gradient and the probabilities, transposed (`tokens x tokens`, backward).
+    ds_t: Vec<f32>,
+    p_t: Vec<f32>,
+    /// One row of the scores' gradient (backward).
     row: Vec<f32>,
 }
 
 impl Head {
     fn new(s: &AttentionShape) -> Self {
         let block = s.tokens * s.head_dim;
+        let square = s.tokens * s.tokens;
         Self {
             q: vec![0.0; block],
             k: vec![0.0; block],
             v: vec![0.0; block],
             dy: vec![0.0; block],
-            dk: vec![0.0; block],
-            dv: vec![0.0; block],
+            ds_t: vec![0.0; square],
+            p_t: vec![0.0; square],
             row: vec![0.0; s.tokens],
         }
     }
@@ -113,44 +114,84 @@ fn gather(
     }
 }
 
-/// `acc += a * x`.
+/// Output columns one register-resident accumulator holds.
+const LANES: usize = 16;
+
+/// `out[j] = sum_k x[k] * m[k * stride + j]` for `j < out.len()` (a row vector times a
+/// matrix), the sum in `k` order. Columns go `LANES` at a time through a fixed-size
+/// accumulator, which stays in registers over the whole `k` loop (an `out += x[k] * row` per
+/// `k` would store and reload `out` each time). A last partial block runs whole when `m` has
+/// the columns (they are computed and dropped), else one column at a time.
 #[inline(always)]
-fn axpy(a: f32, x: &[f32], acc: &mut [f32]) {
-    for (acc, &x) in acc.iter_mut().zip(x) {
-        *acc += a * x;
+fn vec_mat(x: &[f32], m: &[f32], stride: usize, out: &mut [f32]) {
+    let block = |start: usize| {
+        let mut acc = [0.0f32; LANES];
+        for (k, &a) in x.iter().enumerate() {
+            let row = &m[k * stride + start..][..LANES];
+            for (acc, &v) in acc.iter_mut().zip(row) {
+                *acc += a * v;
+            }
+        }
+        acc
+    };
+    let len = out.len();
+    let whole = len - len % LANES;
+    for (b, out) in out[..whole].chunks_exact_mut(LANES).enumerate() {
+        out.copy_from_slice(&block(b * LANES));
+    }
+    let tail = &mut out[whole..];
+    let fits = whole + LANES <= stride && (x.len().max(1) - 1) * stride + whole + LANES <= m.len();
+    if tail.is_empty() {
+    } else if fits {
+        tail.copy_from_slice(&block(whole)[..tail.len()]);
+    } else {
+        for (j, o) in tail.iter_mut().enumerate() {
+            *o = 0.0;
+            for (k, &a) in x.iter().enumerate() {
+                *o += a * m[k * stride + whole + j];
+            }
+        }
     }
 }
 
-/// `out[j] = sum_k x[k] * columns[k * stride + j]` for `j < out.len()`.
+/// The largest value of `row` (finite), or `None` when it holds a NaN or an infinity; lane by
+/// lane, so it vectorises (the result does not depend on the order).
 #[inline(always)]
-fn row_times(x: &[f32], columns: &[f32], stride: usize, out: &mut [f32]) {
-    out.fill(0.0);
-    for (k, &a) in x.iter().enumerate() {
-        axpy(a, &columns[k * stride..k * stride + out.len()], out);
+fn finite_max(row: &[f32]) -> Option<f32> {
+    let (mut max, mut poison) = ([f32::NEG_INFINITY; LANES], [0.0f32; LANES]);
+    let mut chunks = row.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for ((m, p), &v) in max.iter_mut().zip(&mut poison).zip(chunk) {
+            *m = if v > *m { v } else { *m };
+            // 0 for a finite value, NaN for a NaN or an infinity.
+            *p += v * 0.0;
+        }
     }
+    let mut top = f32::NEG_INFINITY;
+    let mut bad = false;
+    for &v in max.iter().chain(chunks.remainder()) {
+        top = if v > top { v } else { top };
+    }
+    for &v in poison.iter().chain(chunks.remainder()) {
+        bad |= !(v * 0.0).is_finite();
+    }
+    (!bad).then_some(top)
 }
 
 /// `row = softmax(scale * row)` in place; a row with a NaN or an infinity becomes NaN (as
 /// PyTorch's softmax gives NaN there).
 #[inline(always)]
 fn softmax(row: &mut [f32], scale: f32) {
-    let mut max = f32::NEG_INFINITY;
-    let mut bad = false;
-    for v in row.iter_mut() {
-        *v *= scale;
-        bad |= !v.is_finite();
-        max = max.max(*v);
-    }
-    if bad {
+    row.iter_mut().for_each(|v| *v *= scale);
+    let Some(max) = finite_max(row) else {
         row.fill(f32::NAN);
         return;
-    }
-    let mut sum = 0.0;
+    };
+    // Separate loops: the exponentials vectorise only without the (ordered) sum in theirs.
     for v in row.iter_mut() {
         *v = exp_nonpositive(*v - max);
-        sum += *v;
     }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / row.iter().sum::<f32>();
     row.iter_mut().for_each(|v| *v *= inv);
 }
 
@@ -171,20 +212,20 @@ fn forward_generic(
         gather(s, rows, 3 * w, 2 * w + h * d, false, &mut head.v);
         for (i, p) in probs.chunks_exact_mut(n).enumerate() {
             let (seen, unseen) = p.split_at_mut(i + 1);
-            row_times(&head.q[i * d..(i + 1) * d], &head.k, n, seen);
+            vec_mat(&head.q[i * d..(i + 1) * d], &head.k, n, seen);
             softmax(seen, s.scale());
             unseen.fill(0.0);
-            let y = &mut out[i * w + h * d..i * w + (h + 1) * d];
-            y.fill(0.0);
-            for (j, &pj) in seen.iter().enumerate() {
-                axpy(pj, &head.v[j * d..(j + 1) * d], y);
-            }
+            vec_mat(seen, &head.v, d, &mut out[i * w + h * d..][..d]);
         }
     }
 }
 
 /// The backward of one sequence: `grad` (its packed rows) gets the gradient of `rows` given
 /// the gradient `dout` of its output.
+///
+/// Row `i` of the scores' gradient is `dS = P (dY V^T - <P, dY V^T>)` (scaled as the scores
+/// were); then `dQ = dS K`, `dK = dS^T Q` and `dV = P^T dY`, the last two from transposed
+/// copies of `dS` and `P` so that every product is a row times a matrix.
 #[inline(always)]
 fn backward_generic(
     s: &AttentionShape,
@@ -198,30 +239,26 @@ fn backward_generic(
         gather(s, rows, 3 * w, w + h * d, false, &mut head.k);
         gather(s, rows, 3 * w, 2 * w + h * d, true, &mut head.v);
         gather(s, dout, w, h * d, false, &mut head.dy);
-        head.dk.fill(0.0);
-        head.dv.fill(0.0);
         for (i, p) in probs.chunks_exact(n).enumerate() {
             let (p, dy) = (&p[..=i], &head.dy[i * d..(i + 1) * d]);
-            // dP = dY V^T; dS = P (dP - <P, dP>), scaled as the scores were.
             let ds = &mut head.row[..=i];
-            row_times(dy, &head.v, n, ds);
+            vec_mat(dy, &head.v, n, ds);
             let dot: f32 = p.iter().zip(ds.iter()).map(|(a, b)| a * b).sum();
-            for (g, &pj) in ds.iter_mut().zip(p) {
+            for (j, (g, &pj)) in ds.iter_mut().zip(p).enumerate() {
                 *g = pj * (*g - dot) * scale;
+                head.ds_t[j * n + i] = *g;
+                head.p_t[j * n + i] = pj;
             }
-            let dq = &mut grad[i * 3 * w + h * d..i * 3 * w + (h + 1) * d];
-            dq.fill(0.0);
-            let q = &head.q[i * d..(i + 1) * d];
-            for (j, (&g, &pj)) in ds.iter().zip(p).enumerate() {
-                axpy(g, &head.k[j * d..(j + 1) * d], dq);
-                axpy(g, q, &mut head.dk[j * d..(j + 1) * d]);
-                axpy(pj, dy, &mut head.dv[j * d..(j + 1) * d]);
-            }
+            vec_mat(ds, &head.k, d, &mut grad[i * 3 * w + h * d..][..d]);
         }
-        for i in 0..n {
-            let at = i * 3 * w + h * d;
-            grad[at + w..at + w + d].copy_from_slice(&head.dk[i * d..(i + 1) * d]);
-            grad[at + 2 * w..at + 2 * w + d].copy_from_slice(&head.dv[i * d..(i + 1) * d]);
+        for j in 0..n {
+            let at = j * 3 * w + h * d;
+            let (ds_col, p_col) = (
+                &head.ds_t[j * n + j..(j + 1) * n],
+                &head.p_t[j * n + j..(j + 1) * n],
+            );
+            vec_mat(ds_col, &head.q[j * d..], d, &mut grad[at + w..][..d]);
+            vec_mat(p_col, &head.dy[j * d..], d, &mut grad[at + 2 * w..][..d]);
         }
     }
 }
