@@ -34,4 +34,4 @@ mod stage;
 
 pub use executor::{Pipeline, PipelineConfig, StepReport, Targets, merge_grads};
 pub use schedule::{PipelineOp, PipelineSchedule, peak_in_flight, theoretical_bubble};
-pub use stage::{Activation, ModuleStage, PipelineStage};
+pub use stage::{Activation, ModuleStage, PipelineStage, own_leaves};

@@ -185,8 +185,10 @@ where
 /// embedding in the first and the last) or of data-parallel replicas would record into
 /// graphs Burn merges, which its graph locks do not survive when the stages' threads run
 /// forward and backward passes at the same time (a deadlock seen in `kiln train gpt --mesh
-/// dp=2,tp=2,pp=2`, about one run in ten). Gradients stay keyed by parameter id.
-fn own_leaves<M: Module>(model: M) -> M {
+/// dp=2,tp=2,pp=2`, about one run in ten). Gradients stay keyed by parameter id. Any part
+/// of a model that a thread of its own trains (a stage, a tensor-parallel rank's part built
+/// from a shared model) should go through it.
+pub fn own_leaves<M: Module>(model: M) -> M {
     struct Leaves;
     impl burn::module::ModuleMapper for Leaves {
         fn map_float<const D: usize>(

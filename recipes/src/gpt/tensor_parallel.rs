@@ -88,7 +88,10 @@ pub(super) enum Branch {
 }
 
 impl TensorParallelGpt {
-    /// This rank's part of `model` in `group`.
+    /// This rank's part of `model` in `group`, its parameters leaves of their own
+    /// ([`own_leaves`](kiln_multi::pipeline::own_leaves): ranks split from one model in
+    /// threads would otherwise share the replicated parameters' autodiff nodes, and Burn's
+    /// graph locks deadlock when they train at the same time).
     ///
     /// # Errors
     /// [`MultiError::Config`] when the heads or the MLP's width do not divide by the group's
@@ -117,7 +120,7 @@ impl TensorParallelGpt {
             })
         };
         let t = &model.transformer;
-        Ok(Self {
+        Ok(kiln_multi::pipeline::own_leaves(Self {
             wte: t.wte.clone(),
             wpe: t.wpe.clone(),
             h: t.h.iter().map(block).collect::<kiln_multi::Result<_>>()?,
@@ -127,7 +130,7 @@ impl TensorParallelGpt {
             group,
             stage_groups: Vec::new(),
             stage_sums: Vec::new(),
-        })
+        }))
     }
 
     /// [`split`](Self::split) for a pipeline of `stages` stages: with one duplicate of `group`
