@@ -888,3 +888,51 @@ fn train_gpt_tensor_parallel_and_pipelined_from_the_cli() {
         &["4 heads do not split evenly over 3 ranks"],
     );
 }
+
+/// Two tensor-parallel ranks split from one shared model in threads train at the same time:
+/// their parts must not share autodiff nodes (the replicated embeddings and norms were clones
+/// of the model's, and Burn's graph locks deadlocked once — `benches/gpt_memory.rs` hung, gdb
+/// showed one rank in `GraphCleaner::init`, the other in `GraphLocator::select`). The race is
+/// rare: this test did not hang on the old code in 9 runs, so it guards rather than proves;
+/// a hang fails it after two minutes instead of stalling the suite.
+#[test]
+fn tensor_parallel_parts_of_one_shared_model_train_at_once() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let device = Device::flex().autodiff();
+        // The default model: the ops must be long enough for the ranks' passes to overlap.
+        let config = GptConfig::small();
+        let model = config.init(&device, 5).unwrap();
+        let world = WorldSize::new(2).unwrap();
+        let losses = kiln::multi::run_in_process(world, CollectiveConfig::default(), |group| {
+            let part = TensorParallelGpt::split(&model, group)?;
+            let mut losses: Vec<f32> = Vec::new();
+            for step in 0..10 {
+                let ids: Vec<i64> = (0..32 * 64).map(|i| (i * 7 + step) % 256).collect();
+                let ids = |shift: i64| {
+                    let v: Vec<i64> = ids.iter().map(|t| (t + shift) % 256).collect();
+                    Tensor::<2, Int>::from_data(TensorData::new(v, [32, 64]), &device)
+                };
+                let batch = TokenBatch {
+                    inputs: ids(0),
+                    targets: ids(1),
+                };
+                let out = part
+                    .train_step(batch)
+                    .map_err(|e| kiln::multi::MultiError::Config {
+                        field: "step",
+                        reason: e.to_string(),
+                    })?;
+                losses.push(out.output.loss.into_scalar());
+            }
+            Ok::<_, kiln::multi::MultiError>(losses)
+        });
+        let _ = done.send(losses.map_err(|e| e.to_string()));
+    });
+    let losses = finished
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the ranks deadlocked (no result within 2 minutes)")
+        .unwrap();
+    assert_eq!(losses[0], losses[1], "both ranks see the same loss");
+    assert!(losses[0].iter().all(|l| l.is_finite()), "{losses:?}");
+}
