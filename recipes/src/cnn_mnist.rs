@@ -770,6 +770,7 @@ impl PlannedRun<'_> {
             split_params: &TensorParallelCnn::split_params,
             data_parallel: None,
             process_group: None,
+            pipeline_stages: None,
         };
         let whole = model.num_params();
         let (_model, fit) = self.trainer.fit_tensor_parallel(

@@ -102,6 +102,7 @@ fn tensor_parallel_training_matches_one_device() {
                 split_params: &TensorParallelCnn::split_params,
                 data_parallel: None,
                 process_group: None,
+                pipeline_stages: None,
             };
             trainer.fit_tensor_parallel(model, TensorParallelCnn::forward, data, None, split)
         });

@@ -552,6 +552,7 @@ fn twenty_steps(mode: Mode<'_>) -> Vec<f32> {
                 split_params: &TensorParallelGpt::split_params,
                 data_parallel: replicas,
                 process_group: None,
+                pipeline_stages: stages.and_then(NonZeroUsize::new),
             };
             let steps = TensorParallelSteps {
                 train: &train,
@@ -867,12 +868,22 @@ fn train_gpt_tensor_parallel_and_pipelined_from_the_cli() {
         last_json(&kiln_ok(&args))["val_loss"].as_f64().unwrap()
     };
     let one = two_blocks("two-blocks", &[]);
-    for layout in ["tp=2,pp=2", "dp=2,tp=2,pp=2"] {
+    for (layout, mode) in [
+        ("tp=2,pp=2", "tensor parallel x2 x pipeline 2 stages"),
+        (
+            "dp=2,tp=2,pp=2",
+            "tensor parallel x2 x pipeline 2 stages x data parallel 2",
+        ),
+    ] {
         let diff = (two_blocks(layout, &["--mesh", layout]) - one).abs();
         assert!(
             diff < 1e-5,
             "--mesh {layout} differs from one device by {diff}"
         );
+        // run.json names the whole layout.
+        let state = std::fs::read_to_string(dir.path().join(layout).join("run.json")).unwrap();
+        let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+        assert_eq!(state["mode"], mode, "{layout}");
     }
     assert_clean_failure(
         &kiln(&[

@@ -261,6 +261,7 @@ fn fit_tensor_parallel(
         split_params: &TensorParallelGpt::split_params,
         data_parallel: (replicas.get() > 1).then_some(replicas),
         process_group: config.process_group.clone(),
+        pipeline_stages: config.pipeline.map(|p| p.stages),
     };
     let eval = |part: &TensorParallelGpt, batch: TokenBatch| -> StepResult<StepOutput> {
         let [b, t] = batch.targets.dims();

@@ -412,6 +412,7 @@ impl Trainer {
                     .data_parallel
                     .is_some()
                     .then(|| Arc::clone(&groups.data)),
+                pipeline_stages: split.pipeline_stages,
                 ..RankSetup::single(&devices[index])
             };
             let task = RankTask {
@@ -747,6 +748,9 @@ pub struct TensorParallelSplit<'a, M, P> {
     /// `data_parallel` D, the job is a mesh of D replicas whose groups are split from this one
     /// ([`Collective::split`]), else the group is the tensor-parallel one.
     pub process_group: Option<Arc<dyn Collective>>,
+    /// The pipeline stages each part runs its layers in, when its step does (a label for
+    /// `run.json`'s mode: the trainer does not see inside the step).
+    pub pipeline_stages: Option<NonZeroUsize>,
 }
 
 /// One copy of a model per rank, forked to the rank's device (so each rank has its own

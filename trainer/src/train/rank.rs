@@ -347,11 +347,12 @@ impl Trainer {
     ) -> Result<RunStateWriter> {
         let world = plan.world.get();
         let mode = match (plan.tensor_parallel, setup.pipeline_stages, setup.zero) {
-            (Some(tp), _, _) => {
+            (Some(tp), stages, _) => {
                 let ranks = tp.collective.world_size().get();
+                let stages = stages.map_or(String::new(), |p| format!(" x pipeline {p} stages"));
                 match world {
-                    1 => format!("tensor parallel x{ranks}"),
-                    _ => format!("tensor parallel x{ranks} x data parallel {world}"),
+                    1 => format!("tensor parallel x{ranks}{stages}"),
+                    _ => format!("tensor parallel x{ranks}{stages} x data parallel {world}"),
                 }
             }
             (None, Some(stages), _) if world > 1 => {
