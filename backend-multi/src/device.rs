@@ -1,4 +1,5 @@
-//! Which device a run uses: `--device cpu|cuda|cuda:N`, checked before any tensor is made.
+//! Which device a run uses: `--device cpu|cuda|cuda:N|wgpu|wgpu:N`, checked before any tensor
+//! is made.
 //!
 //! A [`DeviceSpec`] names the first device; a run of several ranks or pipeline stages takes
 //! consecutive devices from there (`cuda:1` with 2 ranks is cuda:1 and cuda:2), like
@@ -7,7 +8,9 @@
 //! Asking for CUDA never panics: a build without the `cuda` feature, a machine without the
 //! NVIDIA driver, and an index past the last GPU are each a [`MultiError::Device`] saying what
 //! to do, returned before Burn opens the device (Burn's CUDA runtime panics when the driver
-//! is missing).
+//! is missing). The same holds for `wgpu` (Burn's wgpu backend: any GPU vendor through
+//! Vulkan, Metal or DirectX, or Mesa's software Vulkan driver lavapipe where there is no GPU):
+//! a build without the `wgpu` feature and an adapter index past the last are errors.
 
 use std::fmt;
 use std::str::FromStr;
@@ -25,6 +28,10 @@ pub enum DeviceSpec {
     Cpu,
     /// The CUDA GPU with this index (`cuda:N`; plain `cuda` is `cuda:0`).
     Cuda(usize),
+    /// The graphics adapter with this index in Burn's wgpu enumeration (`wgpu:N`; plain
+    /// `wgpu` is `wgpu:0`): Burn's wgpu backend (CubeCL, WGSL shaders) on Vulkan, Metal or
+    /// DirectX, whichever the machine has.
+    Wgpu(usize),
 }
 
 impl DeviceSpec {
@@ -33,12 +40,18 @@ impl DeviceSpec {
         matches!(self, DeviceSpec::Cuda(_))
     }
 
+    /// Whether this is the CPU (Flex, where kiln's CPU kernels run).
+    pub fn is_cpu(self) -> bool {
+        matches!(self, DeviceSpec::Cpu)
+    }
+
     /// The device `offset` places after this one: the device of local rank `offset` (or
     /// pipeline stage `offset`). On the CPU every offset is the CPU.
     pub fn nth(self, offset: usize) -> DeviceSpec {
         match self {
             DeviceSpec::Cpu => DeviceSpec::Cpu,
             DeviceSpec::Cuda(i) => DeviceSpec::Cuda(i + offset),
+            DeviceSpec::Wgpu(i) => DeviceSpec::Wgpu(i + offset),
         }
     }
 
@@ -50,7 +63,7 @@ impl DeviceSpec {
     /// the driver is missing, or the machine has too few GPUs.
     pub fn cuda_ordinals(self, count: usize) -> Result<Vec<usize>> {
         match self {
-            DeviceSpec::Cpu => Ok(Vec::new()),
+            DeviceSpec::Cpu | DeviceSpec::Wgpu(_) => Ok(Vec::new()),
             DeviceSpec::Cuda(first) => {
                 let available = cuda_device_count().map_err(|reason| MultiError::Device {
                     device: self.to_string(),
@@ -79,8 +92,8 @@ impl DeviceSpec {
     }
 
     /// The Burn devices of `count` ranks or stages starting at this one: the Flex device
-    /// repeated on the CPU, consecutive GPUs on CUDA. Checked first, so Burn never panics on
-    /// a missing GPU.
+    /// repeated on the CPU, consecutive GPUs on CUDA, consecutive Vulkan adapters on wgpu.
+    /// Checked first, so Burn never panics on a missing GPU.
     ///
     /// # Errors
     /// As [`cuda_ordinals`](Self::cuda_ordinals).
@@ -91,17 +104,24 @@ impl DeviceSpec {
                 let ordinals = self.cuda_ordinals(count)?;
                 Ok(ordinals.into_iter().map(cuda_device).collect())
             }
+            DeviceSpec::Wgpu(first) => {
+                wgpu_devices(first, count).map_err(|reason| MultiError::Device {
+                    device: self.to_string(),
+                    reason,
+                })
+            }
         }
     }
 
     /// How an in-process group of `count` ranks starting on this device exchanges data:
-    /// shared memory on the CPU, NCCL between consecutive GPUs on CUDA.
+    /// shared memory on the CPU (and, through host copies, on wgpu), NCCL between
+    /// consecutive GPUs on CUDA.
     ///
     /// # Errors
     /// As [`cuda_ordinals`](Self::cuda_ordinals).
     pub fn transport(self, count: usize) -> Result<Transport> {
         Ok(match self {
-            DeviceSpec::Cpu => Transport::SharedMemory,
+            DeviceSpec::Cpu | DeviceSpec::Wgpu(_) => Transport::SharedMemory,
             DeviceSpec::Cuda(_) => Transport::Nccl {
                 ordinals: self.cuda_ordinals(count)?,
             },
@@ -125,6 +145,7 @@ impl fmt::Display for DeviceSpec {
         match self {
             DeviceSpec::Cpu => f.write_str("cpu"),
             DeviceSpec::Cuda(i) => write!(f, "cuda:{i}"),
+            DeviceSpec::Wgpu(i) => write!(f, "wgpu:{i}"),
         }
     }
 }
@@ -140,16 +161,24 @@ impl FromStr for DeviceSpec {
         match s.trim().to_ascii_lowercase().as_str() {
             "cpu" | "flex" => Ok(DeviceSpec::Cpu),
             "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
-            other => match other.strip_prefix("cuda:") {
-                Some(index) => index.parse().map(DeviceSpec::Cuda).map_err(|_| {
+            "wgpu" | "vulkan" => Ok(DeviceSpec::Wgpu(0)),
+            other => {
+                let (kind, index): (fn(usize) -> DeviceSpec, _) =
+                    match (other.strip_prefix("cuda:"), other.strip_prefix("wgpu:")) {
+                        (Some(index), _) => (DeviceSpec::Cuda, index),
+                        (_, Some(index)) => (DeviceSpec::Wgpu, index),
+                        _ => {
+                            return Err(bad("expected cpu, cuda, cuda:N, wgpu or wgpu:N (N the \
+                                            device index, from 0)"
+                                .to_string()));
+                        }
+                    };
+                index.parse().map(kind).map_err(|_| {
                     bad(format!(
-                        "'{index}' is not a device index; write cuda:0, cuda:1, ..."
+                        "'{index}' is not a device index; write cuda:0, wgpu:1, ..."
                     ))
-                }),
-                None => Err(bad(
-                    "expected cpu, cuda or cuda:N (N the GPU index, from 0)".to_string(),
-                )),
-            },
+                })
+            }
         }
     }
 }
@@ -183,6 +212,40 @@ pub fn cuda_device_count() -> std::result::Result<usize, String> {
     }
 }
 
+/// `count` consecutive wgpu adapters from index `first`, as Burn's wgpu devices.
+///
+/// # Errors
+/// Why they cannot be used: this build has no `wgpu` feature, or the machine has too few
+/// adapters (none: no driver; on Debian `apt install mesa-vulkan-drivers` gives Vulkan's
+/// software one, lavapipe).
+#[cfg(feature = "wgpu")]
+fn wgpu_devices(first: usize, count: usize) -> std::result::Result<Vec<Device>, String> {
+    use burn::tensor::DeviceType;
+    let all: Vec<Device> = Device::enumerate(DeviceType::Wgpu).into_iter().collect();
+    let last = first + count.max(1) - 1;
+    if last >= all.len() {
+        let have = match all.len() {
+            0 => "no graphics adapter (install a Vulkan driver: on Debian, \
+                  mesa-vulkan-drivers gives the software one, lavapipe)"
+                .to_string(),
+            1 => "one graphics adapter (wgpu:0)".to_string(),
+            n => format!("{n} graphics adapters (wgpu:0 to wgpu:{})", n - 1),
+        };
+        return Err(format!(
+            "{} device(s) from wgpu:{first} were asked for, but this machine has {have}",
+            count.max(1)
+        ));
+    }
+    Ok(all[first..=last].to_vec())
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu_devices(_first: usize, _count: usize) -> std::result::Result<Vec<Device>, String> {
+    Err("this kiln was built without wgpu support; rebuild with \
+         `cargo build --release --features wgpu`, or train with --device cpu"
+        .to_string())
+}
+
 #[cfg(feature = "cuda")]
 fn cuda_device(ordinal: usize) -> Device {
     Device::cuda(ordinal)
@@ -205,7 +268,11 @@ mod tests {
         assert_eq!(DeviceSpec::Cuda(2).to_string(), "cuda:2");
         assert_eq!(DeviceSpec::Cuda(1).nth(2), DeviceSpec::Cuda(3));
         assert_eq!(DeviceSpec::Cpu.nth(2), DeviceSpec::Cpu);
-        for bad in ["cuda:x", "tpu", "cuda:-1", ""] {
+        assert_eq!("wgpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Wgpu(0));
+        assert_eq!("wgpu:2".parse::<DeviceSpec>().unwrap(), DeviceSpec::Wgpu(2));
+        assert_eq!(DeviceSpec::Wgpu(1).to_string(), "wgpu:1");
+        assert_eq!(DeviceSpec::Wgpu(1).nth(1), DeviceSpec::Wgpu(2));
+        for bad in ["cuda:x", "tpu", "cuda:-1", "", "wgpu:one"] {
             let err = bad.parse::<DeviceSpec>().unwrap_err().to_string();
             assert!(err.contains("cuda:"), "{bad}: {err}");
         }
@@ -227,6 +294,22 @@ mod tests {
         let err = DeviceSpec::Cuda(0).device().unwrap_err().to_string();
         assert!(err.starts_with("device cuda:0: "), "{err}");
         assert!(err.contains("--features cuda"), "{err}");
+    }
+
+    /// In a build without `wgpu`, asking for it is an error that says how to get it.
+    #[cfg(not(feature = "wgpu"))]
+    #[test]
+    fn wgpu_in_a_cpu_build_is_a_clear_error() {
+        let err = DeviceSpec::Wgpu(0).device().unwrap_err().to_string();
+        assert!(err.starts_with("device wgpu:0: "), "{err}");
+        assert!(err.contains("--features wgpu"), "{err}");
+    }
+
+    /// An adapter index past the last is an error naming what the machine has.
+    #[test]
+    fn wgpu_index_out_of_range_is_a_clear_error() {
+        let err = DeviceSpec::Wgpu(1000).devices(2).unwrap_err().to_string();
+        assert!(err.starts_with("device wgpu:1000: "), "{err}");
     }
 
     /// On any machine (none has 1000 GPUs), an index past the last GPU is an error, not the

@@ -60,8 +60,9 @@ pub struct CnnMnistArgs {
     /// Train on the first N training samples only (quick checks).
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
-    /// Where to train: cpu (Burn's Flex backend, all cores) or cuda:N (GPU N; plain `cuda`
-    /// is cuda:0; needs a kiln built with `--features cuda`). With --ranks R or
+    /// Where to train: cpu (Burn's Flex backend, all cores), cuda:N (GPU N; plain `cuda`
+    /// is cuda:0; needs a kiln built with `--features cuda`) or wgpu:N (graphics adapter N, any
+    /// GPU vendor or Mesa's software lavapipe; `--features wgpu`). With --ranks R or
     /// --pipeline-stages P, the ranks or stages take consecutive GPUs from N (ranks exchange
     /// gradients over NCCL); under `kiln launch`, each process takes GPU N + its local rank.
     #[arg(long, value_name = "DEVICE", default_value = "cpu")]
@@ -514,7 +515,8 @@ pub struct ModelSourceArgs {
     /// Outputs of a ResNet's fc layer in --weights (1000 for torchvision's ImageNet weights).
     #[arg(long, value_name = "N", default_value_t = NonZeroUsize::new(1000).expect("1000 is not zero"))]
     pub num_classes: NonZeroUsize,
-    /// Where the model runs: cpu, or cuda:N (a build with `--features cuda`).
+    /// Where the model runs: cpu, cuda:N (a build with `--features cuda`) or wgpu:N (a build
+    /// with `--features wgpu`).
     #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     pub device: DeviceSpec,
 }
@@ -690,7 +692,8 @@ pub struct FinetuneArgs {
     /// Continue a run from a checkpoint file or run directory (with no value: --out's).
     #[arg(long, value_name = "PATH", num_args = 0..=1)]
     pub resume: Option<Option<PathBuf>>,
-    /// Where to train: cpu, or cuda:N (GPU N; needs a kiln built with `--features cuda`).
+    /// Where to train: cpu, cuda:N (GPU N; needs a kiln built with `--features cuda`) or
+    /// wgpu:N (graphics adapter N; `--features wgpu`).
     /// With --ranks R, the ranks take R consecutive GPUs from N and exchange over NCCL.
     #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     pub device: DeviceSpec,
@@ -792,7 +795,8 @@ pub struct GptArgs {
     /// Train on the first N windows only (quick checks).
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
-    /// Where to train: cpu, or cuda:N (a build with `--features cuda`).
+    /// Where to train: cpu, cuda:N (a build with `--features cuda`) or wgpu:N
+    /// (`--features wgpu`).
     #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     pub device: DeviceSpec,
     /// Data-parallel ranks (threads), each on 1/N of every batch, gradients averaged. With
@@ -941,7 +945,7 @@ pub struct GenerateArgs {
     /// same text, slower: a check of the cache).
     #[arg(long)]
     pub no_cache: bool,
-    /// Where the model runs: cpu, or cuda:N.
+    /// Where the model runs: cpu, cuda:N or wgpu:N.
     #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     pub device: DeviceSpec,
 }

@@ -725,7 +725,7 @@ impl PlannedRun<'_> {
     ) -> Result<FitReport> {
         // On the CPU, like one device per stage: the machine's cores shared out between the
         // stages. On CUDA each stage has its own GPU.
-        let threads = (!self.device_spec.is_cuda()).then(|| {
+        let threads = self.device_spec.is_cpu().then(|| {
             let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
             NonZeroUsize::new(cores / options.stages.get()).unwrap_or(NonZeroUsize::MIN)
         });

@@ -121,7 +121,7 @@ pub struct TrainReport {
     pub samples_per_sec: f64,
     /// Data-parallel ranks the run trained on.
     pub ranks: usize,
-    /// The device of this rank (rank 0, or the first pipeline stage): `cpu` or `cuda:N`.
+    /// The device of this rank (rank 0, or the first pipeline stage): `cpu`, `cuda:N` or `wgpu:N`.
     pub device: String,
     /// Samples per optimizer step, over all ranks.
     pub global_batch_size: usize,

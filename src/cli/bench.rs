@@ -28,7 +28,7 @@ pub struct BenchArgs {
     /// The workload.
     #[arg(value_enum)]
     workload: Workload,
-    /// cpu, or cuda:N (a build with --features cuda).
+    /// cpu, cuda:N (a build with --features cuda) or wgpu:N (--features wgpu).
     #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     device: DeviceSpec,
     /// Rounds; with --pytorch, the twin runs once after each of kiln's rounds.

@@ -1,7 +1,8 @@
 //! `kiln check-device`: runs kiln's models on a device and on a reference path with the same
 //! weights and inputs, and compares logits and every parameter gradient.
 //!
-//! - `--device cuda:N`: Burn's CUDA backend against the CPU (Flex, kiln's kernels);
+//! - `--device cuda:N` / `wgpu:N`: Burn's CUDA / wgpu backend against the CPU (Flex, kiln's
+//!   kernels);
 //! - `--device cpu`: kiln's CPU kernels (convolutions, Winograd, max-pool, batch norm) against
 //!   Burn's own ops.
 //!
@@ -31,7 +32,8 @@ Checks: SimpleCNN (batch 64 of 28x28, cross-entropy: logits and every gradient),
 training step (batch 4 of 64x64, batch norm in training mode: logits and every gradient) and
 ResNet-18 inference (eval mode). Exits non-zero when a difference is above --tolerance.")]
 pub struct CheckDeviceArgs {
-    /// cpu (kiln's kernels against Burn's ops), or cuda:N (the GPU against the CPU).
+    /// cpu (kiln's kernels against Burn's ops), or cuda:N / wgpu:N (that device against the
+    /// CPU).
     #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     device: DeviceSpec,
     /// Largest accepted difference, relative to max(1, rms) of each reference tensor.
@@ -54,11 +56,11 @@ pub fn run(args: &CheckDeviceArgs, json_output: bool) -> anyhow::Result<()> {
     );
     let device = args.device.device()?;
     let cpu = Device::flex();
-    let on_cpu = !args.device.is_cuda();
-    let (candidate_name, reference_name) = if on_cpu {
-        ("kiln's kernels", "the CPU with Burn's ops")
-    } else {
-        ("Burn's CUDA backend", "the CPU with kiln's kernels")
+    let on_cpu = args.device.is_cpu();
+    let (candidate_name, reference_name) = match args.device {
+        DeviceSpec::Cpu => ("kiln's kernels", "the CPU with Burn's ops"),
+        DeviceSpec::Cuda(_) => ("Burn's CUDA backend", "the CPU with kiln's kernels"),
+        DeviceSpec::Wgpu(_) => ("Burn's wgpu backend", "the CPU with kiln's kernels"),
     };
     // The reference runs first; on the CPU with kiln's kernels switched off.
     let with_reference = |f: &dyn Fn(&Device) -> anyhow::Result<Tensors>| {

@@ -331,7 +331,7 @@ fn fit_pipeline(
         .into_iter()
         .map(Device::autodiff)
         .collect();
-    let threads = (!config.device.is_cuda()).then(|| {
+    let threads = config.device.is_cpu().then(|| {
         let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
         NonZeroUsize::new(cores / (stages.get() * config.ranks.get())).unwrap_or(NonZeroUsize::MIN)
     });
@@ -410,11 +410,11 @@ fn check_parallelism(config: &GptRecipeConfig, model: &GptConfig) -> Result<()> 
     }
     let launched = config.process_group.is_some();
     let (flag, what, other) = match (config.tensor_parallel, config.pipeline) {
-        (Some(_), Some(_)) if config.device.is_cuda() => (
+        (Some(_), Some(_)) if !config.device.is_cpu() => (
             "--tensor-parallel",
             "tensor parallelism inside pipeline stages (its backward all-reduce is a CPU \
              kernel)",
-            "a CUDA device",
+            "a GPU device",
         ),
         (Some(_), _) if config.zero.is_some() => {
             ("--zero", "a sharded optimizer state", "tensor parallelism")
