@@ -196,10 +196,24 @@ fn missing_cuda_device_is_a_clear_error() {
         let output = kiln(&["collectives", "--device", "cuda:0"]);
         assert_clean_failure(&output, &["device cuda:0: "]);
     }
+    if !cfg!(feature = "wgpu") {
+        for args in [
+            &["train", "cnn-mnist", "--device", "wgpu"][..],
+            &["check-device", "--device", "wgpu:0"],
+        ] {
+            assert_clean_failure(&kiln(args), &["device wgpu:0: ", "--features wgpu"]);
+        }
+    }
+    // An adapter index past the last names the adapters there are (or the missing feature).
+    let output = kiln(&["check-device", "--device", "wgpu:1000"]);
+    assert_clean_failure(&output, &["device wgpu:1000: "]);
     let output = kiln(&["train", "cnn-mnist", "--device", "tpu"]);
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("expected cpu, cuda or cuda:N"), "{stderr}");
+    assert!(
+        stderr.contains("expected cpu, cuda, cuda:N, wgpu or wgpu:N"),
+        "{stderr}"
+    );
 }
 
 /// `KILN_ISA` caps kiln's kernels; a value it does not know stops the command before it runs
