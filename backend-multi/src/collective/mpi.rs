@@ -124,15 +124,12 @@ impl MpiSession {
             return Err(mpi_error("MPI session state already set".into()));
         }
         install_panic_hook();
-        let collective = Arc::new(MpiCollective {
-            comm: RawComm(comm),
-            rank,
-            world,
-            timeout: config.timeout,
-            calls: Mutex::new(()),
-            watchdog: Watchdog::start(rank.index(), world.get()),
+        let collective = Arc::new(MpiCollective::on(
+            comm,
+            (rank, world),
+            config.timeout,
             library,
-        });
+        ));
         Ok(Self {
             collective,
             finished: false,
@@ -210,6 +207,25 @@ pub struct MpiCollective {
 }
 
 impl MpiCollective {
+    /// A handle on `comm`, where this process is `place` (rank, size), with a watchdog of its
+    /// own.
+    fn on(
+        comm: ffi::MPI_Comm,
+        (rank, world): (Rank, WorldSize),
+        timeout: Duration,
+        library: String,
+    ) -> Self {
+        Self {
+            comm: RawComm(comm),
+            rank,
+            world,
+            timeout,
+            calls: Mutex::new(()),
+            watchdog: Watchdog::start(rank.index(), world.get()),
+            library,
+        }
+    }
+
     /// The MPI library's version string, e.g. `Open MPI v4.1.4, ...`.
     pub fn library_version(&self) -> &str {
         &self.library
@@ -496,15 +512,14 @@ impl Collective for MpiCollective {
             // SAFETY: valid communicator and out-pointer.
             unsafe { ffi::MPI_Comm_dup(self.comm.0, &mut comm) }
         })?;
-        Ok(Arc::new(MpiCollective {
-            comm: RawComm(comm),
-            rank: self.rank,
-            world: self.world,
-            timeout: self.timeout,
-            calls: Mutex::new(()),
-            watchdog: Watchdog::start(self.rank.index(), self.world.get()),
-            library: self.library.clone(),
-        }))
+        let place = (self.rank, self.world);
+        let library = self.library.clone();
+        Ok(Arc::new(MpiCollective::on(
+            comm,
+            place,
+            self.timeout,
+            library,
+        )))
     }
 
     /// `MPI_Comm_split`, with a watchdog of its own.
@@ -520,16 +535,13 @@ impl Collective for MpiCollective {
             // SAFETY: valid communicator and out-pointer.
             unsafe { ffi::MPI_Comm_split(self.comm.0, color, key, &mut comm) }
         })?;
-        let (rank, world) = place(comm)?;
-        Ok(Arc::new(MpiCollective {
-            comm: RawComm(comm),
-            rank,
-            world,
-            timeout: self.timeout,
-            calls: Mutex::new(()),
-            watchdog: Watchdog::start(rank.index(), world.get()),
-            library: self.library.clone(),
-        }))
+        let library = self.library.clone();
+        Ok(Arc::new(MpiCollective::on(
+            comm,
+            place(comm)?,
+            self.timeout,
+            library,
+        )))
     }
 }
 
