@@ -141,8 +141,7 @@ fn vec_mat(x: &[f32], m: &[f32], stride: usize, out: &mut [f32]) {
     }
     let tail = &mut out[whole..];
     let fits = whole + LANES <= stride && (x.len().max(1) - 1) * stride + whole + LANES <= m.len();
-    if tail.is_empty() {
-    } else if fits {
+    if fits && !tail.is_empty() {
         tail.copy_from_slice(&block(whole)[..tail.len()]);
     } else {
         for (j, o) in tail.iter_mut().enumerate() {
@@ -205,7 +204,7 @@ fn forward_generic(
     probs: &mut [f32],
     head: &mut Head,
 ) {
-    let (n, d, w) = (s.tokens, s.head_dim, s.width());
+    let (n, d, w, scale) = (s.tokens, s.head_dim, s.width(), s.scale());
     for (h, probs) in probs.chunks_exact_mut(n * n).enumerate() {
         gather(s, rows, 3 * w, h * d, false, &mut head.q);
         gather(s, rows, 3 * w, w + h * d, true, &mut head.k);
@@ -213,7 +212,7 @@ fn forward_generic(
         for (i, p) in probs.chunks_exact_mut(n).enumerate() {
             let (seen, unseen) = p.split_at_mut(i + 1);
             vec_mat(&head.q[i * d..(i + 1) * d], &head.k, n, seen);
-            softmax(seen, s.scale());
+            softmax(seen, scale);
             unseen.fill(0.0);
             vec_mat(seen, &head.v, d, &mut out[i * w + h * d..][..d]);
         }

@@ -233,32 +233,43 @@ pub fn causal_attention(qkv: Tensor<3>, heads: usize) -> Tensor<3> {
         "attention input of width {packed} does not split into 3 x {heads} heads"
     );
     if !(enabled() && on_flex_f32(&qkv) && b * t > 0) {
-        return burn_causal_attention(qkv, heads);
+        return causal_attention_by_burn(qkv, heads);
     }
     Tensor::from_dispatch(
         <burn::backend::Dispatch as CpuKernels>::kiln_causal_attention(qkv.into_dispatch(), heads),
     )
 }
 
-/// [`causal_attention`] by Burn's ops: split, `attention` with a causal mask, merge the heads.
-fn burn_causal_attention(qkv: Tensor<3>, heads: usize) -> Tensor<3> {
-    use burn::tensor::module::attention;
-    use burn::tensor::ops::AttentionModuleOptions;
+/// [`causal_attention`] by Burn's ops ([`split_heads`], Burn's `attention` with a causal
+/// mask, [`merge_heads`]): its fallback, and what the tests compare the kernel with.
+pub fn causal_attention_by_burn(qkv: Tensor<3>, heads: usize) -> Tensor<3> {
+    let [q, k, v] = split_heads(qkv, heads);
+    let options = burn::tensor::ops::AttentionModuleOptions {
+        is_causal: true,
+        ..Default::default()
+    };
+    merge_heads(burn::tensor::module::attention(
+        q, k, v, None, None, options,
+    ))
+}
+
+/// Queries, keys and values `[batch, heads, tokens, width / heads]` of a packed
+/// `[batch, tokens, 3 x width]` projection.
+pub fn split_heads(qkv: Tensor<3>, heads: usize) -> [Tensor<4>; 3] {
     let [b, t, packed] = qkv.dims();
     let width = packed / 3;
-    let part = |i: usize| {
+    [0, 1, 2].map(|i| {
         qkv.clone()
             .narrow(2, i * width, width)
             .reshape([b, t, heads, width / heads])
             .swap_dims(1, 2)
-    };
-    let options = AttentionModuleOptions {
-        is_causal: true,
-        ..AttentionModuleOptions::default()
-    };
-    attention(part(0), part(1), part(2), None, None, options)
-        .swap_dims(1, 2)
-        .reshape([b, t, width])
+    })
+}
+
+/// `[batch, tokens, heads x head_dim]` of per-head values `[batch, heads, tokens, head_dim]`.
+pub fn merge_heads(y: Tensor<4>) -> Tensor<3> {
+    let [b, heads, t, d] = y.dims();
+    y.swap_dims(1, 2).reshape([b, t, heads * d])
 }
 
 /// `ln.forward(x)` with the layer's `epsilon` (Burn keeps it private: 1e-5 unless its config

@@ -249,7 +249,6 @@ pub type LayerCache = Option<(Tensor<4>, Tensor<4>)>;
 impl CausalSelfAttention {
     /// Attention over `x` `[batch, tokens, embed]` (and the cached tokens before it).
     pub fn forward(&self, x: Tensor<3>, cache: Option<&mut LayerCache>) -> Tensor<3> {
-        let [b, t, c] = x.dims();
         let qkv = self.c_attn.forward(x);
         let Some(cache) = cache else {
             // Training and evaluation: one fused op from the packed projections.
@@ -257,14 +256,7 @@ impl CausalSelfAttention {
                 .c_proj
                 .forward(kiln_kernels::causal_attention(qkv, self.heads));
         };
-        let heads = self.heads;
-        let part = |i: usize| {
-            qkv.clone()
-                .narrow(2, i * c, c)
-                .reshape([b, t, heads, c / heads])
-                .swap_dims(1, 2)
-        };
-        let (q, mut k, mut v) = (part(0), part(1), part(2));
+        let [q, mut k, mut v] = kiln_kernels::split_heads(qkv, self.heads);
         if let Some((past_k, past_v)) = cache.take() {
             k = Tensor::cat(vec![past_k, k], 2);
             v = Tensor::cat(vec![past_v, v], 2);
@@ -275,7 +267,7 @@ impl CausalSelfAttention {
             ..AttentionModuleOptions::default()
         };
         let y = attention(q, k, v, None, None, options);
-        self.c_proj.forward(y.swap_dims(1, 2).reshape([b, t, c]))
+        self.c_proj.forward(kiln_kernels::merge_heads(y))
     }
 }
 
