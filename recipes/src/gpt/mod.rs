@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use burn::data::dataset::Dataset;
 use burn::module::Module;
 use burn::optim::GradientsParams;
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 use kiln_models::gpt::{Gpt, GptConfig, GptStage, Sampling};
 use kiln_multi::pipeline::{Activation, ModuleStage, PipelineConfig, PipelineStage, Targets};
 use kiln_multi::{
@@ -365,26 +365,37 @@ fn fit_pipeline(
 fn gpt_stages(model: &Gpt, devices: &[Device]) -> Vec<Box<dyn PipelineStage>> {
     // The stage count was checked against the blocks before training started.
     let parts = model.pipeline_stages(devices.len()).unwrap_or_default();
+    let parts = parts
+        .into_iter()
+        .zip(devices)
+        .map(|(part, device)| crate::cnn_mnist::place(part, device))
+        .collect();
+    token_stages(
+        parts,
+        devices,
+        GptStage::forward_tokens,
+        GptStage::forward_hidden,
+    )
+}
+
+/// `parts` as pipeline stages named "blocks 1", "blocks 2", ..., part `i` on `devices[i]`:
+/// the first through `tokens` (token ids carried as floats), the others through `hidden`
+/// (the residual stream, then the last stage's logits).
+pub(super) fn token_stages<M: Module + 'static>(
+    parts: Vec<M>,
+    devices: &[Device],
+    tokens: fn(&M, Tensor<2>) -> Tensor<3>,
+    hidden: fn(&M, Tensor<3>) -> Tensor<3>,
+) -> Vec<Box<dyn PipelineStage>> {
     parts
         .into_iter()
         .zip(devices)
         .enumerate()
         .map(|(i, (part, device))| -> Box<dyn PipelineStage> {
             let name = format!("blocks {}", i + 1);
-            let part = crate::cnn_mnist::place(part, device);
             match i {
-                0 => Box::new(ModuleStage::new(
-                    name,
-                    part,
-                    GptStage::forward_tokens,
-                    device.clone(),
-                )),
-                _ => Box::new(ModuleStage::new(
-                    name,
-                    part,
-                    GptStage::forward_hidden,
-                    device.clone(),
-                )),
+                0 => Box::new(ModuleStage::new(name, part, tokens, device.clone())),
+                _ => Box::new(ModuleStage::new(name, part, hidden, device.clone())),
             }
         })
         .collect()

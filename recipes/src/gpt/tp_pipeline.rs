@@ -16,14 +16,13 @@ use burn::nn::{Embedding, LayerNorm, Linear};
 use burn::tensor::Tensor;
 use kiln_models::gpt::{embed, stage_head};
 use kiln_multi::Collective;
-use kiln_multi::pipeline::{
-    Activation, ModuleStage, Pipeline, PipelineConfig, PipelineStage, Targets, merge_grads,
-};
+use kiln_multi::pipeline::{Activation, Pipeline, PipelineConfig, Targets, merge_grads};
 use kiln_multi::tensor_parallel::GradientSum;
 use kiln_trainer::data::TokenBatch;
 use kiln_trainer::{GradStep, StepOutput, StepResult};
 
 use super::tensor_parallel::{Branch, TensorParallelBlock, TensorParallelGpt};
+use super::token_stages;
 
 /// Consecutive blocks of a rank's tensor-parallel part as one pipeline stage: the embeddings
 /// in the first, the final norm and head in the last (the tied embedding in both).
@@ -87,28 +86,12 @@ impl TensorParallelGpt {
         let count = NonZeroUsize::new(self.stage_groups().count())
             .ok_or("the part was split without pipeline stages")?;
         let pipeline = Pipeline::new(count, config)?;
-        let mut stages: Vec<Box<dyn PipelineStage>> = self
-            .pipeline_stages()
-            .into_iter()
-            .enumerate()
-            .map(|(i, stage)| -> Box<dyn PipelineStage> {
-                let name = format!("blocks {}", i + 1);
-                match i {
-                    0 => Box::new(ModuleStage::new(
-                        name,
-                        stage,
-                        TensorParallelGptStage::forward_tokens,
-                        device.clone(),
-                    )),
-                    _ => Box::new(ModuleStage::new(
-                        name,
-                        stage,
-                        TensorParallelGptStage::forward_hidden,
-                        device.clone(),
-                    )),
-                }
-            })
-            .collect();
+        let mut stages = token_stages(
+            self.pipeline_stages(),
+            &vec![device.clone(); count.get()],
+            TensorParallelGptStage::forward_tokens,
+            TensorParallelGptStage::forward_hidden,
+        );
         let input = Activation::Rank2(batch.inputs.float());
         let report = pipeline.run(&mut stages, input, Targets::Tokens(batch.targets))?;
         self.check_pipeline()?;
