@@ -92,7 +92,7 @@ impl DeviceSpec {
     }
 
     /// The Burn devices of `count` ranks or stages starting at this one: the Flex device
-    /// repeated on the CPU, consecutive GPUs on CUDA, consecutive Vulkan adapters on wgpu.
+    /// repeated on the CPU, consecutive GPUs on CUDA, consecutive graphics adapters on wgpu.
     /// Checked first, so Burn never panics on a missing GPU.
     ///
     /// # Errors
