@@ -38,6 +38,6 @@ pub use error::{MultiError, Result};
 pub use mesh::{MeshShape, Rank, WorldSize};
 pub use sampler::{DistributedSampler, DistributedSamplerConfig};
 pub use sharding::{
-    FlatOptimizer, ShardMemory, ZERO_STATE_MAGIC, ZeroConfig, ZeroOptimizer, ZeroStage,
+    FlatOptimizer, ParamState, ShardMemory, ZERO_STATE_MAGIC, ZeroConfig, ZeroOptimizer, ZeroStage,
     clip_coefficient,
 };

@@ -771,6 +771,7 @@ impl PlannedRun<'_> {
             data_parallel: None,
             process_group: None,
             pipeline_stages: None,
+            zero: None,
         };
         let whole = model.num_params();
         let (_model, fit) = self.trainer.fit_tensor_parallel(

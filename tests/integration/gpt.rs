@@ -15,7 +15,7 @@ use kiln::models::load_weights;
 use kiln::multi::pipeline::{
     Activation, ModuleStage, PipelineConfig, PipelineSchedule, PipelineStage, Targets,
 };
-use kiln::multi::{Collective, CollectiveConfig, Transport, WorldSize};
+use kiln::multi::{Collective, CollectiveConfig, Transport, WorldSize, ZeroStage};
 use kiln::recipes::gpt::tensor_parallel::TensorParallelGpt;
 use kiln::trainer::data::{ByteCorpus, TokenBatch, TokenBatcher, TokenWindow};
 use kiln::trainer::report::Verbosity;
@@ -371,6 +371,8 @@ enum Mode<'a> {
         /// Pipeline stages of each rank's part (TP x PP), "f" summing over the group
         /// `gradient_group` returns for each stage's group.
         stages: Option<usize>,
+        /// Each part's optimizer state sharded over its `replicas`.
+        zero: Option<ZeroStage>,
     },
     /// Pipelines of `stages` stages under `schedule`, on `ranks` data-parallel ranks if set;
     /// `untie` gives the last stage a copy of the tied embedding, whose head gradient then
@@ -508,6 +510,7 @@ fn twenty_steps(mode: Mode<'_>) -> Vec<f32> {
             gradient_group,
             replicas,
             stages,
+            zero,
         } => {
             let split = |m: &Gpt, group: Arc<dyn Collective>| match stages {
                 Some(stages) => Ok(TensorParallelGpt::split_pipelined(m, group, stages)?
@@ -553,6 +556,7 @@ fn twenty_steps(mode: Mode<'_>) -> Vec<f32> {
                 data_parallel: replicas,
                 process_group: None,
                 pipeline_stages: stages.and_then(NonZeroUsize::new),
+                zero,
             };
             let steps = TensorParallelSteps {
                 train: &train,
@@ -570,12 +574,14 @@ fn tensor_parallel<'a>(
     ranks: usize,
     gradient_group: &'a (dyn Fn(Arc<dyn Collective>) -> Arc<dyn Collective> + Sync),
     replicas: usize,
+    zero: Option<ZeroStage>,
 ) -> Mode<'a> {
     Mode::TensorParallel {
         ranks,
         gradient_group,
         replicas: (replicas > 1).then(|| WorldSize::new(replicas).unwrap()),
         stages: None,
+        zero,
     }
 }
 
@@ -583,20 +589,24 @@ fn tensor_parallel<'a>(
 fn tensor_parallel_pipeline_stages_train_like_one_device_and_need_the_gradient_sum() {
     let itself = |group: Arc<dyn Collective>| group;
     let single = twenty_steps(Mode::Single);
-    // TP 2 x PP 2, and DP 2 x TP 2 x PP 2 (8 stage threads).
-    for replicas in [None, WorldSize::new(2).ok()] {
+    // TP 2 x PP 2, and DP 2 x TP 2 x PP 2 (8 stage threads), the last with each part's
+    // optimizer state sharded over its 2 replicas too.
+    let two = WorldSize::new(2).ok();
+    for (replicas, zero) in [(None, None), (two, None), (two, Some(ZeroStage::One))] {
         let mode = Mode::TensorParallel {
             ranks: 2,
             gradient_group: &itself,
             replicas,
             stages: Some(2),
+            zero,
         };
         let diff = max_abs_diff(&single, &twenty_steps(mode));
         let dp = replicas.map_or(1, WorldSize::get);
+        let zero = zero.map_or(0, ZeroStage::number);
         eprintln!(
-            "GPT, {dp} replicas x 2 tensor-parallel ranks x 2 stages vs one device, 20 steps: max |delta param| = {diff:e}"
+            "GPT, {dp} replicas x 2 tensor-parallel ranks x 2 stages (ZeRO {zero}) vs one device, 20 steps: max |delta param| = {diff:e}"
         );
-        assert!(diff < 1e-5, "{dp} x 2 x 2: {diff}");
+        assert!(diff < 1e-5, "{dp} x 2 x 2, ZeRO {zero}: {diff}");
     }
     // Without "f" in the stages' backward each rank's LayerNorms and stream below a split
     // layer see their own heads' or columns' share of the gradient only.
@@ -606,6 +616,7 @@ fn tensor_parallel_pipeline_stages_train_like_one_device_and_need_the_gradient_s
         gradient_group: &no_sum,
         replicas: None,
         stages: Some(2),
+        zero: None,
     };
     let diff = max_abs_diff(&single, &twenty_steps(mode));
     assert!(
@@ -618,19 +629,30 @@ fn tensor_parallel_pipeline_stages_train_like_one_device_and_need_the_gradient_s
 fn tensor_parallel_blocks_train_like_one_device_and_need_the_backward_all_reduce() {
     let itself = |group: Arc<dyn Collective>| group;
     let single = twenty_steps(Mode::Single);
-    // (tensor-parallel ranks, data-parallel replicas of them)
-    for (ranks, replicas) in [(2, 1), (4, 1), (2, 2)] {
-        let split = twenty_steps(tensor_parallel(ranks, &itself, replicas));
+    // (tensor-parallel ranks, data-parallel replicas of them, ZeRO over the replicas)
+    let (one, two) = (Some(ZeroStage::One), Some(ZeroStage::Two));
+    for (ranks, replicas, zero) in [
+        (2, 1, None),
+        (4, 1, None),
+        (2, 2, None),
+        (2, 2, one),
+        (2, 2, two),
+    ] {
+        let split = twenty_steps(tensor_parallel(ranks, &itself, replicas, zero));
         let diff = max_abs_diff(&single, &split);
+        let zero = zero.map_or(0, ZeroStage::number);
         eprintln!(
-            "GPT blocks over {ranks} ranks x {replicas} replicas vs one device, 20 steps: max |delta param| = {diff:e}"
+            "GPT blocks over {ranks} ranks x {replicas} replicas (ZeRO {zero}) vs one device, 20 steps: max |delta param| = {diff:e}"
         );
-        assert!(diff < 1e-5, "{ranks} ranks x {replicas} replicas: {diff}");
+        assert!(
+            diff < 1e-5,
+            "{ranks} ranks x {replicas} replicas, ZeRO {zero}: {diff}"
+        );
     }
     // Without Megatron's "f" (the all-reduce of each branch's input gradient) every rank's
     // blocks below the top learn from their own heads' share only.
     let no_sum = |group: Arc<dyn Collective>| -> Arc<dyn Collective> { Arc::new(NoReduce(group)) };
-    let diff = max_abs_diff(&single, &twenty_steps(tensor_parallel(2, &no_sum, 1)));
+    let diff = max_abs_diff(&single, &twenty_steps(tensor_parallel(2, &no_sum, 1, None)));
     assert!(
         diff > 1e-3,
         "without the backward all-reduce the difference is only {diff}"
@@ -704,12 +726,19 @@ fn a_run_resumes_exactly_on_another_mesh_shape() {
     let constant = ["--lr-schedule", "constant", "--limit", "320"];
     let whole = train_tiny(&data, &dir.path().join("whole"), "2", &constant);
     let tp = ["--tensor-parallel", "2"];
-    // (how the first epoch ran, how the second does)
-    let layouts: [(&str, &[&str], &[&str]); 4] = [
+    // (how the first epoch ran, how the second does): every checkpoint is a single device's
+    // file, ZeRO's state gathered from its shards too.
+    let layouts: [(&str, &[&str], &[&str]); 6] = [
         ("tp2-to-1", &tp, &[]),
         ("1-to-tp2", &[], &tp),
         ("tp2-to-dp2", &tp, &["--ranks", "2"]),
         ("tp2-to-dp2xtp2", &tp, &["--mesh", "dp=2,tp=2"]),
+        ("dp2-zero1-to-tp2", &["--ranks", "2", "--zero", "1"], &tp),
+        (
+            "dp2xtp2-zero2-to-1",
+            &["--mesh", "dp=2,tp=2", "--zero", "2"],
+            &[],
+        ),
     ];
     for (name, first, second) in layouts {
         let run = dir.path().join(name);
@@ -722,25 +751,6 @@ fn a_run_resumes_exactly_on_another_mesh_shape() {
             assert!(diff < 1e-5, "{name}: {key} differs by {diff}");
         }
     }
-    // The file is a single device's: eval reads it, and a --zero run's is refused by name.
-    let zero = dir.path().join("zero");
-    train_tiny(
-        &data,
-        &zero,
-        "1",
-        &[&constant[..], &["--ranks", "2", "--zero", "1"]].concat(),
-    );
-    let zero = zero.to_str().unwrap();
-    assert_clean_failure(
-        &kiln(
-            &["train", "gpt", "--resume", zero, "--epochs", "2"][..]
-                .iter()
-                .chain(&tp)
-                .copied()
-                .collect::<Vec<_>>(),
-        ),
-        &["sharded", "without tensor parallelism"],
-    );
 }
 
 #[test]
@@ -801,24 +811,8 @@ fn train_gpt_tensor_parallel_and_pipelined_from_the_cli() {
         "--json",
     ]));
     assert_eq!(text["tokens"], 10);
-    assert_clean_failure(
-        &kiln(&[
-            "train",
-            "gpt",
-            "--data",
-            data.to_str().unwrap(),
-            "--tensor-parallel",
-            "2",
-            "--ranks",
-            "2",
-            "--zero",
-            "1",
-            "--out",
-            dir.path().join("x").to_str().unwrap(),
-        ]),
-        &["--zero", "tensor parallelism"],
-    );
-    // Tensor-parallel pipeline stages refuse it too (their ranks' optimizers are whole).
+    // ZeRO needs data-parallel replicas to shard over: a tensor-parallel run without any is
+    // refused before the first step, naming the flag.
     let out = dir.path().join("zero-tp-pp");
     let zero_tp_pp = [
         "train",
@@ -830,7 +824,7 @@ fn train_gpt_tensor_parallel_and_pipelined_from_the_cli() {
         "--out",
         out.to_str().unwrap(),
     ];
-    assert_clean_failure(&kiln(&zero_tp_pp), &["--zero", "tensor parallelism"]);
+    assert_clean_failure(&kiln(&zero_tp_pp), &["--zero", "data-parallel"]);
     for (mesh, complaint) in [
         ("dp=2,xp=2", "unknown axis `xp`"),
         ("dp=2,dp=3", "axis dp is given twice"),
@@ -859,6 +853,32 @@ fn train_gpt_tensor_parallel_and_pipelined_from_the_cli() {
     );
     assert_eq!(mesh["ranks"], 2);
     assert_eq!(mesh["tensor_parallel"]["ranks"], 2);
+    // With each part's AdamW state sharded over its 2 replicas (ZeRO-2): the same updates,
+    // half the state per rank.
+    let sharded = train_tiny(
+        &data,
+        &dir.path().join("dp-tp-zero"),
+        "1",
+        &[&twenty[..], &["--mesh", "tp=2,dp=2", "--zero", "2"]].concat(),
+    );
+    let diff = (sharded["val_loss"].as_f64().unwrap() - one["val_loss"].as_f64().unwrap()).abs();
+    assert!(diff < 1e-5, "--mesh dp=2,tp=2 --zero 2 differs by {diff}");
+    assert_eq!(sharded["zero_stage"], 2);
+    let state_bytes = |report: &serde_json::Value| {
+        report["tensor_parallel"]["optimizer_state_bytes_per_rank"]
+            .as_u64()
+            .unwrap() as i64
+    };
+    assert!(
+        (2 * state_bytes(&sharded) - state_bytes(&mesh)).abs() <= 8,
+        "{sharded}"
+    );
+    let state = std::fs::read_to_string(dir.path().join("dp-tp-zero").join("run.json")).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(
+        state["mode"],
+        "tensor parallel x2 x data parallel 2, ZeRO-2"
+    );
     // Tensor-parallel pipeline stages: two blocks, one per stage.
     let two_blocks = |name: &str, extra: &[&str]| {
         let out = dir.path().join(name);

@@ -333,13 +333,24 @@ mod mpi {
         assert!(!bad.status.success(), "{stderr}");
         assert!(stderr.contains("do not split into groups of 4"), "{stderr}");
         // Four processes as a mesh: 2 replicas of 2 tensor-parallel ranks (groups split from
-        // the job's communicator), alone and with each rank a pipeline of 2 stages.
-        for mesh in ["dp=2,tp=2", "dp=2,tp=2,pp=2"] {
-            let report = train_gpt(dir.path(), mesh, Some("4"), &["--mesh", mesh]);
+        // the job's communicator), alone, with each part's optimizer state sharded over its
+        // replicas, and with each rank a pipeline of 2 stages.
+        for (name, mesh, zero) in [
+            ("dp-tp", "dp=2,tp=2", None),
+            ("dp-tp-zero", "dp=2,tp=2", Some("2")),
+            ("dp-tp-pp", "dp=2,tp=2,pp=2", None),
+        ] {
+            let mut flags = vec!["--mesh", mesh];
+            flags.extend(zero.iter().flat_map(|stage| ["--zero", stage]));
+            let report = train_gpt(dir.path(), name, Some("4"), &flags);
             let loss = report["val_loss"].as_f64().unwrap();
-            eprintln!("{mesh} over 4 processes: validation loss {loss} vs one device {one}");
-            assert!((loss - one).abs() < 1e-5, "{mesh}: {loss} vs {one}");
+            eprintln!("{flags:?} over 4 processes: validation loss {loss} vs one device {one}");
+            assert!((loss - one).abs() < 1e-5, "{flags:?}: {loss} vs {one}");
             assert_eq!(report["ranks"], 2);
+            assert_eq!(
+                report["zero_stage"].as_u64(),
+                zero.map(|z| z.parse().unwrap())
+            );
         }
     }
 

@@ -9,5 +9,6 @@ mod zero;
 
 pub use flat::FlatOptimizer;
 pub use zero::{
-    ShardMemory, ZERO_STATE_MAGIC, ZeroConfig, ZeroOptimizer, ZeroStage, clip_coefficient,
+    ParamState, ShardMemory, ZERO_STATE_MAGIC, ZeroConfig, ZeroOptimizer, ZeroStage,
+    clip_coefficient,
 };

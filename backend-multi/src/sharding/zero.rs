@@ -1,9 +1,10 @@
 //! ZeRO stages 1 and 2 over any [`Collective`].
 
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
 
-use burn::module::Module;
+use burn::module::{Module, ParamId};
 use burn::optim::GradientsParams;
 
 use super::flat::FlatOptimizer;
@@ -63,9 +64,26 @@ pub struct ShardMemory {
     pub unsharded_gradient_bytes: usize,
 }
 
+/// One parameter's optimizer state, whole (gathered from the shards), in the model's terms
+/// rather than the flat layout's: what [`ZeroOptimizer::gather_state`] returns and
+/// [`ZeroOptimizer::load_state`] takes, so that a checkpoint can hold it in any format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamState {
+    /// The parameter.
+    pub id: ParamId,
+    /// Optimizer steps it has taken (Adam's bias correction), at least 1: a parameter that
+    /// never had a gradient has no state.
+    pub steps: u32,
+    /// The velocity (SGD momentum) or the first moment (Adam), one value per element.
+    pub first: Vec<f32>,
+    /// The second moment (Adam), one value per element; empty for SGD.
+    pub second: Vec<f32>,
+}
+
 /// One trainable parameter's place in the flat buffers.
 #[derive(Debug, Clone)]
 struct Slot {
+    id: ParamId,
     offset: usize,
     len: usize,
     /// Index of its "had a gradient" flag after the gradients.
@@ -97,6 +115,10 @@ pub struct ZeroOptimizer {
     state: (Vec<f32>, Vec<f32>),
     /// The synchronised gradient kept until the step: whole (stage 1) or the shard (stage 2).
     grads: Vec<f32>,
+    /// With tensor parallelism: the group the model is split over, and per slot whether the
+    /// parameter is split over it (its gradient's squares are summed over that group for the
+    /// clipping norm; the replicated ones count once).
+    split_norm: Option<(Arc<dyn Collective>, Vec<bool>)>,
 }
 
 impl ZeroOptimizer {
@@ -126,6 +148,7 @@ impl ZeroOptimizer {
                     .map(|id| {
                         let place = layout.placements[id];
                         Slot {
+                            id: *id,
                             offset: place.offset,
                             len: place.elements,
                             flag: place.flag,
@@ -159,8 +182,18 @@ impl ZeroOptimizer {
             shard,
             state,
             grads,
+            split_norm: None,
         };
         Ok((model, zero))
+    }
+
+    /// Makes the clipping norm the whole model's when this rank's model is one part of a
+    /// tensor-parallel split over `group`: the parameters in `split` are split over it (their
+    /// squares are summed over the group), the others replicated on every part (counted once).
+    /// Every rank of the mesh sets it, or none.
+    pub fn set_split_norm(&mut self, group: Arc<dyn Collective>, split: &HashSet<ParamId>) {
+        let split = self.slots.iter().map(|s| split.contains(&s.id)).collect();
+        self.split_norm = Some((group, split));
     }
 
     /// The collective the shards are exchanged through.
@@ -221,14 +254,7 @@ impl ZeroOptimizer {
         let flags = self.synchronise(&model, grads)?;
         let (scale, norm) = match max_norm {
             Some(max_norm) => {
-                // Each rank's shard of the squares, summed over the group.
-                let shard_grads = Self::shard_grads(self.config.stage, &self.grads, &self.shard);
-                let mut squares = [shard_grads
-                    .iter()
-                    .map(|&g| f64::from(g) * f64::from(g))
-                    .sum::<f64>()];
-                all_reduce_sum_f64(self.collective.as_ref(), &mut squares)?;
-                let norm = squares[0].sqrt();
+                let norm = self.global_norm()?;
                 (clip_coefficient(norm, max_norm), Some(norm))
             }
             None => (None, None),
@@ -241,6 +267,32 @@ impl ZeroOptimizer {
             self.collective.all_gather(&updated, &mut params)?;
         }
         Ok((load_params_from(model, &self.layout, &params), norm))
+    }
+
+    /// The L2 norm of the synchronised gradient: each rank's shard of the squares, summed over
+    /// the group, and with a tensor-parallel split the split parameters' sums over its group.
+    fn global_norm(&self) -> Result<f64> {
+        let shard_grads = Self::shard_grads(self.config.stage, &self.grads, &self.shard);
+        // [split over a tensor-parallel group, replicated]
+        let mut squares = [0.0f64; 2];
+        for (k, slot) in self.slots.iter().enumerate() {
+            let lo = slot.offset.max(self.shard.start);
+            let hi = (slot.offset + slot.len).min(self.shard.end);
+            if lo >= hi {
+                continue;
+            }
+            let split = self.split_norm.as_ref().is_some_and(|(_, split)| split[k]);
+            let part = &shard_grads[lo - self.shard.start..hi - self.shard.start];
+            squares[usize::from(!split)] += part
+                .iter()
+                .map(|&g| f64::from(g) * f64::from(g))
+                .sum::<f64>();
+        }
+        all_reduce_sum_f64(self.collective.as_ref(), &mut squares)?;
+        if let Some((group, _)) = &self.split_norm {
+            all_reduce_sum_f64(group.as_ref(), &mut squares[..1])?;
+        }
+        Ok((squares[0] + squares[1]).sqrt())
     }
 
     /// Averages the ranks' gradients into `self.grads` (whole or this rank's shard) and
@@ -325,13 +377,9 @@ impl ZeroOptimizer {
         }
     }
 
-    /// The whole optimizer state, gathered from every rank (all ranks must call this
-    /// together), as bytes for a checkpoint. It does not depend on the world size, so a run
-    /// can resume on another number of ranks.
-    ///
-    /// # Errors
-    /// When a collective fails.
-    pub fn state_bytes(&self) -> Result<Vec<u8>> {
+    /// The whole flat optimizer state (first and, for Adam, second values), gathered from
+    /// every rank.
+    fn gather_flat_state(&self) -> Result<(Vec<f32>, Vec<f32>)> {
         let gather = |part: &[f32]| -> Result<Vec<f32>> {
             let mut whole = vec![0.0; self.total];
             if self.collective.world_size().get() > 1 {
@@ -342,11 +390,96 @@ impl ZeroOptimizer {
             Ok(whole)
         };
         let first = gather(&self.state.0)?;
-        let second = if self.state.1.is_empty() {
-            Vec::new()
-        } else {
-            gather(&self.state.1)?
+        let second = match self.state.1.is_empty() {
+            true => Vec::new(),
+            false => gather(&self.state.1)?,
         };
+        Ok((first, second))
+    }
+
+    /// The whole optimizer state, gathered from every rank (all ranks call this together),
+    /// per parameter that has state: what a checkpoint in any format is written from.
+    ///
+    /// # Errors
+    /// When a collective fails.
+    pub fn gather_state(&self) -> Result<Vec<ParamState>> {
+        let (first, second) = self.gather_flat_state()?;
+        let range = |values: &[f32], slot: &Slot| match values.is_empty() {
+            true => Vec::new(),
+            false => values[slot.offset..slot.offset + slot.len].to_vec(),
+        };
+        Ok(self
+            .slots
+            .iter()
+            .zip(&self.time)
+            .filter(|&(_, &time)| time > 0)
+            .map(|(slot, &time)| ParamState {
+                id: slot.id,
+                steps: time.unsigned_abs(),
+                first: range(&first, slot),
+                second: range(&second, slot),
+            })
+            .collect())
+    }
+
+    /// Restores the state of [`gather_state`](Self::gather_state) (of this model, written on
+    /// any number of ranks): each rank keeps its shard; parameters not listed start afresh.
+    ///
+    /// # Errors
+    /// [`MultiError::Tensor`] when a state names a parameter this optimizer does not train,
+    /// or has the wrong number of values for it or for this optimizer.
+    pub fn load_state(&mut self, states: &[ParamState]) -> Result<()> {
+        let bad = |detail: String| MultiError::Tensor {
+            context: "loading optimizer state into ZeRO shards".to_string(),
+            detail,
+        };
+        let index: HashMap<ParamId, usize> = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(k, s)| (s.id, k))
+            .collect();
+        let per = self.config.optimizer.state_per_element();
+        let (mut first, mut second) = (vec![0.0; self.total], vec![0.0; self.total]);
+        let (mut started, mut time) = (vec![false; self.slots.len()], vec![0; self.slots.len()]);
+        for state in states {
+            let Some(&k) = index.get(&state.id) else {
+                return Err(bad(format!("parameter {} is not trained here", state.id)));
+            };
+            let slot = &self.slots[k];
+            let want_second = if per > 1 { slot.len } else { 0 };
+            if state.first.len() != slot.len || state.second.len() != want_second {
+                return Err(bad(format!(
+                    "parameter {} has {} + {} state values, {} needs {} + {want_second}",
+                    state.id,
+                    state.first.len(),
+                    state.second.len(),
+                    self.config.optimizer.name(),
+                    slot.len
+                )));
+            }
+            let range = slot.offset..slot.offset + slot.len;
+            first[range.clone()].copy_from_slice(&state.first);
+            second[range][..want_second].copy_from_slice(&state.second);
+            started[k] = state.steps > 0;
+            time[k] = i32::try_from(state.steps).map_err(|_| bad("step count".to_string()))?;
+        }
+        self.state.0 = first[self.shard.clone()].to_vec();
+        if per > 1 {
+            self.state.1 = second[self.shard.clone()].to_vec();
+        }
+        (self.started, self.time) = (started, time);
+        Ok(())
+    }
+
+    /// The whole optimizer state, gathered from every rank (all ranks must call this
+    /// together), as bytes for a checkpoint. It does not depend on the world size, so a run
+    /// can resume on another number of ranks.
+    ///
+    /// # Errors
+    /// When a collective fails.
+    pub fn state_bytes(&self) -> Result<Vec<u8>> {
+        let (first, second) = self.gather_flat_state()?;
         let mut out = Vec::with_capacity(64 + 4 * (first.len() + second.len()));
         out.extend_from_slice(ZERO_STATE_MAGIC);
         let name = self.config.optimizer.name().as_bytes();

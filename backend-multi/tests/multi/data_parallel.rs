@@ -529,4 +529,39 @@ fn zero_keeps_a_shard_of_the_state_and_its_checkpoint_resumes_on_another_world_s
     })
     .unwrap_err();
     assert!(err.to_string().contains("truncated"), "{err}");
+
+    // The same state per parameter (what checkpoints hold as Burn's record), loaded on 3
+    // ranks, gathers back to the same bytes.
+    let states = run_in_process(WorldSize::ONE, CollectiveConfig::default(), |c| {
+        let (_, mut zero) = ZeroOptimizer::new(saved_model.clone(), c, config)?;
+        zero.load_state_bytes(&saved_state)?;
+        zero.gather_state()
+    })
+    .unwrap()
+    .remove(0);
+    assert_eq!(states.len(), 4, "every parameter had a gradient");
+    assert!(
+        states
+            .iter()
+            .all(|s| s.steps == 5 && s.second.len() == s.first.len())
+    );
+    let regathered = run_in_process(
+        WorldSize::new(3).unwrap(),
+        CollectiveConfig::default(),
+        |c| {
+            let (_, mut zero) = ZeroOptimizer::new(saved_model.clone(), c, config)?;
+            zero.load_state(&states)?;
+            zero.state_bytes()
+        },
+    )
+    .unwrap();
+    assert!(regathered.iter().all(|bytes| *bytes == saved_state));
+    let mut short = states.clone();
+    short[1].first.pop();
+    let err = run_in_process(WorldSize::ONE, CollectiveConfig::default(), |c| {
+        let (_, mut zero) = ZeroOptimizer::new(init.clone(), c, config)?;
+        zero.load_state(&short)
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("state values"), "{err}");
 }

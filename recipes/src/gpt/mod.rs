@@ -262,6 +262,7 @@ fn fit_tensor_parallel(
         data_parallel: (replicas.get() > 1).then_some(replicas),
         process_group: config.process_group.clone(),
         pipeline_stages: config.pipeline.map(|p| p.stages),
+        zero: config.zero,
     };
     let eval = |part: &TensorParallelGpt, batch: TokenBatch| -> StepResult<StepOutput> {
         let [b, t] = batch.targets.dims();
@@ -403,7 +404,7 @@ pub(super) fn token_stages<M: Module + 'static>(
 
 /// The mesh shapes that run: data parallelism (threads, ZeRO, or launched processes) alone;
 /// tensor parallelism, a pipeline, or both (tensor-parallel stages, on the CPU), alone or
-/// with data-parallel replicas over threads (ZeRO without tensor parallelism only); under
+/// with data-parallel replicas over threads (ZeRO over them in every case); under
 /// `kiln launch`, the processes as one tensor-parallel group or as data-parallel ranks with a
 /// pipeline each. A pipeline's stages hold equal numbers of blocks. Refused before the first
 /// step, naming the flag.
@@ -427,9 +428,6 @@ fn check_parallelism(config: &GptRecipeConfig, model: &GptConfig) -> Result<()> 
              kernel)",
             "a GPU device",
         ),
-        (Some(_), _) if config.zero.is_some() => {
-            ("--zero", "a sharded optimizer state", "tensor parallelism")
-        }
         (None, _) if launched && config.ranks.get() > 1 => (
             "--ranks",
             "data-parallel threads",
@@ -598,9 +596,17 @@ fn report(
             TensorParallelReport {
                 ranks: world.get(),
                 parameter_elements_per_rank: per_rank,
-                // AdamW keeps two moments per parameter.
-                optimizer_state_bytes_per_rank: 2 * per_rank * size_of::<f32>(),
-                gradient_bytes_per_rank: per_rank * size_of::<f32>(),
+                // AdamW keeps two moments per parameter, of this rank's shard under ZeRO.
+                optimizer_state_bytes_per_rank: fit
+                    .sharding
+                    .map_or(2 * per_rank * size_of::<f32>(), |(_, memory)| {
+                        memory.optimizer_state_bytes
+                    }),
+                gradient_bytes_per_rank: fit
+                    .sharding
+                    .map_or(per_rank * size_of::<f32>(), |(_, memory)| {
+                        memory.gradient_bytes
+                    }),
                 unsharded_parameter_elements: parameters,
             }
         }),

@@ -295,7 +295,8 @@ impl Trainer {
     /// number of tensor-parallel ranks, or none, and continues as it would have.
     ///
     /// # Errors
-    /// As [`fit`](Self::fit) (a `resume` checkpoint with a sharded ZeRO state is refused);
+    /// As [`fit`](Self::fit) (a `resume` checkpoint in an older kiln's sharded ZeRO format is
+    /// refused);
     /// [`TrainError::Config`] for replicas over NCCL; [`TrainError::Multi`] when a rank fails
     /// or times out.
     pub fn fit_tensor_parallel<M, P, F>(
@@ -362,6 +363,15 @@ impl Trainer {
         split: TensorParallelSplit<'_, M, P>,
     ) -> Result<(M, FitReport)> {
         self.check_fresh(resume.as_ref())?;
+        if split.zero.is_some() && split.data_parallel.is_none() {
+            return Err(TrainError::Config {
+                field: "--zero",
+                reason: "ZeRO shards each part's optimizer state over its data-parallel \
+                         replicas, and this tensor-parallel run has one: add a data-parallel \
+                         axis (e.g. --ranks 2, or dp=2 in --mesh)"
+                    .into(),
+            });
+        }
         let tensor = WorldSize::new(split.devices.len())?;
         // The ranks of this process: one under a launcher, else the whole mesh.
         let mesh = match (&split.process_group, split.data_parallel) {
@@ -413,6 +423,7 @@ impl Trainer {
                     .is_some()
                     .then(|| Arc::clone(&groups.data)),
                 pipeline_stages: split.pipeline_stages,
+                zero: split.zero,
                 ..RankSetup::single(&devices[index])
             };
             let task = RankTask {
@@ -751,6 +762,10 @@ pub struct TensorParallelSplit<'a, M, P> {
     /// The pipeline stages each part runs its layers in, when its step does (a label for
     /// `run.json`'s mode: the trainer does not see inside the step).
     pub pipeline_stages: Option<NonZeroUsize>,
+    /// With `data_parallel` replicas: shard each part's optimizer state (and with stage 2 its
+    /// synchronised gradients) over the replicas of that part (ZeRO over the mesh's
+    /// data-parallel axis).
+    pub zero: Option<ZeroStage>,
 }
 
 /// One copy of a model per rank, forked to the rank's device (so each rank has its own

@@ -12,6 +12,7 @@ mod labels;
 mod rank;
 mod resume_point;
 mod tp_state;
+mod zero_state;
 
 pub use base::{
     FitReport, GatherModel, GradStepFn, PipelineInputs, PipelineSplit, RunLabels, SplitModel,

@@ -21,6 +21,7 @@ use super::epoch::{
     train_epoch,
 };
 use super::resume_point::{gather_progress, remove_superseded_mid_epoch, resumed_rank_progress};
+use super::zero_state;
 use crate::checkpoint::{
     BackgroundWriter, Checkpoint, EpochMetrics, MidEpoch, TrainerState, apply_retention,
     checkpoint_path, step_checkpoint_path, write_checkpoint_atomic,
@@ -237,7 +238,7 @@ impl Trainer {
         let (model, mut sync) =
             self.synchronise(restored.model, &setup, restored.sharded_state.take())?;
         if let Some(tp) = tensor_parallel {
-            sync = tensor_parallel_sync(sync, tp)?;
+            sync = tensor_parallel_sync(sync, tp);
         }
         let plan = self.rank_plan(task, &sync, &setup, tensor_parallel)?;
         let progress = Progress::new(if plan.is_root {
@@ -346,17 +347,21 @@ impl Trainer {
         epochs_done: usize,
     ) -> Result<RunStateWriter> {
         let world = plan.world.get();
+        // ZeRO over the data-parallel axis of a mesh.
+        let zero = setup
+            .zero
+            .map_or(String::new(), |z| format!(", ZeRO-{}", z.number()));
         let mode = match (plan.tensor_parallel, setup.pipeline_stages, setup.zero) {
             (Some(tp), stages, _) => {
                 let ranks = tp.collective.world_size().get();
                 let stages = stages.map_or(String::new(), |p| format!(" x pipeline {p} stages"));
                 match world {
                     1 => format!("tensor parallel x{ranks}{stages}"),
-                    _ => format!("tensor parallel x{ranks}{stages} x data parallel {world}"),
+                    _ => format!("tensor parallel x{ranks}{stages} x data parallel {world}{zero}"),
                 }
             }
             (None, Some(stages), _) if world > 1 => {
-                format!("pipeline, {stages} stages x data parallel {world}")
+                format!("pipeline, {stages} stages x data parallel {world}{zero}")
             }
             (None, Some(stages), _) => format!("pipeline, {stages} stages"),
             (None, None, Some(stage)) => format!("ZeRO-{} x{world}", stage.number()),
@@ -525,9 +530,11 @@ impl Trainer {
             false => checkpoint.load_model(model, &path)?,
         };
         check_optimizer_saved(&path, &checkpoint.optimizer)?;
-        let sharded = checkpoint.optimizer.starts_with(ZERO_STATE_MAGIC);
-        let (optimizer, sharded_state) = match (sharded, zero) {
-            (true, Some(_)) => (optimizer, Some((path.clone(), checkpoint.optimizer))),
+        // Kiln writes Burn's record for sharded runs too (gathered); older kilns wrote their
+        // own format, which only a sharded run reads.
+        let legacy_sharded = checkpoint.optimizer.starts_with(ZERO_STATE_MAGIC);
+        let (optimizer, sharded_state) = match (legacy_sharded, zero) {
+            (_, Some(_)) => (optimizer, Some((path.clone(), checkpoint.optimizer))),
             (false, None) => {
                 let bad =
                     |e: burn::store::RecordError| TrainError::checkpoint(&path, e.to_string());
@@ -539,14 +546,8 @@ impl Trainer {
             (true, None) => {
                 return Err(TrainError::checkpoint(
                     &path,
-                    "its optimizer state is sharded (trained with --zero): resume it with \
-                     --zero 1 or 2 and data parallelism",
-                ));
-            }
-            (false, Some(_)) => {
-                return Err(TrainError::checkpoint(
-                    &path,
-                    "it was trained without --zero: resume it without --zero",
+                    "its optimizer state is sharded in an older kiln's format (trained with \
+                     --zero): resume it with --zero 1 or 2 and data parallelism",
                 ));
             }
         };
@@ -589,9 +590,15 @@ impl Trainer {
             optimizer: self.config.optimizer.flat(),
         };
         let (model, mut zero) = ZeroOptimizer::new(model, collective, zero_config)?;
-        if let Some((path, bytes)) = &sharded_state {
-            zero.load_state_bytes(bytes)
-                .map_err(|e| TrainError::checkpoint(path, e.to_string()))?;
+        if let Some((path, bytes)) = sharded_state {
+            let bad = |reason: String| TrainError::checkpoint(&path, reason);
+            if bytes.starts_with(ZERO_STATE_MAGIC) {
+                zero.load_state_bytes(&bytes)
+                    .map_err(|e| bad(e.to_string()))?;
+            } else {
+                let states = zero_state::from_record(bytes, zero_config.optimizer).map_err(bad)?;
+                zero.load_state(&states).map_err(|e| bad(e.to_string()))?;
+            }
         }
         Ok((model, RankSync::Zero(zero)))
     }
@@ -607,38 +614,17 @@ impl Trainer {
         model: &M,
         mid_epoch: Option<MidEpoch>,
     ) -> Result<Option<PathBuf>> {
-        let sharded_bytes = match &run.sync {
-            RankSync::Zero(zero) => Some(zero.state_bytes()?),
-            _ => None,
-        };
-        let whole = match plan.tensor_parallel {
-            Some(tp) => {
-                let optimizer = run.optimizer.into_bytes().map_err(|e| {
-                    TrainError::checkpoint(&self.run_dir, format!("cannot serialise record: {e}"))
-                })?;
-                Some((tp.whole)(model, optimizer.to_vec())?)
-            }
-            None => None,
-        };
-        if !plan.is_root {
-            return Ok(None);
-        }
         let (epoch, history) = (run.history.len(), &run.history);
         let step = run.step + mid_epoch.as_ref().map_or(0, MidEpoch::steps);
         let path = match mid_epoch {
             Some(_) => step_checkpoint_path(&self.run_dir, epoch, step),
             None => checkpoint_path(&self.run_dir, epoch),
         };
-        let (model_bytes, optimizer_bytes) = match (whole, sharded_bytes) {
-            (Some(whole), _) => whole,
-            (None, Some(bytes)) => (
-                record_bytes(&path, model.clone().into_record().into_bytes())?,
-                bytes,
-            ),
-            (None, None) => (
-                record_bytes(&path, model.clone().into_record().into_bytes())?,
-                record_bytes(&path, run.optimizer.into_bytes())?,
-            ),
+        // Every rank of a sharded or tensor-parallel run takes part in gathering.
+        let Some((model_bytes, optimizer_bytes)) =
+            self.checkpoint_records(plan, run, model, &path)?
+        else {
+            return Ok(None);
         };
         let is_epoch_end = mid_epoch.is_none();
         let checkpoint = Checkpoint {
@@ -667,6 +653,39 @@ impl Trainer {
             remove_superseded_mid_epoch(&run_dir, &written)
         })?;
         Ok(Some(path))
+    }
+
+    /// The model's and the optimizer's records as a single device would write them, on the
+    /// reporting rank (`None` elsewhere): a ZeRO state gathered from the shards, a
+    /// tensor-parallel part's gathered into the whole model. Every rank calls it.
+    fn checkpoint_records<M: Module, B>(
+        &self,
+        plan: &RankPlan<'_, M, B>,
+        run: &RankRun,
+        model: &M,
+        path: &Path,
+    ) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        let writes = plan.is_root || plan.tensor_parallel.is_some();
+        let optimizer = match &run.sync {
+            RankSync::Zero(zero) => {
+                let states = zero.gather_state()?;
+                let record = |s| zero_state::to_record(model, zero.config().optimizer, s);
+                writes
+                    .then(|| record(states).map_err(|r| TrainError::checkpoint(path, r)))
+                    .transpose()?
+            }
+            _ if writes => Some(record_bytes(path, run.optimizer.into_bytes())?),
+            _ => None,
+        };
+        let records = match (plan.tensor_parallel, optimizer) {
+            (Some(tp), Some(optimizer)) => Some((tp.whole)(model, optimizer)?),
+            (None, Some(optimizer)) => Some((
+                record_bytes(path, model.clone().into_record().into_bytes())?,
+                optimizer,
+            )),
+            (_, None) => None,
+        };
+        Ok(records.filter(|_| plan.is_root))
     }
 
     pub(super) fn check_resumable(&self, path: &Path, state: &TrainerState) -> Result<()> {
@@ -751,24 +770,25 @@ impl Trainer {
 }
 
 /// A tensor-parallel rank's synchronisation: its group's clipping norm, after the average
-/// over the data-parallel replicas when there are several.
-fn tensor_parallel_sync<P>(sync: RankSync, tp: &TensorParallelRank<'_, P>) -> Result<RankSync> {
+/// over the data-parallel replicas when there are several (DDP), or inside the ZeRO step
+/// that shards the part's optimizer state over them.
+fn tensor_parallel_sync<P>(sync: RankSync, tp: &TensorParallelRank<'_, P>) -> RankSync {
     let norm = SplitNorm {
         collective: Arc::clone(&tp.collective),
         split: tp.split_params.iter().copied().collect(),
     };
     match sync {
-        RankSync::Local => Ok(RankSync::TensorParallel { norm, ddp: None }),
-        RankSync::Ddp(ddp) => Ok(RankSync::TensorParallel {
+        RankSync::Local => RankSync::TensorParallel { norm, ddp: None },
+        RankSync::Ddp(ddp) => RankSync::TensorParallel {
             norm,
             ddp: Some(ddp),
-        }),
-        RankSync::Zero(_) | RankSync::TensorParallel { .. } => Err(TrainError::Config {
-            field: "--zero",
-            reason: "tensor-parallel ranks keep their optimizer state whole; ZeRO does not \
-                     shard it yet: drop --zero"
-                .into(),
-        }),
+        },
+        // Each part's state sharded over its data-parallel replicas.
+        RankSync::Zero(mut zero) => {
+            zero.set_split_norm(norm.collective, &norm.split);
+            RankSync::Zero(zero)
+        }
+        tensor_parallel @ RankSync::TensorParallel { .. } => tensor_parallel,
     }
 }
 

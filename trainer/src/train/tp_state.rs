@@ -21,16 +21,16 @@ use crate::error::Result;
 
 /// A parsed optimizer record: per parameter id, its state tensors and scalars by field.
 #[derive(Default)]
-struct State {
-    tensors: BTreeMap<u64, BTreeMap<String, Vec<f32>>>,
-    scalars: BTreeMap<u64, BTreeMap<String, Scalar>>,
+pub(super) struct State {
+    pub(super) tensors: BTreeMap<u64, BTreeMap<String, Vec<f32>>>,
+    pub(super) scalars: BTreeMap<u64, BTreeMap<String, Scalar>>,
 }
 
 /// Why a state could not be moved (the caller names the checkpoint).
 pub(super) type Failure = String;
 
 /// The float parameters of `model` in visiting order: id and shape.
-fn float_params<M: Module>(model: &M) -> Vec<(ParamId, Vec<usize>)> {
+pub(super) fn float_params<M: Module>(model: &M) -> Vec<(ParamId, Vec<usize>)> {
     struct Collect(Vec<(ParamId, Vec<usize>)>);
     impl ModuleVisitor for Collect {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
@@ -49,7 +49,8 @@ fn split_key(key: &str) -> std::result::Result<(u64, String), Failure> {
         .ok_or_else(|| format!("optimizer state entry `{key}` is not named by a parameter id"))
 }
 
-fn parse(bytes: Vec<u8>) -> std::result::Result<State, Failure> {
+/// The state in a Burn optimizer record's bytes.
+pub(super) fn parse(bytes: Vec<u8>) -> std::result::Result<State, Failure> {
     let unreadable = |e: burn_pack::Error| format!("its optimizer state is unreadable: {e}");
     let reader = Reader::from_bytes(Bytes::from_bytes_vec(bytes)).map_err(unreadable)?;
     let mut state = State::default();
@@ -72,8 +73,12 @@ fn parse(bytes: Vec<u8>) -> std::result::Result<State, Failure> {
     Ok(state)
 }
 
-/// The record of `state` for the parameters `params` (their shapes give the tensors').
-fn write(state: &State, params: &[(ParamId, Vec<usize>)]) -> std::result::Result<Vec<u8>, Failure> {
+/// The record of `state` for the parameters `params` (their shapes give the tensors'), as
+/// Burn's `ModuleOptimizer` reads it.
+pub(super) fn write(
+    state: &State,
+    params: &[(ParamId, Vec<usize>)],
+) -> std::result::Result<Vec<u8>, Failure> {
     let mut tensors = Vec::new();
     for (id, shape) in params {
         for (field, values) in state.tensors.get(&id.val()).into_iter().flatten() {
