@@ -4,6 +4,7 @@
 
 use std::num::NonZeroUsize;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use burn::data::dataset::InMemDataset;
@@ -21,7 +22,8 @@ use kiln::trainer::data::{ByteCorpus, TokenBatch, TokenBatcher, TokenWindow};
 use kiln::trainer::report::Verbosity;
 use kiln::trainer::{
     Data, Execution, LrSchedule, OptimizerConfig, PipelineSplit, RunLabels, StepOutput, StepResult,
-    Steps, TensorParallelSplit, TensorParallelSteps, Trainer, TrainerConfig,
+    Steps, StopSignal, TensorParallelSplit, TensorParallelSteps, TrainError, Trainer,
+    TrainerConfig,
 };
 
 use crate::common::{
@@ -388,6 +390,21 @@ enum Mode<'a> {
 /// Parameters after 20 steps (AdamW, clipping active) of a 2-layer GPT on windows of the
 /// shipped text, trained as `mode` says.
 fn twenty_steps(mode: Mode<'_>) -> Vec<f32> {
+    let run = tempfile::tempdir().unwrap();
+    let (params, report) = steps_in(mode, run.path(), false, None).unwrap();
+    assert_eq!(report.history.last().unwrap().step, 20);
+    params
+}
+
+/// [`twenty_steps`] in `run` (resumed from its latest checkpoint with `resume`); with
+/// `stop_at`, a training step asks the run to stop (as SIGTERM does) when it reaches that
+/// micro-batch, counted over every rank's calls (Single and TensorParallel modes).
+fn steps_in(
+    mode: Mode<'_>,
+    run: &std::path::Path,
+    resume: bool,
+    stop_at: Option<usize>,
+) -> kiln::trainer::Result<(Vec<f32>, kiln::trainer::FitReport)> {
     let device = Device::flex().autodiff();
     let text = std::fs::read(repo("data/shakespeare/input.txt")).unwrap();
     let corpus = ByteCorpus::new(text[..20_000].to_vec(), "shakespeare");
@@ -412,10 +429,20 @@ fn twenty_steps(mode: Mode<'_>) -> Vec<f32> {
         clip_grad_norm: Some(0.5),
         ..TrainerConfig::default()
     };
-    let run = tempfile::tempdir().unwrap();
-    let trainer = Trainer::new(trainer_config, run.path(), RunLabels::named("tp", "gpt"))
-        .unwrap()
-        .with_verbosity(Verbosity::Quiet);
+    let stop = StopSignal::new();
+    let trainer = Trainer::new(trainer_config, run, RunLabels::named("tp", "gpt"))?
+        .with_verbosity(Verbosity::Quiet)
+        .with_stop(stop.clone());
+    let resume = match resume {
+        true => kiln::trainer::checkpoint::load_latest(run)?,
+        false => None,
+    };
+    let batches = AtomicUsize::new(0);
+    let count = || {
+        if Some(batches.fetch_add(1, Ordering::SeqCst)) == stop_at {
+            stop.request(15);
+        }
+    };
     let data = Data {
         train: &train,
         eval: &val,
@@ -428,15 +455,19 @@ fn twenty_steps(mode: Mode<'_>) -> Vec<f32> {
             b * t,
         ))
     };
+    let counted = |model: &Gpt, batch: TokenBatch| {
+        count();
+        step(model, batch)
+    };
     let (model, report) = match mode {
         Mode::Single => trainer.fit_model(
             model,
             Steps {
-                train: &step,
+                train: &counted,
                 eval: &step,
             },
             data,
-            None,
+            resume,
             &Execution::Single(device.clone()),
         ),
         Mode::Pipeline {
@@ -503,7 +534,7 @@ fn twenty_steps(mode: Mode<'_>) -> Vec<f32> {
                     Targets::Tokens(batch.targets),
                 )
             };
-            trainer.fit_pipeline_model(model, &inputs, &step, data, None, split)
+            trainer.fit_pipeline_model(model, &inputs, &step, data, resume, split)
         }
         Mode::TensorParallel {
             ranks,
@@ -523,18 +554,21 @@ fn twenty_steps(mode: Mode<'_>) -> Vec<f32> {
             // In stages the LayerNorms' gradients are whole already.
             let no_sync =
                 |_: &TensorParallelGpt, _: &mut GradientsParams, _: &dyn Collective| Ok(());
-            let train = |part: &TensorParallelGpt, batch: TokenBatch| match stages {
-                Some(_) => part.train_step_pipelined(
-                    batch,
-                    PipelineConfig {
-                        schedule: PipelineSchedule::OneFOneB,
-                        micro_batches: NonZeroUsize::new(4).unwrap(),
-                        timeout: Duration::from_secs(60),
-                        threads_per_stage: Some(NonZeroUsize::MIN),
-                        defer_weight_gradients: true,
-                    },
-                ),
-                None => part.train_step(batch),
+            let train = |part: &TensorParallelGpt, batch: TokenBatch| {
+                count();
+                match stages {
+                    Some(_) => part.train_step_pipelined(
+                        batch,
+                        PipelineConfig {
+                            schedule: PipelineSchedule::OneFOneB,
+                            micro_batches: NonZeroUsize::new(4).unwrap(),
+                            timeout: Duration::from_secs(60),
+                            threads_per_stage: Some(NonZeroUsize::MIN),
+                            defer_weight_gradients: true,
+                        },
+                    ),
+                    None => part.train_step(batch),
+                }
             };
             let eval = |part: &TensorParallelGpt, batch: TokenBatch| -> StepResult<StepOutput> {
                 let [b, t] = batch.targets.dims();
@@ -562,12 +596,10 @@ fn twenty_steps(mode: Mode<'_>) -> Vec<f32> {
                 train: &train,
                 eval: &eval,
             };
-            trainer.fit_tensor_parallel_model(model, steps, data, None, split)
+            trainer.fit_tensor_parallel_model(model, steps, data, resume, split)
         }
-    }
-    .unwrap();
-    assert_eq!(report.history.last().unwrap().step, 20);
-    parameters(&model.valid())
+    }?;
+    Ok((parameters(&model.valid()), report))
 }
 
 fn tensor_parallel<'a>(
@@ -657,6 +689,44 @@ fn tensor_parallel_blocks_train_like_one_device_and_need_the_backward_all_reduce
         diff > 1e-3,
         "without the backward all-reduce the difference is only {diff}"
     );
+}
+
+#[test]
+fn a_tensor_parallel_run_stopped_inside_an_epoch_resumes_on_another_layout() {
+    let itself = |group: Arc<dyn Collective>| group;
+    let single = twenty_steps(Mode::Single);
+    // (stopped layout, micro-batch calls before the stop counted over its ranks, resumed
+    // layout): TP 2 -> one device; DP 2 x TP 2 with ZeRO-1 -> DP 2 x TP 4 (a mid-epoch
+    // checkpoint keeps its data-parallel world: the ranks split that epoch's samples).
+    let cases = [
+        (
+            "TP 2 -> 1 device",
+            tensor_parallel(2, &itself, 1, None),
+            14,
+            Mode::Single,
+        ),
+        (
+            "DP 2 x TP 2, ZeRO-1 -> DP 2 x TP 4",
+            tensor_parallel(2, &itself, 2, Some(ZeroStage::One)),
+            28,
+            tensor_parallel(4, &itself, 2, None),
+        ),
+    ];
+    for (name, stopped, stop_at, resumed) in cases {
+        let run = tempfile::tempdir().unwrap();
+        let error = steps_in(stopped, run.path(), false, Some(stop_at)).unwrap_err();
+        let TrainError::Stopped { step, .. } = error else {
+            panic!("{name}: {error}");
+        };
+        assert!((1..20).contains(&step), "{name}: stopped at step {step}");
+        let (params, report) = steps_in(resumed, run.path(), true, None).unwrap();
+        assert_eq!(report.history.last().unwrap().step, 20, "{name}");
+        let diff = max_abs_diff(&single, &params);
+        eprintln!(
+            "GPT {name}, stopped at step {step} of 20 and resumed: max |delta param| vs one device = {diff:e}"
+        );
+        assert!(diff < 1e-5, "{name}: {diff}");
+    }
 }
 
 fn pipeline(
