@@ -18,6 +18,10 @@ use rayon::prelude::*;
 
 use crate::isa::Isa;
 
+mod epilogue;
+
+pub use epilogue::{Epilogue, max_pool_2x2};
+
 /// Output channels per weight panel.
 pub const PANEL: usize = 16;
 
@@ -245,6 +249,19 @@ pub fn gemm_u8i8_with<T: Send, F>(
     }
 }
 
+/// `c = A . W^T` for `rows` rows of `a` (`rows x k_padded`) on the calling thread, into `c`
+/// (resized to `rows x n_padded`): for callers that split the work themselves, e.g. one
+/// image's convolution per task, with the epilogue applied to `c` while it is in cache.
+///
+/// # Panics
+/// When `a.len() != rows * k_padded`.
+pub fn gemm_u8i8_rows(a: &[u8], rows: usize, w: &PackedWeights, c: &mut Vec<i32>) {
+    let k4 = w.k_padded();
+    assert_eq!(a.len(), rows * k4, "A is not {rows} x {k4}");
+    c.resize(rows * w.n_padded(), 0);
+    block_gemm(Int8Kernel::active(), a, w, c);
+}
+
 /// One block of rows, every panel.
 fn block_gemm(kernel: Int8Kernel, a: &[u8], w: &PackedWeights, c: &mut [i32]) {
     let (k4, n16) = (w.k_padded(), w.n_padded());
@@ -303,25 +320,46 @@ mod x86 {
 
     use super::{PANEL, PackedWeights, Tile};
 
-    /// Four bytes of row `r` of A from group `g`, as one `i32`.
+    /// Pointers to the starts of rows `r0..r0 + R` of A, whose `k4` bytes each are checked
+    /// to be in the tile once here, so the inner loops read them without bounds checks.
     #[inline(always)]
-    fn quad(tile: &Tile, r: usize, g: usize) -> i32 {
-        let at = r * tile.k4 + 4 * g;
-        i32::from_le_bytes([tile.a[at], tile.a[at + 1], tile.a[at + 2], tile.a[at + 3]])
+    fn row_starts<const R: usize>(tile: &Tile, r0: usize) -> [*const u8; R] {
+        assert!(
+            (r0 + R) * tile.k4 <= tile.a.len(),
+            "rows {r0}.. are past the tile"
+        );
+        std::array::from_fn(|i| tile.a[(r0 + i) * tile.k4..].as_ptr())
     }
 
-    /// AVX-512 VNNI: tiles of up to 8 rows x 2 panels (16 accumulators).
+    /// Four bytes of a row from group `g`, as one `i32` (one unaligned load).
+    ///
+    /// # Safety
+    /// `row` is one of [`row_starts`]' pointers and `g < k4 / 4`.
+    #[inline(always)]
+    unsafe fn quad(row: *const u8, g: usize) -> i32 {
+        // SAFETY: the caller's row holds k4 bytes, and 4 * g + 4 <= k4.
+        unsafe { row.add(4 * g).cast::<i32>().read_unaligned() }
+    }
+
+    /// AVX-512 VNNI: tiles of up to 8 rows x 2 panels (16 accumulators); a tail of 4 to 7
+    /// rows takes a 4-row tile first.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn avx512_vnni(mut tile: Tile, rows: usize, w: &PackedWeights) {
         let mut r = 0;
         while r < rows {
-            let take = (rows - r).min(8);
+            let take = match rows - r {
+                8.. => 8,
+                4..=7 => 4,
+                left => left,
+            };
             let mut p = 0;
             while p < w.panels() {
                 let pair = w.panels() - p >= 2;
                 match (take, pair) {
                     (8, true) => tile_512::<8, 2>(&mut tile, r, p, w),
                     (8, false) => tile_512::<8, 1>(&mut tile, r, p, w),
+                    (4, true) => tile_512::<4, 2>(&mut tile, r, p, w),
+                    (4, false) => tile_512::<4, 1>(&mut tile, r, p, w),
                     (_, true) => (r..r + take).for_each(|rr| tile_512::<1, 2>(&mut tile, rr, p, w)),
                     (_, false) => {
                         (r..r + take).for_each(|rr| tile_512::<1, 1>(&mut tile, rr, p, w))
@@ -343,13 +381,15 @@ mod x86 {
     ) {
         let mut acc = [[_mm512_setzero_si512(); P]; R];
         let panels: [&[i8]; P] = std::array::from_fn(|j| w.panel(p0 + j));
+        let rows = row_starts::<R>(tile, r0);
         for g in 0..tile.k4 / 4 {
             // SAFETY: each panel holds k4 / 4 groups of 64 bytes.
             let b: [__m512i; P] = std::array::from_fn(|j| unsafe {
                 _mm512_loadu_si512(panels[j].as_ptr().add(g * 64).cast())
             });
             for (i, row) in acc.iter_mut().enumerate() {
-                let a = _mm512_set1_epi32(quad(tile, r0 + i, g));
+                // SAFETY: g < k4 / 4.
+                let a = _mm512_set1_epi32(unsafe { quad(rows[i], g) });
                 for j in 0..P {
                     row[j] = _mm512_dpbusd_epi32(row[j], a, b[j]);
                 }
@@ -398,13 +438,15 @@ mod x86 {
     fn tile_vnni256<const R: usize>(tile: &mut Tile, r0: usize, p: usize, w: &PackedWeights) {
         let mut acc = [[_mm256_setzero_si256(); 2]; R];
         let panel = w.panel(p);
+        let rows = row_starts::<R>(tile, r0);
         for g in 0..tile.k4 / 4 {
             // SAFETY: each panel holds k4 / 4 groups of 64 bytes.
             let b: [__m256i; 2] = std::array::from_fn(|h| unsafe {
                 _mm256_loadu_si256(panel.as_ptr().add(g * 64 + 32 * h).cast())
             });
             for (i, row) in acc.iter_mut().enumerate() {
-                let a = _mm256_set1_epi32(quad(tile, r0 + i, g));
+                // SAFETY: g < k4 / 4.
+                let a = _mm256_set1_epi32(unsafe { quad(rows[i], g) });
                 row[0] = _mm256_dpbusd_avx_epi32(row[0], a, b[0]);
                 row[1] = _mm256_dpbusd_avx_epi32(row[1], a, b[1]);
             }
@@ -418,13 +460,15 @@ mod x86 {
         let mut acc = [[_mm256_setzero_si256(); 2]; R];
         let panel = w.panel(p);
         let ones = _mm256_set1_epi16(1);
+        let rows = row_starts::<R>(tile, r0);
         for g in 0..tile.k4 / 4 {
             // SAFETY: each panel holds k4 / 4 groups of 64 bytes.
             let b: [__m256i; 2] = std::array::from_fn(|h| unsafe {
                 _mm256_loadu_si256(panel.as_ptr().add(g * 64 + 32 * h).cast())
             });
             for (i, row) in acc.iter_mut().enumerate() {
-                let a = _mm256_set1_epi32(quad(tile, r0 + i, g));
+                // SAFETY: g < k4 / 4.
+                let a = _mm256_set1_epi32(unsafe { quad(rows[i], g) });
                 for h in 0..2 {
                     // u8 x i8 pairs into i16 (exact: activations are 7-bit), then pairs of
                     // those into i32.
@@ -486,11 +530,16 @@ impl ActQuant {
     }
 
     /// The code of `x`: `x / scale + zero_point` clamped to `0..=127`, rounded half up (NaN
-    /// gives 0). Branch-free and without a `round` call, so loops of it vectorise.
+    /// gives 0). Branch-free and without a `round` call or a saturating cast, so loops of it
+    /// vectorise.
     #[inline(always)]
     pub fn code(&self, x: f32) -> u8 {
-        let q = (x * (1.0 / self.scale) + self.zero_point as f32).clamp(0.0, ACT_MAX as f32);
-        (q + 0.5) as u8
+        // `max` drops a NaN (to 0), so the value is a finite 0.5..=127.5 below.
+        let q = (x * (1.0 / self.scale) + self.zero_point as f32)
+            .max(0.0)
+            .min(ACT_MAX as f32);
+        // SAFETY: q + 0.5 is finite and within i32.
+        unsafe { (q + 0.5).to_int_unchecked::<i32>() as u8 }
     }
 }
 
@@ -553,6 +602,11 @@ mod tests {
                     });
                     assert_eq!(got, want, "{} at {m} x {n} x {k}", kernel.name());
                 }
+                // The single-thread entry point, with the active kernel.
+                let mut c = Vec::new();
+                gemm_u8i8_rows(&a4, m, &packed, &mut c);
+                let rows: Vec<i32> = c.chunks(n16).flat_map(|r| r[..n].to_vec()).collect();
+                assert_eq!(rows, want, "rows at {m} x {n} x {k}");
             }
         }
     }

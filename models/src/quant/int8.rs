@@ -15,7 +15,9 @@
 //! stored in the quantized file).
 
 use burn::tensor::{Tensor, TensorData};
-use kiln_kernels::int8::{ActQuant, PackedWeights, gemm_u8i8};
+use kiln_kernels::int8::{
+    ActQuant, Epilogue, PackedWeights, gemm_u8i8, gemm_u8i8_rows, max_pool_2x2,
+};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -97,16 +99,16 @@ impl Layer {
             .unzip()
     }
 
-    /// Runs the GEMM on `a` (`rows x k` codes quantized by `q`), ReLU'd when `relu`; the
-    /// epilogue turns each output value into a `T` with `put` (the next layer's code, or the
-    /// float itself).
+    /// Runs the GEMM on `a` (`rows x k` codes quantized by `q`), ReLU'd when `relu`; `put`
+    /// turns each block of accumulator rows into `T`s with the layer's [`Epilogue`] (the next
+    /// layer's codes, or the floats themselves).
     fn apply<T: Copy + Default + Send>(
         &self,
         a: &[u8],
         rows: usize,
         q: ActQuant,
         relu: bool,
-        put: impl Fn(f32) -> T + Sync,
+        put: impl Fn(&Epilogue, &[i32], usize, &mut [T]) + Sync,
     ) -> Vec<T> {
         let (n, n16) = (self.w.n(), self.w.n_padded());
         let (k, k4) = (self.w.k(), self.w.k_padded());
@@ -118,18 +120,67 @@ impl Layer {
             &padded[..]
         };
         let (mult, offset) = self.affine(q);
-        let floor = if relu { 0.0 } else { f32::NEG_INFINITY };
+        let epilogue = Epilogue {
+            mult: &mult,
+            offset: &offset,
+            relu,
+        };
         let mut out = vec![T::default(); rows * n];
         gemm_u8i8(a, rows, &self.w, &mut out, n, |c, out| {
-            for (crow, orow) in c.chunks_exact(n16).zip(out.chunks_exact_mut(n)) {
-                let values = crow.iter().zip(&mult).zip(&offset);
-                for (v, ((&acc, &m), &b)) in orow.iter_mut().zip(values) {
-                    *v = put((m * acc as f32 + b).max(floor));
-                }
-            }
+            put(&epilogue, c, n16, out)
         });
         out
     }
+
+    /// This 3x3 convolution (padding 1, stride 1) of the NHWC codes `x`, with bias and ReLU,
+    /// max-pooled 2x2: one task per image, whose rows of A, accumulators and pooled rows stay
+    /// in the thread's cache. The pool runs on the accumulators (the epilogue is monotone), so
+    /// `put` sees a quarter of the outputs; output rows a pool drops are not computed.
+    fn conv_pool<T: Copy + Default + Send>(
+        &self,
+        x: &Codes,
+        batch: usize,
+        put: impl Fn(&Epilogue, &[i32], usize, &mut [T]) + Sync,
+    ) -> Vec<T> {
+        let [h, w, c] = x.hwc;
+        let (oh, ow, n, n16) = (h / 2, w / 2, self.w.n(), self.w.n_padded());
+        let (mult, offset) = self.affine(x.q);
+        let epilogue = Epilogue {
+            mult: &mult,
+            offset: &offset,
+            relu: true,
+        };
+        let mut out = vec![T::default(); batch * oh * ow * n];
+        if out.is_empty() {
+            return out;
+        }
+        let zero = x.q.zero_point as u8;
+        let image_out = oh * ow * n;
+        out.par_chunks_mut(image_out).enumerate().for_each_init(
+            ConvScratch::default,
+            |s, (b, out)| {
+                let image = &x.data[b * h * w * c..(b + 1) * h * w * c];
+                let rows = 2 * oh * w;
+                im2row_3x3(image, x.hwc, zero, self.w.k_padded(), rows, &mut s.a);
+                gemm_u8i8_rows(&s.a, rows, &self.w, &mut s.c);
+                s.pooled.resize(ow * n16, 0);
+                for (py, out_row) in out.chunks_exact_mut(ow * n).enumerate() {
+                    let pair = &s.c[2 * py * w * n16..(2 * py + 2) * w * n16];
+                    max_pool_2x2(pair, w, n16, &mut s.pooled);
+                    put(&epilogue, &s.pooled, n16, out_row);
+                }
+            },
+        );
+        out
+    }
+}
+
+/// A convolution task's buffers, kept per thread: rows of A, accumulators, a pooled row.
+#[derive(Default)]
+struct ConvScratch {
+    a: Vec<u8>,
+    c: Vec<i32>,
+    pooled: Vec<i32>,
 }
 
 /// SimpleCNN with integer convolutions and linear layers.
@@ -282,56 +333,62 @@ impl Int8SimpleCnn {
         };
         for (i, conv) in [&self.conv1, &self.conv2].into_iter().enumerate() {
             let [h, w, _] = x.hwc;
-            let a = im2row_3x3(&x, batch, conv.w.k_padded());
-            let pool = Some([batch, h, w, conv.w.n()]);
-            x = self.layer_codes(conv, &a, batch * h * w, x.q, (i + 1, pool));
+            let hwc = [h / 2, w / 2, conv.w.n()];
+            x = self.codes_for(
+                i + 1,
+                hwc,
+                |q| conv.conv_pool(&x, batch, |e, acc, s, out| e.codes(acc, s, q, out)),
+                || conv.conv_pool(&x, batch, |e, acc, s, out| e.floats(acc, s, out)),
+            );
             seen(i + 1, x.q);
         }
-        let h = self.layer_codes(&self.fc1, &x.data, batch, x.q, (3, None));
+        let (fc1, q) = (&self.fc1, x.q);
+        let h = self.codes_for(
+            3,
+            [1, 1, fc1.w.n()],
+            |next| {
+                fc1.apply(&x.data, batch, q, true, |e, acc, s, out| {
+                    e.codes(acc, s, next, out)
+                })
+            },
+            || {
+                fc1.apply(&x.data, batch, q, true, |e, acc, s, out| {
+                    e.floats(acc, s, out)
+                })
+            },
+        );
         seen(3, h.q);
-        self.fc2.apply(&h.data, batch, h.q, false, |v| v)
+        self.fc2
+            .apply(&h.data, batch, h.q, false, |e, acc, s, out| {
+                e.floats(acc, s, out)
+            })
     }
 
-    /// `layer` on `a` with ReLU, max-pooled when `pool` gives the output's `[batch, h, w, c]`,
-    /// as codes for layer `next`: static activations quantize in the epilogue, dynamic ones
-    /// by the range of the output's floats.
-    fn layer_codes(
+    /// Layer `next`'s input codes of shape `hwc`: with static activations `codes(q)` writes
+    /// them in the epilogue; dynamic ones quantize the `floats()` by their range.
+    fn codes_for(
         &self,
-        layer: &Layer,
-        a: &[u8],
-        rows: usize,
-        q: ActQuant,
-        (next, pool): (usize, Option<[usize; 4]>),
+        next: usize,
+        hwc: [usize; 3],
+        codes: impl FnOnce(ActQuant) -> Vec<u8>,
+        floats: impl FnOnce() -> Vec<f32>,
     ) -> Codes {
-        let hwc = pool.map_or([1, 1, layer.w.n()], |[_, h, w, c]| [h / 2, w / 2, c]);
         match &self.activations {
             Activations::Static { .. } => {
-                let out_q = self.input_quant(next, &[]);
-                let data = pooled(layer.apply(a, rows, q, true, |v| out_q.code(v)), pool);
+                let q = self.input_quant(next, &[]);
                 Codes {
-                    data,
-                    q: out_q,
+                    data: codes(q),
+                    q,
                     hwc,
                 }
             }
             Activations::Dynamic => {
-                let values = pooled(layer.apply(a, rows, q, true, |v| v), pool);
+                let values = floats();
                 let q = ActQuant::of(&values);
                 let data = values.iter().map(|&v| q.code(v)).collect();
                 Codes { data, q, hwc }
             }
         }
-    }
-}
-
-/// `values` max-pooled 2x2 when `pool` gives their `[batch, h, w, c]`, else as they are.
-fn pooled<T: Copy + PartialOrd + Send + Sync + Default>(
-    values: Vec<T>,
-    pool: Option<[usize; 4]>,
-) -> Vec<T> {
-    match pool {
-        Some([batch, h, w, c]) => pool_2x2(&values, batch, [h, w, c]),
-        None => values,
     }
 }
 
@@ -367,53 +424,44 @@ fn to_hwc_inputs(w: &[f32], out: usize, [c, h, wd]: [usize; 3]) -> Vec<f32> {
     p
 }
 
-/// The rows of a 3x3, padding 1, stride 1 convolution over NHWC codes: one row per output
-/// position, `(ky, kx, c)` order, padding positions holding the zero point, padded to `k4`.
-fn im2row_3x3(x: &Codes, batch: usize, k4: usize) -> Vec<u8> {
-    let [h, w, c] = x.hwc;
-    let zero = x.q.zero_point as u8;
-    let mut a = vec![0u8; batch * h * w * k4];
-    a.par_chunks_mut(w * k4).enumerate().for_each(|(row, out)| {
-        let (b, oy) = (row / h, row % h);
-        let image = &x.data[b * h * w * c..(b + 1) * h * w * c];
-        for (ox, dst) in out.chunks_exact_mut(k4).enumerate() {
-            for ky in 0..3 {
-                for kx in 0..3 {
-                    let d = &mut dst[(ky * 3 + kx) * c..(ky * 3 + kx + 1) * c];
-                    let (iy, ix) = ((oy + ky).wrapping_sub(1), (ox + kx).wrapping_sub(1));
-                    if iy < h && ix < w {
-                        d.copy_from_slice(&image[(iy * w + ix) * c..(iy * w + ix + 1) * c]);
-                    } else {
-                        d.fill(zero);
-                    }
-                }
-            }
-        }
-    });
-    a
+/// The first `rows` rows of a 3x3, padding 1, stride 1 convolution over one NHWC image of
+/// codes: one row per output position, `(ky, kx, c)` order, padding positions (and the row's
+/// tail up to `k4`, whose weights are 0) holding the zero point; into `a`. Each kernel row's
+/// three positions are one contiguous copy, of a fixed size for the usual channel counts.
+fn im2row_3x3(image: &[u8], hwc: [usize; 3], zero: u8, k4: usize, rows: usize, a: &mut Vec<u8>) {
+    a.clear();
+    a.resize(rows * k4, zero);
+    match hwc[2] {
+        1 => rows_3x3::<1>(image, hwc, k4, a),
+        32 => rows_3x3::<32>(image, hwc, k4, a),
+        64 => rows_3x3::<64>(image, hwc, k4, a),
+        _ => rows_3x3::<0>(image, hwc, k4, a),
+    }
 }
 
-/// 2x2 max-pool, stride 2, over NHWC values (odd sides drop their last row/column).
-fn pool_2x2<T: Copy + PartialOrd + Send + Sync + Default>(
-    x: &[T],
-    batch: usize,
-    [h, w, c]: [usize; 3],
-) -> Vec<T> {
-    let (oh, ow) = (h / 2, w / 2);
-    let max = |a: T, b: T| if b > a { b } else { a };
-    let mut out = vec![T::default(); batch * oh * ow * c];
-    out.par_chunks_mut(ow * c).enumerate().for_each(|(row, o)| {
-        let (b, oy) = (row / oh, row % oh);
-        let at = |y: usize, x: usize| ((b * h + y) * w + x) * c;
-        for ox in 0..ow {
-            let (t, u) = (at(2 * oy, 2 * ox), at(2 * oy + 1, 2 * ox));
-            for ch in 0..c {
-                let m = max(max(x[t + ch], x[t + c + ch]), max(x[u + ch], x[u + c + ch]));
-                o[ox * c + ch] = m;
+/// [`im2row_3x3`]'s copies; `C` is the channel count when it is not 0 (fixed-size copies).
+#[inline(always)]
+fn rows_3x3<const C: usize>(image: &[u8], [h, w, c]: [usize; 3], k4: usize, a: &mut [u8]) {
+    let c = if C == 0 { c } else { C };
+    for (pos, dst) in a.chunks_exact_mut(k4).enumerate() {
+        let (oy, ox) = (pos / w, pos % w);
+        // Source columns x0..x1; the first kernel column is padding when ox is 0.
+        let (x0, x1) = (ox.saturating_sub(1), (ox + 2).min(w));
+        let skip = x0 + 1 - ox;
+        for ky in 0..3 {
+            let iy = (oy + ky).wrapping_sub(1);
+            if iy >= h {
+                continue;
+            }
+            let at = (ky * 3 + skip) * c;
+            let src = &image[(iy * w + x0) * c..(iy * w + x1) * c];
+            if src.len() == 3 * c {
+                dst[at..at + 3 * c].copy_from_slice(&src[..3 * c]);
+            } else {
+                dst[at..at + src.len()].copy_from_slice(src);
             }
         }
-    });
-    out
+    }
 }
 
 #[cfg(test)]
