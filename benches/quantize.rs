@@ -2,8 +2,11 @@
 //! test images, float32 vs kiln's integer path (int8 weights per tensor, static activations
 //! calibrated on 32 batches of 32 training images, and dynamic activations), next to PyTorch
 //! float32, `quantize_dynamic` and x86 static int8 (benches/quantize_pytorch.py, 2 threads)
-//! when PyTorch is installed. Rounds alternate kiln and PyTorch so both see the same machine
-//! state; medians over rounds. Prints one JSON object with the machine (CPU, ISA, int8 kernel).
+//! when PyTorch is installed. With `--resnet-reps N` (default 3; 0 skips it), ResNet-18 (10
+//! classes) at batch 32 x 224 too: float32 vs the integer path (BatchNorm folded, static
+//! activations calibrated on 4 batches of 8 random images), next to PyTorch's float32 and x86
+//! static int8. Rounds alternate kiln and PyTorch so both see the same machine state; medians
+//! over rounds. Prints one JSON object with the machine (CPU, ISA, int8 kernel).
 //!
 //! `cargo bench --bench quantize -- --rounds 3 --reps 20`
 
@@ -11,9 +14,9 @@ mod common;
 
 use std::time::Instant;
 
-use burn::tensor::{Device, Tensor, TensorData};
-use kiln::models::quant::{Activations, Int8SimpleCnn, QuantScheme, save_quantized};
-use kiln::models::{SimpleCnn, SimpleCnnConfig, load_weights};
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use kiln::models::quant::{Activations, Int8ResNet, Int8SimpleCnn, QuantScheme, save_quantized};
+use kiln::models::{ResNet, ResNetDepth, SimpleCnn, SimpleCnnConfig, load_weights};
 use kiln::recipes::mnist_data::MnistSource;
 use kiln::trainer::data::{MnistDataset, MnistSplit, make_batch};
 use serde_json::json;
@@ -26,10 +29,35 @@ fn timed(model: &SimpleCnn, images: &Tensor<4>) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
+/// ResNet-18 (10 classes) float32 and on the integer path, and a batch of 32 at 224.
+fn resnet_models(device: &Device) -> (ResNet, Int8ResNet, Tensor<4>) {
+    let float = ResNet::new(ResNetDepth::R18, 10, device);
+    let random = |n: usize| Tensor::<4>::random([n, 3, 224, 224], Distribution::Default, device);
+    let mut int8 = Int8ResNet::new(&float, Activations::Dynamic).expect("ResNet-18 runs int8");
+    int8.calibrate((0..4).map(|_| random(8)));
+    (float, int8, random(32))
+}
+
+/// Samples/s of `reps` ResNet passes at batch 32: float32, then the integer path.
+fn resnet_rates(models: &(ResNet, Int8ResNet, Tensor<4>), reps: usize) -> (Vec<f64>, Vec<f64>) {
+    let (float, int8, batch) = models;
+    let (mut f, mut q) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let start = Instant::now();
+        let _ = float.forward(batch.clone()).into_data();
+        f.push(32.0 / start.elapsed().as_secs_f64());
+        let start = Instant::now();
+        let _ = int8.forward_tensor(batch.clone()).into_data();
+        q.push(32.0 / start.elapsed().as_secs_f64());
+    }
+    (f, q)
+}
+
 fn main() {
     let rounds = arg("--rounds", 3);
     let reps = arg("--reps", 20);
     let latency_reps = arg("--latency-reps", 200);
+    let resnet_reps = arg("--resnet-reps", 3);
     let device = Device::flex();
     let weights = format!(
         "{}/tests/data/simple_cnn/simple_cnn.safetensors",
@@ -78,6 +106,11 @@ fn main() {
         start.elapsed().as_secs_f64()
     };
     let _ = (timed(&float, &batch), timed_int8(&int8, &batch_px, 256));
+    let resnet = (resnet_reps > 0).then(|| resnet_models(&device));
+    if let Some(models) = &resnet {
+        let _ = resnet_rates(models, 1);
+    }
+    let (mut rf, mut rq) = (Vec::new(), Vec::new());
     let mut qd = Vec::new();
     let (mut f, mut q, mut fl, mut ql) = (vec![], vec![], vec![], vec![]);
     let mut pytorch = Vec::new();
@@ -91,6 +124,11 @@ fn main() {
             fl.push(1e3 * timed(&float, &one));
             ql.push(1e3 * timed_int8(&int8, &one_px, 1));
         }
+        if let Some(models) = &resnet {
+            let (f, q) = resnet_rates(models, resnet_reps);
+            rf.extend(f);
+            rq.extend(q);
+        }
         eprintln!("round {}/{rounds}: kiln done", round + 1);
         if let Some(p) = run_pytorch_with(
             "quantize_pytorch.py",
@@ -99,6 +137,8 @@ fn main() {
                 &reps.to_string(),
                 "--latency-reps",
                 &latency_reps.to_string(),
+                "--resnet-reps",
+                &resnet_reps.to_string(),
             ],
         ) {
             pytorch.push(p);
@@ -108,6 +148,15 @@ fn main() {
     let pt = |key: &str| median_field(&pytorch, key);
     let (pf, pq) = (pt("fp32_samples_per_sec"), pt("int8_samples_per_sec"));
     let ps = pt("static_samples_per_sec");
+    let (rf, rq) = (
+        (!rf.is_empty()).then(|| median(rf)),
+        (!rq.is_empty()).then(|| median(rq)),
+    );
+    let (prf, prs) = (
+        pt("resnet_fp32_samples_per_sec"),
+        pt("resnet_static_samples_per_sec"),
+    );
+    let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
     println!(
         "{}",
         json!({
@@ -131,6 +180,14 @@ fn main() {
                 "int8_latency_ms": pt("int8_latency_ms"),
                 "x86_static_int8_samples_per_sec": ps,
                 "x86_static_int8_latency_ms": pt("static_latency_ms"),
+            })),
+            "resnet18_b32_224": resnet.is_some().then(|| json!({
+                "kiln_fp32_samples_per_sec": rf,
+                "kiln_int8_samples_per_sec": rq,
+                "pytorch_fp32_samples_per_sec": prf,
+                "pytorch_x86_static_int8_samples_per_sec": prs,
+                "kiln_int8_over_kiln_fp32": ratio(rq, rf),
+                "kiln_int8_over_pytorch_x86_static": ratio(rq, prs),
             })),
             "ratios": {
                 "kiln_int8_over_kiln_fp32": q / f,

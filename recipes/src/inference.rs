@@ -7,8 +7,8 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use kiln_kernels::int8::Int8Kernel;
 use kiln_models::quant::{
-    Int8SimpleCnn, QuantScheme, QuantizedFileInfo, load_quantized, read_quantized_info,
-    round_weights,
+    Activations, Int8ResNet, Int8SimpleCnn, QuantBits, QuantScheme, QuantizedFileInfo,
+    load_quantized, read_quantized_info, round_weights,
 };
 use kiln_models::{ResNet, ResNetDepth, SimpleCnn, SimpleCnnConfig, load_weights};
 use kiln_multi::DeviceSpec;
@@ -54,7 +54,9 @@ pub(crate) enum Net {
     SimpleCnn(SimpleCnn),
     ResNet(ResNet),
     /// A quantized SimpleCNN file on the integer path.
-    Int8(Box<Int8SimpleCnn>),
+    SimpleCnnInt8(Box<Int8SimpleCnn>),
+    /// A quantized ResNet file on the integer path.
+    ResNetInt8(Box<Int8ResNet>),
 }
 
 impl Net {
@@ -62,7 +64,8 @@ impl Net {
         match self {
             Net::SimpleCnn(m) => Net::SimpleCnn(m.valid()),
             Net::ResNet(m) => Net::ResNet(m.valid()),
-            Net::Int8(m) => Net::Int8(m.clone()),
+            Net::SimpleCnnInt8(m) => Net::SimpleCnnInt8(m.clone()),
+            Net::ResNetInt8(m) => Net::ResNetInt8(m.clone()),
         }
     }
 
@@ -70,11 +73,8 @@ impl Net {
     pub(crate) fn inference_path(&self) -> String {
         match self {
             Net::SimpleCnn(_) | Net::ResNet(_) => "float32".into(),
-            Net::Int8(m) => format!(
-                "int8 (u8 x i8 GEMM, {} kernel, {} activations)",
-                Int8Kernel::active().name(),
-                m.activations().name()
-            ),
+            Net::SimpleCnnInt8(m) => integer_path_name(m.activations()),
+            Net::ResNetInt8(m) => integer_path_name(m.activations()),
         }
     }
 
@@ -82,7 +82,7 @@ impl Net {
         match self {
             Net::SimpleCnn(m) => Net::SimpleCnn(round_weights(m, scheme)),
             Net::ResNet(m) => Net::ResNet(round_weights(m, scheme)),
-            Net::Int8(m) => Net::Int8(m),
+            int8 @ (Net::SimpleCnnInt8(_) | Net::ResNetInt8(_)) => int8,
         }
     }
 
@@ -90,21 +90,22 @@ impl Net {
         match self {
             Net::SimpleCnn(m) => m.forward(images),
             Net::ResNet(m) => m.forward(images),
-            Net::Int8(m) => m.forward_tensor(images),
+            Net::SimpleCnnInt8(m) => m.forward_tensor(images),
+            Net::ResNetInt8(m) => m.forward_tensor(images),
         }
     }
 
     /// Whether the model takes samples of shape `[c, h, w]`, and what it takes if not.
     fn check_sample_shape(&self, chw: [usize; 3]) -> std::result::Result<(), String> {
         match self {
-            Net::SimpleCnn(_) | Net::Int8(_) => {
+            Net::SimpleCnn(_) | Net::SimpleCnnInt8(_) => {
                 let [c, h, w] = SimpleCnn::input_shape();
                 (chw == [c, h, w])
                     .then_some(())
                     .ok_or(format!("{c}, {h}, {w}"))
             }
             // The stem and four stride-2 stages need at least 32x32 to leave a 1x1 map.
-            Net::ResNet(_) => (chw[0] == 3 && chw[1] >= 32 && chw[2] >= 32)
+            Net::ResNet(_) | Net::ResNetInt8(_) => (chw[0] == 3 && chw[1] >= 32 && chw[2] >= 32)
                 .then_some(())
                 .ok_or_else(|| "3, H, W with H and W at least 32".to_string()),
         }
@@ -201,7 +202,7 @@ fn load_quantized_model(path: &Path, info: QuantizedFileInfo, device: &Device) -
             let options = FinetuneOptions::from_json(text, path)?;
             let mut net = ResNet::new(depth, options.classes.len(), device);
             let _ = load_quantized(&mut net, path)?;
-            (Net::ResNet(net), Some(options))
+            (resnet_integer_path(net, &info), Some(options))
         }
     };
     Ok(Loaded {
@@ -214,6 +215,30 @@ fn load_quantized_model(path: &Path, info: QuantizedFileInfo, device: &Device) -
     })
 }
 
+/// A quantized ResNet on the integer path when its weights are int8 (per tensor or per
+/// channel: folded with the BatchNorms and quantized per channel again, which for per-channel
+/// files gives their integers back) and it records how to quantize activations; other files
+/// stay on the float path.
+fn resnet_integer_path(net: ResNet, info: &QuantizedFileInfo) -> Net {
+    let int8 = match (info.scheme.bits, &info.activations) {
+        (QuantBits::Int8, Some(activations)) => Int8ResNet::new(&net, activations.clone()),
+        _ => None,
+    };
+    match int8 {
+        Some(int8) => Net::ResNetInt8(Box::new(int8)),
+        None => Net::ResNet(net),
+    }
+}
+
+/// How a model on the integer path runs, for reports.
+fn integer_path_name(activations: &Activations) -> String {
+    format!(
+        "int8 (u8 x i8 GEMM, {} kernel, {} activations)",
+        Int8Kernel::active().name(),
+        activations.name()
+    )
+}
+
 /// A quantized SimpleCNN on the integer path when its weights are int8 per tensor or per
 /// channel (the file's integers, exactly) and it records how to quantize activations;
 /// weight-only files (`--activations float`, and files from before the integer path), int4
@@ -224,7 +249,7 @@ fn integer_path(net: SimpleCnn, info: &QuantizedFileInfo) -> Net {
         .clone()
         .and_then(|activations| Int8SimpleCnn::new(&net, info.scheme, activations));
     match int8 {
-        Some(int8) => Net::Int8(Box::new(int8)),
+        Some(int8) => Net::SimpleCnnInt8(Box::new(int8)),
         None => Net::SimpleCnn(net),
     }
 }
@@ -340,7 +365,7 @@ pub fn eval(
             check_image_shape(&test)?;
             evaluate(model, SimpleCnn::forward, &test, batch_size, &device)
         }
-        (Net::Int8(int8), _) => {
+        (Net::SimpleCnnInt8(int8), _) => {
             let test = MnistSource::from_option(data).load(MnistSplit::Test)?;
             check_image_shape(&test)?;
             // `evaluate` takes a module; the integer model is plain data, so a constant
@@ -353,7 +378,7 @@ pub fn eval(
                 &device,
             )
         }
-        (Net::ResNet(model), Some(options)) => {
+        (net @ (Net::ResNet(_) | Net::ResNetInt8(_)), Some(options)) => {
             let root = data.unwrap_or(&options.data);
             let data = open_data(root, options.image_size, None)?;
             if data.classes != options.classes {
@@ -367,15 +392,16 @@ pub fn eval(
                     ),
                 });
             }
+            // A constant stands in for the module, as for the integer SimpleCNN above.
             evaluate(
-                model,
-                ResNet::forward,
+                &0usize,
+                |_, x| net.forward(x),
                 data.val.as_ref(),
                 batch_size,
                 &device,
             )
         }
-        (Net::ResNet(_), None) => {
+        (Net::ResNet(_) | Net::ResNetInt8(_), None) => {
             return Err(RecipeError::Options {
                 flag: "--model",
                 reason: format!(
@@ -503,7 +529,8 @@ pub fn predict_images(
 ) -> Result<ImagePredictions> {
     let device = device.device()?;
     let loaded = load(source, &device)?;
-    let Net::ResNet(model) = loaded.inference_model() else {
+    let model = loaded.inference_model();
+    let (Net::ResNet(_) | Net::ResNetInt8(_)) = model else {
         return Err(RecipeError::Options {
             flag: "--image",
             reason: "images are classified by ResNets; give SimpleCNN a preprocessed .npy \

@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use burn::tensor::{Device, Tensor};
 use kiln_models::quant::{
-    Activations, Granularity, Int8SimpleCnn, QuantBits, QuantScheme, QuantizedSizes,
-    load_quantized, read_quantized_info, save_quantized_with,
+    Activations, Granularity, Int8ResNet, Int8SimpleCnn, QuantBits, QuantScheme, QuantizedSizes,
+    read_quantized_info, save_quantized_with,
 };
 use kiln_models::{ResNet, SimpleCnn};
 use kiln_trainer::TrainError;
@@ -136,14 +136,31 @@ pub fn run(config: &QuantizeConfig) -> Result<QuantizeReport> {
                 let depth = ResNet::depth_from_name(loaded.name).ok_or_else(|| {
                     RecipeError::Internal(format!("{} is not a ResNet name", loaded.name))
                 })?;
+                let activations = resnet_activations(model, scheme, config, data.train.as_ref());
                 let json = options.to_json();
-                let sizes =
-                    save_quantized_with(model, loaded.name, Some(&json), None, scheme, &out)?;
-                let mut back = ResNet::new(depth, options.classes.len(), &device);
-                let _info = load_quantized(&mut back, &out)?;
-                (data.val, Net::ResNet(back), sizes)
+                let sizes = save_quantized_with(
+                    model,
+                    loaded.name,
+                    Some(&json),
+                    activations.as_ref(),
+                    scheme,
+                    &out,
+                )?;
+                // Read back as `kiln eval` reads it: the integer path for int8 files.
+                let kind = crate::inference::ModelKind::ResNet {
+                    depth,
+                    num_classes: options.classes.len(),
+                };
+                let back = load(
+                    &ModelSource::Weights {
+                        model: kind,
+                        path: out.clone(),
+                    },
+                    &device,
+                )?;
+                (data.val, back.model, sizes)
             }
-            (Net::Int8(_), _) | (Net::ResNet(_), None) => {
+            (Net::SimpleCnnInt8(_) | Net::ResNetInt8(_), _) | (Net::ResNet(_), None) => {
                 return Err(RecipeError::Options {
                     flag: "--model",
                     reason: format!(
@@ -221,6 +238,35 @@ fn activations(
         );
     }
     Ok(Some(int8.activations().clone()))
+}
+
+/// The activation quantization an int8 ResNet file records, as [`activations`] for SimpleCNN:
+/// static ranges calibrated on `config.calibration_batches` batches of 32 of `train` (the
+/// fine-tuning data's training images), or dynamic; `None` for weight-only, int4 and
+/// block-wise files (and models the integer path does not run).
+fn resnet_activations(
+    model: &ResNet,
+    scheme: QuantScheme,
+    config: &QuantizeConfig,
+    train: &dyn ImageDataset,
+) -> Option<Activations> {
+    if config.activations == ActivationMode::Float || scheme.bits != QuantBits::Int8 {
+        return None;
+    }
+    let mut int8 = Int8ResNet::new(model, Activations::Dynamic)?;
+    if config.activations == ActivationMode::Static {
+        let device = Device::flex();
+        let batches: Vec<Vec<usize>> = (0..config.calibration_batches.get())
+            .map(|b| (b * 32..((b + 1) * 32).min(train.len())).collect())
+            .filter(|chunk: &Vec<usize>| !chunk.is_empty())
+            .collect();
+        int8.calibrate(
+            batches
+                .iter()
+                .map(|chunk| make_batch(train, chunk, &device).images),
+        );
+    }
+    Some(int8.activations().clone())
 }
 
 /// `RUN/model-int8-tensor.safetensors` for a checkpoint in `RUN/checkpoints/`, else next to

@@ -120,3 +120,53 @@ fn bench_reports_samples_per_second_as_json() {
     let output = kiln(&["bench", "resnet18", "--pytorch", "/nonexistent/twin.py"]);
     assert_clean_failure(&output, &["--pytorch /nonexistent/twin.py: no such file"]);
 }
+
+/// ResNet-18 (the fixture's weights, real BatchNorm statistics) on the integer path: every
+/// convolution with its BatchNorm folded in, int8 weights per channel, 7-bit activations.
+/// Its logits follow the float model's, dynamic and calibrated, on the fixture's two images and
+/// six seeded ones.
+#[test]
+fn resnet18_runs_on_the_integer_path_close_to_float() {
+    use burn::tensor::{Device, Tensor, TensorData};
+    use kiln::models::quant::{Activations, Int8ResNet};
+    use kiln::models::{ResNet, ResNetDepth, load_weights};
+
+    let dir = tempfile::tempdir().unwrap();
+    let device = Device::flex();
+    let mut model = ResNet::new(ResNetDepth::R18, 1000, &device);
+    let _ = load_weights(&mut model, &resnet18_weights(dir.path(), "safetensors")).unwrap();
+    let fixture = npy(&resnet_fixture("input.npy"));
+    let mut pixels = fixture.values.clone();
+    let mut s = 17u32;
+    pixels.extend((0..6 * 3 * 64 * 64).map(|_| {
+        s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        ((s >> 8) % 2001) as f32 / 1000.0 - 1.0
+    }));
+    let images = Tensor::<4>::from_data(TensorData::new(pixels, [8, 3, 64, 64]), &device);
+    let values = |t: Tensor<2>| t.into_data().try_to_vec::<f32>().unwrap();
+    let float = values(model.forward(images.clone()));
+    let top = |r: &[f32]| (0..r.len()).fold(0, |m, i| if r[i] > r[m] { i } else { m });
+    let scale = float.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let mut int8 = Int8ResNet::new(&model, Activations::Dynamic).expect("ResNet-18 runs int8");
+    for mode in ["dynamic", "static"] {
+        if mode == "static" {
+            int8.calibrate(images.clone().chunk(4, 0));
+        }
+        let got = values(int8.forward_tensor(images.clone()));
+        let rel = max_abs_diff(&got, &float) / scale;
+        let agree = got
+            .chunks(1000)
+            .zip(float.chunks(1000))
+            .filter(|(a, b)| top(a) == top(b))
+            .count();
+        eprintln!(
+            "ResNet-18 int8 ({mode}): max |delta logit| / max |logit| = {rel:e}, top-1 {agree}/8"
+        );
+        assert!(rel < 0.1, "{mode}: {rel}");
+        assert!(agree >= 7, "{mode}: top-1 agrees on {agree} of 8");
+    }
+    assert!(matches!(
+        int8.activations(),
+        Activations::Static { batches: 4, .. }
+    ));
+}

@@ -80,6 +80,97 @@ impl Epilogue<'_> {
     }
 }
 
+impl Epilogue<'_> {
+    /// [`codes`](Self::codes) of `y + residual` (the residual added before the ReLU, as a
+    /// residual block's last convolution does): `residual` holds `channels` floats per row.
+    ///
+    /// # Panics
+    /// As [`codes`](Self::codes), and when `residual` holds fewer rows than `out`.
+    pub fn codes_plus(
+        &self,
+        acc: &[i32],
+        stride: usize,
+        residual: &[f32],
+        q: ActQuant,
+        out: &mut [u8],
+    ) {
+        assert!(
+            residual.len() >= out.len(),
+            "the residual is shorter than the output"
+        );
+        match isa::active() {
+            // SAFETY (both): `isa::active` never exceeds what the CPU reported.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { codes_plus_avx512(self, acc, stride, residual, q, out) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { codes_plus_avx2(self, acc, stride, residual, q, out) },
+            _ => codes_plus_body(self, acc, stride, residual, q, out),
+        }
+    }
+
+    /// [`floats`](Self::floats) of `y + residual`, as [`codes_plus`](Self::codes_plus).
+    ///
+    /// # Panics
+    /// As [`codes_plus`](Self::codes_plus).
+    pub fn floats_plus(&self, acc: &[i32], stride: usize, residual: &[f32], out: &mut [f32]) {
+        assert!(
+            residual.len() >= out.len(),
+            "the residual is shorter than the output"
+        );
+        match isa::active() {
+            // SAFETY (both): as in `codes_plus`.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { floats_plus_avx512(self, acc, stride, residual, out) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { floats_plus_avx2(self, acc, stride, residual, out) },
+            _ => floats_plus_body(self, acc, stride, residual, out),
+        }
+    }
+}
+
+#[inline(always)]
+fn codes_plus_body(
+    e: &Epilogue,
+    acc: &[i32],
+    stride: usize,
+    res: &[f32],
+    q: ActQuant,
+    out: &mut [u8],
+) {
+    let n = e.channels();
+    assert!(
+        stride >= n,
+        "rows of {stride} accumulators hold {n} channels"
+    );
+    let (mult, offset) = (&e.mult[..n], &e.offset[..n]);
+    let floor = if e.relu { 0.0 } else { f32::NEG_INFINITY };
+    let rows = acc.chunks(stride).zip(res.chunks_exact(n));
+    for ((row, r), o) in rows.zip(out.chunks_exact_mut(n)) {
+        let row = &row[..n];
+        for i in 0..n {
+            o[i] = q.code((mult[i] * row[i] as f32 + offset[i] + r[i]).max(floor));
+        }
+    }
+}
+
+#[inline(always)]
+fn floats_plus_body(e: &Epilogue, acc: &[i32], stride: usize, res: &[f32], out: &mut [f32]) {
+    let n = e.channels();
+    assert!(
+        stride >= n,
+        "rows of {stride} accumulators hold {n} channels"
+    );
+    let (mult, offset) = (&e.mult[..n], &e.offset[..n]);
+    let floor = if e.relu { 0.0 } else { f32::NEG_INFINITY };
+    let rows = acc.chunks(stride).zip(res.chunks_exact(n));
+    for ((row, r), o) in rows.zip(out.chunks_exact_mut(n)) {
+        let row = &row[..n];
+        for i in 0..n {
+            o[i] = (mult[i] * row[i] as f32 + offset[i] + r[i]).max(floor);
+        }
+    }
+}
+
 #[inline(always)]
 fn codes_body(e: &Epilogue, acc: &[i32], stride: usize, q: ActQuant, out: &mut [u8]) {
     let n = e.channels();
@@ -182,8 +273,34 @@ macro_rules! at_level {
     };
 }
 
+/// The residual versions, compiled for a vector level.
+macro_rules! plus_at_level {
+    ($features:literal, $codes:ident, $floats:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $codes(
+            e: &Epilogue,
+            acc: &[i32],
+            stride: usize,
+            res: &[f32],
+            q: ActQuant,
+            out: &mut [u8],
+        ) {
+            codes_plus_body(e, acc, stride, res, q, out)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $floats(e: &Epilogue, acc: &[i32], stride: usize, res: &[f32], out: &mut [f32]) {
+            floats_plus_body(e, acc, stride, res, out)
+        }
+    };
+}
+
 at_level!("avx512f,avx512bw", codes_avx512, floats_avx512, pool_avx512);
 at_level!("avx2,fma", codes_avx2, floats_avx2, pool_avx2);
+plus_at_level!("avx512f,avx512bw", codes_plus_avx512, floats_plus_avx512);
+plus_at_level!("avx2,fma", codes_plus_avx2, floats_plus_avx2);
 
 #[cfg(test)]
 mod tests {
@@ -228,6 +345,39 @@ mod tests {
                 assert_eq!(bits(&floats), bits(&want_f), "{level:?} relu {relu}");
             }
         }
+    }
+
+    /// The residual versions, at the active level, against the reference with the residual
+    /// added before the ReLU.
+    #[test]
+    fn residuals_are_added_before_the_relu() {
+        let (n, stride, rows) = (21, 32, 3);
+        let mult: Vec<f32> = (0..n).map(|o| 2e-3 * (o as f32 + 0.5)).collect();
+        let offset: Vec<f32> = (0..n).map(|o| (o as f32 - 10.0) * 0.07).collect();
+        let acc: Vec<i32> = (0..rows * stride)
+            .map(|i| (i as i32 * 37) % 1001 - 500)
+            .collect();
+        let residual: Vec<f32> = (0..rows * n).map(|i| (i as f32 * 0.37).sin()).collect();
+        let q = ActQuant::from_range(-1.0, 3.0);
+        let e = Epilogue {
+            mult: &mult,
+            offset: &offset,
+            relu: true,
+        };
+        let want: Vec<f32> = (0..rows * n)
+            .map(|i| {
+                let (r, o) = (i / n, i % n);
+                (mult[o] * acc[r * stride + o] as f32 + offset[o] + residual[i]).max(0.0)
+            })
+            .collect();
+        let mut floats = vec![0.0; rows * n];
+        e.floats_plus(&acc, stride, &residual, &mut floats);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&floats), bits(&want));
+        let mut codes = vec![0u8; rows * n];
+        e.codes_plus(&acc, stride, &residual, q, &mut codes);
+        assert_eq!(codes, want.iter().map(|&v| q.code(v)).collect::<Vec<_>>());
+        assert!(want.contains(&0.0) && want.iter().any(|&v| v > 0.5));
     }
 
     #[test]

@@ -56,15 +56,15 @@ impl Activations {
 
 /// One int8 layer: packed weights, their per-channel scales, the float bias.
 #[derive(Debug, Clone)]
-struct Layer {
-    w: PackedWeights,
+pub(super) struct Layer {
+    pub(super) w: PackedWeights,
     scales: Vec<f32>,
     bias: Vec<f32>,
 }
 
 impl Layer {
     /// `weights` is `[out, k]` row-major; per-channel symmetric int8 unless `per_tensor`.
-    fn new(weights: &[f32], out: usize, bias: Vec<f32>, per_tensor: bool) -> Layer {
+    pub(super) fn new(weights: &[f32], out: usize, bias: Vec<f32>, per_tensor: bool) -> Layer {
         let k = weights.len() / out;
         let granularity = if per_tensor {
             Granularity::Tensor
@@ -89,7 +89,7 @@ impl Layer {
     }
 
     /// The per-channel multipliers and offsets of the epilogue for inputs quantized by `q`.
-    fn affine(&self, q: ActQuant) -> (Vec<f32>, Vec<f32>) {
+    pub(super) fn affine(&self, q: ActQuant) -> (Vec<f32>, Vec<f32>) {
         let sums = self.w.col_sums();
         (0..self.w.n())
             .map(|o| {
@@ -102,7 +102,7 @@ impl Layer {
     /// Runs the GEMM on `a` (`rows x k` codes quantized by `q`), ReLU'd when `relu`; `put`
     /// turns each block of accumulator rows into `T`s with the layer's [`Epilogue`] (the next
     /// layer's codes, or the floats themselves).
-    fn apply<T: Copy + Default + Send>(
+    pub(super) fn apply<T: Copy + Default + Send>(
         &self,
         a: &[u8],
         rows: usize,
@@ -161,7 +161,15 @@ impl Layer {
             |s, (b, out)| {
                 let image = &x.data[b * h * w * c..(b + 1) * h * w * c];
                 let rows = 2 * oh * w;
-                im2row_3x3(image, x.hwc, zero, self.w.k_padded(), rows, &mut s.a);
+                let geometry = Geometry::SAME_3X3;
+                im2row(
+                    image,
+                    x.hwc,
+                    geometry,
+                    (zero, self.w.k_padded()),
+                    rows,
+                    &mut s.a,
+                );
                 gemm_u8i8_rows(&s.a, rows, &self.w, &mut s.c);
                 s.pooled.resize(ow * n16, 0);
                 for (py, out_row) in out.chunks_exact_mut(ow * n).enumerate() {
@@ -393,14 +401,14 @@ impl Int8SimpleCnn {
 }
 
 /// Activation codes of a batch, NHWC, with their quantization.
-struct Codes {
-    data: Vec<u8>,
-    q: ActQuant,
-    hwc: [usize; 3],
+pub(super) struct Codes {
+    pub(super) data: Vec<u8>,
+    pub(super) q: ActQuant,
+    pub(super) hwc: [usize; 3],
 }
 
 /// Rows of length `k` copied into rows of length `k4` (zeros after).
-fn pad_rows(a: &[u8], k: usize, k4: usize) -> Vec<u8> {
+pub(super) fn pad_rows(a: &[u8], k: usize, k4: usize) -> Vec<u8> {
     let mut out = vec![0u8; a.len() / k * k4];
     for (src, dst) in a.chunks_exact(k).zip(out.chunks_exact_mut(k4)) {
         dst[..k].copy_from_slice(src);
@@ -424,39 +432,84 @@ fn to_hwc_inputs(w: &[f32], out: usize, [c, h, wd]: [usize; 3]) -> Vec<f32> {
     p
 }
 
-/// The first `rows` rows of a 3x3, padding 1, stride 1 convolution over one NHWC image of
-/// codes: one row per output position, `(ky, kx, c)` order, padding positions (and the row's
-/// tail up to `k4`, whose weights are 0) holding the zero point; into `a`. Each kernel row's
-/// three positions are one contiguous copy, of a fixed size for the usual channel counts.
-fn im2row_3x3(image: &[u8], hwc: [usize; 3], zero: u8, k4: usize, rows: usize, a: &mut Vec<u8>) {
-    a.clear();
-    a.resize(rows * k4, zero);
-    match hwc[2] {
-        1 => rows_3x3::<1>(image, hwc, k4, a),
-        32 => rows_3x3::<32>(image, hwc, k4, a),
-        64 => rows_3x3::<64>(image, hwc, k4, a),
-        _ => rows_3x3::<0>(image, hwc, k4, a),
+/// A square convolution's kernel side, stride and (symmetric) padding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Geometry {
+    pub(super) k: usize,
+    pub(super) stride: usize,
+    pub(super) pad: usize,
+}
+
+impl Geometry {
+    /// 3x3, stride 1, padding 1: the size-keeping convolution.
+    pub(super) const SAME_3X3: Geometry = Geometry {
+        k: 3,
+        stride: 1,
+        pad: 1,
+    };
+
+    /// The output side for an input side `n` (callers check `n + 2 * pad >= k`).
+    pub(super) fn out(&self, n: usize) -> usize {
+        (n + 2 * self.pad - self.k) / self.stride + 1
     }
 }
 
-/// [`im2row_3x3`]'s copies; `C` is the channel count when it is not 0 (fixed-size copies).
+/// The first `rows` rows of a convolution of geometry `g` over one NHWC image of codes: one
+/// row per output position, `(ky, kx, c)` order, padding positions (and the row's tail up to
+/// `k4`, whose weights are 0) holding the zero point; into `a`. Each kernel row's positions
+/// are one contiguous copy, of a fixed size for the usual kernel and channel counts.
+pub(super) fn im2row(
+    image: &[u8],
+    hwc: [usize; 3],
+    g: Geometry,
+    (zero, k4): (u8, usize),
+    rows: usize,
+    a: &mut Vec<u8>,
+) {
+    a.clear();
+    a.resize(rows * k4, zero);
+    match (g.k, hwc[2]) {
+        (3, 1) => rows_of::<3, 1>(image, hwc, g, k4, a),
+        (3, 32) => rows_of::<3, 32>(image, hwc, g, k4, a),
+        (3, 64) => rows_of::<3, 64>(image, hwc, g, k4, a),
+        (7, 3) => rows_of::<7, 3>(image, hwc, g, k4, a),
+        _ => rows_of::<0, 0>(image, hwc, g, k4, a),
+    }
+}
+
+/// [`im2row`]'s copies; `K` and `C` are the kernel side and channel count when not 0
+/// (fixed-size copies).
 #[inline(always)]
-fn rows_3x3<const C: usize>(image: &[u8], [h, w, c]: [usize; 3], k4: usize, a: &mut [u8]) {
-    let c = if C == 0 { c } else { C };
+fn rows_of<const K: usize, const C: usize>(
+    image: &[u8],
+    [h, w, c]: [usize; 3],
+    g: Geometry,
+    k4: usize,
+    a: &mut [u8],
+) {
+    let (k, c) = (if K == 0 { g.k } else { K }, if C == 0 { c } else { C });
+    let ow = g.out(w);
     for (pos, dst) in a.chunks_exact_mut(k4).enumerate() {
-        let (oy, ox) = (pos / w, pos % w);
-        // Source columns x0..x1; the first kernel column is padding when ox is 0.
-        let (x0, x1) = (ox.saturating_sub(1), (ox + 2).min(w));
-        let skip = x0 + 1 - ox;
-        for ky in 0..3 {
-            let iy = (oy + ky).wrapping_sub(1);
+        let (oy, ox) = (pos / ow, pos % ow);
+        // Source columns x0..x1 of the window starting at `left` (padding before x0).
+        let left = (ox * g.stride) as isize - g.pad as isize;
+        let (x0, x1) = (
+            left.max(0) as usize,
+            ((left + k as isize).max(0) as usize).min(w),
+        );
+        if x0 >= x1 {
+            continue;
+        }
+        let skip = (x0 as isize - left) as usize;
+        for ky in 0..k {
+            let iy = (oy * g.stride + ky).wrapping_sub(g.pad);
             if iy >= h {
                 continue;
             }
-            let at = (ky * 3 + skip) * c;
+            let at = (ky * k + skip) * c;
             let src = &image[(iy * w + x0) * c..(iy * w + x1) * c];
-            if src.len() == 3 * c {
-                dst[at..at + 3 * c].copy_from_slice(&src[..3 * c]);
+            if src.len() == k * c {
+                dst[at..at + k * c].copy_from_slice(&src[..k * c]);
             } else {
                 dst[at..at + src.len()].copy_from_slice(src);
             }
@@ -513,6 +566,51 @@ mod tests {
             .filter(|(x, y)| top(x) == top(y))
             .count();
         (diff / scale, agree)
+    }
+
+    /// Every geometry ResNet and SimpleCNN use (and a generic one) against the definition:
+    /// row `(oy, ox)`, column `(ky, kx, c)` holds the input at `(oy * s + ky - p, ox * s + kx
+    /// - p, c)`, or the zero point outside the image and in the row's tail.
+    #[test]
+    fn im2row_rows_are_the_convolution_windows() {
+        for (k, stride, pad, [h, w, c]) in [
+            (3, 1, 1, [6, 5, 1]),
+            (3, 1, 1, [4, 4, 32]),
+            (7, 2, 3, [9, 11, 3]),
+            (3, 2, 1, [7, 6, 64]),
+            (1, 2, 0, [5, 6, 2]),
+            (5, 3, 2, [8, 7, 5]),
+        ] {
+            let g = Geometry { k, stride, pad };
+            let image: Vec<u8> = (0..h * w * c).map(|i| (i * 7 % 120 + 1) as u8).collect();
+            let (zero, k4) = (99u8, (k * k * c).div_ceil(4) * 4);
+            let (oh, ow) = (g.out(h), g.out(w));
+            let mut a = Vec::new();
+            im2row(&image, [h, w, c], g, (zero, k4), oh * ow, &mut a);
+            for (pos, row) in a.chunks(k4).enumerate() {
+                let (oy, ox) = (pos / ow, pos % ow);
+                for (col, &v) in row.iter().enumerate() {
+                    let (ky, kx, ch) = (col / (k * c), col / c % k, col % c);
+                    let (iy, ix) = (
+                        (oy * stride + ky) as isize - pad as isize,
+                        (ox * stride + kx) as isize - pad as isize,
+                    );
+                    let inside = col < k * k * c
+                        && iy >= 0
+                        && ix >= 0
+                        && (iy as usize) < h
+                        && (ix as usize) < w;
+                    let want = match inside {
+                        true => image[((iy as usize) * w + ix as usize) * c + ch],
+                        false => zero,
+                    };
+                    assert_eq!(
+                        v, want,
+                        "k{k} s{stride} p{pad} {h}x{w}x{c}: row {pos} col {col}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@
 mod fake;
 pub mod file;
 mod int8;
+mod int8_resnet;
 mod scheme;
 mod weights;
 
@@ -28,6 +29,7 @@ use burn::module::Module;
 pub use fake::{fake_quantize, quantize_dequantize, round_weights};
 pub use file::QuantizedFileInfo;
 pub use int8::{Activations, Int8SimpleCnn};
+pub use int8_resnet::Int8ResNet;
 pub use scheme::{Granularity, QuantBits, QuantScheme};
 pub use weights::QuantizedTensor;
 
