@@ -167,7 +167,7 @@ impl Layer {
                     x.hwc,
                     geometry,
                     (zero, self.w.k_padded()),
-                    rows,
+                    0..rows,
                     &mut s.a,
                 );
                 gemm_u8i8_rows(&s.a, rows, &self.w, &mut s.c);
@@ -454,66 +454,71 @@ impl Geometry {
     }
 }
 
-/// The first `rows` rows of a convolution of geometry `g` over one NHWC image of codes: one
-/// row per output position, `(ky, kx, c)` order, padding positions (and the row's tail up to
-/// `k4`, whose weights are 0) holding the zero point; into `a`. Each kernel row's positions
-/// are one contiguous copy, of a fixed size for the usual kernel and channel counts.
+/// The rows of output positions `positions` (row-major over the output) of a convolution of
+/// geometry `g` over one NHWC image of codes: `(ky, kx, c)` order, padding positions (and the
+/// row's tail up to `k4`, whose weights are 0) holding the zero point; into `a`, every byte
+/// written (a buffer reused at the same size is not cleared first). Each kernel row's
+/// positions are one contiguous copy, of a fixed size for the usual kernel and channel
+/// counts.
 pub(super) fn im2row(
     image: &[u8],
     hwc: [usize; 3],
     g: Geometry,
     (zero, k4): (u8, usize),
-    rows: usize,
+    positions: std::ops::Range<usize>,
     a: &mut Vec<u8>,
 ) {
-    a.clear();
-    a.resize(rows * k4, zero);
+    a.resize(positions.len() * k4, 0);
+    let at = (zero, k4);
     match (g.k, hwc[2]) {
-        (3, 1) => rows_of::<3, 1>(image, hwc, g, k4, a),
-        (3, 32) => rows_of::<3, 32>(image, hwc, g, k4, a),
-        (3, 64) => rows_of::<3, 64>(image, hwc, g, k4, a),
-        (7, 3) => rows_of::<7, 3>(image, hwc, g, k4, a),
-        _ => rows_of::<0, 0>(image, hwc, g, k4, a),
+        (3, 1) => rows_of::<3, 1>(image, hwc, g, at, positions.start, a),
+        (3, 32) => rows_of::<3, 32>(image, hwc, g, at, positions.start, a),
+        (3, 64) => rows_of::<3, 64>(image, hwc, g, at, positions.start, a),
+        (7, 3) => rows_of::<7, 3>(image, hwc, g, at, positions.start, a),
+        _ => rows_of::<0, 0>(image, hwc, g, at, positions.start, a),
     }
 }
 
-/// [`im2row`]'s copies; `K` and `C` are the kernel side and channel count when not 0
-/// (fixed-size copies).
+/// [`im2row`]'s copies from output position `first` on; `K` and `C` are the kernel side and
+/// channel count when not 0 (fixed-size copies).
 #[inline(always)]
 fn rows_of<const K: usize, const C: usize>(
     image: &[u8],
     [h, w, c]: [usize; 3],
     g: Geometry,
-    k4: usize,
+    (zero, k4): (u8, usize),
+    first: usize,
     a: &mut [u8],
 ) {
     let (k, c) = (if K == 0 { g.k } else { K }, if C == 0 { c } else { C });
     let ow = g.out(w);
-    for (pos, dst) in a.chunks_exact_mut(k4).enumerate() {
-        let (oy, ox) = (pos / ow, pos % ow);
+    for (i, dst) in a.chunks_exact_mut(k4).enumerate() {
+        let (oy, ox) = ((first + i) / ow, (first + i) % ow);
         // Source columns x0..x1 of the window starting at `left` (padding before x0).
         let left = (ox * g.stride) as isize - g.pad as isize;
         let (x0, x1) = (
             left.max(0) as usize,
             ((left + k as isize).max(0) as usize).min(w),
         );
-        if x0 >= x1 {
-            continue;
-        }
-        let skip = (x0 as isize - left) as usize;
+        let skip = (x0 as isize - left).min(k as isize) as usize;
+        let taken = x1.saturating_sub(x0);
         for ky in 0..k {
+            let row = &mut dst[ky * k * c..(ky + 1) * k * c];
             let iy = (oy * g.stride + ky).wrapping_sub(g.pad);
-            if iy >= h {
+            if iy >= h || taken == 0 {
+                row.fill(zero);
                 continue;
             }
-            let at = (ky * k + skip) * c;
             let src = &image[(iy * w + x0) * c..(iy * w + x1) * c];
-            if src.len() == k * c {
-                dst[at..at + k * c].copy_from_slice(&src[..k * c]);
+            if taken == k {
+                row.copy_from_slice(&src[..k * c]);
             } else {
-                dst[at..at + src.len()].copy_from_slice(src);
+                row[..skip * c].fill(zero);
+                row[skip * c..(skip + taken) * c].copy_from_slice(src);
+                row[(skip + taken) * c..].fill(zero);
             }
         }
+        dst[k * k * c..].fill(zero);
     }
 }
 
@@ -585,8 +590,9 @@ mod tests {
             let image: Vec<u8> = (0..h * w * c).map(|i| (i * 7 % 120 + 1) as u8).collect();
             let (zero, k4) = (99u8, (k * k * c).div_ceil(4) * 4);
             let (oh, ow) = (g.out(h), g.out(w));
-            let mut a = Vec::new();
-            im2row(&image, [h, w, c], g, (zero, k4), oh * ow, &mut a);
+            // A buffer of the right size holding garbage: every byte must be written.
+            let mut a = vec![7u8; oh * ow * k4];
+            im2row(&image, [h, w, c], g, (zero, k4), 0..oh * ow, &mut a);
             for (pos, row) in a.chunks(k4).enumerate() {
                 let (oy, ox) = (pos / ow, pos % ow);
                 for (col, &v) in row.iter().enumerate() {

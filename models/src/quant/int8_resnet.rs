@@ -22,6 +22,10 @@ use rayon::prelude::*;
 use super::int8::{Activations, Codes, Geometry, Layer, im2row};
 use crate::resnet::{ResNet, ResidualBlock};
 
+/// Output positions per GEMM call inside an image: their rows of A (up to 256 x 4.6 KiB)
+/// stay in the core's cache.
+const POSITIONS: usize = 256;
+
 /// A convolution with its BatchNorm folded in, on the integer path.
 #[derive(Debug, Clone)]
 struct ConvUnit {
@@ -134,10 +138,16 @@ impl ConvUnit {
             || (Vec::new(), Vec::new()),
             |(a, acc), (b, out)| {
                 let image = &x.data[b * h * w * c..(b + 1) * h * w * c];
-                im2row(image, x.hwc, self.geometry, (zero, k4), oh * ow, a);
-                gemm_u8i8_rows(a, oh * ow, &self.layer.w, acc);
-                let residual = residual.map(|r| &r[b * image_out..(b + 1) * image_out]);
-                put(&epilogue, acc, n16, residual, out);
+                // Chunks of positions, so that their rows of A stay in the core's cache.
+                for (i, out) in out.chunks_mut(POSITIONS * n).enumerate() {
+                    let positions = i * POSITIONS..i * POSITIONS + out.len() / n;
+                    let rows = positions.len();
+                    let at = b * image_out + positions.start * n;
+                    im2row(image, x.hwc, self.geometry, (zero, k4), positions, a);
+                    gemm_u8i8_rows(a, rows, &self.layer.w, acc);
+                    let residual = residual.map(|r| &r[at..at + rows * n]);
+                    put(&epilogue, acc, n16, residual, out);
+                }
             },
         );
         out
