@@ -241,3 +241,49 @@ fn int8_files_run_on_the_integer_path_within_the_accuracy_budget() {
         assert_eq!(eval["inference"], report["inference"]);
     }
 }
+
+/// kiln's integer SimpleCNN with PyTorch's static int8 model's scales (weights per channel,
+/// max|w| / 127; 7-bit activations min-max calibrated on the fixture input, by PyTorch:
+/// tests/data/simple_cnn/quantized_static.py) gives PyTorch's quantized logits (FBGEMM, x86
+/// engine) within one step of their quantization.
+#[test]
+fn int8_simple_cnn_gives_pytorch_static_int8_logits_with_the_same_scales() {
+    use burn::tensor::Device;
+    use kiln::models::quant::{Activations, Granularity, Int8SimpleCnn, QuantBits, QuantScheme};
+    use kiln::models::{SimpleCnnConfig, load_weights};
+
+    let text = std::fs::read_to_string(fixture("static_int8_scales.json")).unwrap();
+    let scales: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let point = |name: &str| {
+        let (s, z) = (&scales[name]["scale"], &scales[name]["zero_point"]);
+        (s.as_f64().unwrap() as f32, z.as_i64().unwrap() as f32)
+    };
+    // PyTorch's (scale, zero point) as the range kiln's 7-bit map is made from.
+    let ranges = ["image", "conv2_input", "fc1_input", "fc2_input"]
+        .map(|name| {
+            let (s, z) = point(name);
+            [-z * s, (127.0 - z) * s]
+        })
+        .to_vec();
+    let mut model = SimpleCnnConfig::new().init(&Device::flex(), 0);
+    let _ = load_weights(&mut model, &fixture("simple_cnn.safetensors")).unwrap();
+    let scheme = QuantScheme {
+        bits: QuantBits::Int8,
+        granularity: Granularity::Channel,
+    };
+    let activations = Activations::Static { ranges, batches: 0 };
+    let int8 = Int8SimpleCnn::new(&model, scheme, activations).unwrap();
+    let input = npy(&fixture("input.npy")).values;
+    let ours = int8.forward(&input, input.len() / 784);
+    let pytorch = npy(&fixture("logits_static_int8.npy")).values;
+    let (step, _) = point("logits");
+    let steps = max_abs_diff(&ours, &pytorch) / step;
+    eprintln!("kiln int8 vs PyTorch static int8 logits: max |delta| = {steps} quantization steps");
+    assert!(steps <= 1.0, "{steps} steps apart");
+    // Not trivially close: the float model is farther away.
+    let float = npy(&fixture("logits.npy")).values;
+    assert!(
+        max_abs_diff(&float, &pytorch) / step > steps,
+        "float is as close as int8"
+    );
+}
