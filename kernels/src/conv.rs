@@ -1112,8 +1112,9 @@ mod tests {
             (1, 16, 64, 64, 4, [3, 3], [1, 1], [1, 1]),
             (2, 3, 100, 90, 8, [7, 7], [2, 2], [3, 3]),
             // Winograd for the forward pass and the input gradient, im2col for the weight
-            // gradient (ResNet's layer4 at 7x7).
-            (8, 64, 7, 7, 64, [3, 3], [1, 1], [1, 1]),
+            // gradient (ResNet's layer4 at 7x7: narrow outputs take Winograd with 256
+            // channels or more).
+            (8, 256, 7, 7, 256, [3, 3], [1, 1], [1, 1]),
         ] {
             all.push(Conv2dShape {
                 batch,

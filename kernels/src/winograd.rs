@@ -34,6 +34,10 @@ use crate::conv::{Conv2dShape, Scratch, matmul, scratch_slice, with_scratch};
 /// 64-channel layers at 56x56 1.5-2.2x faster.
 const MIN_CHANNELS: usize = 64;
 
+/// Channels (each side) a layer with outputs narrower than 12 columns needs: see
+/// [`wide_or_deep`].
+const NARROW_MIN_CHANNELS: usize = 256;
+
 /// Floats of transformed inputs and products one chunk may hold (4 MiB), so that a chunk's
 /// working set stays near the caches.
 const CHUNK_BUDGET: usize = 1 << 20;
@@ -82,7 +86,17 @@ pub fn applies(s: &Conv2dShape, pass: Pass) -> bool {
         && s.channels_in >= MIN_CHANNELS
         && s.channels_out >= MIN_CHANNELS
         && Tiles::new(s).pays_off(s.batch, pass)
+        && wide_or_deep(s)
         && enabled()
+}
+
+/// Outputs narrower than 12 columns (which only the forward and input-gradient passes take)
+/// amortise the transforms only with many channels, the GEMM growing with their square and
+/// the transforms linearly: ResNet-18's 7x7 layer4 (512 channels) gains at 224, its 8x8
+/// layer1 (64 channels) at 32x32 inputs lost 5-11 % of a training step (`cargo bench --bench
+/// resnet -- --only train_b32_32 --kiln-only`, `KILN_WINOGRAD=0` against 1, three rounds).
+fn wide_or_deep(s: &Conv2dShape) -> bool {
+    Tiles::new(s).out[1] >= 12 || s.channels_in.min(s.channels_out) >= NARROW_MIN_CHANNELS
 }
 
 /// Whether [`forward`] and [`backward_input`] compute `s` at all (whether they are worth it is
