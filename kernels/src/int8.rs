@@ -20,7 +20,7 @@ use crate::isa::Isa;
 
 mod epilogue;
 
-pub use epilogue::{Epilogue, max_pool_2x2};
+pub use epilogue::{Epilogue, Residual, max_pool_2x2};
 
 /// Output channels per weight panel.
 pub const PANEL: usize = 16;

@@ -80,9 +80,44 @@ impl Epilogue<'_> {
     }
 }
 
+/// What a residual block's last convolution adds before its ReLU, `channels` values per row.
+#[derive(Debug, Clone, Copy)]
+pub enum Residual<'a> {
+    /// Floats (a shortcut projection's output).
+    Floats(&'a [f32]),
+    /// Codes of a map (the block's input), added as `scale * (code - zero_point)`.
+    Codes(&'a [u8], ActQuant),
+}
+
+impl<'a> Residual<'a> {
+    /// Values held.
+    pub fn len(&self) -> usize {
+        match self {
+            Residual::Floats(r) => r.len(),
+            Residual::Codes(r, _) => r.len(),
+        }
+    }
+
+    /// Whether it holds no value.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The values `range`.
+    ///
+    /// # Panics
+    /// When `range` is out of bounds.
+    pub fn part(&self, range: std::ops::Range<usize>) -> Residual<'a> {
+        match *self {
+            Residual::Floats(r) => Residual::Floats(&r[range]),
+            Residual::Codes(r, q) => Residual::Codes(&r[range], q),
+        }
+    }
+}
+
 impl Epilogue<'_> {
     /// [`codes`](Self::codes) of `y + residual` (the residual added before the ReLU, as a
-    /// residual block's last convolution does): `residual` holds `channels` floats per row.
+    /// residual block's last convolution does): `residual` holds `channels` values per row.
     ///
     /// # Panics
     /// As [`codes`](Self::codes), and when `residual` holds fewer rows than `out`.
@@ -90,7 +125,7 @@ impl Epilogue<'_> {
         &self,
         acc: &[i32],
         stride: usize,
-        residual: &[f32],
+        residual: Residual,
         q: ActQuant,
         out: &mut [u8],
     ) {
@@ -112,7 +147,7 @@ impl Epilogue<'_> {
     ///
     /// # Panics
     /// As [`codes_plus`](Self::codes_plus).
-    pub fn floats_plus(&self, acc: &[i32], stride: usize, residual: &[f32], out: &mut [f32]) {
+    pub fn floats_plus(&self, acc: &[i32], stride: usize, residual: Residual, out: &mut [f32]) {
         assert!(
             residual.len() >= out.len(),
             "the residual is shorter than the output"
@@ -133,7 +168,7 @@ fn codes_plus_body(
     e: &Epilogue,
     acc: &[i32],
     stride: usize,
-    res: &[f32],
+    res: Residual,
     q: ActQuant,
     out: &mut [u8],
 ) {
@@ -144,17 +179,31 @@ fn codes_plus_body(
     );
     let (mult, offset) = (&e.mult[..n], &e.offset[..n]);
     let floor = if e.relu { 0.0 } else { f32::NEG_INFINITY };
-    let rows = acc.chunks(stride).zip(res.chunks_exact(n));
-    for ((row, r), o) in rows.zip(out.chunks_exact_mut(n)) {
-        let row = &row[..n];
-        for i in 0..n {
-            o[i] = q.code((mult[i] * row[i] as f32 + offset[i] + r[i]).max(floor));
+    match res {
+        Residual::Floats(res) => {
+            let rows = acc.chunks(stride).zip(res.chunks_exact(n));
+            for ((row, r), o) in rows.zip(out.chunks_exact_mut(n)) {
+                let row = &row[..n];
+                for i in 0..n {
+                    o[i] = q.code((mult[i] * row[i] as f32 + offset[i] + r[i]).max(floor));
+                }
+            }
+        }
+        Residual::Codes(res, rq) => {
+            let rows = acc.chunks(stride).zip(res.chunks_exact(n));
+            for ((row, r), o) in rows.zip(out.chunks_exact_mut(n)) {
+                let row = &row[..n];
+                for i in 0..n {
+                    let r = rq.scale * (i32::from(r[i]) - rq.zero_point) as f32;
+                    o[i] = q.code((mult[i] * row[i] as f32 + offset[i] + r).max(floor));
+                }
+            }
         }
     }
 }
 
 #[inline(always)]
-fn floats_plus_body(e: &Epilogue, acc: &[i32], stride: usize, res: &[f32], out: &mut [f32]) {
+fn floats_plus_body(e: &Epilogue, acc: &[i32], stride: usize, res: Residual, out: &mut [f32]) {
     let n = e.channels();
     assert!(
         stride >= n,
@@ -162,11 +211,25 @@ fn floats_plus_body(e: &Epilogue, acc: &[i32], stride: usize, res: &[f32], out: 
     );
     let (mult, offset) = (&e.mult[..n], &e.offset[..n]);
     let floor = if e.relu { 0.0 } else { f32::NEG_INFINITY };
-    let rows = acc.chunks(stride).zip(res.chunks_exact(n));
-    for ((row, r), o) in rows.zip(out.chunks_exact_mut(n)) {
-        let row = &row[..n];
-        for i in 0..n {
-            o[i] = (mult[i] * row[i] as f32 + offset[i] + r[i]).max(floor);
+    match res {
+        Residual::Floats(res) => {
+            let rows = acc.chunks(stride).zip(res.chunks_exact(n));
+            for ((row, r), o) in rows.zip(out.chunks_exact_mut(n)) {
+                let row = &row[..n];
+                for i in 0..n {
+                    o[i] = (mult[i] * row[i] as f32 + offset[i] + r[i]).max(floor);
+                }
+            }
+        }
+        Residual::Codes(res, rq) => {
+            let rows = acc.chunks(stride).zip(res.chunks_exact(n));
+            for ((row, r), o) in rows.zip(out.chunks_exact_mut(n)) {
+                let row = &row[..n];
+                for i in 0..n {
+                    let r = rq.scale * (i32::from(r[i]) - rq.zero_point) as f32;
+                    o[i] = (mult[i] * row[i] as f32 + offset[i] + r).max(floor);
+                }
+            }
         }
     }
 }
@@ -282,7 +345,7 @@ macro_rules! plus_at_level {
             e: &Epilogue,
             acc: &[i32],
             stride: usize,
-            res: &[f32],
+            res: Residual,
             q: ActQuant,
             out: &mut [u8],
         ) {
@@ -291,7 +354,13 @@ macro_rules! plus_at_level {
 
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
-        unsafe fn $floats(e: &Epilogue, acc: &[i32], stride: usize, res: &[f32], out: &mut [f32]) {
+        unsafe fn $floats(
+            e: &Epilogue,
+            acc: &[i32],
+            stride: usize,
+            res: Residual,
+            out: &mut [f32],
+        ) {
             floats_plus_body(e, acc, stride, res, out)
         }
     };
@@ -371,12 +440,33 @@ mod tests {
             })
             .collect();
         let mut floats = vec![0.0; rows * n];
-        e.floats_plus(&acc, stride, &residual, &mut floats);
+        e.floats_plus(&acc, stride, Residual::Floats(&residual), &mut floats);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&floats), bits(&want));
         let mut codes = vec![0u8; rows * n];
-        e.codes_plus(&acc, stride, &residual, q, &mut codes);
+        e.codes_plus(&acc, stride, Residual::Floats(&residual), q, &mut codes);
         assert_eq!(codes, want.iter().map(|&v| q.code(v)).collect::<Vec<_>>());
+        // A residual of codes adds their dequantized values, as the float one would.
+        let rq = ActQuant::from_range(-1.0, 1.0);
+        let coded: Vec<u8> = residual.iter().map(|&v| rq.code(v)).collect();
+        let back: Vec<f32> = coded
+            .iter()
+            .map(|&c| rq.scale * (i32::from(c) - rq.zero_point) as f32)
+            .collect();
+        let (mut from_codes, mut from_floats) = (vec![0u8; rows * n], vec![0u8; rows * n]);
+        e.codes_plus(
+            &acc,
+            stride,
+            Residual::Codes(&coded, rq),
+            q,
+            &mut from_codes,
+        );
+        e.codes_plus(&acc, stride, Residual::Floats(&back), q, &mut from_floats);
+        assert_eq!(from_codes, from_floats);
+        e.floats_plus(&acc, stride, Residual::Codes(&coded, rq), &mut floats);
+        let mut want_back = vec![0.0; rows * n];
+        e.floats_plus(&acc, stride, Residual::Floats(&back), &mut want_back);
+        assert_eq!(bits(&floats), bits(&want_back));
         assert!(want.contains(&0.0) && want.iter().any(|&v| v > 0.5));
     }
 

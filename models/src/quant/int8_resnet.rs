@@ -3,8 +3,8 @@
 //! channel, 7-bit activations per tensor, `u8 x i8 -> i32` GEMMs ([`kiln_kernels::int8`]).
 //!
 //! Activations flow NHWC as codes. Each convolution runs per image (im2row, GEMM, epilogue in
-//! the thread's cache); a block's last convolution adds the shortcut (the block input
-//! dequantized, or the projection's float output) in its epilogue before the ReLU and the
+//! the thread's cache); a block's last convolution adds the shortcut (the block input's codes
+//! dequantized there, or the projection's float output) in its epilogue before the ReLU and the
 //! next quantization. The stem's max-pool runs on codes (quantization is monotone), the
 //! global average pool dequantizes the mean code, and the classifier runs in float32.
 //!
@@ -16,7 +16,7 @@ use burn::nn::BatchNorm;
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
 use burn::tensor::{Tensor, TensorData};
-use kiln_kernels::int8::{ActQuant, Epilogue, gemm_u8i8_rows};
+use kiln_kernels::int8::{ActQuant, Epilogue, Residual, gemm_u8i8_rows};
 use rayon::prelude::*;
 
 use super::int8::{Activations, Codes, Geometry, Layer, im2row};
@@ -108,13 +108,13 @@ impl ConvUnit {
     }
 
     /// This convolution of the codes `x` (`batch` images), ReLU'd when `relu`, `residual`
-    /// (the output's shape, floats) added before it; `put` writes each image's rows.
+    /// (the output's shape) added before it; `put` writes each image's rows.
     fn run<T: Copy + Default + Send>(
         &self,
         x: &Codes,
         batch: usize,
-        (relu, residual): (bool, Option<&[f32]>),
-        put: impl Fn(&Epilogue, &[i32], usize, Option<&[f32]>, &mut [T]) + Sync,
+        (relu, residual): (bool, Option<Residual>),
+        put: impl Fn(&Epilogue, &[i32], usize, Option<Residual>, &mut [T]) + Sync,
     ) -> Vec<T> {
         let [h, w, c] = x.hwc;
         let [oh, ow, n] = self.out_hwc(x.hwc);
@@ -145,7 +145,7 @@ impl ConvUnit {
                     let at = b * image_out + positions.start * n;
                     im2row(image, x.hwc, self.geometry, (zero, k4), positions, a);
                     gemm_u8i8_rows(a, rows, &self.layer.w, acc);
-                    let residual = residual.map(|r| &r[at..at + rows * n]);
+                    let residual = residual.map(|r| r.part(at..at + rows * n));
                     put(&epilogue, acc, n16, residual, out);
                 }
             },
@@ -179,7 +179,7 @@ impl Block {
 }
 
 /// What a layer's epilogue writes (see [`Int8ResNet::codes_for`]).
-type Put<'a, T> = &'a (dyn Fn(&Epilogue, &[i32], usize, Option<&[f32]>, &mut [T]) + Sync);
+type Put<'a, T> = &'a (dyn Fn(&Epilogue, &[i32], usize, Option<Residual>, &mut [T]) + Sync);
 
 impl Int8ResNet {
     /// The integer model of `model` (BatchNorms folded into their convolutions, weights int8
@@ -290,19 +290,26 @@ impl Int8ResNet {
         seen(point, stem.q);
         let mut x = max_pool_3x3_s2(&stem, batch);
         for block in &self.blocks {
-            let shortcut = match &block.downsample {
-                Some(d) => {
-                    let put: Put<f32> = &|e, acc, s, _, out| e.floats(acc, s, out);
-                    d.run(&x, batch, (false, None), put)
-                }
-                None => dequantize(&x),
+            // The shortcut: the projection's floats, or the block's input codes themselves.
+            let projected = block.downsample.as_ref().map(|d| {
+                let put: Put<f32> = &|e, acc, s, _, out| e.floats(acc, s, out);
+                d.run(&x, batch, (false, None), put)
+            });
+            let shortcut = match &projected {
+                Some(p) => Residual::Floats(p),
+                None => Residual::Codes(&x.data, x.q),
             };
             let last = block.convs.len() - 1;
+            let mut y: Option<Codes> = None;
             for (i, conv) in block.convs.iter().enumerate() {
                 point += 1;
-                let residual = (i == last).then_some(&shortcut[..]);
-                x = self.codes_for(point, conv, &x, batch, residual);
-                seen(point, x.q);
+                let residual = (i == last).then_some(shortcut);
+                let out = self.codes_for(point, conv, y.as_ref().unwrap_or(&x), batch, residual);
+                seen(point, out.q);
+                y = Some(out);
+            }
+            if let Some(y) = y {
+                x = y;
             }
         }
         self.classify(&x, batch)
@@ -316,7 +323,7 @@ impl Int8ResNet {
         conv: &ConvUnit,
         x: &Codes,
         batch: usize,
-        residual: Option<&[f32]>,
+        residual: Option<Residual>,
     ) -> Codes {
         let hwc = conv.out_hwc(x.hwc);
         match &self.activations {
@@ -384,15 +391,6 @@ fn nhwc_codes(images: &[f32], [batch, c, h, w]: [usize; 4], q: ActQuant) -> Vec<
             }
         });
     out
-}
-
-/// Codes as floats `scale * (q - zero_point)`, same layout.
-fn dequantize(x: &Codes) -> Vec<f32> {
-    let (scale, zero) = (x.q.scale, x.q.zero_point);
-    x.data
-        .par_iter()
-        .map(|&v| scale * (i32::from(v) - zero) as f32)
-        .collect()
 }
 
 /// torchvision's stem max-pool (3x3, stride 2, padding 1: padded positions never win) on
