@@ -529,6 +529,17 @@ impl ActQuant {
         ActQuant::from_range(lo, hi)
     }
 
+    /// The value code `code` stands for: `scale * (code - zero_point)`.
+    #[inline(always)]
+    pub fn value(&self, code: u8) -> f32 {
+        self.scale * (i32::from(code) - self.zero_point) as f32
+    }
+
+    /// The range `[lo, hi]` the codes cover (calibration widens ranges with it).
+    pub fn range(&self) -> [f32; 2] {
+        [self.value(0), self.value(ACT_MAX)]
+    }
+
     /// The code of `x`: `x / scale + zero_point` clamped to `0..=127`, rounded half up (NaN
     /// gives 0). Branch-free and without a `round` call or a saturating cast, so loops of it
     /// vectorise.

@@ -226,16 +226,7 @@ fn activations(
     if config.activations == ActivationMode::Static {
         let train = config.data.load(MnistSplit::Train)?;
         check_image_shape(&train)?;
-        let device = Device::flex();
-        let batches: Vec<Vec<usize>> = (0..config.calibration_batches.get())
-            .map(|b| (b * 32..((b + 1) * 32).min(train.len())).collect())
-            .filter(|chunk: &Vec<usize>| !chunk.is_empty())
-            .collect();
-        int8.calibrate(
-            batches
-                .iter()
-                .map(|chunk| make_batch(&train, chunk, &device).images),
-        );
+        int8.calibrate(calibration_batches(&train, config));
     }
     Ok(Some(int8.activations().clone()))
 }
@@ -255,18 +246,22 @@ fn resnet_activations(
     }
     let mut int8 = Int8ResNet::new(model, Activations::Dynamic)?;
     if config.activations == ActivationMode::Static {
-        let device = Device::flex();
-        let batches: Vec<Vec<usize>> = (0..config.calibration_batches.get())
-            .map(|b| (b * 32..((b + 1) * 32).min(train.len())).collect())
-            .filter(|chunk: &Vec<usize>| !chunk.is_empty())
-            .collect();
-        int8.calibrate(
-            batches
-                .iter()
-                .map(|chunk| make_batch(train, chunk, &device).images),
-        );
+        int8.calibrate(calibration_batches(train, config));
     }
     Some(int8.activations().clone())
+}
+
+/// The first `config.calibration_batches` batches of 32 images of `data` (fewer when it
+/// runs out), as static calibration sees them.
+fn calibration_batches<'a>(
+    data: &'a dyn ImageDataset,
+    config: &QuantizeConfig,
+) -> impl Iterator<Item = Tensor<4>> + 'a {
+    let device = Device::flex();
+    (0..config.calibration_batches.get())
+        .map(move |b| (b * 32..((b + 1) * 32).min(data.len())).collect::<Vec<_>>())
+        .take_while(|chunk| !chunk.is_empty())
+        .map(move |chunk| make_batch(data, &chunk, &device).images)
 }
 
 /// `RUN/model-int8-tensor.safetensors` for a checkpoint in `RUN/checkpoints/`, else next to

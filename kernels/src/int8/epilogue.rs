@@ -163,6 +163,42 @@ impl Epilogue<'_> {
     }
 }
 
+/// The one loop every epilogue runs: per row of `acc` (rows `stride` apart) and channel `i`,
+/// `put(max(mult[i] * acc + offset[i] + residual, floor))` into `out`'s rows of `channels`,
+/// the residual read from `res`'s rows by `value` (rows of no residual: `res` empty).
+#[inline(always)]
+fn rows_body<T, R: Copy>(
+    e: &Epilogue,
+    (acc, stride): (&[i32], usize),
+    (res, value): (&[R], impl Fn(R) -> f32),
+    put: impl Fn(f32) -> T,
+    out: &mut [T],
+) {
+    let n = e.channels();
+    assert!(
+        stride >= n,
+        "rows of {stride} accumulators hold {n} channels"
+    );
+    let (mult, offset) = (&e.mult[..n], &e.offset[..n]);
+    let floor = if e.relu { 0.0 } else { f32::NEG_INFINITY };
+    for (k, (row, o)) in acc.chunks(stride).zip(out.chunks_exact_mut(n)).enumerate() {
+        let row = &row[..n];
+        match res.get(k * n..(k + 1) * n) {
+            Some(r) => {
+                for i in 0..n {
+                    let y = mult[i] * row[i] as f32 + offset[i] + value(r[i]);
+                    o[i] = put(y.max(floor));
+                }
+            }
+            None => {
+                for i in 0..n {
+                    o[i] = put((mult[i] * row[i] as f32 + offset[i]).max(floor));
+                }
+            }
+        }
+    }
+}
+
 #[inline(always)]
 fn codes_plus_body(
     e: &Epilogue,
@@ -172,100 +208,31 @@ fn codes_plus_body(
     q: ActQuant,
     out: &mut [u8],
 ) {
-    let n = e.channels();
-    assert!(
-        stride >= n,
-        "rows of {stride} accumulators hold {n} channels"
-    );
-    let (mult, offset) = (&e.mult[..n], &e.offset[..n]);
-    let floor = if e.relu { 0.0 } else { f32::NEG_INFINITY };
+    let code = |y| q.code(y);
     match res {
-        Residual::Floats(res) => {
-            let rows = acc.chunks(stride).zip(res.chunks_exact(n));
-            for ((row, r), o) in rows.zip(out.chunks_exact_mut(n)) {
-                let row = &row[..n];
-                for i in 0..n {
-                    o[i] = q.code((mult[i] * row[i] as f32 + offset[i] + r[i]).max(floor));
-                }
-            }
-        }
-        Residual::Codes(res, rq) => {
-            let rows = acc.chunks(stride).zip(res.chunks_exact(n));
-            for ((row, r), o) in rows.zip(out.chunks_exact_mut(n)) {
-                let row = &row[..n];
-                for i in 0..n {
-                    let r = rq.scale * (i32::from(r[i]) - rq.zero_point) as f32;
-                    o[i] = q.code((mult[i] * row[i] as f32 + offset[i] + r).max(floor));
-                }
-            }
-        }
+        Residual::Floats(r) => rows_body(e, (acc, stride), (r, |v| v), code, out),
+        Residual::Codes(r, rq) => rows_body(e, (acc, stride), (r, |c| rq.value(c)), code, out),
     }
 }
 
 #[inline(always)]
 fn floats_plus_body(e: &Epilogue, acc: &[i32], stride: usize, res: Residual, out: &mut [f32]) {
-    let n = e.channels();
-    assert!(
-        stride >= n,
-        "rows of {stride} accumulators hold {n} channels"
-    );
-    let (mult, offset) = (&e.mult[..n], &e.offset[..n]);
-    let floor = if e.relu { 0.0 } else { f32::NEG_INFINITY };
     match res {
-        Residual::Floats(res) => {
-            let rows = acc.chunks(stride).zip(res.chunks_exact(n));
-            for ((row, r), o) in rows.zip(out.chunks_exact_mut(n)) {
-                let row = &row[..n];
-                for i in 0..n {
-                    o[i] = (mult[i] * row[i] as f32 + offset[i] + r[i]).max(floor);
-                }
-            }
-        }
-        Residual::Codes(res, rq) => {
-            let rows = acc.chunks(stride).zip(res.chunks_exact(n));
-            for ((row, r), o) in rows.zip(out.chunks_exact_mut(n)) {
-                let row = &row[..n];
-                for i in 0..n {
-                    let r = rq.scale * (i32::from(r[i]) - rq.zero_point) as f32;
-                    o[i] = (mult[i] * row[i] as f32 + offset[i] + r).max(floor);
-                }
-            }
-        }
+        Residual::Floats(r) => rows_body(e, (acc, stride), (r, |v| v), |y| y, out),
+        Residual::Codes(r, rq) => rows_body(e, (acc, stride), (r, |c| rq.value(c)), |y| y, out),
     }
 }
 
 #[inline(always)]
 fn codes_body(e: &Epilogue, acc: &[i32], stride: usize, q: ActQuant, out: &mut [u8]) {
-    let n = e.channels();
-    assert!(
-        stride >= n,
-        "rows of {stride} accumulators hold {n} channels"
-    );
-    let (mult, offset) = (&e.mult[..n], &e.offset[..n]);
-    let floor = if e.relu { 0.0 } else { f32::NEG_INFINITY };
-    for (row, o) in acc.chunks(stride).zip(out.chunks_exact_mut(n)) {
-        let row = &row[..n];
-        for i in 0..n {
-            o[i] = q.code((mult[i] * row[i] as f32 + offset[i]).max(floor));
-        }
-    }
+    let none: (&[f32], _) = (&[], |v| v);
+    rows_body(e, (acc, stride), none, |y| q.code(y), out);
 }
 
 #[inline(always)]
 fn floats_body(e: &Epilogue, acc: &[i32], stride: usize, out: &mut [f32]) {
-    let n = e.channels();
-    assert!(
-        stride >= n,
-        "rows of {stride} accumulators hold {n} channels"
-    );
-    let (mult, offset) = (&e.mult[..n], &e.offset[..n]);
-    let floor = if e.relu { 0.0 } else { f32::NEG_INFINITY };
-    for (row, o) in acc.chunks(stride).zip(out.chunks_exact_mut(n)) {
-        let row = &row[..n];
-        for i in 0..n {
-            o[i] = (mult[i] * row[i] as f32 + offset[i]).max(floor);
-        }
-    }
+    let none: (&[f32], _) = (&[], |v| v);
+    rows_body(e, (acc, stride), none, |y| y, out);
 }
 
 /// The 2x2 max-pool (stride 2) of two rows of `w` positions of accumulators (`rows`: `2 * w`

@@ -45,6 +45,42 @@ pub enum Activations {
 }
 
 impl Activations {
+    /// Static activations from min-max calibration: `run(batch, seen)` runs a batch with
+    /// dynamic activations and tells `seen(point, quant)` each quantization point's map; the
+    /// ranges they cover, widened over all `batches`, become the fixed ones.
+    pub(super) fn calibrated(
+        batches: impl IntoIterator<Item = Tensor<4>>,
+        mut run: impl FnMut(Tensor<4>, &mut dyn FnMut(usize, ActQuant)),
+    ) -> Activations {
+        let mut ranges: Vec<[f32; 2]> = Vec::new();
+        let mut count = 0;
+        for images in batches {
+            run(images, &mut |point, q| {
+                if ranges.len() <= point {
+                    ranges.resize(point + 1, [0.0, 0.0]);
+                }
+                let [lo, hi] = q.range();
+                ranges[point] = [ranges[point][0].min(lo), ranges[point][1].max(hi)];
+            });
+            count += 1;
+        }
+        Activations::Static {
+            ranges,
+            batches: count,
+        }
+    }
+
+    /// The quantization of point `point`: its fixed range, or measured on `values`.
+    pub(super) fn quant(&self, point: usize, values: &[f32]) -> ActQuant {
+        match self {
+            Activations::Static { ranges, .. } => {
+                let [lo, hi] = ranges.get(point).copied().unwrap_or([0.0, 0.0]);
+                ActQuant::from_range(lo, hi)
+            }
+            Activations::Dynamic => ActQuant::of(values),
+        }
+    }
+
     /// `dynamic` or `static`.
     pub fn name(&self) -> &'static str {
         match self {
@@ -202,7 +238,7 @@ pub struct Int8SimpleCnn {
 }
 
 /// A float tensor's values, row-major.
-fn floats<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+pub(super) fn floats<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data()
         .convert::<f32>()
         .try_to_vec::<f32>()
@@ -296,33 +332,15 @@ impl Int8SimpleCnn {
     /// (min-max calibration).
     pub fn calibrate(&mut self, batches: impl IntoIterator<Item = Tensor<4>>) {
         self.activations = Activations::Dynamic;
-        let mut ranges = [[0.0f32; 2]; 4];
-        let mut count = 0;
-        for images in batches {
+        self.activations = Activations::calibrated(batches, |images, seen| {
             let batch = images.dims()[0];
-            self.run(&floats(images), batch, &mut |layer, q: ActQuant| {
-                let lo = -q.scale * q.zero_point as f32;
-                let hi = q.scale * (kiln_kernels::int8::ACT_MAX as i32 - q.zero_point) as f32;
-                ranges[layer][0] = ranges[layer][0].min(lo);
-                ranges[layer][1] = ranges[layer][1].max(hi);
-            });
-            count += 1;
-        }
-        self.activations = Activations::Static {
-            ranges: ranges.to_vec(),
-            batches: count,
-        };
+            self.run(&floats(images), batch, seen);
+        });
     }
 
     /// The quantization of layer `layer`'s input: fixed, or measured on `values`.
     fn input_quant(&self, layer: usize, values: &[f32]) -> ActQuant {
-        match &self.activations {
-            Activations::Static { ranges, .. } => {
-                let [lo, hi] = ranges.get(layer).copied().unwrap_or([0.0, 0.0]);
-                ActQuant::from_range(lo, hi)
-            }
-            Activations::Dynamic => ActQuant::of(values),
-        }
+        self.activations.quant(layer, values)
     }
 
     /// The forward pass; `seen(layer, quant)` is told each layer's input quantization.

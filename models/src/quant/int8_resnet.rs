@@ -19,7 +19,7 @@ use burn::tensor::{Tensor, TensorData};
 use kiln_kernels::int8::{ActQuant, Epilogue, Residual, gemm_u8i8_rows};
 use rayon::prelude::*;
 
-use super::int8::{Activations, Codes, Geometry, Layer, im2row};
+use super::int8::{Activations, Codes, Geometry, Layer, floats, im2row};
 use crate::resnet::{ResNet, ResidualBlock};
 
 /// Output positions per GEMM call inside an image: their rows of A (up to 256 x 4.6 KiB)
@@ -49,13 +49,6 @@ pub struct Int8ResNet {
     /// The classifier, `[classes][features]`, and its bias.
     fc: (Vec<Vec<f32>>, Vec<f32>),
     activations: Activations,
-}
-
-fn floats<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .unwrap_or_default()
 }
 
 impl ConvUnit {
@@ -237,36 +230,15 @@ impl Int8ResNet {
     /// activations), then fixes them: static activations (min-max calibration).
     pub fn calibrate(&mut self, batches: impl IntoIterator<Item = Tensor<4>>) {
         self.activations = Activations::Dynamic;
-        let mut ranges: Vec<[f32; 2]> = Vec::new();
-        let mut count = 0;
-        for images in batches {
+        self.activations = Activations::calibrated(batches, |images, seen| {
             let dims = images.dims();
-            self.run(&floats(images), dims, &mut |point, q: ActQuant| {
-                let lo = -q.scale * q.zero_point as f32;
-                let hi = q.scale * (kiln_kernels::int8::ACT_MAX as i32 - q.zero_point) as f32;
-                if ranges.len() <= point {
-                    ranges.resize(point + 1, [0.0, 0.0]);
-                }
-                ranges[point][0] = ranges[point][0].min(lo);
-                ranges[point][1] = ranges[point][1].max(hi);
-            });
-            count += 1;
-        }
-        self.activations = Activations::Static {
-            ranges,
-            batches: count,
-        };
+            self.run(&floats(images), dims, seen);
+        });
     }
 
     /// The quantization of point `point`: fixed, or measured on `values`.
     fn quant(&self, point: usize, values: &[f32]) -> ActQuant {
-        match &self.activations {
-            Activations::Static { ranges, .. } => {
-                let [lo, hi] = ranges.get(point).copied().unwrap_or([0.0, 0.0]);
-                ActQuant::from_range(lo, hi)
-            }
-            Activations::Dynamic => ActQuant::of(values),
-        }
+        self.activations.quant(point, values)
     }
 
     /// The forward pass over NCHW `images` of shape `dims`; `seen(point, quant)` is told each
