@@ -81,7 +81,7 @@ pub struct CnnMnistArgs {
     /// ZeroRedundancyOptimizer): 1 splits the optimizer state (momentum), 2 also the
     /// synchronised gradients; each rank updates its shard and the parameters are all-gathered.
     /// Same updates as plain data parallelism. Needs --ranks N or `kiln launch`; --json reports
-    /// the bytes per rank.
+    /// the bytes per rank. Checkpoints hold the whole state: a run resumes with or without it.
     #[arg(long, value_name = "STAGE", value_parser = clap::value_parser!(u8).range(1..=2))]
     pub zero: Option<u8>,
     /// Tensor parallelism (Megatron-style): SimpleCNN's classifier split over N ranks
@@ -806,7 +806,9 @@ pub struct GptArgs {
     /// Seconds a rank waits for the others at a gradient exchange.
     #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub collective_timeout: u64,
-    /// Shard the optimizer state (1) and the gradients (2) over the data-parallel ranks.
+    /// Shard the optimizer state (1) and the gradients (2) over the data-parallel ranks; on a
+    /// mesh with tensor parallelism, each part's over its data-parallel replicas. Checkpoints
+    /// hold the whole state, so a run resumes with or without --zero, on any mesh.
     #[arg(long, value_name = "STAGE", value_parser = clap::value_parser!(u8).range(1..=2))]
     pub zero: Option<u8>,
     /// Tensor parallelism (Megatron): every block split over N ranks (threads), each holding

@@ -130,6 +130,7 @@ enum TrainRecipe {
     ///   kiln train gpt                                   # a few minutes on 2 cores
     ///   kiln train gpt --data my.txt --layers 6 --embed 192 --heads 6 --epochs 3
     ///   kiln train gpt --ranks 2 --zero 1                # data parallel, sharded AdamW
+    ///   kiln train gpt --mesh dp=2,tp=2 --zero 2         # each tensor-parallel part's AdamW sharded over its 2 replicas
     ///   kiln generate --checkpoint runs/gpt --prompt "ROMEO:" --tokens 300
     #[command(verbatim_doc_comment)]
     Gpt(GptArgs),
