@@ -64,7 +64,10 @@ fn main() {
     for mode in modes {
         set_mode(mode);
         // Warm-up (of the workloads measured, so that a profile of one sees only it).
-        for workload in RESNET_WORKLOADS.iter().filter(|w| w.train && wanted(w.name)) {
+        for workload in RESNET_WORKLOADS
+            .iter()
+            .filter(|w| w.train && wanted(w.name))
+        {
             let _ = bench.run(workload);
         }
     }
