@@ -160,6 +160,8 @@ fn main() {
         ("simple_cnn conv2 (one image)", 196, 64, 288),
         ("simple_cnn fc1 (batch 256)", 256, 128, 3136),
         ("resnet18 layer1 3x3 (one 224 image)", 3136, 64, 576),
+        ("resnet18 layer4 3x3 (one 224 image)", 49, 512, 4608),
+        ("resnet18 layer3 3x3 (one 224 image)", 196, 256, 2304),
         ("square 1024", 1024, 1024, 1024),
     ];
     let rows: Vec<_> = shapes
