@@ -451,14 +451,19 @@ mod x86 {
         });
     }
 
-    /// Calls `f(row, panel, rows_in_tile)` over 4-row by 1-panel tiles.
+    /// Calls `f(row, panel, rows_in_tile)` over 4-row by 1-panel tiles, the smaller operand
+    /// re-read (as [`avx512_vnni`]).
     #[inline(always)]
     fn for_tiles_256(rows: usize, w: &PackedWeights, mut f: impl FnMut(usize, usize, usize)) {
-        let mut r = 0;
-        while r < rows {
-            let take = (rows - r).min(4);
-            (0..w.panels()).for_each(|p| f(r, p, take));
-            r += take;
+        let row_tiles = (0..rows).step_by(4).map(|r| (r, (rows - r).min(4)));
+        if rows >= w.n_padded() {
+            for (r, take) in row_tiles {
+                (0..w.panels()).for_each(|p| f(r, p, take));
+            }
+        } else {
+            for p in 0..w.panels() {
+                row_tiles.clone().for_each(|(r, take)| f(r, p, take));
+            }
         }
     }
 
