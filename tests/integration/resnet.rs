@@ -170,3 +170,32 @@ fn resnet18_runs_on_the_integer_path_close_to_float() {
         Activations::Static { batches: 4, .. }
     ));
 }
+
+/// ResNet-50's bottleneck blocks (1x1, strided 3x3, 1x1 and a projection) on the integer path
+/// too: a freshly initialised model (BatchNorm statistics at their defaults) follows its float
+/// logits on seeded images.
+#[test]
+fn resnet50_bottlenecks_run_on_the_integer_path_close_to_float() {
+    use burn::tensor::{Device, Tensor, TensorData};
+    use kiln::models::quant::{Activations, Int8ResNet};
+    use kiln::models::{ResNet, ResNetDepth};
+
+    let device = Device::flex();
+    let model = ResNet::new(ResNetDepth::R50, 10, &device);
+    let mut s = 5u32;
+    let pixels: Vec<f32> = (0..4 * 3 * 64 * 64)
+        .map(|_| {
+            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            ((s >> 8) % 2001) as f32 / 1000.0 - 1.0
+        })
+        .collect();
+    let images = Tensor::<4>::from_data(TensorData::new(pixels, [4, 3, 64, 64]), &device);
+    let values = |t: Tensor<2>| t.into_data().try_to_vec::<f32>().unwrap();
+    let float = values(model.forward(images.clone()));
+    let int8 = Int8ResNet::new(&model, Activations::Dynamic).expect("ResNet-50 runs int8");
+    let got = values(int8.forward_tensor(images));
+    let scale = float.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let rel = max_abs_diff(&got, &float) / scale;
+    eprintln!("ResNet-50 int8 (dynamic): max |delta logit| / max |logit| = {rel:e}");
+    assert!(rel < 0.1, "{rel}");
+}
