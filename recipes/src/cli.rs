@@ -553,10 +553,11 @@ pub struct QuantizeArgs {
     #[arg(long, value_enum, default_value_t = CalibrationArg::Minmax)]
     pub calibration: CalibrationArg,
     /// How int8 files (per tensor or per channel) quantize activations on kiln's integer
-    /// path: static (ranges calibrated on training images, stored in the file), dynamic
-    /// (measured on every batch), or float (weights only: the file runs in float32 on
-    /// dequantized weights, as PyTorch's weight-only quantizers do). int4 and block-wise
-    /// files always run in float32.
+    /// path (SimpleCNN, and fine-tuned ResNets with their BatchNorms folded into the
+    /// convolutions): static (ranges calibrated on training images, MNIST's or the fine-tuning
+    /// data's, stored in the file), dynamic (measured on every batch), or float (weights only:
+    /// the file runs in float32 on dequantized weights, as PyTorch's weight-only quantizers
+    /// do). int4 and block-wise files always run in float32.
     #[arg(long, value_enum, value_name = "MODE", default_value_t = ActivationsArg::Static)]
     pub activations: ActivationsArg,
     /// Batches of 32 training images that static activation ranges are calibrated on.
