@@ -341,63 +341,63 @@ mod x86 {
         unsafe { row.add(4 * g).cast::<i32>().read_unaligned() }
     }
 
-    /// AVX-512 VNNI: tiles of up to 8 rows x 2 panels (16 accumulators); a tail of 4 to 7
-    /// rows takes a 4-row tile first. The smaller operand is the one re-read: rows of A
-    /// outermost when W is smaller, else pairs of W's panels (e.g. ResNet's layer4 on one
-    /// image: 49 rows, 2.4 MB of weights, which would otherwise be streamed once per 8 rows).
+    /// Calls `f(row, rows_in_tile, panel, panels_in_tile)` over the tiles of a block: up to
+    /// `max_rows` rows (then 4, then 1 for the tail) by up to `max_panels` panels. The smaller
+    /// operand is the one re-read: rows of A outermost when the block has at least as many
+    /// rows as W has columns, else W's panels (e.g. ResNet's layer4 on one image: 49 rows,
+    /// 2.4 MB of weights, which would otherwise be streamed once per tile of rows).
+    #[inline(always)]
+    fn for_tiles(
+        rows: usize,
+        w: &PackedWeights,
+        (max_rows, max_panels): (usize, usize),
+        mut f: impl FnMut(usize, usize, usize, usize),
+    ) {
+        let row_step = |left: usize| match left {
+            _ if left >= max_rows => max_rows,
+            4.. => 4,
+            _ => 1,
+        };
+        let panel_step = |left: usize| left.min(max_panels);
+        let panels = w.panels();
+        if rows >= w.n_padded() {
+            let mut r = 0;
+            while r < rows {
+                let take = row_step(rows - r);
+                let mut p = 0;
+                while p < panels {
+                    let count = panel_step(panels - p);
+                    f(r, take, p, count);
+                    p += count;
+                }
+                r += take;
+            }
+        } else {
+            let mut p = 0;
+            while p < panels {
+                let count = panel_step(panels - p);
+                let mut r = 0;
+                while r < rows {
+                    let take = row_step(rows - r);
+                    f(r, take, p, count);
+                    r += take;
+                }
+                p += count;
+            }
+        }
+    }
+
+    /// AVX-512 VNNI: tiles of up to 8 rows x 2 panels (16 accumulators).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn avx512_vnni(mut tile: Tile, rows: usize, w: &PackedWeights) {
-        let rows_first = rows >= w.n_padded();
-        let (outer, inner) = match rows_first {
-            true => (rows, w.panels()),
-            false => (w.panels(), rows),
-        };
-        let mut a = 0;
-        while a < outer {
-            let step_a = if rows_first {
-                row_step(rows - a)
-            } else {
-                panel_step(outer - a)
-            };
-            let mut b = 0;
-            while b < inner {
-                let step_b = if rows_first {
-                    panel_step(inner - b)
-                } else {
-                    row_step(rows - b)
-                };
-                let ((r, take), (p, panels)) = match rows_first {
-                    true => ((a, step_a), (b, step_b)),
-                    false => ((b, step_b), (a, step_a)),
-                };
-                match (take, panels) {
-                    (8, 2) => tile_512::<8, 2>(&mut tile, r, p, w),
-                    (8, _) => tile_512::<8, 1>(&mut tile, r, p, w),
-                    (4, 2) => tile_512::<4, 2>(&mut tile, r, p, w),
-                    (4, _) => tile_512::<4, 1>(&mut tile, r, p, w),
-                    (_, 2) => (r..r + take).for_each(|rr| tile_512::<1, 2>(&mut tile, rr, p, w)),
-                    (_, _) => (r..r + take).for_each(|rr| tile_512::<1, 1>(&mut tile, rr, p, w)),
-                }
-                b += step_b;
-            }
-            a += step_a;
-        }
-    }
-
-    /// Rows of the next tile when `left` rows remain: 8, then 4 for a tail of 4 to 7, then 1s.
-    #[inline(always)]
-    fn row_step(left: usize) -> usize {
-        match left {
-            8.. => 8,
-            4..=7 => 4,
-            _ => 1,
-        }
-    }
-
-    /// Panels of the next tile when `left` panels remain: pairs, then a last single one.
-    #[inline(always)]
-    fn panel_step(left: usize) -> usize {
-        left.min(2)
+        for_tiles(rows, w, (8, 2), |r, take, p, panels| match (take, panels) {
+            (8, 2) => tile_512::<8, 2>(&mut tile, r, p, w),
+            (8, _) => tile_512::<8, 1>(&mut tile, r, p, w),
+            (4, 2) => tile_512::<4, 2>(&mut tile, r, p, w),
+            (4, _) => tile_512::<4, 1>(&mut tile, r, p, w),
+            (_, 2) => tile_512::<1, 2>(&mut tile, r, p, w),
+            (_, _) => tile_512::<1, 1>(&mut tile, r, p, w),
+        });
     }
 
     #[inline]
@@ -436,35 +436,19 @@ mod x86 {
     /// AVX-VNNI: tiles of up to 4 rows x 1 panel (two 8-lane halves, 8 accumulators).
     #[target_feature(enable = "avx2,avxvnni")]
     pub(super) unsafe fn avx_vnni(mut tile: Tile, rows: usize, w: &PackedWeights) {
-        for_tiles_256(rows, w, |r, p, take| match take {
+        for_tiles(rows, w, (4, 1), |r, take, p, _| match take {
             4 => tile_vnni256::<4>(&mut tile, r, p, w),
-            _ => (r..r + take).for_each(|rr| tile_vnni256::<1>(&mut tile, rr, p, w)),
+            _ => tile_vnni256::<1>(&mut tile, r, p, w),
         });
     }
 
     /// AVX2: as [`avx_vnni`] with `vpmaddubsw` + `vpmaddwd` for each 4-product sum.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn avx2(mut tile: Tile, rows: usize, w: &PackedWeights) {
-        for_tiles_256(rows, w, |r, p, take| match take {
+        for_tiles(rows, w, (4, 1), |r, take, p, _| match take {
             4 => tile_avx2::<4>(&mut tile, r, p, w),
-            _ => (r..r + take).for_each(|rr| tile_avx2::<1>(&mut tile, rr, p, w)),
+            _ => tile_avx2::<1>(&mut tile, r, p, w),
         });
-    }
-
-    /// Calls `f(row, panel, rows_in_tile)` over 4-row by 1-panel tiles, the smaller operand
-    /// re-read (as [`avx512_vnni`]).
-    #[inline(always)]
-    fn for_tiles_256(rows: usize, w: &PackedWeights, mut f: impl FnMut(usize, usize, usize)) {
-        let row_tiles = (0..rows).step_by(4).map(|r| (r, (rows - r).min(4)));
-        if rows >= w.n_padded() {
-            for (r, take) in row_tiles {
-                (0..w.panels()).for_each(|p| f(r, p, take));
-            }
-        } else {
-            for p in 0..w.panels() {
-                row_tiles.clone().for_each(|(r, take)| f(r, p, take));
-            }
-        }
     }
 
     #[inline]
