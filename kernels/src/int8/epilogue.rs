@@ -37,45 +37,68 @@ impl Epilogue<'_> {
     }
 
     /// Each row of `acc` (rows `stride` apart, the first [`channels`](Self::channels) used) as
-    /// codes of `q` into the rows of `out` (`channels` each).
+    /// codes of `q` into the rows of `out` (`channels` each); with `residual` (`channels`
+    /// values per row), `y + residual` (added before the ReLU, as a residual block's last
+    /// convolution does).
     ///
     /// # Panics
-    /// When `out` holds more rows than `acc`, or `stride < channels`.
-    pub fn codes(&self, acc: &[i32], stride: usize, q: ActQuant, out: &mut [u8]) {
-        self.codes_at(isa::active(), acc, stride, q, out);
+    /// When `out` holds more rows than `acc` or `residual`, or `stride < channels`.
+    pub fn codes(
+        &self,
+        acc: &[i32],
+        stride: usize,
+        residual: Option<Residual>,
+        q: ActQuant,
+        out: &mut [u8],
+    ) {
+        self.codes_at(isa::active(), (acc, stride), residual, q, out);
     }
 
     /// [`codes`](Self::codes) at level `level`, which the CPU must support.
-    fn codes_at(&self, level: Isa, acc: &[i32], stride: usize, q: ActQuant, out: &mut [u8]) {
-        assert!(level <= isa::detected(), "{level:?} is not supported here");
-        // SAFETY (both): checked above.
+    fn codes_at(
+        &self,
+        level: Isa,
+        (acc, stride): (&[i32], usize),
+        residual: Option<Residual>,
+        q: ActQuant,
+        out: &mut [u8],
+    ) {
+        check(level, residual, out.len());
+        // SAFETY (both): `check` made sure the CPU supports `level`.
         match level {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { codes_avx512(self, acc, stride, q, out) },
+            Isa::Avx512 => unsafe { codes_avx512(self, acc, stride, residual, q, out) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { codes_avx2(self, acc, stride, q, out) },
-            _ => codes_body(self, acc, stride, q, out),
+            Isa::Avx2 => unsafe { codes_avx2(self, acc, stride, residual, q, out) },
+            _ => codes_body(self, acc, stride, residual, q, out),
         }
     }
 
-    /// Each row of `acc` as floats `y` into the rows of `out`, as [`codes`](Self::codes).
+    /// Each row of `acc` as floats `y` (plus `residual`) into the rows of `out`, as
+    /// [`codes`](Self::codes).
     ///
     /// # Panics
     /// As [`codes`](Self::codes).
-    pub fn floats(&self, acc: &[i32], stride: usize, out: &mut [f32]) {
-        self.floats_at(isa::active(), acc, stride, out);
+    pub fn floats(&self, acc: &[i32], stride: usize, residual: Option<Residual>, out: &mut [f32]) {
+        self.floats_at(isa::active(), (acc, stride), residual, out);
     }
 
     /// [`floats`](Self::floats) at level `level`, which the CPU must support.
-    fn floats_at(&self, level: Isa, acc: &[i32], stride: usize, out: &mut [f32]) {
-        assert!(level <= isa::detected(), "{level:?} is not supported here");
-        // SAFETY (both): checked above.
+    fn floats_at(
+        &self,
+        level: Isa,
+        (acc, stride): (&[i32], usize),
+        residual: Option<Residual>,
+        out: &mut [f32],
+    ) {
+        check(level, residual, out.len());
+        // SAFETY (both): `check` made sure the CPU supports `level`.
         match level {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { floats_avx512(self, acc, stride, out) },
+            Isa::Avx512 => unsafe { floats_avx512(self, acc, stride, residual, out) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { floats_avx2(self, acc, stride, out) },
-            _ => floats_body(self, acc, stride, out),
+            Isa::Avx2 => unsafe { floats_avx2(self, acc, stride, residual, out) },
+            _ => floats_body(self, acc, stride, residual, out),
         }
     }
 }
@@ -115,52 +138,13 @@ impl<'a> Residual<'a> {
     }
 }
 
-impl Epilogue<'_> {
-    /// [`codes`](Self::codes) of `y + residual` (the residual added before the ReLU, as a
-    /// residual block's last convolution does): `residual` holds `channels` values per row.
-    ///
-    /// # Panics
-    /// As [`codes`](Self::codes), and when `residual` holds fewer rows than `out`.
-    pub fn codes_plus(
-        &self,
-        acc: &[i32],
-        stride: usize,
-        residual: Residual,
-        q: ActQuant,
-        out: &mut [u8],
-    ) {
-        assert!(
-            residual.len() >= out.len(),
-            "the residual is shorter than the output"
-        );
-        match isa::active() {
-            // SAFETY (both): `isa::active` never exceeds what the CPU reported.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { codes_plus_avx512(self, acc, stride, residual, q, out) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { codes_plus_avx2(self, acc, stride, residual, q, out) },
-            _ => codes_plus_body(self, acc, stride, residual, q, out),
-        }
-    }
-
-    /// [`floats`](Self::floats) of `y + residual`, as [`codes_plus`](Self::codes_plus).
-    ///
-    /// # Panics
-    /// As [`codes_plus`](Self::codes_plus).
-    pub fn floats_plus(&self, acc: &[i32], stride: usize, residual: Residual, out: &mut [f32]) {
-        assert!(
-            residual.len() >= out.len(),
-            "the residual is shorter than the output"
-        );
-        match isa::active() {
-            // SAFETY (both): as in `codes_plus`.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { floats_plus_avx512(self, acc, stride, residual, out) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { floats_plus_avx2(self, acc, stride, residual, out) },
-            _ => floats_plus_body(self, acc, stride, residual, out),
-        }
-    }
+/// The checks before an epilogue runs at `level` into `outputs` values.
+fn check(level: Isa, residual: Option<Residual>, outputs: usize) {
+    assert!(level <= isa::detected(), "{level:?} is not supported here");
+    assert!(
+        residual.is_none_or(|r| r.len() >= outputs),
+        "the residual is shorter than the output"
+    );
 }
 
 /// The one loop every epilogue runs: per row of `acc` (rows `stride` apart) and channel `i`,
@@ -199,40 +183,43 @@ fn rows_body<T, R: Copy>(
     }
 }
 
+/// [`rows_body`] with `residual` read as its kind says, each output written by `put`.
 #[inline(always)]
-fn codes_plus_body(
+fn residual_body<T>(
+    e: &Epilogue,
+    acc: (&[i32], usize),
+    residual: Option<Residual>,
+    put: impl Fn(f32) -> T,
+    out: &mut [T],
+) {
+    match residual {
+        None => rows_body(e, acc, (&[] as &[f32], |v| v), put, out),
+        Some(Residual::Floats(r)) => rows_body(e, acc, (r, |v| v), put, out),
+        Some(Residual::Codes(r, rq)) => rows_body(e, acc, (r, |c| rq.value(c)), put, out),
+    }
+}
+
+#[inline(always)]
+fn codes_body(
     e: &Epilogue,
     acc: &[i32],
     stride: usize,
-    res: Residual,
+    residual: Option<Residual>,
     q: ActQuant,
     out: &mut [u8],
 ) {
-    let code = |y| q.code(y);
-    match res {
-        Residual::Floats(r) => rows_body(e, (acc, stride), (r, |v| v), code, out),
-        Residual::Codes(r, rq) => rows_body(e, (acc, stride), (r, |c| rq.value(c)), code, out),
-    }
+    residual_body(e, (acc, stride), residual, |y| q.code(y), out);
 }
 
 #[inline(always)]
-fn floats_plus_body(e: &Epilogue, acc: &[i32], stride: usize, res: Residual, out: &mut [f32]) {
-    match res {
-        Residual::Floats(r) => rows_body(e, (acc, stride), (r, |v| v), |y| y, out),
-        Residual::Codes(r, rq) => rows_body(e, (acc, stride), (r, |c| rq.value(c)), |y| y, out),
-    }
-}
-
-#[inline(always)]
-fn codes_body(e: &Epilogue, acc: &[i32], stride: usize, q: ActQuant, out: &mut [u8]) {
-    let none: (&[f32], _) = (&[], |v| v);
-    rows_body(e, (acc, stride), none, |y| q.code(y), out);
-}
-
-#[inline(always)]
-fn floats_body(e: &Epilogue, acc: &[i32], stride: usize, out: &mut [f32]) {
-    let none: (&[f32], _) = (&[], |v| v);
-    rows_body(e, (acc, stride), none, |y| y, out);
+fn floats_body(
+    e: &Epilogue,
+    acc: &[i32],
+    stride: usize,
+    residual: Option<Residual>,
+    out: &mut [f32],
+) {
+    residual_body(e, (acc, stride), residual, |y| y, out);
 }
 
 /// The 2x2 max-pool (stride 2) of two rows of `w` positions of accumulators (`rows`: `2 * w`
@@ -285,14 +272,27 @@ macro_rules! at_level {
     ($features:literal, $codes:ident, $floats:ident, $pool:ident) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
-        unsafe fn $codes(e: &Epilogue, acc: &[i32], stride: usize, q: ActQuant, out: &mut [u8]) {
-            codes_body(e, acc, stride, q, out)
+        unsafe fn $codes(
+            e: &Epilogue,
+            acc: &[i32],
+            stride: usize,
+            residual: Option<Residual>,
+            q: ActQuant,
+            out: &mut [u8],
+        ) {
+            codes_body(e, acc, stride, residual, q, out)
         }
 
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
-        unsafe fn $floats(e: &Epilogue, acc: &[i32], stride: usize, out: &mut [f32]) {
-            floats_body(e, acc, stride, out)
+        unsafe fn $floats(
+            e: &Epilogue,
+            acc: &[i32],
+            stride: usize,
+            residual: Option<Residual>,
+            out: &mut [f32],
+        ) {
+            floats_body(e, acc, stride, residual, out)
         }
 
         #[cfg(target_arch = "x86_64")]
@@ -303,40 +303,8 @@ macro_rules! at_level {
     };
 }
 
-/// The residual versions, compiled for a vector level.
-macro_rules! plus_at_level {
-    ($features:literal, $codes:ident, $floats:ident) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $features)]
-        unsafe fn $codes(
-            e: &Epilogue,
-            acc: &[i32],
-            stride: usize,
-            res: Residual,
-            q: ActQuant,
-            out: &mut [u8],
-        ) {
-            codes_plus_body(e, acc, stride, res, q, out)
-        }
-
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $features)]
-        unsafe fn $floats(
-            e: &Epilogue,
-            acc: &[i32],
-            stride: usize,
-            res: Residual,
-            out: &mut [f32],
-        ) {
-            floats_plus_body(e, acc, stride, res, out)
-        }
-    };
-}
-
 at_level!("avx512f,avx512bw", codes_avx512, floats_avx512, pool_avx512);
 at_level!("avx2,fma", codes_avx2, floats_avx2, pool_avx2);
-plus_at_level!("avx512f,avx512bw", codes_plus_avx512, floats_plus_avx512);
-plus_at_level!("avx2,fma", codes_plus_avx2, floats_plus_avx2);
 
 #[cfg(test)]
 mod tests {
@@ -373,17 +341,17 @@ mod tests {
             let want_c: Vec<u8> = want_f.iter().map(|&v| q.code(v)).collect();
             for level in levels() {
                 let mut codes = vec![0u8; rows * n];
-                e.codes_at(level, &acc, stride, q, &mut codes);
+                e.codes_at(level, (&acc, stride), None, q, &mut codes);
                 assert_eq!(codes, want_c, "{level:?} relu {relu}");
                 let mut floats = vec![0f32; rows * n];
-                e.floats_at(level, &acc, stride, &mut floats);
+                e.floats_at(level, (&acc, stride), None, &mut floats);
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&floats), bits(&want_f), "{level:?} relu {relu}");
             }
         }
     }
 
-    /// The residual versions, at the active level, against the reference with the residual
+    /// With a residual, at every level the CPU has, against the reference with the residual
     /// added before the ReLU.
     #[test]
     fn residuals_are_added_before_the_relu() {
@@ -406,13 +374,8 @@ mod tests {
                 (mult[o] * acc[r * stride + o] as f32 + offset[o] + residual[i]).max(0.0)
             })
             .collect();
-        let mut floats = vec![0.0; rows * n];
-        e.floats_plus(&acc, stride, Residual::Floats(&residual), &mut floats);
+        assert!(want.contains(&0.0) && want.iter().any(|&v| v > 0.5));
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&floats), bits(&want));
-        let mut codes = vec![0u8; rows * n];
-        e.codes_plus(&acc, stride, Residual::Floats(&residual), q, &mut codes);
-        assert_eq!(codes, want.iter().map(|&v| q.code(v)).collect::<Vec<_>>());
         // A residual of codes adds their dequantized values, as the float one would.
         let rq = ActQuant::from_range(-1.0, 1.0);
         let coded: Vec<u8> = residual.iter().map(|&v| rq.code(v)).collect();
@@ -420,21 +383,30 @@ mod tests {
             .iter()
             .map(|&c| rq.scale * (i32::from(c) - rq.zero_point) as f32)
             .collect();
-        let (mut from_codes, mut from_floats) = (vec![0u8; rows * n], vec![0u8; rows * n]);
-        e.codes_plus(
-            &acc,
-            stride,
-            Residual::Codes(&coded, rq),
-            q,
-            &mut from_codes,
-        );
-        e.codes_plus(&acc, stride, Residual::Floats(&back), q, &mut from_floats);
-        assert_eq!(from_codes, from_floats);
-        e.floats_plus(&acc, stride, Residual::Codes(&coded, rq), &mut floats);
-        let mut want_back = vec![0.0; rows * n];
-        e.floats_plus(&acc, stride, Residual::Floats(&back), &mut want_back);
-        assert_eq!(bits(&floats), bits(&want_back));
-        assert!(want.contains(&0.0) && want.iter().any(|&v| v > 0.5));
+        let acc = (&acc[..], stride);
+        for level in levels() {
+            let mut floats = vec![0.0; rows * n];
+            e.floats_at(level, acc, Some(Residual::Floats(&residual)), &mut floats);
+            assert_eq!(bits(&floats), bits(&want), "{level:?}");
+            let mut codes = vec![0u8; rows * n];
+            e.codes_at(level, acc, Some(Residual::Floats(&residual)), q, &mut codes);
+            assert_eq!(codes, want.iter().map(|&v| q.code(v)).collect::<Vec<_>>());
+            let (mut from_codes, mut from_floats) = (vec![0u8; rows * n], vec![0u8; rows * n]);
+            let from = Some(Residual::Codes(&coded, rq));
+            e.codes_at(level, acc, from, q, &mut from_codes);
+            e.codes_at(
+                level,
+                acc,
+                Some(Residual::Floats(&back)),
+                q,
+                &mut from_floats,
+            );
+            assert_eq!(from_codes, from_floats, "{level:?}");
+            e.floats_at(level, acc, from, &mut floats);
+            let mut want_back = vec![0.0; rows * n];
+            e.floats_at(level, acc, Some(Residual::Floats(&back)), &mut want_back);
+            assert_eq!(bits(&floats), bits(&want_back), "{level:?}");
+        }
     }
 
     #[test]

@@ -363,8 +363,8 @@ impl Int8SimpleCnn {
             x = self.codes_for(
                 i + 1,
                 hwc,
-                |q| conv.conv_pool(&x, batch, |e, acc, s, out| e.codes(acc, s, q, out)),
-                || conv.conv_pool(&x, batch, |e, acc, s, out| e.floats(acc, s, out)),
+                |q| conv.conv_pool(&x, batch, |e, acc, s, out| e.codes(acc, s, None, q, out)),
+                || conv.conv_pool(&x, batch, |e, acc, s, out| e.floats(acc, s, None, out)),
             );
             seen(i + 1, x.q);
         }
@@ -374,19 +374,19 @@ impl Int8SimpleCnn {
             [1, 1, fc1.w.n()],
             |next| {
                 fc1.apply(&x.data, batch, q, true, |e, acc, s, out| {
-                    e.codes(acc, s, next, out)
+                    e.codes(acc, s, None, next, out)
                 })
             },
             || {
                 fc1.apply(&x.data, batch, q, true, |e, acc, s, out| {
-                    e.floats(acc, s, out)
+                    e.floats(acc, s, None, out)
                 })
             },
         );
         seen(3, h.q);
         self.fc2
             .apply(&h.data, batch, h.q, false, |e, acc, s, out| {
-                e.floats(acc, s, out)
+                e.floats(acc, s, None, out)
             })
     }
 

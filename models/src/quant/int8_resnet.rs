@@ -264,7 +264,7 @@ impl Int8ResNet {
         for block in &self.blocks {
             // The shortcut: the projection's floats, or the block's input codes themselves.
             let projected = block.downsample.as_ref().map(|d| {
-                let put: Put<f32> = &|e, acc, s, _, out| e.floats(acc, s, out);
+                let put: Put<f32> = &|e, acc, s, r, out| e.floats(acc, s, r, out);
                 d.run(&x, batch, (false, None), put)
             });
             let shortcut = match &projected {
@@ -301,18 +301,12 @@ impl Int8ResNet {
         match &self.activations {
             Activations::Static { .. } => {
                 let q = self.quant(point, &[]);
-                let put: Put<u8> = &|e, acc, s, r, out| match r {
-                    Some(r) => e.codes_plus(acc, s, r, q, out),
-                    None => e.codes(acc, s, q, out),
-                };
+                let put: Put<u8> = &|e, acc, s, r, out| e.codes(acc, s, r, q, out);
                 let data = conv.run(x, batch, (true, residual), put);
                 Codes { data, q, hwc }
             }
             Activations::Dynamic => {
-                let put: Put<f32> = &|e, acc, s, r, out| match r {
-                    Some(r) => e.floats_plus(acc, s, r, out),
-                    None => e.floats(acc, s, out),
-                };
+                let put: Put<f32> = &|e, acc, s, r, out| e.floats(acc, s, r, out);
                 let values = conv.run(x, batch, (true, residual), put);
                 let q = ActQuant::of(&values);
                 let data = values.iter().map(|&v| q.code(v)).collect();
