@@ -81,11 +81,57 @@ impl Activations {
         }
     }
 
+    /// The codes of quantization point `point` (of shape `hwc`): with static activations
+    /// `codes(q)` writes them in the epilogue; dynamic ones quantize the `floats()` by their
+    /// range.
+    pub(super) fn codes(
+        &self,
+        point: usize,
+        hwc: [usize; 3],
+        codes: impl FnOnce(ActQuant) -> Vec<u8>,
+        floats: impl FnOnce() -> Vec<f32>,
+    ) -> Codes {
+        match self {
+            Activations::Static { .. } => {
+                let q = self.quant(point, &[]);
+                Codes {
+                    data: codes(q),
+                    q,
+                    hwc,
+                }
+            }
+            Activations::Dynamic => {
+                let values = floats();
+                let q = ActQuant::of(&values);
+                let data = values.iter().map(|&v| q.code(v)).collect();
+                Codes { data, q, hwc }
+            }
+        }
+    }
+
     /// `dynamic` or `static`.
     pub fn name(&self) -> &'static str {
         match self {
             Activations::Dynamic => "dynamic",
             Activations::Static { .. } => "static",
+        }
+    }
+}
+
+/// A layer's epilogue map for one input quantization: per channel, what an accumulator is
+/// multiplied by and what is added after.
+pub(super) struct Affine {
+    mult: Vec<f32>,
+    offset: Vec<f32>,
+}
+
+impl Affine {
+    /// The epilogue of this map, with or without a ReLU.
+    pub(super) fn epilogue(&self, relu: bool) -> Epilogue<'_> {
+        Epilogue {
+            mult: &self.mult,
+            offset: &self.offset,
+            relu,
         }
     }
 }
@@ -125,14 +171,15 @@ impl Layer {
     }
 
     /// The per-channel multipliers and offsets of the epilogue for inputs quantized by `q`.
-    pub(super) fn affine(&self, q: ActQuant) -> (Vec<f32>, Vec<f32>) {
+    pub(super) fn affine(&self, q: ActQuant) -> Affine {
         let sums = self.w.col_sums();
-        (0..self.w.n())
+        let (mult, offset) = (0..self.w.n())
             .map(|o| {
                 let m = q.scale * self.scales[o];
                 (m, self.bias[o] - m * (q.zero_point * sums[o]) as f32)
             })
-            .unzip()
+            .unzip();
+        Affine { mult, offset }
     }
 
     /// Runs the GEMM on `a` (`rows x k` codes quantized by `q`), ReLU'd when `relu`; `put`
@@ -155,12 +202,8 @@ impl Layer {
             padded = pad_rows(a, k, k4);
             &padded[..]
         };
-        let (mult, offset) = self.affine(q);
-        let epilogue = Epilogue {
-            mult: &mult,
-            offset: &offset,
-            relu,
-        };
+        let affine = self.affine(q);
+        let epilogue = affine.epilogue(relu);
         let mut out = vec![T::default(); rows * n];
         gemm_u8i8(a, rows, &self.w, &mut out, n, |c, out| {
             put(&epilogue, c, n16, out)
@@ -180,12 +223,8 @@ impl Layer {
     ) -> Vec<T> {
         let [h, w, c] = x.hwc;
         let (oh, ow, n, n16) = (h / 2, w / 2, self.w.n(), self.w.n_padded());
-        let (mult, offset) = self.affine(x.q);
-        let epilogue = Epilogue {
-            mult: &mult,
-            offset: &offset,
-            relu: true,
-        };
+        let affine = self.affine(x.q);
+        let epilogue = affine.epilogue(true);
         let mut out = vec![T::default(); batch * oh * ow * n];
         if out.is_empty() {
             return out;
@@ -338,11 +377,6 @@ impl Int8SimpleCnn {
         });
     }
 
-    /// The quantization of layer `layer`'s input: fixed, or measured on `values`.
-    fn input_quant(&self, layer: usize, values: &[f32]) -> ActQuant {
-        self.activations.quant(layer, values)
-    }
-
     /// The forward pass; `seen(layer, quant)` is told each layer's input quantization.
     fn run(&self, images: &[f32], batch: usize, seen: &mut dyn FnMut(usize, ActQuant)) -> Vec<f32> {
         assert_eq!(
@@ -350,7 +384,7 @@ impl Int8SimpleCnn {
             batch * SIDE * SIDE,
             "images are not {batch} x 1 x 28 x 28"
         );
-        let q0 = self.input_quant(0, images);
+        let q0 = self.activations.quant(0, images);
         seen(0, q0);
         let mut x = Codes {
             data: images.iter().map(|&v| q0.code(v)).collect(),
@@ -360,7 +394,7 @@ impl Int8SimpleCnn {
         for (i, conv) in [&self.conv1, &self.conv2].into_iter().enumerate() {
             let [h, w, _] = x.hwc;
             let hwc = [h / 2, w / 2, conv.w.n()];
-            x = self.codes_for(
+            x = self.activations.codes(
                 i + 1,
                 hwc,
                 |q| conv.conv_pool(&x, batch, |e, acc, s, out| e.codes(acc, s, None, q, out)),
@@ -369,7 +403,7 @@ impl Int8SimpleCnn {
             seen(i + 1, x.q);
         }
         let (fc1, q) = (&self.fc1, x.q);
-        let h = self.codes_for(
+        let h = self.activations.codes(
             3,
             [1, 1, fc1.w.n()],
             |next| {
@@ -388,33 +422,6 @@ impl Int8SimpleCnn {
             .apply(&h.data, batch, h.q, false, |e, acc, s, out| {
                 e.floats(acc, s, None, out)
             })
-    }
-
-    /// Layer `next`'s input codes of shape `hwc`: with static activations `codes(q)` writes
-    /// them in the epilogue; dynamic ones quantize the `floats()` by their range.
-    fn codes_for(
-        &self,
-        next: usize,
-        hwc: [usize; 3],
-        codes: impl FnOnce(ActQuant) -> Vec<u8>,
-        floats: impl FnOnce() -> Vec<f32>,
-    ) -> Codes {
-        match &self.activations {
-            Activations::Static { .. } => {
-                let q = self.input_quant(next, &[]);
-                Codes {
-                    data: codes(q),
-                    q,
-                    hwc,
-                }
-            }
-            Activations::Dynamic => {
-                let values = floats();
-                let q = ActQuant::of(&values);
-                let data = values.iter().map(|&v| q.code(v)).collect();
-                Codes { data, q, hwc }
-            }
-        }
     }
 }
 

@@ -111,12 +111,8 @@ impl ConvUnit {
     ) -> Vec<T> {
         let [h, w, c] = x.hwc;
         let [oh, ow, n] = self.out_hwc(x.hwc);
-        let (mult, offset) = self.layer.affine(x.q);
-        let epilogue = Epilogue {
-            mult: &mult,
-            offset: &offset,
-            relu,
-        };
+        let affine = self.layer.affine(x.q);
+        let epilogue = affine.epilogue(relu);
         let image_out = oh * ow * n;
         let mut out = vec![T::default(); batch * image_out];
         if out.is_empty() {
@@ -170,9 +166,6 @@ impl Block {
         Some(Block { convs, downsample })
     }
 }
-
-/// What a layer's epilogue writes (see [`Int8ResNet::codes_for`]).
-type Put<'a, T> = &'a (dyn Fn(&Epilogue, &[i32], usize, Option<Residual>, &mut [T]) + Sync);
 
 impl Int8ResNet {
     /// The integer model of `model` (BatchNorms folded into their convolutions, weights int8
@@ -236,11 +229,6 @@ impl Int8ResNet {
         });
     }
 
-    /// The quantization of point `point`: fixed, or measured on `values`.
-    fn quant(&self, point: usize, values: &[f32]) -> ActQuant {
-        self.activations.quant(point, values)
-    }
-
     /// The forward pass over NCHW `images` of shape `dims`; `seen(point, quant)` is told each
     /// quantization point's map.
     fn run(
@@ -250,7 +238,7 @@ impl Int8ResNet {
         seen: &mut dyn FnMut(usize, ActQuant),
     ) -> Vec<f32> {
         let [batch, c, h, w] = dims;
-        let q = self.quant(0, images);
+        let q = self.activations.quant(0, images);
         seen(0, q);
         let x = Codes {
             data: nhwc_codes(images, dims, q),
@@ -264,8 +252,9 @@ impl Int8ResNet {
         for block in &self.blocks {
             // The shortcut: the projection's floats, or the block's input codes themselves.
             let projected = block.downsample.as_ref().map(|d| {
-                let put: Put<f32> = &|e, acc, s, r, out| e.floats(acc, s, r, out);
-                d.run(&x, batch, (false, None), put)
+                d.run(&x, batch, (false, None), |e, acc, s, r, out: &mut [f32]| {
+                    e.floats(acc, s, r, out)
+                })
             });
             let shortcut = match &projected {
                 Some(p) => Residual::Floats(p),
@@ -287,8 +276,7 @@ impl Int8ResNet {
         self.classify(&x, batch)
     }
 
-    /// `conv` of `x` (ReLU, `residual` added first) as the codes of point `point`: static
-    /// activations quantize in the epilogue, dynamic ones by the output's range.
+    /// `conv` of `x` (ReLU, `residual` added first) as the codes of point `point`.
     fn codes_for(
         &self,
         point: usize,
@@ -297,22 +285,17 @@ impl Int8ResNet {
         batch: usize,
         residual: Option<Residual>,
     ) -> Codes {
-        let hwc = conv.out_hwc(x.hwc);
-        match &self.activations {
-            Activations::Static { .. } => {
-                let q = self.quant(point, &[]);
-                let put: Put<u8> = &|e, acc, s, r, out| e.codes(acc, s, r, q, out);
-                let data = conv.run(x, batch, (true, residual), put);
-                Codes { data, q, hwc }
-            }
-            Activations::Dynamic => {
-                let put: Put<f32> = &|e, acc, s, r, out| e.floats(acc, s, r, out);
-                let values = conv.run(x, batch, (true, residual), put);
-                let q = ActQuant::of(&values);
-                let data = values.iter().map(|&v| q.code(v)).collect();
-                Codes { data, q, hwc }
-            }
-        }
+        let run = (true, residual);
+        self.activations.codes(
+            point,
+            conv.out_hwc(x.hwc),
+            |q| {
+                conv.run(x, batch, run, |e, acc, s, r, out| {
+                    e.codes(acc, s, r, q, out)
+                })
+            },
+            || conv.run(x, batch, run, |e, acc, s, r, out| e.floats(acc, s, r, out)),
+        )
     }
 
     /// Global average pool (the mean code, dequantized) and the float classifier.
