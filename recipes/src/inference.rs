@@ -360,19 +360,14 @@ pub fn eval(
     let loaded = load(source, &device)?;
     let model = loaded.inference_model();
     let metrics = match (&model, &loaded.finetune) {
-        (Net::SimpleCnn(model), _) => {
+        (net @ (Net::SimpleCnn(_) | Net::SimpleCnnInt8(_)), _) => {
             let test = MnistSource::from_option(data).load(MnistSplit::Test)?;
             check_image_shape(&test)?;
-            evaluate(model, SimpleCnn::forward, &test, batch_size, &device)
-        }
-        (Net::SimpleCnnInt8(int8), _) => {
-            let test = MnistSource::from_option(data).load(MnistSplit::Test)?;
-            check_image_shape(&test)?;
-            // `evaluate` takes a module; the integer model is plain data, so a constant
-            // stands in for it and the closure runs the integer path.
+            // `evaluate` takes a module; an integer model is plain data, so a constant stands
+            // in for it and the closure runs the model, whichever path it is on.
             evaluate(
                 &0usize,
-                |_, x| int8.forward_tensor(x),
+                |_, x| net.forward(x),
                 &test,
                 batch_size,
                 &device,
@@ -392,7 +387,7 @@ pub fn eval(
                     ),
                 });
             }
-            // A constant stands in for the module, as for the integer SimpleCNN above.
+            // A constant stands in for the module, as for SimpleCNN above.
             evaluate(
                 &0usize,
                 |_, x| net.forward(x),
