@@ -365,13 +365,7 @@ pub fn eval(
             check_image_shape(&test)?;
             // `evaluate` takes a module; an integer model is plain data, so a constant stands
             // in for it and the closure runs the model, whichever path it is on.
-            evaluate(
-                &0usize,
-                |_, x| net.forward(x),
-                &test,
-                batch_size,
-                &device,
-            )
+            evaluate(&0usize, |_, x| net.forward(x), &test, batch_size, &device)
         }
         (net @ (Net::ResNet(_) | Net::ResNetInt8(_)), Some(options)) => {
             let root = data.unwrap_or(&options.data);

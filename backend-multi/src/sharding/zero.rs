@@ -107,9 +107,8 @@ pub struct ZeroOptimizer {
     slots: Vec<Slot>,
     total: usize,
     shard: Range<usize>,
-    /// Per slot: whether the parameter has had a gradient yet (its state exists).
-    started: Vec<bool>,
-    /// Per slot: steps taken (Adam's bias correction).
+    /// Per slot: steps taken (Adam's bias correction); 0 until the parameter has had a
+    /// gradient (its state exists from then on).
     time: Vec<i32>,
     /// This rank's optimizer state: velocity or first moment, and second moment (Adam).
     state: (Vec<f32>, Vec<f32>),
@@ -172,7 +171,6 @@ impl ZeroOptimizer {
             }
         ];
         let zero = Self {
-            started: vec![false; slots.len()],
             time: vec![0; slots.len()],
             collective,
             config,
@@ -351,8 +349,8 @@ impl ZeroOptimizer {
             if flags[slot.flag - self.total] == 0.0 {
                 continue;
             }
-            let (first, time) = (!self.started[k], self.time[k] + 1);
-            self.started[k] = true;
+            let time = self.time[k] + 1;
+            let first = time == 1;
             self.time[k] = time;
             let lo = slot.offset.max(self.shard.start);
             let hi = (slot.offset + slot.len).min(self.shard.end);
@@ -441,7 +439,7 @@ impl ZeroOptimizer {
             .collect();
         let per = self.config.optimizer.state_per_element();
         let (mut first, mut second) = (vec![0.0; self.total], vec![0.0; self.total]);
-        let (mut started, mut time) = (vec![false; self.slots.len()], vec![0; self.slots.len()]);
+        let mut time = vec![0; self.slots.len()];
         for state in states {
             let Some(&k) = index.get(&state.id) else {
                 return Err(bad(format!("parameter {} is not trained here", state.id)));
@@ -461,14 +459,13 @@ impl ZeroOptimizer {
             let range = slot.offset..slot.offset + slot.len;
             first[range.clone()].copy_from_slice(&state.first);
             second[range][..want_second].copy_from_slice(&state.second);
-            started[k] = state.steps > 0;
             time[k] = i32::try_from(state.steps).map_err(|_| bad("step count".to_string()))?;
         }
         self.state.0 = first[self.shard.clone()].to_vec();
         if per > 1 {
             self.state.1 = second[self.shard.clone()].to_vec();
         }
-        (self.started, self.time) = (started, time);
+        self.time = time;
         Ok(())
     }
 
@@ -488,7 +485,8 @@ impl ZeroOptimizer {
         out.extend_from_slice(&(self.slots.len() as u64).to_le_bytes());
         for (k, slot) in self.slots.iter().enumerate() {
             out.extend_from_slice(&(slot.len as u64).to_le_bytes());
-            out.push(u8::from(self.started[k]));
+            // Whether the parameter has state (the format keeps the flag beside the count).
+            out.push(u8::from(self.time[k] > 0));
             out.extend_from_slice(&self.time[k].to_le_bytes());
         }
         for v in first.iter().chain(&second) {
@@ -529,7 +527,7 @@ impl ZeroOptimizer {
                 self.slots.len()
             )));
         }
-        let (mut started, mut time) = (Vec::new(), Vec::new());
+        let mut time = Vec::new();
         for slot in &self.slots {
             let len = reader.u64().map_err(truncated)? as usize;
             if len != slot.len {
@@ -538,7 +536,8 @@ impl ZeroOptimizer {
                     slot.len
                 )));
             }
-            started.push(reader.take(1).map_err(truncated)?[0] != 0);
+            // The "has state" flag: the step count says the same.
+            reader.take(1).map_err(truncated)?;
             time.push(i32::from_le_bytes(
                 reader
                     .take(4)
@@ -558,7 +557,6 @@ impl ZeroOptimizer {
         if per > 1 {
             self.state.1 = shard.map(|i| value(self.total + i)).collect();
         }
-        self.started = started;
         self.time = time;
         Ok(())
     }
