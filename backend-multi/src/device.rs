@@ -32,6 +32,10 @@ pub enum DeviceSpec {
     /// `wgpu` is `wgpu:0`): Burn's wgpu backend (CubeCL, WGSL shaders) on Vulkan, Metal or
     /// DirectX, whichever the machine has.
     Wgpu(usize),
+    /// Every rank or pipeline stage on graphics adapter N, each with a logical device of its
+    /// own (`wgpu:N:shared`): multi-device runs on a machine with one adapter, as torch's gloo
+    /// lets ranks share one GPU. Slower than one device: for checking, not for speed.
+    WgpuShared(usize),
 }
 
 impl DeviceSpec {
@@ -52,6 +56,7 @@ impl DeviceSpec {
             DeviceSpec::Cpu => DeviceSpec::Cpu,
             DeviceSpec::Cuda(i) => DeviceSpec::Cuda(i + offset),
             DeviceSpec::Wgpu(i) => DeviceSpec::Wgpu(i + offset),
+            DeviceSpec::WgpuShared(i) => DeviceSpec::WgpuShared(i),
         }
     }
 
@@ -63,7 +68,7 @@ impl DeviceSpec {
     /// the driver is missing, or the machine has too few GPUs.
     pub fn cuda_ordinals(self, count: usize) -> Result<Vec<usize>> {
         match self {
-            DeviceSpec::Cpu | DeviceSpec::Wgpu(_) => Ok(Vec::new()),
+            DeviceSpec::Cpu | DeviceSpec::Wgpu(_) | DeviceSpec::WgpuShared(_) => Ok(Vec::new()),
             DeviceSpec::Cuda(first) => {
                 let available = cuda_device_count().map_err(|reason| MultiError::Device {
                     device: self.to_string(),
@@ -92,7 +97,8 @@ impl DeviceSpec {
     }
 
     /// The Burn devices of `count` ranks or stages starting at this one: the Flex device
-    /// repeated on the CPU, consecutive GPUs on CUDA, consecutive graphics adapters on wgpu.
+    /// repeated on the CPU, consecutive GPUs on CUDA, consecutive graphics adapters on wgpu,
+    /// logical devices of one adapter on `wgpu:N:shared`.
     /// Checked first, so Burn never panics on a missing GPU.
     ///
     /// # Errors
@@ -110,6 +116,12 @@ impl DeviceSpec {
                     reason,
                 })
             }
+            DeviceSpec::WgpuShared(adapter) => {
+                shared_wgpu_devices(adapter, count).map_err(|reason| MultiError::Device {
+                    device: self.to_string(),
+                    reason,
+                })
+            }
         }
     }
 
@@ -121,7 +133,9 @@ impl DeviceSpec {
     /// As [`cuda_ordinals`](Self::cuda_ordinals).
     pub fn transport(self, count: usize) -> Result<Transport> {
         Ok(match self {
-            DeviceSpec::Cpu | DeviceSpec::Wgpu(_) => Transport::SharedMemory,
+            DeviceSpec::Cpu | DeviceSpec::Wgpu(_) | DeviceSpec::WgpuShared(_) => {
+                Transport::SharedMemory
+            }
             DeviceSpec::Cuda(_) => Transport::Nccl {
                 ordinals: self.cuda_ordinals(count)?,
             },
@@ -146,6 +160,7 @@ impl fmt::Display for DeviceSpec {
             DeviceSpec::Cpu => f.write_str("cpu"),
             DeviceSpec::Cuda(i) => write!(f, "cuda:{i}"),
             DeviceSpec::Wgpu(i) => write!(f, "wgpu:{i}"),
+            DeviceSpec::WgpuShared(i) => write!(f, "wgpu:{i}:shared"),
         }
     }
 }
@@ -166,16 +181,19 @@ impl FromStr for DeviceSpec {
                 let (kind, index): (fn(usize) -> DeviceSpec, _) =
                     match (other.strip_prefix("cuda:"), other.strip_prefix("wgpu:")) {
                         (Some(index), _) => (DeviceSpec::Cuda, index),
-                        (_, Some(index)) => (DeviceSpec::Wgpu, index),
+                        (_, Some(rest)) => match rest.strip_suffix(":shared") {
+                            Some(index) => (DeviceSpec::WgpuShared, index),
+                            None => (DeviceSpec::Wgpu, rest),
+                        },
                         _ => {
-                            return Err(bad("expected cpu, cuda, cuda:N, wgpu or wgpu:N (N the \
-                                            device index, from 0)"
+                            return Err(bad("expected cpu, cuda, cuda:N, wgpu, wgpu:N or \
+                                        wgpu:N:shared (N the device index, from 0)"
                                 .to_string()));
                         }
                     };
                 index.parse().map(kind).map_err(|_| {
                     bad(format!(
-                        "'{index}' is not a device index; write cuda:0, wgpu:1, ..."
+                        "'{index}' is not a device index; write cuda:0, wgpu:1, wgpu:0:shared, ..."
                     ))
                 })
             }
@@ -231,8 +249,13 @@ fn wgpu_devices(first: usize, count: usize) -> std::result::Result<Vec<Device>, 
             1 => "one graphics adapter (wgpu:0)".to_string(),
             n => format!("{n} graphics adapters (wgpu:0 to wgpu:{})", n - 1),
         };
+        let share = if count > 1 && first < all.len() {
+            format!(" (wgpu:{first}:shared puts them all on one adapter)")
+        } else {
+            String::new()
+        };
         return Err(format!(
-            "{} device(s) from wgpu:{first} were asked for, but this machine has {have}",
+            "{} device(s) from wgpu:{first} were asked for, but this machine has {have}{share}",
             count.max(1)
         ));
     }
@@ -244,6 +267,18 @@ fn wgpu_devices(_first: usize, _count: usize) -> std::result::Result<Vec<Device>
     Err("this kiln was built without wgpu support; rebuild with \
          `cargo build --release --features wgpu`, or train with --device cpu"
         .to_string())
+}
+
+/// `count` logical devices on wgpu adapter `adapter`, checked to exist first.
+#[cfg(feature = "wgpu")]
+fn shared_wgpu_devices(adapter: usize, count: usize) -> std::result::Result<Vec<Device>, String> {
+    let device = wgpu_devices(adapter, 1)?.remove(0);
+    crate::wgpu_shared::shared_devices(adapter, &device, count)
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn shared_wgpu_devices(adapter: usize, count: usize) -> std::result::Result<Vec<Device>, String> {
+    wgpu_devices(adapter, count)
 }
 
 #[cfg(feature = "cuda")]
@@ -272,7 +307,19 @@ mod tests {
         assert_eq!("wgpu:2".parse::<DeviceSpec>().unwrap(), DeviceSpec::Wgpu(2));
         assert_eq!(DeviceSpec::Wgpu(1).to_string(), "wgpu:1");
         assert_eq!(DeviceSpec::Wgpu(1).nth(1), DeviceSpec::Wgpu(2));
-        for bad in ["cuda:x", "tpu", "cuda:-1", "", "wgpu:one"] {
+        let shared = "wgpu:1:shared".parse::<DeviceSpec>().unwrap();
+        assert_eq!(shared, DeviceSpec::WgpuShared(1));
+        assert_eq!(shared.to_string(), "wgpu:1:shared");
+        assert_eq!(shared.nth(3), shared, "every rank on the same adapter");
+        for bad in [
+            "cuda:x",
+            "tpu",
+            "cuda:-1",
+            "",
+            "wgpu:one",
+            "wgpu:shared",
+            "cuda:0:shared",
+        ] {
             let err = bad.parse::<DeviceSpec>().unwrap_err().to_string();
             assert!(err.contains("cuda:"), "{bad}: {err}");
         }
@@ -310,6 +357,11 @@ mod tests {
     fn wgpu_index_out_of_range_is_a_clear_error() {
         let err = DeviceSpec::Wgpu(1000).devices(2).unwrap_err().to_string();
         assert!(err.starts_with("device wgpu:1000: "), "{err}");
+        let err = DeviceSpec::WgpuShared(1000)
+            .devices(2)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("device wgpu:1000:shared: "), "{err}");
     }
 
     /// On any machine (none has 1000 GPUs), an index past the last GPU is an error, not the

@@ -27,6 +27,8 @@ pub mod pipeline;
 pub mod sampler;
 pub mod sharding;
 pub mod tensor_parallel;
+#[cfg(feature = "wgpu")]
+mod wgpu_shared;
 
 pub use collective::{
     Collective, CollectiveConfig, InProcessCollective, MeshRank, ReduceOp, Transport,

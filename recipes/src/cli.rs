@@ -65,6 +65,8 @@ pub struct CnnMnistArgs {
     /// GPU vendor or Mesa's software lavapipe; `--features wgpu`). With --ranks R or
     /// --pipeline-stages P, the ranks or stages take consecutive GPUs from N (ranks exchange
     /// gradients over NCCL); under `kiln launch`, each process takes GPU N + its local rank.
+    /// wgpu:N:shared puts every rank or stage on adapter N, each with a logical device of its
+    /// own (multi-device runs on a machine with one adapter; for checking, not speed).
     #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     pub device: DeviceSpec,
     /// Data-parallel ranks: N threads, each with a replica of the model, training on 1/N of
@@ -797,7 +799,8 @@ pub struct GptArgs {
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
     /// Where to train: cpu, cuda:N (a build with `--features cuda`) or wgpu:N
-    /// (`--features wgpu`).
+    /// (`--features wgpu`); ranks and stages take consecutive devices from N, or all share
+    /// adapter N with wgpu:N:shared.
     #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     pub device: DeviceSpec,
     /// Data-parallel ranks (threads), each on 1/N of every batch, gradients averaged. With

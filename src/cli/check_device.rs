@@ -60,7 +60,9 @@ pub fn run(args: &CheckDeviceArgs, json_output: bool) -> anyhow::Result<()> {
     let (candidate_name, reference_name) = match args.device {
         DeviceSpec::Cpu => ("kiln's kernels", "the CPU with Burn's ops"),
         DeviceSpec::Cuda(_) => ("Burn's CUDA backend", "the CPU with kiln's kernels"),
-        DeviceSpec::Wgpu(_) => ("Burn's wgpu backend", "the CPU with kiln's kernels"),
+        DeviceSpec::Wgpu(_) | DeviceSpec::WgpuShared(_) => {
+            ("Burn's wgpu backend", "the CPU with kiln's kernels")
+        }
     };
     // The reference runs first; on the CPU with kiln's kernels switched off.
     let with_reference = |f: &dyn Fn(&Device) -> anyhow::Result<Tensors>| {

@@ -200,8 +200,21 @@ fn missing_cuda_device_is_a_clear_error() {
         for args in [
             &["train", "cnn-mnist", "--device", "wgpu"][..],
             &["check-device", "--device", "wgpu:0"],
+            &[
+                "train",
+                "cnn-mnist",
+                "--device",
+                "wgpu:0:shared",
+                "--ranks",
+                "2",
+            ],
         ] {
-            assert_clean_failure(&kiln(args), &["device wgpu:0: ", "--features wgpu"]);
+            let device = if args.contains(&"wgpu:0:shared") {
+                "device wgpu:0:shared: "
+            } else {
+                "device wgpu:0: "
+            };
+            assert_clean_failure(&kiln(args), &[device, "--features wgpu"]);
         }
     }
     // An adapter index past the last names the adapters there are (or the missing feature).
@@ -211,7 +224,7 @@ fn missing_cuda_device_is_a_clear_error() {
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("expected cpu, cuda, cuda:N, wgpu or wgpu:N"),
+        stderr.contains("expected cpu, cuda, cuda:N, wgpu, wgpu:N or wgpu:N:shared"),
         "{stderr}"
     );
 }
