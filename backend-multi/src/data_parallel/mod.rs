@@ -2,7 +2,7 @@
 //! batch, and averages gradients with the others before the optimizer step.
 //!
 //! - [`DistributedDataParallel`]: broadcast from rank 0 at start, bucketed gradient averaging,
-//!   `no_sync` accumulation;
+//!   `no_sync` accumulation, all-reduce overlapped with backward on Flex (opt-in);
 //! - [`GradientBucket`] / [`BucketConfig`]: gradients flattened in reverse registration order,
 //!   like PyTorch's reducer (25 MiB buckets, 1 MiB first bucket);
 //! - [`flatten_params`]: a model's parameters as one buffer (to compare replicas), and
@@ -10,11 +10,12 @@
 
 mod bucket;
 mod ddp;
+mod overlap;
 mod params;
 
 pub(crate) use bucket::BucketLayout;
 pub use bucket::{BucketConfig, GradientBucket};
-pub use ddp::{DistributedDataParallel, broadcast_module};
+pub use ddp::{DistributedDataParallel, broadcast_module, overlap_by_default};
 pub(crate) use params::{
     ensure_all_placed, flatten_grads, flatten_params_into, load_params_from, read_f32,
     trainable_params, unflatten_grads,

@@ -565,3 +565,67 @@ fn zero_keeps_a_shard_of_the_state_and_its_checkpoint_resumes_on_another_world_s
     .unwrap_err();
     assert!(err.to_string().contains("state values"), "{err}");
 }
+
+/// The all-reduce overlapped with backward (gradient hooks, a communication thread) gives
+/// the bits of the all-reduce after backward, over several buckets and steps; gradients taken
+/// from the unhooked model while a hooked step is under way are refused.
+#[test]
+fn overlapped_sync_gives_the_bits_of_sync_after_backward() {
+    let data = Data::new(64);
+    let init = Mlp::new(&device());
+    // Small caps: four buckets for the two layers, so the thread reduces several in order.
+    let buckets = BucketConfig {
+        cap_bytes: 256,
+        first_bucket_bytes: 16,
+    };
+    let config = CollectiveConfig {
+        timeout: Duration::from_secs(60),
+    };
+    let results = run_in_process(WorldSize::new(2).unwrap(), config, |c| {
+        let rank = c.rank().index();
+        let (mut plain_model, mut plain) =
+            DistributedDataParallel::new(init.clone(), Arc::clone(&c), buckets)?;
+        plain.set_overlap(false);
+        let (mut hooked_model, mut overlapped) =
+            DistributedDataParallel::new(init.clone(), Arc::clone(&c), buckets)?;
+        overlapped.set_overlap(true);
+        assert!(
+            overlapped.buckets().len() >= 3,
+            "{:?}",
+            overlapped.buckets()
+        );
+        let (mut sgd_a, mut sgd_b) = (sgd(), sgd());
+        for step in 0..3 {
+            let batch: Vec<usize> = (0..8).map(|i| (step * 16 + rank * 8 + i) % 64).collect();
+            let grads = data.grads(&plain_model, &batch, 1.0, &device());
+            let grads = plain.sync(&plain_model, grads)?;
+            plain_model = sgd_a.step(LR, plain_model, grads);
+
+            let hooked = overlapped
+                .hook(&hooked_model)
+                .expect("Flex has the hook op");
+            let grads = data.grads(&hooked, &batch, 1.0, &device());
+            assert!(grads.is_empty(), "the hooked gradients went to the buckets");
+            let grads = overlapped.sync(&hooked_model, grads)?;
+            assert_eq!(grads.len(), 4, "every parameter's averaged gradient");
+            hooked_model = sgd_b.step(LR, hooked_model, grads);
+        }
+        let misuse = overlapped.hook(&hooked_model).expect("hooks again");
+        drop(misuse);
+        let grads = data.grads(&hooked_model, &[0, 1], 1.0, &device());
+        let refused = overlapped.sync(&hooked_model, grads).err();
+        Ok::<_, MultiError>((
+            flatten_params(&plain_model)?,
+            flatten_params(&hooked_model)?,
+            refused,
+        ))
+    })
+    .unwrap();
+    let moved = max_abs_diff(&results[0].0, &flatten_params(&init).unwrap());
+    assert!(moved > 0.0, "the steps moved nothing");
+    for (plain, hooked, refused) in results {
+        assert_eq!(plain, hooked, "overlapped sync changed the result");
+        let err = refused.expect("gradients of the unhooked model were accepted");
+        assert!(err.to_string().contains("hooked model"), "{err}");
+    }
+}

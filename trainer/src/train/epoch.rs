@@ -160,6 +160,16 @@ pub(crate) enum Updater<'a> {
 }
 
 impl Updater<'_> {
+    /// `model` with the hooks that overlap data parallelism's all-reduce with backward, when
+    /// this rank synchronises through DDP with overlap on (see
+    /// [`DistributedDataParallel::hook`]).
+    fn hook<M: Module>(&mut self, model: &M) -> Option<M> {
+        match self {
+            Updater::Replicated { ddp: Some(ddp), .. } => ddp.hook(model),
+            _ => None,
+        }
+    }
+
     fn world(&self) -> usize {
         match self {
             Updater::Replicated { ddp: None, .. } => 1,
@@ -307,7 +317,9 @@ pub(crate) fn train_epoch<M: Module, B>(
         let micro = group.len().div_ceil(batch_size);
         let mut group_loss = 0.0;
         for chunk in group.chunks(batch_size) {
-            let out = source(&model, make_batch(chunk)?)?;
+            // With data parallelism, one micro-batch a step: the all-reduce overlaps backward.
+            let hooked = (micro == 1).then(|| updater.hook(&model)).flatten();
+            let out = source(hooked.as_ref().unwrap_or(&model), make_batch(chunk)?)?;
             progress.sums.add(out.loss, out.items, &out.metrics);
             group_loss += out.loss / micro as f64;
             if let Some(bubble) = out.bubble {

@@ -582,7 +582,11 @@ impl Trainer {
             return Ok((model, RankSync::Local));
         };
         let Some(stage) = setup.zero else {
-            let (model, ddp) = DistributedDataParallel::new(model, collective, setup.buckets)?;
+            let (model, mut ddp) = DistributedDataParallel::new(model, collective, setup.buckets)?;
+            // A pipeline's stages hold the model being differentiated, not the hooked copy.
+            if setup.pipeline_stages.is_some() {
+                ddp.set_overlap(false);
+            }
             return Ok((model, RankSync::Ddp(ddp)));
         };
         let zero_config = ZeroConfig {
@@ -779,10 +783,15 @@ fn tensor_parallel_sync<P>(sync: RankSync, tp: &TensorParallelRank<'_, P>) -> Ra
     };
     match sync {
         RankSync::Local => RankSync::TensorParallel { norm, ddp: None },
-        RankSync::Ddp(ddp) => RankSync::TensorParallel {
-            norm,
-            ddp: Some(ddp),
-        },
+        // The replicas' all-reduce stays after backward: during backward the group's own
+        // sums run, and two threads on two MPI communicators at once are not assumed.
+        RankSync::Ddp(mut ddp) => {
+            ddp.set_overlap(false);
+            RankSync::TensorParallel {
+                norm,
+                ddp: Some(ddp),
+            }
+        }
         // Each part's state sharded over its data-parallel replicas.
         RankSync::Zero(mut zero) => {
             zero.set_split_norm(norm.collective, &norm.split);
