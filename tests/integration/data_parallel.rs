@@ -327,3 +327,45 @@ fn kiln_train_tensor_parallel_writes_a_whole_model_checkpoint() {
     ]);
     assert_clean_failure(&uneven, &["128", "3 ranks"]);
 }
+
+/// `KILN_DDP_OVERLAP=1`: the trainer hooks its data-parallel steps (the all-reduce overlapped
+/// with backward), says so in run.json, and trains the same bits as the default sync after
+/// backward, over two epochs of 2 ranks.
+#[test]
+fn kiln_train_with_overlapped_all_reduce_trains_the_same_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = |name: &str, overlap: &str| {
+        let out = dir.path().join(name);
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["train", "cnn-mnist", "--limit", "1024", "--epochs", "2"])
+            .args(["--ranks", "2", "--json", "-q", "--out"])
+            .arg(&out)
+            .env("KILN_DDP_OVERLAP", overlap)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        let run: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+        (
+            last_json(&output),
+            run["mode"].as_str().unwrap().to_string(),
+        )
+    };
+    let (overlapped, mode) = train("overlapped", "1");
+    assert_eq!(
+        mode,
+        "data parallel x2, all-reduce overlapped with backward"
+    );
+    let (after, mode) = train("after", "0");
+    assert_eq!(mode, "data parallel x2");
+    for key in ["train_loss", "test_loss", "test_accuracy"] {
+        for epoch in 0..2 {
+            assert_eq!(
+                overlapped["history"][epoch][key],
+                after["history"][epoch][key],
+                "{key}, epoch {}",
+                epoch + 1
+            );
+        }
+    }
+}

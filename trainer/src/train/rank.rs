@@ -365,6 +365,9 @@ impl Trainer {
             }
             (None, Some(stages), _) => format!("pipeline, {stages} stages"),
             (None, None, Some(stage)) => format!("ZeRO-{} x{world}", stage.number()),
+            (None, None, None) if world > 1 && overlaps(plan.device) => {
+                format!("data parallel x{world}, all-reduce overlapped with backward")
+            }
             (None, None, None) if world > 1 => format!("data parallel x{world}"),
             (None, None, None) => "1 device".to_string(),
         };
@@ -771,6 +774,16 @@ impl Trainer {
         }
         Ok(())
     }
+}
+
+/// Whether plain data parallelism on `device` overlaps its all-reduce with backward: asked
+/// for (`KILN_DDP_OVERLAP=1`) and on Flex, where the gradient hook exists.
+fn overlaps(device: &Device) -> bool {
+    kiln_multi::data_parallel::overlap_by_default()
+        && matches!(
+            device.as_dispatch().clone().inner(),
+            burn::backend::DispatchDevice::Flex(_)
+        )
 }
 
 /// A tensor-parallel rank's synchronisation: its group's clipping norm, after the average
