@@ -10,12 +10,16 @@
 
 mod bucket;
 mod ddp;
+mod device_buckets;
 mod overlap;
 mod params;
 
 pub(crate) use bucket::BucketLayout;
 pub use bucket::{BucketConfig, GradientBucket};
-pub use ddp::{DistributedDataParallel, broadcast_module, overlap_by_default};
+pub use ddp::{
+    DistributedDataParallel, broadcast_module, device_buckets_by_default, overlap_by_default,
+};
+pub use device_buckets::{BurnAllReduce, DeviceReduce, HostStaged};
 pub(crate) use params::{
     ensure_all_placed, flatten_grads, flatten_params_into, load_params_from, read_f32,
     trainable_params, unflatten_grads,

@@ -9,7 +9,7 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig, Relu};
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use kiln_multi::data_parallel::flatten_params;
+use kiln_multi::data_parallel::{HostStaged, flatten_params};
 use kiln_multi::{
     BucketConfig, Collective, CollectiveConfig, DistributedDataParallel, DistributedSampler,
     DistributedSamplerConfig, FlatOptimizer, MultiError, Rank, WorldSize, ZeroConfig,
@@ -627,5 +627,58 @@ fn overlapped_sync_gives_the_bits_of_sync_after_backward() {
         assert_eq!(plain, hooked, "overlapped sync changed the result");
         let err = refused.expect("gradients of the unhooked model were accepted");
         assert!(err.to_string().contains("hooked model"), "{err}");
+    }
+}
+
+/// Buckets built on the device (`HostStaged`, the default off the CPU; forced here on Flex)
+/// give the bits of the per-parameter host path, a gradient missing on one rank included
+/// (the other rank's, averaged with zeros, as on one device).
+#[test]
+fn buckets_built_on_the_device_give_the_bits_of_the_host_path() {
+    let data = Data::new(64);
+    let init = Mlp::new(&device());
+    let buckets = BucketConfig {
+        cap_bytes: 256,
+        first_bucket_bytes: 16,
+    };
+    let config = CollectiveConfig {
+        timeout: Duration::from_secs(60),
+    };
+    let results = run_in_process(WorldSize::new(2).unwrap(), config, |c| {
+        let rank = c.rank().index();
+        let (mut host_model, mut host) =
+            DistributedDataParallel::new(init.clone(), Arc::clone(&c), buckets)?;
+        assert!(
+            host.sync_path().contains("per parameter"),
+            "{}",
+            host.sync_path()
+        );
+        let (mut device_model, mut on_device) =
+            DistributedDataParallel::new(init.clone(), Arc::clone(&c), buckets)?;
+        on_device.set_device_reduce(Some(Arc::new(HostStaged(Arc::clone(&c)))));
+        let (mut sgd_a, mut sgd_b) = (sgd(), sgd());
+        for step in 0..3 {
+            let batch: Vec<usize> = (0..8).map(|i| (step * 16 + rank * 8 + i) % 64).collect();
+            let mut grads =
+                [&host_model, &device_model].map(|m| data.grads(m, &batch, 1.0, &device()));
+            if step == 2 && rank == 1 {
+                for (g, m) in grads.iter_mut().zip([&host_model, &device_model]) {
+                    g.remove::<2>(m.hidden.weight.id)
+                        .expect("hidden.weight had a gradient");
+                }
+            }
+            let [a, b] = grads;
+            let a = host.sync(&host_model, a)?;
+            let b = on_device.sync(&device_model, b)?;
+            assert_eq!(b.len(), 4, "every parameter has an averaged gradient");
+            host_model = sgd_a.step(LR, host_model, a);
+            device_model = sgd_b.step(LR, device_model, b);
+        }
+        Ok::<_, MultiError>((flatten_params(&host_model)?, flatten_params(&device_model)?))
+    })
+    .unwrap();
+    assert!(max_abs_diff(&results[0].0, &flatten_params(&init).unwrap()) > 0.0);
+    for (host, on_device) in results {
+        assert_eq!(host, on_device, "buckets on the device changed the result");
     }
 }

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Bytes, Device, Tensor};
+use kiln_multi::data_parallel::{BurnAllReduce, DeviceReduce};
 use kiln_multi::pipeline::{
     Activation, Pipeline, PipelineConfig, PipelineStage, Targets, merge_grads,
 };
@@ -252,6 +253,7 @@ impl Trainer {
             Execution::Single(device) => run(model, RankSetup::single(device), resume),
             Execution::DataParallel(dp) => {
                 let replicas = Replicas::fork(&model, &dp.devices);
+                let device_reduce = device_all_reduce(dp);
                 let ranks = run_group(world, dp.collective, &dp.transport, |collective| {
                     let rank = collective.rank().index();
                     let setup = RankSetup {
@@ -260,6 +262,7 @@ impl Trainer {
                         buckets: dp.buckets,
                         zero: dp.zero,
                         pipeline_stages: None,
+                        device_reduce: device_reduce.clone(),
                     };
                     run(replicas.take(rank), setup, resume.clone())
                 })?;
@@ -275,6 +278,7 @@ impl Trainer {
                     buckets: group.buckets,
                     zero: group.zero,
                     pipeline_stages: None,
+                    device_reduce: None,
                 };
                 run(model.fork(&group.device), setup, resume)
             }
@@ -610,6 +614,7 @@ impl Trainer {
                 buckets: kiln_multi::BucketConfig::default(),
                 zero: split.zero,
                 pipeline_stages: Some(split.stages),
+                device_reduce: None,
             };
             run(replicas.take(rank), setup, resume.clone())
         })?;
@@ -660,6 +665,24 @@ where
             batch.targets,
         ))
     }
+}
+
+/// In-process ranks on CUDA GPUs with `KILN_DEVICE_ALL_REDUCE=1`: gradient buckets averaged
+/// on the devices by Burn's all-reduce (NCCL on device memory) instead of through the host.
+/// Opt-in until it has run on a machine with two GPUs (`scripts/gpu-check` compares both).
+fn device_all_reduce(dp: &super::execution::DataParallelConfig) -> Option<Arc<dyn DeviceReduce>> {
+    let asked = matches!(
+        std::env::var("KILN_DEVICE_ALL_REDUCE").as_deref(),
+        Ok("1" | "on")
+    );
+    (asked && matches!(dp.transport, Transport::Nccl { .. })).then(|| {
+        let devices = dp
+            .devices
+            .iter()
+            .map(|d| d.clone().without_autodiff())
+            .collect();
+        Arc::new(BurnAllReduce { devices }) as Arc<dyn DeviceReduce>
+    })
 }
 
 /// A gradient source that runs `step` and backward on its loss.

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
 use burn::tensor::{Bytes, Device};
+use kiln_multi::data_parallel::{DeviceReduce, HostStaged};
 use kiln_multi::{
     BucketConfig, Collective, DistributedDataParallel, DistributedSampler,
     DistributedSamplerConfig, Rank, WorldSize, ZERO_STATE_MAGIC, ZeroConfig, ZeroOptimizer,
@@ -43,6 +44,9 @@ pub(super) struct RankSetup<'a> {
     pub(super) zero: Option<ZeroStage>,
     /// Through a pipeline of this many stages (for the run's record).
     pub(super) pipeline_stages: Option<NonZeroUsize>,
+    /// Off the CPU, how DDP averages the buckets it builds on the device (`None`: through
+    /// the host collective).
+    pub(super) device_reduce: Option<Arc<dyn DeviceReduce>>,
 }
 
 impl<'a> RankSetup<'a> {
@@ -53,6 +57,7 @@ impl<'a> RankSetup<'a> {
             buckets: BucketConfig::default(),
             zero: None,
             pipeline_stages: None,
+            device_reduce: None,
         }
     }
 }
@@ -368,6 +373,13 @@ impl Trainer {
             (None, None, None) if world > 1 && overlaps(plan.device) => {
                 format!("data parallel x{world}, all-reduce overlapped with backward")
             }
+            (None, None, None) if world > 1 && device_buckets(plan.device, setup) => {
+                let path = setup
+                    .device_reduce
+                    .as_ref()
+                    .map_or(HostStaged::DESCRIPTION, |reduce| reduce.describe());
+                format!("data parallel x{world}, gradient buckets {path}")
+            }
             (None, None, None) if world > 1 => format!("data parallel x{world}"),
             (None, None, None) => "1 device".to_string(),
         };
@@ -590,6 +602,9 @@ impl Trainer {
             if setup.pipeline_stages.is_some() {
                 ddp.set_overlap(false);
             }
+            if let Some(reduce) = &setup.device_reduce {
+                ddp.set_device_reduce(Some(Arc::clone(reduce)));
+            }
             return Ok((model, RankSync::Ddp(ddp)));
         };
         let zero_config = ZeroConfig {
@@ -779,11 +794,22 @@ impl Trainer {
 /// Whether plain data parallelism on `device` overlaps its all-reduce with backward: asked
 /// for (`KILN_DDP_OVERLAP=1`) and on Flex, where the gradient hook exists.
 fn overlaps(device: &Device) -> bool {
-    kiln_multi::data_parallel::overlap_by_default()
-        && matches!(
-            device.as_dispatch().clone().inner(),
-            burn::backend::DispatchDevice::Flex(_)
-        )
+    kiln_multi::data_parallel::overlap_by_default() && is_flex(device)
+}
+
+/// Whether DDP builds this rank's gradient buckets on its device (off the CPU, asked for by
+/// `KILN_DEVICE_BUCKETS=1` or an all-reduce on the devices).
+fn device_buckets(device: &Device, setup: &RankSetup<'_>) -> bool {
+    !is_flex(device)
+        && (setup.device_reduce.is_some() || kiln_multi::data_parallel::device_buckets_by_default())
+}
+
+/// Whether `device` is Burn's Flex CPU backend.
+fn is_flex(device: &Device) -> bool {
+    matches!(
+        device.as_dispatch().clone().inner(),
+        burn::backend::DispatchDevice::Flex(_)
+    )
 }
 
 /// A tensor-parallel rank's synchronisation: its group's clipping norm, after the average
