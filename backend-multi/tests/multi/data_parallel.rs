@@ -566,119 +566,115 @@ fn zero_keeps_a_shard_of_the_state_and_its_checkpoint_resumes_on_another_world_s
     assert!(err.to_string().contains("state values"), "{err}");
 }
 
+/// A replica and its DDP, as one rank holds them.
+type Replica = (Mlp, DistributedDataParallel);
+
+/// Two ranks, each with two DDP replicas of a fresh model over small buckets (four for the
+/// two layers, so that several are reduced in order), the second set up by `configure`:
+/// `step(step, rank, ..)` trains both 3 steps, and their parameters must end bit-identical
+/// (and moved).
+fn same_bits_two_ways(
+    configure: impl Fn(&mut DistributedDataParallel, &Arc<dyn Collective>) + Sync,
+    step: impl Fn(usize, usize, &mut Replica, &mut Replica) -> Result<(), MultiError> + Sync,
+) {
+    let init = Mlp::new(&device());
+    let buckets = BucketConfig {
+        cap_bytes: 256,
+        first_bucket_bytes: 16,
+    };
+    let config = CollectiveConfig {
+        timeout: Duration::from_secs(60),
+    };
+    let results = run_in_process(WorldSize::new(2).unwrap(), config, |c| {
+        let mut reference = DistributedDataParallel::new(init.clone(), Arc::clone(&c), buckets)?;
+        let mut other = DistributedDataParallel::new(init.clone(), Arc::clone(&c), buckets)?;
+        configure(&mut other.1, &c);
+        assert!(other.1.buckets().len() >= 3, "{:?}", other.1.buckets());
+        for s in 0..3 {
+            step(s, c.rank().index(), &mut reference, &mut other)?;
+        }
+        Ok::<_, MultiError>((reference, other))
+    })
+    .unwrap();
+    let start = flatten_params(&init).unwrap();
+    for (reference, other) in &results {
+        let (a, b) = (
+            flatten_params(&reference.0).unwrap(),
+            flatten_params(&other.0).unwrap(),
+        );
+        assert!(max_abs_diff(&a, &start) > 0.0, "the steps moved nothing");
+        assert_eq!(a, b, "the second way changed the result");
+    }
+}
+
+/// One synchronised SGD step of `replica` on `grads`.
+fn sync_and_step(replica: &mut Replica, grads: GradientsParams) -> Result<(), MultiError> {
+    let grads = replica.1.sync(&replica.0, grads)?;
+    assert_eq!(grads.len(), 4, "every parameter's averaged gradient");
+    replica.0 = sgd().step(LR, replica.0.clone(), grads);
+    Ok(())
+}
+
+/// Rank `rank`'s 8 samples of step `step`.
+fn batch_of(step: usize, rank: usize) -> Vec<usize> {
+    (0..8).map(|i| (step * 16 + rank * 8 + i) % 64).collect()
+}
+
 /// The all-reduce overlapped with backward (gradient hooks, a communication thread) gives
 /// the bits of the all-reduce after backward, over several buckets and steps; gradients taken
 /// from the unhooked model while a hooked step is under way are refused.
 #[test]
 fn overlapped_sync_gives_the_bits_of_sync_after_backward() {
     let data = Data::new(64);
-    let init = Mlp::new(&device());
-    // Small caps: four buckets for the two layers, so the thread reduces several in order.
-    let buckets = BucketConfig {
-        cap_bytes: 256,
-        first_bucket_bytes: 16,
-    };
-    let config = CollectiveConfig {
-        timeout: Duration::from_secs(60),
-    };
-    let results = run_in_process(WorldSize::new(2).unwrap(), config, |c| {
-        let rank = c.rank().index();
-        let (mut plain_model, mut plain) =
-            DistributedDataParallel::new(init.clone(), Arc::clone(&c), buckets)?;
-        plain.set_overlap(false);
-        let (mut hooked_model, mut overlapped) =
-            DistributedDataParallel::new(init.clone(), Arc::clone(&c), buckets)?;
-        overlapped.set_overlap(true);
-        assert!(
-            overlapped.buckets().len() >= 3,
-            "{:?}",
-            overlapped.buckets()
-        );
-        let (mut sgd_a, mut sgd_b) = (sgd(), sgd());
-        for step in 0..3 {
-            let batch: Vec<usize> = (0..8).map(|i| (step * 16 + rank * 8 + i) % 64).collect();
-            let grads = data.grads(&plain_model, &batch, 1.0, &device());
-            let grads = plain.sync(&plain_model, grads)?;
-            plain_model = sgd_a.step(LR, plain_model, grads);
-
+    same_bits_two_ways(
+        |ddp, _| ddp.set_overlap(true),
+        |step, rank, plain, overlapped| {
+            let batch = batch_of(step, rank);
+            sync_and_step(plain, data.grads(&plain.0, &batch, 1.0, &device()))?;
             let hooked = overlapped
-                .hook(&hooked_model)
+                .1
+                .hook(&overlapped.0)
                 .expect("Flex has the hook op");
             let grads = data.grads(&hooked, &batch, 1.0, &device());
             assert!(grads.is_empty(), "the hooked gradients went to the buckets");
-            let grads = overlapped.sync(&hooked_model, grads)?;
-            assert_eq!(grads.len(), 4, "every parameter's averaged gradient");
-            hooked_model = sgd_b.step(LR, hooked_model, grads);
-        }
-        let misuse = overlapped.hook(&hooked_model).expect("hooks again");
-        drop(misuse);
-        let grads = data.grads(&hooked_model, &[0, 1], 1.0, &device());
-        let refused = overlapped.sync(&hooked_model, grads).err();
-        Ok::<_, MultiError>((
-            flatten_params(&plain_model)?,
-            flatten_params(&hooked_model)?,
-            refused,
-        ))
-    })
-    .unwrap();
-    let moved = max_abs_diff(&results[0].0, &flatten_params(&init).unwrap());
-    assert!(moved > 0.0, "the steps moved nothing");
-    for (plain, hooked, refused) in results {
-        assert_eq!(plain, hooked, "overlapped sync changed the result");
-        let err = refused.expect("gradients of the unhooked model were accepted");
-        assert!(err.to_string().contains("hooked model"), "{err}");
-    }
+            sync_and_step(overlapped, grads)?;
+            if step == 2 {
+                let (model, ddp) = overlapped;
+                drop(ddp.hook(model).expect("hooks again"));
+                let grads = data.grads(model, &[0, 1], 1.0, &device());
+                let err = ddp.sync(model, grads).map(|_| ()).unwrap_err();
+                assert!(err.to_string().contains("hooked model"), "{err}");
+            }
+            Ok(())
+        },
+    );
 }
 
-/// Buckets built on the device (`HostStaged`, the default off the CPU; forced here on Flex)
-/// give the bits of the per-parameter host path, a gradient missing on one rank included
-/// (the other rank's, averaged with zeros, as on one device).
+/// Buckets built on the device (`HostStaged`, opt-in off the CPU; forced here on Flex) give
+/// the bits of the per-parameter host path, a gradient missing on one rank included (the
+/// other rank's, averaged with zeros, as on one device).
 #[test]
 fn buckets_built_on_the_device_give_the_bits_of_the_host_path() {
     let data = Data::new(64);
-    let init = Mlp::new(&device());
-    let buckets = BucketConfig {
-        cap_bytes: 256,
-        first_bucket_bytes: 16,
-    };
-    let config = CollectiveConfig {
-        timeout: Duration::from_secs(60),
-    };
-    let results = run_in_process(WorldSize::new(2).unwrap(), config, |c| {
-        let rank = c.rank().index();
-        let (mut host_model, mut host) =
-            DistributedDataParallel::new(init.clone(), Arc::clone(&c), buckets)?;
-        assert!(
-            host.sync_path().contains("per parameter"),
-            "{}",
-            host.sync_path()
-        );
-        let (mut device_model, mut on_device) =
-            DistributedDataParallel::new(init.clone(), Arc::clone(&c), buckets)?;
-        on_device.set_device_reduce(Some(Arc::new(HostStaged(Arc::clone(&c)))));
-        let (mut sgd_a, mut sgd_b) = (sgd(), sgd());
-        for step in 0..3 {
-            let batch: Vec<usize> = (0..8).map(|i| (step * 16 + rank * 8 + i) % 64).collect();
-            let mut grads =
-                [&host_model, &device_model].map(|m| data.grads(m, &batch, 1.0, &device()));
-            if step == 2 && rank == 1 {
-                for (g, m) in grads.iter_mut().zip([&host_model, &device_model]) {
-                    g.remove::<2>(m.hidden.weight.id)
-                        .expect("hidden.weight had a gradient");
+    same_bits_two_ways(
+        |ddp, c| {
+            assert!(
+                ddp.sync_path().contains("per parameter"),
+                "{}",
+                ddp.sync_path()
+            );
+            ddp.set_device_reduce(Some(Arc::new(HostStaged(Arc::clone(c)))));
+        },
+        |step, rank, host, on_device| {
+            for replica in [host, on_device] {
+                let mut grads = data.grads(&replica.0, &batch_of(step, rank), 1.0, &device());
+                if step == 2 && rank == 1 {
+                    let id = replica.0.hidden.weight.id;
+                    grads.remove::<2>(id).expect("hidden.weight had a gradient");
                 }
+                sync_and_step(replica, grads)?;
             }
-            let [a, b] = grads;
-            let a = host.sync(&host_model, a)?;
-            let b = on_device.sync(&device_model, b)?;
-            assert_eq!(b.len(), 4, "every parameter has an averaged gradient");
-            host_model = sgd_a.step(LR, host_model, a);
-            device_model = sgd_b.step(LR, device_model, b);
-        }
-        Ok::<_, MultiError>((flatten_params(&host_model)?, flatten_params(&device_model)?))
-    })
-    .unwrap();
-    assert!(max_abs_diff(&results[0].0, &flatten_params(&init).unwrap()) > 0.0);
-    for (host, on_device) in results {
-        assert_eq!(host, on_device, "buckets on the device changed the result");
-    }
+            Ok(())
+        },
+    );
 }
