@@ -261,6 +261,57 @@ mod mpi {
         }
     }
 
+    /// `KILN_DDP_OVERLAP=1` under `kiln launch`: the all-reduce runs on a communication
+    /// thread during backward (MPI from a second thread), and the 2 processes train the bits
+    /// of the all-reduce after backward.
+    #[test]
+    fn an_overlapped_all_reduce_across_processes_trains_the_same_bits() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = |name: &str, overlap: &str| {
+            let out = dir.path().join(name);
+            let flags = ["--limit", "512", "--epochs", "2", "--json", "-q", "--out"];
+            let output = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+                .args(["launch", "--no-prefix"])
+                .args(&TRAIN_ON_2_PROCESSES[1..])
+                .args(flags)
+                .arg(&out)
+                .env("KILN_DDP_OVERLAP", overlap)
+                .output()
+                .unwrap();
+            assert!(output.status.success(), "{output:?}");
+            let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+            let line = stdout
+                .lines()
+                .rfind(|l| l.starts_with('{'))
+                .unwrap()
+                .to_string();
+            let mode = std::fs::read_to_string(out.join("run.json")).unwrap();
+            (
+                serde_json::from_str::<serde_json::Value>(&line).unwrap(),
+                mode,
+            )
+        };
+        let (overlapped, mode) = run("overlapped", "1");
+        assert!(
+            mode.contains("all-reduce overlapped with backward"),
+            "{mode}"
+        );
+        let (after, _) = run("after", "0");
+        for epoch in 0..2 {
+            for key in ["train_loss", "test_loss", "test_accuracy"] {
+                let (x, y) = (
+                    &overlapped["history"][epoch][key],
+                    &after["history"][epoch][key],
+                );
+                assert!(
+                    x.is_number() && x == y,
+                    "epoch {}, {key}: {x} vs {y}",
+                    epoch + 1
+                );
+            }
+        }
+    }
+
     /// `kiln train gpt`'s report for a tiny model of 2 blocks on the shipped text's first
     /// 20 kB, 20 steps, with `extra` flags; with `processes`, under `kiln launch`.
     fn train_gpt(
