@@ -100,13 +100,18 @@ pub fn set_enabled(on: bool) {
     KERNELS.set(on);
 }
 
+/// Whether `device` is Burn's Flex CPU backend (where kiln's kernels run), with or without
+/// autodiff.
+pub fn on_flex(device: &burn::tensor::Device) -> bool {
+    matches!(
+        device.as_dispatch().clone().inner(),
+        DispatchDevice::Flex(_)
+    )
+}
+
 /// Whether `x` is an `f32` tensor on Flex, with or without autodiff.
 fn on_flex_f32<const D: usize>(x: &Tensor<D>) -> bool {
-    x.dtype() == DType::F32
-        && matches!(
-            x.device().as_dispatch().clone().inner(),
-            DispatchDevice::Flex(_)
-        )
+    x.dtype() == DType::F32 && on_flex(&x.device())
 }
 
 /// Symmetric padding `[height, width]` of a padding configuration, when it has one that does not

@@ -148,6 +148,13 @@ impl BucketLayout {
         let b = &self.buckets[bucket];
         b.elements + b.params.len()
     }
+
+    /// Every bucket's buffer, zeroed.
+    pub(crate) fn zeroed_buffers(&self) -> Vec<Vec<f32>> {
+        (0..self.buckets.len())
+            .map(|b| vec![0.0; self.buffer_len(b)])
+            .collect()
+    }
 }
 
 #[cfg(test)]

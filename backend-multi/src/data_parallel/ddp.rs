@@ -46,6 +46,8 @@ pub struct DistributedDataParallel {
     pending: usize,
     /// Whether [`hook`](Self::hook) hooks (else it returns `None`).
     overlap: bool,
+    /// Whether the replica is on Flex, where the gradient hook op exists.
+    on_flex: bool,
     /// The overlapped synchronisation of the step under way.
     inflight: Option<Inflight>,
     /// Off the CPU: buckets built on the device and averaged by this (see
@@ -74,25 +76,20 @@ impl DistributedDataParallel {
         buckets.validate()?;
         let model = broadcast_module(model, collective.as_ref(), Rank::ZERO)?;
         let layout = BucketLayout::plan(&trainable_params(&model), buckets);
-        let buffers = (0..layout.buckets.len())
-            .map(|b| vec![0.0; layout.buffer_len(b)])
-            .collect();
+        let buffers = layout.zeroed_buffers();
+        // A model without trainable parameters has nothing to synchronise anywhere.
+        let on_flex = trainable_device(&model).is_none_or(|device| kiln_kernels::on_flex(&device));
+        let device_reduce = (!on_flex && device_buckets_by_default())
+            .then(|| Arc::new(HostStaged(Arc::clone(&collective))) as Arc<dyn DeviceReduce>);
         let ddp = Self {
             collective,
             layout,
             buffers,
             pending: 0,
             overlap: overlap_by_default(),
+            on_flex,
             inflight: None,
-            device_reduce: None,
-        };
-        let off_cpu = trainable_device(&model).is_some_and(|device| !is_flex(&device))
-            && device_buckets_by_default();
-        let ddp = Self {
-            device_reduce: off_cpu.then(|| {
-                Arc::new(HostStaged(Arc::clone(&ddp.collective))) as Arc<dyn DeviceReduce>
-            }),
-            ..ddp
+            device_reduce,
         };
         Ok((model, ddp))
     }
@@ -102,9 +99,10 @@ impl DistributedDataParallel {
         self.overlap = on;
     }
 
-    /// Whether the all-reduce overlaps backward where the hook op exists (Flex, `f32`).
+    /// Whether the all-reduce overlaps backward: overlap on, several ranks, and the replica
+    /// on Flex, where the hook op exists.
     pub fn overlaps(&self) -> bool {
-        self.overlap && self.collective.world_size().get() > 1
+        self.overlap && self.on_flex && self.collective.world_size().get() > 1
     }
 
     /// Starts this step's synchronisation before its forward pass: `model` with a gradient
@@ -138,12 +136,18 @@ impl DistributedDataParallel {
         self.device_reduce = reduce;
     }
 
-    /// Where this replica's gradients are averaged, in words (for reports).
+    /// How this replica's gradients are averaged, in words (for reports).
     pub fn sync_path(&self) -> &'static str {
-        match &self.device_reduce {
-            Some(reduce) => reduce.describe(),
-            None => "read back per parameter, averaged through the host",
+        self.sync_note()
+            .unwrap_or("gradients read back per parameter, averaged through the host")
+    }
+
+    /// [`sync_path`](Self::sync_path) where it is not the default (reports name only those).
+    pub fn sync_note(&self) -> Option<&'static str> {
+        if self.overlaps() {
+            return Some("all-reduce overlapped with backward");
         }
+        self.device_reduce.as_ref().map(|reduce| reduce.describe())
     }
 
     /// The collective this replica synchronises through.
@@ -213,9 +217,7 @@ impl DistributedDataParallel {
         let buffers = match finished {
             Ok(buffers) => buffers,
             Err(e) => {
-                self.buffers = (0..self.layout.buckets.len())
-                    .map(|b| vec![0.0; self.layout.buffer_len(b)])
-                    .collect();
+                self.buffers = self.layout.zeroed_buffers();
                 return Err(e);
             }
         };
@@ -293,12 +295,4 @@ fn trainable_device<M: Module>(model: &M) -> Option<burn::tensor::Device> {
     let mut first = First(None);
     model.visit(&mut first);
     first.0
-}
-
-/// Whether `device` is Burn's Flex CPU backend.
-fn is_flex(device: &burn::tensor::Device) -> bool {
-    matches!(
-        device.as_dispatch().clone().inner(),
-        burn::backend::DispatchDevice::Flex(_)
-    )
 }

@@ -34,11 +34,6 @@ pub trait DeviceReduce: Send + Sync {
 /// Through the host collective: one read-back and one upload per bucket.
 pub struct HostStaged(pub Arc<dyn Collective>);
 
-impl HostStaged {
-    /// What [`DeviceReduce::describe`] says of it.
-    pub const DESCRIPTION: &'static str = "built on the device, averaged through the host";
-}
-
 impl DeviceReduce for HostStaged {
     fn all_reduce_mean(&self, bucket: Tensor<1>) -> Result<Tensor<1>> {
         let device = bucket.device();
@@ -49,7 +44,7 @@ impl DeviceReduce for HostStaged {
     }
 
     fn describe(&self) -> &'static str {
-        Self::DESCRIPTION
+        "gradient buckets built on the device, averaged through the host"
     }
 }
 
@@ -67,7 +62,7 @@ impl DeviceReduce for BurnAllReduce {
     }
 
     fn describe(&self) -> &'static str {
-        "built and averaged on the devices (Burn's all-reduce)"
+        "gradient buckets built and averaged on the devices (Burn's all-reduce)"
     }
 }
 
@@ -93,12 +88,12 @@ pub(crate) fn sync_on_device<M: Module>(
         "synchronising gradients",
         "DistributedDataParallel::new",
     )?;
+    let device = parts.device.clone().ok_or_else(|| MultiError::Tensor {
+        context: "synchronising gradients on the device".into(),
+        detail: "no trainable parameter was found on a device".into(),
+    })?;
     let mut reduced = Vec::with_capacity(layout.buckets.len());
     for (b, bucket) in parts.buckets.into_iter().enumerate() {
-        let device = parts.device.clone().ok_or_else(|| MultiError::Tensor {
-            context: "synchronising gradients on the device".into(),
-            detail: "no trainable parameter was found on a device".into(),
-        })?;
         let flat = flat_bucket(bucket, &parts.flags[b], layout, b, &device);
         let averaged = reduce.all_reduce_mean(flat)?;
         let elements = layout.buckets[b].elements();

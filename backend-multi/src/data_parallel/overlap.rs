@@ -1,7 +1,7 @@
 //! Gradient all-reduce overlapped with backward, as PyTorch's DDP reducer does it.
 //!
 //! Burn 0.22's own hook for this (`DistributedOps::submit_gradient_sync`) is not implemented
-//! by Flex (its `all_reduce` is `unimplemented!()`), so kiln makes its own: before the
+//! by Flex (its `all_reduce` panics as not implemented), so kiln makes its own: before the
 //! forward pass every trainable parameter of the replica is passed through
 //! `kiln_kernels::reduce_grad`, an identity whose backward hands the parameter's finished
 //! gradient to a callback. The callback copies it into its bucket; a bucket whose gradients

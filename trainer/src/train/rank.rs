@@ -8,7 +8,7 @@ use std::sync::Arc;
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
 use burn::tensor::{Bytes, Device};
-use kiln_multi::data_parallel::{DeviceReduce, HostStaged};
+use kiln_multi::data_parallel::DeviceReduce;
 use kiln_multi::{
     BucketConfig, Collective, DistributedDataParallel, DistributedSampler,
     DistributedSamplerConfig, Rank, WorldSize, ZERO_STATE_MAGIC, ZeroConfig, ZeroOptimizer,
@@ -260,7 +260,7 @@ impl Trainer {
             .transpose()?;
         let mut state = plan
             .is_root
-            .then(|| self.start_state(&plan, &setup, resumed_from_epoch))
+            .then(|| self.start_state(&plan, &setup, (&sync, resumed_from_epoch)))
             .transpose()?;
         let place = (plan.rank.index(), plan.world.get());
         let resumed_progress = resumed_rank_progress(restored.mid_epoch.take(), place)?;
@@ -349,8 +349,13 @@ impl Trainer {
         &self,
         plan: &RankPlan<'_, M, B>,
         setup: &RankSetup<'_>,
-        epochs_done: usize,
+        (sync, epochs_done): (&RankSync, usize),
     ) -> Result<RunStateWriter> {
+        // How plain data parallelism averages, where it is not the default.
+        let sync_note = match sync {
+            RankSync::Ddp(ddp) => ddp.sync_note(),
+            _ => None,
+        };
         let world = plan.world.get();
         // ZeRO over the data-parallel axis of a mesh.
         let zero = setup
@@ -370,17 +375,10 @@ impl Trainer {
             }
             (None, Some(stages), _) => format!("pipeline, {stages} stages"),
             (None, None, Some(stage)) => format!("ZeRO-{} x{world}", stage.number()),
-            (None, None, None) if world > 1 && overlaps(plan.device) => {
-                format!("data parallel x{world}, all-reduce overlapped with backward")
-            }
-            (None, None, None) if world > 1 && device_buckets(plan.device, setup) => {
-                let path = setup
-                    .device_reduce
-                    .as_ref()
-                    .map_or(HostStaged::DESCRIPTION, |reduce| reduce.describe());
-                format!("data parallel x{world}, gradient buckets {path}")
-            }
-            (None, None, None) if world > 1 => format!("data parallel x{world}"),
+            (None, None, None) if world > 1 => match sync_note {
+                Some(note) => format!("data parallel x{world}, {note}"),
+                None => format!("data parallel x{world}"),
+            },
             (None, None, None) => "1 device".to_string(),
         };
         let labels = (
@@ -789,27 +787,6 @@ impl Trainer {
         }
         Ok(())
     }
-}
-
-/// Whether plain data parallelism on `device` overlaps its all-reduce with backward: asked
-/// for (`KILN_DDP_OVERLAP=1`) and on Flex, where the gradient hook exists.
-fn overlaps(device: &Device) -> bool {
-    kiln_multi::data_parallel::overlap_by_default() && is_flex(device)
-}
-
-/// Whether DDP builds this rank's gradient buckets on its device (off the CPU, asked for by
-/// `KILN_DEVICE_BUCKETS=1` or an all-reduce on the devices).
-fn device_buckets(device: &Device, setup: &RankSetup<'_>) -> bool {
-    !is_flex(device)
-        && (setup.device_reduce.is_some() || kiln_multi::data_parallel::device_buckets_by_default())
-}
-
-/// Whether `device` is Burn's Flex CPU backend.
-fn is_flex(device: &Device) -> bool {
-    matches!(
-        device.as_dispatch().clone().inner(),
-        burn::backend::DispatchDevice::Flex(_)
-    )
 }
 
 /// A tensor-parallel rank's synchronisation: its group's clipping norm, after the average
