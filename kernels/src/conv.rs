@@ -184,64 +184,132 @@ impl Band {
     }
 }
 
-/// Writes sample `x` (`C_in x H x W`) as its `K x N` column matrix, row `k` at `cols[k * ld..]`.
-fn im2col(s: &Conv2dShape, x: &[f32], cols: &mut [f32], ld: usize) {
-    im2col_rows(s, x, 0..s.out_height(), cols, ld);
+/// Column-matrix rows at most this long are made by [`TapRow::Gather`]: on small planes (ResNet's
+/// 4x4 and 2x2 maps at 32x32 input) a row is a handful of elements, and its zero fills and block
+/// copies cost more than writing the elements one by one.
+const GATHER_MAX: usize = 32;
+
+/// One kernel tap's column-matrix row for a band of output rows, in terms of an input plane:
+/// the same for every channel, so worked out once per band instead of once per channel and tap
+/// (the range arithmetic, divisions included, cost more than the copies on small maps).
+struct TapRow {
+    /// Per valid output row: where it starts in the row and where its first valid column reads
+    /// the plane. The other rows, and the columns outside `cols_ok`, are padding.
+    rows: Vec<(usize, usize)>,
+    /// The valid output columns.
+    cols_ok: std::ops::Range<usize>,
+    /// How [`im2col_rows`] writes the row (col2im adds back row by row, or by `Gather` pairs).
+    fill: TapFill,
 }
 
-/// The columns of [`im2col`] for the output rows `out_rows` only (`K x out_rows.len() * OW`).
-fn im2col_rows(
-    s: &Conv2dShape,
-    x: &[f32],
-    out_rows: std::ops::Range<usize>,
-    cols: &mut [f32],
-    ld: usize,
-) {
-    let (oh, ow) = (s.out_height(), s.out_width());
-    let n = out_rows.len() * ow;
-    let [kh, kw] = s.kernel;
-    let [sh, sw] = s.stride;
-    let [ph, pw] = s.padding;
-    let plane = s.height * s.width;
-    let shifted = s.shifts_whole_rows();
-    for c in 0..s.channels_in {
-        let x_plane = &x[c * plane..(c + 1) * plane];
-        for ki in 0..kh {
-            let rows_ok = valid_outputs(oh, sh, ki, ph, s.height);
-            for kj in 0..kw {
-                let row = &mut cols[((c * kh + ki) * kw + kj) * ld..][..n];
-                let cols_ok = valid_outputs(ow, sw, kj, pw, s.width);
-                if shifted {
+/// How [`im2col_rows`] writes a [`TapRow`].
+enum TapFill {
+    /// The valid `(row position, plane position)` pairs; the rest of the row is zero.
+    Gather(Vec<(u32, u32)>),
+    /// Zeros outside `band.dst`, one block copy, and zeros at `wrapped` (positions in the
+    /// block: the padded columns the copy wrapped around). Stride-1 "same" convolutions.
+    Band { band: Band, wrapped: Vec<usize> },
+    /// Zeros, then a copy per valid output row.
+    Rows,
+}
+
+/// The [`TapRow`]s of all the taps of a kernel, for a band of output rows.
+struct ColumnPlan {
+    taps: Vec<TapRow>,
+    /// Elements per column-matrix row (output rows of the band x `OW`).
+    n: usize,
+}
+
+impl ColumnPlan {
+    fn new(s: &Conv2dShape, out_rows: std::ops::Range<usize>) -> Self {
+        let (oh, ow) = (s.out_height(), s.out_width());
+        let n = out_rows.len() * ow;
+        let [kh, kw] = s.kernel;
+        let taps = (0..kh * kw)
+            .map(|tap| {
+                let (ki, kj) = (tap / kw, tap % kw);
+                let rows_ok = valid_outputs(oh, s.stride[0], ki, s.padding[0], s.height);
+                let cols_ok = valid_outputs(ow, s.stride[1], kj, s.padding[1], s.width);
+                let lo = rows_ok.start.max(out_rows.start);
+                let valid_rows = lo..rows_ok.end.min(out_rows.end).max(lo);
+                // Output (oy, ox) reads input (oy * sh + ki - ph, ox * sw + kj - pw).
+                let at = |oy: usize, ox: usize| {
+                    let iy = oy * s.stride[0] + ki - s.padding[0];
+                    iy * s.width + ox * s.stride[1] + kj - s.padding[1]
+                };
+                let rows = if cols_ok.is_empty() {
+                    Vec::new()
+                } else {
+                    valid_rows
+                        .clone()
+                        .map(|oy| ((oy - out_rows.start) * ow, at(oy, cols_ok.start)))
+                        .collect()
+                };
+                let fill = if n <= GATHER_MAX {
+                    let pairs = valid_rows
+                        .flat_map(|oy| cols_ok.clone().map(move |ox| (oy, ox)))
+                        .map(|(oy, ox)| {
+                            (((oy - out_rows.start) * ow + ox) as u32, at(oy, ox) as u32)
+                        })
+                        .collect();
+                    TapFill::Gather(pairs)
+                } else if s.shifts_whole_rows() {
                     let band = Band::new(s, &out_rows, &rows_ok, (ki, kj));
+                    let padded = (0..ow).filter(|ox| !cols_ok.contains(ox));
+                    let wrapped = (0..band.dst.len() / ow.max(1))
+                        .flat_map(|r| padded.clone().map(move |ox| r * ow + ox))
+                        .collect();
+                    TapFill::Band { band, wrapped }
+                } else {
+                    TapFill::Rows
+                };
+                TapRow {
+                    rows,
+                    cols_ok,
+                    fill,
+                }
+            })
+            .collect();
+        ColumnPlan { taps, n }
+    }
+}
+
+/// Writes sample `x` (`C_in x H x W`) as its `K x N` column matrix, row `k` at `cols[k * ld..]`,
+/// for the output rows of `plan` (all of them for the whole matrix).
+fn im2col_rows(s: &Conv2dShape, plan: &ColumnPlan, x: &[f32], cols: &mut [f32], ld: usize) {
+    let (n, ow, sw) = (plan.n, s.out_width(), s.stride[1]);
+    let plane = s.height * s.width;
+    let taps = plan.taps.len();
+    for (t, tap) in plan.taps.iter().enumerate() {
+        for (c, x_plane) in x.chunks_exact(plane).enumerate() {
+            let row = &mut cols[(c * taps + t) * ld..][..n];
+            match &tap.fill {
+                TapFill::Gather(pairs) => {
+                    row.fill(0.0);
+                    for &(d, from) in pairs {
+                        row[d as usize] = x_plane[from as usize];
+                    }
+                }
+                TapFill::Band { band, wrapped } => {
                     row[..band.dst.start].fill(0.0);
                     row[band.dst.end..].fill(0.0);
                     let block = &mut row[band.dst.clone()];
                     block[band.copied.clone()].copy_from_slice(&x_plane[band.src.clone()]);
-                    // The copy wrapped around the row ends at the padded columns: zero them.
-                    for r in block.chunks_exact_mut(ow) {
-                        r[..cols_ok.start].fill(0.0);
-                        r[cols_ok.end..].fill(0.0);
+                    for &z in wrapped {
+                        block[z] = 0.0;
                     }
-                    continue;
                 }
-                for oy in out_rows.clone() {
-                    let at = oy - out_rows.start;
-                    let dst = &mut row[at * ow..(at + 1) * ow];
-                    if !rows_ok.contains(&oy) || cols_ok.is_empty() {
-                        dst.fill(0.0);
-                        continue;
-                    }
-                    let iy = oy * sh + ki - ph;
-                    let src = &x_plane[iy * s.width..(iy + 1) * s.width];
-                    dst[..cols_ok.start].fill(0.0);
-                    dst[cols_ok.end..].fill(0.0);
-                    let first = cols_ok.start * sw + kj - pw;
-                    if sw == 1 {
-                        dst[cols_ok.clone()].copy_from_slice(&src[first..first + cols_ok.len()]);
-                    } else {
-                        let strided = src[first..].iter().step_by(sw);
-                        for (d, &v) in dst[cols_ok.clone()].iter_mut().zip(strided) {
-                            *d = v;
+                TapFill::Rows => {
+                    row.fill(0.0);
+                    for &(at, from) in &tap.rows {
+                        let dst = &mut row[at..at + ow][tap.cols_ok.clone()];
+                        if sw == 1 {
+                            dst.copy_from_slice(&x_plane[from..from + dst.len()]);
+                        } else {
+                            let strided = x_plane[from..].iter().step_by(sw);
+                            for (d, &v) in dst.iter_mut().zip(strided) {
+                                *d = v;
+                            }
                         }
                     }
                 }
@@ -250,54 +318,30 @@ fn im2col_rows(
     }
 }
 
-/// Adds the `K x N` column matrix `cols` (row `k` at `cols[k * ld..]`) back onto sample `dx`
-/// (`C_in x H x W`): the adjoint of [`im2col`].
-fn col2im(s: &Conv2dShape, cols: &[f32], ld: usize, dx: &mut [f32]) {
-    col2im_rows(s, cols, 0..s.out_height(), ld, dx);
-}
-
-/// [`col2im`] of the columns of the output rows `out_rows` only (`K x out_rows.len() * OW`).
-fn col2im_rows(
-    s: &Conv2dShape,
-    cols: &[f32],
-    out_rows: std::ops::Range<usize>,
-    ld: usize,
-    dx: &mut [f32],
-) {
-    let (oh, ow) = (s.out_height(), s.out_width());
-    let n = out_rows.len() * ow;
-    let [kh, kw] = s.kernel;
-    let [sh, sw] = s.stride;
-    let [ph, pw] = s.padding;
+/// Adds the `K x N` column matrix `cols` (row `k` at `cols[k * ld..]`) of the output rows of
+/// `plan` back onto sample `dx` (`C_in x H x W`): the adjoint of [`im2col_rows`].
+fn col2im_rows(s: &Conv2dShape, plan: &ColumnPlan, cols: &[f32], ld: usize, dx: &mut [f32]) {
+    let (n, ow, sw) = (plan.n, s.out_width(), s.stride[1]);
     let plane = s.height * s.width;
-    for c in 0..s.channels_in {
-        let dx_plane = &mut dx[c * plane..(c + 1) * plane];
-        for ki in 0..kh {
-            let rows_ok = valid_outputs(oh, sh, ki, ph, s.height);
-            for kj in 0..kw {
-                let row = &cols[((c * kh + ki) * kw + kj) * ld..][..n];
-                let cols_ok = valid_outputs(ow, sw, kj, pw, s.width);
-                if cols_ok.is_empty() {
-                    continue;
+    let taps = plan.taps.len();
+    for (t, tap) in plan.taps.iter().enumerate() {
+        for (c, dx_plane) in dx.chunks_exact_mut(plane).enumerate() {
+            let row = &cols[(c * taps + t) * ld..][..n];
+            if let TapFill::Gather(pairs) = &tap.fill {
+                for &(from, d) in pairs {
+                    dx_plane[d as usize] += row[from as usize];
                 }
-                let (lo, hi) = (
-                    rows_ok.start.max(out_rows.start),
-                    rows_ok.end.min(out_rows.end),
-                );
-                for oy in lo..hi.max(lo) {
-                    let at = oy - out_rows.start;
-                    let src = &row[at * ow..(at + 1) * ow][cols_ok.clone()];
-                    let iy = oy * sh + ki - ph;
-                    let dst = &mut dx_plane[iy * s.width..(iy + 1) * s.width];
-                    let first = cols_ok.start * sw + kj - pw;
-                    if sw == 1 {
-                        for (d, v) in dst[first..first + src.len()].iter_mut().zip(src) {
-                            *d += v;
-                        }
-                    } else {
-                        for (i, v) in src.iter().enumerate() {
-                            dst[first + i * sw] += v;
-                        }
+                continue;
+            }
+            for &(at, to) in &tap.rows {
+                let src = &row[at..at + ow][tap.cols_ok.clone()];
+                if sw == 1 {
+                    for (d, v) in dx_plane[to..to + src.len()].iter_mut().zip(src) {
+                        *d += v;
+                    }
+                } else {
+                    for (i, v) in src.iter().enumerate() {
+                        dx_plane[to + i * sw] += v;
                     }
                 }
             }
@@ -473,7 +517,12 @@ pub(crate) fn scratch_slice(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
 
 /// The column matrix (`K x samples*N`) of a group of samples `x` (`[samples, C_in, H, W]`): the
 /// input itself for one sample of a pointwise convolution, else built in `cols`.
-fn group_columns<'a>(s: &Conv2dShape, x: &'a [f32], cols: &'a mut Vec<f32>) -> &'a [f32] {
+fn group_columns<'a>(
+    s: &Conv2dShape,
+    plan: &ColumnPlan,
+    x: &'a [f32],
+    cols: &'a mut Vec<f32>,
+) -> &'a [f32] {
     let count = x.len() / s.input_sample();
     if count == 1 && s.is_pointwise() {
         return x;
@@ -482,7 +531,7 @@ fn group_columns<'a>(s: &Conv2dShape, x: &'a [f32], cols: &'a mut Vec<f32>) -> &
     let width = count * n;
     let cols = scratch_slice(cols, k * width);
     for (j, xb) in x.chunks_exact(s.input_sample()).enumerate() {
-        im2col(s, xb, &mut cols[j * n..], width);
+        im2col_rows(s, plan, xb, &mut cols[j * n..], width);
     }
     cols
 }
@@ -501,6 +550,24 @@ fn row_bands(s: &Conv2dShape) -> impl Iterator<Item = std::ops::Range<usize>> {
     (0..oh)
         .step_by(per_band)
         .map(move |start| start..(start + per_band).min(oh))
+}
+
+/// The [`ColumnPlan`]s of a convolution: of a whole sample (for groups of samples) and of each
+/// band of [`row_bands`] (for one sample at a time), made once per call.
+struct Plans {
+    whole: ColumnPlan,
+    bands: Vec<(std::ops::Range<usize>, ColumnPlan)>,
+}
+
+impl Plans {
+    fn new(s: &Conv2dShape) -> Self {
+        Plans {
+            whole: ColumnPlan::new(s, 0..s.out_height()),
+            bands: row_bands(s)
+                .map(|r| (r.clone(), ColumnPlan::new(s, r)))
+                .collect(),
+        }
+    }
 }
 
 /// The output gradient of a group of samples as one `C_out x samples*N` matrix: the samples'
@@ -619,26 +686,25 @@ impl TapCrop {
     }
 
     /// Writes the cut kernel's `grad` into the full shape's `grad_weight`, zeros at the skipped
-    /// taps (they never meet the input, so their gradient is exactly zero).
+    /// taps (they never meet the input, so their gradient is exactly zero). The zeros are one
+    /// fill (a `memset`) and the kept taps a scatter: ResNet's layer4 at 32x32 input keeps 1 tap
+    /// of 9, and a select per element of its 9 MB gradient cost more than the GEMM before it.
     fn uncut(&self, s: &Conv2dShape, grad: &[f32], grad_weight: &mut [f32]) {
         let [kh, kw] = s.kernel;
         let [rows, cols] = self.taps.clone();
         let kept = rows.len() * cols.len();
-        // Where each tap of the full kernel is in the cut one.
-        let source: Vec<Option<usize>> = (0..kh * kw)
-            .map(|tap| {
-                let (ki, kj) = (tap / kw, tap % kw);
-                (rows.contains(&ki) && cols.contains(&kj))
-                    .then(|| (ki - rows.start) * cols.len() + kj - cols.start)
-            })
+        // Where each tap of the cut kernel is in the full one.
+        let targets: Vec<usize> = rows
+            .flat_map(|ki| cols.clone().map(move |kj| ki * kw + kj))
             .collect();
         grad_weight
             .par_chunks_mut(s.channels_in * kh * kw)
             .zip(grad.par_chunks(s.channels_in * kept))
             .for_each(|(dst, src)| {
+                dst.fill(0.0);
                 for (full, cut) in dst.chunks_exact_mut(kh * kw).zip(src.chunks_exact(kept)) {
-                    for (d, from) in full.iter_mut().zip(&source) {
-                        *d = from.map_or(0.0, |i| cut[i]);
+                    for (&at, &v) in targets.iter().zip(cut) {
+                        full[at] = v;
                     }
                 }
             });
@@ -718,6 +784,7 @@ pub(crate) fn im2col_forward(
 ) {
     let (k, n) = (s.patch_len(), s.out_plane());
     let grouping = Grouping::new(s);
+    let plans = Plans::new(s);
     let group = |scratch: &mut Scratch, xg: &[f32], og: &mut [f32]| {
         let count = xg.len() / s.input_sample();
         let width = count * n;
@@ -738,10 +805,10 @@ pub(crate) fn im2col_forward(
             }
             // One band of output rows at a time, so that its columns stay in the cache
             // between im2col writing them and the GEMM reading them.
-            for rows in row_bands(s) {
+            for (rows, plan) in &plans.bands {
                 let width = rows.len() * s.out_width();
                 let cols = scratch_slice(&mut scratch.cols, k * width);
-                im2col_rows(s, xg, rows.clone(), cols, width);
+                im2col_rows(s, plan, xg, cols, width);
                 let dst = &mut og[rows.start * s.out_width()..];
                 let dims = (s.channels_out, width, k);
                 matmul(
@@ -757,7 +824,7 @@ pub(crate) fn im2col_forward(
                 );
             }
         } else {
-            let cols = group_columns(s, xg, &mut scratch.cols);
+            let cols = group_columns(s, &plans.whole, xg, &mut scratch.cols);
             let dims = (s.channels_out, width, k);
             let wide = scratch_slice(&mut scratch.wide, s.channels_out * width);
             matmul(
@@ -820,6 +887,7 @@ pub(crate) fn im2col_backward_input(
 ) {
     let (k, n) = (s.patch_len(), s.out_plane());
     let grouping = Grouping::new(s);
+    let plans = Plans::new(s);
     let par = grouping.parallelism();
     // dcols (K x width) = W^T (K x C_out: row stride 1, column stride K) @ a C_out x width
     // gradient block whose rows are `ld` apart.
@@ -844,11 +912,11 @@ pub(crate) fn im2col_backward_input(
             matmul(dims, dxg, (n, 1), true, weight, (1, k), gg, (n, 1), par);
         } else if count == 1 {
             // One band of output rows at a time (see `row_bands`), added back as it is made.
-            for rows in row_bands(s) {
+            for (rows, plan) in &plans.bands {
                 let width = rows.len() * s.out_width();
                 let dcols = scratch_slice(&mut scratch.cols, k * width);
                 transposed(dcols, &gg[rows.start * s.out_width()..], n, width);
-                col2im_rows(s, dcols, rows, width, dxg);
+                col2im_rows(s, plan, dcols, width, dxg);
             }
         } else {
             let width = count * n;
@@ -856,7 +924,7 @@ pub(crate) fn im2col_backward_input(
             let dcols = scratch_slice(&mut scratch.cols, k * width);
             transposed(dcols, grad, width, width);
             for (j, dxb) in dxg.chunks_exact_mut(s.input_sample()).enumerate() {
-                col2im(s, &dcols[j * n..], width, dxb);
+                col2im_rows(s, &plans.whole, &dcols[j * n..], width, dxb);
             }
         }
     };
@@ -937,6 +1005,7 @@ pub(crate) fn im2col_backward_weight(
     let (k, n) = (s.patch_len(), s.out_plane());
     let w_len = s.weight_len();
     let grouping = Grouping::new(s);
+    let plans = Plans::new(s);
     let per_in = grouping.per_group * s.input_sample();
     let per_out = grouping.per_group * s.output_sample();
     // dW (C_out x K) += dy_g (C_out x width) @ cols_g^T (width x K); cols_g^T has row stride 1
@@ -952,10 +1021,10 @@ pub(crate) fn im2col_backward_weight(
                 if count == 1 && !s.is_pointwise() {
                     // One band of output rows at a time (see `row_bands`); the sample's
                     // gradient block is the band's `C_out x width` matrix with row stride N.
-                    for rows in row_bands(s) {
+                    for (rows, plan) in &plans.bands {
                         let width = rows.len() * s.out_width();
                         let cols = scratch_slice(&mut scratch.cols, k * width);
-                        im2col_rows(s, xg, rows.clone(), cols, width);
+                        im2col_rows(s, plan, xg, cols, width);
                         let grad = &gg[rows.start * s.out_width()..];
                         let dims = (s.channels_out, k, width);
                         matmul(
@@ -975,7 +1044,7 @@ pub(crate) fn im2col_backward_weight(
                 }
                 let width = count * n;
                 let grad = group_grad(s, gg, &mut scratch.wide);
-                let cols = group_columns(s, xg, &mut scratch.cols);
+                let cols = group_columns(s, &plans.whole, xg, &mut scratch.cols);
                 let dims = (s.channels_out, k, width);
                 let accumulate = !first;
                 first = false;
@@ -1115,6 +1184,9 @@ mod tests {
             // gradient (ResNet's layer4 at 7x7: narrow outputs take Winograd with 256
             // channels or more).
             (8, 256, 7, 7, 256, [3, 3], [1, 1], [1, 1]),
+            // Rows of more than GATHER_MAX elements copied row by row at stride 1 (outputs
+            // narrower than the input).
+            (2, 3, 10, 9, 4, [2, 2], [1, 1], [0, 0]),
         ] {
             all.push(Conv2dShape {
                 batch,
@@ -1144,6 +1216,25 @@ mod tests {
             bands.contains(&3) && bands.contains(&2),
             "banded shapes: {bands:?}"
         );
+        // Every way im2col makes a row: gathered, as a shifted band, row by row at stride 1
+        // and at stride 2.
+        let fills: Vec<(u8, usize)> = shapes()
+            .iter()
+            .flat_map(|s| {
+                ColumnPlan::new(s, 0..s.out_height())
+                    .taps
+                    .into_iter()
+                    .map(|t| match t.fill {
+                        TapFill::Gather(_) => (0, 0),
+                        TapFill::Band { .. } => (1, 0),
+                        TapFill::Rows => (2, s.stride[1]),
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for fill in [(0, 0), (1, 0), (2, 1), (2, 2)] {
+            assert!(fills.contains(&fill), "no row made as {fill:?}");
+        }
         assert_eq!(winograd(Pass::Forward), 2);
         assert_eq!(winograd(Pass::InputGradient), 2);
         assert_eq!(winograd(Pass::WeightGradient), 1);

@@ -421,12 +421,13 @@ impl Backward<Flex, 3> for Conv2dBackward {
         } else if node_weight.is_some() || node_bias.is_some() {
             let mut grad_weight = vec![0.0f32; s.weight_len()];
             let mut grad_bias = vec![0.0f32; s.channels_out];
+            // A bias-free convolution (every ResNet one) skips the bias gradient's pass.
             conv::conv2d_backward_weight(
                 &s,
                 x.storage::<f32>(),
                 grad_out,
                 &mut grad_weight,
-                Some(&mut grad_bias),
+                node_bias.is_some().then_some(&mut grad_bias),
             );
             if let Some(node) = node_weight {
                 let shape = weight.layout().shape().to_vec();

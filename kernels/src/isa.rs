@@ -117,6 +117,34 @@ pub fn set_cap(cap: Option<Isa>) -> Isa {
     isa
 }
 
+/// Runs `f` compiled for the vectors `isa` allows: `f` is inlined into a function with the
+/// level's target features, so the plain loops in it are vectorised at that width (16 lanes on
+/// AVX-512, 8 on AVX2, 4 on the SSE2 baseline). For loops whose results do not depend on the
+/// width (element-wise maps, or sums in fixed lanes); a loop that must give the same bits on
+/// every level needs that by construction.
+#[inline(always)]
+pub fn vectorized<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+        fn avx512<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        // SAFETY: `isa` is `active()` or a level the callers checked against `detected()`,
+        // never more than the CPU has.
+        match isa.min(detected()) {
+            Isa::Avx512 => return unsafe { avx512(f) },
+            Isa::Avx2 => return unsafe { avx2(f) },
+            Isa::Scalar => {}
+        }
+    }
+    f()
+}
+
 /// What a benchmark records about the machine and the code paths its figures came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IsaReport {

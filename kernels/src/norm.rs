@@ -9,6 +9,8 @@
 
 use rayon::prelude::*;
 
+use crate::isa;
+
 /// The layout of a batch-norm input: `[batch, channels, plane]` (`plane` = height x width).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NormShape {
@@ -36,18 +38,32 @@ impl NormShape {
         self.batch * self.plane
     }
 
-    /// The planes of channel `c`, one per sample.
-    fn planes<'a>(&self, x: &'a [f32], c: usize) -> impl Iterator<Item = &'a [f32]> {
-        let (channels, plane) = (self.channels, self.plane);
-        (0..self.batch).map(move |n| &x[(n * channels + c) * plane..][..plane])
-    }
-
     fn check(&self, len: usize, what: &str) {
         assert_eq!(len, self.len(), "{what} length");
     }
 }
 
+/// Elements a parallel task aims for: consecutive planes are grouped until they reach this, so
+/// that small planes (ResNet's 2x2 and 1x1 maps at 32x32 input: 4 and 1 elements) are not one
+/// task, one closure call and one channel lookup each.
+const TASK_ELEMENTS: usize = 1 << 13;
+
+impl NormShape {
+    /// Consecutive planes (`(sample, channel)` pairs in memory order) per parallel task.
+    fn planes_per_task(&self) -> usize {
+        (TASK_ELEMENTS / self.plane.max(1)).max(1)
+    }
+
+    /// The channels of the planes of task `task` ([`Self::planes_per_task`] planes each), in
+    /// order.
+    fn task_channels(&self, task: usize) -> impl Iterator<Item = usize> + use<> {
+        let channels = self.channels;
+        (task * self.planes_per_task()..).map(move |plane| plane % channels)
+    }
+}
+
 /// Sum of `f(v)` over a plane, in eight `f32` lanes (vectorised) and then `f64`.
+#[inline(always)]
 fn plane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     let mut lanes = [0.0f32; 8];
     let chunks = values.chunks_exact(8);
@@ -60,6 +76,37 @@ fn plane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     lanes.iter().map(|&l| l as f64).sum::<f64>() + tail as f64
 }
 
+/// Per plane of `x`, `f(plane, channel)`, in parallel over tasks of consecutive planes, each
+/// vectorised at the active level: the per-plane sums the statistics and the backward reduce.
+fn plane_sums(s: &NormShape, x: &[f32], f: impl Fn(&[f32], usize) -> f64 + Sync) -> Vec<f64> {
+    let isa = isa::active();
+    let per = s.planes_per_task();
+    let mut sums = vec![0.0f64; s.batch * s.channels];
+    sums.par_chunks_mut(per)
+        .zip(x.par_chunks(per * s.plane))
+        .enumerate()
+        .for_each(|(task, (sums, x))| {
+            isa::vectorized(isa, || {
+                let planes = sums.iter_mut().zip(x.chunks_exact(s.plane));
+                for ((sum, plane), c) in planes.zip(s.task_channels(task)) {
+                    *sum = f(plane, c);
+                }
+            })
+        });
+    sums
+}
+
+/// Per channel, the sum over samples of the per-plane values `sums` (`[batch, channels]`).
+fn channel_totals(s: &NormShape, sums: &[f64]) -> Vec<f64> {
+    let mut totals = vec![0.0f64; s.channels];
+    for sample in sums.chunks_exact(s.channels) {
+        for (t, &v) in totals.iter_mut().zip(sample) {
+            *t += v;
+        }
+    }
+    totals
+}
+
 /// Per-channel mean and biased variance of `x` (what a training batch norm normalises with and
 /// feeds its running statistics), two passes (mean, then squared deviations).
 pub fn batch_norm_stats(s: &NormShape, x: &[f32], mean: &mut [f32], var: &mut [f32]) {
@@ -67,24 +114,21 @@ pub fn batch_norm_stats(s: &NormShape, x: &[f32], mean: &mut [f32], var: &mut [f
     assert_eq!(mean.len(), s.channels, "mean length");
     assert_eq!(var.len(), s.channels, "variance length");
     let count = s.count() as f64;
-    mean.par_iter_mut()
-        .zip(var.par_iter_mut())
-        .enumerate()
-        .for_each(|(c, (m, v))| {
-            let mu = s.planes(x, c).map(|p| plane_sum(p, |x| x)).sum::<f64>() / count;
-            let mu32 = mu as f32;
-            let sq = s
-                .planes(x, c)
-                .map(|p| {
-                    plane_sum(p, |x| {
-                        let d = x - mu32;
-                        d * d
-                    })
-                })
-                .sum::<f64>();
-            *m = mu32;
-            *v = (sq / count) as f32;
-        });
+    let sums = plane_sums(s, x, |plane, _| plane_sum(plane, |v| v));
+    for (m, total) in mean.iter_mut().zip(channel_totals(s, &sums)) {
+        *m = (total / count) as f32;
+    }
+    let mean = &*mean;
+    let squares = plane_sums(s, x, |plane, c| {
+        let mu = mean[c];
+        plane_sum(plane, |v| {
+            let d = v - mu;
+            d * d
+        })
+    });
+    for (v, total) in var.iter_mut().zip(channel_totals(s, &squares)) {
+        *v = (total / count) as f32;
+    }
 }
 
 /// `1 / sqrt(var + epsilon)` per channel.
@@ -94,8 +138,9 @@ fn inv_std(var: &[f32], epsilon: f64) -> Vec<f32> {
         .collect()
 }
 
-/// ReLU as Burn's Flex computes it: NaN passes through.
-#[inline]
+/// ReLU as Burn's Flex computes it: NaN passes through. A select, not a branch, so that the
+/// loops around it vectorise.
+#[inline(always)]
 fn relu(v: f32) -> f32 {
     if v.is_nan() || v > 0.0 { v } else { 0.0 }
 }
@@ -125,31 +170,95 @@ pub fn batch_norm_forward(
         assert_eq!(v.len(), s.channels, "per-channel length");
     }
     let inv = inv_std(var, epsilon);
-    out.par_chunks_mut(s.plane)
-        .zip(x.par_chunks(s.plane))
+    let scale: Vec<f32> = gamma.iter().zip(&inv).map(|(g, i)| g * i).collect();
+    let shift: Vec<f32> = (0..s.channels)
+        .map(|c| beta[c] - mean[c] * scale[c])
+        .collect();
+    let isa = isa::active();
+    let (p, per) = (s.plane, s.planes_per_task() * s.plane);
+    out.par_chunks_mut(per)
+        .zip(x.par_chunks(per))
         .enumerate()
-        .for_each(|(i, (o, x))| {
-            let c = i % s.channels;
-            let scale = gamma[c] * inv[c];
-            let shift = beta[c] - mean[c] * scale;
-            match residual.map(|r| &r[i * s.plane..][..s.plane]) {
-                Some(r) => {
-                    for ((o, &x), &r) in o.iter_mut().zip(x).zip(r) {
-                        *o = x * scale + shift + r;
+        .for_each(|(task, (o, x))| {
+            let r = residual.map(|r| &r[task * per..][..o.len()]);
+            isa::vectorized(isa, || {
+                let planes = o.chunks_exact_mut(p).zip(x.chunks_exact(p)).enumerate();
+                for ((i, (o, x)), c) in planes.zip(s.task_channels(task)) {
+                    let (scale, shift) = (scale[c], shift[c]);
+                    match r.map(|r| &r[i * p..][..p]) {
+                        Some(r) => {
+                            for ((o, &x), &r) in o.iter_mut().zip(x).zip(r) {
+                                *o = x * scale + shift + r;
+                            }
+                        }
+                        None => {
+                            for (o, &x) in o.iter_mut().zip(x) {
+                                *o = x * scale + shift;
+                            }
+                        }
+                    }
+                    if relu_after {
+                        for o in o.iter_mut() {
+                            *o = relu(*o);
+                        }
                     }
                 }
-                None => {
-                    for (o, &x) in o.iter_mut().zip(x) {
-                        *o = x * scale + shift;
-                    }
-                }
-            }
-            if relu_after {
-                for o in o.iter_mut() {
-                    *o = relu(*o);
-                }
-            }
+            })
         });
+}
+
+/// Per plane: `grad_out` cut by the ReLU mask of `relu_out` (in place), then `sum(dy)` and
+/// `sum(dy * (x - mean))`, in parallel over tasks of consecutive planes.
+fn masked_gradient_sums(
+    s: &NormShape,
+    x: &[f32],
+    mean: &[f32],
+    grad_out: &mut [f32],
+    relu_out: Option<&[f32]>,
+) -> Vec<(f64, f64)> {
+    let isa = isa::active();
+    let (p, per) = (s.plane, s.planes_per_task());
+    let mut sums = vec![(0.0f64, 0.0f64); s.batch * s.channels];
+    sums.par_chunks_mut(per)
+        .zip(grad_out.par_chunks_mut(per * p).zip(x.par_chunks(per * p)))
+        .enumerate()
+        .for_each(|(task, (sums, (dy, x)))| {
+            let y = relu_out.map(|y| &y[task * per * p..][..dy.len()]);
+            isa::vectorized(isa, || {
+                if let Some(y) = y {
+                    for (d, &y) in dy.iter_mut().zip(y) {
+                        *d = if y.is_nan() || y > 0.0 { *d } else { 0.0 };
+                    }
+                }
+                let planes = dy.chunks_exact(p).zip(x.chunks_exact(p));
+                for ((sum, (dy, x)), c) in sums.iter_mut().zip(planes).zip(s.task_channels(task)) {
+                    *sum = sum_and_dot(dy, x, mean[c]);
+                }
+            })
+        });
+    sums
+}
+
+/// `(sum(dy), sum(dy * (x - mu)))` over a plane, in eight `f32` lanes each and then `f64`.
+#[inline(always)]
+fn sum_and_dot(dy: &[f32], x: &[f32], mu: f32) -> (f64, f64) {
+    let (mut sum, mut dot) = (0.0f64, 0.0f64);
+    let mut lanes = [[0.0f32; 8]; 2];
+    let xs = x.chunks_exact(8);
+    let dys = dy.chunks_exact(8);
+    for (&x, &dy) in xs.remainder().iter().zip(dys.remainder()) {
+        sum += dy as f64;
+        dot += (dy * (x - mu)) as f64;
+    }
+    for (x, dy) in xs.zip(dys) {
+        for l in 0..8 {
+            lanes[0][l] += dy[l];
+            lanes[1][l] += dy[l] * (x[l] - mu);
+        }
+    }
+    sum += lanes[0].iter().map(|&v| v as f64).sum::<f64>();
+    dot += lanes[1].iter().map(|&v| v as f64).sum::<f64>();
+    (sum, dot)
 }
 
 /// Gradients of [`batch_norm_forward`] with the batch statistics of `x` (their dependence on
@@ -190,77 +299,69 @@ pub fn batch_norm_backward(
     assert_eq!(grad_gamma.len(), s.channels, "gamma gradient length");
     assert_eq!(grad_beta.len(), s.channels, "beta gradient length");
     let inv = inv_std(var, epsilon);
-    // Per plane: the ReLU mask applied, then sum(dy) and sum(dy * (x - mean)).
-    let plane = s.plane;
-    let sums: Vec<(f64, f64)> = grad_out
-        .par_chunks_mut(plane)
-        .zip(x.par_chunks(plane))
-        .enumerate()
-        .map(|(i, (dy, x))| {
-            if let Some(y) = relu_out {
-                for (d, &y) in dy.iter_mut().zip(&y[i * plane..][..plane]) {
-                    if !(y.is_nan() || y > 0.0) {
-                        *d = 0.0;
-                    }
-                }
-            }
-            let mu = mean[i % s.channels];
-            let (mut sum, mut dot) = (0.0f64, 0.0f64);
-            let mut lanes = [[0.0f32; 8]; 2];
-            let xs = x.chunks_exact(8);
-            let dys = dy.chunks_exact(8);
-            for (&x, &dy) in xs.remainder().iter().zip(dys.remainder()) {
-                sum += dy as f64;
-                dot += (dy * (x - mu)) as f64;
-            }
-            for (x, dy) in xs.zip(dys) {
-                for l in 0..8 {
-                    lanes[0][l] += dy[l];
-                    lanes[1][l] += dy[l] * (x[l] - mu);
-                }
-            }
-            sum += lanes[0].iter().map(|&v| v as f64).sum::<f64>();
-            dot += lanes[1].iter().map(|&v| v as f64).sum::<f64>();
-            (sum, dot)
-        })
-        .collect();
+    let sums = masked_gradient_sums(s, x, mean, grad_out, relu_out);
+    let (sums, dots): (Vec<f64>, Vec<f64>) = sums.into_iter().unzip();
+    let (sums, dots) = (channel_totals(s, &sums), channel_totals(s, &dots));
     for c in 0..s.channels {
-        let (sum, dot) = (0..s.batch)
-            .map(|n| sums[n * s.channels + c])
-            .fold((0.0, 0.0), |(a, b), (s, d)| (a + s, b + d));
-        grad_beta[c] = sum as f32;
-        grad_gamma[c] = (dot * inv[c] as f64) as f32;
+        grad_beta[c] = sums[c] as f32;
+        grad_gamma[c] = (dots[c] * inv[c] as f64) as f32;
     }
-    let count = s.count() as f32;
     // dx = scale * (dy - mean(dy) - (x - mean) * k) with, per channel, scale = gamma * inv and
     // k = inv * grad_gamma / count (x_hat * mean(dy * x_hat) = (x - mean) * inv^2 *
     // grad_gamma / inv / count).
-    let coefficients = |i: usize| {
-        let c = i % s.channels;
-        let k = inv[c] * grad_gamma[c] / count;
-        (gamma[c] * inv[c], grad_beta[c] / count, k, mean[c])
+    let count = s.count() as f32;
+    let coefficients: Vec<[f32; 4]> = (0..s.channels)
+        .map(|c| {
+            let k = inv[c] * grad_gamma[c] / count;
+            [gamma[c] * inv[c], grad_beta[c] / count, k, mean[c]]
+        })
+        .collect();
+    input_gradient(s, x, &coefficients, grad_out, grad_x);
+}
+
+/// `dx = scale * (dy - mean_dy - (x - mu) * k)` with each channel's `[scale, mean_dy, k, mu]`,
+/// into `grad_x` or, without it, over `grad_out`.
+fn input_gradient(
+    s: &NormShape,
+    x: &[f32],
+    coefficients: &[[f32; 4]],
+    grad_out: &mut [f32],
+    grad_x: Option<&mut [f32]>,
+) {
+    let isa = isa::active();
+    let (p, per) = (s.plane, s.planes_per_task() * s.plane);
+    let planes = |task: usize, dx: &mut [f32], x: &[f32], dy: Option<&[f32]>| {
+        isa::vectorized(isa, || {
+            let rows = dx.chunks_exact_mut(p).zip(x.chunks_exact(p)).enumerate();
+            for ((i, (dx, x)), c) in rows.zip(s.task_channels(task)) {
+                let [scale, mean_dy, k, mu] = coefficients[c];
+                match dy {
+                    Some(dy) => {
+                        let dy = &dy[i * p..][..p];
+                        for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+                            *dx = scale * (dy - mean_dy - (x - mu) * k);
+                        }
+                    }
+                    None => {
+                        for (d, &x) in dx.iter_mut().zip(x) {
+                            *d = scale * (*d - mean_dy - (x - mu) * k);
+                        }
+                    }
+                }
+            }
+        })
     };
     match grad_x {
         Some(grad_x) => grad_x
-            .par_chunks_mut(plane)
-            .zip(x.par_chunks(plane).zip(grad_out.par_chunks(plane)))
+            .par_chunks_mut(per)
+            .zip(x.par_chunks(per).zip(grad_out.par_chunks(per)))
             .enumerate()
-            .for_each(|(i, (dx, (x, dy)))| {
-                let (scale, mean_dy, k, mu) = coefficients(i);
-                for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
-                    *dx = scale * (dy - mean_dy - (x - mu) * k);
-                }
-            }),
+            .for_each(|(task, (dx, (x, dy)))| planes(task, dx, x, Some(dy))),
         None => grad_out
-            .par_chunks_mut(plane)
-            .zip(x.par_chunks(plane))
+            .par_chunks_mut(per)
+            .zip(x.par_chunks(per))
             .enumerate()
-            .for_each(|(i, (d, x))| {
-                let (scale, mean_dy, k, mu) = coefficients(i);
-                for (d, &x) in d.iter_mut().zip(x) {
-                    *d = scale * (*d - mean_dy - (x - mu) * k);
-                }
-            }),
+            .for_each(|(task, (d, x))| planes(task, d, x, None)),
     }
 }
 
@@ -352,7 +453,10 @@ mod tests {
             let (mut mean, mut var) = (vec![0.0; s.channels], vec![0.0; s.channels]);
             batch_norm_stats(&s, &x, &mut mean, &mut var);
             for c in 0..s.channels {
-                let vals: Vec<f64> = s.planes(&x, c).flatten().map(|&v| v as f64).collect();
+                let vals: Vec<f64> = (0..s.batch)
+                    .flat_map(|n| &x[(n * s.channels + c) * s.plane..][..s.plane])
+                    .map(|&v| v as f64)
+                    .collect();
                 let mu = vals.iter().sum::<f64>() / vals.len() as f64;
                 let v = vals.iter().map(|x| (x - mu).powi(2)).sum::<f64>() / vals.len() as f64;
                 assert!((mean[c] as f64 - mu).abs() < 1e-5, "{s:?} mean");
@@ -457,6 +561,108 @@ mod tests {
                 for (k, &d) in dy.iter().enumerate() {
                     let n = numeric(k, 3);
                     assert!(close(d, n), "{case}: dresidual[{k}]: {d} vs {n}");
+                }
+            }
+        }
+    }
+
+    /// Shapes cut into several parallel tasks (planes of 1,500 elements, five per task, and
+    /// 1-element planes whose tasks start mid-sample) against the closed forms in `f64`: the
+    /// channel of every plane has to follow it across the task boundaries.
+    #[test]
+    fn planes_grouped_into_tasks_keep_their_channels() {
+        let eps = 1e-5;
+        let shapes = [
+            NormShape {
+                batch: 3,
+                channels: 7,
+                plane: 1500,
+            },
+            NormShape {
+                batch: 16,
+                channels: 1200,
+                plane: 1,
+            },
+        ];
+        for (i, s) in shapes.into_iter().enumerate() {
+            assert!(s.len() > 2 * TASK_ELEMENTS, "{s:?} spans several tasks");
+            let seed = 100 + 10 * i as u32;
+            // Per-channel offsets, so that a plane normalised with its neighbour's statistics
+            // is far off.
+            let x: Vec<f32> = values(s.len(), seed)
+                .iter()
+                .enumerate()
+                .map(|(k, v)| v + 2.0 * (k / s.plane % s.channels % 5) as f32)
+                .collect();
+            let gamma = values(s.channels, seed + 1);
+            let beta = values(s.channels, seed + 2);
+            let residual = values(s.len(), seed + 3);
+            let dy0 = values(s.len(), seed + 4);
+            let (mut mean, mut var) = (vec![0.0; s.channels], vec![0.0; s.channels]);
+            batch_norm_stats(&s, &x, &mut mean, &mut var);
+            let mut out = vec![0.0; s.len()];
+            let args = (&mean, &var, &gamma, &beta);
+            batch_norm_forward(
+                &s,
+                &x,
+                args.0,
+                args.1,
+                args.2,
+                args.3,
+                eps,
+                Some(&residual),
+                true,
+                &mut out,
+            );
+            let (mut dx, mut dg, mut db) = (
+                vec![0.0; s.len()],
+                vec![0.0; s.channels],
+                vec![0.0; s.channels],
+            );
+            let mut dy = dy0.clone();
+            let (m, v, g) = (&mean, &var, &gamma);
+            batch_norm_backward(
+                &s,
+                &x,
+                m,
+                v,
+                g,
+                eps,
+                &mut dy,
+                Some(&out),
+                Some(&mut dx),
+                &mut dg,
+                &mut db,
+            );
+            let close = |got: f32, want: f64, what: &str| {
+                assert!(
+                    (got as f64 - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    "{s:?} {what}: {got} vs {want}"
+                );
+            };
+            let n = (s.batch * s.plane) as f64;
+            for c in 0..s.channels {
+                let at: Vec<usize> = (0..s.batch)
+                    .flat_map(|b| ((b * s.channels + c) * s.plane..).take(s.plane))
+                    .collect();
+                let mu = at.iter().map(|&k| x[k] as f64).sum::<f64>() / n;
+                let var_c = at.iter().map(|&k| (x[k] as f64 - mu).powi(2)).sum::<f64>() / n;
+                close(mean[c], mu, "mean");
+                close(var[c], var_c, "var");
+                let inv = 1.0 / (var_c + eps).sqrt();
+                let hat = |k: usize| (x[k] as f64 - mu) * inv;
+                let pre = |k: usize| hat(k) * gamma[c] as f64 + beta[c] as f64 + residual[k] as f64;
+                // The mask the backward is given: the forward's output (checked above).
+                let masked = |k: usize| if out[k] > 0.0 { dy0[k] as f64 } else { 0.0 };
+                let sum = at.iter().map(|&k| masked(k)).sum::<f64>();
+                let dot = at.iter().map(|&k| masked(k) * hat(k)).sum::<f64>();
+                close(db[c], sum, "dbeta");
+                close(dg[c], dot, "dgamma");
+                for &k in &at {
+                    close(out[k], pre(k).max(0.0), "output");
+                    let want = gamma[c] as f64 * inv * (masked(k) - sum / n - hat(k) * dot / n);
+                    close(dx[k], want, "dx");
+                    close(dy[k], masked(k), "masked gradient");
                 }
             }
         }
