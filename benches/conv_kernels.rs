@@ -1,5 +1,7 @@
 //! kiln's convolution kernels alone, on slices, at ResNet-18's stride-1 3x3 shapes (batch 8 at
-//! 224x224 and batch 32 at 32x32 input) and SimpleCNN's second convolution (batch 64): forward, input gradient and weight gradient as kiln
+//! 224x224 and batch 32 at 32x32 input), its other convolutions at batch 32 x 32x32 (stem,
+//! stride-2 and 1x1 projections) and SimpleCNN's second convolution (batch 64): forward, input
+//! gradient and weight gradient as kiln
 //! runs them (Winograd where `winograd` is true) and with im2col + GEMM, interleaved rep by rep;
 //! medians in milliseconds. Prints one JSON object.
 //!
@@ -38,17 +40,25 @@ fn time(f: impl FnOnce()) -> f64 {
 fn main() {
     let reps = arg("--reps", 5);
     let mut rows: Vec<Value> = Vec::new();
-    for (batch, size, channels_in, channels) in [
-        (8, 56, 64, 64),
-        (8, 28, 128, 128),
-        (8, 14, 256, 256),
-        (8, 7, 512, 512),
-        (32, 8, 64, 64),
-        (32, 4, 128, 128),
-        (32, 2, 256, 256),
-        (32, 1, 512, 512),
+    // (batch, input size, channels in, channels out, kernel, stride); padding kernel / 2.
+    for (batch, size, channels_in, channels, k, stride) in [
+        (8, 56, 64, 64, 3, 1),
+        (8, 28, 128, 128, 3, 1),
+        (8, 14, 256, 256, 3, 1),
+        (8, 7, 512, 512, 3, 1),
+        (32, 8, 64, 64, 3, 1),
+        (32, 4, 128, 128, 3, 1),
+        (32, 2, 256, 256, 3, 1),
+        (32, 1, 512, 512, 3, 1),
+        // The rest of ResNet-18 at batch 32 x 32x32: the stem, each stage's first (stride-2)
+        // convolution and its 1x1 projection.
+        (32, 32, 3, 64, 7, 2),
+        (32, 8, 64, 128, 3, 2),
+        (32, 8, 64, 128, 1, 2),
+        (32, 4, 128, 256, 3, 2),
+        (32, 2, 256, 512, 3, 2),
         // SimpleCNN's conv2 at batch 64.
-        (64, 14, 32, 64),
+        (64, 14, 32, 64, 3, 1),
     ] {
         let s = Conv2dShape {
             batch,
@@ -56,9 +66,9 @@ fn main() {
             height: size,
             width: size,
             channels_out: channels,
-            kernel: [3, 3],
-            stride: [1, 1],
-            padding: [1, 1],
+            kernel: [k, k],
+            stride: [stride, stride],
+            padding: [k / 2, k / 2],
         };
         let x = values(batch * s.input_sample(), 1);
         let w = values(s.weight_len(), 2);
@@ -88,6 +98,7 @@ fn main() {
         let pass = |w: f64, i: f64| json!({ "kiln": w, "im2col": i, "speedup": i / w });
         rows.push(json!({
             "batch": batch, "size": size, "channels_in": channels_in, "channels": channels,
+            "kernel": k, "stride": stride,
             "winograd": applies,
             "forward_ms": pass(wf, f),
             "input_grad_ms": pass(wb, b),

@@ -204,8 +204,12 @@ struct TapRow {
 
 /// How [`im2col_rows`] writes a [`TapRow`].
 enum TapFill {
-    /// The valid `(row position, plane position)` pairs; the rest of the row is zero.
-    Gather(Vec<(u32, u32)>),
+    /// The valid `(row position, plane position)` pairs, and the row positions that are
+    /// padding (zeroed one by one: a `memset` call per row of a few elements cost more).
+    Gather {
+        pairs: Vec<(u32, u32)>,
+        zeros: Vec<u32>,
+    },
     /// Zeros outside `band.dst`, one block copy, and zeros at `wrapped` (positions in the
     /// block: the padded columns the copy wrapped around). Stride-1 "same" convolutions.
     Band { band: Band, wrapped: Vec<usize> },
@@ -246,13 +250,17 @@ impl ColumnPlan {
                         .collect()
                 };
                 let fill = if n <= GATHER_MAX {
-                    let pairs = valid_rows
+                    let pairs: Vec<(u32, u32)> = valid_rows
                         .flat_map(|oy| cols_ok.clone().map(move |ox| (oy, ox)))
                         .map(|(oy, ox)| {
-                            (((oy - out_rows.start) * ow + ox) as u32, at(oy, ox) as u32)
+                            let d = (oy - out_rows.start) * ow + ox;
+                            (d as u32, at(oy, ox) as u32)
                         })
                         .collect();
-                    TapFill::Gather(pairs)
+                    let zeros = (0..n as u32)
+                        .filter(|d| !pairs.iter().any(|p| p.0 == *d))
+                        .collect();
+                    TapFill::Gather { pairs, zeros }
                 } else if s.shifts_whole_rows() {
                     let band = Band::new(s, &out_rows, &rows_ok, (ki, kj));
                     let padded = (0..ow).filter(|ox| !cols_ok.contains(ox));
@@ -284,8 +292,10 @@ fn im2col_rows(s: &Conv2dShape, plan: &ColumnPlan, x: &[f32], cols: &mut [f32], 
         for (c, x_plane) in x.chunks_exact(plane).enumerate() {
             let row = &mut cols[(c * taps + t) * ld..][..n];
             match &tap.fill {
-                TapFill::Gather(pairs) => {
-                    row.fill(0.0);
+                TapFill::Gather { pairs, zeros } => {
+                    for &z in zeros {
+                        row[z as usize] = 0.0;
+                    }
                     for &(d, from) in pairs {
                         row[d as usize] = x_plane[from as usize];
                     }
@@ -327,7 +337,7 @@ fn col2im_rows(s: &Conv2dShape, plan: &ColumnPlan, cols: &[f32], ld: usize, dx: 
     for (t, tap) in plan.taps.iter().enumerate() {
         for (c, dx_plane) in dx.chunks_exact_mut(plane).enumerate() {
             let row = &cols[(c * taps + t) * ld..][..n];
-            if let TapFill::Gather(pairs) = &tap.fill {
+            if let TapFill::Gather { pairs, .. } = &tap.fill {
                 for &(from, d) in pairs {
                     dx_plane[d as usize] += row[from as usize];
                 }
@@ -1225,7 +1235,7 @@ mod tests {
                     .taps
                     .into_iter()
                     .map(|t| match t.fill {
-                        TapFill::Gather(_) => (0, 0),
+                        TapFill::Gather { .. } => (0, 0),
                         TapFill::Band { .. } => (1, 0),
                         TapFill::Rows => (2, s.stride[1]),
                     })

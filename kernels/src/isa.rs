@@ -119,9 +119,11 @@ pub fn set_cap(cap: Option<Isa>) -> Isa {
 
 /// Runs `f` compiled for the vectors `isa` allows: `f` is inlined into a function with the
 /// level's target features, so the plain loops in it are vectorised at that width (16 lanes on
-/// AVX-512, 8 on AVX2, 4 on the SSE2 baseline). For loops whose results do not depend on the
-/// width (element-wise maps, or sums in fixed lanes); a loop that must give the same bits on
-/// every level needs that by construction.
+/// AVX-512, 8 on AVX2, 4 on the SSE2 baseline). `f` must be `#[inline(always)] || ...` (and so
+/// must any closure it calls in its loops): a closure the inliner leaves out of line is
+/// compiled for the baseline, whatever its caller's features. For loops whose results do not
+/// depend on the width (element-wise maps, or sums in fixed lanes); a loop that must give the
+/// same bits on every level needs that by construction.
 #[inline(always)]
 pub fn vectorized<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]

@@ -86,12 +86,16 @@ fn plane_sums(s: &NormShape, x: &[f32], f: impl Fn(&[f32], usize) -> f64 + Sync)
         .zip(x.par_chunks(per * s.plane))
         .enumerate()
         .for_each(|(task, (sums, x))| {
-            isa::vectorized(isa, || {
-                let planes = sums.iter_mut().zip(x.chunks_exact(s.plane));
-                for ((sum, plane), c) in planes.zip(s.task_channels(task)) {
-                    *sum = f(plane, c);
-                }
-            })
+            isa::vectorized(
+                isa,
+                #[inline(always)]
+                || {
+                    let planes = sums.iter_mut().zip(x.chunks_exact(s.plane));
+                    for ((sum, plane), c) in planes.zip(s.task_channels(task)) {
+                        *sum = f(plane, c);
+                    }
+                },
+            )
         });
     sums
 }
@@ -114,18 +118,28 @@ pub fn batch_norm_stats(s: &NormShape, x: &[f32], mean: &mut [f32], var: &mut [f
     assert_eq!(mean.len(), s.channels, "mean length");
     assert_eq!(var.len(), s.channels, "variance length");
     let count = s.count() as f64;
-    let sums = plane_sums(s, x, |plane, _| plane_sum(plane, |v| v));
+    let sums = plane_sums(
+        s,
+        x,
+        #[inline(always)]
+        |plane, _| plane_sum(plane, |v| v),
+    );
     for (m, total) in mean.iter_mut().zip(channel_totals(s, &sums)) {
         *m = (total / count) as f32;
     }
     let mean = &*mean;
-    let squares = plane_sums(s, x, |plane, c| {
-        let mu = mean[c];
-        plane_sum(plane, |v| {
-            let d = v - mu;
-            d * d
-        })
-    });
+    let squares = plane_sums(
+        s,
+        x,
+        #[inline(always)]
+        |plane, c| {
+            let mu = mean[c];
+            plane_sum(plane, |v| {
+                let d = v - mu;
+                d * d
+            })
+        },
+    );
     for (v, total) in var.iter_mut().zip(channel_totals(s, &squares)) {
         *v = (total / count) as f32;
     }
@@ -181,29 +195,33 @@ pub fn batch_norm_forward(
         .enumerate()
         .for_each(|(task, (o, x))| {
             let r = residual.map(|r| &r[task * per..][..o.len()]);
-            isa::vectorized(isa, || {
-                let planes = o.chunks_exact_mut(p).zip(x.chunks_exact(p)).enumerate();
-                for ((i, (o, x)), c) in planes.zip(s.task_channels(task)) {
-                    let (scale, shift) = (scale[c], shift[c]);
-                    match r.map(|r| &r[i * p..][..p]) {
-                        Some(r) => {
-                            for ((o, &x), &r) in o.iter_mut().zip(x).zip(r) {
-                                *o = x * scale + shift + r;
+            isa::vectorized(
+                isa,
+                #[inline(always)]
+                || {
+                    let planes = o.chunks_exact_mut(p).zip(x.chunks_exact(p)).enumerate();
+                    for ((i, (o, x)), c) in planes.zip(s.task_channels(task)) {
+                        let (scale, shift) = (scale[c], shift[c]);
+                        match r.map(|r| &r[i * p..][..p]) {
+                            Some(r) => {
+                                for ((o, &x), &r) in o.iter_mut().zip(x).zip(r) {
+                                    *o = x * scale + shift + r;
+                                }
+                            }
+                            None => {
+                                for (o, &x) in o.iter_mut().zip(x) {
+                                    *o = x * scale + shift;
+                                }
                             }
                         }
-                        None => {
-                            for (o, &x) in o.iter_mut().zip(x) {
-                                *o = x * scale + shift;
+                        if relu_after {
+                            for o in o.iter_mut() {
+                                *o = relu(*o);
                             }
                         }
                     }
-                    if relu_after {
-                        for o in o.iter_mut() {
-                            *o = relu(*o);
-                        }
-                    }
-                }
-            })
+                },
+            )
         });
 }
 
@@ -224,17 +242,23 @@ fn masked_gradient_sums(
         .enumerate()
         .for_each(|(task, (sums, (dy, x)))| {
             let y = relu_out.map(|y| &y[task * per * p..][..dy.len()]);
-            isa::vectorized(isa, || {
-                if let Some(y) = y {
-                    for (d, &y) in dy.iter_mut().zip(y) {
-                        *d = if y.is_nan() || y > 0.0 { *d } else { 0.0 };
+            isa::vectorized(
+                isa,
+                #[inline(always)]
+                || {
+                    if let Some(y) = y {
+                        for (d, &y) in dy.iter_mut().zip(y) {
+                            *d = if y.is_nan() || y > 0.0 { *d } else { 0.0 };
+                        }
                     }
-                }
-                let planes = dy.chunks_exact(p).zip(x.chunks_exact(p));
-                for ((sum, (dy, x)), c) in sums.iter_mut().zip(planes).zip(s.task_channels(task)) {
-                    *sum = sum_and_dot(dy, x, mean[c]);
-                }
-            })
+                    let planes = dy.chunks_exact(p).zip(x.chunks_exact(p));
+                    for ((sum, (dy, x)), c) in
+                        sums.iter_mut().zip(planes).zip(s.task_channels(task))
+                    {
+                        *sum = sum_and_dot(dy, x, mean[c]);
+                    }
+                },
+            )
         });
     sums
 }
@@ -331,25 +355,29 @@ fn input_gradient(
     let isa = isa::active();
     let (p, per) = (s.plane, s.planes_per_task() * s.plane);
     let planes = |task: usize, dx: &mut [f32], x: &[f32], dy: Option<&[f32]>| {
-        isa::vectorized(isa, || {
-            let rows = dx.chunks_exact_mut(p).zip(x.chunks_exact(p)).enumerate();
-            for ((i, (dx, x)), c) in rows.zip(s.task_channels(task)) {
-                let [scale, mean_dy, k, mu] = coefficients[c];
-                match dy {
-                    Some(dy) => {
-                        let dy = &dy[i * p..][..p];
-                        for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
-                            *dx = scale * (dy - mean_dy - (x - mu) * k);
+        isa::vectorized(
+            isa,
+            #[inline(always)]
+            || {
+                let rows = dx.chunks_exact_mut(p).zip(x.chunks_exact(p)).enumerate();
+                for ((i, (dx, x)), c) in rows.zip(s.task_channels(task)) {
+                    let [scale, mean_dy, k, mu] = coefficients[c];
+                    match dy {
+                        Some(dy) => {
+                            let dy = &dy[i * p..][..p];
+                            for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+                                *dx = scale * (dy - mean_dy - (x - mu) * k);
+                            }
                         }
-                    }
-                    None => {
-                        for (d, &x) in dx.iter_mut().zip(x) {
-                            *d = scale * (*d - mean_dy - (x - mu) * k);
+                        None => {
+                            for (d, &x) in dx.iter_mut().zip(x) {
+                                *d = scale * (*d - mean_dy - (x - mu) * k);
+                            }
                         }
                     }
                 }
-            }
-        })
+            },
+        )
     };
     match grad_x {
         Some(grad_x) => grad_x

@@ -97,6 +97,8 @@ pub fn max_pool2d_forward(s: &Pool2dShape, x: &[f32], out: &mut [f32], indices: 
     let plane_in = s.height * s.width;
     let plane_out = oh * ow;
     let halving = s.kernel == [2, 2] && s.stride == [2, 2] && s.padding == [0, 0];
+    let rows = windows(oh, s.stride[0], s.kernel[0], s.padding[0], s.height);
+    let cols = windows(ow, s.stride[1], s.kernel[1], s.padding[1], s.width);
     out.par_chunks_mut(plane_out)
         .zip(indices.par_chunks_mut(plane_out))
         .zip(x.par_chunks(plane_in))
@@ -104,7 +106,7 @@ pub fn max_pool2d_forward(s: &Pool2dShape, x: &[f32], out: &mut [f32], indices: 
             if halving {
                 max_pool_2x2(s.width, xp, ow, o, idx);
             } else {
-                max_pool_plane(s, xp, o, idx);
+                max_pool_windows(s.width, (&rows, &cols), xp, o, idx);
             }
         });
 }
@@ -353,27 +355,84 @@ mod simd_2x2 {
     }
 }
 
-/// Any window, stride and padding: windows clipped to the plane.
+/// The windows of every output position along one dimension (see [`window`]).
+fn windows(out: usize, stride: usize, kernel: usize, pad: usize, input: usize) -> Vec<Range> {
+    (0..out)
+        .map(|o| window(o, stride, kernel, pad, input))
+        .collect()
+}
+
+type Range = std::ops::Range<usize>;
+
+/// Any window, stride and padding: windows clipped to the plane (the reference the tests hold
+/// the fast paths to).
+#[cfg(test)]
 fn max_pool_plane(s: &Pool2dShape, xp: &[f32], o: &mut [f32], idx: &mut [u32]) {
-    let (oh, ow) = (s.out_height(), s.out_width());
-    for oy in 0..oh {
-        let rows = window(oy, s.stride[0], s.kernel[0], s.padding[0], s.height);
-        for ox in 0..ow {
-            let cols = window(ox, s.stride[1], s.kernel[1], s.padding[1], s.width);
-            let mut best = f32::NEG_INFINITY;
-            let mut best_at = rows.start * s.width + cols.start;
+    let rows = windows(
+        s.out_height(),
+        s.stride[0],
+        s.kernel[0],
+        s.padding[0],
+        s.height,
+    );
+    let cols = windows(
+        s.out_width(),
+        s.stride[1],
+        s.kernel[1],
+        s.padding[1],
+        s.width,
+    );
+    max_pool_windows(s.width, (&rows, &cols), xp, o, idx);
+}
+
+/// [`max_pool_plane`] with the windows along each dimension worked out (once per call, not
+/// per plane and output). A whole 3x3 window (ResNet's stem pool, away from the border) is
+/// scanned unrolled, in the same order.
+fn max_pool_windows(
+    width: usize,
+    (rows, cols): (&[Range], &[Range]),
+    xp: &[f32],
+    o: &mut [f32],
+    idx: &mut [u32],
+) {
+    // Offsets of a 3x3 window's inputs after its first, in row-major order.
+    let after_first = [
+        1,
+        2,
+        width,
+        width + 1,
+        width + 2,
+        2 * width,
+        2 * width + 1,
+        2 * width + 2,
+    ];
+    let outputs = o.iter_mut().zip(idx.iter_mut());
+    let windows = rows.iter().flat_map(|r| cols.iter().map(move |c| (r, c)));
+    for ((o, idx), (rows, cols)) in outputs.zip(windows) {
+        let first = rows.start * width + cols.start;
+        let (mut best, mut best_at) = (f32::NEG_INFINITY, first);
+        if rows.len() == 3 && cols.len() == 3 {
+            // The first input always wins against minus infinity or equals it.
+            (best, best_at) = (xp[first], first);
+            for d in after_first {
+                let v = xp[first + d];
+                let take = wins(v, best);
+                best = if take { v } else { best };
+                best_at = if take { first + d } else { best_at };
+            }
+        } else {
             for iy in rows.clone() {
-                let row = &xp[iy * s.width..(iy + 1) * s.width];
+                let row = &xp[iy * width..(iy + 1) * width];
                 for ix in cols.clone() {
                     let v = row[ix];
                     let take = wins(v, best);
                     best = if take { v } else { best };
-                    best_at = if take { iy * s.width + ix } else { best_at };
+                    best_at = if take { iy * width + ix } else { best_at };
                 }
             }
-            o[oy * ow + ox] = best;
-            idx[oy * ow + ox] = best_at as u32;
         }
+        *o = best;
+        *idx = best_at as u32;
     }
 }
 
@@ -546,6 +605,68 @@ mod tests {
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got), bits(&want), "{isa} values, width {width}");
                 assert_eq!(got_at, want_at, "{isa} indices, width {width}");
+            }
+        }
+    }
+
+    /// ResNet's stem pool (3x3, stride 2, padding 1) and a stride-1 3x3 pool, whose interior
+    /// windows take the unrolled scan, against the definition: the first maximal input in
+    /// row-major order, the last NaN where there is one; ties, NaNs and minus infinity included.
+    #[test]
+    fn whole_3x3_windows_equal_the_definition() {
+        for stride in [1, 2] {
+            let s = Pool2dShape {
+                batch: 2,
+                channels: 3,
+                height: 9,
+                width: 8,
+                kernel: [3, 3],
+                stride: [stride, stride],
+                padding: [1, 1],
+            };
+            let x: Vec<f32> = (0..s.input_len())
+                .map(
+                    |i| match (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58 {
+                        0 => f32::NAN,
+                        1 => f32::NEG_INFINITY,
+                        // Zeros and ones: many ties for the first maximum.
+                        h => (h % 2) as f32,
+                    },
+                )
+                .collect();
+            let (mut out, mut idx) = (vec![0.0; s.output_len()], vec![0u32; s.output_len()]);
+            max_pool2d_forward(&s, &x, &mut out, &mut idx);
+            let (oh, ow) = (s.out_height(), s.out_width());
+            let plane = s.height * s.width;
+            for (k, (&got, &at)) in out.iter().zip(&idx).enumerate() {
+                let (p, oy, ox) = (k / (oh * ow), k / ow % oh, k % ow);
+                let mut want: Option<(f32, usize)> = None;
+                for dy in 0..3 {
+                    for dx in 0..3 {
+                        let (iy, ix) = (
+                            (oy * stride + dy) as isize - 1,
+                            (ox * stride + dx) as isize - 1,
+                        );
+                        if iy < 0 || ix < 0 || iy >= s.height as isize || ix >= s.width as isize {
+                            continue;
+                        }
+                        let i = iy as usize * s.width + ix as usize;
+                        let v = x[p * plane + i];
+                        let take = match want {
+                            None => true,
+                            Some((best, _)) => v > best || v.is_nan(),
+                        };
+                        if take {
+                            want = Some((v, i));
+                        }
+                    }
+                }
+                let (value, position) = want.expect("every window holds an input");
+                assert_eq!(at as usize, position, "stride {stride}, output {k}");
+                assert!(
+                    got == value || (got.is_nan() && value.is_nan()),
+                    "stride {stride}, output {k}"
+                );
             }
         }
     }
