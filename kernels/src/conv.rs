@@ -217,11 +217,14 @@ enum TapFill {
     Rows,
 }
 
-/// The [`TapRow`]s of all the taps of a kernel, for a band of output rows.
+/// The [`TapRow`]s of all the taps of a kernel, for a band of output rows of one sample, or
+/// (gathers only, [`ColumnPlan::for_group`]) for all the output rows of several samples.
 struct ColumnPlan {
     taps: Vec<TapRow>,
-    /// Elements per column-matrix row (output rows of the band x `OW`).
+    /// Elements per column-matrix row (output rows of the band x `OW`, times `samples`).
     n: usize,
+    /// Consecutive samples one [`im2col_rows`] call covers: their columns side by side.
+    samples: usize,
 }
 
 impl ColumnPlan {
@@ -278,7 +281,44 @@ impl ColumnPlan {
                 }
             })
             .collect();
-        ColumnPlan { taps, n }
+        ColumnPlan {
+            taps,
+            n,
+            samples: 1,
+        }
+    }
+
+    /// The plan of a group of `samples` consecutive samples: on small planes (gathers), one
+    /// plan for the group, so that a column-matrix row is made in one loop over all the samples
+    /// instead of one short loop per sample; otherwise the plan of one sample.
+    fn for_group(s: &Conv2dShape, samples: usize) -> Self {
+        let mut plan = ColumnPlan::new(s, 0..s.out_height());
+        let n = plan.n;
+        if n > GATHER_MAX || samples == 1 {
+            return plan;
+        }
+        let stride = s.input_sample();
+        for tap in &mut plan.taps {
+            if let TapFill::Gather { pairs, zeros } = &mut tap.fill {
+                let one = std::mem::take(pairs);
+                *pairs = (0..samples)
+                    .flat_map(|j| {
+                        one.iter()
+                            .map(move |&(d, from)| (j * n, j * stride, d, from))
+                    })
+                    .map(|(dj, xj, d, from)| {
+                        ((dj + d as usize) as u32, (xj + from as usize) as u32)
+                    })
+                    .collect();
+                let one = std::mem::take(zeros);
+                *zeros = (0..samples)
+                    .flat_map(|j| one.iter().map(move |&z| (j * n) as u32 + z))
+                    .collect();
+            }
+        }
+        plan.n = n * samples;
+        plan.samples = samples;
+        plan
     }
 }
 
@@ -289,8 +329,11 @@ fn im2col_rows(s: &Conv2dShape, plan: &ColumnPlan, x: &[f32], cols: &mut [f32], 
     let plane = s.height * s.width;
     let taps = plan.taps.len();
     for (t, tap) in plan.taps.iter().enumerate() {
-        for (c, x_plane) in x.chunks_exact(plane).enumerate() {
+        for c in 0..s.channels_in {
             let row = &mut cols[(c * taps + t) * ld..][..n];
+            // A group plan's plane positions run over its samples, from this channel's plane
+            // in the first.
+            let x_plane = &x[c * plane..];
             match &tap.fill {
                 TapFill::Gather { pairs, zeros } => {
                     for &z in zeros {
@@ -335,8 +378,9 @@ fn col2im_rows(s: &Conv2dShape, plan: &ColumnPlan, cols: &[f32], ld: usize, dx: 
     let plane = s.height * s.width;
     let taps = plan.taps.len();
     for (t, tap) in plan.taps.iter().enumerate() {
-        for (c, dx_plane) in dx.chunks_exact_mut(plane).enumerate() {
+        for c in 0..s.channels_in {
             let row = &cols[(c * taps + t) * ld..][..n];
+            let dx_plane = &mut dx[c * plane..];
             if let TapFill::Gather { pairs, .. } = &tap.fill {
                 for &(from, d) in pairs {
                     dx_plane[d as usize] += row[from as usize];
@@ -527,12 +571,7 @@ pub(crate) fn scratch_slice(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
 
 /// The column matrix (`K x samples*N`) of a group of samples `x` (`[samples, C_in, H, W]`): the
 /// input itself for one sample of a pointwise convolution, else built in `cols`.
-fn group_columns<'a>(
-    s: &Conv2dShape,
-    plan: &ColumnPlan,
-    x: &'a [f32],
-    cols: &'a mut Vec<f32>,
-) -> &'a [f32] {
+fn group_columns<'a>(s: &Conv2dShape, x: &'a [f32], cols: &'a mut Vec<f32>) -> &'a [f32] {
     let count = x.len() / s.input_sample();
     if count == 1 && s.is_pointwise() {
         return x;
@@ -540,8 +579,9 @@ fn group_columns<'a>(
     let (k, n) = (s.patch_len(), s.out_plane());
     let width = count * n;
     let cols = scratch_slice(cols, k * width);
-    for (j, xb) in x.chunks_exact(s.input_sample()).enumerate() {
-        im2col_rows(s, plan, xb, &mut cols[j * n..], width);
+    let plan = ColumnPlan::for_group(s, count);
+    for (j, xg) in x.chunks_exact(plan.samples * s.input_sample()).enumerate() {
+        im2col_rows(s, &plan, xg, &mut cols[j * plan.n..], width);
     }
     cols
 }
@@ -562,22 +602,12 @@ fn row_bands(s: &Conv2dShape) -> impl Iterator<Item = std::ops::Range<usize>> {
         .map(move |start| start..(start + per_band).min(oh))
 }
 
-/// The [`ColumnPlan`]s of a convolution: of a whole sample (for groups of samples) and of each
-/// band of [`row_bands`] (for one sample at a time), made once per call.
-struct Plans {
-    whole: ColumnPlan,
-    bands: Vec<(std::ops::Range<usize>, ColumnPlan)>,
-}
-
-impl Plans {
-    fn new(s: &Conv2dShape) -> Self {
-        Plans {
-            whole: ColumnPlan::new(s, 0..s.out_height()),
-            bands: row_bands(s)
-                .map(|r| (r.clone(), ColumnPlan::new(s, r)))
-                .collect(),
-        }
-    }
+/// The [`ColumnPlan`]s of the bands of [`row_bands`] (for one sample at a time), made once per
+/// call.
+fn band_plans(s: &Conv2dShape) -> Vec<(std::ops::Range<usize>, ColumnPlan)> {
+    row_bands(s)
+        .map(|r| (r.clone(), ColumnPlan::new(s, r)))
+        .collect()
 }
 
 /// The output gradient of a group of samples as one `C_out x samples*N` matrix: the samples'
@@ -794,7 +824,7 @@ pub(crate) fn im2col_forward(
 ) {
     let (k, n) = (s.patch_len(), s.out_plane());
     let grouping = Grouping::new(s);
-    let plans = Plans::new(s);
+    let bands = band_plans(s);
     let group = |scratch: &mut Scratch, xg: &[f32], og: &mut [f32]| {
         let count = xg.len() / s.input_sample();
         let width = count * n;
@@ -815,7 +845,7 @@ pub(crate) fn im2col_forward(
             }
             // One band of output rows at a time, so that its columns stay in the cache
             // between im2col writing them and the GEMM reading them.
-            for (rows, plan) in &plans.bands {
+            for (rows, plan) in &bands {
                 let width = rows.len() * s.out_width();
                 let cols = scratch_slice(&mut scratch.cols, k * width);
                 im2col_rows(s, plan, xg, cols, width);
@@ -834,7 +864,7 @@ pub(crate) fn im2col_forward(
                 );
             }
         } else {
-            let cols = group_columns(s, &plans.whole, xg, &mut scratch.cols);
+            let cols = group_columns(s, xg, &mut scratch.cols);
             let dims = (s.channels_out, width, k);
             let wide = scratch_slice(&mut scratch.wide, s.channels_out * width);
             matmul(
@@ -897,7 +927,7 @@ pub(crate) fn im2col_backward_input(
 ) {
     let (k, n) = (s.patch_len(), s.out_plane());
     let grouping = Grouping::new(s);
-    let plans = Plans::new(s);
+    let bands = band_plans(s);
     let par = grouping.parallelism();
     // dcols (K x width) = W^T (K x C_out: row stride 1, column stride K) @ a C_out x width
     // gradient block whose rows are `ld` apart.
@@ -922,7 +952,7 @@ pub(crate) fn im2col_backward_input(
             matmul(dims, dxg, (n, 1), true, weight, (1, k), gg, (n, 1), par);
         } else if count == 1 {
             // One band of output rows at a time (see `row_bands`), added back as it is made.
-            for (rows, plan) in &plans.bands {
+            for (rows, plan) in &bands {
                 let width = rows.len() * s.out_width();
                 let dcols = scratch_slice(&mut scratch.cols, k * width);
                 transposed(dcols, &gg[rows.start * s.out_width()..], n, width);
@@ -933,8 +963,11 @@ pub(crate) fn im2col_backward_input(
             let grad = group_grad(s, gg, &mut scratch.wide);
             let dcols = scratch_slice(&mut scratch.cols, k * width);
             transposed(dcols, grad, width, width);
+            // Sample by sample: a group plan's scatter over all the samples' planes (4 KiB
+            // apart on ResNet's 2x2 maps) thrashed the L1 sets, twice as slow as this.
+            let plan = ColumnPlan::new(s, 0..s.out_height());
             for (j, dxb) in dxg.chunks_exact_mut(s.input_sample()).enumerate() {
-                col2im_rows(s, &plans.whole, &dcols[j * n..], width, dxb);
+                col2im_rows(s, &plan, &dcols[j * n..], width, dxb);
             }
         }
     };
@@ -1015,7 +1048,7 @@ pub(crate) fn im2col_backward_weight(
     let (k, n) = (s.patch_len(), s.out_plane());
     let w_len = s.weight_len();
     let grouping = Grouping::new(s);
-    let plans = Plans::new(s);
+    let bands = band_plans(s);
     let per_in = grouping.per_group * s.input_sample();
     let per_out = grouping.per_group * s.output_sample();
     // dW (C_out x K) += dy_g (C_out x width) @ cols_g^T (width x K); cols_g^T has row stride 1
@@ -1031,7 +1064,7 @@ pub(crate) fn im2col_backward_weight(
                 if count == 1 && !s.is_pointwise() {
                     // One band of output rows at a time (see `row_bands`); the sample's
                     // gradient block is the band's `C_out x width` matrix with row stride N.
-                    for (rows, plan) in &plans.bands {
+                    for (rows, plan) in &bands {
                         let width = rows.len() * s.out_width();
                         let cols = scratch_slice(&mut scratch.cols, k * width);
                         im2col_rows(s, plan, xg, cols, width);
@@ -1054,7 +1087,7 @@ pub(crate) fn im2col_backward_weight(
                 }
                 let width = count * n;
                 let grad = group_grad(s, gg, &mut scratch.wide);
-                let cols = group_columns(s, &plans.whole, xg, &mut scratch.cols);
+                let cols = group_columns(s, xg, &mut scratch.cols);
                 let dims = (s.channels_out, k, width);
                 let accumulate = !first;
                 first = false;
