@@ -40,29 +40,32 @@ fn main() {
     let only = string_arg("--only");
     let wanted = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let no_burn_ops = std::env::args().any(|a| a == "--no-burn-ops");
-    // (name, kiln's kernels, Winograd, large buffers kept by malloc)
+    // (name, kiln's kernels, Winograd, large buffers kept by malloc, steps on the pool)
     let all_modes = [
-        ("kiln", true, true, true),
-        ("kiln_im2col", true, false, true),
-        ("kiln_default_malloc", true, true, false),
-        ("burn_ops", false, false, true),
+        ("kiln", true, true, true, true),
+        ("kiln_caller_thread", true, true, true, false),
+        ("kiln_im2col", true, false, true, true),
+        ("kiln_default_malloc", true, true, false, true),
+        ("burn_ops", false, false, true, true),
     ];
-    let modes: &[(&str, bool, bool, bool)] = if spec.is_cuda() || kiln_only {
+    type Mode = (&'static str, bool, bool, bool, bool);
+    let modes: &[Mode] = if spec.is_cuda() || kiln_only {
         &all_modes[..1]
     } else if no_burn_ops {
-        &all_modes[..3]
+        &all_modes[..4]
     } else {
         &all_modes
     };
-    let set_mode = |&(_, kernels, winograd, keep): &(&str, bool, bool, bool)| {
+    let set_mode = |bench: &mut ResNetBench, &(_, kernels, winograd, keep, pool): &Mode| {
         kiln::kernels::set_enabled(kernels);
         kiln::kernels::winograd::set_enabled(winograd);
         kiln::kernels::malloc::keep_large_buffers(keep);
+        bench.set_on_pool(pool);
     };
     let mut runs: Vec<[Vec<f64>; 3]> = modes.iter().map(|_| Default::default()).collect();
     let mut pytorch: Vec<Value> = Vec::new();
     for mode in modes {
-        set_mode(mode);
+        set_mode(&mut bench, mode);
         // Warm-up (of the workloads measured, so that a profile of one sees only it).
         for workload in RESNET_WORKLOADS
             .iter()
@@ -78,7 +81,7 @@ fn main() {
         order.rotate_left(round % modes.len());
         for i in order {
             let (mode, times) = (&modes[i], &mut runs[i]);
-            set_mode(mode);
+            set_mode(&mut bench, mode);
             for _ in 0..reps {
                 for (workload, figures) in RESNET_WORKLOADS.iter().zip(times.iter_mut()) {
                     if wanted(workload.name) {
@@ -87,7 +90,7 @@ fn main() {
                 }
             }
         }
-        set_mode(&modes[0]);
+        set_mode(&mut bench, &modes[0]);
         eprintln!("round {}/{rounds}: kiln done", round + 1);
         if let Some(p) = run_pytorch_with(
             "resnet_pytorch.py",
@@ -131,6 +134,7 @@ fn main() {
             "rounds": rounds,
             "reps_per_round": reps,
             "kiln": kiln,
+            "kiln_caller_thread": others.get("kiln_caller_thread"),
             "kiln_im2col": others.get("kiln_im2col"),
             "kiln_default_malloc": others.get("kiln_default_malloc"),
             "burn_ops": others.get("burn_ops"),

@@ -14,6 +14,10 @@
 
 /// Serve buffers up to 256 MiB from the heap and keep up to 1 GiB of freed heap memory instead
 /// of returning it to the system (`on`), or go back to glibc's defaults (128 KiB for both).
+/// `on` also keeps every thread on the main heap (one arena): a training step run on a pool
+/// thread ([`crate::on_pool`]) would otherwise allocate from that thread's own arena, whose
+/// 64 MiB heaps are mapped and faulted in afresh (page faults up 10-90 % per run in `perf
+/// stat`, and run-to-run swings of 25 %); glibc cannot go back to several arenas later.
 /// Returns whether the allocator took the setting: `false` off glibc (musl, macOS, Windows),
 /// where this does nothing.
 pub fn keep_large_buffers(on: bool) -> bool {
@@ -27,7 +31,9 @@ pub fn keep_large_buffers(on: bool) -> bool {
         // SAFETY: `mallopt` only changes allocator parameters; glibc documents calling it at any
         // time, from any thread.
         unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, mmap) == 1
+            let arenas = !on || libc::mallopt(libc::M_ARENA_MAX, 1) == 1;
+            arenas
+                && libc::mallopt(libc::M_MMAP_THRESHOLD, mmap) == 1
                 && libc::mallopt(libc::M_TRIM_THRESHOLD, trim) == 1
         }
     }

@@ -58,6 +58,8 @@ pub struct ResNetBench {
     model: Option<ResNet>,
     optimizer: ModuleOptimizer,
     device: Device,
+    /// Training steps run on a thread of the kernels' pool ([`kiln_kernels::on_pool`]).
+    on_pool: bool,
 }
 
 impl ResNetBench {
@@ -68,7 +70,14 @@ impl ResNetBench {
             model: Some(ResNet::new(ResNetDepth::R18, 1000, &device)),
             optimizer: TrainerConfig::default().build_optimizer(),
             device,
+            on_pool: true,
         }
+    }
+
+    /// Whether training steps run on a thread of the kernels' pool, as `kiln`'s trainer runs
+    /// them on one device (the default), or on the calling thread.
+    pub fn set_on_pool(&mut self, on: bool) {
+        self.on_pool = on;
     }
 
     /// Runs `workload` once; returns its samples per second.
@@ -83,6 +92,13 @@ impl ResNetBench {
 
     /// Seconds of one training step of `batch` images of `side` x `side`.
     fn train_step(&mut self, batch: usize, side: usize) -> f64 {
+        if self.on_pool {
+            return kiln_kernels::on_pool(|| self.train_step_here(batch, side));
+        }
+        self.train_step_here(batch, side)
+    }
+
+    fn train_step_here(&mut self, batch: usize, side: usize) -> f64 {
         let device = &self.device;
         let images = Tensor::<4>::random([batch, 3, side, side], Distribution::Default, device);
         let labels: Vec<i64> = (0..batch as i64).map(|i| (i * 37) % 1000).collect();

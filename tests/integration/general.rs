@@ -4,8 +4,8 @@
 //! device; a group whose collectives do not reduce (synchronisation removed) does not.
 
 use std::num::NonZeroUsize;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use burn::tensor::Device;
@@ -409,4 +409,62 @@ impl Collective for NoReduce {
     fn barrier(&self) -> kiln::multi::Result<()> {
         self.0.barrier()
     }
+}
+
+/// Where each training step ran: on a thread of the kernels' pool (`true`) or not.
+fn step_threads(execution: &Execution) -> Vec<bool> {
+    let dir = tempfile::tempdir().unwrap();
+    let trainer = Trainer::new(
+        config(1),
+        dir.path(),
+        RunLabels::named("pool", "forecaster"),
+    )
+    .unwrap()
+    .with_verbosity(Verbosity::Quiet);
+    let seen = Mutex::new(Vec::new());
+    let train_step = |model: &Forecaster, batch: WindowBatch| {
+        let pooled = rayon::current_thread_index().is_some();
+        seen.lock().unwrap().push(pooled);
+        model.kiln_step(batch)
+    };
+    let eval_step = |model: &Forecaster, batch: WindowBatch| model.kiln_step(batch);
+    let (train, eval) = (waves(64, 5), waves(16, 6));
+    let steps = Steps {
+        train: &train_step,
+        eval: &eval_step,
+    };
+    let data = Data::<Window, WindowBatch> {
+        train: &train,
+        eval: &eval,
+        batcher: &WindowBatcher,
+    };
+    let (_, report) = trainer
+        .fit_model(initial_model(), steps, data, None, execution)
+        .unwrap();
+    assert_eq!(report.history.len(), 1);
+    seen.into_inner().unwrap()
+}
+
+/// One rank alone on the CPU runs its steps on a thread of the kernels' pool (its parallel
+/// loops then start on that thread, with no hand-off to the pool each); the ranks of a group
+/// keep their own threads, where a collective waiting for the other ranks holds no pool thread.
+#[test]
+fn one_device_steps_on_the_kernels_pool_and_ranks_on_their_own_threads() {
+    let single = step_threads(&Execution::Single(Device::flex().autodiff()));
+    assert!(
+        !single.is_empty() && single.iter().all(|&p| p),
+        "{single:?}"
+    );
+    let ranks = Execution::on_ranks(
+        kiln::multi::DeviceSpec::Cpu,
+        WorldSize::new(2).unwrap(),
+        Duration::from_secs(60),
+        None,
+    )
+    .unwrap();
+    let grouped = step_threads(&ranks);
+    assert!(
+        !grouped.is_empty() && grouped.iter().all(|&p| !p),
+        "{grouped:?}"
+    );
 }

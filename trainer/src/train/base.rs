@@ -156,7 +156,7 @@ impl Trainer {
     /// load; [`TrainError::Io`] when a checkpoint or the metrics log cannot be written;
     /// [`TrainError::Config`] when the batch does not split evenly over the ranks;
     /// [`TrainError::Multi`] for an empty training set or a failed rank.
-    pub fn fit_model<M: Module, I, B>(
+    pub fn fit_model<M: Module + Sync, I, B: Send>(
         &self,
         model: M,
         steps: Steps<'_, M, B>,
@@ -188,7 +188,7 @@ impl Trainer {
         execution: &Execution,
     ) -> Result<(M, FitReport)>
     where
-        M: Module,
+        M: Module + Sync,
         F: Fn(&M, Tensor<4>) -> Tensor<2> + Sync,
     {
         let step = classification_step(&forward);
@@ -219,7 +219,7 @@ impl Trainer {
     }
 
     /// Every execution mode of [`fit_model`](Self::fit_model) and [`fit`](Self::fit).
-    fn fit_any<M: Module, B>(
+    fn fit_any<M: Module + Sync, B: Send>(
         &self,
         model: M,
         task: RankTask<'_, M, B>,
@@ -312,8 +312,8 @@ impl Trainer {
         split: TensorParallelSplit<'_, M, P>,
     ) -> Result<(M, FitReport)>
     where
-        M: Module,
-        P: Module,
+        M: Module + Sync,
+        P: Module + Sync,
         F: Fn(&P, Tensor<4>) -> Tensor<2> + Sync,
     {
         let step = classification_step(&forward);
@@ -328,7 +328,7 @@ impl Trainer {
     ///
     /// # Errors
     /// As [`fit_tensor_parallel`](Self::fit_tensor_parallel).
-    pub fn fit_tensor_parallel_model<M, P, I, B>(
+    pub fn fit_tensor_parallel_model<M, P, I, B: Send>(
         &self,
         model: M,
         steps: TensorParallelSteps<'_, P, B>,
@@ -337,8 +337,8 @@ impl Trainer {
         split: TensorParallelSplit<'_, M, P>,
     ) -> Result<(M, FitReport)>
     where
-        M: Module,
-        P: Module,
+        M: Module + Sync,
+        P: Module + Sync,
     {
         let source = |part: &P, batch: B| -> Result<StepGrads> {
             let step = (steps.train)(part, batch).map_err(|source| TrainError::Step {
@@ -358,7 +358,7 @@ impl Trainer {
 
     /// Every tensor-parallel run: `part_steps` are the gradient source and evaluation step of
     /// a rank's part.
-    fn fit_tp<M: Module, P: Module, B>(
+    fn fit_tp<M: Module, P: Module + Sync, B: Send>(
         &self,
         model: M,
         part_steps: (&GradSource<'_, P, B>, &StepFn<'_, P, B>),
@@ -516,7 +516,7 @@ impl Trainer {
         split: PipelineSplit<'_, M>,
     ) -> Result<(M, FitReport)>
     where
-        M: Module,
+        M: Module + Sync,
         F: Fn(&M, Tensor<4>) -> Tensor<2> + Sync,
     {
         let inputs = |batch: ImageBatch| {
@@ -536,7 +536,7 @@ impl Trainer {
     ///
     /// # Errors
     /// As [`fit_pipeline`](Self::fit_pipeline).
-    pub fn fit_pipeline_model<M: Module, I, B>(
+    pub fn fit_pipeline_model<M: Module + Sync, I, B: Send>(
         &self,
         model: M,
         inputs: &PipelineInputs<'_, B>,
@@ -549,7 +549,7 @@ impl Trainer {
     }
 
     /// Every pipeline run.
-    fn fit_pp<M: Module, B>(
+    fn fit_pp<M: Module + Sync, B: Send>(
         &self,
         model: M,
         (inputs, eval): (&PipelineInputs<'_, B>, &StepFn<'_, M, B>),

@@ -49,6 +49,11 @@ pub(crate) struct StepPolicy<'a> {
     pub(crate) clip_grad_norm: Option<f64>,
     /// Micro-batches per optimizer step; their gradients are averaged.
     pub(crate) accumulation: NonZeroUsize,
+    /// Run each micro-batch's forward and backward, and each optimizer step, on a thread of
+    /// the kernels' pool ([`kiln_kernels::on_pool`]): one rank alone on the CPU, whose steps
+    /// wait on nothing but the pool. Off for ranks of a group (a collective would hold the
+    /// pool thread) and for pipelines (their stages have pools of their own).
+    pub(crate) on_pool: bool,
 }
 
 impl<'a> StepPolicy<'a> {
@@ -60,8 +65,14 @@ impl<'a> StepPolicy<'a> {
             lr_groups: &config.lr_groups,
             clip_grad_norm: config.clip_grad_norm,
             accumulation: config.accumulation_steps,
+            on_pool: false,
         }
     }
+}
+
+/// `f` on a thread of the kernels' pool when `pool`, else on this thread.
+fn run_on<R: Send>(pool: bool, f: impl FnOnce() -> R + Send) -> R {
+    if pool { kiln_kernels::on_pool(f) } else { f() }
 }
 
 /// What an epoch has measured so far. It is carried from one stretch of the epoch to the next
@@ -290,7 +301,7 @@ fn split_by_group<M: Module>(
 /// Stops at the end of the epoch or as `stretch` says, with `progress` updated. The progress
 /// bar shows this rank's loss and the throughput of all ranks together.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn train_epoch<M: Module, B>(
+pub(crate) fn train_epoch<M: Module + Sync, B: Send>(
     mut model: M,
     make_batch: &MakeBatch<'_, B>,
     source: &GradSource<'_, M, B>,
@@ -319,7 +330,8 @@ pub(crate) fn train_epoch<M: Module, B>(
         for chunk in group.chunks(batch_size) {
             // With data parallelism, one micro-batch a step: the all-reduce overlaps backward.
             let hooked = (micro == 1).then(|| updater.hook(&model)).flatten();
-            let out = source(hooked.as_ref().unwrap_or(&model), make_batch(chunk)?)?;
+            let (stepped, batch) = (hooked.as_ref().unwrap_or(&model), make_batch(chunk)?);
+            let out = run_on(policy.on_pool, || source(stepped, batch))?;
             progress.sums.add(out.loss, out.items, &out.metrics);
             group_loss += out.loss / micro as f64;
             if let Some(bubble) = out.bubble {
@@ -338,12 +350,10 @@ pub(crate) fn train_epoch<M: Module, B>(
         };
         let step = first_step + progress.steps;
         let lr = policy.schedule.lr(policy.lr, step);
-        let (updated, done) = updater.step(
-            (lr, lr / policy.lr),
-            policy,
-            (model, grads),
-            events.is_some(),
-        )?;
+        let record_norm = events.is_some();
+        let (updated, done) = run_on(policy.on_pool, || {
+            updater.step((lr, lr / policy.lr), policy, (model, grads), record_norm)
+        })?;
         model = updated;
         progress.exchange_seconds += done.exchange_seconds;
         progress.steps += 1;
@@ -441,6 +451,7 @@ mod tests {
             lr_groups: &groups,
             clip_grad_norm: None,
             accumulation: NonZeroUsize::MIN,
+            on_pool: false,
         };
         // The schedule halved both rates for this step.
         let (stepped, _) = updater

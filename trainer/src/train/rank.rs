@@ -230,7 +230,7 @@ struct RankRun {
 
 impl Trainer {
     /// The training run of one rank (the only one, on a single device).
-    pub(super) fn fit_rank<M: Module, B>(
+    pub(super) fn fit_rank<M: Module + Sync, B: Send>(
         &self,
         model: M,
         task: RankTask<'_, M, B>,
@@ -327,6 +327,11 @@ impl Trainer {
                 drop_last: false,
             },
         )?;
+        // One rank alone on the CPU runs its steps on the kernels' pool (see `StepPolicy`).
+        let on_pool = collective.is_none()
+            && tensor_parallel.is_none()
+            && setup.pipeline_stages.is_none()
+            && kiln_kernels::on_flex(setup.device);
         Ok(RankPlan {
             task,
             sampler,
@@ -340,7 +345,10 @@ impl Trainer {
             collective,
             tensor_parallel,
             is_root,
-            policy: StepPolicy::of(&self.config),
+            policy: StepPolicy {
+                on_pool,
+                ..StepPolicy::of(&self.config)
+            },
         })
     }
 
@@ -392,7 +400,7 @@ impl Trainer {
     /// One epoch of a rank: training (in stretches between mid-epoch checkpoints),
     /// evaluation, metrics, scalars and the checkpoint. A stop request ends it at the next
     /// optimizer step with a checkpoint there and [`TrainError::Stopped`].
-    fn run_epoch<M: Module, B>(
+    fn run_epoch<M: Module + Sync, B: Send>(
         &self,
         plan: &RankPlan<'_, M, B>,
         run: &mut RankRun,
