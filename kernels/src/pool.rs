@@ -106,7 +106,7 @@ pub fn max_pool2d_forward(s: &Pool2dShape, x: &[f32], out: &mut [f32], indices: 
             if halving {
                 max_pool_2x2(s.width, xp, ow, o, idx);
             } else {
-                max_pool_windows(s.width, (&rows, &cols), xp, o, idx);
+                max_pool_separable(s.width, (&rows, &cols), xp, o, idx);
             }
         });
 }
@@ -364,75 +364,149 @@ fn windows(out: usize, stride: usize, kernel: usize, pad: usize, input: usize) -
 
 type Range = std::ops::Range<usize>;
 
-/// Any window, stride and padding: windows clipped to the plane (the reference the tests hold
-/// the fast paths to).
+/// Any window, stride and padding: windows clipped to the plane, each scanned in row-major
+/// order (the reference the tests hold the fast paths to).
 #[cfg(test)]
 fn max_pool_plane(s: &Pool2dShape, xp: &[f32], o: &mut [f32], idx: &mut [u32]) {
-    let rows = windows(
-        s.out_height(),
-        s.stride[0],
-        s.kernel[0],
-        s.padding[0],
-        s.height,
-    );
-    let cols = windows(
-        s.out_width(),
-        s.stride[1],
-        s.kernel[1],
-        s.padding[1],
-        s.width,
-    );
-    max_pool_windows(s.width, (&rows, &cols), xp, o, idx);
+    let (oh, ow) = (s.out_height(), s.out_width());
+    for oy in 0..oh {
+        let rows = window(oy, s.stride[0], s.kernel[0], s.padding[0], s.height);
+        for ox in 0..ow {
+            let cols = window(ox, s.stride[1], s.kernel[1], s.padding[1], s.width);
+            let mut best = f32::NEG_INFINITY;
+            let mut best_at = rows.start * s.width + cols.start;
+            for iy in rows.clone() {
+                for ix in cols.clone() {
+                    let v = xp[iy * s.width + ix];
+                    if wins(v, best) {
+                        (best, best_at) = (v, iy * s.width + ix);
+                    }
+                }
+            }
+            o[oy * ow + ox] = best;
+            idx[oy * ow + ox] = best_at as u32;
+        }
+    }
 }
 
-/// [`max_pool_plane`] with the windows along each dimension worked out (once per call, not
-/// per plane and output). A whole 3x3 window (ResNet's stem pool, away from the border) is
-/// scanned unrolled, in the same order.
-fn max_pool_windows(
+/// [`max_pool_plane`] as two scans, with the windows along each dimension worked out once per
+/// call: along each input row (the maximum of each output column's window, [`row_maxima`]),
+/// then down the rows of each output's window, element-wise over a whole output row (which
+/// vectorises). The result is the general scan's: with NaN, the last NaN in row-major order;
+/// otherwise the first maximum of the earliest row that holds the window's maximum, which is
+/// the first in row-major order.
+fn max_pool_separable(
     width: usize,
     (rows, cols): (&[Range], &[Range]),
     xp: &[f32],
     o: &mut [f32],
     idx: &mut [u32],
 ) {
-    // Offsets of a 3x3 window's inputs after its first, in row-major order.
-    let after_first = [
-        1,
-        2,
-        width,
-        width + 1,
-        width + 2,
-        2 * width,
-        2 * width + 1,
-        2 * width + 2,
-    ];
-    let outputs = o.iter_mut().zip(idx.iter_mut());
-    let windows = rows.iter().flat_map(|r| cols.iter().map(move |c| (r, c)));
-    for ((o, idx), (rows, cols)) in outputs.zip(windows) {
-        let first = rows.start * width + cols.start;
-        let (mut best, mut best_at) = (f32::NEG_INFINITY, first);
-        if rows.len() == 3 && cols.len() == 3 {
-            // The first input always wins against minus infinity or equals it.
-            (best, best_at) = (xp[first], first);
-            for d in after_first {
-                let v = xp[first + d];
-                let take = wins(v, best);
-                best = if take { v } else { best };
-                best_at = if take { first + d } else { best_at };
+    let ow = cols.len();
+    let height = xp.len() / width;
+    let (mut hv, mut hi) = (vec![0.0f32; height * ow], vec![0u32; height * ow]);
+    let isa = crate::isa::active();
+    let stem = StemColumns::of(width, cols);
+    crate::isa::vectorized(
+        isa,
+        #[inline(always)]
+        || {
+            let maxima = hv.chunks_exact_mut(ow).zip(hi.chunks_exact_mut(ow));
+            for (row, (hv, hi)) in xp.chunks_exact(width).zip(maxima) {
+                row_maxima(row, cols, stem.as_ref(), hv, hi);
             }
-        } else {
-            for iy in rows.clone() {
-                let row = &xp[iy * width..(iy + 1) * width];
-                for ix in cols.clone() {
-                    let v = row[ix];
-                    let take = wins(v, best);
-                    best = if take { v } else { best };
-                    best_at = if take { iy * width + ix } else { best_at };
+            let outputs = o.chunks_exact_mut(ow).zip(idx.chunks_exact_mut(ow));
+            for ((o, idx), r) in outputs.zip(rows) {
+                o.copy_from_slice(&hv[r.start * ow..][..ow]);
+                let base = (r.start * width) as u32;
+                for (d, &c) in idx.iter_mut().zip(&hi[r.start * ow..][..ow]) {
+                    *d = base + c;
+                }
+                for iy in r.start + 1..r.end {
+                    let (v, c) = (&hv[iy * ow..][..ow], &hi[iy * ow..][..ow]);
+                    let base = (iy * width) as u32;
+                    for ((o, idx), (&v, &c)) in
+                        o.iter_mut().zip(idx.iter_mut()).zip(v.iter().zip(c))
+                    {
+                        let take = wins(v, *o);
+                        *o = if take { v } else { *o };
+                        *idx = if take { base + c } else { *idx };
+                    }
                 }
             }
+        },
+    )
+}
+
+/// Columns of a 3-wide window at stride 2 with padding 1 (ResNet's stem pool): output column
+/// `ox` reads input columns `2ox - 1, 2ox, 2ox + 1`, the interior ones all three.
+struct StemColumns {
+    /// Output columns whose window is whole.
+    interior: std::ops::Range<usize>,
+}
+
+impl StemColumns {
+    fn of(width: usize, cols: &[Range]) -> Option<Self> {
+        let stem = cols.iter().enumerate().all(|(ox, c)| {
+            c.end == (2 * ox + 2).min(width) && c.start == (2 * ox).saturating_sub(1)
+        });
+        let last_whole = |ox: usize| 2 * ox + 1 < width;
+        let end = (1..cols.len())
+            .rev()
+            .find(|&ox| last_whole(ox))
+            .map_or(1, |ox| ox + 1);
+        (stem && cols.len() > 2).then_some(StemColumns { interior: 1..end })
+    }
+}
+
+/// Per output column of one input row, the maximum over its window's columns `cols` and the
+/// column it is at (the scan's first maximum, or last NaN).
+#[inline(always)]
+fn row_maxima(
+    row: &[f32],
+    cols: &[Range],
+    stem: Option<&StemColumns>,
+    hv: &mut [f32],
+    hi: &mut [u32],
+) {
+    let scan = |c: &Range| {
+        let (mut best, mut at) = (row[c.start], c.start);
+        for (ix, &v) in row.iter().enumerate().take(c.end).skip(c.start + 1) {
+            let take = wins(v, best);
+            best = if take { v } else { best };
+            at = if take { ix } else { at };
         }
-        *o = best;
-        *idx = best_at as u32;
+        (best, at as u32)
+    };
+    let Some(stem) = stem else {
+        for ((h, i), c) in hv.iter_mut().zip(hi.iter_mut()).zip(cols) {
+            (*h, *i) = scan(c);
+        }
+        return;
+    };
+    // Interior windows from the even and odd columns: left = odd[ox - 1], centre = even[ox],
+    // right = odd[ox], as contiguous runs (the loop vectorises).
+    let pairs = row.chunks_exact(2);
+    let (even, odd): (Vec<f32>, Vec<f32>) = pairs.map(|p| (p[0], p[1])).unzip();
+    let inner = stem.interior.clone();
+    let lefts = &odd[inner.start - 1..inner.end - 1];
+    let (centres, rights) = (&even[inner.clone()], &odd[inner.clone()]);
+    let outs = hv[inner.clone()]
+        .iter_mut()
+        .zip(hi[inner.clone()].iter_mut());
+    for (ox, ((h, i), ((&l, &c), &r))) in inner
+        .clone()
+        .zip(outs.zip(lefts.iter().zip(centres).zip(rights)))
+    {
+        let left = (2 * ox - 1) as u32;
+        let take_c = wins(c, l);
+        let (best, at) = if take_c { (c, left + 1) } else { (l, left) };
+        let take_r = wins(r, best);
+        *h = if take_r { r } else { best };
+        *i = if take_r { left + 2 } else { at };
+    }
+    for ox in (0..inner.start).chain(inner.end..cols.len()) {
+        (hv[ox], hi[ox]) = scan(&cols[ox]);
     }
 }
 
@@ -667,6 +741,58 @@ mod tests {
                     got == value || (got.is_nan() && value.is_nan()),
                     "stride {stride}, output {k}"
                 );
+            }
+        }
+    }
+
+    /// Every window shape (the stem's 3x3 at stride 2 on even, odd and tiny widths, and others)
+    /// through the two-scan path gives the row-major scan's values and positions, with ties,
+    /// NaNs and minus infinity.
+    #[test]
+    fn the_two_scans_equal_the_row_major_scan() {
+        let shapes = [
+            // (height, width, kernel, stride, padding)
+            (9, 8, 3, 2, 1),
+            (8, 9, 3, 2, 1),
+            (7, 11, 3, 2, 1),
+            (1, 1, 3, 2, 1),
+            (2, 3, 3, 2, 1),
+            (3, 2, 3, 2, 1),
+            (6, 7, 3, 1, 1),
+            (8, 8, 2, 1, 0),
+            (9, 10, 5, 2, 2),
+            (7, 7, 3, 3, 1),
+            (5, 6, 2, 2, 1),
+        ];
+        for (case, &(height, width, k, stride, pad)) in shapes.iter().enumerate() {
+            let s = Pool2dShape {
+                batch: 2,
+                channels: 2,
+                height,
+                width,
+                kernel: [k, k],
+                stride: [stride, stride],
+                padding: [pad, pad],
+            };
+            let x: Vec<f32> = (0..s.input_len())
+                .map(
+                    |i| match ((i + 31 * case) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58 {
+                        0 => f32::NAN,
+                        1 => f32::NEG_INFINITY,
+                        h => (h % 3) as f32,
+                    },
+                )
+                .collect();
+            let (mut out, mut idx) = (vec![0.0; s.output_len()], vec![0u32; s.output_len()]);
+            max_pool2d_forward(&s, &x, &mut out, &mut idx);
+            let (plane_in, plane_out) = (height * width, s.out_height() * s.out_width());
+            for p in 0..s.batch * s.channels {
+                let (mut o, mut i) = (vec![0.0; plane_out], vec![0u32; plane_out]);
+                max_pool_plane(&s, &x[p * plane_in..][..plane_in], &mut o, &mut i);
+                assert_eq!(i, idx[p * plane_out..][..plane_out], "{s:?} plane {p}");
+                let got = &out[p * plane_out..][..plane_out];
+                let same = |(a, b): (&f32, &f32)| a == b || (a.is_nan() && b.is_nan());
+                assert!(o.iter().zip(got).all(same), "{s:?} plane {p}");
             }
         }
     }
