@@ -150,6 +150,10 @@ impl Trainer {
     /// metric history are restored and training continues at the next epoch, whose shuffle
     /// depends only on (seed, epoch): the result is that of an uninterrupted run.
     ///
+    /// On one CPU device (`Execution::Single` on Flex) `steps.train` and the optimizer step
+    /// run on a thread of rayon's global pool ([`kiln_kernels::on_pool`]): a step may use
+    /// rayon, but must not wait for work that only that pool would run.
+    ///
     /// # Errors
     /// [`TrainError::Step`] when a step fails; [`TrainError::Dataset`] when an item cannot be
     /// read; [`TrainError::Checkpoint`] when `resume` does not belong to this run or does not
