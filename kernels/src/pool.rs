@@ -683,9 +683,23 @@ mod tests {
         }
     }
 
-    /// ResNet's stem pool (3x3, stride 2, padding 1) and a stride-1 3x3 pool, whose interior
-    /// windows take the unrolled scan, against the definition: the first maximal input in
-    /// row-major order, the last NaN where there is one; ties, NaNs and minus infinity included.
+    /// `len` pool inputs drawn from `seed`: about 1 in 64 NaN, 1 in 64 minus infinity, the
+    /// rest among `levels` small integers (ties everywhere).
+    fn tied(len: usize, seed: usize, levels: u64) -> Vec<f32> {
+        (0..len)
+            .map(
+                |i| match ((i + seed) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58 {
+                    0 => f32::NAN,
+                    1 => f32::NEG_INFINITY,
+                    h => (h % levels) as f32,
+                },
+            )
+            .collect()
+    }
+
+    /// ResNet's stem pool (3x3, stride 2, padding 1, the even/odd-column path) and a stride-1
+    /// 3x3 pool against the definition: the first maximal input in row-major order, the last
+    /// NaN where there is one; ties, NaNs and minus infinity included.
     #[test]
     fn whole_3x3_windows_equal_the_definition() {
         for stride in [1, 2] {
@@ -698,16 +712,8 @@ mod tests {
                 stride: [stride, stride],
                 padding: [1, 1],
             };
-            let x: Vec<f32> = (0..s.input_len())
-                .map(
-                    |i| match (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58 {
-                        0 => f32::NAN,
-                        1 => f32::NEG_INFINITY,
-                        // Zeros and ones: many ties for the first maximum.
-                        h => (h % 2) as f32,
-                    },
-                )
-                .collect();
+            // Zeros and ones: many ties for the first maximum.
+            let x = tied(s.input_len(), 0, 2);
             let (mut out, mut idx) = (vec![0.0; s.output_len()], vec![0u32; s.output_len()]);
             max_pool2d_forward(&s, &x, &mut out, &mut idx);
             let (oh, ow) = (s.out_height(), s.out_width());
@@ -774,15 +780,7 @@ mod tests {
                 stride: [stride, stride],
                 padding: [pad, pad],
             };
-            let x: Vec<f32> = (0..s.input_len())
-                .map(
-                    |i| match ((i + 31 * case) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58 {
-                        0 => f32::NAN,
-                        1 => f32::NEG_INFINITY,
-                        h => (h % 3) as f32,
-                    },
-                )
-                .collect();
+            let x = tied(s.input_len(), 31 * case, 3);
             let (mut out, mut idx) = (vec![0.0; s.output_len()], vec![0u32; s.output_len()]);
             max_pool2d_forward(&s, &x, &mut out, &mut idx);
             let (plane_in, plane_out) = (height * width, s.out_height() * s.out_width());
