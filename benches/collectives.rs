@@ -95,6 +95,7 @@ fn main() -> anyhow::Result<()> {
     }
     let report = json!({
         "benchmark": "collectives",
+        "machine": common::machine(),
         "ranks": 2,
         "rounds": rounds,
         "reps_per_round": reps,

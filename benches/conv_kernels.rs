@@ -107,6 +107,6 @@ fn main() {
     }
     println!(
         "{}",
-        json!({ "benchmark": "conv_kernels", "reps": reps, "shapes": rows })
+        json!({ "benchmark": "conv_kernels", "machine": common::machine(), "reps": reps, "shapes": rows })
     );
 }

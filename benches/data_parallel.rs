@@ -176,6 +176,7 @@ fn main() -> anyhow::Result<()> {
     });
     let report = json!({
         "benchmark": "data_parallel",
+        "machine": common::machine(),
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "reps": reps,
         "all_reduce_2_ranks": all_reduce,

@@ -313,6 +313,7 @@ fn main() -> anyhow::Result<()> {
 
     let report = json!({
         "benchmark": "pipeline",
+        "machine": common::machine(),
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "steps": steps,
         "simple_cnn": {

@@ -130,6 +130,7 @@ fn main() {
         "{}",
         json!({
             "unit": "samples/s",
+            "machine": common::machine(),
             "device": device_arg,
             "rounds": rounds,
             "reps_per_round": reps,
