@@ -100,20 +100,39 @@ pub fn set_enabled(on: bool) {
     KERNELS.set(on);
 }
 
-/// Runs `f` on a thread of rayon's global pool (the threads kiln's kernels and Burn's Flex
-/// split their work over), and waits for it; on such a thread already, runs it in place.
+/// Runs `f` on the first thread of rayon's global pool (the threads kiln's kernels and Burn's
+/// Flex split their work over), and waits for it; on a pool thread already, runs it in place.
 ///
 /// A thread outside the pool hands each parallel loop to the pool and sleeps until the pool
 /// is done: two futex round trips per loop, and a training step of ResNet-18 at batch 32 x
 /// 32x32 runs hundreds of short loops. Run from a pool thread, a loop starts on the caller's
 /// own thread and the other threads join in (PyTorch's OpenMP model, where the main thread is
-/// one of the pool's). `f` must not block waiting for other work queued on the same pool (a
-/// rank of a collective running on it would stop the pool thread it occupies).
+/// one of the pool's). Always the same thread, because Burn keys some state by thread: a
+/// `BatchNorm`'s `RunningState` averages the updates of different threads, so steps taking
+/// turns on two threads would not keep the running statistics of steps on one. `f` must not
+/// block waiting for other work queued on the same pool (a rank of a collective running on it
+/// would stop the pool thread it occupies).
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
         return f();
     }
-    rayon::scope(|_| f())
+    let job = std::sync::Mutex::new(Some(f));
+    // Every pool thread runs this once; the first one runs `f`, the others return at once to
+    // the work `f`'s loops queue.
+    let ran = rayon::broadcast(|thread| {
+        if thread.index() != 0 {
+            return None;
+        }
+        let f = job
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        f.map(|f| f())
+    });
+    ran.into_iter()
+        .flatten()
+        .next()
+        .expect("a pool has a first thread, which ran the job")
 }
 
 /// Whether `device` is Burn's Flex CPU backend (where kiln's kernels run), with or without
