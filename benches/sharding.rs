@@ -9,6 +9,8 @@
 //!
 //! Run: `cargo bench --bench sharding`.
 
+mod common;
+
 use burn::tensor::Device;
 use kiln::models::{ResNet, ResNetDepth};
 use kiln::multi::{
@@ -51,7 +53,7 @@ fn main() -> anyhow::Result<()> {
     }
     println!(
         "{}",
-        json!({ "benchmark": "sharding", "model": "resnet18", "per_rank": rows })
+        json!({ "benchmark": "sharding", "machine": common::machine(), "model": "resnet18", "per_rank": rows })
     );
     Ok(())
 }

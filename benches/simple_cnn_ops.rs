@@ -8,6 +8,8 @@
 //!
 //! Run: `cargo bench --bench simple_cnn_ops` (`RAYON_NUM_THREADS=1` for one thread).
 
+mod common;
+
 use std::time::Instant;
 
 use burn::module::Module;
@@ -129,6 +131,7 @@ fn main() {
     let total = json!({ "kiln": total("kiln"), "burn": total("burn") });
     let report: Value = json!({
         "benchmark": "simple_cnn_ops",
+        "machine": common::machine(),
         "batch": batch,
         "reps": REPS,
         "threads": rayon_threads(),
