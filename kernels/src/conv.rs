@@ -322,8 +322,9 @@ impl ColumnPlan {
     }
 }
 
-/// Writes sample `x` (`C_in x H x W`) as its `K x N` column matrix, row `k` at `cols[k * ld..]`,
-/// for the output rows of `plan` (all of them for the whole matrix).
+/// Writes sample `x` (`C_in x H x W`; with a group plan, `plan.samples` consecutive samples)
+/// as its `K x N` column matrix, row `k` at `cols[k * ld..]`, for the output rows of `plan` (all
+/// of them for the whole matrix).
 fn im2col_rows(s: &Conv2dShape, plan: &ColumnPlan, x: &[f32], cols: &mut [f32], ld: usize) {
     let (n, ow, sw) = (plan.n, s.out_width(), s.stride[1]);
     let plane = s.height * s.width;

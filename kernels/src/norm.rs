@@ -152,11 +152,18 @@ fn inv_std(var: &[f32], epsilon: f64) -> Vec<f32> {
         .collect()
 }
 
+/// Whether ReLU, as Burn's Flex computes it, keeps `v`: positive, or NaN (which passes
+/// through).
+#[inline(always)]
+fn relu_keeps(v: f32) -> bool {
+    v.is_nan() || v > 0.0
+}
+
 /// ReLU as Burn's Flex computes it: NaN passes through. A select, not a branch, so that the
 /// loops around it vectorise.
 #[inline(always)]
 fn relu(v: f32) -> f32 {
-    if v.is_nan() || v > 0.0 { v } else { 0.0 }
+    if relu_keeps(v) { v } else { 0.0 }
 }
 
 /// `out = (x - mean) / sqrt(var + epsilon) * gamma + beta`, per channel; then, in the same
@@ -248,7 +255,7 @@ fn masked_gradient_sums(
                 || {
                     if let Some(y) = y {
                         for (d, &y) in dy.iter_mut().zip(y) {
-                            *d = if y.is_nan() || y > 0.0 { *d } else { 0.0 };
+                            *d = if relu_keeps(y) { *d } else { 0.0 };
                         }
                     }
                     let planes = dy.chunks_exact(p).zip(x.chunks_exact(p));

@@ -99,6 +99,7 @@ pub fn max_pool2d_forward(s: &Pool2dShape, x: &[f32], out: &mut [f32], indices: 
     let halving = s.kernel == [2, 2] && s.stride == [2, 2] && s.padding == [0, 0];
     let rows = windows(oh, s.stride[0], s.kernel[0], s.padding[0], s.height);
     let cols = windows(ow, s.stride[1], s.kernel[1], s.padding[1], s.width);
+    let stem = StemColumns::of(s.width, &cols);
     out.par_chunks_mut(plane_out)
         .zip(indices.par_chunks_mut(plane_out))
         .zip(x.par_chunks(plane_in))
@@ -106,7 +107,7 @@ pub fn max_pool2d_forward(s: &Pool2dShape, x: &[f32], out: &mut [f32], indices: 
             if halving {
                 max_pool_2x2(s.width, xp, ow, o, idx);
             } else {
-                max_pool_separable(s.width, (&rows, &cols), xp, o, idx);
+                max_pool_separable(s.width, (&rows, &cols), stem.as_ref(), xp, o, idx);
             }
         });
 }
@@ -398,6 +399,7 @@ fn max_pool_plane(s: &Pool2dShape, xp: &[f32], o: &mut [f32], idx: &mut [u32]) {
 fn max_pool_separable(
     width: usize,
     (rows, cols): (&[Range], &[Range]),
+    stem: Option<&StemColumns>,
     xp: &[f32],
     o: &mut [f32],
     idx: &mut [u32],
@@ -406,14 +408,15 @@ fn max_pool_separable(
     let height = xp.len() / width;
     let (mut hv, mut hi) = (vec![0.0f32; height * ow], vec![0u32; height * ow]);
     let isa = crate::isa::active();
-    let stem = StemColumns::of(width, cols);
+    // A row's even and odd columns (the stem's path), reused row after row.
+    let (mut even, mut odd) = (Vec::new(), Vec::new());
     crate::isa::vectorized(
         isa,
         #[inline(always)]
         || {
             let maxima = hv.chunks_exact_mut(ow).zip(hi.chunks_exact_mut(ow));
             for (row, (hv, hi)) in xp.chunks_exact(width).zip(maxima) {
-                row_maxima(row, cols, stem.as_ref(), hv, hi);
+                row_maxima(row, (cols, stem), (&mut even, &mut odd), hv, hi);
             }
             let outputs = o.chunks_exact_mut(ow).zip(idx.chunks_exact_mut(ow));
             for ((o, idx), r) in outputs.zip(rows) {
@@ -464,8 +467,8 @@ impl StemColumns {
 #[inline(always)]
 fn row_maxima(
     row: &[f32],
-    cols: &[Range],
-    stem: Option<&StemColumns>,
+    (cols, stem): (&[Range], Option<&StemColumns>),
+    (even, odd): (&mut Vec<f32>, &mut Vec<f32>),
     hv: &mut [f32],
     hi: &mut [u32],
 ) {
@@ -486,8 +489,12 @@ fn row_maxima(
     };
     // Interior windows from the even and odd columns: left = odd[ox - 1], centre = even[ox],
     // right = odd[ox], as contiguous runs (the loop vectorises).
-    let pairs = row.chunks_exact(2);
-    let (even, odd): (Vec<f32>, Vec<f32>) = pairs.map(|p| (p[0], p[1])).unzip();
+    even.clear();
+    odd.clear();
+    for pair in row.chunks_exact(2) {
+        even.push(pair[0]);
+        odd.push(pair[1]);
+    }
     let inner = stem.interior.clone();
     let lefts = &odd[inner.start - 1..inner.end - 1];
     let (centres, rights) = (&even[inner.clone()], &odd[inner.clone()]);
