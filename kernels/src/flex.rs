@@ -63,6 +63,15 @@ pub trait CpuKernels: Backend {
     /// the ranks of a tensor-parallel group: Megatron's "f"). Any rank.
     fn kiln_reduce_grad(x: FloatTensor<Self>, reduce: GradReduce) -> FloatTensor<Self>;
 
+    /// [`CpuKernels::kiln_reduce_grad`] scheduled by `clock`: a tensor that needs no gradient,
+    /// whose depth in the autodiff graph becomes the op's. Burn's backward runs the graph's
+    /// steps deepest first, so the deeper the clock, the earlier `reduce` runs.
+    fn kiln_reduce_grad_at(
+        x: FloatTensor<Self>,
+        clock: FloatTensor<Self>,
+        reduce: GradReduce,
+    ) -> FloatTensor<Self>;
+
     /// Batch statistics of `x` (`[batch, channels, height, width]`) as a `[2, channels]` tensor:
     /// the per-channel mean, then the biased variance. Not differentiable (no gradient flows
     /// back from it); [`CpuKernels::kiln_batch_norm_train`] accounts for the statistics'
@@ -323,6 +332,10 @@ impl CpuKernels for Flex {
     }
 
     fn kiln_reduce_grad(x: FlexTensor, _reduce: GradReduce) -> FlexTensor {
+        x
+    }
+
+    fn kiln_reduce_grad_at(x: FlexTensor, _clock: FlexTensor, _reduce: GradReduce) -> FlexTensor {
         x
     }
 
@@ -632,6 +645,23 @@ impl Backward<Flex, 1> for ReduceGradBackward {
     }
 }
 
+/// Backward step of [`CpuKernels::kiln_reduce_grad_at`]: the clock has no gradient.
+#[derive(Debug)]
+struct ReduceGradAtBackward;
+
+impl Backward<Flex, 2> for ReduceGradAtBackward {
+    type State = GradReduce;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, _clock] = ops.parents;
+        let mut grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        if let Some(node) = node_x {
+            (ops.state.0)(grad.storage_mut::<f32>());
+            grads.register::<Flex>(node.id, grad);
+        }
+    }
+}
+
 /// Backward step of [`CpuKernels::kiln_max_pool2d`].
 #[derive(Debug)]
 struct MaxPool2dBackward;
@@ -820,6 +850,24 @@ impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
     fn kiln_reduce_grad(x: FloatTensor<Self>, reduce: GradReduce) -> FloatTensor<Self> {
         match ReduceGradBackward
             .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = x.primitive().clone();
+                prep.finish(reduce, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(x.into_primitive()),
+        }
+    }
+
+    fn kiln_reduce_grad_at(
+        x: FloatTensor<Self>,
+        clock: FloatTensor<Self>,
+        reduce: GradReduce,
+    ) -> FloatTensor<Self> {
+        match ReduceGradAtBackward
+            .prepare::<C>([x.node(), clock.node()])
             .compute_bound()
             .stateful()
         {

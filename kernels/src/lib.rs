@@ -342,6 +342,42 @@ pub fn reduce_grad<const D: usize>(x: Tensor<D>, reduce: GradReduce) -> Option<T
     })
 }
 
+/// [`reduce_grad`] at the depth of `clock` in the autodiff graph: Burn's backward runs the
+/// graph's steps deepest first (not as soon as their gradient is complete), so an op on a
+/// parameter, depth 1, would run after every other step. A `clock` that needs no gradient and
+/// is deeper than the parameter's consumers' other inputs puts `reduce` right after those
+/// consumers' backward (see [`backward_clocks`]). `None` off Flex or when `clock` is not on
+/// `x`'s device.
+pub fn reduce_grad_at<const D: usize>(
+    x: Tensor<D>,
+    clock: &Tensor<1>,
+    reduce: GradReduce,
+) -> Option<Tensor<D>> {
+    (on_flex_f32(&x) && clock.device() == x.device()).then(|| {
+        Tensor::from_dispatch(
+            <burn::backend::Dispatch as CpuKernels>::kiln_reduce_grad_at(
+                x.into_dispatch(),
+                clock.clone().into_dispatch(),
+                reduce,
+            ),
+        )
+    })
+}
+
+/// Clock tensors for [`reduce_grad_at`] on `device`: the `k`-th is `depths[k]` operations
+/// deep in the autodiff graph (a chain of one-element additions that need no gradient), so
+/// an op on it sits at depth `depths[k] + 1`. The chain is as long as the largest depth.
+pub fn backward_clocks(depths: &[usize], device: &burn::tensor::Device) -> Vec<Tensor<1>> {
+    let deepest = depths.iter().copied().max().unwrap_or(0);
+    let mut chain = Vec::with_capacity(deepest + 1);
+    let mut clock = Tensor::<1>::zeros([1], device);
+    for _ in 0..=deepest {
+        chain.push(clock.clone());
+        clock = clock + 0.0;
+    }
+    depths.iter().map(|&d| chain[d].clone()).collect()
+}
+
 /// Whether [`batch_norm`] runs kiln's kernels for this layer and input: training mode (an
 /// autodiff device and a layer that is not frozen) on Flex with `f32` values.
 pub fn batch_norm_uses_kernels(bn: &BatchNorm, x: &Tensor<4>) -> bool {

@@ -347,6 +347,46 @@ fn reduce_grad_passes_values_and_transforms_the_gradient() {
     assert_close("gradient", x.grad(&grads).unwrap(), w.inner() * 2.0);
 }
 
+/// Burn's backward runs steps deepest first, not as soon as a gradient is complete: a
+/// `reduce_grad` on a parameter (depth 1) runs after the backward of every earlier layer, so
+/// a data-parallel hook there could never overlap anything. `reduce_grad_at` with a deeper
+/// clock runs right after the parameter's consumer, before the earlier layer's backward (the
+/// marker on the activation between the layers), with the same gradient.
+#[test]
+fn reduce_grad_at_a_deep_clock_runs_before_the_earlier_layers_backward() {
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = |name: &'static str| {
+        let events = std::sync::Arc::clone(&events);
+        kernels::GradReduce(std::sync::Arc::new(move |_: &mut [f32]| {
+            events.lock().unwrap().push(name)
+        }))
+    };
+    let (x, w1, w2) = (random([4, 6]), random([6, 5]), random([5, 3]));
+    let run = |clock: Option<&Tensor<1>>| {
+        events.lock().unwrap().clear();
+        let (w1, w2) = (w1.clone().require_grad(), w2.clone().require_grad());
+        let hooked = match clock {
+            Some(clock) => kernels::reduce_grad_at(w2.clone(), clock, record("w2")),
+            None => kernels::reduce_grad(w2.clone(), record("w2")),
+        };
+        let h = kernels::reduce_grad(x.clone().matmul(w1.clone()), record("marker")).unwrap();
+        let grads = h.matmul(hooked.expect("f32 on Flex")).sum().backward();
+        let order = events.lock().unwrap().clone();
+        (order, w2.grad(&grads).unwrap(), w1.grad(&grads).unwrap())
+    };
+    let (flat, flat_w2, flat_w1) = run(None);
+    assert_eq!(
+        flat,
+        ["marker", "w2"],
+        "Burn's order changed: depth 1 no longer runs last"
+    );
+    let clock = kernels::backward_clocks(&[6], &device()).remove(0);
+    let (deep, deep_w2, deep_w1) = run(Some(&clock));
+    assert_eq!(deep, ["w2", "marker"]);
+    assert_close("w2 gradient", deep_w2, flat_w2);
+    assert_close("w1 gradient", deep_w1, flat_w1);
+}
+
 #[test]
 fn unsupported_layers_and_devices_fall_back_to_burn() {
     let grouped = Conv2dConfig::new([4, 4], [3, 3])

@@ -74,6 +74,8 @@ pub(crate) fn start<M: Module>(
         layout,
         shared: &shared,
         missing_op: false,
+        clocks: Vec::new(),
+        next: 0,
     };
     let hooked = model.clone().map(&mut hook);
     if hook.missing_op {
@@ -157,13 +159,34 @@ struct Hook<'a> {
     layout: &'a BucketLayout,
     shared: &'a Arc<Shared>,
     missing_op: bool,
+    /// One clock per planned parameter, in registration order (made on the first one's
+    /// device), and the next one's index.
+    clocks: Vec<Tensor<1>>,
+    next: usize,
 }
+
+/// Autodiff depth given to the `k`-th planned parameter's hook: `CLOCK_STRIDE * (k + 1)`.
+/// Burn's backward runs steps deepest first, so a hook at depth 1 (on the parameter itself)
+/// would run after the whole backward pass. Parameters are registered roughly in the order
+/// the forward pass uses them, and a stride above the operations between two parameters'
+/// uses puts each hook just below its consumer: the gradient is filed as soon as it is
+/// complete. A hook deeper than its consumer's other inputs only pushes the consumer (and
+/// what follows it) deeper, which keeps every step after the steps it depends on.
+const CLOCK_STRIDE: usize = 6;
 
 impl ModuleMapper for Hook<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let Some(place) = self.layout.placements.get(&param.id).copied() else {
             return param;
         };
+        if self.clocks.is_empty() {
+            let depths: Vec<usize> = (1..=self.layout.placements.len())
+                .map(|k| k * CLOCK_STRIDE)
+                .collect();
+            self.clocks = kiln_kernels::backward_clocks(&depths, &param.lazy_device());
+        }
+        let clock = self.clocks.get(self.next).cloned();
+        self.next += 1;
         let shared = Arc::clone(self.shared);
         let id = param.id;
         let file = GradReduce(Arc::new(move |grad: &mut [f32]| {
@@ -171,7 +194,11 @@ impl ModuleMapper for Hook<'_> {
         }));
         let mut missing = false;
         let param = param.map(|tensor| {
-            kiln_kernels::reduce_grad(tensor.clone(), file).unwrap_or_else(|| {
+            let hooked = match &clock {
+                Some(clock) => kiln_kernels::reduce_grad_at(tensor.clone(), clock, file),
+                None => kiln_kernels::reduce_grad(tensor.clone(), file),
+            };
+            hooked.unwrap_or_else(|| {
                 missing = true;
                 tensor
             })
