@@ -35,9 +35,9 @@ use crate::mesh::Rank;
 /// theirs went to the buckets), and [`sync`](Self::sync) waits for the buckets and returns
 /// the same bits as without the hook. Buckets are laid out in reverse registration order,
 /// the order backward produces gradients. Off unless `KILN_DDP_OVERLAP=1` (or
-/// [`set_overlap`](Self::set_overlap)): on a 2-core machine, where backward keeps every core
-/// busy and the exchange is 7-14 % of a step, the overlapped step measured 4-7 % slower
-/// (threads and two MPI processes alike); it pays where cores idle while the network works.
+/// [`set_overlap`](Self::set_overlap)): it pays on slow links (two MPI processes over a
+/// 2 Gbit/s link: 11-20 % more samples/s) and costs up to ~10 % where the exchange is CPU work
+/// on cores that backward already fills (thread ranks on 2 cores); see the README.
 pub struct DistributedDataParallel {
     collective: Arc<dyn Collective>,
     layout: BucketLayout,

@@ -3,8 +3,10 @@
 //! Burn 0.22's own hook for this (`DistributedOps::submit_gradient_sync`) is not implemented
 //! by Flex (its `all_reduce` panics as not implemented), so kiln makes its own: before the
 //! forward pass every trainable parameter of the replica is passed through
-//! `kiln_kernels::reduce_grad`, an identity whose backward hands the parameter's finished
-//! gradient to a callback. The callback copies it into its bucket; a bucket whose gradients
+//! `kiln_kernels::reduce_grad_at`, an identity whose backward hands the parameter's finished
+//! gradient to a callback. Burn's backward runs steps deepest first, so each hook is given a
+//! depth just under its consumer's ([`CLOCK_STRIDE`]); on the parameter alone (depth 1) it
+//! would run after the whole backward pass. The callback copies it into its bucket; a bucket whose gradients
 //! have all arrived is all-reduced by a communication thread while backward goes on with the
 //! earlier layers. Buckets are reduced in layout order on every rank, so the ranks' calls
 //! match whatever order backward ran in; buffers, flags and reductions are those of the

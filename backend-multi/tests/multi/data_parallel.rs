@@ -678,3 +678,106 @@ fn buckets_built_on_the_device_give_the_bits_of_the_host_path() {
         },
     );
 }
+
+/// A collective that counts the all-reduces it is asked for, then passes every call on.
+struct Counting {
+    inner: Arc<dyn Collective>,
+    all_reduces: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Collective for Counting {
+    fn rank(&self) -> Rank {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> WorldSize {
+        self.inner.world_size()
+    }
+    fn all_reduce(&self, buf: &mut [f32], op: kiln_multi::ReduceOp) -> Result<(), MultiError> {
+        self.all_reduces
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.all_reduce(buf, op)
+    }
+    fn broadcast(&self, buf: &mut [f32], root: Rank) -> Result<(), MultiError> {
+        self.inner.broadcast(buf, root)
+    }
+    fn all_gather(&self, shard: &[f32], out: &mut [f32]) -> Result<(), MultiError> {
+        self.inner.all_gather(shard, out)
+    }
+    fn reduce_scatter(
+        &self,
+        buf: &[f32],
+        shard: &mut [f32],
+        op: kiln_multi::ReduceOp,
+    ) -> Result<(), MultiError> {
+        self.inner.reduce_scatter(buf, shard, op)
+    }
+    fn barrier(&self) -> Result<(), MultiError> {
+        self.inner.barrier()
+    }
+}
+
+/// The overlap overlaps: the output layer's bucket is all-reduced while backward has still to
+/// reach the hidden layer. A marker on the activation between the two layers waits (up to
+/// 10 s) for the first all-reduce to begin; with the hooks after the whole backward pass (as
+/// Burn's depth-first tape runs a hook on the bare parameter) it never begins in time.
+#[test]
+fn overlapped_buckets_are_all_reduced_while_backward_still_runs() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let data = Data::new(64);
+    let init = Mlp::new(&device());
+    let buckets = BucketConfig {
+        cap_bytes: 256,
+        first_bucket_bytes: 16,
+    };
+    let in_time = run_in_process(
+        WorldSize::new(2).unwrap(),
+        CollectiveConfig::default(),
+        |c| {
+            let all_reduces = Arc::new(AtomicUsize::new(0));
+            let counting: Arc<dyn Collective> = Arc::new(Counting {
+                inner: c,
+                all_reduces: Arc::clone(&all_reduces),
+            });
+            let (model, mut ddp) = DistributedDataParallel::new(init.clone(), counting, buckets)?;
+            ddp.set_overlap(true);
+            let before = all_reduces.load(Ordering::SeqCst);
+            let hooked = ddp.hook(&model).expect("Flex has the hook op");
+            let seen = Arc::new(Mutex::new(None));
+            let marker = {
+                let (seen, all_reduces) = (Arc::clone(&seen), Arc::clone(&all_reduces));
+                kiln_kernels::GradReduce(Arc::new(move |_: &mut [f32]| {
+                    let start = std::time::Instant::now();
+                    while all_reduces.load(Ordering::SeqCst) == before
+                        && start.elapsed() < Duration::from_secs(10)
+                    {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    *seen.lock().unwrap() = Some(all_reduces.load(Ordering::SeqCst) > before);
+                }))
+            };
+            let batch = batch_of(0, 0);
+            let x: Vec<f32> = batch
+                .iter()
+                .flat_map(|&i| data.x[i * FEATURES..(i + 1) * FEATURES].to_vec())
+                .collect();
+            let y: Vec<i64> = batch.iter().map(|&i| data.y[i]).collect();
+            let x = Tensor::<2>::from_data(TensorData::new(x, [batch.len(), FEATURES]), &device());
+            let y = Tensor::<1, Int>::from_data(TensorData::new(y, [batch.len()]), &device());
+            let h = hooked.relu.forward(hooked.hidden.forward(x));
+            let h = kiln_kernels::reduce_grad(h, marker).expect("f32 on Flex");
+            let loss = CrossEntropyLossConfig::new()
+                .init(&device())
+                .forward(hooked.out.forward(h), y);
+            let grads = GradientsParams::from_grads(loss.backward(), &hooked);
+            ddp.sync(&model, grads)?;
+            let seen = seen.lock().unwrap().expect("backward reached the marker");
+            Ok::<_, MultiError>(seen)
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        in_time,
+        [true, true],
+        "no bucket was all-reduced during backward"
+    );
+}
