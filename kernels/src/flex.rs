@@ -8,7 +8,7 @@ use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, NodeGuard, Ops, OpsKind};
 use burn::backend::flex::{FlexTensor, Layout};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Bytes, DType, Flex, Shape, backend_extension};
@@ -628,37 +628,37 @@ impl std::fmt::Debug for GradReduce {
     }
 }
 
-/// Backward step of [`CpuKernels::kiln_reduce_grad`].
+/// Backward step of [`CpuKernels::kiln_reduce_grad`] (`N = 1`) and
+/// [`CpuKernels::kiln_reduce_grad_at`] (`N = 2`: the clock, which has no gradient).
 #[derive(Debug)]
-struct ReduceGradBackward;
+struct ReduceGradBackward<const N: usize>;
 
-impl Backward<Flex, 1> for ReduceGradBackward {
+impl<const N: usize> Backward<Flex, N> for ReduceGradBackward<N> {
     type State = GradReduce;
 
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_x] = ops.parents;
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let mut grad = grads.consume::<Flex>(&ops.node).to_contiguous();
-        if let Some(node) = node_x {
+        if let Some(node) = ops.parents.into_iter().next().flatten() {
             (ops.state.0)(grad.storage_mut::<f32>());
             grads.register::<Flex>(node.id, grad);
         }
     }
 }
 
-/// Backward step of [`CpuKernels::kiln_reduce_grad_at`]: the clock has no gradient.
-#[derive(Debug)]
-struct ReduceGradAtBackward;
-
-impl Backward<Flex, 2> for ReduceGradAtBackward {
-    type State = GradReduce;
-
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_x, _clock] = ops.parents;
-        let mut grad = grads.consume::<Flex>(&ops.node).to_contiguous();
-        if let Some(node) = node_x {
-            (ops.state.0)(grad.storage_mut::<f32>());
-            grads.register::<Flex>(node.id, grad);
-        }
+/// `x` unchanged, recorded as [`ReduceGradBackward`] of the nodes `nodes` (`x`'s first).
+fn reduce_grad_op<C: CheckpointStrategy, const N: usize>(
+    x: &FloatTensor<Autodiff<Flex, C>>,
+    nodes: [NodeGuard; N],
+    reduce: GradReduce,
+) -> FloatTensor<Autodiff<Flex, C>> {
+    let out = x.primitive().clone();
+    match ReduceGradBackward::<N>
+        .prepare::<C>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(reduce, out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
     }
 }
 
@@ -848,17 +848,7 @@ impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
     }
 
     fn kiln_reduce_grad(x: FloatTensor<Self>, reduce: GradReduce) -> FloatTensor<Self> {
-        match ReduceGradBackward
-            .prepare::<C>([x.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let out = x.primitive().clone();
-                prep.finish(reduce, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(x.into_primitive()),
-        }
+        reduce_grad_op::<C, 1>(&x, [x.node()], reduce)
     }
 
     fn kiln_reduce_grad_at(
@@ -866,17 +856,7 @@ impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
         clock: FloatTensor<Self>,
         reduce: GradReduce,
     ) -> FloatTensor<Self> {
-        match ReduceGradAtBackward
-            .prepare::<C>([x.node(), clock.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let out = x.primitive().clone();
-                prep.finish(reduce, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(x.into_primitive()),
-        }
+        reduce_grad_op::<C, 2>(&x, [x.node(), clock.node()], reduce)
     }
 
     fn kiln_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
