@@ -51,6 +51,8 @@ struct Outcome {
     world: usize,
     calls: usize,
     elements: usize,
+    /// On NCCL: the all-reduce in a Burn tensor's GPU memory, checked (calls, elements).
+    device_memory: Option<(usize, usize)>,
     bandwidth: Vec<serde_json::Value>,
 }
 
@@ -70,7 +72,7 @@ pub fn run(args: &CollectivesArgs, json_output: bool) -> anyhow::Result<()> {
                 } else {
                     ("mpi", group)
                 };
-                let outcome = on_rank(&*group, engine, args)?;
+                let outcome = on_rank(&group, engine, args)?;
                 Ok((group.rank() == Rank::ZERO).then_some(outcome))
             }
             None => {
@@ -83,7 +85,7 @@ pub fn run(args: &CollectivesArgs, json_output: bool) -> anyhow::Result<()> {
                 };
                 let outcomes =
                     kiln_multi::run_group(world, config, &transport, |c: Arc<dyn Collective>| {
-                        on_rank(&*c, engine, args).map_err(|e| MultiError::Config {
+                        on_rank(&c, engine, args).map_err(|e| MultiError::Config {
                             field: "collectives",
                             reason: format!("{e:#}"),
                         })
@@ -103,6 +105,9 @@ pub fn run(args: &CollectivesArgs, json_output: bool) -> anyhow::Result<()> {
                 "world_size": outcome.world,
                 "verified_calls": outcome.calls,
                 "verified_elements": outcome.elements,
+                "device_memory_all_reduce": outcome.device_memory.map(|(calls, elements)| {
+                    json!({"verified_calls": calls, "verified_elements": elements})
+                }),
                 "all_reduce": outcome.bandwidth,
             })
         );
@@ -111,6 +116,12 @@ pub fn run(args: &CollectivesArgs, json_output: bool) -> anyhow::Result<()> {
             "{} engine, {} ranks: {} collective calls ({} elements) match closed-form values",
             outcome.engine, outcome.world, outcome.calls, outcome.elements
         );
+        if let Some((calls, elements)) = outcome.device_memory {
+            println!(
+                "all_reduce in GPU memory (Burn tensors, as data parallelism's \
+                 KILN_DEVICE_ALL_REDUCE=nccl): {calls} calls ({elements} elements) match"
+            );
+        }
         for row in &outcome.bandwidth {
             println!(
                 "all_reduce {:>4} MiB: median {:>8.3} ms, {:>6.2} GB/s",
@@ -124,11 +135,12 @@ pub fn run(args: &CollectivesArgs, json_output: bool) -> anyhow::Result<()> {
 }
 
 fn on_rank(
-    c: &dyn Collective,
+    c: &Arc<dyn Collective>,
     engine: &'static str,
     args: &CollectivesArgs,
 ) -> anyhow::Result<Outcome> {
-    let report = verify_collective(c).context("collective self-test failed")?;
+    let report = verify_collective(c.as_ref()).context("collective self-test failed")?;
+    let device_memory = verify_in_device_memory(c)?;
     let mut bandwidth = Vec::new();
     if args.bench {
         for &mib in &args.sizes_mib {
@@ -156,6 +168,25 @@ fn on_rank(
         world: c.world_size().get(),
         calls: report.calls,
         elements: report.elements,
+        device_memory,
         bandwidth,
     })
+}
+
+/// On NCCL, the all-reduce data parallelism runs in a gradient bucket's GPU memory
+/// (`KILN_DEVICE_ALL_REDUCE=nccl`), on a Burn tensor on this rank's GPU; `None` elsewhere.
+#[cfg(feature = "cuda")]
+fn verify_in_device_memory(c: &Arc<dyn Collective>) -> anyhow::Result<Option<(usize, usize)>> {
+    let Some(nccl) = c.nccl() else {
+        return Ok(None);
+    };
+    let device = DeviceSpec::Cuda(nccl.ordinal()).device()?;
+    let report = kiln_multi::data_parallel::verify_device_all_reduce(c, &device)
+        .context("all-reduce in GPU memory failed its self-test")?;
+    Ok(Some((report.calls, report.elements)))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn verify_in_device_memory(_: &Arc<dyn Collective>) -> anyhow::Result<Option<(usize, usize)>> {
+    Ok(None)
 }

@@ -117,6 +117,13 @@ pub trait Collective: Send + Sync {
             reason: "this engine cannot split its group (MPI's can)".into(),
         })
     }
+
+    /// The NCCL engine behind this handle, where it is one: its calls on GPU memory
+    /// ([`NcclCollective::all_reduce_device`](super::nccl::NcclCollective::all_reduce_device)).
+    #[cfg(feature = "cuda")]
+    fn nccl(&self) -> Option<&super::nccl::NcclCollective> {
+        None
+    }
 }
 
 impl std::fmt::Debug for dyn Collective {

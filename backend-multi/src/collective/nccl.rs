@@ -12,12 +12,15 @@
 //!
 //! The [`Collective`] trait works on host buffers, so each call copies the buffer to the GPU,
 //! runs the NCCL collective there and copies the result back. Uneven shards (the trait's
-//! [`shard_range`]) are padded to NCCL's equal blocks.
+//! [`shard_range`]) are padded to NCCL's equal blocks. [`NcclCollective::all_reduce_device`]
+//! reduces GPU memory in place instead (a Burn tensor's buffer: see
+//! [`NcclDeviceReduce`](crate::data_parallel::NcclDeviceReduce)), with the same agreement.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtrMut, DeviceSlice, SyncOnDrop};
 use cudarc::nccl::safe::{Comm, Id, ReduceOp as NcclOp};
 
 use super::base::{Collective, ReduceOp, shard_range};
@@ -312,6 +315,61 @@ impl NcclCollective {
     }
 }
 
+/// `len` `f32` of GPU memory that someone else owns (a Burn tensor's buffer), as NCCL's calls
+/// take it: nothing is recorded or freed when it is dropped.
+struct Borrowed {
+    ptr: CUdeviceptr,
+    len: usize,
+    stream: Arc<CudaStream>,
+}
+
+impl DeviceSlice<f32> for Borrowed {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
+impl DevicePtrMut<f32> for Borrowed {
+    fn device_ptr_mut<'a>(&'a mut self, _: &'a CudaStream) -> (CUdeviceptr, SyncOnDrop<'a>) {
+        (self.ptr, SyncOnDrop::Record(None))
+    }
+}
+
+impl NcclCollective {
+    /// All-reduces `len` `f32` at `ptr` in this rank's GPU memory, in place, without a copy
+    /// through the host; returns once the result is in that memory. Ranks agree on the call
+    /// over the control group first, as for [`Collective::all_reduce`] (whose calls match
+    /// these: a rank may pass host memory while another passes device memory).
+    ///
+    /// # Safety
+    /// `ptr` must address `len` `f32` on this rank's GPU (`ordinal`), in the CUDA context
+    /// CubeCL and cudarc share (the device's primary context), that nothing else reads or
+    /// writes until this returns, and whose earlier writes are complete.
+    ///
+    /// # Errors
+    /// As [`Collective::all_reduce`].
+    pub unsafe fn all_reduce_device(&self, ptr: u64, len: usize, op: ReduceOp) -> Result<()> {
+        const OP: &str = "all_reduce (GPU memory)";
+        self.agree(OP, op_code(ALL_REDUCE, op), len, 0, true)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let mut memory = Borrowed {
+            ptr,
+            len,
+            stream: Arc::clone(&self.stream),
+        };
+        self.launch(OP, |comm| {
+            comm.all_reduce_in_place(&mut memory, &nccl_op(op))
+                .map(|_| ())
+        })
+    }
+}
+
 impl Collective for NcclCollective {
     fn rank(&self) -> Rank {
         self.rank
@@ -390,5 +448,9 @@ impl Collective for NcclCollective {
     fn barrier(&self) -> Result<()> {
         // Every call above waits for its GPU work, so the control group's barrier suffices.
         self.control.barrier()
+    }
+
+    fn nccl(&self) -> Option<&NcclCollective> {
+        Some(self)
     }
 }

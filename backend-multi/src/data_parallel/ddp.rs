@@ -79,8 +79,7 @@ impl DistributedDataParallel {
         let buffers = layout.zeroed_buffers();
         // A model without trainable parameters has nothing to synchronise anywhere.
         let on_flex = trainable_device(&model).is_none_or(|device| kiln_kernels::on_flex(&device));
-        let device_reduce = (!on_flex && device_buckets_by_default())
-            .then(|| Arc::new(HostStaged(Arc::clone(&collective))) as Arc<dyn DeviceReduce>);
+        let device_reduce = (!on_flex).then(|| device_reduce_for(&collective)).flatten();
         let ddp = Self {
             collective,
             layout,
@@ -279,6 +278,49 @@ pub fn device_buckets_by_default() -> bool {
     )
 }
 
+/// Where replicas off the CPU average their gradient buckets, from `KILN_DEVICE_ALL_REDUCE`:
+/// on the devices, or (the default) through the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceAllReduce {
+    /// Through the host (unset, or any other value).
+    Off,
+    /// kiln's NCCL engine in the buckets' GPU memory (`1`, `on` or `nccl`): ranks that are
+    /// threads of one process, and ranks that are processes (`kiln launch`) alike.
+    Nccl,
+    /// Burn's all-reduce (`burn`): CUDA ranks that are threads of one process.
+    Burn,
+}
+
+impl DeviceAllReduce {
+    /// The choice `KILN_DEVICE_ALL_REDUCE` makes.
+    pub fn from_env() -> Self {
+        Self::from_value(std::env::var("KILN_DEVICE_ALL_REDUCE").ok().as_deref())
+    }
+
+    /// The choice a value of `KILN_DEVICE_ALL_REDUCE` (`None`: unset) makes.
+    pub fn from_value(value: Option<&str>) -> Self {
+        match value {
+            Some("1" | "on" | "nccl") => Self::Nccl,
+            Some("burn") => Self::Burn,
+            _ => Self::Off,
+        }
+    }
+}
+
+/// How a replica off the CPU averages its buckets unless told otherwise: in GPU memory by
+/// NCCL when asked and the collective is NCCL's, through the host with the buckets built on
+/// the device when `KILN_DEVICE_BUCKETS` asks, else `None` (each gradient read back).
+fn device_reduce_for(collective: &Arc<dyn Collective>) -> Option<Arc<dyn DeviceReduce>> {
+    #[cfg(feature = "cuda")]
+    if DeviceAllReduce::from_env() == DeviceAllReduce::Nccl
+        && let Some(nccl) = super::NcclDeviceReduce::new(Arc::clone(collective))
+    {
+        return Some(Arc::new(nccl));
+    }
+    device_buckets_by_default()
+        .then(|| Arc::new(HostStaged(Arc::clone(collective))) as Arc<dyn DeviceReduce>)
+}
+
 /// The device of `model`'s first trainable parameter, without autodiff.
 fn trainable_device<M: Module>(model: &M) -> Option<burn::tensor::Device> {
     struct First(Option<burn::tensor::Device>);
@@ -295,4 +337,25 @@ fn trainable_device<M: Module>(model: &M) -> Option<burn::tensor::Device> {
     let mut first = First(None);
     model.visit(&mut first);
     first.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DeviceAllReduce;
+
+    #[test]
+    fn device_all_reduce_values_name_the_engine_and_anything_else_stays_on_the_host() {
+        let cases = [
+            (None, DeviceAllReduce::Off),
+            (Some("0"), DeviceAllReduce::Off),
+            (Some("1"), DeviceAllReduce::Nccl),
+            (Some("on"), DeviceAllReduce::Nccl),
+            (Some("nccl"), DeviceAllReduce::Nccl),
+            (Some("burn"), DeviceAllReduce::Burn),
+            (Some("NCCL"), DeviceAllReduce::Off),
+        ];
+        for (value, want) in cases {
+            assert_eq!(DeviceAllReduce::from_value(value), want, "{value:?}");
+        }
+    }
 }

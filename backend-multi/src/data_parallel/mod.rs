@@ -11,15 +11,20 @@
 mod bucket;
 mod ddp;
 mod device_buckets;
+#[cfg(feature = "cuda")]
+mod nccl_device;
 mod overlap;
 mod params;
 
 pub(crate) use bucket::BucketLayout;
 pub use bucket::{BucketConfig, GradientBucket};
 pub use ddp::{
-    DistributedDataParallel, broadcast_module, device_buckets_by_default, overlap_by_default,
+    DeviceAllReduce, DistributedDataParallel, broadcast_module, device_buckets_by_default,
+    overlap_by_default,
 };
 pub use device_buckets::{BurnAllReduce, DeviceReduce, HostStaged};
+#[cfg(feature = "cuda")]
+pub use nccl_device::{NcclDeviceReduce, verify_device_all_reduce};
 pub(crate) use params::{
     ensure_all_placed, flatten_grads, flatten_params_into, load_params_from, read_f32,
     trainable_params, unflatten_grads,

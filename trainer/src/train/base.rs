@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Bytes, Device, Tensor};
-use kiln_multi::data_parallel::{BurnAllReduce, DeviceReduce};
+use kiln_multi::data_parallel::{BurnAllReduce, DeviceAllReduce, DeviceReduce};
 use kiln_multi::pipeline::{
     Activation, Pipeline, PipelineConfig, PipelineStage, Targets, merge_grads,
 };
@@ -671,14 +671,12 @@ where
     }
 }
 
-/// In-process ranks on CUDA GPUs with `KILN_DEVICE_ALL_REDUCE=1`: gradient buckets averaged
-/// on the devices by Burn's all-reduce (NCCL on device memory) instead of through the host.
-/// Opt-in until it has run on a machine with two GPUs (`scripts/gpu-check` compares both).
+/// In-process ranks on CUDA GPUs with `KILN_DEVICE_ALL_REDUCE=burn`: gradient buckets
+/// averaged on the devices by Burn's all-reduce (NCCL on device memory) instead of through the
+/// host (`=nccl` is kiln's NCCL engine on the same memory, which DDP picks by itself). Opt-in
+/// until it has run on a machine with two GPUs (`scripts/gpu-check` compares the paths).
 fn device_all_reduce(dp: &super::execution::DataParallelConfig) -> Option<Arc<dyn DeviceReduce>> {
-    let asked = matches!(
-        std::env::var("KILN_DEVICE_ALL_REDUCE").as_deref(),
-        Ok("1" | "on")
-    );
+    let asked = DeviceAllReduce::from_env() == DeviceAllReduce::Burn;
     (asked && matches!(dp.transport, Transport::Nccl { .. })).then(|| {
         let devices = dp
             .devices
