@@ -36,7 +36,7 @@ use crate::mesh::Rank;
 /// the same bits as without the hook. Buckets are laid out in reverse registration order,
 /// the order backward produces gradients. Off unless `KILN_DDP_OVERLAP=1` (or
 /// [`set_overlap`](Self::set_overlap)): it pays on slow links (two MPI processes over a
-/// 2 Gbit/s link: 11-20 % more samples/s) and costs up to ~10 % where the exchange is CPU work
+/// 2 Gbit/s link: 13-18 % more samples/s) and costs up to ~10 % where the exchange is CPU work
 /// on cores that backward already fills (thread ranks on 2 cores); see the README.
 pub struct DistributedDataParallel {
     collective: Arc<dyn Collective>,
