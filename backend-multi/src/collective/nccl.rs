@@ -32,8 +32,9 @@ use crate::mesh::{Rank, WorldSize};
 struct CommCell(Comm);
 
 // SAFETY: an NCCL communicator may be used from any thread as long as no two threads use it at
-// once; it lives behind the collective's mutex, and every call binds the CUDA context of its
-// stream to the calling thread first (cudarc does so).
+// once; it lives behind the collective's mutex. NCCL selects the communicator's GPU itself on
+// every call, and its buffers are pointers in that GPU's primary context (cudarc's and
+// CubeCL's).
 unsafe impl Send for CommCell {}
 
 /// One rank of a group of CUDA GPUs talking over NCCL.
@@ -60,6 +61,8 @@ impl std::fmt::Debug for NcclCollective {
 }
 
 const ALL_REDUCE: u32 = 1;
+/// The name of an all-reduce in GPU memory, in errors.
+const DEVICE_ALL_REDUCE: &str = "all_reduce (GPU memory)";
 const BROADCAST: u32 = 2;
 const ALL_GATHER: u32 = 3;
 const REDUCE_SCATTER: u32 = 4;
@@ -282,9 +285,17 @@ impl NcclCollective {
             op,
             detail: format!("{e:?}"),
         })?;
-        let done = self.stream.record_event(None).map_err(self.driver(op))?;
+        // From here the GPU may be running the call: an error leaves the communicator (and
+        // the buffers it was given) in an unknown state.
+        let unknown = |e| {
+            *self.broken.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!(
+                "an NCCL {op} was launched but not seen to complete ({e})"
+            ));
+            self.driver(op)(e)
+        };
+        let done = self.stream.record_event(None).map_err(unknown)?;
         let start = Instant::now();
-        while !done.try_is_complete().map_err(self.driver(op))? {
+        while !done.try_is_complete().map_err(unknown)? {
             if start.elapsed() > self.timeout {
                 let reason = format!(
                     "an NCCL {op} did not complete within {:?}; the communicator is unusable",
@@ -353,7 +364,7 @@ impl NcclCollective {
     /// # Errors
     /// As [`Collective::all_reduce`].
     pub unsafe fn all_reduce_device(&self, ptr: u64, len: usize, op: ReduceOp) -> Result<()> {
-        const OP: &str = "all_reduce (GPU memory)";
+        const OP: &str = DEVICE_ALL_REDUCE;
         self.agree(OP, op_code(ALL_REDUCE, op), len, 0, true)?;
         if len == 0 {
             return Ok(());
@@ -367,6 +378,25 @@ impl NcclCollective {
             comm.all_reduce_in_place(&mut memory, &nccl_op(op))
                 .map(|_| ())
         })
+    }
+
+    /// Takes this rank's part in an [`all_reduce_device`](Self::all_reduce_device) of `len`
+    /// elements it cannot make (its buffer could not be had), so that every rank's call
+    /// fails: the others' with [`MultiError::PeerFailed`], this one's with the caller's error.
+    ///
+    /// # Errors
+    /// The control group's errors; otherwise `Ok`, and the caller reports its own failure.
+    pub fn refuse_device(&self, len: usize, op: ReduceOp) -> Result<()> {
+        self.agree(DEVICE_ALL_REDUCE, op_code(ALL_REDUCE, op), len, 0, false)
+    }
+
+    /// Whether a call timed out or was not seen to complete: the communicator is unusable,
+    /// and the GPU may still be using the buffers of that call.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 }
 

@@ -47,11 +47,25 @@ impl NcclDeviceReduce {
 impl DeviceReduce for NcclDeviceReduce {
     fn all_reduce_mean(&self, bucket: Tensor<1>) -> Result<Tensor<1>> {
         let engine = self.engine()?;
-        in_gpu_memory(bucket, |ptr, len| {
+        let [len] = bucket.dims();
+        let reduce = |ptr, len| {
             // SAFETY: `in_gpu_memory` passes the pointer and length of the bucket's own
             // buffer, held by nothing else, on this rank's GPU, once its writes are done.
-            unsafe { engine.all_reduce_device(ptr, len, ReduceOp::Avg) }
-        })
+            unsafe { engine.all_reduce_device(ptr, len, ReduceOp::Avg) }.map_err(|error| Failure {
+                error,
+                // A timed-out or unobserved NCCL call may still write the buffer.
+                memory_in_use: engine.is_broken(),
+            })
+        };
+        match in_gpu_memory(bucket, engine.ordinal(), reduce) {
+            Ok(averaged) => Ok(averaged),
+            Err(Before(error)) => {
+                // The other ranks are about to agree on this call: make them fail with it.
+                engine.refuse_device(len, ReduceOp::Avg)?;
+                Err(error)
+            }
+            Err(During(error)) => Err(error),
+        }
     }
 
     fn describe(&self) -> &'static str {
@@ -66,37 +80,81 @@ fn bucket_error(detail: String) -> MultiError {
     }
 }
 
-/// Runs `f` on the CUDA memory of the `f32` tensor `tensor`: its device pointer and length,
-/// once every write to it is complete, and with no other tensor sharing the buffer (a copy is
-/// made where one does). Returns the tensor holding what `f` left in that memory.
+/// Why the function [`in_gpu_memory`] runs failed, and whether the GPU may still be using the
+/// memory (then the buffer is never freed: it is left to the failing job).
+struct Failure {
+    error: MultiError,
+    memory_in_use: bool,
+}
+
+/// When [`in_gpu_memory`] failed: before its function ran, or in it.
+enum Failed {
+    Before(MultiError),
+    During(MultiError),
+}
+use Failed::{Before, During};
+
+/// Runs `f` on the CUDA memory of the `f32` tensor `tensor`, which must be on GPU `ordinal`:
+/// its device pointer and length, once every write to it is complete, and with no other
+/// tensor sharing the buffer (a copy is made where one does). Returns the tensor holding what
+/// `f` left in that memory.
 ///
 /// # Errors
-/// `tensor` is not `f32` or not on a CUDA device; the GPU failed; `f`'s error.
-fn in_gpu_memory(tensor: Tensor<1>, f: impl FnOnce(u64, usize) -> Result<()>) -> Result<Tensor<1>> {
+/// [`Failed::Before`] `f` ran: `tensor` is not `f32`, not on CUDA GPU `ordinal`, or the GPU
+/// failed; [`Failed::During`]: `f`'s error.
+fn in_gpu_memory(
+    tensor: Tensor<1>,
+    ordinal: usize,
+    f: impl FnOnce(u64, usize) -> std::result::Result<(), Failure>,
+) -> std::result::Result<Tensor<1>, Failed> {
     if tensor.dtype() != DType::F32 {
-        return Err(bucket_error(format!(
-            "the bucket is {:?}, not f32",
-            tensor.dtype()
-        )));
+        let error = format!("the bucket is {:?}, not f32", tensor.dtype());
+        return Err(Before(bucket_error(error)));
     }
     let fused = tensor
         .try_into_primitive::<Cuda>()
-        .map_err(|e| bucket_error(format!("not a CubeCL tensor: {e:?}")))?;
+        .map_err(|e| Before(bucket_error(format!("not a CubeCL tensor: {e:?}"))))?;
     let client = fused.client.clone();
-    let mut cube = client.resolve_tensor_float::<CubeBackend>(fused);
+    // Burn panics where a failed kernel claimed the buffer (e.g. the bucket's `cat` ran out
+    // of memory): an error here, since every rank must hear of it.
+    let resolved = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        client.resolve_tensor_float::<CubeBackend>(fused)
+    }));
+    let mut cube = resolved.map_err(|_| {
+        Before(bucket_error(
+            "the GPU could not produce the bucket (see the panic above)".into(),
+        ))
+    })?;
+    if !matches!(&cube.device, cubecl::Device::Cuda(d) if d.index == ordinal) {
+        let error = format!("it is on {:?}, NCCL runs on cuda:{ordinal}", cube.device);
+        return Err(Before(bucket_error(error)));
+    }
     if !(cube.can_mut() && cube.is_contiguous()) {
         cube = cube.copy();
     }
     let shape = TensorMetadata::shape(&cube);
     let len = shape.num_elements();
-    let outcome = match cube.client.get_resource::<CudaServer>(cube.handle.clone()) {
-        Ok(memory) => <CubeBackend as Backend>::sync(&cube.device)
-            .map_err(|e| bucket_error(format!("the GPU failed before the all-reduce: {e:?}")))
-            .and_then(|()| f(memory.resource().ptr, len)),
-        Err(e) => Err(bucket_error(format!("not in CUDA memory: {e:?}"))),
-    };
+    let memory = cube
+        .client
+        .get_resource::<CudaServer>(cube.handle.clone())
+        .map_err(|e| Before(bucket_error(format!("not in CUDA memory: {e:?}"))))?;
+    <CubeBackend as Backend>::sync(&cube.device).map_err(|e| {
+        Before(bucket_error(format!(
+            "the GPU failed before the all-reduce: {e:?}"
+        )))
+    })?;
+    if let Err(failure) = f(memory.resource().ptr, len) {
+        if failure.memory_in_use {
+            // Neither freed nor handed out again while NCCL may still write it.
+            std::mem::forget(memory);
+            std::mem::forget(cube);
+        }
+        return Err(During(failure.error));
+    }
+    drop(memory);
+    let dtype = cube.dtype;
     let handle = <CubeBackend as BackendIr>::float_tensor_handle(cube);
-    let desc = InitOperationIr::create(shape, DType::F32, || client.register_tensor_handle(handle));
+    let desc = InitOperationIr::create(shape, dtype, || client.register_tensor_handle(handle));
     let fused: FusionTensor<<CubeBackend as FusionBackend>::FusionRuntime> = client
         .register(
             StreamId::current(),
@@ -104,13 +162,13 @@ fn in_gpu_memory(tensor: Tensor<1>, f: impl FnOnce(u64, usize) -> Result<()>) ->
             NoOp::<CubeBackend>::new(),
         )
         .output();
-    outcome.map(|()| Tensor::from_primitive::<Cuda>(fused))
+    Ok(Tensor::from_primitive::<Cuda>(fused))
 }
 
 /// Checks [`NcclDeviceReduce`] on `collective` (NCCL's) against closed-form means: for each
 /// non-empty length of [`VERIFY_LENGTHS`], rank `r` puts `(r + 1) * (i % 7 + 1)` at index `i`
 /// of a tensor on `device` (this rank's GPU), and the averaged tensor, read back, must hold
-/// `(n + 1) / 2 * (i % 7 + 1)` within one part in a million. All ranks call it together.
+/// `(n + 1) / 2 * (i % 7 + 1)` within 1e-5 of it (NCCL scales by 1/n, then sums). All ranks call it together.
 ///
 /// # Errors
 /// [`MultiError::Mismatch`] naming the length and first wrong element; `collective` is not
@@ -144,7 +202,7 @@ pub fn verify_device_all_reduce(
         }
         let want = |i: usize| (n + 1) as f32 / 2.0 * (i % 7 + 1) as f32;
         // A NaN is wrong too: the difference must be known to be within the tolerance.
-        let close = |i: usize| (got[i] - want(i)).abs() <= 1e-6 * want(i);
+        let close = |i: usize| (got[i] - want(i)).abs() <= 1e-5 * want(i);
         let wrong = (0..len).find(|&i| !close(i));
         if let Some(i) = wrong {
             return Err(MultiError::Mismatch {
