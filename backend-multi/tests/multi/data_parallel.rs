@@ -71,6 +71,18 @@ impl Data {
         Self { x, y }
     }
 
+    /// The samples `indices` as inputs and targets on `device`.
+    fn batch(&self, indices: &[usize], device: &Device) -> (Tensor<2>, Tensor<1, Int>) {
+        let x: Vec<f32> = indices
+            .iter()
+            .flat_map(|&i| self.x[i * FEATURES..(i + 1) * FEATURES].iter().copied())
+            .collect();
+        let y: Vec<i64> = indices.iter().map(|&i| self.y[i]).collect();
+        let x = Tensor::<2>::from_data(TensorData::new(x, [indices.len(), FEATURES]), device);
+        let y = Tensor::<1, Int>::from_data(TensorData::new(y, [indices.len()]), device);
+        (x, y)
+    }
+
     /// Gradients of the mean cross-entropy over the samples `indices`, scaled by `scale`.
     fn grads(
         &self,
@@ -79,13 +91,7 @@ impl Data {
         scale: f32,
         device: &Device,
     ) -> GradientsParams {
-        let x: Vec<f32> = indices
-            .iter()
-            .flat_map(|&i| self.x[i * FEATURES..(i + 1) * FEATURES].iter().copied())
-            .collect();
-        let y: Vec<i64> = indices.iter().map(|&i| self.y[i]).collect();
-        let x = Tensor::<2>::from_data(TensorData::new(x, [indices.len(), FEATURES]), device);
-        let y = Tensor::<1, Int>::from_data(TensorData::new(y, [indices.len()]), device);
+        let (x, y) = self.batch(indices, device);
         let loss = CrossEntropyLossConfig::new()
             .init(device)
             .forward(model.forward(x), y)
@@ -755,14 +761,7 @@ fn overlapped_buckets_are_all_reduced_while_backward_still_runs() {
                     *seen.lock().unwrap() = Some(all_reduces.load(Ordering::SeqCst) > before);
                 }))
             };
-            let batch = batch_of(0, 0);
-            let x: Vec<f32> = batch
-                .iter()
-                .flat_map(|&i| data.x[i * FEATURES..(i + 1) * FEATURES].to_vec())
-                .collect();
-            let y: Vec<i64> = batch.iter().map(|&i| data.y[i]).collect();
-            let x = Tensor::<2>::from_data(TensorData::new(x, [batch.len(), FEATURES]), &device());
-            let y = Tensor::<1, Int>::from_data(TensorData::new(y, [batch.len()]), &device());
+            let (x, y) = data.batch(&batch_of(0, 0), &device());
             let h = hooked.relu.forward(hooked.hidden.forward(x));
             let h = kiln_kernels::reduce_grad(h, marker).expect("f32 on Flex");
             let loss = CrossEntropyLossConfig::new()
