@@ -603,12 +603,29 @@ fn row_bands(s: &Conv2dShape) -> impl Iterator<Item = std::ops::Range<usize>> {
         .map(move |start| start..(start + per_band).min(oh))
 }
 
-/// The [`ColumnPlan`]s of the bands of [`row_bands`] (for one sample at a time), made once per
-/// call.
-fn band_plans(s: &Conv2dShape) -> Vec<(std::ops::Range<usize>, ColumnPlan)> {
-    row_bands(s)
-        .map(|r| (r.clone(), ColumnPlan::new(s, r)))
-        .collect()
+/// The [`ColumnPlan`]s of the bands of [`row_bands`] (for one sample at a time), made on first
+/// use and then shared by the parallel groups of a call: a call whose groups all hold several
+/// samples never makes them.
+struct BandPlans<'a> {
+    s: &'a Conv2dShape,
+    plans: std::sync::OnceLock<Vec<(std::ops::Range<usize>, ColumnPlan)>>,
+}
+
+impl<'a> BandPlans<'a> {
+    fn new(s: &'a Conv2dShape) -> Self {
+        Self {
+            s,
+            plans: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn get(&self) -> &[(std::ops::Range<usize>, ColumnPlan)] {
+        self.plans.get_or_init(|| {
+            row_bands(self.s)
+                .map(|r| (r.clone(), ColumnPlan::new(self.s, r)))
+                .collect()
+        })
+    }
 }
 
 /// The output gradient of a group of samples as one `C_out x samples*N` matrix: the samples'
@@ -825,7 +842,7 @@ pub(crate) fn im2col_forward(
 ) {
     let (k, n) = (s.patch_len(), s.out_plane());
     let grouping = Grouping::new(s);
-    let bands = band_plans(s);
+    let bands = BandPlans::new(s);
     let group = |scratch: &mut Scratch, xg: &[f32], og: &mut [f32]| {
         let count = xg.len() / s.input_sample();
         let width = count * n;
@@ -846,7 +863,7 @@ pub(crate) fn im2col_forward(
             }
             // One band of output rows at a time, so that its columns stay in the cache
             // between im2col writing them and the GEMM reading them.
-            for (rows, plan) in &bands {
+            for (rows, plan) in bands.get() {
                 let width = rows.len() * s.out_width();
                 let cols = scratch_slice(&mut scratch.cols, k * width);
                 im2col_rows(s, plan, xg, cols, width);
@@ -928,7 +945,9 @@ pub(crate) fn im2col_backward_input(
 ) {
     let (k, n) = (s.patch_len(), s.out_plane());
     let grouping = Grouping::new(s);
-    let bands = band_plans(s);
+    let bands = BandPlans::new(s);
+    // The whole-sample plan of groups of several samples, also made once per call.
+    let whole = std::sync::OnceLock::new();
     let par = grouping.parallelism();
     // dcols (K x width) = W^T (K x C_out: row stride 1, column stride K) @ a C_out x width
     // gradient block whose rows are `ld` apart.
@@ -953,7 +972,7 @@ pub(crate) fn im2col_backward_input(
             matmul(dims, dxg, (n, 1), true, weight, (1, k), gg, (n, 1), par);
         } else if count == 1 {
             // One band of output rows at a time (see `row_bands`), added back as it is made.
-            for (rows, plan) in &bands {
+            for (rows, plan) in bands.get() {
                 let width = rows.len() * s.out_width();
                 let dcols = scratch_slice(&mut scratch.cols, k * width);
                 transposed(dcols, &gg[rows.start * s.out_width()..], n, width);
@@ -966,9 +985,9 @@ pub(crate) fn im2col_backward_input(
             transposed(dcols, grad, width, width);
             // Sample by sample: a group plan's scatter over all the samples' planes (4 KiB
             // apart on ResNet's 2x2 maps) thrashed the L1 sets, twice as slow as this.
-            let plan = ColumnPlan::new(s, 0..s.out_height());
+            let plan = whole.get_or_init(|| ColumnPlan::new(s, 0..s.out_height()));
             for (j, dxb) in dxg.chunks_exact_mut(s.input_sample()).enumerate() {
-                col2im_rows(s, &plan, &dcols[j * n..], width, dxb);
+                col2im_rows(s, plan, &dcols[j * n..], width, dxb);
             }
         }
     };
@@ -1049,7 +1068,7 @@ pub(crate) fn im2col_backward_weight(
     let (k, n) = (s.patch_len(), s.out_plane());
     let w_len = s.weight_len();
     let grouping = Grouping::new(s);
-    let bands = band_plans(s);
+    let bands = BandPlans::new(s);
     let per_in = grouping.per_group * s.input_sample();
     let per_out = grouping.per_group * s.output_sample();
     // dW (C_out x K) += dy_g (C_out x width) @ cols_g^T (width x K); cols_g^T has row stride 1
@@ -1065,7 +1084,7 @@ pub(crate) fn im2col_backward_weight(
                 if count == 1 && !s.is_pointwise() {
                     // One band of output rows at a time (see `row_bands`); the sample's
                     // gradient block is the band's `C_out x width` matrix with row stride N.
-                    for (rows, plan) in &bands {
+                    for (rows, plan) in bands.get() {
                         let width = rows.len() * s.out_width();
                         let cols = scratch_slice(&mut scratch.cols, k * width);
                         im2col_rows(s, plan, xg, cols, width);
