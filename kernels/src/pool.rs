@@ -103,11 +103,12 @@ pub fn max_pool2d_forward(s: &Pool2dShape, x: &[f32], out: &mut [f32], indices: 
     out.par_chunks_mut(plane_out)
         .zip(indices.par_chunks_mut(plane_out))
         .zip(x.par_chunks(plane_in))
-        .for_each(|((o, idx), xp)| {
+        .for_each_init(SeparableScratch::default, |scratch, ((o, idx), xp)| {
             if halving {
                 max_pool_2x2(s.width, xp, ow, o, idx);
             } else {
-                max_pool_separable(s.width, (&rows, &cols), stem.as_ref(), xp, o, idx);
+                let windows = (&rows[..], &cols[..], stem.as_ref());
+                max_pool_separable(s.width, windows, scratch, xp, (o, idx));
             }
         });
 }
@@ -398,25 +399,25 @@ fn max_pool_plane(s: &Pool2dShape, xp: &[f32], o: &mut [f32], idx: &mut [u32]) {
 /// the first in row-major order.
 fn max_pool_separable(
     width: usize,
-    (rows, cols): (&[Range], &[Range]),
-    stem: Option<&StemColumns>,
+    (rows, cols, stem): (&[Range], &[Range], Option<&StemColumns>),
+    scratch: &mut SeparableScratch,
     xp: &[f32],
-    o: &mut [f32],
-    idx: &mut [u32],
+    (o, idx): (&mut [f32], &mut [u32]),
 ) {
     let ow = cols.len();
     let height = xp.len() / width;
-    let (mut hv, mut hi) = (vec![0.0f32; height * ow], vec![0u32; height * ow]);
+    let SeparableScratch { hv, hi, even, odd } = scratch;
+    // Every row's maxima are written before they are read.
+    hv.resize(height * ow, 0.0);
+    hi.resize(height * ow, 0);
     let isa = crate::isa::active();
-    // A row's even and odd columns (the stem's path), reused row after row.
-    let (mut even, mut odd) = (Vec::new(), Vec::new());
     crate::isa::vectorized(
         isa,
         #[inline(always)]
         || {
             let maxima = hv.chunks_exact_mut(ow).zip(hi.chunks_exact_mut(ow));
             for (row, (hv, hi)) in xp.chunks_exact(width).zip(maxima) {
-                row_maxima(row, (cols, stem), (&mut even, &mut odd), hv, hi);
+                row_maxima(row, (cols, stem), (&mut *even, &mut *odd), hv, hi);
             }
             let outputs = o.chunks_exact_mut(ow).zip(idx.chunks_exact_mut(ow));
             for ((o, idx), r) in outputs.zip(rows) {
@@ -439,6 +440,17 @@ fn max_pool_separable(
             }
         },
     )
+}
+
+/// The buffers of [`max_pool_separable`], reused from plane to plane by a parallel task: each
+/// input row's window maxima and their columns, and (the stem's path) a row's even and odd
+/// columns.
+#[derive(Default)]
+struct SeparableScratch {
+    hv: Vec<f32>,
+    hi: Vec<u32>,
+    even: Vec<f32>,
+    odd: Vec<f32>,
 }
 
 /// Columns of a 3-wide window at stride 2 with padding 1 (ResNet's stem pool): output column
