@@ -20,7 +20,7 @@ mod in_process;
 pub mod mpi;
 #[cfg(feature = "cuda")]
 pub mod nccl;
-mod verify;
+pub(crate) mod verify;
 
 pub use base::{Collective, CollectiveConfig, ReduceOp, all_reduce_sum_f64, shard_range};
 pub use group::{MeshRank, Transport, run_group, run_mesh};

@@ -19,7 +19,7 @@ pub struct VerifyReport {
 }
 
 /// Rank `r`'s value at index `i`: small integers, so that every sum is exact in f32.
-fn value(rank: usize, i: usize) -> f32 {
+pub(crate) fn value(rank: usize, i: usize) -> f32 {
     ((rank + 1) * (i % 7 + 1)) as f32
 }
 

@@ -20,7 +20,7 @@ use cubecl_runtime::runtime::Runtime;
 
 use super::device_buckets::DeviceReduce;
 use crate::collective::nccl::NcclCollective;
-use crate::collective::{Collective, ReduceOp, VERIFY_LENGTHS, VerifyReport};
+use crate::collective::{Collective, ReduceOp, VERIFY_LENGTHS, VerifyReport, verify};
 use crate::error::{MultiError, Result};
 
 /// CubeCL's CUDA server, whose storage lends device pointers.
@@ -101,7 +101,7 @@ use Failed::{Before, During};
 ///
 /// # Errors
 /// [`Failed::Before`] `f` ran: `tensor` is not `f32`, not on CUDA GPU `ordinal`, or the GPU
-/// failed; [`Failed::During`]: `f`'s error.
+/// failed; [`Failed::During`] it: `f`'s error.
 fn in_gpu_memory(
     tensor: Tensor<1>,
     ordinal: usize,
@@ -166,9 +166,10 @@ fn in_gpu_memory(
 }
 
 /// Checks [`NcclDeviceReduce`] on `collective` (NCCL's) against closed-form means: for each
-/// non-empty length of [`VERIFY_LENGTHS`], rank `r` puts `(r + 1) * (i % 7 + 1)` at index `i`
-/// of a tensor on `device` (this rank's GPU), and the averaged tensor, read back, must hold
-/// `(n + 1) / 2 * (i % 7 + 1)` within 1e-5 of it (NCCL scales by 1/n, then sums). All ranks call it together.
+/// non-empty length of [`VERIFY_LENGTHS`], rank `r` puts the self-test's `(r + 1) * (i % 7 +
+/// 1)` at index `i` of a tensor on `device` (this rank's GPU), and the averaged tensor, read
+/// back, must hold `(n + 1) / 2 * (i % 7 + 1)` within 1e-5 of it (NCCL scales by 1/n, then
+/// sums). All ranks call it together.
 ///
 /// # Errors
 /// [`MultiError::Mismatch`] naming the length and first wrong element; `collective` is not
@@ -185,9 +186,7 @@ pub fn verify_device_all_reduce(
         elements: 0,
     };
     for len in VERIFY_LENGTHS.into_iter().filter(|&len| len > 0) {
-        let values: Vec<f32> = (0..len)
-            .map(|i| ((rank + 1) * (i % 7 + 1)) as f32)
-            .collect();
+        let values: Vec<f32> = (0..len).map(|i| verify::value(rank, i)).collect();
         let bucket = Tensor::<1>::from_data(TensorData::new(values, [len]), device);
         let averaged = reduce.all_reduce_mean(bucket)?;
         let got = averaged

@@ -6,9 +6,9 @@
 //! `kiln_kernels::reduce_grad_at`, an identity whose backward hands the parameter's finished
 //! gradient to a callback. Burn's backward runs steps deepest first, so each hook is given a
 //! depth just under its consumer's ([`CLOCK_STRIDE`]); on the parameter alone (depth 1) it
-//! would run after the whole backward pass. The callback copies it into its bucket; a bucket whose gradients
-//! have all arrived is all-reduced by a communication thread while backward goes on with the
-//! earlier layers. Buckets are reduced in layout order on every rank, so the ranks' calls
+//! would run after the whole backward pass. The callback copies the gradient into its bucket;
+//! a bucket whose gradients have all arrived is all-reduced by a communication thread while
+//! backward goes on with the earlier layers. Buckets are reduced in layout order on every rank, so the ranks' calls
 //! match whatever order backward ran in; buffers, flags and reductions are those of the
 //! after-backward path, so both give the same bits.
 
